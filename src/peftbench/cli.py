@@ -1,0 +1,215 @@
+"""The `peftbench` command: run, report, recommend, compare, predict, methods.
+
+Every bad input ends with one line per problem on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _parse_seeds(text: str):
+    try:
+        if "," in text:
+            return [int(x) for x in text.split(",") if x.strip()]
+        return int(text)
+    except ValueError:
+        raise UserError(f"--seeds: give a count (3) or a comma list (0,1,2), got {text!r}") from None
+
+
+def build_study(args) -> tuple[dict, Path]:
+    """The raw study dict from a file or preset, with command-line overrides applied, and its out dir."""
+    from . import config
+    if args.study and args.preset:
+        raise UserError("give a study file or --preset, not both")
+    if args.preset:
+        raw = config.load_preset(args.preset)
+    elif args.study:
+        raw = config.load_yaml(Path(args.study))
+        if not isinstance(raw, dict):
+            raise UserError(f"study file {args.study}: must be a YAML mapping with model, data and methods")
+    else:
+        raise UserError("give a study file (peftbench run STUDY.yaml) or a preset (peftbench run --preset quick)")
+    raw = dict(raw)
+    data = dict(raw.get("data") or {}) if isinstance(raw.get("data", {}), dict) else raw.get("data")
+    if isinstance(data, dict):
+        if args.data:
+            data["path"], data["name"] = args.data, None
+        elif not data.get("path") and not data.get("name"):
+            data["path"] = config.default_data_path()
+        for key, val in (("train_size", args.train_size), ("test_size", args.test_size)):
+            if val is not None:
+                data[key] = val
+        raw["data"] = data
+    if args.model:
+        raw["model"] = args.model
+    if args.methods:
+        raw["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+    train = dict(raw.get("train") or {}) if isinstance(raw.get("train", {}), dict) else raw.get("train")
+    if isinstance(train, dict):
+        for key, val in (("epochs", args.epochs), ("learning_rate", args.lr), ("max_length", args.max_length)):
+            if val is not None:
+                train[key] = val
+        raw["train"] = train
+    if args.seeds is not None:
+        raw["seeds"] = _parse_seeds(args.seeds)
+    if args.lr_search:
+        raw["lr_search"] = True
+    for key in ("device", "parallel", "isolation"):
+        if getattr(args, key) is not None:
+            raw[key] = getattr(args, key)
+    name = raw.get("name") or (args.preset or (Path(args.study).stem if args.study else "study"))
+    out = Path(args.out) if args.out else Path("runs") / str(name)
+    return raw, out
+
+
+def cmd_run(args) -> int:
+    from . import config
+    from .report import print_summary, write_report
+    from .runner import Study
+    raw, out = build_study(args)
+    study = config.validate(raw, base_dir=Path.cwd())
+    results = Study(study, out).run()
+    print_summary(out)
+    if study["report"] and not args.no_report:
+        paths = write_report(out)
+        print(f"report: {paths['html']}")
+    failed = [r for r in results if r["status"] in ("failed",)]
+    return 1 if failed and len(failed) == len(results) else 0
+
+
+def cmd_methods(args) -> int:
+    from .methods import describe
+    rows = describe()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        lr = f"{r['learning_rate']:.0e}" if r["learning_rate"] else "-"
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
+        print(f"{r['name']:<14} {r['kind']:<11} lr {lr:<6} {r['description']}")
+        if opts:
+            print(f"{'':<14} options: {opts}")
+        print(f"{'':<14} source: {r['source']}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict_texts
+    texts = list(args.text)
+    if args.file:
+        try:
+            texts += [ln.rstrip("\n") for ln in Path(args.file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--file {args.file} cannot be read as UTF-8 text ({type(e).__name__})") from None
+    if not texts:
+        raise UserError("give texts to classify: peftbench predict RUN_DIR \"some text\" or --file FILE")
+    device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
+    for row in predict_texts(Path(args.run_dir), texts, device=device):
+        if args.json:
+            print(json.dumps(row))
+        else:
+            probs = " ".join(f"{k}={v:.3f}" for k, v in row["probabilities"].items())
+            print(f"{row['label']}\t{probs}\t{row['text'][:80]}")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def cmd_report(args) -> int:
+    from .report import print_summary, write_report
+    paths = write_report(Path(args.study_dir))
+    print_summary(Path(args.study_dir))
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def cmd_recommend(args) -> int:
+    from .report import recommend_cli
+    return recommend_cli(Path(args.study_dir), args.max_memory, args.max_train_time, args.min_accuracy)
+
+
+def cmd_compare(args) -> int:
+    from .report import compare_cli
+    return compare_cli([Path(d) for d in args.study_dirs], Path(args.out) if args.out else None)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peftbench", description="Compare fine-tuning methods for text classification "
+                                "under one fair, measured protocol.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a study (a YAML file or a preset)")
+    r.add_argument("study", nargs="?", help="study YAML file")
+    r.add_argument("--preset", help="quick (offline CPU demo), seed (the starting study's protocol), fair")
+    r.add_argument("--out", help="study folder (default runs/NAME)")
+    r.add_argument("--model", help="override the model: minilm, a hub id or a local folder")
+    r.add_argument("--data", help="override the data folder (train/test parquet, csv or jsonl); "
+                   "default $PEFTBENCH_DATA or ../shared/data/imdb")
+    r.add_argument("--methods", help="comma list of methods, e.g. full,lora,qlora,ia3")
+    r.add_argument("--train-size", type=int)
+    r.add_argument("--test-size", type=int)
+    r.add_argument("--epochs", type=int)
+    r.add_argument("--lr", type=float, help="one learning rate for every method (the single-lr protocol)")
+    r.add_argument("--max-length", type=int)
+    r.add_argument("--seeds", help="a count (3) or a list (0,1,2)")
+    r.add_argument("--lr-search", action="store_true", help="search each method's learning rate on validation")
+    r.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--parallel", type=int, help="runs at once on one device (timings flagged as concurrent)")
+    r.add_argument("--isolation", choices=["process", "inline"], help="a fresh process per run (default) or inline")
+    r.add_argument("--no-report", action="store_true", help="skip writing the HTML/Markdown report")
+    r.set_defaults(func=cmd_run)
+
+    m = sub.add_parser("methods", help="list the methods with their defaults and sources")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_methods)
+
+    pr = sub.add_parser("predict", help="classify texts with a trained run")
+    pr.add_argument("run_dir")
+    pr.add_argument("text", nargs="*")
+    pr.add_argument("--file", help="a file with one text per line")
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_predict)
+
+    rep = sub.add_parser("report", help="write report.md, report.html and plots for a study folder")
+    rep.add_argument("study_dir")
+    rep.set_defaults(func=cmd_report)
+
+    rec = sub.add_parser("recommend", help="rank methods under constraints, from a study's measurements")
+    rec.add_argument("study_dir")
+    rec.add_argument("--max-memory", help="e.g. 8GB, 500MB (GPU peak; host peak for CPU studies)")
+    rec.add_argument("--max-train-time", help="e.g. 10m, 90s, 1h")
+    rec.add_argument("--min-accuracy", type=float)
+    rec.set_defaults(func=cmd_recommend)
+
+    cmp_ = sub.add_parser("compare", help="put studies side by side")
+    cmp_.add_argument("study_dirs", nargs="+")
+    cmp_.add_argument("--out", help="also write the comparison as Markdown here")
+    cmp_.set_defaults(func=cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except UserError as e:
+        for line in e.problems:
+            print(f"peftbench: error: {line}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("peftbench: interrupted; finished runs are kept, rerun the same command to continue", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code)

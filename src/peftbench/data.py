@@ -1,0 +1,285 @@
+"""Data: load a labelled text dataset, map labels, draw seeded stratified splits, tokenize once.
+
+Local folders hold `train.*` and `test.*` files (parquet, csv, jsonl or json); a hub dataset is read
+with `datasets.load_dataset`. The train split yields the training subset and a disjoint validation
+subset; the test split is only ever used for the final score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class StudyData:
+    """The three splits of a study: texts, label ids and the row index each item came from."""
+    texts: dict[str, list[str]]
+    labels: dict[str, np.ndarray]
+    rows: dict[str, np.ndarray]       # row numbers in the source split (train/validation: train file)
+    label_names: list[str]
+    source: dict = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for s in SPLITS:
+            h.update(s.encode())
+            h.update(np.asarray(self.rows[s], dtype=np.int64).tobytes())
+            h.update(np.asarray(self.labels[s], dtype=np.int64).tobytes())
+        h.update("\x00".join(self.label_names).encode())
+        h.update(str(self.source.get("origin")).encode())
+        return h.hexdigest()[:16]
+
+    def sizes(self) -> dict[str, int]:
+        return {s: len(self.texts[s]) for s in SPLITS}
+
+
+def _find_file(folder: Path, split: str) -> Path:
+    found = [p for p in sorted(folder.iterdir()) if p.is_file() and p.stem == split and p.suffix in FORMATS]
+    if not found:
+        have = ", ".join(sorted(p.name for p in folder.iterdir() if p.is_file())[:8]) or "nothing"
+        raise UserError(f"data.path {folder}: no {split} file ({split}.parquet, .csv, .jsonl or .json) "
+                        f"found (it holds: {have})")
+    if len(found) > 1:
+        raise UserError(f"data.path {folder}: more than one {split} file ({', '.join(p.name for p in found)}); "
+                        f"keep one")
+    return found[0]
+
+
+def _read_file(path: Path):
+    import pandas as pd
+    fmt = FORMATS[path.suffix]
+    try:
+        if path.stat().st_size == 0:
+            raise UserError(f"data file {path} is empty; put the labelled rows in it")
+        if fmt == "parquet":
+            return pd.read_parquet(path)
+        if fmt == "csv":
+            return pd.read_csv(path, encoding="utf-8", keep_default_na=False, na_values=[""])
+        return pd.read_json(path, lines=path.suffix == ".jsonl", encoding="utf-8")
+    except UserError:
+        raise
+    except UnicodeDecodeError as e:
+        raise UserError(f"data file {path} is not UTF-8 text (byte {e.start}); re-encode it as UTF-8") from None
+    except Exception as e:  # pyarrow / pandas parser errors are many and deep
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"data file {path} cannot be read as {fmt}: {first}") from None
+
+
+def _load_local(spec: dict) -> tuple[dict, list[str] | None]:
+    folder = Path(spec["path"])
+    if not folder.exists():
+        raise UserError(f"data.path {folder} not found; pass --data DIR or set $PEFTBENCH_DATA to a folder "
+                        f"holding train.parquet and test.parquet (or .csv/.jsonl)")
+    if not folder.is_dir():
+        raise UserError(f"data.path {folder} is a file; give the folder that holds the train and test files")
+    return {s: _read_file(_find_file(folder, spec[f"{s}_split"])) for s in ("train", "test")}, None
+
+
+def _load_hub(spec: dict) -> tuple[dict, list[str] | None]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("data.name needs the `datasets` package; pip install datasets, or use data.path") from None
+    try:
+        ds = {s: datasets.load_dataset(spec["name"], spec["config"], split=spec[f"{s}_split"]) for s in ("train", "test")}
+    except Exception as e:
+        raise UserError(f"data.name '{spec['name']}' could not be loaded ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''}); offline, use data.path with a local "
+                        f"copy (--data DIR)") from None
+    names = None
+    feat = ds["train"].features.get(spec["label_column"])
+    if feat is not None and hasattr(feat, "names"):
+        names = list(feat.names)
+    return {s: d.to_pandas() for s, d in ds.items()}, names
+
+
+def _texts(df, spec: dict, split: str) -> list[str]:
+    cols = spec["text_column"] if isinstance(spec["text_column"], list) else [spec["text_column"]]
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise UserError(f"data.text_column: column {missing[0]!r} not in the {split} file (columns: "
+                        f"{', '.join(map(str, df.columns))}); set data.text_column")
+    parts = []
+    for c in cols:
+        col = df[c]
+        bad = [i for i, v in enumerate(col) if not isinstance(v, str)]
+        if bad:
+            raise UserError(f"data: {len(bad)} {split} rows have a missing or non-text {c!r} (first at row {bad[0]}); "
+                            f"fill or drop them")
+        parts.append(list(col))
+    texts = [spec["separator"].join(t) for t in zip(*parts)] if len(parts) > 1 else parts[0]
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise UserError(f"data: {len(empty)} {split} rows have an empty text (first at row {empty[0]}); "
+                        f"drop them or fill them")
+    return texts
+
+
+def _raw_labels(df, spec: dict, split: str) -> list:
+    col = spec["label_column"]
+    if col not in df.columns:
+        raise UserError(f"data.label_column: column {col!r} not in the {split} file (columns: "
+                        f"{', '.join(map(str, df.columns))}); set data.label_column")
+    values = list(df[col])
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, (bool, np.bool_)):
+            v = int(v)
+        if isinstance(v, (np.integer,)):
+            v = int(v)
+        if isinstance(v, (float, np.floating)):
+            if math.isnan(v):
+                raise UserError(f"data: {split} row {i} has no label (NaN in {col!r}); fill or drop it")
+            if v != int(v):
+                raise UserError(f"data: {split} label {v} at row {i} is not a class (looks like regression); "
+                                f"peftbench classifies: use integer or string labels")
+            v = int(v)
+        if v is None:
+            raise UserError(f"data: {split} row {i} has no label in {col!r}; fill or drop it")
+        if not isinstance(v, (int, str)):
+            raise UserError(f"data: {split} label at row {i} is a {type(v).__name__}; labels must be integers or strings")
+        out.append(v)
+    kinds = {type(v) for v in out}
+    if len(kinds) > 1:
+        raise UserError(f"data: the {split} labels mix integers and strings; use one type for {col!r}")
+    if kinds == {int} and any(v < 0 for v in out):
+        neg = next(i for i, v in enumerate(out) if v < 0)
+        raise UserError(f"data: {split} label {out[neg]} at row {neg} is negative (unlabelled rows?); "
+                        f"labels must be >= 0: drop unlabelled rows")
+    return out
+
+
+def stratified_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of a seeded sample of `n` items whose class shares match `labels` (largest remainder)."""
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts / counts.sum() * n
+    take = np.floor(exact).astype(int)
+    for j in np.argsort(-(exact - take), kind="stable")[: n - take.sum()]:
+        take[j] += 1
+    take = np.minimum(take, counts)
+    picked = []
+    for c, k in zip(classes, take):
+        idx = np.flatnonzero(labels == c)
+        picked.append(rng.permutation(idx)[:k])
+    out = np.concatenate(picked) if picked else np.array([], dtype=int)
+    return np.sort(rng.permutation(out))
+
+
+def load(spec: dict) -> StudyData:
+    """Load, check and split the data described by the study's `data` section."""
+    frames, hub_names = _load_hub(spec) if spec.get("name") else _load_local(spec)
+    texts = {s: _texts(frames[s], spec, s) for s in ("train", "test")}
+    raw = {s: _raw_labels(frames[s], spec, s) for s in ("train", "test")}
+    for s in ("train", "test"):
+        if not texts[s]:
+            raise UserError(f"data: the {s} file has no rows")
+
+    values = sorted(set(raw["train"]))
+    if len(values) < 2:
+        raise UserError(f"data: the train split has only one class ({values[0]!r}); a classifier needs at least two")
+    unseen = sorted(set(raw["test"]) - set(values), key=str)
+    if unseen:
+        raise UserError(f"data: test labels {unseen[:5]} never occur in train; fix the labels or the files")
+    if hub_names and all(isinstance(v, int) for v in values) and max(values) < len(hub_names):
+        names = [hub_names[v] for v in values]
+    else:
+        names = [str(v) for v in values]
+    to_id = {v: i for i, v in enumerate(values)}
+    labels = {s: np.array([to_id[v] for v in raw[s]], dtype=np.int64) for s in ("train", "test")}
+
+    rng = np.random.default_rng(spec["seed"])
+    pool = len(texts["train"])
+    n_train = spec["train_size"] or None
+    vs = spec["validation_size"]
+    n_val = vs if isinstance(vs, int) else max(len(values), round(vs * (n_train or pool)))
+    if n_train is not None and n_train + n_val <= pool:
+        # Enough rows: the training subset keeps its full size and validation comes from the rest.
+        tr = stratified_sample(labels["train"], n_train, rng)
+        rest = np.setdiff1d(np.arange(pool), tr)
+        va = rest[stratified_sample(labels["train"][rest], n_val, rng)]
+        origin = "validation drawn from train-split rows outside the training subset"
+    else:
+        if n_train is not None and n_train > pool:
+            raise UserError(f"data.train_size {n_train} is larger than the train split ({pool} rows); lower it")
+        base = stratified_sample(labels["train"], n_train or pool, rng)
+        if n_val >= len(base):
+            raise UserError(f"data.validation_size {n_val} leaves no training rows; lower it")
+        va_pos = stratified_sample(labels["train"][base], n_val, rng)
+        va = base[va_pos]
+        tr = np.setdiff1d(base, va)
+        origin = "validation carved out of the training subset"
+    n_test = spec["test_size"]
+    if n_test is not None and n_test > len(texts["test"]):
+        raise UserError(f"data.test_size {n_test} is larger than the test split ({len(texts['test'])} rows); lower it")
+    te = stratified_sample(labels["test"], n_test, rng) if n_test else np.arange(len(texts["test"]))
+    if len(np.unique(labels["train"][tr])) < 2:
+        raise UserError("data: the training subset holds one class only; raise data.train_size")
+
+    pick = {"train": ("train", tr), "validation": ("train", va), "test": ("test", te)}
+    return StudyData(
+        texts={s: [texts[src][i] for i in idx] for s, (src, idx) in pick.items()},
+        labels={s: labels[src][idx] for s, (src, idx) in pick.items()},
+        rows={s: np.asarray(idx, dtype=np.int64) for s, (_, idx) in pick.items()},
+        label_names=names,
+        source={"path": spec.get("path"), "name": spec.get("name"), "origin": origin,
+                "label_values": [v if isinstance(v, (int, str)) else str(v) for v in values]},
+    )
+
+
+@dataclass
+class Tokenized:
+    """Token ids per split, unpadded (flat array + offsets), plus labels: what a run needs of the data."""
+    ids: dict[str, list[np.ndarray]]
+    labels: dict[str, np.ndarray]
+    label_names: list[str]
+    truncated: dict[str, int]
+
+    def lengths(self, split: str) -> np.ndarray:
+        return np.array([len(x) for x in self.ids[split]], dtype=np.int64)
+
+    def save(self, path: Path) -> None:
+        arrays = {}
+        for s, seqs in self.ids.items():
+            arrays[f"{s}_flat"] = np.concatenate(seqs).astype(np.int32) if seqs else np.zeros(0, np.int32)
+            arrays[f"{s}_offsets"] = np.cumsum([0] + [len(x) for x in seqs]).astype(np.int64)
+            arrays[f"{s}_labels"] = self.labels[s]
+            arrays[f"{s}_truncated"] = np.array(self.truncated[s])
+        arrays["label_names"] = np.array(self.label_names, dtype=str)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Tokenized:
+        z = np.load(path, allow_pickle=False)
+        ids, labels, trunc = {}, {}, {}
+        for s in SPLITS:
+            flat, off = z[f"{s}_flat"], z[f"{s}_offsets"]
+            ids[s] = [flat[off[i]:off[i + 1]] for i in range(len(off) - 1)]
+            labels[s] = z[f"{s}_labels"]
+            trunc[s] = int(z[f"{s}_truncated"])
+        return cls(ids, labels, [str(x) for x in z["label_names"]], trunc)
+
+
+def tokenize(data: StudyData, tokenizer, max_length: int) -> Tokenized:
+    """Tokenize every split once (no padding: batches are padded to their own longest item)."""
+    ids, trunc = {}, {}
+    for s in SPLITS:
+        enc = tokenizer(data.texts[s], truncation=True, max_length=max_length, padding=False)["input_ids"]
+        ids[s] = [np.asarray(x, dtype=np.int32) for x in enc]
+        trunc[s] = int(sum(len(x) >= max_length for x in enc))
+    return Tokenized(ids, {s: data.labels[s] for s in SPLITS}, list(data.label_names), trunc)

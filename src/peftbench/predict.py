@@ -1,0 +1,76 @@
+"""Reload a trained run with plain transformers/peft and classify texts (`peftbench predict`).
+
+The same function serves the reload check every run does after saving, so a saved adapter that
+predicts differently from the model that was trained is caught when it is made, not in production.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import methods as registry
+from .errors import UserError
+
+
+def _read_run(run_dir: Path) -> dict:
+    path = Path(run_dir) / "result.json"
+    try:
+        result = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} is not a run folder (no result.json); give a folder under STUDY/runs/") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is corrupt; rerun the study to redo this run") from None
+    if result.get("status") != "success":
+        raise UserError(f"run {result.get('run_id')} has status {result.get('status')}; only successful runs predict")
+    return result
+
+
+def load_trained(run_dir: Path, run: dict | None = None, device: str = "cpu"):
+    """The trained classifier of `run_dir`: base + adapter through `peft`, or the saved model."""
+    run_dir = Path(run_dir)
+    if run is None:
+        run = _read_run(run_dir)["config"]
+    method = registry.get(run["method"])
+    if method.kind == "peft":
+        from peft import PeftModel
+
+        from .models import load_base
+        base, _ = load_base(run, len(run["label_names"]), run["label_names"], device)
+        model = PeftModel.from_pretrained(base, run_dir / "adapter", is_trainable=False)
+        model.to(device) if not method.quantize else None
+    elif method.kind == "tfidf":
+        import joblib
+        return joblib.load(run_dir / "model" / "tfidf_logreg.joblib")
+    else:
+        import torch
+        from transformers import AutoModelForSequenceClassification
+        model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model", dtype=torch.float32,
+                                                                   use_safetensors=True).to(device)
+    model.eval()
+    return model
+
+
+def predict_texts(run_dir: Path, texts: list[str], device: str = "cpu") -> list[dict]:
+    """Label and class probabilities for each text."""
+    from .train import autocast_dtype, predict_logits
+    result = _read_run(run_dir)
+    run = result["config"]
+    names = run["label_names"]
+    model = load_trained(run_dir, run=run, device=device)
+    if registry.get(run["method"]).kind == "tfidf":
+        probs = model.predict_proba(texts)
+    else:
+        import torch
+
+        from .models import load_tokenizer
+        tok = load_tokenizer(run["model_path"], run["trust_remote_code"])
+        ids = [np.asarray(x) for x in tok(texts, truncation=True, max_length=run["train"]["max_length"])["input_ids"]]
+        amp = autocast_dtype(run["train"]["precision"], device)
+        logits = predict_logits(model, ids, run["train"]["eval_batch_size"], device, amp, run.get("pad_token_id") or 0,
+                                run.get("effective_max_length"))
+        probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
+    return [{"text": t, "label": names[int(p.argmax())],
+             "probabilities": {n: round(float(x), 4) for n, x in zip(names, p)}} for t, p in zip(texts, probs)]

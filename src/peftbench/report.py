@@ -1,0 +1,397 @@
+"""Report and recommend from a study folder: tables, plots, report.md, a self-contained report.html,
+and advice computed from the measured numbers (nothing here is written by hand per study).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import stats, store
+from .errors import UserError
+from .runner import load_plan
+
+
+# ----------------------------------------------------------------------------------------- loading
+def load_study(study_dir: Path) -> dict:
+    """Final and trial results of a study folder, its plan, and the summary rows."""
+    study_dir = Path(study_dir)
+    if not study_dir.is_dir():
+        raise UserError(f"{study_dir} is not a study folder; give the --out folder of `peftbench run`")
+    plan = load_plan(study_dir)
+    if plan:
+        finals = store.results(study_dir, plan["final_runs"])
+        trials = store.results(study_dir, plan["trial_runs"])
+    else:
+        every = store.results(study_dir)
+        finals = [r for r in every if r.get("role") == "final"]
+        trials = [r for r in every if r.get("role") == "trial"]
+    if not finals and not trials:
+        raise UserError(f"{study_dir} holds no run results yet; run a study into it first")
+    labels = _test_labels(study_dir, finals)
+    rows = stats.summarize(finals, labels)
+    device = (plan or {}).get("device") or (finals or trials)[0]["config"].get("device", "cpu")
+    name = (plan or {}).get("study", {}).get("name") or (finals or trials)[0].get("study", "study")
+    return {"dir": study_dir, "name": name, "plan": plan, "finals": finals, "trials": trials, "rows": rows,
+            "gpu": str(device).startswith("cuda")}
+
+
+def _test_labels(study_dir: Path, finals: list[dict]) -> np.ndarray | None:
+    ok = [r for r in finals if r["status"] == "success"]
+    if not ok:
+        return None
+    tok = ok[0]["config"].get("tokens_file")
+    if tok and Path(tok).exists():
+        return np.load(tok)["test_labels"]
+    tf = ok[0]["config"].get("texts_file")
+    if tf and Path(tf).exists():
+        return np.asarray(json.loads(Path(tf).read_text())["labels"]["test"])
+    cached = sorted((Path(study_dir) / ".cache").glob("tokens-*.npz"))
+    return np.load(cached[0])["test_labels"] if cached else None
+
+
+def memory_of(row: dict, gpu: bool) -> float | None:
+    key = "peak_memory_allocated_mb" if gpu else "peak_host_rss_mb"
+    return row[key]["mean"]
+
+
+# ----------------------------------------------------------------------------------------- formatting
+def _fmt_acc(m: dict) -> str:
+    if m["mean"] is None:
+        return "-"
+    if m["ci_low"] is None:
+        return f"{m['mean']:.4f}"
+    return f"{m['mean']:.4f} ± {m['std']:.4f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+
+def _fmt_num(v, digits=1) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.{digits}f}"
+
+
+def _fmt_params(v) -> str:
+    if v is None:
+        return "-"
+    v = float(v)
+    return f"{v / 1e6:.2f}M" if v >= 1e6 else (f"{v / 1e3:.1f}k" if v >= 1e3 else f"{v:.0f}")
+
+
+def table_rows(study: dict) -> list[list[str]]:
+    gpu = study["gpu"]
+    out = []
+    for r in study["rows"]:
+        mark = "best" if r.get("best") else ("tied" if r.get("tied_with_best") else "")
+        if r.get("vs_best"):
+            mark = (mark + f" p={r['vs_best']['p_value']:.3f}").strip()
+        status = r["status"] if r["status"] == "success" else f"{r['status']}: {'; '.join(r['errors'])[:120]}"
+        out.append([r["label"], _fmt_acc(r["test_accuracy"]), _fmt_num(r["test_macro_f1"]["mean"], 4),
+                    _fmt_num(r["train_seconds"]["mean"]), _fmt_params(r["trainable_params"]["mean"]),
+                    _fmt_num(memory_of(r, gpu), 0), _fmt_num(r["train_samples_per_second"]["mean"]),
+                    _fmt_num(r["adapter_size_mb"]["mean"], 2),
+                    f"{r['learning_rate']:.2e}" if r["learning_rate"] else "-", str(len(r["seeds"])), mark, status])
+    return out
+
+
+def table_header(gpu: bool) -> list[str]:
+    return ["method", "accuracy (mean ± std [95% CI])", "macro-F1", "train s", "trainable",
+            "peak GPU MB" if gpu else "peak host MB", "samples/s", "saved MB", "lr", "seeds", "vs best",
+            "status"]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    esc = [[c.replace("|", "\\|") for c in r] for r in rows]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in esc]
+    return "\n".join(lines)
+
+
+def print_summary(study_dir: Path) -> None:
+    study = load_study(study_dir)
+    print(f"\n{study['name']}: {len(study['finals'])} final runs ({'GPU' if study['gpu'] else 'CPU'})")
+    print(markdown_table(table_header(study["gpu"])[:7] + ["status"],
+                         [r[:7] + [r[-1]] for r in table_rows(study)]))
+
+
+# ----------------------------------------------------------------------------------------- recommendations
+def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Names of points (name, cost, accuracy) not dominated by a cheaper-or-equal, more-or-equal accurate one."""
+    front = []
+    for name, cost, acc in points:
+        dominated = any((c2 <= cost and a2 >= acc) and (c2 < cost or a2 > acc) for _, c2, a2 in points)
+        if not dominated:
+            front.append(name)
+    return front
+
+
+def _ok_rows(study: dict) -> list[dict]:
+    return [r for r in study["rows"] if r["test_accuracy"]["mean"] is not None]
+
+
+def recommendations(study: dict, tolerance: float = 0.01) -> list[dict]:
+    """Advice computed from the measurements: each item has a title, the method and a one-sentence reason."""
+    rows = _ok_rows(study)
+    if not rows:
+        return []
+    gpu = study["gpu"]
+    mem_name = "peak GPU memory" if gpu else "peak host memory"
+    acc = lambda r: r["test_accuracy"]["mean"]  # noqa: E731
+    best = max(rows, key=acc)
+    recs = [{"title": "Best accuracy", "method": best["label"],
+             "reason": f"{best['label']} reached the highest test accuracy, {acc(best):.4f}"
+                       + (f" (95% CI {best['test_accuracy']['ci_low']:.3f}-{best['test_accuracy']['ci_high']:.3f})"
+                          if best["test_accuracy"]["ci_low"] is not None else "") + "."}]
+    near = [r for r in rows if acc(r) >= acc(best) - tolerance or r.get("tied_with_best")]
+    fastest = min(near, key=lambda r: r["train_seconds"]["mean"])
+    recs.append({"title": f"Fastest within {tolerance * 100:.0f} point of the best (or statistically tied)",
+                 "method": fastest["label"],
+                 "reason": f"{fastest['label']} trained in {fastest['train_seconds']['mean']:.1f} s "
+                           f"({best['train_seconds']['mean'] / fastest['train_seconds']['mean']:.1f}x faster than "
+                           f"{best['label']}) at accuracy {acc(fastest):.4f} vs {acc(best):.4f}."})
+    fewest = min(near, key=lambda r: r["trainable_params"]["mean"])
+    recs.append({"title": f"Fewest trainable parameters within {tolerance * 100:.0f} point of the best",
+                 "method": fewest["label"],
+                 "reason": f"{fewest['label']} trains {_fmt_params(fewest['trainable_params']['mean'])} parameters "
+                           f"({fewest['trainable_params']['mean'] / best['trainable_params']['mean'] * 100:.2f}% of "
+                           f"{best['label']}'s) at accuracy {acc(fewest):.4f}."})
+    with_mem = sorted([r for r in rows if memory_of(r, gpu) is not None], key=lambda r: memory_of(r, gpu))
+    last = None
+    for budget_row in with_mem:
+        budget = memory_of(budget_row, gpu)
+        fits = [r for r in with_mem if memory_of(r, gpu) <= budget]
+        win = max(fits, key=acc)
+        if win is not last:
+            recs.append({"title": f"Best within {budget:,.0f} MB of {mem_name}", "method": win["label"],
+                         "reason": f"{win['label']} is the most accurate method that peaked at or below "
+                                   f"{budget:,.0f} MB ({memory_of(win, gpu):,.0f} MB, accuracy {acc(win):.4f})."})
+            last = win
+    return recs
+
+
+def parse_memory(text: str | None) -> float | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(tb|gb|g|gib|mb|m|mib|kb)?\s*", text.lower())
+    if not m:
+        raise UserError(f"--max-memory: give a size like 8GB or 500MB, got {text!r}")
+    unit = {"tb": 2**20, "gb": 1024, "g": 1024, "gib": 1024, "mb": 1, "m": 1, "mib": 1, "kb": 1 / 1024, None: 1}
+    return float(m.group(1)) * unit[m.group(2)]
+
+
+def parse_duration(text: str | None) -> float | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(s|sec|m|min|h|hr)?\s*", text.lower())
+    if not m:
+        raise UserError(f"--max-train-time: give a duration like 90s, 10m or 1h, got {text!r}")
+    return float(m.group(1)) * {"s": 1, "sec": 1, None: 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}[m.group(2)]
+
+
+def recommend(study: dict, max_memory_mb: float | None, max_seconds: float | None,
+              min_accuracy: float | None) -> dict:
+    """Rank the methods meeting the constraints; if none does, name the binding constraint."""
+    gpu = study["gpu"]
+    rows = _ok_rows(study)
+    checks = {
+        "--max-memory": (max_memory_mb, lambda r: memory_of(r, gpu) is not None and memory_of(r, gpu) <= max_memory_mb),
+        "--max-train-time": (max_seconds, lambda r: r["train_seconds"]["mean"] <= max_seconds),
+        "--min-accuracy": (min_accuracy, lambda r: r["test_accuracy"]["mean"] >= min_accuracy),
+    }
+    active = {k: f for k, (v, f) in checks.items() if v is not None}
+    ok = [r for r in rows if all(f(r) for f in active.values())]
+    ranked = sorted(ok, key=lambda r: -r["test_accuracy"]["mean"])
+    out = {"ranked": [], "binding": []}
+    for r in ranked:
+        out["ranked"].append({"method": r["label"], "reason": (
+            f"accuracy {r['test_accuracy']['mean']:.4f}, {r['train_seconds']['mean']:.1f} s training, "
+            f"{_fmt_num(memory_of(r, gpu), 0)} MB peak {'GPU' if gpu else 'host'} memory, "
+            f"{_fmt_params(r['trainable_params']['mean'])} trainable")})
+    if not ranked:
+        for name in active:
+            others = [f for k, f in active.items() if k != name]
+            freed = [r for r in rows if all(f(r) for f in others)]
+            if freed:
+                best = max(freed, key=lambda r: r["test_accuracy"]["mean"])
+                out["binding"].append(f"{name} is binding: without it, {best['label']} qualifies "
+                                      f"(accuracy {best['test_accuracy']['mean']:.4f}, "
+                                      f"{best['train_seconds']['mean']:.1f} s, "
+                                      f"{_fmt_num(memory_of(best, gpu), 0)} MB)")
+        if not out["binding"]:
+            out["binding"].append("no single constraint is binding: relax several of them")
+    return out
+
+
+def recommend_cli(study_dir: Path, max_memory: str | None, max_time: str | None, min_acc: float | None) -> int:
+    study = load_study(study_dir)
+    res = recommend(study, parse_memory(max_memory), parse_duration(max_time), min_acc)
+    if not res["ranked"]:
+        print("No method satisfies all the constraints.")
+        for line in res["binding"]:
+            print(f"  {line}")
+        return 1
+    for i, r in enumerate(res["ranked"], 1):
+        print(f"{i}. {r['method']}: {r['reason']}")
+    return 0
+
+
+def compare_cli(dirs: list[Path], out: Path | None) -> int:
+    parts = []
+    header = ["study", "method", "accuracy", "train s", "trainable", "peak MB", "lr", "status"]
+    rows = []
+    for d in dirs:
+        s = load_study(d)
+        for r, cells in zip(s["rows"], table_rows(s)):
+            rows.append([f"{s['name']} ({d})", cells[0], cells[1], cells[3], cells[4], cells[5], cells[8],
+                         cells[11]])
+    parts.append(markdown_table(header, rows))
+    text = "\n".join(parts)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- plots and files
+def _plots(study: dict, out_dir: Path) -> dict[str, Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = _ok_rows(study)
+    gpu = study["gpu"]
+    files: dict[str, Path] = {}
+    mem_label = "peak GPU memory allocated (MB)" if gpu else "peak host memory (MB, CPU study)"
+    specs = [("accuracy_vs_memory", lambda r: memory_of(r, gpu), mem_label, False),
+             ("accuracy_vs_time", lambda r: r["train_seconds"]["mean"], "training time (s)", False),
+             ("accuracy_vs_params", lambda r: r["trainable_params"]["mean"], "trainable parameters", True)]
+    for name, xf, xlabel, logx in specs:
+        pts = [(r["label"], xf(r), r["test_accuracy"]["mean"], r["test_accuracy"]) for r in rows if xf(r) is not None]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        front = set(pareto_front([(n, x, y) for n, x, y, _ in pts]))
+        for n, x, y, a in pts:
+            err = None if a["ci_low"] is None else [[y - a["ci_low"]], [a["ci_high"] - y]]
+            ax.errorbar([x], [y], yerr=err, fmt="o", ms=8, capsize=3,
+                        color="tab:red" if n in front else "tab:blue")
+            ax.annotate(n, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        fp = sorted([(x, y) for n, x, y, _ in pts if n in front])
+        if len(fp) > 1:
+            ax.step([p[0] for p in fp], [p[1] for p in fp], where="post", color="tab:red", alpha=0.5,
+                    label="Pareto front")
+            ax.legend(loc="lower right", fontsize=8)
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{study['name']}: accuracy vs {xlabel.split(' (')[0]}", fontsize=10)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files[name] = path
+    curves = [r for r in study["finals"] if r["status"] == "success" and r.get("history")]
+    if curves:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        seen = set()
+        for r in sorted(curves, key=lambda r: (r["label"], r["seed"])):
+            h = r["history"]
+            lab = r["label"] if r["label"] not in seen else None
+            seen.add(r["label"])
+            color = f"C{sorted({c['label'] for c in curves}).index(r['label']) % 10}"
+            a1.plot([x["epoch"] for x in h], [x["validation_accuracy"] for x in h], "o-", color=color, label=lab,
+                    alpha=0.8)
+            if any(x.get("train_loss") is not None for x in h):
+                a2.plot([x["epoch"] for x in h], [x["train_loss"] for x in h], "o-", color=color, label=lab, alpha=0.8)
+        a1.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy per epoch")
+        a2.set(xlabel="epoch", ylabel="mean train loss", title="train loss per epoch")
+        for a in (a1, a2):
+            a.grid(alpha=0.3)
+            a.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / "learning_curves.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files["learning_curves"] = path
+    return files
+
+
+def _problems(study: dict) -> list[str]:
+    return [f"{r['run_id']}: {r['status']} - {r.get('error')}" for r in study["finals"] + study["trials"]
+            if r["status"] != "success"]
+
+
+def _trials_table(study: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["method", "learning rate", "validation accuracy", "selected", "status"]
+    chosen = (study["plan"] or {}).get("chosen_learning_rates", {})
+    rows = []
+    for r in sorted(study["trials"], key=lambda r: (r["label"], r["learning_rate"] or 0)):
+        acc = r["metrics"].get("validation_accuracy") if r["status"] == "success" else None
+        rows.append([r["label"], f"{r['learning_rate']:.2e}", _fmt_num(acc, 4),
+                     "yes" if chosen.get(r["label"]) == r["learning_rate"] else "", r["status"]])
+    return header, rows
+
+
+def write_report(study_dir: Path) -> dict[str, Path]:
+    """Write report.md, report.html (self-contained: plots embedded) and the plots as PNG files."""
+    study = load_study(study_dir)
+    out = Path(study_dir) / "report"
+    out.mkdir(exist_ok=True)
+    plots = _plots(study, out)
+    recs = recommendations(study)
+    header, rows = table_header(study["gpu"]), table_rows(study)
+    problems = _problems(study)
+    plan = study["plan"] or {}
+    data = plan.get("data", {})
+    intro = (f"Study **{study['name']}** on {plan.get('device', '?')}: model `{(plan.get('study') or {}).get('model')}`, "
+             f"data sizes {data.get('sizes')}, {len(study['finals'])} final runs, {len(study['trials'])} "
+             f"learning-rate trials. Accuracy and F1 are on the test split, scored once per final run; "
+             f"learning rates and epochs were chosen on the validation split.")
+
+    md = [f"# peftbench report: {study['name']}", "", intro, "", "## Summary", "", markdown_table(header, rows), ""]
+    md += ["## Recommendations", ""] + [f"- **{r['title']}**: {r['reason']}" for r in recs] + [""]
+    if study["trials"]:
+        th, tr = _trials_table(study)
+        md += ["## Learning-rate search (validation)", "", markdown_table(th, tr), ""]
+    if problems:
+        md += ["## Runs that did not succeed", ""] + [f"- {p}" for p in problems] + [""]
+    md += ["## Plots", ""] + [f"![{k}]({p.name})" for k, p in plots.items()] + [""]
+    (out / "report.md").write_text("\n".join(md))
+
+    e = html.escape
+    def table_html(h, rs):
+        return ("<table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in h) + "</tr></thead><tbody>"
+                + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rs) + "</tbody></table>")
+    imgs = "".join(
+        f'<figure><img alt="{e(k)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+        f"<figcaption>{e(k.replace('_', ' '))}</figcaption></figure>" for k, p in plots.items())
+    body = [f"<h1>peftbench report: {e(study['name'])}</h1>",
+            f"<p>{e(intro.replace('**', '').replace('`', ''))}</p>",
+            "<h2>Summary</h2>", table_html(header, rows),
+            "<h2>Recommendations</h2><ul>" + "".join(f"<li><b>{e(r['title'])}</b>: {e(r['reason'])}</li>"
+                                                       for r in recs) + "</ul>"]
+    if study["trials"]:
+        body += ["<h2>Learning-rate search (validation)</h2>", table_html(*_trials_table(study))]
+    if problems:
+        body += ["<h2>Runs that did not succeed</h2><ul>" + "".join(f"<li>{e(p)}</li>" for p in problems) + "</ul>"]
+    body += ["<h2>Plots</h2>", imgs]
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px}"
+             "th{background:#f3f3f3}figure{display:inline-block;margin:8px}img{max-width:520px}")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>peftbench: {e(study['name'])}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+    (out / "report.html").write_text(page)
+    summary = {"study": study["name"], "rows": stats.public(study["rows"]), "recommendations": recs,
+               "problems": problems}
+    store.atomic_write_json(Path(study_dir) / "summary.json", summary)
+    return {"html": out / "report.html", "markdown": out / "report.md", **{k: v for k, v in plots.items()}}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    write_report(Path(sys.argv[1]))

@@ -1,0 +1,261 @@
+"""A study, start to end: validate -> load and split data -> tokenize once -> plan runs -> execute -> summarise.
+
+Runs are planned as data (one `spec.json` each) and executed by `worker.execute_run`, by default in a
+fresh process per run: a crash, CUDA error or out-of-memory in one run is recorded and the study goes
+on, and no run's memory is polluted by the one before it. With `lr_search`, trial runs (validation
+only) pick each method's learning rate; final runs (every seed) are the only ones scored on test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from . import methods as registry
+from . import store
+from .config import config_hash
+from .errors import UserError
+
+
+def lr_grid(center: float, points: int, decades: float) -> list[float]:
+    """`points` log-spaced learning rates spanning `decades` decades centred on `center`."""
+    exps = np.linspace(-decades / 2, decades / 2, points)
+    return [float(f"{center * 10 ** e:.3g}") for e in exps]
+
+
+def run_id(label: str, role: str, lr: float | None, seed: int) -> str:
+    lr_part = f"lr{lr:.2e}" if lr is not None else "nolr"
+    return f"{registry.safe_label(label)}-{'trial' if role == 'trial' else 'final'}-{lr_part}-s{seed}"
+
+
+class Study:
+    """A validated study bound to an output folder."""
+
+    def __init__(self, study: dict, out_dir: Path):
+        self.cfg = study
+        self.out = Path(out_dir)
+        self.device = None
+        self.tok_file = None
+        self.data = None
+        self.model_path = None
+        self.pad_token_id = None
+        self.max_positions = None
+
+    # ---------------------------------------------------------------- preparation (no model loaded)
+    def prepare(self) -> None:
+        """Check the model config and data, then tokenize every split once for the whole study."""
+        from . import data as data_mod
+        from . import models
+        from .train import resolve_device
+
+        cfg = self.cfg
+        self.device = resolve_device(cfg["device"])
+        self.model_path = models.resolve(cfg["model"])
+        needs_model = any(registry.get(m["name"]).kind != "tfidf" for m in cfg["methods"])
+        self.data = data_mod.load(cfg["data"])
+        if not needs_model:
+            return
+        mconf = models.load_config(self.model_path, cfg["trust_remote_code"])
+        self.max_positions = models.max_positions(mconf)
+        max_len = cfg["train"]["max_length"]
+        if self.max_positions and max_len > self.max_positions:
+            raise UserError(f"train.max_length {max_len} exceeds what model '{cfg['model']}' accepts "
+                            f"({self.max_positions} positions); lower it")
+        for m in cfg["methods"]:
+            meth = registry.get(m["name"])
+            if meth.kind == "peft" and meth.peft_config not in ("PromptTuningConfig", "PromptEncoderConfig"):
+                opts = {**meth.options, **m["options"]}
+                if "target_modules" not in opts:
+                    registry.targets_regex(mconf.model_type, opts.get("targets", []))
+        tokenizer = models.load_tokenizer(self.model_path, cfg["trust_remote_code"])
+        self.pad_token_id = tokenizer.pad_token_id
+        key = config_hash([self.model_path, max_len, self.data.fingerprint, type(tokenizer).__name__,
+                           len(tokenizer)])
+        self.tok_file = self.out / ".cache" / f"tokens-{key}.npz"
+        if not self.tok_file.exists():
+            data_mod.tokenize(self.data, tokenizer, max_len).save(self.tok_file)
+
+    def _texts_file(self) -> Path:
+        path = self.out / ".cache" / f"texts-{self.data.fingerprint}.json"
+        if not path.exists():
+            store.atomic_write_json(path, {"texts": self.data.texts,
+                                           "labels": {k: v.tolist() for k, v in self.data.labels.items()}})
+        return path
+
+    # ---------------------------------------------------------------- planning
+    def run_spec(self, entry: dict, lr: float | None, seed: int, role: str) -> dict:
+        cfg = self.cfg
+        method = registry.get(entry["name"])
+        opts, overrides = registry.split_options(method, entry["options"])
+        train = {**cfg["train"], **overrides}
+        train["learning_rate"] = lr
+        virtual = opts.get("num_virtual_tokens", 0) if method.peft_config in ("PromptTuningConfig",
+                                                                               "PromptEncoderConfig") else 0
+        eff = None
+        if virtual and self.max_positions and train["max_length"] + virtual > self.max_positions:
+            eff = self.max_positions - virtual  # soft-prompt tokens take positions too
+        spec = {
+            "study": cfg["name"], "model": cfg["model"], "model_path": self.model_path,
+            "method": method.name, "label": entry["label"], "method_options": opts, "train": train,
+            "seed": seed, "learning_rate": lr, "role": role, "evaluate_test": role == "final",
+            "data": {k: v for k, v in cfg["data"].items()}, "data_fingerprint": self.data.fingerprint,
+            "data_sizes": self.data.sizes(), "data_origin": self.data.source.get("origin"),
+            "label_names": self.data.label_names, "device_type": self.device.split(":")[0],
+            "pad_token_id": self.pad_token_id, "effective_max_length": eff,
+            "trust_remote_code": cfg["trust_remote_code"], "allow_pickle": cfg["allow_pickle"],
+        }
+        spec["config_hash"] = config_hash(spec)
+        # Not part of the hash: where things are and how the run is executed.
+        spec.update(run_id=run_id(entry["label"], role, lr, seed), device=self.device,
+                    tokens_file=str(self.tok_file) if self.tok_file else None,
+                    texts_file=str(self._texts_file()) if method.kind == "tfidf" else None,
+                    max_oom_retries=cfg["max_oom_retries"], checkpoint=True, verify_reload=True,
+                    isolation=cfg["isolation"], concurrent_runs=cfg["parallel"])
+        return spec
+
+    def default_lr(self, entry: dict) -> float | None:
+        method = registry.get(entry["name"])
+        if method.learning_rate is None:
+            return None
+        return entry["options"].get("learning_rate") or self.cfg["train"]["learning_rate"] or method.learning_rate
+
+    def trial_specs(self) -> list[dict]:
+        s = self.cfg["lr_search"]
+        if not s:
+            return []
+        seed = s["seed"] if s["seed"] is not None else self.cfg["seeds"][0]
+        specs = []
+        for entry in self.cfg["methods"]:
+            lr0 = self.default_lr(entry)
+            if lr0 is None:
+                continue
+            specs += [self.run_spec(entry, lr, seed, "trial") for lr in lr_grid(lr0, s["points"], s["decades"])]
+        return specs
+
+    def final_specs(self, chosen: dict[str, float | None]) -> list[dict]:
+        return [self.run_spec(e, chosen.get(e["label"], self.default_lr(e)), seed, "final")
+                for e in self.cfg["methods"] for seed in self.cfg["seeds"]]
+
+    # ---------------------------------------------------------------- execution
+    def execute(self, specs: list[dict], desc: str) -> list[dict]:
+        """Run every spec not already done; returns all their results (in spec order)."""
+        todo, done = [], {}
+        for spec in specs:
+            rdir = self.out / "runs" / spec["run_id"]
+            old = store.read_result(rdir / "result.json")
+            if old and old.get("status") == "success" and old.get("config_hash") == spec["config_hash"]:
+                done[spec["run_id"]] = old
+            else:
+                todo.append(spec)
+        if done:
+            print(f"peftbench: {len(done)} of {len(specs)} {desc} runs already done, skipped", file=sys.stderr)
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(todo), desc=desc, unit="run", dynamic_ncols=True, disable=not todo)
+        parallel = self.cfg["parallel"]
+
+        def one(spec):
+            res = self._execute_one(spec, progress=parallel == 1)
+            bar.update(1)
+            bar.write(_one_line(res))
+            return res
+
+        if parallel > 1 and len(todo) > 1:
+            with ThreadPoolExecutor(parallel) as pool:
+                new = list(pool.map(one, todo))
+        else:
+            new = [one(s) for s in todo]
+        bar.close()
+        done.update({r["run_id"]: r for r in new})
+        return [done[s["run_id"]] for s in specs]
+
+    def _execute_one(self, spec: dict, progress: bool) -> dict:
+        rdir = self.out / "runs" / spec["run_id"]
+        rdir.mkdir(parents=True, exist_ok=True)
+        store.atomic_write_json(rdir / "spec.json", spec)
+        if self.cfg["isolation"] == "inline":
+            from .worker import execute_run
+            return execute_run(rdir, progress=progress)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+                   TRANSFORMERS_VERBOSITY="error", PEFTBENCH_PROGRESS="1" if progress else "0")
+        proc = subprocess.run([sys.executable, "-m", "peftbench.worker", str(rdir)], env=env,
+                              stdin=subprocess.DEVNULL)
+        result = store.read_result(rdir / "result.json")
+        if result is not None and result.get("config_hash") == spec["config_hash"] and \
+                result.get("finished_at", 0) >= result.get("started_at", 0) and proc.returncode == 0:
+            return result
+        # The worker died without writing its result (segfault, kill, host out of memory): record that.
+        from .worker import base_result
+        crash = [ln for ln in (rdir / "crash.log").read_text(errors="replace").splitlines() if ln.strip()][:1] \
+            if (rdir / "crash.log").exists() else []
+        sig = -proc.returncode if proc.returncode < 0 else None
+        if sig:
+            import signal
+            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else "?"
+            why = f"killed by {name} (signal {sig})" + (" - out of host memory?" if sig == 9 else "")
+        else:
+            why = f"exited with status {proc.returncode}"
+        result = {**base_result(spec), "status": "failed",
+                  "error": f"worker {why} without writing a result" + (f": {crash[0]}" if crash else "")}
+        store.atomic_write_json(rdir / "result.json", result)
+        return result
+
+    # ---------------------------------------------------------------- the whole study
+    def run(self) -> list[dict]:
+        store.check_writable(self.out)
+        with store.StudyLock(self.out):
+            t0 = time.perf_counter()
+            self.prepare()
+            trials = self.trial_specs()
+            chosen: dict[str, float | None] = {}
+            trial_results = []
+            if trials:
+                trial_results = self.execute(trials, "lr search")
+                chosen = select_learning_rates(trial_results)
+            finals = self.final_specs(chosen)
+            final_results = self.execute(finals, "study")
+            plan = {"study": self.cfg, "trial_runs": [s["run_id"] for s in trials],
+                    "final_runs": [s["run_id"] for s in finals], "chosen_learning_rates": chosen,
+                    "data": {"sizes": self.data.sizes(), "origin": self.data.source.get("origin"),
+                             "label_names": self.data.label_names, "fingerprint": self.data.fingerprint},
+                    "device": self.device, "wall_seconds": time.perf_counter() - t0}
+            store.atomic_write_json(self.out / "study.json", plan)
+            return trial_results + final_results
+
+
+def select_learning_rates(trials: list[dict]) -> dict[str, float]:
+    """Per method label, the trial learning rate with the best validation accuracy (ties: the lower rate)."""
+    best: dict[str, tuple] = {}
+    for r in trials:
+        if r.get("status") != "success":
+            continue
+        acc = r["metrics"]["validation_accuracy"]
+        key = (acc, -r["learning_rate"])
+        if r["label"] not in best or key > best[r["label"]][0]:
+            best[r["label"]] = (key, r["learning_rate"])
+    return {label: lr for label, (_, lr) in best.items()}
+
+
+def _one_line(r: dict) -> str:
+    m = r.get("metrics") or {}
+    if r["status"] != "success":
+        return f"  {r['run_id']}: {r['status']} - {r.get('error')}"
+    acc = m.get("test_accuracy", m.get("validation_accuracy"))
+    split = "test" if "test_accuracy" in m else "val"
+    return f"  {r['run_id']}: {split} acc {acc:.4f}, train {m['train_seconds']:.1f}s"
+
+
+def load_plan(study_dir: Path) -> dict | None:
+    p = Path(study_dir) / "study.json"
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except ValueError:
+        return None

@@ -1,0 +1,132 @@
+"""Statistics over runs: mean, std and 95% t-intervals over seeds, and paired tests between methods.
+
+Two methods scored on the same test items are compared item by item: with one seed each by an exact
+McNemar test on the discordant items, with several seeds by a paired bootstrap that resamples both
+test items and seeds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+ALPHA = 0.05
+
+
+def mean_ci(values: list[float], conf: float = 0.95) -> dict:
+    """Mean, sample std and a t-distribution confidence interval (None where n < 2)."""
+    vals = np.asarray([v for v in values if v is not None], dtype=float)
+    n = len(vals)
+    if n == 0:
+        return {"mean": None, "std": None, "ci_low": None, "ci_high": None, "n": 0}
+    mean = float(vals.mean())
+    if n < 2:
+        return {"mean": mean, "std": None, "ci_low": None, "ci_high": None, "n": 1}
+    from scipy import stats
+    std = float(vals.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + conf / 2, n - 1) * std / math.sqrt(n))
+    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": n}
+
+
+def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
+    """Exact two-sided McNemar p-value for paired 0/1 outcomes on the same items."""
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    from scipy import stats
+    return float(min(1.0, 2 * stats.binom.cdf(min(only_a, only_b), n, 0.5)))
+
+
+def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, n_boot: int = 5000, seed: int = 0) -> dict:
+    """Bootstrap the accuracy difference a - b, resampling items and (paired) seeds.
+
+    `correct_a` and `correct_b` are [seeds, items] 0/1 arrays over the same items, seed rows paired.
+    """
+    a, b = np.asarray(correct_a, float), np.asarray(correct_b, float)
+    if a.ndim == 1:
+        a, b = a[None], b[None]
+    rng = np.random.default_rng(seed)
+    n_seeds, n_items = a.shape
+    diffs = np.empty(n_boot)
+    d = a - b
+    for i in range(n_boot):
+        s = rng.integers(0, n_seeds, n_seeds)
+        it = rng.integers(0, n_items, n_items)
+        diffs[i] = d[np.ix_(s, it)].mean()
+    observed = float(d.mean())
+    p = 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0))
+    return {"diff": observed, "ci_low": float(np.quantile(diffs, 0.025)), "ci_high": float(np.quantile(diffs, 0.975)),
+            "p_value": float(min(1.0, p))}
+
+
+def paired_test(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
+    """McNemar with one seed per method, a paired bootstrap with several."""
+    a, b = np.atleast_2d(correct_a), np.atleast_2d(correct_b)
+    if a.shape[0] == 1 and b.shape[0] == 1:
+        return {"test": "mcnemar", "diff": float(a.mean() - b.mean()), "p_value": mcnemar(a[0], b[0])}
+    k = min(a.shape[0], b.shape[0])
+    return {"test": "paired bootstrap (items x seeds)", **paired_bootstrap(a[:k], b[:k])}
+
+
+METRICS = ("test_accuracy", "test_macro_f1", "validation_accuracy", "train_seconds", "eval_seconds",
+           "train_samples_per_second", "train_tokens_per_second", "trainable_params", "total_params",
+           "peak_memory_allocated_mb", "peak_memory_reserved_mb", "peak_host_rss_mb", "adapter_size_mb", "mfu")
+
+
+def summarize(final_results: list[dict], test_labels: np.ndarray | None = None) -> list[dict]:
+    """One row per method label: status, aggregated metrics over seeds, and significance against the best."""
+    by_label: dict[str, list[dict]] = {}
+    for r in final_results:
+        by_label.setdefault(r["label"], []).append(r)
+    rows = []
+    for label, runs in by_label.items():
+        ok = [r for r in runs if r["status"] == "success"]
+        statuses = sorted({r["status"] for r in runs})
+        row = {"label": label, "method": runs[0]["method"], "n_runs": len(runs), "n_success": len(ok),
+               "status": "success" if len(ok) == len(runs) else ("partial" if ok else statuses[0]),
+               "errors": sorted({r["error"] for r in runs if r.get("error")}),
+               "learning_rate": runs[0].get("learning_rate"), "seeds": [r["seed"] for r in ok]}
+        for m in METRICS:
+            row[m] = mean_ci([r["metrics"].get(m) for r in ok])
+        row["_correct"] = None
+        if test_labels is not None and ok and all(r.get("test_predictions") is not None for r in ok):
+            order = sorted(ok, key=lambda r: r["seed"])
+            row["_correct"] = np.array([np.asarray(r["test_predictions"]) == test_labels for r in order])
+            row["_seeds"] = [r["seed"] for r in order]
+        rows.append(row)
+    mark_ties(rows)
+    return rows
+
+
+def mark_ties(rows: list[dict]) -> None:
+    """Mark rows statistically tied with the most accurate one (paired test, p >= 0.05)."""
+    scored = [r for r in rows if r["test_accuracy"]["mean"] is not None]
+    if not scored:
+        return
+    best = max(scored, key=lambda r: r["test_accuracy"]["mean"])
+    for r in rows:
+        r["best"] = r is best
+        r["vs_best"] = None
+        r["tied_with_best"] = r is best
+        if r is best or r not in scored or r["_correct"] is None or best["_correct"] is None:
+            continue
+        if r["_correct"].shape[1] != best["_correct"].shape[1]:
+            continue
+        test = paired_test(best["_correct"], r["_correct"])
+        r["vs_best"] = test
+        r["tied_with_best"] = test["p_value"] >= ALPHA
+
+
+def public(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+
+
+def time_to_accuracy(history: list[dict], target: float) -> float | None:
+    """Training seconds until validation accuracy first reached `target` (None if never)."""
+    for h in history:
+        if h.get("validation_accuracy") is not None and h["validation_accuracy"] >= target:
+            return h.get("cumulative_train_seconds")
+    return None

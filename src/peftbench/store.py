@@ -1,0 +1,117 @@
+"""The result store: one `result.json` per run under STUDY/runs/<run_id>/, written atomically.
+
+A study folder is locked while a study writes to it, a corrupt result file is moved aside (never
+silently trusted or deleted), and a rerun skips every run whose result says `success` for the same
+config hash.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+SCHEMA = 1
+
+
+def _clean(obj):
+    """JSON-safe copy: NaN/inf become null (strict JSON), numpy scalars become Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            obj = obj.item()
+        except (ValueError, AttributeError):
+            return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    """Write JSON so that a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_clean(obj), f, indent=1, sort_keys=False, allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_result(path: Path) -> dict | None:
+    """The result at `path`, or None if missing; a corrupt file is moved aside with a warning."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(result, dict) or "status" not in result:
+            raise ValueError("not a result")
+        return result
+    except (ValueError, UnicodeDecodeError):
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        os.replace(path, aside)
+        print(f"peftbench: warning: {path} was corrupt; moved to {aside.name}, the run will be redone",
+              file=sys.stderr)
+        return None
+
+
+def results(study_dir: Path, run_ids: list[str] | None = None) -> list[dict]:
+    """Every readable result of a study (only `run_ids` if given), in a stable order."""
+    runs = Path(study_dir) / "runs"
+    if not runs.is_dir():
+        return []
+    dirs = [runs / r for r in run_ids] if run_ids is not None else sorted(p for p in runs.iterdir() if p.is_dir())
+    out = []
+    for d in dirs:
+        r = read_result(d / "result.json")
+        if r is not None:
+            out.append(r)
+    return out
+
+
+class StudyLock:
+    """An exclusive lock on a study folder, so two studies never write to the same one at once."""
+
+    def __init__(self, study_dir: Path):
+        self.path = Path(study_dir) / ".peftbench.lock"
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(self.fd, 64).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise UserError(f"another peftbench (pid {other}) is writing to {self.path.parent}; wait for it to "
+                            f"finish or choose another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, str(os.getpid()).encode())
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def check_writable(study_dir: Path) -> None:
+    study_dir = Path(study_dir)
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        probe = study_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output folder {study_dir} is not writable ({e.strerror}); choose another with --out") from None

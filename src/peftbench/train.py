@@ -1,0 +1,434 @@
+"""One run: build the model, train it with an explicit loop, evaluate, measure, save, verify the reload.
+
+The loop is written out (as PEFT's own method comparison does) so every cost is visible and can be
+measured: length-bucketed batches padded only to their own longest item, bf16 autocast where the
+hardware has it, a fused AdamW on CUDA, no host synchronisation inside an epoch, and the test set
+evaluated once, sorted by length. Schedulers come from transformers, adapters from PEFT.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import faults
+from . import methods as registry
+from .data import Tokenized
+
+GPU_PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+# ----------------------------------------------------------------------------------------- batching
+def make_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                 group_by_length: bool) -> list[np.ndarray]:
+    """A random epoch of batches; with grouping, items of similar length share a batch (less padding).
+
+    Grouping sorts within shuffled windows of 50 batches and then shuffles the batches, like
+    transformers' length-grouped sampler: every item is still seen once per epoch in random company.
+    """
+    n = len(lengths)
+    perm = rng.permutation(n)
+    if not group_by_length:
+        return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    window = batch_size * 50
+    batches = []
+    for start in range(0, n, window):
+        chunk = perm[start:start + window]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def collate(seqs: list[np.ndarray], pad_id: int, multiple: int = 8, max_len: int | None = None):
+    """(input_ids, attention_mask) as int64 tensors padded to the longest item (rounded up to `multiple`)."""
+    import torch
+    if max_len is not None:
+        seqs = [s[:max_len] for s in seqs]
+    longest = max(len(s) for s in seqs)
+    width = int(math.ceil(longest / multiple) * multiple)
+    if max_len is not None:
+        width = min(width, max(max_len, longest))
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+        mask[i, :len(s)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+# ----------------------------------------------------------------------------------------- devices
+def resolve_device(requested: str) -> str:
+    import torch
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        from .errors import UserError
+        raise UserError("device: cuda was asked for but no CUDA GPU is visible; use device: auto or cpu")
+    return requested
+
+
+def autocast_dtype(precision: str, device: str):
+    import torch
+    if precision == "fp32":
+        return None
+    if device.startswith("cuda"):
+        return torch.bfloat16 if (precision == "bf16" or torch.cuda.is_bf16_supported()) else None
+    if precision == "bf16":
+        return torch.bfloat16
+    try:  # CPUs with native bf16 (AVX512-BF16 / AMX) gain ~1.5x from autocast; others lose.
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    except Exception:
+        return None
+
+
+def _sync(device: str) -> None:
+    import torch
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+def predict_logits(model, seqs: list[np.ndarray], batch_size: int, device: str, amp, pad_id: int,
+                   max_len: int | None = None) -> np.ndarray:
+    """Logits for `seqs`, evaluated in length-sorted batches (little padding), returned in input order."""
+    import torch
+    order = np.argsort([-len(s) for s in seqs], kind="stable")
+    out = [None] * len(order)
+    model.eval()
+    chunks = []
+    with torch.inference_mode(), torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None):
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            ids, mask = collate([seqs[j] for j in idx], pad_id, max_len=max_len)
+            logits = model(input_ids=ids.to(device, non_blocking=True),
+                           attention_mask=mask.to(device, non_blocking=True)).logits
+            chunks.append((idx, logits.float()))
+    for idx, logits in chunks:
+        arr = logits.cpu().numpy()
+        for k, j in enumerate(idx):
+            out[j] = arr[k]
+    return np.stack(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def macro_f1(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> float:
+    f1s = []
+    for c in range(num_labels):
+        tp = np.sum((preds == c) & (labels == c))
+        fp = np.sum((preds == c) & (labels != c))
+        fn = np.sum((preds != c) & (labels == c))
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(f1s))
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def dir_size_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
+
+
+def model_flops_per_token(config, seq_len: float) -> float:
+    """Training FLOPs per token: 6 x non-embedding parameters + attention (the usual MFU convention)."""
+    h = getattr(config, "hidden_size", 0)
+    layers = getattr(config, "num_hidden_layers", 0)
+    inter = getattr(config, "intermediate_size", 4 * h)
+    if not h or not layers:
+        return 0.0
+    n_params = layers * (4 * h * h + 2 * h * inter)
+    return 6 * n_params + 12 * layers * h * seq_len
+
+
+def _peak_flops(device_name: str) -> float | None:
+    return next((v for k, v in GPU_PEAK_BF16_FLOPS.items() if k in device_name), None)
+
+
+def _trainable_state(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable(model, state: dict) -> None:
+    import torch
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def _param_groups(model, lr: float, head_lr: float | None, weight_decay: float, head: list[str]):
+    """AdamW groups: no decay for biases and norms (as transformers' Trainer), optional head learning rate."""
+    groups: dict[tuple, list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and "norm" not in name.lower()
+        is_head = head_lr is not None and any(f"{h}." in name or name.startswith(h + ".") for h in head)
+        groups.setdefault((decay, is_head), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": head_lr if is_head else lr}
+            for (decay, is_head), ps in groups.items()]
+
+
+# ----------------------------------------------------------------------------------------- the run
+def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -> dict:
+    """Train and evaluate one run; returns the `metrics`, `history` and artefact info for result.json.
+
+    A checkpoint after each epoch (`checkpoint.pt`) lets a killed run resume where it stopped.
+    """
+    import torch
+    from transformers import get_scheduler
+
+    from .models import build_model, count_params
+
+    cfg = run["train"]
+    device = run["device"]
+    seed = run["seed"]
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        mem_base = torch.cuda.memory_allocated()
+    amp = autocast_dtype(cfg["precision"], device)
+    dev_type = device.split(":")[0]
+
+    lengths = tok.lengths("train")
+    batch_size = cfg["batch_size"]
+    micro = min(cfg.get("micro_batch_size") or batch_size, batch_size)
+    steps_per_epoch = sum(math.ceil(len(lengths[i:i + batch_size * 50]) / batch_size)
+                          for i in range(0, len(lengths), batch_size * 50)) if cfg["group_by_length"] \
+        else math.ceil(len(lengths) / batch_size)
+    total_steps = steps_per_epoch * cfg["epochs"]
+
+    t_load = time.perf_counter()
+    model, head = build_model(run, len(tok.label_names), tok.label_names, device, total_steps)
+    load_seconds = time.perf_counter() - t_load
+    method = registry.get(run["method"])
+    trainable, total = count_params(model)
+    pad_id = run.get("pad_token_id") or 0
+    max_len = run.get("effective_max_length")
+
+    lr = cfg["learning_rate"]
+    params = _param_groups(model, lr, cfg.get("head_learning_rate"), cfg["weight_decay"], head)
+    fused = dev_type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=lr, fused=fused) if fused else torch.optim.AdamW(params, lr=lr)
+    warmup = int(round(cfg["warmup_ratio"] * total_steps))
+    scheduler = get_scheduler(cfg["scheduler"], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    fwd = torch.compile(model) if cfg.get("compile") else model
+
+    history: list[dict] = []
+    best = {"acc": -1.0, "epoch": None, "state": None}
+    train_seconds = val_seconds = 0.0
+    start_epoch = 0
+    ckpt_path = run_dir / "checkpoint.pt"
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ck.get("config_hash") == run["config_hash"]:
+            _load_trainable(model, ck["trainable"])
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+            torch.set_rng_state(ck["rng"].cpu())
+            history, train_seconds, val_seconds = ck["history"], ck["train_seconds"], ck["val_seconds"]
+            start_epoch = ck["epoch"] + 1
+            if ck.get("best_state") is not None:
+                best = {"acc": ck["best_acc"], "epoch": ck["best_epoch"], "state": ck["best_state"]}
+
+    real_tokens_epoch = int(lengths.sum()) if max_len is None else int(np.minimum(lengths, max_len).sum())
+    ids_train = tok.ids["train"]
+    labels_train = torch.from_numpy(tok.labels["train"])
+    pin = dev_type == "cuda"
+    bar = None
+    if progress and os.environ.get("PEFTBENCH_PROGRESS", "1") != "0":
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=f"  {run['label']}",
+                   unit="step", leave=False, dynamic_ncols=True)
+    global_step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, cfg["epochs"]):
+        model.train()
+        rng = np.random.default_rng([seed, epoch])
+        batches = make_batches(lengths, batch_size, rng, cfg["group_by_length"])
+        loss_sum = torch.zeros((), device=device)
+        _sync(device)
+        t0 = time.perf_counter()
+        for batch in batches:
+            faults.before_step(run["run_id"], micro)
+            for m0 in range(0, len(batch), micro):
+                part = batch[m0:m0 + micro]
+                ids, mask = collate([ids_train[j] for j in part], pad_id, max_len=max_len)
+                y = labels_train[part]
+                if pin:
+                    ids, mask, y = ids.pin_memory(), mask.pin_memory(), y.pin_memory()
+                with torch.autocast(dev_type, dtype=amp or torch.float32, enabled=amp is not None):
+                    out = fwd(input_ids=ids.to(device, non_blocking=True),
+                              attention_mask=mask.to(device, non_blocking=True),
+                              labels=y.to(device, non_blocking=True))
+                loss = out.loss * (len(part) / len(batch))
+                loss.backward()
+                loss_sum += loss.detach()
+            if cfg["max_grad_norm"]:
+                torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], cfg["max_grad_norm"])
+            optimizer.step()
+            scheduler.step()
+            global_step += 1
+            if method.step_hook:  # AdaLoRA reads the gradients to reallocate ranks: before zero_grad
+                model.base_model.update_and_allocate(global_step)
+            optimizer.zero_grad(set_to_none=True)
+            if bar is not None:
+                bar.update(1)
+        _sync(device)
+        epoch_seconds = time.perf_counter() - t0
+        train_seconds += epoch_seconds
+
+        t1 = time.perf_counter()
+        val_logits = predict_logits(model, tok.ids["validation"], cfg["eval_batch_size"], device, amp, pad_id, max_len)
+        val_acc = float((val_logits.argmax(-1) == tok.labels["validation"]).mean())
+        val_seconds += time.perf_counter() - t1
+        history.append({"epoch": epoch + 1, "train_loss": float(loss_sum.item() / len(batches)),
+                        "validation_accuracy": val_acc, "epoch_seconds": epoch_seconds,
+                        "cumulative_train_seconds": train_seconds, "learning_rate": scheduler.get_last_lr()[0]})
+        if bar is not None:
+            bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val=f"{val_acc:.3f}")
+        if cfg["select_best_epoch"] and val_acc > best["acc"]:
+            best = {"acc": val_acc, "epoch": epoch + 1, "state": {k: v.cpu() for k, v in _trainable_state(model).items()}}
+        if run.get("checkpoint", True) and epoch + 1 < cfg["epochs"]:
+            _save_checkpoint(ckpt_path, run, model, optimizer, scheduler, epoch, history, train_seconds,
+                             val_seconds, best)
+        faults.after_epoch(run["run_id"], epoch + 1)
+    if bar is not None:
+        bar.close()
+
+    if cfg["select_best_epoch"] and best["state"] is not None:
+        _load_trainable(model, {k: v.to(device) for k, v in best["state"].items()})
+        chosen = best["epoch"]
+    else:
+        chosen = cfg["epochs"]
+    chosen_val = next(h["validation_accuracy"] for h in history if h["epoch"] == chosen)
+
+    metrics = {
+        "validation_accuracy": chosen_val, "selected_epoch": chosen,
+        "train_seconds": train_seconds, "validation_seconds": val_seconds, "model_load_seconds": load_seconds,
+        "train_samples_per_second": len(lengths) * cfg["epochs"] / train_seconds if train_seconds else None,
+        "train_tokens_per_second": real_tokens_epoch * cfg["epochs"] / train_seconds if train_seconds else None,
+        "trainable_params": int(trainable), "total_params": int(total),
+        "trainable_percent": 100.0 * trainable / total if total else None,
+        "steps": total_steps, "micro_batch_size": micro,
+        "precision": "bf16-autocast" if amp is not None else "fp32",
+    }
+    flops_tok = model_flops_per_token(_base_config(model), float(lengths.mean()))
+    metrics["train_model_flops"] = flops_tok * real_tokens_epoch * cfg["epochs"]
+    if dev_type == "cuda":
+        peak = _peak_flops(torch.cuda.get_device_name())
+        metrics["mfu"] = (metrics["train_model_flops"] / train_seconds / peak) if peak and train_seconds else None
+
+    test = {}
+    if run["evaluate_test"]:
+        _sync(device)
+        t2 = time.perf_counter()
+        logits = predict_logits(model, tok.ids["test"], cfg["eval_batch_size"], device, amp, pad_id, max_len)
+        _sync(device)
+        metrics["eval_seconds"] = time.perf_counter() - t2
+        preds = logits.argmax(-1)
+        metrics["test_accuracy"] = float((preds == tok.labels["test"]).mean())
+        metrics["test_macro_f1"] = macro_f1(tok.labels["test"], preds, len(tok.label_names))
+        metrics["eval_samples_per_second"] = len(preds) / metrics["eval_seconds"] if metrics["eval_seconds"] else None
+        test = {"predictions": preds.tolist(), "logits": logits}
+
+    if dev_type == "cuda":
+        metrics["peak_memory_allocated_mb"] = (torch.cuda.max_memory_allocated() - mem_base) / 2**20
+        metrics["peak_memory_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
+    else:
+        metrics["peak_memory_allocated_mb"] = metrics["peak_memory_reserved_mb"] = None
+    metrics["peak_host_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    artefact = save_model(model, run, run_dir)
+    metrics["adapter_size_mb"] = dir_size_mb(run_dir / artefact)
+    reload = None
+    if run["evaluate_test"] and run.get("verify_reload", True):
+        reload = verify_reload(run, run_dir, tok, test["logits"], device, amp, pad_id, max_len)
+    if ckpt_path.exists():
+        ckpt_path.unlink()
+    del model, fwd, optimizer
+    return {"metrics": metrics, "history": history, "artefact": artefact, "reload_check": reload,
+            "test_predictions": test.get("predictions")}
+
+
+def _base_config(model):
+    cfg = getattr(model, "config", None)
+    if cfg is None and hasattr(model, "base_model"):
+        cfg = model.base_model.model.config
+    return cfg
+
+
+def _save_checkpoint(path, run, model, optimizer, scheduler, epoch, history, train_s, val_s, best) -> None:
+    import torch
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"config_hash": run["config_hash"], "epoch": epoch,
+                "trainable": {k: v.cpu() for k, v in _trainable_state(model).items()},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(), "history": history, "train_seconds": train_s, "val_seconds": val_s,
+                "best_acc": best["acc"], "best_epoch": best["epoch"], "best_state": best["state"]}, tmp)
+    os.replace(tmp, path)
+
+
+def save_model(model, run: dict, run_dir: Path) -> str:
+    """Save the adapter (PEFT) or the model (others) with safetensors; returns the folder's name."""
+    name = "adapter" if registry.get(run["method"]).kind == "peft" else "model"
+    final = run_dir / name
+    tmp = run_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return name
+
+
+def verify_reload(run, run_dir, tok, logits, device, amp, pad_id, max_len) -> dict:
+    """Reload the saved artefact through the same path as `peftbench predict` and compare test predictions."""
+    from .predict import load_trained
+    model = load_trained(run_dir, run=run, device=device)
+    again = predict_logits(model, tok.ids["test"], run["train"]["eval_batch_size"], device, amp, pad_id, max_len)
+    same = bool((again.argmax(-1) == logits.argmax(-1)).all())
+    return {"identical_predictions": same, "max_abs_logit_diff": float(np.abs(again - logits).max()) if len(again) else 0.0}
+
+
+def tfidf_run(run: dict, texts: dict, labels: dict, label_names: list[str], run_dir: Path) -> dict:
+    """The classical floor: TF-IDF (1-2 grams) + logistic regression, measured like any other run."""
+    import joblib
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    opts = run["method_options"]
+    pipe = make_pipeline(
+        TfidfVectorizer(ngram_range=(1, opts.get("ngram_max", 2)), min_df=2, sublinear_tf=True,
+                        max_features=opts.get("max_features", 200_000)),
+        LogisticRegression(C=opts.get("C", 1.0), max_iter=2000, random_state=run["seed"]))
+    t0 = time.perf_counter()
+    pipe.fit(texts["train"], labels["train"])
+    train_s = time.perf_counter() - t0
+    val_acc = float((pipe.predict(texts["validation"]) == labels["validation"]).mean())
+    metrics = {"validation_accuracy": val_acc, "selected_epoch": None, "train_seconds": train_s,
+               "train_samples_per_second": len(texts["train"]) / train_s, "train_tokens_per_second": None,
+               "trainable_params": int(pipe[-1].coef_.size + pipe[-1].intercept_.size),
+               "total_params": int(pipe[-1].coef_.size + pipe[-1].intercept_.size),
+               "trainable_percent": 100.0, "precision": "fp64", "peak_memory_allocated_mb": None,
+               "peak_memory_reserved_mb": None}
+    preds = None
+    if run["evaluate_test"]:
+        t1 = time.perf_counter()
+        preds = pipe.predict(texts["test"])
+        metrics["eval_seconds"] = time.perf_counter() - t1
+        metrics["test_accuracy"] = float((preds == labels["test"]).mean())
+        metrics["test_macro_f1"] = macro_f1(labels["test"], preds, len(label_names))
+        metrics["eval_samples_per_second"] = len(preds) / metrics["eval_seconds"]
+    metrics["peak_host_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (run_dir / "model").mkdir(exist_ok=True)
+    joblib.dump(pipe, run_dir / "model" / "tfidf_logreg.joblib")
+    metrics["adapter_size_mb"] = dir_size_mb(run_dir / "model")
+    return {"metrics": metrics, "history": [{"epoch": 1, "train_loss": None, "validation_accuracy": val_acc,
+                                             "epoch_seconds": train_s, "cumulative_train_seconds": train_s}],
+            "artefact": "model", "reload_check": None,
+            "test_predictions": preds.tolist() if preds is not None else None}
+

@@ -1,0 +1,155 @@
+"""Execute one planned run and write its result.json: `python -m peftbench.worker RUN_DIR`.
+
+Whatever happens inside the run, a result is written: `success`, `skipped` (cannot run here, with the
+reason), `oom` (out of memory even at the smallest micro-batch), or `failed` (with the error). On an
+out-of-memory error the run is retried with half the micro-batch and twice the accumulation (the
+same effective batch), down to a floor.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import gc
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from . import faults, store
+from .errors import SkipRun, UserError
+
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "numpy", "scikit-learn", "peftbench")
+
+
+def environment(device: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    env = {"python": platform.python_version(), "platform": platform.platform(), "host": socket.gethostname(),
+           "packages": {}}
+    for p in PACKAGES:
+        try:
+            env["packages"][p] = version(p)
+        except PackageNotFoundError:
+            env["packages"][p] = None
+    try:
+        import torch
+        env["device"] = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
+        env["cuda"] = torch.version.cuda
+        env["torch_threads"] = torch.get_num_threads()
+    except Exception:
+        env["device"] = device
+    src = Path(__file__).resolve().parent
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True,
+                                           timeout=5).stdout.strip() or None
+        env["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=src,
+                                               capture_output=True, text=True, timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        env["git_commit"] = None
+    return env
+
+
+def base_result(spec: dict) -> dict:
+    return {
+        "schema": store.SCHEMA, "run_id": spec["run_id"], "study": spec["study"], "method": spec["method"],
+        "label": spec["label"], "role": spec["role"], "seed": spec["seed"], "learning_rate": spec["learning_rate"],
+        "status": None, "error": None, "config_hash": spec["config_hash"], "config": spec,
+        "metrics": {}, "history": [],
+        "splits": {"test_accuracy": "test", "test_macro_f1": "test", "validation_accuracy": "validation",
+                   "history.validation_accuracy": "validation", "history.train_loss": "train"},
+        "started_at": time.time(), "finished_at": None,
+    }
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _run_with_retries(spec: dict, run_dir: Path, progress: bool, attempts: list[dict]) -> dict:
+    import torch
+
+    from .data import Tokenized
+    from .train import tfidf_run, train_run
+    if spec["method"] == "tfidf":
+        import numpy as np
+        d = json.loads(Path(spec["texts_file"]).read_text())
+        return tfidf_run(spec, d["texts"], {k: np.array(v) for k, v in d["labels"].items()},
+                         spec["label_names"], run_dir)
+    tok = Tokenized.load(Path(spec["tokens_file"]))
+    micro = spec["train"].get("micro_batch_size") or spec["train"]["batch_size"]
+    for attempt in range(spec["max_oom_retries"] + 1):
+        spec["train"]["micro_batch_size"] = micro
+        try:
+            out = train_run(spec, tok, run_dir, progress=progress)
+            out["attempts"] = attempts + [{"micro_batch_size": micro, "outcome": "success"}]
+            return out
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            attempts.append({"micro_batch_size": micro, "outcome": "out of memory"})
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if micro == 1 or attempt == spec["max_oom_retries"]:
+                raise
+            micro = max(1, micro // 2)
+    raise AssertionError("unreachable")
+
+
+def execute_run(run_dir: Path, progress: bool = True) -> dict:
+    run_dir = Path(run_dir)
+    spec = json.loads((run_dir / "spec.json").read_text())
+    result = base_result(spec)
+    attempts: list[dict] = []
+    faults.at_start(spec["run_id"])
+    try:
+        out = _run_with_retries(spec, run_dir, progress, attempts)
+        result.update(status="success", metrics=out["metrics"], history=out["history"], artefact=out["artefact"],
+                      reload_check=out["reload_check"], attempts=out.get("attempts"),
+                      test_predictions=out["test_predictions"])
+        if out["test_predictions"] is not None:
+            result["test_labels_fingerprint"] = spec["data_fingerprint"]
+    except SkipRun as e:
+        result.update(status="skipped", error=str(e))
+    except UserError as e:
+        result.update(status="failed", error=str(e))
+    except Exception as e:
+        oom = _is_oom(e)
+        result.update(status="oom" if oom else "failed",
+                      error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
+                      attempts=attempts or None)
+        (run_dir / "error.log").write_text(traceback.format_exc())
+    result["config"]["micro_batch_size_used"] = spec["train"].get("micro_batch_size")
+    result["environment"] = environment(spec["device"])
+    result["finished_at"] = time.time()
+    store.atomic_write_json(run_dir / "result.json", result)
+    return result
+
+
+def main() -> None:
+    run_dir = Path(sys.argv[1])
+    crash = open(run_dir / "crash.log", "w")
+    faulthandler.enable(file=crash)  # a segfault leaves its stack here for the parent to report
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import warnings
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:
+        pass
+    execute_run(run_dir, progress=os.environ.get("PEFTBENCH_PROGRESS", "1") == "1")
+    faulthandler.disable()
+    crash.close()
+    if (run_dir / "crash.log").stat().st_size == 0:
+        (run_dir / "crash.log").unlink()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The study-file validator: one clear line per problem, exit status 2, before any model is loaded."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from peftbench import cli, config
+from peftbench.errors import UserError
+
+GOOD = {"model": "minilm", "data": {"path": "/nowhere"}, "methods": ["full", "lora"]}
+
+
+def problems(raw) -> list[str]:
+    with pytest.raises(UserError) as e:
+        config.validate(raw)
+    return e.value.problems
+
+
+def test_valid_study_gets_defaults():
+    s = config.validate({**GOOD, "methods": ["full", {"name": "lora", "r": 4, "epochs": 1}], "seeds": 3})
+    assert s["seeds"] == [0, 1, 2]
+    assert s["train"]["batch_size"] == 16 and s["train"]["learning_rate"] is None
+    assert [m["name"] for m in s["methods"]] == ["full", "lora"]
+    assert s["methods"][1]["options"] == {"r": 4, "epochs": 1}
+    assert s["methods"][1]["label"] == "lora(epochs=1,r=4)"
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({**GOOD, "modle": "x"}, "modle: unknown key"),
+    ({**GOOD, "train": {"epoch": 3}}, "train.epoch: unknown key (did you mean 'epochs'?)"),
+    ({**GOOD, "train": {"epochs": "five"}}, "train.epochs: must be a positive integer"),
+    ({**GOOD, "train": {"epochs": 0}}, "train.epochs: must be a positive integer"),
+    ({**GOOD, "train": {"learning_rate": -1e-4}}, "train.learning_rate: must be a positive number"),
+    ({**GOOD, "train": {"learning_rate": float("nan")}}, "train.learning_rate: must be a positive number"),
+    ({**GOOD, "train": {"batch_size": 2.5}}, "train.batch_size: must be a positive integer"),
+    ({**GOOD, "train": {"weight_decay": -0.1}}, "train.weight_decay: must be a number >= 0"),
+    ({**GOOD, "train": {"warmup_ratio": 1.5}}, "train.warmup_ratio: must be a number in [0, 1)"),
+    ({**GOOD, "train": {"scheduler": "wavy"}}, "train.scheduler: must be one of"),
+    ({**GOOD, "methods": ["lorra"]}, "unknown method 'lorra' (did you mean 'lora'?)"),
+    ({**GOOD, "methods": [{"name": "lora", "rank": 8}]}, "methods[0].rank: unknown key"),
+    ({**GOOD, "methods": [{"name": "lora", "r": 0}]}, "methods[0].r: must be a positive integer"),
+    ({**GOOD, "methods": [{"name": "lora", "targets": ["q", "z"]}]}, "methods[0].targets: must be a list of roles"),
+    ({**GOOD, "methods": []}, "methods: must be a non-empty list"),
+    ({**GOOD, "methods": [42]}, "methods[0]: must be a method name"),
+    ({**GOOD, "data": {"train_size": 10}}, "data: give `path`"),
+    ({**GOOD, "data": {"path": "/x", "train_size": -5}}, "data.train_size: must be a positive integer"),
+    ({**GOOD, "data": {"path": "/x", "text_column": 3}}, "data.text_column: must be a column name"),
+    ({**GOOD, "data": {"path": "/x", "colour": 3}}, "data.colour: unknown key"),
+    ({**GOOD, "seeds": [1, 1]}, "seeds: must be a positive count or a list of distinct integers"),
+    ({**GOOD, "seeds": 0}, "seeds: must be a positive count"),
+    ({**GOOD, "lr_search": {"points": 1}}, "lr_search.points: must be an integer >= 2"),
+    ({**GOOD, "device": "tpu"}, "device: must be auto, cpu, cuda"),
+    ({**GOOD, "parallel": 0}, "parallel: must be a positive integer"),
+    ({k: v for k, v in GOOD.items() if k != "model"}, "model: required"),
+])
+def test_each_problem_gets_a_clear_line(raw, expected):
+    found = problems(raw)
+    assert any(expected in p for p in found), found
+
+
+def test_all_problems_reported_at_once():
+    found = problems({"model": "minilm", "data": {"path": "/x"}, "methods": ["lorra"],
+                      "train": {"epochs": -1, "batch_size": 0}})
+    assert len(found) == 3
+
+
+def test_not_a_mapping():
+    assert "must be a YAML mapping" in problems(["a", "b"])[0]
+
+
+def _cli(capsys, argv) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def test_cli_bad_study_exits_2_with_one_line_each(tmp_path, capsys):
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"model": "minilm", "data": {"path": str(tmp_path)}, "methods": ["nope"],
+                                 "train": {"epochs": 0}}))
+    code, err = _cli(capsys, ["run", str(f), "--out", str(tmp_path / "out")])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("peftbench: error: ") for line in lines)
+    assert "Traceback" not in err
+
+
+def test_cli_invalid_yaml(tmp_path, capsys):
+    f = tmp_path / "s.yaml"
+    f.write_text("model: [unclosed\n")
+    code, err = _cli(capsys, ["run", str(f)])
+    assert code == 2 and "not valid YAML" in err
+
+
+def test_cli_missing_study_file(tmp_path, capsys):
+    code, err = _cli(capsys, ["run", str(tmp_path / "missing.yaml")])
+    assert code == 2 and "not found" in err
+
+
+def test_yaml_is_loaded_safely(tmp_path, capsys):
+    f = tmp_path / "s.yaml"
+    f.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
+    code, err = _cli(capsys, ["run", str(f)])
+    assert code == 2 and "not valid YAML" in err
+
+
+def test_presets_are_valid():
+    for name in config.preset_names():
+        raw = config.load_preset(name)
+        raw.setdefault("data", {})
+        if not raw["data"].get("path") and not raw["data"].get("name"):
+            raw["data"]["path"] = "/somewhere"
+        s = config.validate(raw)
+        assert s["methods"], name
+    assert {"quick", "seed", "fair"} <= set(config.preset_names())
+
+
+def test_seed_preset_is_the_starting_study():
+    s = config.validate(config.load_preset("seed"))
+    assert s["model"] == "roberta-base"
+    assert s["train"]["learning_rate"] == 2e-5 and s["train"]["max_length"] == 512
+    assert s["train"]["epochs"] == 5 and s["train"]["batch_size"] == 16 and s["train"]["weight_decay"] == 0.01
+    lora = next(m for m in s["methods"] if m["name"] == "lora")
+    assert lora["options"]["r"] == 16 and lora["options"]["epochs"] == 3
+    assert lora["options"]["targets"] == ["q", "k", "v"]
+    assert (s["data"]["train_size"], s["data"]["test_size"]) == (3000, 2000)

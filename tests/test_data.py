@@ -1,0 +1,173 @@
+"""Data loading (parquet, csv, jsonl, string labels), seeded stratified splits, and their disjointness."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_rows, write_dataset
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from peftbench import config
+from peftbench import data as data_mod
+from peftbench.errors import UserError
+
+
+def spec(path, **kw) -> dict:
+    return config.validate({"model": "m", "data": {"path": str(path), **kw}, "methods": ["full"]})["data"]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_formats_load_the_same_rows(tmp_path, fmt):
+    d = data_mod.load(spec(write_dataset(tmp_path / fmt, fmt), train_size=100, test_size=40))
+    assert d.sizes() == {"train": 100, "validation": 10, "test": 40}
+    assert d.label_names == ["0", "1"]
+    ref = make_rows(160, 1)
+    assert d.texts["train"][0] == ref["text"][d.rows["train"][0]]
+
+
+def test_string_labels_are_mapped_and_stored(tmp_path):
+    folder = write_dataset(tmp_path / "s", "csv", classes=3, string_labels=True)
+    d = data_mod.load(spec(folder))
+    assert d.label_names == ["mixed", "neg", "pos"]
+    assert set(np.unique(d.labels["train"])) == {0, 1, 2}
+
+
+def test_text_column_list_is_joined(tmp_path):
+    folder = tmp_path / "multi"
+    folder.mkdir()
+    for split in ("train", "test"):
+        pd.DataFrame({"title": ["a", "b"] * 10, "body": ["good film", "bad film"] * 10,
+                      "y": [1, 0] * 10}).to_parquet(folder / f"{split}.parquet")
+    d = data_mod.load(spec(folder, text_column=["title", "body"], label_column="y", separator=" | ",
+                           validation_size=4))
+    assert all(t in ("a | good film", "b | bad film") for t in d.texts["train"])
+
+
+def test_splits_are_disjoint_and_stratified(tmp_path):
+    d = data_mod.load(spec(write_dataset(tmp_path / "d", n_train=400, n_test=200), train_size=200,
+                           validation_size=50, test_size=100))
+    tr, va = set(d.rows["train"]), set(d.rows["validation"])
+    assert not tr & va
+    assert len(tr) == 200 and len(va) == 50 and len(set(d.rows["test"])) == 100
+    assert abs(d.labels["train"].mean() - 0.5) <= 0.01 and abs(d.labels["test"].mean() - 0.5) <= 0.01
+
+
+def test_validation_carved_from_train_when_the_pool_is_small(tmp_path):
+    d = data_mod.load(spec(write_dataset(tmp_path / "d", n_train=100), validation_size=0.2))
+    assert d.sizes()["train"] == 80 and d.sizes()["validation"] == 20
+    assert not set(d.rows["train"]) & set(d.rows["validation"])
+    assert "carved" in d.source["origin"]
+
+
+def test_same_seed_same_split_other_seed_other_split(tmp_path):
+    folder = write_dataset(tmp_path / "d", n_train=300)
+    a = data_mod.load(spec(folder, train_size=100, seed=1))
+    b = data_mod.load(spec(folder, train_size=100, seed=1))
+    c = data_mod.load(spec(folder, train_size=100, seed=2))
+    assert a.fingerprint == b.fingerprint and list(a.rows["train"]) == list(b.rows["train"])
+    assert a.fingerprint != c.fingerprint
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n_train=st.integers(20, 300), frac=st.floats(0.05, 0.5), seed=st.integers(0, 10_000),
+       classes=st.integers(2, 4), want=st.one_of(st.none(), st.integers(5, 400)))
+def test_split_disjointness_property(n_train, frac, seed, classes, want):
+    labels = np.arange(n_train) % classes
+    rng = np.random.default_rng(seed)
+    n = min(want or n_train, n_train)
+    picked = data_mod.stratified_sample(labels, n, rng)
+    assert len(picked) == len(set(picked)) == n
+    counts = np.bincount(labels[picked], minlength=classes)
+    expected = np.bincount(labels, minlength=classes) / n_train * n
+    assert np.all(np.abs(counts - expected) <= 1.0 + 1e-9)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda df: df.rename(columns={"text": "review"}), "data.text_column: column 'text' not in the train file"),
+    (lambda df: df.drop(columns=["label"]), "data.label_column: column 'label' not in the train file"),
+    (lambda df: df.assign(label=1), "only one class"),
+    (lambda df: df.assign(label=[-1] + list(df.label[1:])), "is negative"),
+    (lambda df: df.assign(label=[0.5] + list(df.label[1:])), "looks like regression"),
+    (lambda df: df.assign(label=["x"] + list(df.label[1:])), "mix integers and strings"),
+    (lambda df: df.assign(text=[""] + list(df.text[1:])), "empty text"),
+    (lambda df: df.assign(text=[None] + list(df.text[1:])), "missing or non-text"),
+])
+def test_bad_train_data_gets_one_line(tmp_path, mutate, message):
+    folder = write_dataset(tmp_path / "d", "jsonl")
+    df = pd.read_json(folder / "train.jsonl", lines=True)
+    mutate(df).to_json(folder / "train.jsonl", orient="records", lines=True)
+    with pytest.raises(UserError) as e:
+        data_mod.load(spec(folder))
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_empty_corrupt_and_non_utf8_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        data_mod.load(spec(tmp_path / "nothing"))
+    folder = write_dataset(tmp_path / "d")
+    (folder / "test.parquet").unlink()
+    with pytest.raises(UserError, match="no test file"):
+        data_mod.load(spec(folder))
+    (folder / "test.parquet").write_bytes(b"")
+    with pytest.raises(UserError, match="is empty"):
+        data_mod.load(spec(folder))
+    (folder / "test.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(UserError, match="cannot be read as parquet"):
+        data_mod.load(spec(folder))
+    bad = tmp_path / "latin"
+    bad.mkdir()
+    (bad / "train.csv").write_bytes("text,label\ncaf\xe9 good,1\nbad,0\n".encode("latin-1"))
+    (bad / "test.csv").write_bytes(b"text,label\ngood,1\nbad,0\n")
+    with pytest.raises(UserError, match="not UTF-8"):
+        data_mod.load(spec(bad))
+
+
+def test_two_train_files_are_ambiguous(tmp_path):
+    folder = write_dataset(tmp_path / "d")
+    write_dataset(folder, "csv")
+    with pytest.raises(UserError, match="more than one train file"):
+        data_mod.load(spec(folder))
+
+
+def test_test_labels_unseen_in_train(tmp_path):
+    folder = write_dataset(tmp_path / "d")
+    df = pd.read_parquet(folder / "test.parquet")
+    df.assign(label=[7] + list(df.label[1:])).to_parquet(folder / "test.parquet")
+    with pytest.raises(UserError, match="never occur in train"):
+        data_mod.load(spec(folder))
+
+
+def test_sizes_larger_than_the_data(tmp_path):
+    folder = write_dataset(tmp_path / "d")
+    with pytest.raises(UserError, match="train_size 999 is larger"):
+        data_mod.load(spec(folder, train_size=999))
+    with pytest.raises(UserError, match="test_size 999 is larger"):
+        data_mod.load(spec(folder, test_size=999))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.binary(max_size=300))
+def test_loader_fuzz_never_tracebacks(tmp_path_factory, blob):
+    folder = tmp_path_factory.mktemp("fuzz")
+    write_dataset(folder, "csv")
+    (folder / "train.csv").write_bytes(blob)
+    try:
+        data_mod.load(spec(folder))
+    except UserError as e:
+        assert str(e).strip()
+
+
+def test_tokenize_once_roundtrip(tmp_path, tiny_encoder):
+    from transformers import AutoTokenizer
+    d = data_mod.load(spec(write_dataset(tmp_path / "d")))
+    tok = data_mod.tokenize(d, AutoTokenizer.from_pretrained(tiny_encoder), 16)
+    tok.save(tmp_path / "t.npz")
+    back = data_mod.Tokenized.load(tmp_path / "t.npz")
+    assert back.label_names == tok.label_names
+    for s in data_mod.SPLITS:
+        assert len(back.ids[s]) == len(tok.ids[s])
+        assert all((a == b).all() for a, b in zip(back.ids[s], tok.ids[s]))
+        assert max(len(x) for x in back.ids[s]) <= 16

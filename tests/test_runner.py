@@ -1,0 +1,176 @@
+"""The study runner: result files, rerun-skips, crash isolation, OOM retry, resume, lr search, seeds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_study, study
+
+from peftbench import runner, store
+from peftbench.errors import UserError
+
+REQUIRED_METRICS = ["test_accuracy", "test_macro_f1", "train_seconds", "eval_seconds", "train_samples_per_second",
+                    "train_tokens_per_second", "trainable_params", "total_params", "peak_memory_allocated_mb",
+                    "peak_memory_reserved_mb", "peak_host_rss_mb", "adapter_size_mb"]
+
+
+def test_result_file_has_every_field(tiny_encoder, tiny_data, tmp_path):
+    (res,) = run_study(study(tiny_encoder, tiny_data, ["lora"]), tmp_path / "s")
+    on_disk = json.loads((tmp_path / "s" / "runs" / res["run_id"] / "result.json").read_text())
+    assert on_disk["status"] == "success" and on_disk["error"] is None and on_disk["method"] == "lora"
+    for key in REQUIRED_METRICS:
+        assert key in on_disk["metrics"], key
+    assert on_disk["metrics"]["peak_memory_allocated_mb"] is None  # CPU run: no GPU memory to report
+    assert on_disk["metrics"]["peak_host_rss_mb"] > 50
+    assert [h["epoch"] for h in on_disk["history"]] == [1, 2]
+    assert all(0 <= h["validation_accuracy"] <= 1 and h["train_loss"] > 0 for h in on_disk["history"])
+    assert on_disk["splits"]["test_accuracy"] == "test" and on_disk["splits"]["validation_accuracy"] == "validation"
+    assert on_disk["config_hash"] == on_disk["config"]["config_hash"] and len(on_disk["config_hash"]) == 16
+    assert on_disk["config"]["train"]["learning_rate"] == 5e-4
+    assert on_disk["environment"]["packages"]["peft"] and on_disk["environment"]["packages"]["torch"]
+    assert len(on_disk["test_predictions"]) == 60
+    assert not list((tmp_path / "s").rglob("*.tmp")), "a temporary file was left behind"
+
+
+def test_rerun_skips_done_runs_and_redoes_changed_ones(tiny_encoder, tiny_data, tmp_path, capsys):
+    raw = study(tiny_encoder, tiny_data, ["lora", "ia3"])
+    first = run_study(raw, tmp_path / "s")
+    again = run_study(raw, tmp_path / "s")
+    assert [r["started_at"] for r in first] == [r["started_at"] for r in again]
+    assert "2 of 2 study runs already done" in capsys.readouterr().err
+    changed = run_study({**raw, "methods": ["lora", {"name": "ia3", "label": "ia3", "epochs": 1}]}, tmp_path / "s")
+    assert changed[0]["started_at"] == first[0]["started_at"]
+    assert changed[1]["started_at"] > first[1]["started_at"] and len(changed[1]["history"]) == 1
+
+
+def test_same_seed_gives_identical_metrics(tiny_encoder, tiny_data, tmp_path):
+    a = run_study(study(tiny_encoder, tiny_data, ["full", "lora"]), tmp_path / "a")
+    b = run_study(study(tiny_encoder, tiny_data, ["full", "lora"]), tmp_path / "b")
+    for x, y in zip(a, b):
+        assert x["metrics"]["test_accuracy"] == y["metrics"]["test_accuracy"]
+        assert [h["train_loss"] for h in x["history"]] == [h["train_loss"] for h in y["history"]]
+        assert x["test_predictions"] == y["test_predictions"]
+
+
+def test_seeds_change_training_not_the_test_items(tiny_encoder, tiny_data, tmp_path):
+    res = run_study(study(tiny_encoder, tiny_data, ["lora"], seeds=2), tmp_path / "s")
+    assert [r["seed"] for r in res] == [0, 1]
+    assert res[0]["config"]["data_fingerprint"] == res[1]["config"]["data_fingerprint"]
+    assert res[0]["history"][0]["train_loss"] != res[1]["history"][0]["train_loss"]
+
+
+def test_lr_grid():
+    grid = runner.lr_grid(1e-3, 5, 1.5)
+    assert len(grid) == 5 and grid[2] == pytest.approx(1e-3)
+    assert grid[0] == pytest.approx(10 ** -3.75, rel=1e-2) and grid[-1] == pytest.approx(10 ** -2.25, rel=1e-2)
+    assert grid == sorted(grid)
+
+
+def test_lr_search_selects_on_validation_and_scores_test_once(tiny_encoder, tiny_data, tmp_path):
+    raw = study(tiny_encoder, tiny_data, ["lora"], lr_search={"points": 3, "decades": 2}, seeds=2,
+                train={"epochs": 1})
+    res = run_study(raw, tmp_path / "s")
+    trials = [r for r in res if r["role"] == "trial"]
+    finals = [r for r in res if r["role"] == "final"]
+    assert len(trials) == 3 and len(finals) == 2
+    assert all("test_accuracy" not in r["metrics"] and r["test_predictions"] is None for r in trials)
+    best = max(trials, key=lambda r: (r["metrics"]["validation_accuracy"], -r["learning_rate"]))
+    assert {r["learning_rate"] for r in finals} == {best["learning_rate"]}
+    plan = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert plan["chosen_learning_rates"] == {"lora": best["learning_rate"]}
+
+
+def test_select_learning_rates_on_constructed_results():
+    mk = lambda lr, acc, status="success": {"label": "m", "learning_rate": lr, "status": status,  # noqa: E731
+                                            "metrics": {"validation_accuracy": acc}}
+    assert runner.select_learning_rates([mk(1e-4, 0.7), mk(1e-3, 0.9), mk(1e-2, 0.95, "failed")]) == {"m": 1e-3}
+    assert runner.select_learning_rates([mk(1e-4, 0.9), mk(1e-3, 0.9)]) == {"m": 1e-4}
+
+
+def test_crash_in_one_run_is_recorded_and_the_study_goes_on(tiny_encoder, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "ia3:segv")
+    res = run_study(study(tiny_encoder, tiny_data, ["ia3", "lora"], isolation="process", train={"epochs": 1}),
+                    tmp_path / "s")
+    assert res[0]["status"] == "failed" and "signal" in res[0]["error"] and "Segmentation" in res[0]["error"]
+    assert res[1]["status"] == "success"
+    monkeypatch.delenv("PEFTBENCH_INJECT_FAULT")
+    again = run_study(study(tiny_encoder, tiny_data, ["ia3", "lora"], isolation="process", train={"epochs": 1}),
+                      tmp_path / "s")
+    assert again[0]["status"] == "success" and again[1]["started_at"] == res[1]["started_at"]
+
+
+def test_oom_retries_with_smaller_micro_batches(tiny_encoder, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "lora:oom_above=4")
+    (res,) = run_study(study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1}), tmp_path / "s")
+    assert res["status"] == "success"
+    assert [a["micro_batch_size"] for a in res["attempts"]] == [16, 8, 4]
+    assert res["attempts"][-1]["outcome"] == "success"
+    monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "lora:oom_above=1")
+    (res,) = run_study(study(tiny_encoder, tiny_data, ["lora"], max_oom_retries=2, train={"epochs": 1}),
+                       tmp_path / "t")
+    assert res["status"] == "oom" and "out of memory" in res["error"]
+    assert [a["micro_batch_size"] for a in res["attempts"]] == [16, 8, 4]
+
+
+def test_accumulation_keeps_the_optimisation(tiny_encoder, tiny_data, tmp_path):
+    """Half the micro-batch and twice the accumulation: the same effective batch and nearly the same run."""
+    (a,) = run_study(study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1}), tmp_path / "a")
+    (b,) = run_study(study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1, "micro_batch_size": 4}),
+                     tmp_path / "b")
+    assert b["metrics"]["micro_batch_size"] == 4 and a["metrics"]["steps"] == b["metrics"]["steps"]
+    assert abs(a["history"][0]["train_loss"] - b["history"][0]["train_loss"]) < 2e-3
+
+
+def test_killed_run_resumes_from_its_last_epoch(tiny_encoder, tiny_data, tmp_path, monkeypatch):
+    raw = study(tiny_encoder, tiny_data, ["full"], isolation="process", train={"epochs": 3})
+    (clean,) = run_study(raw, tmp_path / "clean")
+    monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "full:exit_after_epoch=2")
+    (killed,) = run_study(raw, tmp_path / "s")
+    assert killed["status"] == "failed" and "status 137" in killed["error"]
+    run_dir = tmp_path / "s" / "runs" / killed["run_id"]
+    assert (run_dir / "checkpoint.pt").exists()
+    monkeypatch.delenv("PEFTBENCH_INJECT_FAULT")
+    (resumed,) = run_study(raw, tmp_path / "s")
+    assert resumed["status"] == "success" and not (run_dir / "checkpoint.pt").exists()
+    # The resumed run continued the same trajectory: identical history and test predictions.
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in clean["history"]]
+    assert resumed["test_predictions"] == clean["test_predictions"]
+
+
+def test_corrupt_result_is_moved_aside_and_redone(tiny_encoder, tiny_data, tmp_path, capsys):
+    raw = study(tiny_encoder, tiny_data, ["ia3"], train={"epochs": 1})
+    (first,) = run_study(raw, tmp_path / "s")
+    path = tmp_path / "s" / "runs" / first["run_id"] / "result.json"
+    path.write_text('{"status": "succ')
+    (again,) = run_study(raw, tmp_path / "s")
+    assert again["status"] == "success" and again["started_at"] > first["started_at"]
+    assert list(path.parent.glob("result.json.corrupt-*"))
+    assert "was corrupt" in capsys.readouterr().err
+
+
+def test_two_studies_cannot_share_a_folder(tmp_path):
+    with store.StudyLock(tmp_path):
+        with pytest.raises(UserError, match="another peftbench"):
+            with store.StudyLock(tmp_path):
+                pass
+    with store.StudyLock(tmp_path):  # released again
+        pass
+
+
+def test_max_length_beyond_the_model(tiny_encoder, tiny_data, tmp_path):
+    with pytest.raises(UserError, match="exceeds what model"):
+        run_study(study(tiny_encoder, tiny_data, ["lora"], train={"max_length": 4096}), tmp_path / "s")
+
+
+def test_qlora_runs_on_cpu(tiny_encoder, tiny_data, tmp_path):
+    """bitsandbytes 4-bit works on the CPU here, so QLoRA is trained and tested, never skipped."""
+    (res,) = run_study(study(tiny_encoder, tiny_data, ["qlora"]), tmp_path / "s")  # 2 epochs: eval between
+    assert res["status"] == "success", res.get("error")
+    assert len(res["history"]) == 2 and res["reload_check"]["identical_predictions"]
+    adapter = json.loads((tmp_path / "s" / "runs" / res["run_id"] / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["task_type"] == "SEQ_CLS"
+    from peftbench.predict import load_trained
+    model = load_trained(tmp_path / "s" / "runs" / res["run_id"])
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Linear4bit" in kinds

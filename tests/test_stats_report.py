@@ -1,0 +1,149 @@
+"""Statistics on known inputs, the Pareto front and recommendations on constructed results, the report."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from conftest import run_study, study
+
+from peftbench import report, stats, store
+
+
+# ----------------------------------------------------------------------------------------- statistics
+def test_mean_ci_known_values():
+    r = stats.mean_ci([0.80, 0.82, 0.84])
+    assert r["mean"] == pytest.approx(0.82) and r["std"] == pytest.approx(0.02)
+    # t(0.975, 2) = 4.3027; half-width = 4.3027 * 0.02 / sqrt(3)
+    assert r["ci_high"] - r["mean"] == pytest.approx(4.302653 * 0.02 / 3 ** 0.5, rel=1e-5)
+    one = stats.mean_ci([0.5])
+    assert one["mean"] == 0.5 and one["ci_low"] is None
+    assert stats.mean_ci([])["mean"] is None
+
+
+def test_mcnemar_known_answers():
+    a = np.array([1] * 50 + [0] * 50, bool)
+    assert stats.mcnemar(a, a) == 1.0  # identical predictions: no evidence at all
+    b = a.copy()
+    b[:10] = False  # a right and b wrong on 10 items, never the reverse
+    assert stats.mcnemar(a, b) == pytest.approx(2 * 0.5 ** 10)
+    c = a.copy()
+    c[:3], c[50:53] = False, True  # 3 discordant each way: perfectly balanced
+    assert stats.mcnemar(a, c) == 1.0
+
+
+def test_paired_bootstrap_detects_a_real_difference_and_not_a_null_one():
+    rng = np.random.default_rng(0)
+    base = rng.random((3, 400)) < 0.8
+    better = base.copy()
+    better[:, :60] = True  # strictly better on a block of items
+    res = stats.paired_bootstrap(better, base)
+    assert res["diff"] > 0 and res["ci_low"] > 0 and res["p_value"] < 0.01
+    noise = rng.random((3, 400)) < 0.8
+    null = stats.paired_bootstrap(noise, noise[[1, 2, 0]])
+    assert null["ci_low"] < 0 < null["ci_high"] and null["p_value"] > 0.05
+
+
+def _row(label, acc, secs, params, mem, correct=None, seeds=1):
+    r = {"label": label, "method": label, "status": "success", "errors": [], "learning_rate": 1e-3,
+         "seeds": list(range(seeds)), "_correct": correct}
+    for m in stats.METRICS:
+        r[m] = stats.mean_ci([])
+    r["test_accuracy"] = stats.mean_ci([acc])
+    r["train_seconds"] = stats.mean_ci([secs])
+    r["trainable_params"] = stats.mean_ci([params])
+    r["peak_memory_allocated_mb"] = stats.mean_ci([mem])
+    return r
+
+
+def test_tied_marks_on_constructed_predictions():
+    labels = np.zeros(300, int)
+    best = np.ones((1, 300), bool)
+    best[0, :30] = False          # 0.90
+    close = best.copy()
+    close[0, 30:33] = False       # 0.89: 3 discordant items
+    far = best.copy()
+    far[0, 30:90] = False         # 0.70: 60 discordant items
+    rows = [_row("a", 0.90, 10, 1e6, 100, best), _row("b", 0.89, 5, 1e3, 50, close),
+            _row("c", 0.70, 1, 10, 10, far)]
+    stats.mark_ties(rows)
+    assert rows[0]["best"] and rows[1]["tied_with_best"] and not rows[2]["tied_with_best"]
+    assert rows[2]["vs_best"]["p_value"] < 1e-6
+    del labels
+
+
+def test_pareto_front():
+    pts = [("a", 10, 0.90), ("b", 5, 0.85), ("c", 6, 0.80), ("d", 20, 0.90), ("e", 1, 0.50)]
+    assert report.pareto_front(pts) == ["a", "b", "e"]
+
+
+def _study(rows, gpu=True):
+    return {"rows": rows, "gpu": gpu, "name": "t", "finals": [], "trials": [], "plan": None}
+
+
+def test_recommendations_follow_the_numbers():
+    rows = [_row("full", 0.93, 1755, 124.6e6, 11559), _row("lora", 0.925, 842, 1.48e6, 9331),
+            _row("qlora", 0.89, 252, 296e3, 4678), _row("ia3", 0.8225, 1465, 1.3e6, 12185)]
+    for r in rows:
+        r["tied_with_best"] = False
+    recs = {r["title"]: r for r in report.recommendations(_study(rows))}
+    assert recs["Best accuracy"]["method"] == "full" and "0.9300" in recs["Best accuracy"]["reason"]
+    fastest = next(v for k, v in recs.items() if k.startswith("Fastest"))
+    assert fastest["method"] == "lora" and "842.0 s" in fastest["reason"]
+    fewest = next(v for k, v in recs.items() if k.startswith("Fewest"))
+    assert fewest["method"] == "lora"
+    budgets = [(k, v["method"]) for k, v in recs.items() if k.startswith("Best within")]
+    assert budgets == [("Best within 4,678 MB of peak GPU memory", "qlora"),
+                       ("Best within 9,331 MB of peak GPU memory", "lora"),
+                       ("Best within 11,559 MB of peak GPU memory", "full")]
+
+
+def test_recommend_constraints_and_binding_one():
+    rows = [_row("full", 0.93, 1755, 124.6e6, 11559), _row("lora", 0.904, 842, 1.48e6, 9331),
+            _row("qlora", 0.89, 252, 296e3, 4678)]
+    s = _study(rows)
+    res = report.recommend(s, report.parse_memory("10GB"), report.parse_duration("20m"), None)
+    assert [r["method"] for r in res["ranked"]] == ["lora", "qlora"]
+    res = report.recommend(s, report.parse_memory("5GB"), None, 0.9)
+    assert res["ranked"] == []
+    assert any(line.startswith("--min-accuracy is binding: without it, qlora") for line in res["binding"])
+    assert any(line.startswith("--max-memory is binding: without it, full") for line in res["binding"])
+    assert report.parse_memory("500MB") == 500 and report.parse_duration("1h") == 3600
+    with pytest.raises(Exception, match="--max-memory"):
+        report.parse_memory("lots")
+
+
+# ----------------------------------------------------------------------------------------- the report
+def test_report_with_failed_skipped_and_hostile_labels(tiny_encoder, tiny_data, tmp_path, monkeypatch):
+    evil = "<script>alert(1)</script>"
+    monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "ia3:segv")
+    raw = study(tiny_encoder, tiny_data, [{"name": "lora", "label": evil}, "ia3", "full"],
+                isolation="process", train={"epochs": 1}, name="x<b>y</b>")
+    run_study(raw, tmp_path / "s")
+    # A skipped run written by a machine without 4-bit support, as a reader would find it.
+    res = json.loads(next((tmp_path / "s" / "runs").glob("full-*/result.json")).read_text())
+    res.update(status="skipped", error="QLoRA needs bitsandbytes 4-bit support: <none here>", metrics={},
+               test_predictions=None)
+    store.atomic_write_json(next((tmp_path / "s" / "runs").glob("full-*/result.json")), res)
+    paths = report.write_report(tmp_path / "s")
+    page = paths["html"].read_text()
+    assert evil not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<b>y</b>" not in page
+    assert "failed" in page and "skipped" in page and "&lt;none here&gt;" in page
+    assert "Segmentation" in page
+    assert "http://" not in page and "https://" not in page, "the report must open offline"
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 4
+    md = paths["markdown"].read_text()
+    assert "## Runs that did not succeed" in md and "| method |" in md
+    for k in ("accuracy_vs_memory", "accuracy_vs_time", "accuracy_vs_params", "learning_curves"):
+        assert paths[k].stat().st_size > 5000
+
+
+def test_report_for_a_single_method(tiny_encoder, tiny_data, tmp_path):
+    run_study(study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1}), tmp_path / "s")
+    paths = report.write_report(tmp_path / "s")
+    assert "Best accuracy" in paths["markdown"].read_text()
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["rows"][0]["label"] == "lora" and summary["rows"][0]["best"]
