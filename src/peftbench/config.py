@@ -58,7 +58,7 @@ DATA_DEFAULTS: dict[str, Any] = {
 TOP_DEFAULTS: dict[str, Any] = {
     "name": None, "description": None, "model": None,
     "seeds": [42], "lr_search": False,
-    "device": "auto", "isolation": "process", "parallel": 1,
+    "device": "auto", "isolation": "process", "parallel": 1, "exclusive_finals": True,
     "trust_remote_code": False, "allow_pickle": False, "report": True,
     "max_oom_retries": 3,
 }
@@ -250,7 +250,7 @@ def validate(raw: Any, base_dir: Path | None = None) -> dict:
         problems.append(f"parallel: must be a positive integer, got {study['parallel']!r}")
     if not (_is_int(study["max_oom_retries"]) and study["max_oom_retries"] >= 0):
         problems.append("max_oom_retries: must be an integer >= 0")
-    for key in ("trust_remote_code", "allow_pickle", "report"):
+    for key in ("trust_remote_code", "allow_pickle", "report", "exclusive_finals"):
         if not isinstance(study[key], bool):
             problems.append(f"{key}: must be true or false")
     if problems:

@@ -117,7 +117,8 @@ class Study:
                     tokens_file=str(self.tok_file) if self.tok_file else None,
                     texts_file=str(self._texts_file()) if method.kind == "tfidf" else None,
                     max_oom_retries=cfg["max_oom_retries"], checkpoint=True, verify_reload=True,
-                    isolation=cfg["isolation"], concurrent_runs=cfg["parallel"])
+                    isolation=cfg["isolation"],
+                    concurrent_runs=1 if role == "final" and cfg["exclusive_finals"] else cfg["parallel"])
         return spec
 
     def default_lr(self, entry: dict) -> float | None:
@@ -158,7 +159,7 @@ class Study:
             print(f"peftbench: {len(done)} of {len(specs)} {desc} runs already done, skipped", file=sys.stderr)
         from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc=desc, unit="run", dynamic_ncols=True, disable=not todo)
-        parallel = self.cfg["parallel"]
+        parallel = self.concurrency(specs)
 
         def one(spec):
             res = self._execute_one(spec, progress=parallel == 1)
@@ -174,6 +175,11 @@ class Study:
         bar.close()
         done.update({r["run_id"]: r for r in new})
         return [done[s["run_id"]] for s in specs]
+
+    def concurrency(self, specs: list[dict]) -> int:
+        """Runs at once: `parallel`, except final runs when `exclusive_finals` asks for clean timings."""
+        finals = any(s["role"] == "final" for s in specs)
+        return 1 if finals and self.cfg["exclusive_finals"] else self.cfg["parallel"]
 
     def _execute_one(self, spec: dict, progress: bool) -> dict:
         rdir = self.out / "runs" / spec["run_id"]

@@ -1,0 +1,178 @@
+"""Speed: the plain Trainer recipe against peftbench's loop, in one process on one device.
+
+    python benchmarks/speed.py --minilm PATH --data DIR --out benchmarks/results/NAME.json \
+        [--models minilm,roberta] [--methods full,lora,qlora,ia3] [--epochs 1] [--train-size 3000] [--compile]
+
+For each model and method, both recipes train the same model (built by peftbench, so the method is
+identical) on the same tokenized IMDb subset with batch 16, lr 2e-5, weight decay 0.01, linear
+schedule. (a) "trainer" is the starting study's recipe: transformers' Trainer, fp32, every review
+padded to max length 512. (b) "peftbench" is `train.train_run`: bf16 autocast, length-bucketed
+batches padded to their longest item, fused AdamW. The roberta-base-shaped model is built from
+RobertaConfig with roberta-base's values and random weights (no download): its accuracy means
+nothing, its time and memory are roberta-base's. It is fed the MiniLM tokenizer's ids (all < 30522),
+so lengths follow the real IMDb distribution up to the tokenizer difference.
+
+Reported per row: samples/s, real (non-padding) tokens/s, peak GPU memory, and MFU = model FLOPs on
+real tokens (6 x non-embedding params + attention) / time / the GPU's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from peftbench import config, data as data_mod, models, train  # noqa: E402
+from peftbench.runner import Study  # noqa: E402
+
+SEED_METHODS = {  # the starting study's method settings (the `seed` preset)
+    "full": {}, "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.1, "targets": ["q", "k", "v"]},
+    "qlora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "targets": ["q", "v"]},
+    "ia3": {"targets": ["k", "v", "ffn_out"], "feedforward": ["ffn_out"]},
+}
+
+
+def roberta_shaped(folder: Path) -> Path:
+    from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+    cfg = RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                        intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1,
+                        pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
+    torch.manual_seed(0)
+    RobertaModel(cfg).save_pretrained(folder)
+    return folder
+
+
+def spec_for(study: Study, method: str, model_path: str, epochs: int, compile_: bool) -> dict:
+    entry = {"name": method, "label": method, "options": dict(SEED_METHODS[method])}
+    spec = study.run_spec(entry, 2e-5, 42, "final")
+    spec["model_path"] = model_path
+    spec["train"] = {**spec["train"], "epochs": epochs, "compile": compile_, "learning_rate": 2e-5}
+    spec["evaluate_test"] = False
+    spec["checkpoint"] = False
+    spec["config_hash"] = config.config_hash(spec)
+    return spec
+
+
+def peak_mb() -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
+
+
+def reset() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_trainer(spec: dict, tok: data_mod.Tokenized, pad_id: int, epochs: int, max_len: int) -> dict:
+    from transformers import Trainer, TrainingArguments
+    reset()
+    model, _ = models.build_model(spec, len(tok.label_names), tok.label_names, spec["device"], 1)
+
+    class Padded(torch.utils.data.Dataset):  # the study's recipe: every review padded to max_length
+        def __len__(self):
+            return len(tok.ids["train"])
+
+        def __getitem__(self, i):
+            ids = np.full(max_len, pad_id, dtype=np.int64)
+            seq = tok.ids["train"][i]
+            ids[:len(seq)] = seq
+            mask = (np.arange(max_len) < len(seq)).astype(np.int64)
+            return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+                    "labels": int(tok.labels["train"][i])}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=16, learning_rate=2e-5,
+                                 weight_decay=0.01, num_train_epochs=epochs, save_strategy="no",
+                                 eval_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,
+                                 seed=42)
+        trainer = Trainer(model=model, args=args, train_dataset=Padded())
+        t0 = time.perf_counter()
+        trainer.train()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+    out = {"train_seconds": secs, "peak_memory_allocated_mb": peak_mb()}
+    del trainer, model
+    return out
+
+
+def run_peftbench(spec: dict, tok: data_mod.Tokenized) -> dict:
+    reset()
+    with tempfile.TemporaryDirectory() as tmp:
+        res = train.train_run(spec, tok, Path(tmp), progress=False)
+    m = res["metrics"]
+    return {"train_seconds": m["train_seconds"], "peak_memory_allocated_mb": m["peak_memory_allocated_mb"],
+            "validation_accuracy": m["validation_accuracy"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minilm", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--models", default="minilm,roberta")
+    ap.add_argument("--methods", default="full,lora,qlora,ia3")
+    ap.add_argument("--recipes", default="trainer,peftbench")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--train-size", type=int, default=3000)
+    ap.add_argument("--compile", action="store_true", help="also run peftbench with torch.compile")
+    a = ap.parse_args()
+    os.environ.setdefault("PEFTBENCH_PROGRESS", "0")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = train._peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None
+    rows = []
+    work = Path(tempfile.mkdtemp())
+    for model_name in a.models.split(","):
+        path = a.minilm if model_name == "minilm" else str(roberta_shaped(work / "roberta"))
+        raw = {"model": a.minilm, "data": {"path": a.data, "train_size": a.train_size, "validation_size": 200,
+                                           "test_size": 200},
+               "methods": ["full"], "train": {"max_length": 512, "batch_size": 16, "learning_rate": 2e-5,
+                                              "weight_decay": 0.01, "warmup_ratio": 0.0}, "device": device}
+        study = Study(config.validate(raw), work / f"study-{model_name}")
+        study.out.mkdir(parents=True, exist_ok=True)
+        study.prepare()  # tokenizes once with MiniLM's tokenizer
+        tok = data_mod.Tokenized.load(study.tok_file)
+        mconf = models.load_config(path)
+        lengths = tok.lengths("train")
+        real_tokens = int(lengths.sum()) * a.epochs
+        flops = train.model_flops_per_token(mconf, float(lengths.mean())) * real_tokens
+        for method in a.methods.split(","):
+            recipes = a.recipes.split(",") + (["peftbench+compile"] if a.compile else [])
+            for recipe in recipes:
+                spec = spec_for(study, method, path, a.epochs, recipe.endswith("compile"))
+                spec["pad_token_id"] = 1 if model_name == "roberta" else study.pad_token_id
+                try:
+                    if recipe == "trainer":
+                        r = run_trainer(spec, tok, spec["pad_token_id"], a.epochs, 512)
+                    else:
+                        r = run_peftbench(spec, tok)
+                    status = "success"
+                except Exception as e:  # a row that failed is a result too
+                    r, status = {"train_seconds": None, "error": f"{type(e).__name__}: {str(e)[:200]}"}, "failed"
+                secs = r.get("train_seconds")
+                row = {"model": model_name, "method": method, "recipe": recipe, "status": status, **r,
+                       "samples": len(lengths) * a.epochs, "real_tokens": real_tokens,
+                       "samples_per_second": len(lengths) * a.epochs / secs if secs else None,
+                       "real_tokens_per_second": real_tokens / secs if secs else None,
+                       "mfu": flops / secs / peak if (secs and peak) else None,
+                       "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+                rows.append(row)
+                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+                      flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"rows": rows, "torch": torch.__version__,
+                                       "argv": sys.argv[1:]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
