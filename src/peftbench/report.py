@@ -34,7 +34,7 @@ def load_study(study_dir: Path) -> dict:
         trials = [r for r in every if r.get("role") == "trial"]
     if not finals and not trials:
         raise UserError(f"{study_dir} holds no run results yet; run a study into it first")
-    labels = _test_labels(study_dir, finals)
+    labels = _test_labels(study_dir, finals, plan)
     rows = stats.summarize(finals, labels)
     device = (plan or {}).get("device") or (finals or trials)[0]["config"].get("device", "cpu")
     name = (plan or {}).get("study", {}).get("name") or (finals or trials)[0].get("study", "study")
@@ -42,10 +42,12 @@ def load_study(study_dir: Path) -> dict:
             "gpu": str(device).startswith("cuda")}
 
 
-def _test_labels(study_dir: Path, finals: list[dict]) -> np.ndarray | None:
+def _test_labels(study_dir: Path, finals: list[dict], plan: dict | None = None) -> np.ndarray | None:
     ok = [r for r in finals if r["status"] == "success"]
     if not ok:
         return None
+    if plan and plan.get("data", {}).get("test_labels") is not None:
+        return np.asarray(plan["data"]["test_labels"])
     tok = ok[0]["config"].get("tokens_file")
     if tok and Path(tok).exists():
         return np.load(tok)["test_labels"]
@@ -148,18 +150,28 @@ def recommendations(study: dict, tolerance: float = 0.01) -> list[dict]:
                        + (f" (95% CI {best['test_accuracy']['ci_low']:.3f}-{best['test_accuracy']['ci_high']:.3f})"
                           if best["test_accuracy"]["ci_low"] is not None else "") + "."}]
     near = [r for r in rows if acc(r) >= acc(best) - tolerance or r.get("tied_with_best")]
+    others = f"{len(near) - 1} other method(s)" if len(near) > 1 else "no other method"
     fastest = min(near, key=lambda r: r["train_seconds"]["mean"])
+    if fastest is best:
+        why = (f"{best['label']} is also the fastest to train ({best['train_seconds']['mean']:.1f} s) of the "
+               f"methods within {tolerance * 100:.0f} point of it ({others}).")
+    else:
+        why = (f"{fastest['label']} trained in {fastest['train_seconds']['mean']:.1f} s "
+               f"({best['train_seconds']['mean'] / fastest['train_seconds']['mean']:.1f}x faster than "
+               f"{best['label']}) at accuracy {acc(fastest):.4f} vs {acc(best):.4f}.")
     recs.append({"title": f"Fastest within {tolerance * 100:.0f} point of the best (or statistically tied)",
-                 "method": fastest["label"],
-                 "reason": f"{fastest['label']} trained in {fastest['train_seconds']['mean']:.1f} s "
-                           f"({best['train_seconds']['mean'] / fastest['train_seconds']['mean']:.1f}x faster than "
-                           f"{best['label']}) at accuracy {acc(fastest):.4f} vs {acc(best):.4f}."})
+                 "method": fastest["label"], "reason": why})
     fewest = min(near, key=lambda r: r["trainable_params"]["mean"])
+    if fewest is best:
+        why = (f"{best['label']} also trains the fewest parameters "
+               f"({_fmt_params(best['trainable_params']['mean'])}) of the methods within "
+               f"{tolerance * 100:.0f} point of it ({others}).")
+    else:
+        why = (f"{fewest['label']} trains {_fmt_params(fewest['trainable_params']['mean'])} parameters "
+               f"({fewest['trainable_params']['mean'] / best['trainable_params']['mean'] * 100:.2f}% of "
+               f"{best['label']}'s) at accuracy {acc(fewest):.4f}.")
     recs.append({"title": f"Fewest trainable parameters within {tolerance * 100:.0f} point of the best",
-                 "method": fewest["label"],
-                 "reason": f"{fewest['label']} trains {_fmt_params(fewest['trainable_params']['mean'])} parameters "
-                           f"({fewest['trainable_params']['mean'] / best['trainable_params']['mean'] * 100:.2f}% of "
-                           f"{best['label']}'s) at accuracy {acc(fewest):.4f}."})
+                 "method": fewest["label"], "reason": why})
     with_mem = sorted([r for r in rows if memory_of(r, gpu) is not None], key=lambda r: memory_of(r, gpu))
     last = None
     for budget_row in with_mem:

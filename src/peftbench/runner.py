@@ -229,7 +229,8 @@ class Study:
             plan = {"study": self.cfg, "trial_runs": [s["run_id"] for s in trials],
                     "final_runs": [s["run_id"] for s in finals], "chosen_learning_rates": chosen,
                     "data": {"sizes": self.data.sizes(), "origin": self.data.source.get("origin"),
-                             "label_names": self.data.label_names, "fingerprint": self.data.fingerprint},
+                             "label_names": self.data.label_names, "fingerprint": self.data.fingerprint,
+                             "test_labels": self.data.labels["test"].tolist()},
                     "device": self.device, "wall_seconds": time.perf_counter() - t0}
             store.atomic_write_json(self.out / "study.json", plan)
             return trial_results + final_results
