@@ -126,6 +126,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--train-size", type=int, default=3000)
     ap.add_argument("--compile", action="store_true", help="also run peftbench with torch.compile")
+    ap.add_argument("--pad-multiples", default="", help="also run peftbench padding to these multiples, e.g. 128,512")
     a = ap.parse_args()
     os.environ.setdefault("PEFTBENCH_PROGRESS", "0")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -147,9 +148,12 @@ def main() -> None:
         real_tokens = int(lengths.sum()) * a.epochs
         flops = train.model_flops_per_token(mconf, float(lengths.mean())) * real_tokens
         for method in a.methods.split(","):
-            recipes = a.recipes.split(",") + (["peftbench+compile"] if a.compile else [])
+            recipes = [r for r in a.recipes.split(",") if r] + (["peftbench+compile"] if a.compile else []) \
+                + [f"peftbench+pad{m}" for m in a.pad_multiples.split(",") if m]
             for recipe in recipes:
                 spec = spec_for(study, method, path, a.epochs, recipe.endswith("compile"))
+                if "+pad" in recipe:
+                    spec["train"]["pad_to_multiple_of"] = int(recipe.split("+pad")[1])
                 spec["pad_token_id"] = 1 if model_name == "roberta" else study.pad_token_id
                 try:
                     if recipe == "trainer":

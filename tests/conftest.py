@@ -103,9 +103,9 @@ def tiny_data(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("data"))
 
 
-def study(model: Path | str, data: Path, methods, **over) -> dict:
+def study(model: Path | str, data_dir: Path, methods, **over) -> dict:
     """A small study dict on the tiny data, run inline (one process) for speed."""
-    s = {"model": str(model), "data": {"path": str(data), "train_size": 120, "validation_size": 24,
+    s = {"model": str(model), "data": {"path": str(data_dir), "train_size": 120, "validation_size": 24,
                                         "test_size": 60},
          "methods": methods,
          "train": {"epochs": 2, "batch_size": 16, "max_length": 32, "eval_batch_size": 32},

@@ -133,6 +133,7 @@ def test_killed_run_resumes_from_its_last_epoch(tiny_encoder, tiny_data, tmp_pat
     monkeypatch.delenv("PEFTBENCH_INJECT_FAULT")
     (resumed,) = run_study(raw, tmp_path / "s")
     assert resumed["status"] == "success" and not (run_dir / "checkpoint.pt").exists()
+    assert resumed["metrics"]["resumed_from_epoch"] == 2 and clean["metrics"]["resumed_from_epoch"] is None
     # The resumed run continued the same trajectory: identical history and test predictions.
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in clean["history"]]
     assert resumed["test_predictions"] == clean["test_predictions"]

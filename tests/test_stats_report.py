@@ -147,3 +147,16 @@ def test_report_for_a_single_method(tiny_encoder, tiny_data, tmp_path):
     assert "Best accuracy" in paths["markdown"].read_text()
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["rows"][0]["label"] == "lora" and summary["rows"][0]["best"]
+
+
+def test_budget_view_on_constructed_histories():
+    def run(label, seed, accs, secs):
+        hist = [{"epoch": i + 1, "validation_accuracy": a, "train_loss": 0.5, "cumulative_train_seconds": s}
+                for i, (a, s) in enumerate(zip(accs, secs))]
+        return {"label": label, "seed": seed, "status": "success", "history": hist}
+    s = {"finals": [run("fast", 0, [0.80, 0.85], [1, 2]), run("slow", 0, [0.70, 0.90], [10, 20])]}
+    header, rows, target = report.budget_table(s)
+    assert target == pytest.approx(0.85)  # the lower of the two best validation accuracies
+    assert header[-1] == "train s to val acc 0.850"
+    assert rows == [["fast", "0.8000", "0.8500", "2.0"], ["slow", "0.7000", "0.9000", "20.0"]]
+    assert stats.time_to_accuracy(s["finals"][0]["history"], 0.99) is None

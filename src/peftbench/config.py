@@ -47,6 +47,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "group_by_length": True,      # length-bucketed batches (minimal padding); order is still random
     "compile": False,             # torch.compile the model (GPU speed-up for long studies)
     "micro_batch_size": None,     # None: = batch_size; smaller means gradient accumulation (same optimisation)
+    "pad_to_multiple_of": None,   # None: 8 (64 when compiling); = max_length pads every batch to one shape
 }
 DATA_DEFAULTS: dict[str, Any] = {
     "path": None, "name": None, "config": None,
@@ -79,6 +80,8 @@ def _unknown(section: str, key: str, known) -> str:
     close = difflib.get_close_matches(str(key), list(known), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     where = f"{section}.{key}" if section else str(key)
+    if len(known) > 20:  # a PEFT config has dozens of fields: name the likely one, not all of them
+        return f"{where}: unknown key{hint}; `peftbench methods` shows each method's options"
     return f"{where}: unknown key{hint}; allowed: {', '.join(sorted(known))}"
 
 
@@ -89,6 +92,7 @@ def _check_train(section: str, train: dict, problems: list[str]) -> None:
     need("epochs", lambda v: _is_int(v) and v > 0, "a positive integer")
     need("batch_size", lambda v: _is_int(v) and v > 0, "a positive integer")
     need("micro_batch_size", lambda v: _is_int(v) and v > 0, "a positive integer")
+    need("pad_to_multiple_of", lambda v: _is_int(v) and v > 0, "a positive integer")
     need("eval_batch_size", lambda v: _is_int(v) and v > 0, "a positive integer")
     need("max_length", lambda v: _is_int(v) and v >= 8, "an integer >= 8")
     need("learning_rate", lambda v: _is_num(v) and v > 0, "a positive number")

@@ -53,6 +53,16 @@ def load_config(name: str, trust_remote_code: bool = False):
             f"or --model minilm") from None
 
 
+def check_weights_format(path: str, allow_pickle: bool) -> None:
+    """Refuse a local model that has only pickle weights (code can run on load) unless the study allows it."""
+    folder = Path(path)
+    if allow_pickle or not folder.is_dir():
+        return
+    if not list(folder.glob("*.safetensors")) and (list(folder.glob("*.bin")) or list(folder.glob("*.pt"))):
+        raise UserError(f"model '{path}' has no safetensors weights, only pickle files (which can run code when "
+                        f"loaded); set `allow_pickle: true` only if you trust them")
+
+
 def max_positions(config) -> int | None:
     n = getattr(config, "max_position_embeddings", None)
     if n is None:

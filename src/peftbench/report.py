@@ -350,6 +350,37 @@ def _trials_table(study: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def budget_table(study: dict) -> tuple[list[str], list[list[str]], float | None]:
+    """Validation accuracy at equal epochs, and training seconds to first reach a common validation accuracy.
+
+    The common target is the lowest of the methods' best validation accuracies: a level every method reached,
+    so "faster" compares time to the same quality rather than time to different end points.
+    """
+    by_label: dict[str, list[dict]] = {}
+    for r in study["finals"]:
+        if r["status"] == "success" and r.get("history") and r["history"][0].get("train_loss") is not None:
+            by_label.setdefault(r["label"], []).append(r)
+    if not by_label:
+        return [], [], None
+    epochs = max(len(r["history"]) for rs in by_label.values() for r in rs)
+    best_val = {k: np.mean([max(h["validation_accuracy"] for h in r["history"]) for r in rs])
+                for k, rs in by_label.items()}
+    target = float(min(best_val.values()))
+    header = ["method"] + [f"val acc @ epoch {e}" for e in range(1, epochs + 1)] + [f"train s to val acc {target:.3f}"]
+    rows = []
+    for label, rs in by_label.items():
+        cells = [label]
+        for e in range(epochs):
+            vals = [r["history"][e]["validation_accuracy"] for r in rs if len(r["history"]) > e]
+            cells.append(_fmt_num(float(np.mean(vals)), 4) if vals else "-")
+        times = [stats.time_to_accuracy(r["history"], target - 1e-9) for r in rs]
+        reached = [t for t in times if t is not None]
+        cells.append(f"{np.mean(reached):.1f}" + ("" if len(reached) == len(times) else
+                                                 f" ({len(reached)}/{len(times)} seeds)") if reached else "never")
+        rows.append(cells)
+    return header, rows, target
+
+
 def write_report(study_dir: Path) -> dict[str, Path]:
     """Write report.md, report.html (self-contained: plots embedded) and the plots as PNG files."""
     study = load_study(study_dir)
@@ -368,6 +399,9 @@ def write_report(study_dir: Path) -> dict[str, Path]:
 
     md = [f"# peftbench report: {study['name']}", "", intro, "", "## Summary", "", markdown_table(header, rows), ""]
     md += ["## Recommendations", ""] + [f"- **{r['title']}**: {r['reason']}" for r in recs] + [""]
+    bh, br, _ = budget_table(study)
+    if br:
+        md += ["## Budget view (validation, mean over seeds)", "", markdown_table(bh, br), ""]
     if study["trials"]:
         th, tr = _trials_table(study)
         md += ["## Learning-rate search (validation)", "", markdown_table(th, tr), ""]
@@ -388,6 +422,8 @@ def write_report(study_dir: Path) -> dict[str, Path]:
             "<h2>Summary</h2>", table_html(header, rows),
             "<h2>Recommendations</h2><ul>" + "".join(f"<li><b>{e(r['title'])}</b>: {e(r['reason'])}</li>"
                                                        for r in recs) + "</ul>"]
+    if br:
+        body += ["<h2>Budget view (validation, mean over seeds)</h2>", table_html(bh, br)]
     if study["trials"]:
         body += ["<h2>Learning-rate search (validation)</h2>", table_html(*_trials_table(study))]
     if problems:

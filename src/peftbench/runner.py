@@ -63,6 +63,7 @@ class Study:
         if not needs_model:
             return
         mconf = models.load_config(self.model_path, cfg["trust_remote_code"])
+        models.check_weights_format(self.model_path, cfg["allow_pickle"])
         self.max_positions = models.max_positions(mconf)
         max_len = cfg["train"]["max_length"]
         if self.max_positions and max_len > self.max_positions:
@@ -81,6 +82,13 @@ class Study:
         self.tok_file = self.out / ".cache" / f"tokens-{key}.npz"
         if not self.tok_file.exists():
             data_mod.tokenize(self.data, tokenizer, max_len).save(self.tok_file)
+
+    def truncated_counts(self) -> dict | None:
+        """Per split, how many texts reached max_length and were cut (long texts are truncated, not errors)."""
+        if self.tok_file is None:
+            return None
+        from .data import Tokenized
+        return Tokenized.load(self.tok_file).truncated
 
     def _texts_file(self) -> Path:
         path = self.out / ".cache" / f"texts-{self.data.fingerprint}.json"
@@ -230,7 +238,8 @@ class Study:
                     "final_runs": [s["run_id"] for s in finals], "chosen_learning_rates": chosen,
                     "data": {"sizes": self.data.sizes(), "origin": self.data.source.get("origin"),
                              "label_names": self.data.label_names, "fingerprint": self.data.fingerprint,
-                             "test_labels": self.data.labels["test"].tolist()},
+                             "test_labels": self.data.labels["test"].tolist(),
+                             "truncated": self.truncated_counts()},
                     "device": self.device, "wall_seconds": time.perf_counter() - t0}
             store.atomic_write_json(self.out / "study.json", plan)
             return trial_results + final_results

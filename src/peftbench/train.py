@@ -216,9 +216,11 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
     optimizer = torch.optim.AdamW(params, lr=lr, fused=fused) if fused else torch.optim.AdamW(params, lr=lr)
     warmup = int(round(cfg["warmup_ratio"] * total_steps))
     scheduler = get_scheduler(cfg["scheduler"], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    # Compiled graphs are specialised on shapes: pad to multiples of 64 so a few buckets cover all lengths.
     fwd = torch.compile(model, dynamic=True) if cfg.get("compile") else model
-    pad_multiple = 64 if cfg.get("compile") else 8
+    # Padding granularity. On the H200 (benchmarks/results/h200-padding.json) multiples of 8 - many distinct
+    # shapes - ran 2.6-2.8x slower than multiples of 64 or fixed padding: there, each new shape costs more
+    # than the padding saves. On the CPU, compute-bound, fine buckets pay. max_length means fixed padding.
+    pad_multiple = cfg.get("pad_to_multiple_of") or (64 if cfg.get("compile") or dev_type == "cuda" else 8)
 
     history: list[dict] = []
     best = {"acc": -1.0, "epoch": None, "state": None}
@@ -315,7 +317,7 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
         "train_tokens_per_second": real_tokens_epoch * cfg["epochs"] / train_seconds if train_seconds else None,
         "trainable_params": int(trainable), "total_params": int(total),
         "trainable_percent": 100.0 * trainable / total if total else None,
-        "steps": total_steps, "micro_batch_size": micro,
+        "steps": total_steps, "micro_batch_size": micro, "resumed_from_epoch": start_epoch or None,
         "precision": "bf16-autocast" if amp is not None else "fp32",
     }
     flops_tok = model_flops_per_token(_base_config(model), float(lengths.mean()))

@@ -1,0 +1,265 @@
+"""The bad-input catalogue: each case through the real CLI gets one line per problem, exit status 2, no traceback.
+
+`python tests/test_bad_inputs.py` prints the catalogue with the message each case produces.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import make_tiny_encoder, write_dataset  # noqa: E402
+
+from peftbench import cli  # noqa: E402
+
+
+def _study(tmp: Path, model: Path, data_dir: Path, **over) -> dict:
+    s = {"model": str(model), "data": {"path": str(data_dir), "train_size": 60, "validation_size": 12, "test_size": 30},
+         "methods": ["lora"], "train": {"epochs": 1, "max_length": 32}, "isolation": "inline", "report": False}
+    for k, v in over.items():
+        s[k] = {**s[k], **v} if isinstance(v, dict) and isinstance(s.get(k), dict) else v
+    return s
+
+
+def _data(tmp: Path, fmt="jsonl", mutate=None, split="train") -> Path:
+    folder = write_dataset(tmp / "data", fmt)
+    if mutate:
+        path = folder / f"{split}.{fmt}"
+        df = pd.read_json(path, lines=True) if fmt == "jsonl" else pd.read_parquet(path)
+        df = mutate(df)
+        df.to_json(path, orient="records", lines=True) if fmt == "jsonl" else df.to_parquet(path)
+    return folder
+
+
+def _write(tmp: Path, study: dict | str) -> Path:
+    f = tmp / "study.yaml"
+    f.write_text(study if isinstance(study, str) else yaml.safe_dump(study))
+    return f
+
+
+def _run(tmp, model, study_or_text, extra=()) -> list[str]:
+    return ["run", str(_write(tmp, study_or_text)), "--out", str(tmp / "out"), *extra]
+
+
+def _file_data(tmp, name, content: bytes) -> Path:
+    folder = write_dataset(tmp / "data", "csv")
+    (folder / name).write_bytes(content)
+    return folder
+
+
+# (case, setup(tmp, model) -> argv, expected text in the message)
+CASES = [
+    ("data folder missing", lambda t, m: _run(t, m, _study(t, m, t / "nowhere")), "not found; pass --data"),
+    ("data path is a file", lambda t, m: _run(t, m, _study(t, m, _file_data(t, "x.txt", b"x") / "x.txt")),
+     "is a file"),
+    ("no train file", lambda t, m: _run(t, m, _study(t, m, _no_train(t))), "no train file"),
+    ("empty data file", lambda t, m: _run(t, m, _study(t, m, _file_data(t, "train.csv", b""))), "is empty"),
+    ("corrupt parquet", lambda t, m: _run(t, m, _study(t, m, _corrupt(t))), "cannot be read as parquet"),
+    ("non-UTF-8 bytes", lambda t, m: _run(t, m, _study(t, m, _file_data(t, "train.csv", b"text,label\ncaf\xe9,1\nb,0\n"))),
+     "not UTF-8"),
+    ("text column absent", lambda t, m: _run(t, m, _study(t, m, _data(t), data={"text_column": "review"})),
+     "column 'review' not in the train file"),
+    ("label column absent", lambda t, m: _run(t, m, _study(t, m, _data(t), data={"label_column": "y"})),
+     "column 'y' not in the train file"),
+    ("one class only", lambda t, m: _run(t, m, _study(t, m, _data(t, mutate=lambda d: d.assign(label=1)))),
+     "only one class"),
+    ("labels out of range (negative)", lambda t, m: _run(t, m, _study(t, m, _data(
+        t, mutate=lambda d: d.assign(label=[-1] + list(d.label[1:]))))), "is negative"),
+    ("labels of mixed types", lambda t, m: _run(t, m, _study(t, m, _data(
+        t, mutate=lambda d: d.assign(label=["x"] + list(d.label[1:]))))), "mix integers and strings"),
+    ("non-integral labels", lambda t, m: _run(t, m, _study(t, m, _data(
+        t, mutate=lambda d: d.assign(label=[0.5] + list(d.label[1:]))))), "looks like regression"),
+    ("empty text", lambda t, m: _run(t, m, _study(t, m, _data(
+        t, mutate=lambda d: d.assign(text=[" "] + list(d.text[1:]))))), "empty text"),
+    ("None text", lambda t, m: _run(t, m, _study(t, m, _data(
+        t, mutate=lambda d: d.assign(text=[None] + list(d.text[1:]))))), "missing or non-text"),
+    ("test label never in train", lambda t, m: _run(t, m, _study(t, m, _data(
+        t, mutate=lambda d: d.assign(label=[5] + list(d.label[1:])), split="test"))), "never occur in train"),
+    ("train_size beyond the data", lambda t, m: _run(t, m, _study(t, m, _data(t), data={"train_size": 10_000})),
+     "is larger than the train split"),
+    ("unknown top-level key", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "epochs": 3}), "epochs: unknown key"),
+    ("unknown method", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "methods": ["lorra"]}),
+     "unknown method 'lorra' (did you mean 'lora'?)"),
+    ("unknown method option", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "methods": [{"name": "lora",
+                                                                                               "rank": 4}]}),
+     "methods[0].rank: unknown key"),
+    ("negative learning rate", lambda t, m: _run(t, m, _study(t, m, _data(t), train={"learning_rate": -1})),
+     "train.learning_rate: must be a positive number"),
+    ("zero epochs", lambda t, m: _run(t, m, _study(t, m, _data(t), train={"epochs": 0})),
+     "train.epochs: must be a positive integer"),
+    ("NaN hyper-parameter", lambda t, m: _run(t, m, yaml.safe_dump(_study(t, m, _data(t))).replace(
+        "epochs: 1", "epochs: 1\n  weight_decay: .nan")), "train.weight_decay: must be a number >= 0"),
+    ("wrong type", lambda t, m: _run(t, m, _study(t, m, _data(t), train={"batch_size": "16"})),
+     "train.batch_size: must be a positive integer"),
+    ("duplicate seeds", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "seeds": [1, 1]}), "distinct integers"),
+    ("max_length beyond the model", lambda t, m: _run(t, m, _study(t, m, _data(t), train={"max_length": 4096})),
+     "exceeds what model"),
+    ("model folder without config", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "model": str(_empty(t))}),
+     "has no config.json"),
+    ("model id unreachable offline", lambda t, m: _run(t, m, {**_study(t, m, _data(t)),
+                                                              "model": "no-such-org/no-such-model"}),
+     "could not be loaded: not a local folder and not reachable"),
+    ("pickle-only weights", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "model": str(_pickle_model(t, m))}),
+     "has no safetensors weights"),
+    ("output folder not writable", lambda t, m: ["run", str(_write(t, _study(t, m, _data(t)))), "--out",
+                                                 str(_a_file(t) / "sub")], "is not writable"),
+    ("study file missing", lambda t, m: ["run", str(t / "missing.yaml")], "not found"),
+    ("study file not YAML", lambda t, m: _run(t, m, "model: [unclosed"), "not valid YAML"),
+    ("unsafe YAML tag", lambda t, m: _run(t, m, "model: !!python/object/apply:os.system ['true']"),
+     "not valid YAML"),
+    ("no study and no preset", lambda t, m: ["run"], "give a study file"),
+    ("unknown preset", lambda t, m: ["run", "--preset", "quik"], "unknown preset 'quik'"),
+    ("bad --seeds", lambda t, m: _run(t, m, _study(t, m, _data(t)), ["--seeds", "a,b"]), "--seeds: give a count"),
+    ("predict on a folder that is no run", lambda t, m: ["predict", str(t), "text"], "is not a run folder"),
+    ("report on an empty folder", lambda t, m: ["report", str(t)], "holds no run results yet"),
+    ("recommend with a bad memory size", lambda t, m: ["recommend", str(_a_study(t, m)), "--max-memory", "lots"],
+     "--max-memory: give a size"),
+    ("two studies on one folder", lambda t, m: _locked(t, m), "another peftbench"),
+]
+
+
+def _no_train(t: Path) -> Path:
+    folder = write_dataset(t / "data")
+    (folder / "train.parquet").unlink()
+    return folder
+
+
+def _corrupt(t: Path) -> Path:
+    folder = write_dataset(t / "data")
+    (folder / "train.parquet").write_bytes(b"PAR1 not really")
+    return folder
+
+
+def _empty(t: Path) -> Path:
+    (t / "empty-model").mkdir(exist_ok=True)
+    return t / "empty-model"
+
+
+def _pickle_model(t: Path, m: Path) -> Path:
+    import torch
+    from safetensors.torch import load_file
+    dst = t / "pickle-model"
+    dst.mkdir(exist_ok=True)
+    for f in m.iterdir():
+        if f.name != "model.safetensors":
+            (dst / f.name).write_bytes(f.read_bytes())
+    torch.save(load_file(m / "model.safetensors"), dst / "pytorch_model.bin")
+    return dst
+
+
+def _a_file(t: Path) -> Path:
+    (t / "plainfile").write_text("x")
+    return t / "plainfile"
+
+
+def _a_study(t: Path, m: Path) -> Path:
+    from conftest import run_study
+    from conftest import study as mk
+    run_study(mk(m, _data(t), ["ia3"], train={"epochs": 1}), t / "done")
+    return t / "done"
+
+
+def _locked(t: Path, m: Path) -> list[str]:
+    from peftbench.store import StudyLock
+    (t / "out").mkdir(exist_ok=True)
+    lock = StudyLock(t / "out")
+    lock.__enter__()  # held by "another study" until the test process ends
+    _locked.held = lock
+    return _run(t, m, _study(t, m, _data(t)))
+
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    err, out = io.StringIO(), io.StringIO()
+    with redirect_stderr(err), redirect_stdout(out):
+        try:
+            cli.main(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return make_tiny_encoder(tmp_path_factory.mktemp("enc"))
+
+
+@pytest.mark.parametrize("case, setup, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, setup, expected, model, tmp_path):
+    code, err = run_cli(setup(tmp_path, model))
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("peftbench: error: ")]
+    assert code == 2, (case, err[-1500:])
+    assert "Traceback" not in err
+    assert len(lines) == 1 and expected in lines[0], err[-1500:]
+
+
+def test_catalogue_has_at_least_30_cases():
+    assert len(CASES) >= 30
+
+
+def test_measured_runs_survive_a_bad_rerun(model, tmp_path):
+    """A study that already measured something keeps it when a later command on it fails."""
+    from conftest import run_study
+    from conftest import study as mk
+    data = _data(tmp_path)
+    (res,) = run_study(mk(model, data, ["ia3"], train={"epochs": 1}), tmp_path / "s")
+    before = (tmp_path / "s" / "runs" / res["run_id"] / "result.json").read_text()
+    bad = mk(model, data, ["ia3"], train={"epochs": 1})
+    bad["methods"] = ["ia3", "nope"]
+    code, _ = run_cli(["run", str(_write(tmp_path, bad)), "--out", str(tmp_path / "s")])
+    assert code == 2
+    assert (tmp_path / "s" / "runs" / res["run_id"] / "result.json").read_text() == before
+
+
+def test_long_texts_are_truncated_and_counted(model, tmp_path):
+    from conftest import run_study
+    from conftest import study as mk
+    data = _data(tmp_path, mutate=lambda d: d.assign(text=[" ".join(["good film"] * 500)] + list(d.text[1:])))
+    run_study(mk(model, data, ["ia3"], train={"epochs": 1}, data={"train_size": None, "validation_size": 16}),
+              tmp_path / "s")
+    plan = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert plan["data"]["truncated"]["train"] + plan["data"]["truncated"]["validation"] >= 1
+
+
+def test_qlora_without_4bit_support_is_skipped_and_the_study_goes_on(model, tmp_path, monkeypatch):
+    from conftest import run_study
+    from conftest import study as mk
+
+    from peftbench import models
+    monkeypatch.setattr(models, "quantization_supported", lambda device: "bitsandbytes is not usable here (test)")
+    res = run_study(mk(model, _data(tmp_path), ["qlora", "ia3"], train={"epochs": 1}), tmp_path / "s")
+    assert res[0]["status"] == "skipped" and "bitsandbytes is not usable" in res[0]["error"]
+    assert res[1]["status"] == "success"
+
+
+def test_labels_cannot_escape_the_study_folder(model, tmp_path):
+    from conftest import run_study
+    from conftest import study as mk
+    (res,) = run_study(mk(model, _data(tmp_path), [{"name": "ia3", "label": "../../escape"}],
+                          train={"epochs": 1}), tmp_path / "s")
+    run_dir = (tmp_path / "s" / "runs" / res["run_id"]).resolve()
+    assert run_dir.parent == (tmp_path / "s" / "runs").resolve() and run_dir.exists()
+    assert not (tmp_path / "escape").exists()
+
+
+if __name__ == "__main__":  # print the catalogue: case | message
+    import tempfile
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    base = Path(tempfile.mkdtemp())
+    m = make_tiny_encoder(base / "enc")
+    print("| # | case | exit | message |\n| --- | --- | --- | --- |")
+    for i, (case, setup, _) in enumerate(CASES, 1):
+        t = base / f"c{i}"
+        t.mkdir()
+        code, err = run_cli(setup(t, m))
+        msg = err.strip().splitlines()[-1].replace("peftbench: error: ", "").replace(str(t), "…")
+        print(f"| {i} | {case} | {code} | {msg.replace('|', '/')} |")
