@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from peftbench import cli, config
 from peftbench.errors import UserError
@@ -125,3 +127,32 @@ def test_seed_preset_is_the_starting_study():
     assert lora["options"]["r"] == 16 and lora["options"]["epochs"] == 3
     assert lora["options"]["targets"] == ["q", "k", "v"]
     assert (s["data"]["train_size"], s["data"]["test_size"]) == (3000, 2000)
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10, 10_000), st.floats(allow_nan=True),
+                     st.text(max_size=12))
+_values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                          st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+                       max_leaves=12)
+_keys = st.sampled_from(["model", "data", "methods", "train", "seeds", "lr_search", "device", "parallel",
+                         "name", "isolation", "report", "bogus"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_keys, _values, max_size=8))
+def test_validator_fuzz_only_ever_raises_user_errors(raw):
+    try:
+        config.validate(raw)
+    except UserError as e:
+        assert e.problems and all(isinstance(p, str) and p and "\n" not in p for p in e.problems)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_yaml_text_fuzz(tmp_path_factory, text):
+    f = tmp_path_factory.mktemp("fuzz") / "s.yaml"
+    f.write_text(text, encoding="utf-8")
+    try:
+        config.validate(config.load_yaml(f))
+    except UserError:
+        pass

@@ -160,3 +160,39 @@ def test_budget_view_on_constructed_histories():
     assert header[-1] == "train s to val acc 0.850"
     assert rows == [["fast", "0.8000", "0.8500", "2.0"], ["slow", "0.7000", "0.9000", "20.0"]]
     assert stats.time_to_accuracy(s["finals"][0]["history"], 0.99) is None
+
+
+def test_compare_and_recommend_commands(tiny_encoder, tiny_data, tmp_path, capsys):
+    from peftbench import cli
+    run_study(study(tiny_encoder, tiny_data, ["lora", "ia3"], train={"epochs": 1}, name="one"), tmp_path / "a")
+    run_study(study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1, "learning_rate": 1e-5}, name="two"),
+              tmp_path / "b")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp.md")])
+    assert e.value.code == 0
+    text = (tmp_path / "cmp.md").read_text()
+    assert text.count("| one (") == 2 and text.count("| two (") == 1 and "1.00e-05" in text
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["recommend", str(tmp_path / "a"), "--max-memory", "100TB"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("1. ") and "2. " in out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["recommend", str(tmp_path / "a"), "--min-accuracy", "1.01"])
+    out = capsys.readouterr().out
+    assert e.value.code == 1 and "No method satisfies" in out and "--min-accuracy is binding" in out
+
+
+def test_tensorboard_tracking_writes_per_step_scalars(tiny_encoder, tiny_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    (res,) = run_study(study(tiny_encoder, tiny_data, ["lora"], tracking="tensorboard", tracking_every=2),
+                       tmp_path / "s")
+    acc = EventAccumulator(str(tmp_path / "s" / "runs" / res["run_id"] / "tensorboard")).Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "train/samples_per_second", "train/tokens_per_second",
+            "validation/accuracy"} <= tags
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == list(range(2, res["metrics"]["steps"] + 1, 2))
+    assert all(e.value > 0 for e in acc.Scalars("train/loss"))
+    lrs = [e.value for e in acc.Scalars("train/learning_rate")]
+    assert lrs == sorted(lrs, reverse=True)  # linear decay

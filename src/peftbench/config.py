@@ -62,6 +62,8 @@ TOP_DEFAULTS: dict[str, Any] = {
     "device": "auto", "isolation": "process", "parallel": 1, "exclusive_finals": True,
     "trust_remote_code": False, "allow_pickle": False, "report": True,
     "max_oom_retries": 3,
+    "tracking": None,             # None, or "tensorboard": per-step loss, lr, throughput, memory (extra: tracking)
+    "tracking_every": 10,         # steps between logged points (each costs one host synchronisation)
 }
 LR_SEARCH_DEFAULTS = {"points": 5, "decades": 1.5, "seed": None}
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -252,6 +254,10 @@ def validate(raw: Any, base_dir: Path | None = None) -> dict:
         problems.append("isolation: must be `process` (each run in its own process) or `inline`")
     if not (_is_int(study["parallel"]) and study["parallel"] >= 1):
         problems.append(f"parallel: must be a positive integer, got {study['parallel']!r}")
+    if study["tracking"] not in (None, "tensorboard"):
+        problems.append(f"tracking: must be null or tensorboard, got {study['tracking']!r}")
+    if not (_is_int(study["tracking_every"]) and study["tracking_every"] > 0):
+        problems.append("tracking_every: must be a positive integer")
     if not (_is_int(study["max_oom_retries"]) and study["max_oom_retries"] >= 0):
         problems.append("max_oom_retries: must be an integer >= 0")
     for key in ("trust_remote_code", "allow_pickle", "report", "exclusive_finals"):

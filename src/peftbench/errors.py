@@ -8,7 +8,9 @@ class UserError(Exception):
     """
 
     def __init__(self, message: str | list[str]):
-        self.problems = [message] if isinstance(message, str) else list(message)
+        problems = [message] if isinstance(message, str) else list(message)
+        # A problem is one line even when it quotes user input that holds line breaks.
+        self.problems = [str(p).replace("\r", "\\r").replace("\n", "\\n") for p in problems]
         super().__init__("\n".join(self.problems))
 
 

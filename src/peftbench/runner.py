@@ -125,7 +125,7 @@ class Study:
                     tokens_file=str(self.tok_file) if self.tok_file else None,
                     texts_file=str(self._texts_file()) if method.kind == "tfidf" else None,
                     max_oom_retries=cfg["max_oom_retries"], checkpoint=True, verify_reload=True,
-                    isolation=cfg["isolation"],
+                    isolation=cfg["isolation"], tracking=cfg["tracking"], tracking_every=cfg["tracking_every"],
                     concurrent_runs=1 if role == "final" and cfg["exclusive_finals"] else cfg["parallel"])
         return spec
 

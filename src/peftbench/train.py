@@ -171,6 +171,62 @@ def _param_groups(model, lr: float, head_lr: float | None, weight_decay: float, 
             for (decay, is_head), ps in groups.items()]
 
 
+class Tracker:
+    """Optional live tracking through TensorBoard's own writer (study option `tracking: tensorboard`).
+
+    Every `tracking_every` steps it logs the mean loss since the last point, the learning rate, samples/s,
+    real tokens/s and (on CUDA) allocated memory. Off by default: reading the loss costs a host sync.
+    """
+
+    def __init__(self, run: dict, run_dir: Path, device: str):
+        self.writer = None
+        self.every = run.get("tracking_every", 10)
+        self.device = device
+        if run.get("tracking") == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from .errors import UserError
+                raise UserError("tracking: tensorboard needs the tensorboard package; pip install "
+                                "'peftbench[tracking]'") from None
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.last_loss = 0.0
+        self.samples = self.tokens = self.n_steps = 0
+        self.t0 = time.perf_counter()
+
+    def step(self, step: int, loss_sum, samples: int, tokens: int, lr: float) -> None:
+        if self.writer is None:
+            return
+        self.samples += samples
+        self.tokens += tokens
+        self.n_steps += 1
+        if step % self.every:
+            return
+        import torch
+        total = float(loss_sum.item())  # the one host sync, every `every` steps
+        dt = time.perf_counter() - self.t0
+        w = self.writer
+        w.add_scalar("train/loss", (total - self.last_loss) / self.n_steps, step)  # mean since the last point
+        w.add_scalar("train/learning_rate", lr, step)
+        w.add_scalar("train/samples_per_second", self.samples / dt, step)
+        w.add_scalar("train/tokens_per_second", self.tokens / dt, step)
+        if self.device.startswith("cuda"):
+            w.add_scalar("memory/allocated_mb", torch.cuda.memory_allocated() / 2**20, step)
+        self.last_loss, self.samples, self.tokens, self.n_steps = total, 0, 0, 0
+        self.t0 = time.perf_counter()
+
+    def epoch(self, epoch: int, record: dict) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar("validation/accuracy", record["validation_accuracy"], epoch)
+            self.writer.add_scalar("train/epoch_loss", record["train_loss"], epoch)
+            self.last_loss = 0.0  # the loss accumulator restarts each epoch: steps before it were logged
+            self.n_steps = 0
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 # ----------------------------------------------------------------------------------------- the run
 def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -> dict:
     """Train and evaluate one run; returns the `metrics`, `history` and artefact info for result.json.
@@ -249,6 +305,7 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
         bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=f"  {run['label']}",
                    unit="step", leave=False, dynamic_ncols=True)
     global_step = start_epoch * steps_per_epoch
+    tracker = Tracker(run, run_dir, device)
     for epoch in range(start_epoch, cfg["epochs"]):
         model.train()
         rng = np.random.default_rng([seed, epoch])
@@ -279,6 +336,8 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
             if method.step_hook:  # AdaLoRA reads the gradients to reallocate ranks: before zero_grad
                 model.base_model.update_and_allocate(global_step)
             optimizer.zero_grad(set_to_none=True)
+            tracker.step(global_step, loss_sum, len(batch), int(sum(min(lengths[j], max_len or 1 << 30) for j in batch)),
+                         scheduler.get_last_lr()[0])
             if bar is not None:
                 bar.update(1)
         _sync(device)
@@ -292,6 +351,7 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
         history.append({"epoch": epoch + 1, "train_loss": float(loss_sum.item() / len(batches)),
                         "validation_accuracy": val_acc, "epoch_seconds": epoch_seconds,
                         "cumulative_train_seconds": train_seconds, "learning_rate": scheduler.get_last_lr()[0]})
+        tracker.epoch(epoch + 1, history[-1])
         if bar is not None:
             bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val=f"{val_acc:.3f}")
         if cfg["select_best_epoch"] and val_acc > best["acc"]:
@@ -302,6 +362,7 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
         faults.after_epoch(run["run_id"], epoch + 1)
     if bar is not None:
         bar.close()
+    tracker.close()
 
     if cfg["select_best_epoch"] and best["state"] is not None:
         _load_trainable(model, {k: v.to(device) for k, v in best["state"].items()})
