@@ -6,7 +6,7 @@
 For each model and method, both recipes train the same model (built by peftbench, so the method is
 identical) on the same tokenized IMDb subset with batch 16, lr 2e-5, weight decay 0.01, linear
 schedule. (a) "trainer" is the starting study's recipe: transformers' Trainer, fp32, every review
-padded to max length 512. (b) "peftbench" is `train.train_run`: bf16 autocast, length-bucketed
+padded to max length (512 unless --max-length). (b) "peftbench" is `train.train_run`: bf16 autocast, length-bucketed
 batches padded to their longest item, fused AdamW. The roberta-base-shaped model is built from
 RobertaConfig with roberta-base's values and random weights (no download): its accuracy means
 nothing, its time and memory are roberta-base's. It is fed the MiniLM tokenizer's ids (all < 30522),
@@ -125,6 +125,7 @@ def main() -> None:
     ap.add_argument("--recipes", default="trainer,peftbench")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--train-size", type=int, default=3000)
+    ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--compile", action="store_true", help="also run peftbench with torch.compile")
     ap.add_argument("--pad-multiples", default="", help="also run peftbench padding to these multiples, e.g. 128,512")
     a = ap.parse_args()
@@ -137,7 +138,7 @@ def main() -> None:
         path = a.minilm if model_name == "minilm" else str(roberta_shaped(work / "roberta"))
         raw = {"model": a.minilm, "data": {"path": a.data, "train_size": a.train_size, "validation_size": 200,
                                            "test_size": 200},
-               "methods": ["full"], "train": {"max_length": 512, "batch_size": 16, "learning_rate": 2e-5,
+               "methods": ["full"], "train": {"max_length": a.max_length, "batch_size": 16, "learning_rate": 2e-5,
                                               "weight_decay": 0.01, "warmup_ratio": 0.0}, "device": device}
         study = Study(config.validate(raw), work / f"study-{model_name}")
         study.out.mkdir(parents=True, exist_ok=True)
@@ -157,7 +158,7 @@ def main() -> None:
                 spec["pad_token_id"] = 1 if model_name == "roberta" else study.pad_token_id
                 try:
                     if recipe == "trainer":
-                        r = run_trainer(spec, tok, spec["pad_token_id"], a.epochs, 512)
+                        r = run_trainer(spec, tok, spec["pad_token_id"], a.epochs, a.max_length)
                     else:
                         r = run_peftbench(spec, tok)
                     status = "success"
