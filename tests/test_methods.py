@@ -89,3 +89,17 @@ def test_every_method_names_its_source():
         assert m.source and m.description
         if m.kind != "tfidf":
             assert m.learning_rate and m.learning_rate > 0
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_three_classes_with_string_labels_on_a_decoder(method, tiny_decoder, tmp_path):
+    from conftest import write_dataset
+    data = write_dataset(tmp_path / "d3", "csv", n_train=180, n_test=90, classes=3, string_labels=True)
+    (res,) = run_study(study(tiny_decoder, data, [method], data={"train_size": 150, "validation_size": 30,
+                                                                  "test_size": 90}), tmp_path / "s")
+    assert res["status"] == "success", res.get("error")
+    assert res["config"]["label_names"] == ["mixed", "neg", "pos"]
+    assert set(res["test_predictions"]) <= {0, 1, 2} and res["reload_check"]["identical_predictions"]
+    run_dir = tmp_path / "s" / "runs" / res["run_id"]
+    out = predict_texts(run_dir, ["good great film"])
+    assert set(out[0]["probabilities"]) == {"mixed", "neg", "pos"}

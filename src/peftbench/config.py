@@ -60,6 +60,7 @@ TOP_DEFAULTS: dict[str, Any] = {
     "name": None, "description": None, "model": None,
     "seeds": [42], "lr_search": False,
     "device": "auto", "isolation": "process", "parallel": 1, "exclusive_finals": True,
+    "executor": "local", "ray_address": None, "ray_cpus_per_run": 1,
     "trust_remote_code": False, "allow_pickle": False, "report": True,
     "max_oom_retries": 3,
     "tracking": None,             # None, or "tensorboard": per-step loss, lr, throughput, memory (extra: tracking)
@@ -254,6 +255,14 @@ def validate(raw: Any, base_dir: Path | None = None) -> dict:
         problems.append("isolation: must be `process` (each run in its own process) or `inline`")
     if not (_is_int(study["parallel"]) and study["parallel"] >= 1):
         problems.append(f"parallel: must be a positive integer, got {study['parallel']!r}")
+    if study["executor"] not in ("local", "ray"):
+        problems.append(f"executor: must be local or ray, got {study['executor']!r}")
+    if study["ray_address"] is not None and not isinstance(study["ray_address"], str):
+        problems.append("ray_address: must be an address string such as auto or ray://host:10001")
+    if not (_is_int(study["ray_cpus_per_run"]) and study["ray_cpus_per_run"] >= 1):
+        problems.append("ray_cpus_per_run: must be a positive integer")
+    if study["executor"] == "ray" and study["isolation"] == "inline":
+        problems.append("isolation: inline cannot be used with executor: ray (each Ray task runs a worker process)")
     if study["tracking"] not in (None, "tensorboard"):
         problems.append(f"tracking: must be null or tensorboard, got {study['tracking']!r}")
     if not (_is_int(study["tracking_every"]) and study["tracking_every"] > 0):

@@ -4,6 +4,7 @@ PEFTBENCH_INJECT_FAULT="<text in run id>:<fault>", faults:
   segv                  the worker dies with a segmentation fault as the run starts
   exit_after_epoch=N    the worker is killed (os._exit) right after epoch N's checkpoint is written
   oom_above=N           every training step with a micro-batch above N raises torch.OutOfMemoryError
+  ray_task_dies_once    the Ray task process exits before starting its worker, the first time only
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import os
 
 
-def _active(run_id: str) -> tuple[str, str] | None:
-    spec = os.environ.get("PEFTBENCH_INJECT_FAULT")
+def _active(run_id: str, spec: str | None = None) -> tuple[str, str] | None:
+    spec = spec if spec is not None else os.environ.get("PEFTBENCH_INJECT_FAULT")
     if not spec or ":" not in spec:
         return None
     where, fault = spec.split(":", 1)
@@ -37,3 +38,11 @@ def before_step(run_id: str, micro_batch: int) -> None:
     if f and f[0] == "oom_above" and micro_batch > int(f[1]):
         import torch
         raise torch.OutOfMemoryError("CUDA out of memory (injected by PEFTBENCH_INJECT_FAULT)")
+
+
+def in_ray_task(run_dir: str, spec: str | None) -> None:
+    f = _active(run_dir, spec)
+    marker = os.path.join(run_dir, ".ray-task-died")
+    if f and f[0] == "ray_task_dies_once" and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)

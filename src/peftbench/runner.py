@@ -125,7 +125,8 @@ class Study:
                     tokens_file=str(self.tok_file) if self.tok_file else None,
                     texts_file=str(self._texts_file()) if method.kind == "tfidf" else None,
                     max_oom_retries=cfg["max_oom_retries"], checkpoint=True, verify_reload=True,
-                    isolation=cfg["isolation"], tracking=cfg["tracking"], tracking_every=cfg["tracking_every"],
+                    isolation=cfg["isolation"], executor=cfg["executor"],
+                    tracking=cfg["tracking"], tracking_every=cfg["tracking_every"],
                     concurrent_runs=1 if role == "final" and cfg["exclusive_finals"] else cfg["parallel"])
         return spec
 
@@ -175,7 +176,12 @@ class Study:
             bar.write(_one_line(res))
             return res
 
-        if parallel > 1 and len(todo) > 1:
+        if self.cfg["executor"] == "ray" and todo:
+            def on_done(res):
+                bar.update(1)
+                bar.write(_one_line(res))
+            new = self._execute_ray(todo, on_done)
+        elif parallel > 1 and len(todo) > 1:
             with ThreadPoolExecutor(parallel) as pool:
                 new = list(pool.map(one, todo))
         else:
@@ -190,35 +196,59 @@ class Study:
         return 1 if finals and self.cfg["exclusive_finals"] else self.cfg["parallel"]
 
     def _execute_one(self, spec: dict, progress: bool) -> dict:
-        rdir = self.out / "runs" / spec["run_id"]
-        rdir.mkdir(parents=True, exist_ok=True)
-        store.atomic_write_json(rdir / "spec.json", spec)
+        rdir = self._prepare_run_dir(spec)
         if self.cfg["isolation"] == "inline":
             from .worker import execute_run
             return execute_run(rdir, progress=progress)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-                   TRANSFORMERS_VERBOSITY="error", PEFTBENCH_PROGRESS="1" if progress else "0")
-        proc = subprocess.run([sys.executable, "-m", "peftbench.worker", str(rdir)], env=env,
-                              stdin=subprocess.DEVNULL)
-        result = store.read_result(rdir / "result.json")
-        if result is not None and result.get("config_hash") == spec["config_hash"] and \
-                result.get("finished_at", 0) >= result.get("started_at", 0) and proc.returncode == 0:
-            return result
-        # The worker died without writing its result (segfault, kill, host out of memory): record that.
-        from .worker import base_result
-        crash = [ln for ln in (rdir / "crash.log").read_text(errors="replace").splitlines() if ln.strip()][:1] \
-            if (rdir / "crash.log").exists() else []
-        sig = -proc.returncode if proc.returncode < 0 else None
-        if sig:
-            import signal
-            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else "?"
-            why = f"killed by {name} (signal {sig})" + (" - out of host memory?" if sig == 9 else "")
-        else:
-            why = f"exited with status {proc.returncode}"
-        result = {**base_result(spec), "status": "failed",
-                  "error": f"worker {why} without writing a result" + (f": {crash[0]}" if crash else "")}
-        store.atomic_write_json(rdir / "result.json", result)
-        return result
+        return collect(spec, rdir, launch_worker(str(rdir), progress, {}))
+
+    def _prepare_run_dir(self, spec: dict) -> Path:
+        rdir = self.out / "runs" / spec["run_id"]
+        rdir.mkdir(parents=True, exist_ok=True)
+        store.atomic_write_json(rdir / "spec.json", spec)
+        return rdir
+
+    def _execute_ray(self, todo: list[dict], on_done) -> list[dict]:
+        """Every run becomes a Ray task (one GPU each on CUDA, `ray_cpus_per_run` CPUs otherwise).
+
+        The task runs the same worker process as the local executor, so crash isolation and result files
+        are the same; a task whose Ray worker dies is retried once, then recorded as failed. The study
+        folder must be on storage the Ray nodes share (as the token cache and spec files are read there).
+        """
+        try:
+            import ray
+        except ImportError:
+            raise UserError("executor: ray needs the ray package; pip install 'peftbench[ray]'") from None
+        if not ray.is_initialized():
+            ray.init(address=self.cfg["ray_address"], include_dashboard=False, log_to_driver=False,
+                     ignore_reinit_error=True)
+        cpus = self.cfg["ray_cpus_per_run"]
+        opts = {"num_gpus": 1, "num_cpus": 1} if self.device.startswith("cuda") else {"num_cpus": cpus}
+        task = ray.remote(max_retries=1, **opts)(ray_task)
+        env = {k: v for k, v in os.environ.items() if k.startswith(("PEFTBENCH_", "HF_", "TRANSFORMERS_"))}
+        env.setdefault("OMP_NUM_THREADS", str(cpus))
+        refs = {task.remote(str(self._prepare_run_dir(s)), env): s for s in todo}
+        out: dict[str, dict] = {}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            spec = refs[done[0]]
+            rdir = self.out / "runs" / spec["run_id"]
+            try:
+                returncode, remote = ray.get(done[0])
+                if remote is not None and store.read_result(rdir / "result.json") is None:
+                    store.atomic_write_json(rdir / "result.json", remote)  # a node without the shared folder
+                result = collect(spec, rdir, returncode)
+            except ray.exceptions.RayError as e:
+                from .worker import base_result
+                import re
+                first = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0] if str(e) else "")[:200]
+                result = {**base_result(spec), "status": "failed",
+                          "error": f"Ray task failed after a retry: {type(e).__name__}: {first}"}
+                store.atomic_write_json(rdir / "result.json", result)
+            out[spec["run_id"]] = result
+            on_done(result)
+        return [out[s["run_id"]] for s in todo]
 
     # ---------------------------------------------------------------- the whole study
     def run(self) -> list[dict]:
@@ -243,6 +273,48 @@ class Study:
                     "device": self.device, "wall_seconds": time.perf_counter() - t0}
             store.atomic_write_json(self.out / "study.json", plan)
             return trial_results + final_results
+
+
+def worker_env(progress: bool, extra: dict) -> dict:
+    return {**os.environ, **extra, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+            "TRANSFORMERS_VERBOSITY": "error", "PEFTBENCH_PROGRESS": "1" if progress else "0"}
+
+
+def launch_worker(run_dir: str, progress: bool, extra_env: dict) -> int:
+    """Run one planned run in a fresh process (`python -m peftbench.worker RUN_DIR`); its exit status."""
+    proc = subprocess.run([sys.executable, "-m", "peftbench.worker", run_dir], env=worker_env(progress, extra_env),
+                          stdin=subprocess.DEVNULL)
+    return proc.returncode
+
+
+def ray_task(run_dir: str, env: dict) -> tuple[int, dict | None]:
+    """A Ray task: the same worker process as the local executor; returns its status and result."""
+    from . import faults
+    faults.in_ray_task(run_dir, env.get("PEFTBENCH_INJECT_FAULT"))
+    code = launch_worker(run_dir, False, env)
+    return code, store.read_result(Path(run_dir) / "result.json")
+
+
+def collect(spec: dict, rdir: Path, returncode: int) -> dict:
+    """The run's result; if the worker died without writing one (segfault, kill, host OOM), record that."""
+    result = store.read_result(rdir / "result.json")
+    if result is not None and result.get("config_hash") == spec["config_hash"] and \
+            result.get("finished_at", 0) >= result.get("started_at", 0) and returncode == 0:
+        return result
+    from .worker import base_result
+    crash = [ln for ln in (rdir / "crash.log").read_text(errors="replace").splitlines() if ln.strip()][:1] \
+        if (rdir / "crash.log").exists() else []
+    sig = -returncode if returncode < 0 else None
+    if sig:
+        import signal
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else "?"
+        why = f"killed by {name} (signal {sig})" + (" - out of host memory?" if sig == 9 else "")
+    else:
+        why = f"exited with status {returncode}"
+    result = {**base_result(spec), "status": "failed",
+              "error": f"worker {why} without writing a result" + (f": {crash[0]}" if crash else "")}
+    store.atomic_write_json(rdir / "result.json", result)
+    return result
 
 
 def select_learning_rates(trials: list[dict]) -> dict[str, float]:
