@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
         for line in e.problems:
             print(f"peftbench: error: {line}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # output piped into `head` and the like: not an error of ours
+        sys.stderr.close()
+        sys.exit(0)
     except KeyboardInterrupt:
         print("peftbench: interrupted; finished runs are kept, rerun the same command to continue", file=sys.stderr)
         sys.exit(130)

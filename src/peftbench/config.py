@@ -83,7 +83,7 @@ def _unknown(section: str, key: str, known) -> str:
     close = difflib.get_close_matches(str(key), list(known), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     where = f"{section}.{key}" if section else str(key)
-    if len(known) > 20:  # a PEFT config has dozens of fields: name the likely one, not all of them
+    if section.startswith("methods[") and len(known) > 20:  # a PEFT config has dozens of fields: not all
         return f"{where}: unknown key{hint}; `peftbench methods` shows each method's options"
     return f"{where}: unknown key{hint}; allowed: {', '.join(sorted(known))}"
 
