@@ -61,7 +61,7 @@ def build_study(args) -> tuple[dict, Path]:
         raw["seeds"] = _parse_seeds(args.seeds)
     if args.lr_search:
         raw["lr_search"] = True
-    for key in ("device", "parallel", "isolation", "executor"):
+    for key in ("device", "parallel", "isolation", "executor", "gpus_per_run"):
         if getattr(args, key) is not None:
             raw[key] = getattr(args, key)
     if args.address is not None:
@@ -169,6 +169,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--parallel", type=int, help="runs at once on one device (timings flagged as concurrent)")
     r.add_argument("--isolation", choices=["process", "inline"], help="a fresh process per run (default) or inline")
     r.add_argument("--executor", choices=["local", "ray"], help="run locally (default) or as Ray tasks")
+    r.add_argument("--gpus-per-run", type=int, help="data-parallel training of each run over N GPUs (torchrun); "
+                   "the batch stays batch_size examples per optimizer step")
     r.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     r.add_argument("--no-report", action="store_true", help="skip writing the HTML/Markdown report")
     r.set_defaults(func=cmd_run)

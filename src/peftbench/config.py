@@ -61,6 +61,7 @@ TOP_DEFAULTS: dict[str, Any] = {
     "seeds": [42], "lr_search": False,
     "device": "auto", "isolation": "process", "parallel": 1, "exclusive_finals": True,
     "executor": "local", "ray_address": None, "ray_cpus_per_run": 1,
+    "gpus_per_run": 1,            # > 1: data-parallel over that many GPUs via torchrun (gloo processes on CPU)
     "trust_remote_code": False, "allow_pickle": False, "report": True,
     "max_oom_retries": 3,
     "tracking": None,             # None, or "tensorboard": per-step loss, lr, throughput, memory (extra: tracking)
@@ -261,6 +262,10 @@ def validate(raw: Any, base_dir: Path | None = None) -> dict:
         problems.append("ray_address: must be an address string such as auto or ray://host:10001")
     if not (_is_int(study["ray_cpus_per_run"]) and study["ray_cpus_per_run"] >= 1):
         problems.append("ray_cpus_per_run: must be a positive integer")
+    if not (_is_int(study["gpus_per_run"]) and study["gpus_per_run"] >= 1):
+        problems.append(f"gpus_per_run: must be a positive integer, got {study['gpus_per_run']!r}")
+    elif study["gpus_per_run"] > 1 and study["isolation"] == "inline":
+        problems.append("gpus_per_run > 1 needs isolation: process (torchrun starts the processes)")
     if study["executor"] == "ray" and study["isolation"] == "inline":
         problems.append("isolation: inline cannot be used with executor: ray (each Ray task runs a worker process)")
     if study["tracking"] not in (None, "tensorboard"):

@@ -118,6 +118,7 @@ class Study:
             "label_names": self.data.label_names, "device_type": self.device.split(":")[0],
             "pad_token_id": self.pad_token_id, "effective_max_length": eff,
             "trust_remote_code": cfg["trust_remote_code"], "allow_pickle": cfg["allow_pickle"],
+            "world_size": cfg["gpus_per_run"],
         }
         spec["config_hash"] = config_hash(spec)
         # Not part of the hash: where things are and how the run is executed.
@@ -200,7 +201,8 @@ class Study:
         if self.cfg["isolation"] == "inline":
             from .worker import execute_run
             return execute_run(rdir, progress=progress)
-        return collect(spec, rdir, launch_worker(str(rdir), progress, {}))
+        launched = time.time()
+        return collect(spec, rdir, launch_worker(str(rdir), progress, {}, spec["world_size"]), launched)
 
     def _prepare_run_dir(self, spec: dict) -> Path:
         rdir = self.out / "runs" / spec["run_id"]
@@ -223,10 +225,12 @@ class Study:
             ray.init(address=self.cfg["ray_address"], include_dashboard=False, log_to_driver=False,
                      ignore_reinit_error=True)
         cpus = self.cfg["ray_cpus_per_run"]
-        opts = {"num_gpus": 1, "num_cpus": 1} if self.device.startswith("cuda") else {"num_cpus": cpus}
+        n = self.cfg["gpus_per_run"]
+        opts = {"num_gpus": n, "num_cpus": n} if self.device.startswith("cuda") else {"num_cpus": cpus * n}
         task = ray.remote(max_retries=1, **opts)(ray_task)
         env = {k: v for k, v in os.environ.items() if k.startswith(("PEFTBENCH_", "HF_", "TRANSFORMERS_"))}
         env.setdefault("OMP_NUM_THREADS", str(cpus))
+        launched = time.time()
         refs = {task.remote(str(self._prepare_run_dir(s)), env): s for s in todo}
         out: dict[str, dict] = {}
         pending = list(refs)
@@ -238,7 +242,7 @@ class Study:
                 returncode, remote = ray.get(done[0])
                 if remote is not None and store.read_result(rdir / "result.json") is None:
                     store.atomic_write_json(rdir / "result.json", remote)  # a node without the shared folder
-                result = collect(spec, rdir, returncode)
+                result = collect(spec, rdir, returncode, launched)
             except ray.exceptions.RayError as e:
                 from .worker import base_result
                 import re
@@ -280,27 +284,35 @@ def worker_env(progress: bool, extra: dict) -> dict:
             "TRANSFORMERS_VERBOSITY": "error", "PEFTBENCH_PROGRESS": "1" if progress else "0"}
 
 
-def launch_worker(run_dir: str, progress: bool, extra_env: dict) -> int:
-    """Run one planned run in a fresh process (`python -m peftbench.worker RUN_DIR`); its exit status."""
-    proc = subprocess.run([sys.executable, "-m", "peftbench.worker", run_dir], env=worker_env(progress, extra_env),
-                          stdin=subprocess.DEVNULL)
+def launch_worker(run_dir: str, progress: bool, extra_env: dict, nproc: int = 1) -> int:
+    """Run one planned run in a fresh process (`python -m peftbench.worker RUN_DIR`); its exit status.
+
+    With nproc > 1 the worker is started by torchrun as nproc data-parallel processes (one per GPU).
+    """
+    cmd = [sys.executable, "-m", "peftbench.worker", run_dir]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "peftbench.worker", run_dir]
+    proc = subprocess.run(cmd, env=worker_env(progress, extra_env), stdin=subprocess.DEVNULL)
     return proc.returncode
 
 
-def ray_task(run_dir: str, env: dict) -> tuple[int, dict | None]:
+def ray_task(run_dir: str, env: dict) -> tuple[int, dict | None]:  # noqa: D401
     """A Ray task: the same worker process as the local executor; returns its status and result."""
     from . import faults
     faults.in_ray_task(run_dir, env.get("PEFTBENCH_INJECT_FAULT"))
-    code = launch_worker(run_dir, False, env)
+    spec = json.loads((Path(run_dir) / "spec.json").read_text())
+    code = launch_worker(run_dir, False, env, spec.get("world_size", 1))
     return code, store.read_result(Path(run_dir) / "result.json")
 
 
-def collect(spec: dict, rdir: Path, returncode: int) -> dict:
+def collect(spec: dict, rdir: Path, returncode: int, launched_at: float = 0.0) -> dict:
     """The run's result; if the worker died without writing one (segfault, kill, host OOM), record that."""
     result = store.read_result(rdir / "result.json")
-    if result is not None and result.get("config_hash") == spec["config_hash"] and \
-            result.get("finished_at", 0) >= result.get("started_at", 0) and returncode == 0:
-        return result
+    fresh = result is not None and result.get("config_hash") == spec["config_hash"] and \
+        (result.get("started_at") or 0) >= launched_at and (result.get("finished_at") or 0) >= result["started_at"]
+    if fresh and (returncode == 0 or result["status"] != "success"):
+        return result  # the worker's own account (a failing data-parallel run exits non-zero after writing it)
     from .worker import base_result
     crash = [ln for ln in (rdir / "crash.log").read_text(errors="replace").splitlines() if ln.strip()][:1] \
         if (rdir / "crash.log").exists() else []

@@ -241,6 +241,7 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
     cfg = run["train"]
     device = run["device"]
     seed = run["seed"]
+    rank, world = dist_info()
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     if device.startswith("cuda"):
@@ -273,6 +274,9 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
     warmup = int(round(cfg["warmup_ratio"] * total_steps))
     scheduler = get_scheduler(cfg["scheduler"], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     fwd = torch.compile(model, dynamic=True) if cfg.get("compile") else model
+    if world > 1:  # data parallel: each process takes every world-th item of each batch of `batch_size`
+        from torch.nn.parallel import DistributedDataParallel
+        fwd = DistributedDataParallel(fwd, device_ids=[torch.device(device).index] if dev_type == "cuda" else None)
     # Padding granularity. On the H200 (benchmarks/results/h200-padding.json) multiples of 8 - many distinct
     # shapes - ran 2.6-2.8x slower than multiples of 64 or fixed padding: there, each new shape costs more
     # than the padding saves. On the CPU, compute-bound, fine buckets pay. max_length means fixed padding.
@@ -300,12 +304,12 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
     labels_train = torch.from_numpy(tok.labels["train"])
     pin = dev_type == "cuda"
     bar = None
-    if progress and os.environ.get("PEFTBENCH_PROGRESS", "1") != "0":
+    if progress and rank == 0 and os.environ.get("PEFTBENCH_PROGRESS", "1") != "0":
         from tqdm.auto import tqdm
         bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=f"  {run['label']}",
                    unit="step", leave=False, dynamic_ncols=True)
     global_step = start_epoch * steps_per_epoch
-    tracker = Tracker(run, run_dir, device)
+    tracker = Tracker(run if rank == 0 else {}, run_dir, device)
     for epoch in range(start_epoch, cfg["epochs"]):
         model.train()
         rng = np.random.default_rng([seed, epoch])
@@ -315,8 +319,11 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
         t0 = time.perf_counter()
         for batch in batches:
             faults.before_step(run["run_id"], micro)
-            for m0 in range(0, len(batch), micro):
-                part = batch[m0:m0 + micro]
+            mine, weight = batch[rank::world], 1.0
+            if not len(mine):  # every process must join each gradient all-reduce, even with no item
+                mine, weight = batch[:1], 0.0
+            for m0 in range(0, len(mine), micro):
+                part = mine[m0:m0 + micro]
                 ids, mask = collate([ids_train[j] for j in part], pad_id, multiple=pad_multiple, max_len=max_len)
                 y = labels_train[part]
                 if pin:
@@ -325,7 +332,8 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
                     out = fwd(input_ids=ids.to(device, non_blocking=True),
                               attention_mask=mask.to(device, non_blocking=True),
                               labels=y.to(device, non_blocking=True))
-                loss = out.loss * (len(part) / len(batch))
+                # Weighted so that DDP's mean over processes gives the mean over the whole batch.
+                loss = out.loss * (len(part) / len(batch) * world * weight)
                 loss.backward()
                 loss_sum += loss.detach()
             if cfg["max_grad_norm"]:
@@ -343,6 +351,10 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
         _sync(device)
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
+        if world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(loss_sum)
+            loss_sum /= world
 
         t1 = time.perf_counter()
         val_logits = predict_logits(model, tok.ids["validation"], cfg["eval_batch_size"], device, amp, pad_id, max_len)
@@ -356,7 +368,7 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
             bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val=f"{val_acc:.3f}")
         if cfg["select_best_epoch"] and val_acc > best["acc"]:
             best = {"acc": val_acc, "epoch": epoch + 1, "state": {k: v.cpu() for k, v in _trainable_state(model).items()}}
-        if run.get("checkpoint", True) and epoch + 1 < cfg["epochs"]:
+        if run.get("checkpoint", True) and epoch + 1 < cfg["epochs"] and rank == 0:
             _save_checkpoint(ckpt_path, run, model, optimizer, scheduler, epoch, history, train_seconds,
                              val_seconds, best)
         faults.after_epoch(run["run_id"], epoch + 1)
@@ -385,7 +397,8 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
     metrics["train_model_flops"] = flops_tok * real_tokens_epoch * cfg["epochs"]
     if dev_type == "cuda":
         peak = _peak_flops(torch.cuda.get_device_name())
-        metrics["mfu"] = (metrics["train_model_flops"] / train_seconds / peak) if peak and train_seconds else None
+        metrics["mfu"] = (metrics["train_model_flops"] / train_seconds / (peak * world)) \
+            if peak and train_seconds else None
 
     test = {}
     if run["evaluate_test"]:
@@ -406,6 +419,19 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
     else:
         metrics["peak_memory_allocated_mb"] = metrics["peak_memory_reserved_mb"] = None
     metrics["peak_host_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    metrics["world_size"] = world
+    if world > 1:  # memory is per device: keep each process's peaks, headline the largest
+        import torch.distributed as dist
+        keys = ("peak_memory_allocated_mb", "peak_memory_reserved_mb", "peak_host_rss_mb")
+        per: list = [None] * world
+        dist.all_gather_object(per, {k: metrics[k] for k in keys})
+        metrics["per_process"] = per
+        for k in keys:
+            vals = [p[k] for p in per if p[k] is not None]
+            metrics[k] = max(vals) if vals else None
+        if rank != 0:  # rank 0 saves, verifies and reports
+            return {"metrics": metrics, "history": history, "artefact": None, "reload_check": None,
+                    "test_predictions": None}
 
     artefact = save_model(model, run, run_dir)
     metrics["adapter_size_mb"] = dir_size_mb(run_dir / artefact)
@@ -417,6 +443,14 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
     del model, fwd, optimizer
     return {"metrics": metrics, "history": history, "artefact": artefact, "reload_check": reload,
             "test_predictions": test.get("predictions")}
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside `torchrun`."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _base_config(model):

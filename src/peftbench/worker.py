@@ -104,6 +104,9 @@ def _run_with_retries(spec: dict, run_dir: Path, progress: bool, attempts: list[
 def execute_run(run_dir: Path, progress: bool = True) -> dict:
     run_dir = Path(run_dir)
     spec = json.loads((run_dir / "spec.json").read_text())
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and spec["device"].startswith("cuda"):
+        spec["device"] = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     result = base_result(spec)
     attempts: list[dict] = []
     faults.at_start(spec["run_id"])
@@ -127,13 +130,18 @@ def execute_run(run_dir: Path, progress: bool = True) -> dict:
     result["config"]["micro_batch_size_used"] = spec["train"].get("micro_batch_size")
     result["environment"] = environment(spec["device"])
     result["finished_at"] = time.time()
-    store.atomic_write_json(run_dir / "result.json", result)
+    if rank == 0:
+        store.atomic_write_json(run_dir / "result.json", result)
+    if world > 1 and result["status"] != "success":
+        sys.exit(1)  # let torchrun stop the other processes instead of leaving them in a collective
     return result
 
 
 def main() -> None:
     run_dir = Path(sys.argv[1])
-    crash = open(run_dir / "crash.log", "w")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    log_name = "crash.log" if rank == 0 else f"crash-rank{rank}.log"
+    crash = open(run_dir / log_name, "w")
     faulthandler.enable(file=crash)  # a segfault leaves its stack here for the parent to report
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import warnings
@@ -144,11 +152,20 @@ def main() -> None:
         hf_logging.disable_progress_bar()
     except Exception:
         pass
+    if world > 1:  # launched by torchrun for `gpus_per_run` > 1
+        import torch
+        import torch.distributed as dist
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     execute_run(run_dir, progress=os.environ.get("PEFTBENCH_PROGRESS", "1") == "1")
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
     faulthandler.disable()
     crash.close()
-    if (run_dir / "crash.log").stat().st_size == 0:
-        (run_dir / "crash.log").unlink()
+    if (run_dir / log_name).stat().st_size == 0:
+        (run_dir / log_name).unlink()
 
 
 if __name__ == "__main__":
