@@ -171,17 +171,16 @@ class Study:
         bar = tqdm(total=len(todo), desc=desc, unit="run", dynamic_ncols=True, disable=not todo)
         parallel = self.concurrency(specs)
 
-        def one(spec):
-            res = self._execute_one(spec, progress=parallel == 1)
+        def finished(res):
             bar.update(1)
             bar.write(_one_line(res))
             return res
 
+        def one(spec):
+            return finished(self._execute_one(spec, progress=parallel == 1))
+
         if self.cfg["executor"] == "ray" and todo:
-            def on_done(res):
-                bar.update(1)
-                bar.write(_one_line(res))
-            new = self._execute_ray(todo, on_done)
+            new = self._execute_ray(todo, finished)
         elif parallel > 1 and len(todo) > 1:
             with ThreadPoolExecutor(parallel) as pool:
                 new = list(pool.map(one, todo))
@@ -297,7 +296,7 @@ def launch_worker(run_dir: str, progress: bool, extra_env: dict, nproc: int = 1)
     return proc.returncode
 
 
-def ray_task(run_dir: str, env: dict) -> tuple[int, dict | None]:  # noqa: D401
+def ray_task(run_dir: str, env: dict) -> tuple[int, dict | None]:
     """A Ray task: the same worker process as the local executor; returns its status and result."""
     from . import faults
     faults.in_ray_task(run_dir, env.get("PEFTBENCH_INJECT_FAULT"))
