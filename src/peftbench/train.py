@@ -194,11 +194,11 @@ class Tracker:
         self.samples = self.tokens = self.n_steps = 0
         self.t0 = time.perf_counter()
 
-    def step(self, step: int, loss_sum, samples: int, tokens: int, lr: float) -> None:
-        if self.writer is None:
+    def step(self, step: int, loss_sum, batch, lengths, max_len: int | None, scheduler) -> None:
+        if self.writer is None:  # off: nothing computed on the hot path
             return
-        self.samples += samples
-        self.tokens += tokens
+        self.samples += len(batch)
+        self.tokens += int(np.minimum(lengths[batch], max_len or 1 << 30).sum())
         self.n_steps += 1
         if step % self.every:
             return
@@ -207,7 +207,7 @@ class Tracker:
         dt = time.perf_counter() - self.t0
         w = self.writer
         w.add_scalar("train/loss", (total - self.last_loss) / self.n_steps, step)  # mean since the last point
-        w.add_scalar("train/learning_rate", lr, step)
+        w.add_scalar("train/learning_rate", scheduler.get_last_lr()[0], step)
         w.add_scalar("train/samples_per_second", self.samples / dt, step)
         w.add_scalar("train/tokens_per_second", self.tokens / dt, step)
         if self.device.startswith("cuda"):
@@ -344,8 +344,7 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
             if method.step_hook:  # AdaLoRA reads the gradients to reallocate ranks: before zero_grad
                 model.base_model.update_and_allocate(global_step)
             optimizer.zero_grad(set_to_none=True)
-            tracker.step(global_step, loss_sum, len(batch), int(sum(min(lengths[j], max_len or 1 << 30) for j in batch)),
-                         scheduler.get_last_lr()[0])
+            tracker.step(global_step, loss_sum, batch, lengths, max_len, scheduler)
             if bar is not None:
                 bar.update(1)
         _sync(device)
