@@ -243,12 +243,9 @@ class Study:
                     store.atomic_write_json(rdir / "result.json", remote)  # a node without the shared folder
                 result = collect(spec, rdir, returncode, launched)
             except ray.exceptions.RayError as e:
-                from .worker import base_result
                 import re
                 first = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0] if str(e) else "")[:200]
-                result = {**base_result(spec), "status": "failed",
-                          "error": f"Ray task failed after a retry: {type(e).__name__}: {first}"}
-                store.atomic_write_json(rdir / "result.json", result)
+                result = record_failure(spec, rdir, f"Ray task failed after a retry: {type(e).__name__}: {first}")
             out[spec["run_id"]] = result
             on_done(result)
         return [out[s["run_id"]] for s in todo]
@@ -312,7 +309,6 @@ def collect(spec: dict, rdir: Path, returncode: int, launched_at: float = 0.0) -
         (result.get("started_at") or 0) >= launched_at and (result.get("finished_at") or 0) >= result["started_at"]
     if fresh and (returncode == 0 or result["status"] != "success"):
         return result  # the worker's own account (a failing data-parallel run exits non-zero after writing it)
-    from .worker import base_result
     crash = [ln for ln in (rdir / "crash.log").read_text(errors="replace").splitlines() if ln.strip()][:1] \
         if (rdir / "crash.log").exists() else []
     sig = -returncode if returncode < 0 else None
@@ -322,8 +318,13 @@ def collect(spec: dict, rdir: Path, returncode: int, launched_at: float = 0.0) -
         why = f"killed by {name} (signal {sig})" + (" - out of host memory?" if sig == 9 else "")
     else:
         why = f"exited with status {returncode}"
-    result = {**base_result(spec), "status": "failed",
-              "error": f"worker {why} without writing a result" + (f": {crash[0]}" if crash else "")}
+    return record_failure(spec, rdir, f"worker {why} without writing a result" + (f": {crash[0]}" if crash else ""))
+
+
+def record_failure(spec: dict, rdir: Path, error: str) -> dict:
+    """Write (and return) a `failed` result for a run whose worker could not write its own."""
+    from .worker import base_result
+    result = {**base_result(spec), "status": "failed", "error": error}
     store.atomic_write_json(rdir / "result.json", result)
     return result
 

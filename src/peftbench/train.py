@@ -400,7 +400,7 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
             if peak and train_seconds else None
 
     test = {}
-    if run["evaluate_test"]:
+    if run["evaluate_test"] and rank == 0:  # in data-parallel runs only rank 0 scores, saves and reports
         _sync(device)
         t2 = time.perf_counter()
         logits = predict_logits(model, tok.ids["test"], cfg["eval_batch_size"], device, amp, pad_id, max_len)

@@ -101,10 +101,15 @@ def _run_with_retries(spec: dict, run_dir: Path, progress: bool, attempts: list[
     raise AssertionError("unreachable")
 
 
+def rank_world() -> tuple[int, int]:
+    """This process's rank and the number of processes, as torchrun sets them ((0, 1) otherwise)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def execute_run(run_dir: Path, progress: bool = True) -> dict:
     run_dir = Path(run_dir)
     spec = json.loads((run_dir / "spec.json").read_text())
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = rank_world()
     if world > 1 and spec["device"].startswith("cuda"):
         spec["device"] = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     result = base_result(spec)
@@ -139,7 +144,7 @@ def execute_run(run_dir: Path, progress: bool = True) -> dict:
 
 def main() -> None:
     run_dir = Path(sys.argv[1])
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = rank_world()
     log_name = "crash.log" if rank == 0 else f"crash-rank{rank}.log"
     crash = open(run_dir / log_name, "w")
     faulthandler.enable(file=crash)  # a segfault leaves its stack here for the parent to report
