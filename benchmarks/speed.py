@@ -1,13 +1,18 @@
 """Speed: the plain Trainer recipe against peftbench's loop, in one process on one device.
 
     python benchmarks/speed.py --minilm PATH --data DIR --out benchmarks/results/NAME.json \
-        [--models minilm,roberta] [--methods full,lora,qlora,ia3] [--epochs 1] [--train-size 3000] [--compile]
+        [--models minilm,roberta] [--methods full,lora,qlora,ia3] [--epochs 1] [--train-size 3000]
+        [--recipes trainer,peftbench,peftbench+cudagraphs,peftbench+mask2d+profile,...] [--profile-dir DIR]
 
 For each model and method, both recipes train the same model (built by peftbench, so the method is
 identical) on the same tokenized IMDb subset with batch 16, lr 2e-5, weight decay 0.01, linear
 schedule. (a) "trainer" is the starting study's recipe: transformers' Trainer, fp32, every review
 padded to max length (512 unless --max-length). (b) "peftbench" is `train.train_run`: bf16 autocast, length-bucketed
-batches padded to their longest item, fused AdamW. The roberta-base-shaped model is built from
+batches padded to their longest item (rounded to 64 on GPU), fused AdamW, a ready 4D attention mask
+where it gives identical logits. Recipe options, joined with "+": compile (torch.compile per bucket
+shape), cudagraphs (compile + CUDA graphs), padN (pad to multiples of N), mask2d (the plain 2D mask,
+i.e. transformers' per-step `mask.all()` sync), profile (a torch.profiler step profile into
+--profile-dir). With --epochs > 1 rows also give the last epoch alone (after warm-up and compilation). The roberta-base-shaped model is built from
 RobertaConfig with roberta-base's values and random weights (no download): its accuracy means
 nothing, its time and memory are roberta-base's. It is fed the MiniLM tokenizer's ids (all < 30522),
 so lengths follow the real IMDb distribution up to the tokenizer difference.
@@ -51,11 +56,17 @@ def roberta_shaped(folder: Path) -> Path:
     return folder
 
 
-def spec_for(study: Study, method: str, model_path: str, epochs: int, compile_: bool) -> dict:
+def spec_for(study: Study, method: str, model_path: str, epochs: int, recipe: str) -> dict:
+    """The run spec of `recipe`: "peftbench" plus options joined by "+": compile, cudagraphs, padN, mask2d."""
     entry = {"name": method, "label": method, "options": dict(SEED_METHODS[method])}
     spec = study.run_spec(entry, 2e-5, 42, "final")
     spec["model_path"] = model_path
+    opts = recipe.split("+")[1:]
+    compile_ = "cudagraphs" if "cudagraphs" in opts else ("compile" in opts)
     spec["train"] = {**spec["train"], "epochs": epochs, "compile": compile_, "learning_rate": 2e-5}
+    for o in opts:
+        if o.startswith("pad"):
+            spec["train"]["pad_to_multiple_of"] = int(o[3:])
     spec["evaluate_test"] = False
     spec["checkpoint"] = False
     spec["config_hash"] = config.config_hash(spec)
@@ -73,46 +84,75 @@ def reset() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_trainer(spec: dict, tok: data_mod.Tokenized, pad_id: int, epochs: int, max_len: int) -> dict:
+def run_trainer(spec: dict, tok: data_mod.Tokenized, pad_id: int, epochs: int, max_len: int,
+                evaluate: bool = False) -> dict:
+    """The Trainer recipe. With `evaluate`, also scores the test set (Trainer.predict, padded like training)
+    and reports `total_seconds` from loading the model to the test predictions."""
     from transformers import Trainer, TrainingArguments
     reset()
+    t_start = time.perf_counter()
     model, _ = models.build_model(spec, len(tok.label_names), tok.label_names, spec["device"], 1)
 
     class Padded(torch.utils.data.Dataset):  # the study's recipe: every review padded to max_length
+        def __init__(self, split):
+            self.split = split
+
         def __len__(self):
-            return len(tok.ids["train"])
+            return len(tok.ids[self.split])
 
         def __getitem__(self, i):
             ids = np.full(max_len, pad_id, dtype=np.int64)
-            seq = tok.ids["train"][i]
+            seq = tok.ids[self.split][i][:max_len]
             ids[:len(seq)] = seq
             mask = (np.arange(max_len) < len(seq)).astype(np.int64)
             return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-                    "labels": int(tok.labels["train"][i])}
+                    "labels": int(tok.labels[self.split][i])}
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=16, learning_rate=2e-5,
-                                 weight_decay=0.01, num_train_epochs=epochs, save_strategy="no",
-                                 eval_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,
-                                 seed=42)
-        trainer = Trainer(model=model, args=args, train_dataset=Padded())
+        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=16, per_device_eval_batch_size=16,
+                                 learning_rate=2e-5, weight_decay=0.01, num_train_epochs=epochs,
+                                 save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[],
+                                 disable_tqdm=True, seed=42)
+        trainer = Trainer(model=model, args=args, train_dataset=Padded("train"))
         t0 = time.perf_counter()
         trainer.train()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         secs = time.perf_counter() - t0
-    out = {"train_seconds": secs, "peak_memory_allocated_mb": peak_mb()}
+        out = {"train_seconds": secs, "peak_memory_allocated_mb": peak_mb()}
+        if evaluate:
+            pred = trainer.predict(Padded("test"))
+            out["test_accuracy"] = float((pred.predictions.argmax(-1) == tok.labels["test"]).mean())
+            out["total_seconds"] = time.perf_counter() - t_start
     del trainer, model
     return out
 
 
-def run_peftbench(spec: dict, tok: data_mod.Tokenized) -> dict:
+def run_peftbench(spec: dict, tok: data_mod.Tokenized, recipe: str, profile: Path | None) -> dict:
+    """Train with train.train_run. `+mask2d` forces the plain 2D mask; `+profile` writes a step profile."""
     reset()
-    with tempfile.TemporaryDirectory() as tmp:
-        res = train.train_run(spec, tok, Path(tmp), progress=False)
-    m = res["metrics"]
-    return {"train_seconds": m["train_seconds"], "peak_memory_allocated_mb": m["peak_memory_allocated_mb"],
-            "validation_accuracy": m["validation_accuracy"]}
+    env = {"PEFTBENCH_MASK_MODE": "2d" if "+mask2d" in recipe else None,
+           "PEFTBENCH_PROFILE": str(profile) if profile else None}
+    old = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = train.train_run(spec, tok, Path(tmp), progress=False)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    m, hist = res["metrics"], res["history"]
+    out = {"train_seconds": m["train_seconds"], "peak_memory_allocated_mb": m["peak_memory_allocated_mb"],
+           "validation_accuracy": m["validation_accuracy"], "attention_mask": m.get("attention_mask"),
+           "pad_to_multiple_of": m.get("pad_to_multiple_of"), "compile": m.get("compile")}
+    if len(hist) > 1:  # the last epoch alone: throughput after warm-up and compilation
+        out["last_epoch_seconds"] = hist[-1]["epoch_seconds"]
+    if profile and profile.exists():
+        prof = json.loads(profile.read_text())
+        out["profile"] = {k: prof[k] for k in ("wall_ms_per_step", "gpu_kernel_ms_per_step", "gpu_busy_fraction",
+                                              "host_sync_like_calls_per_step")}
+    return out
 
 
 def main() -> None:
@@ -126,8 +166,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--train-size", type=int, default=3000)
     ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--compile", action="store_true", help="also run peftbench with torch.compile")
-    ap.add_argument("--pad-multiples", default="", help="also run peftbench padding to these multiples, e.g. 128,512")
+    ap.add_argument("--profile-dir", default=None, help="step profiles of '+profile' recipes go here")
     a = ap.parse_args()
     os.environ.setdefault("PEFTBENCH_PROGRESS", "0")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -149,18 +188,18 @@ def main() -> None:
         real_tokens = int(lengths.sum()) * a.epochs
         flops = train.model_flops_per_token(mconf, float(lengths.mean())) * real_tokens
         for method in a.methods.split(","):
-            recipes = [r for r in a.recipes.split(",") if r] + (["peftbench+compile"] if a.compile else []) \
-                + [f"peftbench+pad{m}" for m in a.pad_multiples.split(",") if m]
-            for recipe in recipes:
-                spec = spec_for(study, method, path, a.epochs, recipe.endswith("compile"))
-                if "+pad" in recipe:
-                    spec["train"]["pad_to_multiple_of"] = int(recipe.split("+pad")[1])
+            for recipe in [r for r in a.recipes.split(",") if r]:
+                spec = spec_for(study, method, path, a.epochs, recipe.replace("+profile", ""))
                 spec["pad_token_id"] = 1 if model_name == "roberta" else study.pad_token_id
+                profile = None
+                if "+profile" in recipe and a.profile_dir:
+                    Path(a.profile_dir).mkdir(parents=True, exist_ok=True)
+                    profile = Path(a.profile_dir) / f"{model_name}-{method}-{recipe.replace('+', '_')}.json"
                 try:
                     if recipe == "trainer":
                         r = run_trainer(spec, tok, spec["pad_token_id"], a.epochs, a.max_length)
                     else:
-                        r = run_peftbench(spec, tok)
+                        r = run_peftbench(spec, tok, recipe, profile)
                     status = "success"
                 except Exception as e:  # a row that failed is a result too
                     r, status = {"train_seconds": None, "error": f"{type(e).__name__}: {str(e)[:200]}"}, "failed"
@@ -170,13 +209,16 @@ def main() -> None:
                        "samples_per_second": len(lengths) * a.epochs / secs if secs else None,
                        "real_tokens_per_second": real_tokens / secs if secs else None,
                        "mfu": flops / secs / peak if (secs and peak) else None,
+                       **({"last_epoch_samples_per_second": len(lengths) / r["last_epoch_seconds"],
+                           "last_epoch_mfu": flops / a.epochs / r["last_epoch_seconds"] / peak if peak else None}
+                          if r.get("last_epoch_seconds") else {}),
                        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
                 rows.append(row)
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
                       flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"rows": rows, "torch": torch.__version__,
-                                       "argv": sys.argv[1:]}, indent=1))
+                Path(a.out).parent.mkdir(parents=True, exist_ok=True)  # after every row: a cut-off run keeps its rows
+                Path(a.out).write_text(json.dumps({"rows": rows, "torch": torch.__version__,
+                                                   "argv": sys.argv[1:]}, indent=1))
 
 
 if __name__ == "__main__":

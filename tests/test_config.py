@@ -156,3 +156,12 @@ def test_yaml_text_fuzz(tmp_path_factory, text):
         config.validate(config.load_yaml(f))
     except UserError:
         pass
+
+
+def test_methods_flag_keeps_the_presets_settings_for_methods_it_names():
+    from peftbench import cli
+    args = cli.parser().parse_args(["run", "--preset", "seed", "--methods", "lora,dora", "--data", "x"])
+    raw, _ = cli.build_study(args)
+    lora, dora = raw["methods"]
+    assert lora["r"] == 16 and lora["targets"] == ["q", "k", "v"] and lora["epochs"] == 3  # the seed's LoRA
+    assert dora == "dora"  # not in the preset: registry defaults

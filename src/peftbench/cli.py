@@ -49,8 +49,16 @@ def build_study(args) -> tuple[dict, Path]:
         raw["data"] = data
     if args.model:
         raw["model"] = args.model
-    if args.methods:
-        raw["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.methods:  # a method the study already configures keeps its settings; others get the defaults
+        known = {}
+        for e in raw.get("methods") or []:
+            if isinstance(e, str):
+                known.setdefault(e, e)
+            elif isinstance(e, dict):
+                for key in ("label", "name"):
+                    if isinstance(e.get(key), str):
+                        known.setdefault(e[key], e)
+        raw["methods"] = [known.get(m.strip(), m.strip()) for m in args.methods.split(",") if m.strip()]
     train = dict(raw.get("train") or {}) if isinstance(raw.get("train", {}), dict) else raw.get("train")
     if isinstance(train, dict):
         for key, val in (("epochs", args.epochs), ("learning_rate", args.lr), ("max_length", args.max_length)):
@@ -66,6 +74,8 @@ def build_study(args) -> tuple[dict, Path]:
             raw[key] = getattr(args, key)
     if args.address is not None:
         raw["ray_address"] = args.address
+    if args.concurrent_finals:
+        raw["exclusive_finals"] = False
     name = raw.get("name") or (args.preset or (Path(args.study).stem if args.study else "study"))
     out = Path(args.out) if args.out else Path("runs") / str(name)
     return raw, out
@@ -167,6 +177,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--lr-search", action="store_true", help="search each method's learning rate on validation")
     r.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--parallel", type=int, help="runs at once on one device (timings flagged as concurrent)")
+    r.add_argument("--concurrent-finals", action="store_true",
+                   help="let final runs share the device too (default: finals run alone for clean timings)")
     r.add_argument("--isolation", choices=["process", "inline"], help="a fresh process per run (default) or inline")
     r.add_argument("--executor", choices=["local", "ray"], help="run locally (default) or as Ray tasks")
     r.add_argument("--gpus-per-run", type=int, help="data-parallel training of each run over N GPUs (torchrun); "

@@ -45,7 +45,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "select_best_epoch": False,   # True: keep the epoch with the best validation accuracy
     "precision": "auto",          # auto: bf16 autocast where supported (CUDA, and CPUs with bf16), else fp32
     "group_by_length": True,      # length-bucketed batches (minimal padding); order is still random
-    "compile": False,             # torch.compile the model (GPU speed-up for long studies)
+    "compile": False,             # torch.compile the model: true, or "cudagraphs" (compiled + CUDA graphs per shape)
     "micro_batch_size": None,     # None: = batch_size; smaller means gradient accumulation (same optimisation)
     "pad_to_multiple_of": None,   # None: 8 (64 when compiling); = max_length pads every batch to one shape
 }
@@ -106,8 +106,9 @@ def _check_train(section: str, train: dict, problems: list[str]) -> None:
     need("max_grad_norm", lambda v: _is_num(v) and v > 0, "a positive number (or null for no clipping)")
     need("scheduler", lambda v: v in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}")
     need("precision", lambda v: v in ("auto", "fp32", "bf16"), "one of auto, fp32, bf16")
-    for key in ("select_best_epoch", "group_by_length", "compile"):
+    for key in ("select_best_epoch", "group_by_length"):
         need(key, lambda v: isinstance(v, bool), "true or false")
+    need("compile", lambda v: isinstance(v, bool) or v == "cudagraphs", 'true, false or "cudagraphs"')
 
 
 def _check_size(key: str, v, problems: list[str], fraction_ok: bool = False) -> None:

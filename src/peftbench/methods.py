@@ -5,7 +5,10 @@ class, its default options and its default learning rate with the source of that
 modules are given as *roles* (q, k, v, o, ffn_in, ffn_out) that `ARCH_ROLES` translates per
 architecture, so one entry serves BERT, RoBERTa, DeBERTa, ModernBERT and Llama-style decoders.
 
-Methods that need special handling say so with `kind` (and are handled in `models.build_model`):
+Methods that need special handling say so with `kind` (and are handled in `models.build_model`), or
+through their PEFT config, handled in `train.py` by what the config says rather than by name: prefix
+tuning (`model_forward`: transformers 5.2x renamed the cache argument PEFT's forward looks for) and
+PiSSA-style initialisations (`save_model`: saved as a plain LoRA adapter on the original base).
   full       every weight trains
   peft       a PEFT adapter (+ `quantize=True`: QLoRA, a 4-bit NF4 base from bitsandbytes)
   head       frozen encoder, only the classifier (and newly initialised modules) train
@@ -39,7 +42,9 @@ ARCH_ROLES: dict[str, dict[str, str]] = {
     "distilbert": {"q": r"q_lin", "k": r"k_lin", "v": r"v_lin", "o": r"out_lin",
                    "ffn_in": r"ffn\.lin1", "ffn_out": r"ffn\.lin2", "norm": r"(sa_layer_norm|output_layer_norm)"},
     "modernbert": {"q": r"Wqkv", "k": r"Wqkv", "v": r"Wqkv", "o": r"attn\.Wo",
-                   "ffn_in": r"mlp\.Wi", "ffn_out": r"mlp\.Wo", "norm": r"(attn_norm|mlp_norm)"},
+                   "ffn_in": r"mlp\.Wi", "ffn_out": r"mlp\.Wo",
+                   # layer 0's attn_norm is an Identity (the embedding norm serves): not a norm to tune
+                   "norm": r"(layers\.[1-9]\d*\.attn_norm|mlp_norm|final_norm)"},
     **{t: _LLAMA_LIKE for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
                                 "gemma3_text", "phi3", "olmo", "olmo2", "granite", "smollm3")},
 }
@@ -97,6 +102,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "q,v rate since 3x more layers adapt",
            "LoRA on every linear layer of the encoder", "LoraConfig",
            {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "targets": ["q", "k", "v", "o", "ffn_in", "ffn_out"]}),
+    Method("pissa", "peft", 5e-4,
+           "Meng et al. 2024 (PiSSA): LoRA's hyper-parameters, adapter initialised from the principal singular "
+           "components (fast SVD, 4 iterations); " + _LORA_SRC,
+           "PiSSA: LoRA initialised from the weights' principal components; saved as a plain LoRA adapter",
+           "LoraConfig", {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "targets": ["q", "v"],
+                          "init_lora_weights": "pissa_niter_4"}),
     Method("adalora", "peft", 5e-4, "Zhang et al. 2023 (AdaLoRA): GLUE lr 5e-4..1e-3, budget r 8 -> 4",
            "AdaLoRA: LoRA whose rank budget is reallocated during training", "AdaLoraConfig",
            {"init_r": 8, "target_r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "targets": ["q", "v"]},
@@ -119,8 +130,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("p_tuning", "peft", 1e-3, "Liu et al. 2021 (P-tuning) / PEFT's P-tuning example: lr 1e-3",
            "P-tuning: soft prompts produced by a small MLP encoder", "PromptEncoderConfig",
            {"num_virtual_tokens": 20, "encoder_hidden_size": 128}),
-    # Prefix tuning is left out: it injects prefixes through `past_key_values`, which transformers 5's
-    # *ForSequenceClassification models no longer accept ("Model does not support past key values").
+    Method("prefix_tuning", "peft", 1e-2,
+           "Li & Liang 2021 (prefix tuning); Liu et al. 2022 (P-tuning v2) on RoBERTa/GLUE: prefix length 20, "
+           "lr 5e-3..1e-2, no reparameterisation",
+           "prefix tuning: 20 trained key/value prefixes in every layer", "PrefixTuningConfig",
+           {"num_virtual_tokens": 20}),
     Method("ln_tuning", "peft", 1e-3, "Zhao et al. 2024 (LN tuning); lr as BitFit's",
            "LayerNorm tuning: only LayerNorm weights (and the head) train", "LNTuningConfig", {"targets": ["norm"]}),
     Method("bitfit", "bitfit", 1e-3, "Ben Zaken et al. 2022 (BitFit): best lr in {1e-4, 4e-4, 7e-4, 1e-3}",

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -104,11 +105,11 @@ class Study:
         opts, overrides = registry.split_options(method, entry["options"])
         train = {**cfg["train"], **overrides}
         train["learning_rate"] = lr
-        virtual = opts.get("num_virtual_tokens", 0) if method.peft_config in ("PromptTuningConfig",
-                                                                               "PromptEncoderConfig") else 0
+        virtual = opts.get("num_virtual_tokens", 0) if method.peft_config in (
+            "PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig") else 0
         eff = None
         if virtual and self.max_positions and train["max_length"] + virtual > self.max_positions:
-            eff = self.max_positions - virtual  # soft-prompt tokens take positions too
+            eff = self.max_positions - virtual  # soft prompts and prefixes take positions too
         spec = {
             "study": cfg["name"], "model": cfg["model"], "model_path": self.model_path,
             "method": method.name, "label": entry["label"], "method_options": opts, "train": train,
@@ -280,16 +281,57 @@ def worker_env(progress: bool, extra: dict) -> dict:
             "TRANSFORMERS_VERBOSITY": "error", "PEFTBENCH_PROGRESS": "1" if progress else "0"}
 
 
-def launch_worker(run_dir: str, progress: bool, extra_env: dict, nproc: int = 1) -> int:
-    """Run one planned run in a fresh process (`python -m peftbench.worker RUN_DIR`); its exit status.
+# Fresh processes without the import bill: importing torch + transformers + peft takes seconds per process
+# (5.5 s on the 2-core CI machine), paid again by every run. A forkserver that has imported them once forks
+# each run's worker: still one process per run (a crash takes down only that run), started in milliseconds.
+_FORK: dict = {"ctx": None, "usable": os.environ.get("PEFTBENCH_FORKSERVER", "1") != "0"}
+_FORK_LOCK = threading.Lock()
+BAD_FORK_EXIT = 75  # the forked worker found CUDA initialised in the server: rerun it as a plain process
+PRELOAD = ["torch", "transformers", "peft", "peftbench.worker", "peftbench.train", "peftbench.models"]
 
-    With nproc > 1 the worker is started by torchrun as nproc data-parallel processes (one per GPU).
+
+def _fork_context():
+    with _FORK_LOCK:
+        if _FORK["ctx"] is None:
+            import multiprocessing as mp
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(PRELOAD)
+            _FORK["ctx"] = ctx
+        return _FORK["ctx"]
+
+
+def _forked_worker(run_dir: str, env: dict) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    import torch
+    device = json.loads((Path(run_dir) / "spec.json").read_text()).get("device", "cpu")
+    if device.startswith("cuda") and torch.cuda._is_in_bad_fork():
+        os._exit(BAD_FORK_EXIT)
+    sys.argv = ["peftbench.worker", run_dir]
+    from .worker import main
+    main()
+
+
+def launch_worker(run_dir: str, progress: bool, extra_env: dict, nproc: int = 1, fork: bool = True) -> int:
+    """Run one planned run in a fresh process; its exit status (negative: killed by that signal).
+
+    One GPU or CPU: a process forked from the preloaded forkserver (`PEFTBENCH_FORKSERVER=0`: a plain
+    `python -m peftbench.worker RUN_DIR`). With nproc > 1 the worker is started by torchrun as nproc
+    data-parallel processes (one per GPU).
     """
+    env = worker_env(progress, extra_env)
+    if nproc == 1 and fork and _FORK["usable"]:
+        proc = _fork_context().Process(target=_forked_worker, args=(run_dir, env), daemon=False)
+        proc.start()
+        proc.join()
+        if proc.exitcode != BAD_FORK_EXIT:
+            return proc.exitcode
+        _FORK["usable"] = False
     cmd = [sys.executable, "-m", "peftbench.worker", run_dir]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "peftbench.worker", run_dir]
-    proc = subprocess.run(cmd, env=worker_env(progress, extra_env), stdin=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL)
     return proc.returncode
 
 
@@ -298,7 +340,7 @@ def ray_task(run_dir: str, env: dict) -> tuple[int, dict | None]:
     from . import faults
     faults.in_ray_task(run_dir, env.get("PEFTBENCH_INJECT_FAULT"))
     spec = json.loads((Path(run_dir) / "spec.json").read_text())
-    code = launch_worker(run_dir, False, env, spec.get("world_size", 1))
+    code = launch_worker(run_dir, False, env, spec.get("world_size", 1), fork=False)  # Ray's own process
     return code, store.read_result(Path(run_dir) / "result.json")
 
 

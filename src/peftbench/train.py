@@ -62,6 +62,92 @@ def collate(seqs: list[np.ndarray], pad_id: int, multiple: int = 8, max_len: int
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
+def _active_peft_config(model):
+    cfgs = getattr(model, "peft_config", None)
+    return cfgs.get(getattr(model, "active_adapter", "default")) if isinstance(cfgs, dict) else None
+
+
+def prefix_length(model) -> int:
+    """Number of prefix positions when `model` is a prefix-tuning PEFT model, else 0."""
+    cfg = _active_peft_config(model)
+    return cfg.num_virtual_tokens if cfg is not None and str(cfg.peft_type).endswith("PREFIX_TUNING") else 0
+
+
+def model_forward(model, ids, mask, mask_mode: str = "2d", labels=None):
+    """One forward pass of the classifier on (ids, 2D padding mask).
+
+    Prefix tuning is run here, as PEFT runs it (prefixes from `get_prompt` as the key/value cache, the mask
+    extended over them), because PEFT's own forward looks for a `past_key_values` parameter that
+    transformers 5.2x renamed to `cache` and then refuses ("Model does not support past key values").
+    """
+    n_prefix = prefix_length(model)
+    kw = {"labels": labels} if labels is not None else {}
+    if not n_prefix:
+        return model(input_ids=ids, attention_mask=mask_for_model(mask, mask_mode), **kw)
+    import inspect
+
+    import torch
+    base = model.base_model
+    backbone = base.get_submodule(model.transformer_backbone_name)
+    cache_arg = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    cache = model.get_prompt(batch_size=ids.shape[0])
+    mask = torch.cat([mask.new_ones(ids.shape[0], n_prefix), mask], dim=1)
+    return base(input_ids=ids, attention_mask=mask, **{cache_arg: cache}, **kw)
+
+
+def mask_for_model(mask, mode: str):
+    """The attention mask as the model gets it: the 2D padding mask, or (mode "4d-...") the 4D boolean mask
+    transformers would build from it. A ready 4D mask skips transformers' check `padding_mask.all()`, a host
+    synchronisation on every forward pass that stalls the GPU queue (measured in benchmarks/results)."""
+    if mode == "2d":
+        return mask
+    import torch
+    keep = mask.bool()[:, None, None, :]  # (batch, 1, 1, keys): attend to real tokens only
+    if mode == "4d-causal":
+        n = mask.shape[1]
+        keep = keep & torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()[None, None]
+    return keep
+
+
+def choose_mask_mode(model, seqs: list[np.ndarray], pad_id: int, device: str, probe_on_cpu: bool = False) -> str:
+    """Which attention-mask form this model takes without changing its output, checked on real inputs.
+
+    On CUDA, a 4D mask (bidirectional for encoders, causal for decoders) is used when the model's logits with
+    it equal those with the plain 2D mask on a padded batch; any difference or error keeps the 2D mask (eager
+    attention that adds masks, prompt methods that extend the mask, architectures with their own masking).
+    On the CPU the synchronisation costs nothing: always 2D.
+    """
+    import torch
+    forced = os.environ.get("PEFTBENCH_MASK_MODE")  # benchmarks compare the forms; not a study option
+    if forced:
+        return forced
+    if (not device.startswith("cuda") and not probe_on_cpu) or len(seqs) < 2 or prefix_length(model):
+        return "2d"
+    by_len = sorted(range(min(len(seqs), 256)), key=lambda i: len(seqs[i]))
+    pick = [seqs[by_len[0]], seqs[by_len[len(by_len) // 2]], seqs[by_len[-1]]]
+    if len({len(s) for s in pick}) == 1:
+        return "2d"
+    ids, mask = collate(pick, pad_id, multiple=8)  # full length: local-attention windows must show up
+    ids, mask = ids.to(device), mask.to(device)
+    was_training = model.training
+    model.eval()
+    chosen = "2d"
+    try:
+        with torch.inference_mode():
+            ref = model_forward(model, ids, mask).logits.float()
+            for mode in ("4d-bidirectional", "4d-causal"):
+                try:
+                    out = model_forward(model, ids, mask, mode).logits.float()
+                except Exception:
+                    continue
+                if out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-3, atol=1e-3):
+                    chosen = mode
+                    break
+    finally:
+        model.train(was_training)
+    return chosen
+
+
 # ----------------------------------------------------------------------------------------- devices
 def resolve_device(requested: str) -> str:
     import torch
@@ -95,7 +181,7 @@ def _sync(device: str) -> None:
 
 # ----------------------------------------------------------------------------------------- evaluation
 def predict_logits(model, seqs: list[np.ndarray], batch_size: int, device: str, amp, pad_id: int,
-                   max_len: int | None = None) -> np.ndarray:
+                   max_len: int | None = None, mask_mode: str = "2d") -> np.ndarray:
     """Logits for `seqs`, evaluated in length-sorted batches (little padding), returned in input order."""
     import torch
     order = np.argsort([-len(s) for s in seqs], kind="stable")
@@ -106,8 +192,8 @@ def predict_logits(model, seqs: list[np.ndarray], batch_size: int, device: str, 
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             ids, mask = collate([seqs[j] for j in idx], pad_id, max_len=max_len)
-            logits = model(input_ids=ids.to(device, non_blocking=True),
-                           attention_mask=mask.to(device, non_blocking=True)).logits
+            logits = model_forward(model, ids.to(device, non_blocking=True), mask.to(device, non_blocking=True),
+                                   mask_mode).logits
             chunks.append((idx, logits.float()))
     for idx, logits in chunks:
         arr = logits.cpu().numpy()
@@ -227,6 +313,58 @@ class Tracker:
             self.writer.close()
 
 
+class StepProfiler:
+    """Where a training step's time goes (env PEFTBENCH_PROFILE=FILE; off otherwise).
+
+    Profiles steps [20, 50) of the first epoch (fewer in short epochs) with torch.profiler and writes FILE (JSON): wall time per step,
+    GPU kernel time per step (busy fraction = how far the GPU is kept fed), host synchronisations, and the
+    top operators by host time and by device time.
+    """
+
+    def __init__(self, device: str, n_steps: int):
+        self.path = os.environ.get("PEFTBENCH_PROFILE")
+        self.start = min(20, n_steps // 4)  # after warm-up; short epochs profile what they have
+        self.stop, self.device = self.start + max(1, min(30, n_steps - self.start - 1)), device
+        self.prof = self.t0 = None
+
+    def tick(self, i: int) -> None:
+        if not self.path:
+            return
+        import torch
+        if i == self.start:
+            _sync(self.device)
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.startswith("cuda"):
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+        elif i == self.stop and self.prof is not None:
+            _sync(self.device)
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            self.write(wall, self.stop - self.start)
+            self.prof, self.path = None, None
+
+    def write(self, wall: float, n: int) -> None:
+        import json
+        ev = self.prof.key_averages()
+
+        def dev_us(e):
+            return getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) or 0
+        rows = [{"op": e.key, "calls": e.count, "host_ms": e.self_cpu_time_total / 1e3 / n,
+                 "device_ms": dev_us(e) / 1e3 / n} for e in ev]
+        syncs = sum(e.count for e in ev if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                     "cudaMemcpyAsync", "aten::item", "aten::_local_scalar_dense"))
+        kernels = sum(dev_us(e) for e in ev if e.device_type is not None and "CUDA" in str(e.device_type)) / 1e3 / n
+        out = {"steps": n, "wall_ms_per_step": 1e3 * wall / n, "gpu_kernel_ms_per_step": kernels,
+               "gpu_busy_fraction": kernels / (1e3 * wall / n) if wall else None,
+               "host_sync_like_calls_per_step": syncs / n,
+               "top_host": sorted(rows, key=lambda r: -r["host_ms"])[:25],
+               "top_device": sorted(rows, key=lambda r: -r["device_ms"])[:25]}
+        Path(self.path).write_text(json.dumps(out, indent=1))
+
+
 # ----------------------------------------------------------------------------------------- the run
 def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -> dict:
     """Train and evaluate one run; returns the `metrics`, `history` and artefact info for result.json.
@@ -262,6 +400,8 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
     t_load = time.perf_counter()
     model, head = build_model(run, len(tok.label_names), tok.label_names, device, total_steps)
     load_seconds = time.perf_counter() - t_load
+    if _mutated_init(model) and rank == 0:  # PiSSA & co: keep the initial adapter to convert the final one
+        model.save_pretrained(run_dir / "adapter-init", safe_serialization=True)
     method = registry.get(run["method"])
     trainable, total = count_params(model)
     pad_id = run.get("pad_token_id") or 0
@@ -273,7 +413,19 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
     optimizer = torch.optim.AdamW(params, lr=lr, fused=fused) if fused else torch.optim.AdamW(params, lr=lr)
     warmup = int(round(cfg["warmup_ratio"] * total_steps))
     scheduler = get_scheduler(cfg["scheduler"], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    fwd = torch.compile(model, dynamic=True) if cfg.get("compile") else model
+    mask_mode = choose_mask_mode(model, tok.ids["train"], pad_id, device)
+    fwd = model
+    if prefix_length(model) and world > 1:
+        from .errors import UserError
+        raise UserError("prefix_tuning runs on one device here; set gpus_per_run: 1 for it")
+    if cfg.get("compile") and not prefix_length(model):
+        # torch's default: the first shape compiles static, the first new shape recompiles with dynamic sizes;
+        # "cudagraphs" adds CUDA graphs, recorded once per bucketed shape (few: see pad_multiple below).
+        import torch._dynamo
+        for knob in ("cache_size_limit", "recompile_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
+        fwd = torch.compile(model, mode="reduce-overhead" if cfg["compile"] == "cudagraphs" else None)
     if world > 1:  # data parallel: each process takes every world-th item of each batch of `batch_size`
         from torch.nn.parallel import DistributedDataParallel
         fwd = DistributedDataParallel(fwd, device_ids=[torch.device(device).index] if dev_type == "cuda" else None)
@@ -310,6 +462,7 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
                    unit="step", leave=False, dynamic_ncols=True)
     global_step = start_epoch * steps_per_epoch
     tracker = Tracker(run if rank == 0 else {}, run_dir, device)
+    profiler = StepProfiler(device, steps_per_epoch)
     for epoch in range(start_epoch, cfg["epochs"]):
         model.train()
         rng = np.random.default_rng([seed, epoch])
@@ -317,7 +470,9 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
         loss_sum = torch.zeros((), device=device)
         _sync(device)
         t0 = time.perf_counter()
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            if epoch == start_epoch:
+                profiler.tick(i)
             faults.before_step(run["run_id"], micro)
             mine, weight = batch[rank::world], 1.0
             if not len(mine):  # every process must join each gradient all-reduce, even with no item
@@ -329,9 +484,8 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
                 if pin:
                     ids, mask, y = ids.pin_memory(), mask.pin_memory(), y.pin_memory()
                 with torch.autocast(dev_type, dtype=amp or torch.float32, enabled=amp is not None):
-                    out = fwd(input_ids=ids.to(device, non_blocking=True),
-                              attention_mask=mask.to(device, non_blocking=True),
-                              labels=y.to(device, non_blocking=True))
+                    out = model_forward(fwd, ids.to(device, non_blocking=True), mask.to(device, non_blocking=True),
+                                        mask_mode, labels=y.to(device, non_blocking=True))
                 # Weighted so that DDP's mean over processes gives the mean over the whole batch.
                 loss = out.loss * (len(part) / len(batch) * world * weight)
                 loss.backward()
@@ -356,7 +510,8 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
             loss_sum /= world
 
         t1 = time.perf_counter()
-        val_logits = predict_logits(model, tok.ids["validation"], cfg["eval_batch_size"], device, amp, pad_id, max_len)
+        val_logits = predict_logits(model, tok.ids["validation"], cfg["eval_batch_size"], device, amp, pad_id,
+                                    max_len, mask_mode)
         val_acc = float((val_logits.argmax(-1) == tok.labels["validation"]).mean())
         val_seconds += time.perf_counter() - t1
         history.append({"epoch": epoch + 1, "train_loss": float(loss_sum.item() / len(batches)),
@@ -390,7 +545,8 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
         "trainable_params": int(trainable), "total_params": int(total),
         "trainable_percent": 100.0 * trainable / total if total else None,
         "steps": total_steps, "micro_batch_size": micro, "resumed_from_epoch": start_epoch or None,
-        "precision": "bf16-autocast" if amp is not None else "fp32",
+        "precision": "bf16-autocast" if amp is not None else "fp32", "attention_mask": mask_mode,
+        "pad_to_multiple_of": pad_multiple, "compile": cfg.get("compile") or False,
     }
     flops_tok = model_flops_per_token(_base_config(model), float(lengths.mean()))
     metrics["train_model_flops"] = flops_tok * real_tokens_epoch * cfg["epochs"]
@@ -403,7 +559,8 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
     if run["evaluate_test"] and rank == 0:  # in data-parallel runs only rank 0 scores, saves and reports
         _sync(device)
         t2 = time.perf_counter()
-        logits = predict_logits(model, tok.ids["test"], cfg["eval_batch_size"], device, amp, pad_id, max_len)
+        logits = predict_logits(model, tok.ids["test"], cfg["eval_batch_size"], device, amp, pad_id, max_len,
+                                mask_mode)
         _sync(device)
         metrics["eval_seconds"] = time.perf_counter() - t2
         preds = logits.argmax(-1)
@@ -470,13 +627,32 @@ def _save_checkpoint(path, run, model, optimizer, scheduler, epoch, history, tra
     os.replace(tmp, path)
 
 
+def _mutated_init(model) -> bool:
+    """True for LoRA initialisations that change the base weights (PiSSA, OLoRA, CorDA)."""
+    cfg = _active_peft_config(model)
+    init = getattr(cfg, "init_lora_weights", None)
+    return isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda"))
+
+
 def save_model(model, run: dict, run_dir: Path) -> str:
     """Save the adapter (PEFT) or the model (others) with safetensors; returns the folder's name."""
     name = "adapter" if registry.get(run["method"]).kind == "peft" else "model"
     final = run_dir / name
     tmp = run_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    kw = {}
+    if _mutated_init(model):  # PEFT subtracts the initial adapter: a plain LoRA adapter on the original base
+        kw["path_initial_model_for_weight_conversion"] = str(run_dir / "adapter-init")
+    model.save_pretrained(tmp, safe_serialization=True, **kw)
+    if kw:  # peft 0.21's conversion drops the modules_to_save (the head): put them back
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import load_file, save_file
+        f = tmp / "adapter_model.safetensors"
+        converted = load_file(f)
+        extra = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()
+                 if k not in converted and "lora_" not in k}
+        save_file({**converted, **extra}, f, metadata={"format": "pt"})
+    shutil.rmtree(run_dir / "adapter-init", ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return name

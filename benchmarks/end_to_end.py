@@ -1,0 +1,97 @@
+"""End to end: the starting study's four runs with the plain Trainer recipe vs `peftbench run --preset seed`.
+
+    python benchmarks/end_to_end.py --model PATH --data DIR --out benchmarks/results/NAME.json [--parallel 4]
+
+Both sides run the starting study's protocol on the same data: 3,000 train / 2,000 test IMDb reviews, max
+length 512, batch 16, lr 2e-5, weight decay 0.01, 5 epochs (3 for LoRA), full / LoRA r16 q,k,v / QLoRA r8
+q,v / IA3. (a) "trainer": in this process, for each method the model is built, trained with transformers'
+Trainer (fp32, every review padded to 512) and scores the test set with Trainer.predict; timed from the
+model load to the test predictions, after tokenizing once. (b) "peftbench": the wall clock of the CLI
+command in a fresh process: reading and tokenizing the data, one process per run, training, the test
+set, saving and the reload check of every artefact, and the report. With --parallel N, (c) the same
+command with N runs sharing the GPU (`--parallel N --concurrent-finals`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import speed  # noqa: E402
+from peftbench import config, data as data_mod  # noqa: E402
+from peftbench.runner import Study  # noqa: E402
+
+EPOCHS = {"full": 5, "lora": 3, "qlora": 5, "ia3": 5}
+
+
+def peftbench_cli(model: str, data: str, out: Path, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "peftbench", "run", "--preset", "seed", "--model", model, "--data", data,
+           "--out", str(out), *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    secs = time.perf_counter() - t0
+    accs = {}
+    for f in sorted((out / "runs").glob("*/result.json")):
+        r = json.loads(f.read_text())
+        accs[r["label"]] = r["metrics"].get("test_accuracy")
+    return {"total_seconds": secs, "exit_status": proc.returncode, "test_accuracy": accs,
+            "command": " ".join(cmd[1:]), "stderr_tail": proc.stderr[-500:] if proc.returncode else ""}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--parallel", type=int, default=0)
+    ap.add_argument("--methods", default="full,lora,qlora,ia3")
+    ap.add_argument("--skip-trainer", action="store_true")
+    ap.add_argument("--train-size", type=int, default=3000, help="smaller for a smoke test")
+    ap.add_argument("--test-size", type=int, default=2000)
+    ap.add_argument("--max-length", type=int, default=512)
+    a = ap.parse_args()
+    os.environ.setdefault("PEFTBENCH_PROGRESS", "0")
+    methods = a.methods.split(",")
+    work = Path(tempfile.mkdtemp())
+    rows: dict = {"argv": sys.argv[1:], "torch": speed.torch.__version__}
+    if not a.skip_trainer:
+        seed = config.load_preset("seed")
+        raw = {**seed, "model": a.model, "train": {**seed["train"], "max_length": a.max_length},
+               "data": {**seed["data"], "name": None, "path": a.data, "train_size": a.train_size,
+                        "test_size": a.test_size}}
+        study = Study(config.validate(raw), work / "trainer")
+        study.out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        study.prepare()
+        tok = data_mod.Tokenized.load(study.tok_file)
+        prep = time.perf_counter() - t0
+        per = {}
+        for m in methods:
+            spec = speed.spec_for(study, m, study.model_path, EPOCHS[m], "peftbench")
+            r = speed.run_trainer(spec, tok, study.pad_token_id or 0, EPOCHS[m], a.max_length, evaluate=True)
+            per[m] = r
+            print(json.dumps({"trainer": m, **{k: round(v, 4) for k, v in r.items()}}), flush=True)
+        rows["trainer"] = {"prepare_seconds": prep, "per_method": per,
+                           "total_seconds": prep + sum(r["total_seconds"] for r in per.values())}
+    sizes = ["--train-size", str(a.train_size), "--test-size", str(a.test_size), "--max-length", str(a.max_length)]
+    rows["peftbench"] = peftbench_cli(a.model, a.data, work / "pb", ["--methods", a.methods, *sizes])
+    print(json.dumps({"peftbench": rows["peftbench"]["total_seconds"]}), flush=True)
+    if a.parallel:
+        rows["peftbench_parallel"] = peftbench_cli(a.model, a.data, work / "pbp",
+                                                   ["--methods", a.methods, *sizes, "--parallel",
+                                                    str(a.parallel), "--concurrent-finals"])
+        print(json.dumps({"peftbench_parallel": rows["peftbench_parallel"]["total_seconds"]}), flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
