@@ -109,7 +109,8 @@ def mask_for_model(mask, mode: str):
     return keep
 
 
-def choose_mask_mode(model, seqs: list[np.ndarray], pad_id: int, device: str, probe_on_cpu: bool = False) -> str:
+def choose_mask_mode(model, seqs: list[np.ndarray], pad_id: int, device: str, probe_on_cpu: bool = False,
+                     max_len: int | None = None) -> str:
     """Which attention-mask form this model takes without changing its output, checked on real inputs.
 
     On CUDA, a 4D mask (bidirectional for encoders, causal for decoders) is used when the model's logits with
@@ -127,12 +128,13 @@ def choose_mask_mode(model, seqs: list[np.ndarray], pad_id: int, device: str, pr
     pick = [seqs[by_len[0]], seqs[by_len[len(by_len) // 2]], seqs[by_len[-1]]]
     if len({len(s) for s in pick}) == 1:
         return "2d"
-    ids, mask = collate(pick, pad_id, multiple=8)  # full length: local-attention windows must show up
+    # Full length (local-attention windows must show up), within the run's limit (soft prompts take positions).
+    ids, mask = collate(pick, pad_id, multiple=8, max_len=max_len)
     ids, mask = ids.to(device), mask.to(device)
     was_training = model.training
     model.eval()
     chosen = "2d"
-    try:
+    try:  # any failure here only means: keep the 2D mask
         with torch.inference_mode():
             ref = model_forward(model, ids, mask).logits.float()
             for mode in ("4d-bidirectional", "4d-causal"):
@@ -143,6 +145,8 @@ def choose_mask_mode(model, seqs: list[np.ndarray], pad_id: int, device: str, pr
                 if out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-3, atol=1e-3):
                     chosen = mode
                     break
+    except Exception:
+        chosen = "2d"
     finally:
         model.train(was_training)
     return chosen
@@ -382,7 +386,11 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
     rank, world = dist_info()
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
+    phases: dict[str, float] = {}  # where the run's wall time goes, outside the timed training
     if device.startswith("cuda"):
+        t = time.perf_counter()
+        torch.zeros(1, device=device)  # the CUDA context: its cost is the run's, not the first step's
+        phases["cuda_init"] = time.perf_counter() - t
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         mem_base = torch.cuda.memory_allocated()
@@ -413,7 +421,9 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
     optimizer = torch.optim.AdamW(params, lr=lr, fused=fused) if fused else torch.optim.AdamW(params, lr=lr)
     warmup = int(round(cfg["warmup_ratio"] * total_steps))
     scheduler = get_scheduler(cfg["scheduler"], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    mask_mode = choose_mask_mode(model, tok.ids["train"], pad_id, device)
+    t = time.perf_counter()
+    mask_mode = choose_mask_mode(model, tok.ids["train"], pad_id, device, max_len=max_len)
+    phases["mask_probe"] = time.perf_counter() - t
     fwd = model
     if prefix_length(model) and world > 1:
         from .errors import UserError
@@ -589,11 +599,17 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
             return {"metrics": metrics, "history": history, "artefact": None, "reload_check": None,
                     "test_predictions": None}
 
+    t = time.perf_counter()
     artefact = save_model(model, run, run_dir)
+    phases["save"] = time.perf_counter() - t
     metrics["adapter_size_mb"] = dir_size_mb(run_dir / artefact)
     reload = None
     if run["evaluate_test"] and run.get("verify_reload", True):
+        t = time.perf_counter()
         reload = verify_reload(run, run_dir, tok, test["logits"], device, amp, pad_id, max_len)
+        phases["reload_check"] = time.perf_counter() - t
+    metrics["phase_seconds"] = {**phases, "model_load": load_seconds, "train": train_seconds,
+                                "validation": val_seconds, "test": metrics.get("eval_seconds", 0.0)}
     if ckpt_path.exists():
         ckpt_path.unlink()
     del model, fwd, optimizer

@@ -80,12 +80,16 @@ def _run_with_retries(spec: dict, run_dir: Path, progress: bool, attempts: list[
         d = json.loads(Path(spec["texts_file"]).read_text())
         return tfidf_run(spec, d["texts"], {k: np.array(v) for k, v in d["labels"].items()},
                          spec["label_names"], run_dir)
+    t = time.perf_counter()
     tok = Tokenized.load(Path(spec["tokens_file"]))
+    data_seconds = time.perf_counter() - t
     micro = spec["train"].get("micro_batch_size") or spec["train"]["batch_size"]
     for attempt in range(spec["max_oom_retries"] + 1):
         spec["train"]["micro_batch_size"] = micro
         try:
             out = train_run(spec, tok, run_dir, progress=progress)
+            if "phase_seconds" in out["metrics"]:
+                out["metrics"]["phase_seconds"]["data_load"] = data_seconds
             out["attempts"] = attempts + [{"micro_batch_size": micro, "outcome": "success"}]
             return out
         except Exception as e:
