@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--parallel", type=int, default=0)
+    ap.add_argument("--no-sequential", action="store_true", help="only the --parallel variant of peftbench")
+    ap.add_argument("--extra", default="", help="more `peftbench run` arguments, e.g. '--compile cudagraphs'")
+    ap.add_argument("--keep", default=None, help="keep peftbench's study folders here")
     ap.add_argument("--methods", default="full,lora,qlora,ia3")
     ap.add_argument("--skip-trainer", action="store_true")
     ap.add_argument("--train-size", type=int, default=3000, help="smaller for a smoke test")
@@ -60,7 +63,8 @@ def main() -> None:
     a = ap.parse_args()
     os.environ.setdefault("PEFTBENCH_PROGRESS", "0")
     methods = a.methods.split(",")
-    work = Path(tempfile.mkdtemp())
+    work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp())
+    work.mkdir(parents=True, exist_ok=True)
     rows: dict = {"argv": sys.argv[1:], "torch": speed.torch.__version__}
     if not a.skip_trainer:
         seed = config.load_preset("seed")
@@ -82,8 +86,10 @@ def main() -> None:
         rows["trainer"] = {"prepare_seconds": prep, "per_method": per,
                            "total_seconds": prep + sum(r["total_seconds"] for r in per.values())}
     sizes = ["--train-size", str(a.train_size), "--test-size", str(a.test_size), "--max-length", str(a.max_length)]
-    rows["peftbench"] = peftbench_cli(a.model, a.data, work / "pb", ["--methods", a.methods, *sizes])
-    print(json.dumps({"peftbench": rows["peftbench"]["total_seconds"]}), flush=True)
+    sizes += a.extra.split()
+    if not a.no_sequential:
+        rows["peftbench"] = peftbench_cli(a.model, a.data, work / "pb", ["--methods", a.methods, *sizes])
+        print(json.dumps({"peftbench": rows["peftbench"]["total_seconds"]}), flush=True)
     if a.parallel:
         rows["peftbench_parallel"] = peftbench_cli(a.model, a.data, work / "pbp",
                                                    ["--methods", a.methods, *sizes, "--parallel",

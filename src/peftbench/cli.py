@@ -61,7 +61,9 @@ def build_study(args) -> tuple[dict, Path]:
         raw["methods"] = [known.get(m.strip(), m.strip()) for m in args.methods.split(",") if m.strip()]
     train = dict(raw.get("train") or {}) if isinstance(raw.get("train", {}), dict) else raw.get("train")
     if isinstance(train, dict):
-        for key, val in (("epochs", args.epochs), ("learning_rate", args.lr), ("max_length", args.max_length)):
+        compile_ = {"off": False, "on": True, "cudagraphs": "cudagraphs"}.get(args.compile)
+        for key, val in (("epochs", args.epochs), ("learning_rate", args.lr), ("max_length", args.max_length),
+                         ("compile", compile_)):
             if val is not None:
                 train[key] = val
         raw["train"] = train
@@ -177,6 +179,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--lr-search", action="store_true", help="search each method's learning rate on validation")
     r.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--parallel", type=int, help="runs at once on one device (timings flagged as concurrent)")
+    r.add_argument("--compile", choices=["off", "on", "cudagraphs"],
+                   help="torch.compile the model; cudagraphs adds CUDA graphs per bucketed shape (GPU)")
     r.add_argument("--concurrent-finals", action="store_true",
                    help="let final runs share the device too (default: finals run alone for clean timings)")
     r.add_argument("--isolation", choices=["process", "inline"], help="a fresh process per run (default) or inline")
