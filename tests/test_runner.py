@@ -175,3 +175,19 @@ def test_qlora_runs_on_cpu(tiny_encoder, tiny_data, tmp_path):
     model = load_trained(tmp_path / "s" / "runs" / res["run_id"])
     kinds = {type(m).__name__ for m in model.modules()}
     assert "Linear4bit" in kinds
+
+
+def test_concurrent_runs_are_flagged_in_the_report(tiny_encoder, tiny_data, tmp_path):
+    """Two runs sharing the device (forked workers started from two threads): both succeed, and the report says
+    that their timings were taken under contention; finals run alone by default and are not flagged."""
+    from peftbench import report
+    raw = study(tiny_encoder, tiny_data, ["lora", "ia3"], train={"epochs": 1}, isolation="process", parallel=2,
+                exclusive_finals=False)
+    results = run_study(raw, tmp_path / "shared")
+    assert [r["status"] for r in results] == ["success", "success"]
+    assert {r["config"]["concurrent_runs"] for r in results} == {2}
+    assert "measured under contention" in report.write_report(tmp_path / "shared")["markdown"].read_text()
+    alone = run_study({**raw, "exclusive_finals": True}, tmp_path / "alone")
+    assert {r["config"]["concurrent_runs"] for r in alone} == {1}
+    assert report.load_study(tmp_path / "alone")["concurrent_runs"] == 1
+    assert "contention" not in report.write_report(tmp_path / "alone")["markdown"].read_text()

@@ -38,8 +38,9 @@ def load_study(study_dir: Path) -> dict:
     rows = stats.summarize(finals, labels)
     device = (plan or {}).get("device") or (finals or trials)[0]["config"].get("device", "cpu")
     name = (plan or {}).get("study", {}).get("name") or (finals or trials)[0].get("study", "study")
+    shared = max([(r.get("config") or {}).get("concurrent_runs") or 1 for r in finals] or [1])
     return {"dir": study_dir, "name": name, "plan": plan, "finals": finals, "trials": trials, "rows": rows,
-            "gpu": str(device).startswith("cuda")}
+            "gpu": str(device).startswith("cuda"), "concurrent_runs": shared}
 
 
 def _test_labels(study_dir: Path, finals: list[dict], plan: dict | None = None) -> np.ndarray | None:
@@ -396,6 +397,10 @@ def write_report(study_dir: Path) -> dict[str, Path]:
              f"data sizes {data.get('sizes')}, {len(study['finals'])} final runs, {len(study['trials'])} "
              f"learning-rate trials. Accuracy and F1 are on the test split, scored once per final run; "
              f"learning rates and epochs were chosen on the validation split.")
+    if study.get("concurrent_runs", 1) > 1:
+        intro += (f" **Timings were measured under contention**: up to {study['concurrent_runs']} runs shared the "
+                  f"device, so times, throughput and memory headroom are comparable only roughly, within this "
+                  f"study; rerun without --parallel/--concurrent-finals for clean timings.")
 
     md = [f"# peftbench report: {study['name']}", "", intro, "", "## Summary", "", markdown_table(header, rows), ""]
     md += ["## Recommendations", ""] + [f"- **{r['title']}**: {r['reason']}" for r in recs] + [""]
