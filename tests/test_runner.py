@@ -191,3 +191,12 @@ def test_concurrent_runs_are_flagged_in_the_report(tiny_encoder, tiny_data, tmp_
     assert {r["config"]["concurrent_runs"] for r in alone} == {1}
     assert report.load_study(tmp_path / "alone")["concurrent_runs"] == 1
     assert "contention" not in report.write_report(tmp_path / "alone")["markdown"].read_text()
+
+
+def test_runs_are_forked_from_the_preloaded_server_unless_turned_off(tiny_encoder, tiny_data, tmp_path, monkeypatch):
+    raw = study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1}, isolation="process")
+    (res,) = run_study(raw, tmp_path / "forked")
+    assert res["status"] == "success" and res["environment"]["worker"] == "forked"
+    monkeypatch.setitem(runner._FORK, "usable", False)  # as PEFTBENCH_FORKSERVER=0 does
+    (res,) = run_study(raw, tmp_path / "plain")
+    assert res["status"] == "success" and res["environment"]["worker"] == "process"

@@ -287,22 +287,26 @@ def worker_env(progress: bool, extra: dict) -> dict:
 _FORK: dict = {"ctx": None, "usable": os.environ.get("PEFTBENCH_FORKSERVER", "1") != "0"}
 _FORK_LOCK = threading.Lock()
 BAD_FORK_EXIT = 75  # the forked worker found CUDA initialised in the server: rerun it as a plain process
-PRELOAD = ["torch", "transformers", "peft", "peftbench.worker", "peftbench.train", "peftbench.models"]
+PRELOAD = ["torch", "transformers", "transformers.modeling_utils", "peftbench.worker", "peftbench.train",
+           "peftbench.models"]
+# peft imports bitsandbytes, which queries the GPU on import and so initialises CUDA, which a forked child
+# cannot use: on GPU studies peft is imported by each run instead.
+PRELOAD_CPU_ONLY = ["peft"]
 
 
-def _fork_context():
+def _fork_context(cuda: bool):
     with _FORK_LOCK:
         if _FORK["ctx"] is None:
             import multiprocessing as mp
             ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(PRELOAD)
+            ctx.set_forkserver_preload(PRELOAD + ([] if cuda else PRELOAD_CPU_ONLY))
             _FORK["ctx"] = ctx
         return _FORK["ctx"]
 
 
 def _forked_worker(run_dir: str, env: dict) -> None:
     os.environ.clear()
-    os.environ.update(env)
+    os.environ.update(env, PEFTBENCH_WORKER="forked")
     import torch
     device = json.loads((Path(run_dir) / "spec.json").read_text()).get("device", "cpu")
     if device.startswith("cuda") and torch.cuda._is_in_bad_fork():
@@ -321,7 +325,8 @@ def launch_worker(run_dir: str, progress: bool, extra_env: dict, nproc: int = 1,
     """
     env = worker_env(progress, extra_env)
     if nproc == 1 and fork and _FORK["usable"]:
-        proc = _fork_context().Process(target=_forked_worker, args=(run_dir, env), daemon=False)
+        cuda = str(json.loads((Path(run_dir) / "spec.json").read_text()).get("device", "")).startswith("cuda")
+        proc = _fork_context(cuda).Process(target=_forked_worker, args=(run_dir, env), daemon=False)
         proc.start()
         proc.join()
         if proc.exitcode != BAD_FORK_EXIT:

@@ -29,7 +29,7 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "nump
 def environment(device: str) -> dict:
     from importlib.metadata import PackageNotFoundError, version
     env = {"python": platform.python_version(), "platform": platform.platform(), "host": socket.gethostname(),
-           "packages": {}}
+           "worker": os.environ.get("PEFTBENCH_WORKER", "process"), "packages": {}}
     for p in PACKAGES:
         try:
             env["packages"][p] = version(p)
