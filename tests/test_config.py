@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from hypothesis import given, settings
@@ -165,3 +167,10 @@ def test_methods_flag_keeps_the_presets_settings_for_methods_it_names():
     lora, dora = raw["methods"]
     assert lora["r"] == 16 and lora["targets"] == ["q", "k", "v"] and lora["epochs"] == 3  # the seed's LoRA
     assert dora == "dora"  # not in the preset: registry defaults
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "studies").glob("*.yaml")))
+def test_every_shipped_study_file_is_valid(name):
+    from peftbench import config
+    raw = config.load_yaml(Path(__file__).resolve().parents[1] / "studies" / name)
+    config.validate({**raw, "data": {**raw["data"], "name": None, "path": "somewhere"}})

@@ -200,3 +200,17 @@ def test_runs_are_forked_from_the_preloaded_server_unless_turned_off(tiny_encode
     monkeypatch.setitem(runner._FORK, "usable", False)  # as PEFTBENCH_FORKSERVER=0 does
     (res,) = run_study(raw, tmp_path / "plain")
     assert res["status"] == "success" and res["environment"]["worker"] == "process"
+
+
+def test_gpu_preload_leaves_out_what_initialises_cuda():
+    """bitsandbytes queries the GPU when imported (cuda_specs -> torch.cuda.get_device_capability), which
+    initialises CUDA in the forkserver and makes every forked GPU worker unusable; the GPU preload list must
+    not import it, directly or through peft."""
+    import subprocess
+    import sys
+    code = ("import importlib, sys\nfrom peftbench import runner\n"
+            "[importlib.import_module(m) for m in runner.PRELOAD]\n"
+            "print(sorted(m for m in ('bitsandbytes', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
