@@ -214,3 +214,13 @@ def test_gpu_preload_leaves_out_what_initialises_cuda():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-500:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_compiled_run_trains_and_says_how_it_was_compiled(tiny_encoder, tiny_data, tmp_path):
+    """`compile: cudagraphs` on the CPU compiles without CUDA graphs (they exist on CUDA only) and says so."""
+    (res,) = run_study(study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1, "compile": "cudagraphs"}),
+                       tmp_path / "s")
+    assert res["status"] == "success", res.get("error")
+    assert res["metrics"]["compile"] is True and res["metrics"]["pad_to_multiple_of"] == 64
+    assert res["reload_check"]["identical_predictions"]
+    assert res["history"][0]["train_loss"] > 0

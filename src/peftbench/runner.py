@@ -287,7 +287,8 @@ def worker_env(progress: bool, extra: dict) -> dict:
 _FORK: dict = {"ctx": None, "usable": os.environ.get("PEFTBENCH_FORKSERVER", "1") != "0"}
 _FORK_LOCK = threading.Lock()
 BAD_FORK_EXIT = 75  # the forked worker found CUDA initialised in the server: rerun it as a plain process
-PRELOAD = ["torch", "transformers", "transformers.modeling_utils", "peftbench.worker", "peftbench.train",
+# peftbench first: its __init__ quiets bitsandbytes' import-time warning before anything imports it.
+PRELOAD = ["peftbench.worker", "torch", "transformers", "transformers.modeling_utils", "peftbench.train",
            "peftbench.models"]
 # peft imports bitsandbytes, which queries the GPU on import and so initialises CUDA, which a forked child
 # cannot use: on GPU studies peft is imported by each run instead.

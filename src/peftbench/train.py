@@ -428,17 +428,21 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
     if prefix_length(model) and world > 1:
         from .errors import UserError
         raise UserError("prefix_tuning runs on one device here; set gpus_per_run: 1 for it")
+    if world > 1:  # data parallel: each process takes every world-th item of each batch of `batch_size`
+        from torch.nn.parallel import DistributedDataParallel
+        fwd = DistributedDataParallel(fwd, device_ids=[torch.device(device).index] if dev_type == "cuda" else None)
+    compiled = False
     if cfg.get("compile") and not prefix_length(model):
         # torch's default: the first shape compiles static, the first new shape recompiles with dynamic sizes;
-        # "cudagraphs" adds CUDA graphs, recorded once per bucketed shape (few: see pad_multiple below).
+        # "cudagraphs" adds CUDA graphs, recorded once per bucketed shape (few: see pad_multiple below), on one
+        # device only (a data-parallel run compiles around DDP, without graphs).
         import torch._dynamo
         for knob in ("cache_size_limit", "recompile_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
-        fwd = torch.compile(model, mode="reduce-overhead" if cfg["compile"] == "cudagraphs" else None)
-    if world > 1:  # data parallel: each process takes every world-th item of each batch of `batch_size`
-        from torch.nn.parallel import DistributedDataParallel
-        fwd = DistributedDataParallel(fwd, device_ids=[torch.device(device).index] if dev_type == "cuda" else None)
+        graphs = cfg["compile"] == "cudagraphs" and world == 1 and dev_type == "cuda"
+        fwd = torch.compile(fwd, mode="reduce-overhead" if graphs else None)
+        compiled = "cudagraphs" if graphs else True
     # Padding granularity. On the H200 (benchmarks/results/h200-padding.json) multiples of 8 - many distinct
     # shapes - ran 2.6-2.8x slower than multiples of 64 or fixed padding: there, each new shape costs more
     # than the padding saves. On the CPU, compute-bound, fine buckets pay. max_length means fixed padding.
@@ -556,7 +560,7 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
         "trainable_percent": 100.0 * trainable / total if total else None,
         "steps": total_steps, "micro_batch_size": micro, "resumed_from_epoch": start_epoch or None,
         "precision": "bf16-autocast" if amp is not None else "fp32", "attention_mask": mask_mode,
-        "pad_to_multiple_of": pad_multiple, "compile": cfg.get("compile") or False,
+        "pad_to_multiple_of": pad_multiple, "compile": compiled,
     }
     flops_tok = model_flops_per_token(_base_config(model), float(lengths.mean()))
     metrics["train_model_flops"] = flops_tok * real_tokens_epoch * cfg["epochs"]
