@@ -124,8 +124,9 @@ def choose_mask_mode(model, seqs: list[np.ndarray], pad_id: int, device: str, pr
         return forced
     if (not device.startswith("cuda") and not probe_on_cpu) or len(seqs) < 2 or prefix_length(model):
         return "2d"
-    by_len = sorted(range(min(len(seqs), 256)), key=lambda i: len(seqs[i]))
-    pick = [seqs[by_len[0]], seqs[by_len[len(by_len) // 2]], seqs[by_len[-1]]]
+    lengths = np.fromiter((len(x) for x in seqs), dtype=np.int64, count=len(seqs))
+    order = np.argsort(lengths, kind="stable")  # the shortest, the median and the longest of the whole split
+    pick = [seqs[order[0]], seqs[order[len(order) // 2]], seqs[order[-1]]]
     if len({len(s) for s in pick}) == 1:
         return "2d"
     # Full length (local-attention windows must show up), within the run's limit (soft prompts take positions).
