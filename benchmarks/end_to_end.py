@@ -29,8 +29,6 @@ import speed  # noqa: E402
 from peftbench import config, data as data_mod  # noqa: E402
 from peftbench.runner import Study  # noqa: E402
 
-EPOCHS = {"full": 5, "lora": 3, "qlora": 5, "ia3": 5}
-
 
 def peftbench_cli(model: str, data: str, out: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "peftbench", "run", "--preset", "seed", "--model", model, "--data", data,
@@ -79,8 +77,8 @@ def main() -> None:
         prep = time.perf_counter() - t0
         per = {}
         for m in methods:
-            spec = speed.spec_for(study, m, study.model_path, EPOCHS[m], "peftbench")
-            r = speed.run_trainer(spec, tok, study.pad_token_id or 0, EPOCHS[m], a.max_length, evaluate=True)
+            spec = speed.spec_for(study, m, study.model_path, None, "peftbench")  # the seed protocol's epochs
+            r = speed.run_trainer(spec, tok, study.pad_token_id or 0, a.max_length, evaluate=True)
             per[m] = r
             print(json.dumps({"trainer": m, **{k: round(v, 4) for k, v in r.items()}}), flush=True)
         rows["trainer"] = {"prepare_seconds": prep, "per_method": per,

@@ -39,11 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from peftbench import config, data as data_mod, models, train  # noqa: E402
 from peftbench.runner import Study  # noqa: E402
 
-SEED_METHODS = {  # the starting study's method settings (the `seed` preset)
-    "full": {}, "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.1, "targets": ["q", "k", "v"]},
-    "qlora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "targets": ["q", "v"]},
-    "ia3": {"targets": ["k", "v", "ffn_out"], "feedforward": ["ffn_out"]},
-}
+# The starting study's method entries, as the `seed` preset defines them (by label).
+SEED_METHODS = {e["label"]: e for e in config.normalise_methods(config.load_preset("seed")["methods"], [])}
 
 
 def roberta_shaped(folder: Path) -> Path:
@@ -56,14 +53,16 @@ def roberta_shaped(folder: Path) -> Path:
     return folder
 
 
-def spec_for(study: Study, method: str, model_path: str, epochs: int, recipe: str) -> dict:
-    """The run spec of `recipe`: "peftbench" plus options joined by "+": compile, cudagraphs, padN, mask2d."""
-    entry = {"name": method, "label": method, "options": dict(SEED_METHODS[method])}
-    spec = study.run_spec(entry, 2e-5, 42, "final")
+def spec_for(study: Study, method: str, model_path: str, epochs: int | None, recipe: str) -> dict:
+    """The run spec of `recipe`: "peftbench" plus options joined by "+": compile, cudagraphs, padN, mask2d.
+
+    `epochs` None keeps the seed protocol's own (5, 3 for LoRA)."""
+    spec = study.run_spec(SEED_METHODS[method], 2e-5, 42, "final")
     spec["model_path"] = model_path
     opts = recipe.split("+")[1:]
     compile_ = "cudagraphs" if "cudagraphs" in opts else ("compile" in opts)
-    spec["train"] = {**spec["train"], "epochs": epochs, "compile": compile_, "learning_rate": 2e-5}
+    spec["train"] = {**spec["train"], "epochs": epochs or spec["train"]["epochs"], "compile": compile_,
+                     "learning_rate": 2e-5}
     for o in opts:
         if o.startswith("pad"):
             spec["train"]["pad_to_multiple_of"] = int(o[3:])
@@ -84,8 +83,7 @@ def reset() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_trainer(spec: dict, tok: data_mod.Tokenized, pad_id: int, epochs: int, max_len: int,
-                evaluate: bool = False) -> dict:
+def run_trainer(spec: dict, tok: data_mod.Tokenized, pad_id: int, max_len: int, evaluate: bool = False) -> dict:
     """The Trainer recipe. With `evaluate`, also scores the test set (Trainer.predict, padded like training)
     and reports `total_seconds` from loading the model to the test predictions."""
     from transformers import Trainer, TrainingArguments
@@ -110,7 +108,7 @@ def run_trainer(spec: dict, tok: data_mod.Tokenized, pad_id: int, epochs: int, m
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=16, per_device_eval_batch_size=16,
-                                 learning_rate=2e-5, weight_decay=0.01, num_train_epochs=epochs,
+                                 learning_rate=2e-5, weight_decay=0.01, num_train_epochs=spec["train"]["epochs"],
                                  save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[],
                                  disable_tqdm=True, seed=42)
         trainer = Trainer(model=model, args=args, train_dataset=Padded("train"))
@@ -197,7 +195,7 @@ def main() -> None:
                     profile = Path(a.profile_dir) / f"{model_name}-{method}-{recipe.replace('+', '_')}.json"
                 try:
                     if recipe == "trainer":
-                        r = run_trainer(spec, tok, spec["pad_token_id"], a.epochs, a.max_length)
+                        r = run_trainer(spec, tok, spec["pad_token_id"], a.max_length)
                     else:
                         r = run_peftbench(spec, tok, recipe, profile)
                     status = "success"

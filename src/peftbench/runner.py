@@ -202,7 +202,7 @@ class Study:
             from .worker import execute_run
             return execute_run(rdir, progress=progress)
         launched = time.time()
-        return collect(spec, rdir, launch_worker(str(rdir), progress, {}, spec["world_size"]), launched)
+        return collect(spec, rdir, launch_worker(str(rdir), progress, {}), launched)
 
     def _prepare_run_dir(self, spec: dict) -> Path:
         rdir = self.out / "runs" / spec["run_id"]
@@ -305,29 +305,31 @@ def _fork_context(cuda: bool):
         return _FORK["ctx"]
 
 
-def _forked_worker(run_dir: str, env: dict) -> None:
+def _forked_worker(run_dir: str, env: dict, cuda: bool) -> None:
     os.environ.clear()
     os.environ.update(env, PEFTBENCH_WORKER="forked")
     import torch
-    device = json.loads((Path(run_dir) / "spec.json").read_text()).get("device", "cpu")
-    if device.startswith("cuda") and torch.cuda._is_in_bad_fork():
+    if cuda and torch.cuda._is_in_bad_fork():
         os._exit(BAD_FORK_EXIT)
     sys.argv = ["peftbench.worker", run_dir]
     from .worker import main
     main()
 
 
-def launch_worker(run_dir: str, progress: bool, extra_env: dict, nproc: int = 1, fork: bool = True) -> int:
-    """Run one planned run in a fresh process; its exit status (negative: killed by that signal).
+def launch_worker(run_dir: str, progress: bool, extra_env: dict, fork: bool = True) -> int:
+    """Run the run planned in RUN_DIR/spec.json in a fresh process; its exit status (negative: killed by
+    that signal).
 
     One GPU or CPU: a process forked from the preloaded forkserver (`PEFTBENCH_FORKSERVER=0`: a plain
-    `python -m peftbench.worker RUN_DIR`). With nproc > 1 the worker is started by torchrun as nproc
-    data-parallel processes (one per GPU).
+    `python -m peftbench.worker RUN_DIR`). With the spec's world_size > 1 the worker is started by torchrun
+    as that many data-parallel processes (one per GPU).
     """
+    spec = json.loads((Path(run_dir) / "spec.json").read_text())
+    nproc = spec.get("world_size", 1)
     env = worker_env(progress, extra_env)
     if nproc == 1 and fork and _FORK["usable"]:
-        cuda = str(json.loads((Path(run_dir) / "spec.json").read_text()).get("device", "")).startswith("cuda")
-        proc = _fork_context(cuda).Process(target=_forked_worker, args=(run_dir, env), daemon=False)
+        cuda = str(spec.get("device", "")).startswith("cuda")
+        proc = _fork_context(cuda).Process(target=_forked_worker, args=(run_dir, env, cuda), daemon=False)
         proc.start()
         proc.join()
         if proc.exitcode != BAD_FORK_EXIT:
@@ -345,8 +347,7 @@ def ray_task(run_dir: str, env: dict) -> tuple[int, dict | None]:
     """A Ray task: the same worker process as the local executor; returns its status and result."""
     from . import faults
     faults.in_ray_task(run_dir, env.get("PEFTBENCH_INJECT_FAULT"))
-    spec = json.loads((Path(run_dir) / "spec.json").read_text())
-    code = launch_worker(run_dir, False, env, spec.get("world_size", 1), fork=False)  # Ray's own process
+    code = launch_worker(run_dir, False, env, fork=False)  # Ray's own process
     return code, store.read_result(Path(run_dir) / "result.json")
 
 

@@ -8,6 +8,7 @@ evaluated once, sorted by length. Schedulers come from transformers, adapters fr
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import resource
@@ -84,15 +85,20 @@ def model_forward(model, ids, mask, mask_mode: str = "2d", labels=None):
     kw = {"labels": labels} if labels is not None else {}
     if not n_prefix:
         return model(input_ids=ids, attention_mask=mask_for_model(mask, mask_mode), **kw)
-    import inspect
-
     import torch
     base = model.base_model
-    backbone = base.get_submodule(model.transformer_backbone_name)
-    cache_arg = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    cache_arg = _cache_argument(type(base.get_submodule(model.transformer_backbone_name)))
     cache = model.get_prompt(batch_size=ids.shape[0])
     mask = torch.cat([mask.new_ones(ids.shape[0], n_prefix), mask], dim=1)
     return base(input_ids=ids, attention_mask=mask, **{cache_arg: cache}, **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(backbone_cls) -> str:
+    """The key/value-cache argument of a backbone's forward: `cache` from transformers 5.2x on, before it
+    `past_key_values` (read once per class, not on every training step)."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(backbone_cls.forward).parameters else "past_key_values"
 
 
 def mask_for_model(mask, mode: str):
@@ -426,14 +432,15 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
     mask_mode = choose_mask_mode(model, tok.ids["train"], pad_id, device, max_len=max_len)
     phases["mask_probe"] = time.perf_counter() - t
     fwd = model
-    if prefix_length(model) and world > 1:
+    prefixed = prefix_length(model) > 0
+    if prefixed and world > 1:
         from .errors import UserError
         raise UserError("prefix_tuning runs on one device here; set gpus_per_run: 1 for it")
     if world > 1:  # data parallel: each process takes every world-th item of each batch of `batch_size`
         from torch.nn.parallel import DistributedDataParallel
         fwd = DistributedDataParallel(fwd, device_ids=[torch.device(device).index] if dev_type == "cuda" else None)
     compiled = False
-    if cfg.get("compile") and not prefix_length(model):
+    if cfg.get("compile") and not prefixed:
         # torch's default: the first shape compiles static, the first new shape recompiles with dynamic sizes;
         # "cudagraphs" adds CUDA graphs, recorded once per bucketed shape (few: see pad_multiple below), on one
         # device only (a data-parallel run compiles around DDP, without graphs).
