@@ -43,13 +43,18 @@ from peftbench.runner import Study  # noqa: E402
 SEED_METHODS = {e["label"]: e for e in config.normalise_methods(config.load_preset("seed")["methods"], [])}
 
 
-def roberta_shaped(folder: Path) -> Path:
+def roberta_shaped(folder: Path, tokenizer_from: Path | None = None) -> Path:
+    """roberta-base's shape with random weights. With `tokenizer_from` (the MiniLM folder) the folder also
+    gets that tokenizer, and its pad id, so that `peftbench run --model FOLDER` can use it."""
     from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+    pad = AutoTokenizer.from_pretrained(tokenizer_from).pad_token_id if tokenizer_from else 1
     cfg = RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                         intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1,
-                        pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
+                        pad_token_id=pad, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
     torch.manual_seed(0)
     RobertaModel(cfg).save_pretrained(folder)
+    if tokenizer_from:
+        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
     return folder
 
 

@@ -25,6 +25,7 @@ def test_ray_results_match_the_local_executor(local_ray, tiny_encoder, tiny_data
     assert [r["run_id"] for r in remote] == [r["run_id"] for r in local]
     for a, b in zip(local, remote):
         assert b["status"] == "success" and b["config"]["executor"] == "ray"
+        assert b["environment"]["worker"] == "forked"  # from the actor's preloaded forkserver
         assert a["config_hash"] == b["config_hash"]
         assert all(a["metrics"][k] == b["metrics"][k] for k in COMPARED)
         assert a["test_predictions"] == b["test_predictions"]
@@ -55,3 +56,10 @@ def test_ray_retries_a_task_whose_process_died(local_ray, tiny_encoder, tiny_dat
                              train={"epochs": 1}), tmp_path / "s")
     assert res["status"] == "success"
     assert (tmp_path / "s" / "runs" / res["run_id"] / ".ray-task-died").exists()  # it did die once
+
+
+def test_ray_says_when_the_cluster_has_no_room_for_a_run(local_ray, tiny_encoder, tiny_data, tmp_path):
+    from peftbench.errors import UserError
+    with pytest.raises(UserError, match="the Ray cluster has 2 CPUs but each run needs 3 CPU"):
+        run_study(study(tiny_encoder, tiny_data, ["lora"], executor="ray", isolation="process", ray_cpus_per_run=3,
+                        train={"epochs": 1}), tmp_path / "s")

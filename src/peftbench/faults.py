@@ -4,7 +4,7 @@ PEFTBENCH_INJECT_FAULT="<text in run id>:<fault>", faults:
   segv                  the worker dies with a segmentation fault as the run starts
   exit_after_epoch=N    the worker is killed (os._exit) right after epoch N's checkpoint is written
   oom_above=N           every training step with a micro-batch above N raises torch.OutOfMemoryError
-  ray_task_dies_once    the Ray task process exits before starting its worker, the first time only
+  ray_task_dies_once    the Ray actor's process exits before starting the run's worker, the first time only
 """
 
 from __future__ import annotations

@@ -211,11 +211,14 @@ class Study:
         return rdir
 
     def _execute_ray(self, todo: list[dict], on_done) -> list[dict]:
-        """Every run becomes a Ray task (one GPU each on CUDA, `ray_cpus_per_run` CPUs otherwise).
+        """Every run goes to a Ray actor holding one run's resources (one GPU each on CUDA, `ray_cpus_per_run`
+        CPUs otherwise), as many actors as the cluster has room for when the study starts.
 
-        The task runs the same worker process as the local executor, so crash isolation and result files
-        are the same; a task whose Ray worker dies is retried once, then recorded as failed. The study
-        folder must be on storage the Ray nodes share (as the token cache and spec files are read there).
+        An actor runs the same worker process as the local executor, forked from the actor's own preloaded
+        forkserver, so crash isolation and result files are the same and only an actor's first run pays for
+        importing torch and transformers. A run whose actor dies is retried once on a new actor, then
+        recorded as failed. The study folder must be on storage the Ray nodes share (the token cache and
+        spec files are read there).
         """
         try:
             import ray
@@ -226,29 +229,51 @@ class Study:
                      ignore_reinit_error=True)
         cpus = self.cfg["ray_cpus_per_run"]
         n = self.cfg["gpus_per_run"]
-        opts = {"num_gpus": n, "num_cpus": n} if self.device.startswith("cuda") else {"num_cpus": cpus * n}
-        task = ray.remote(max_retries=1, **opts)(ray_task)
+        cuda = self.device.startswith("cuda")
+        opts = {"num_gpus": n, "num_cpus": n} if cuda else {"num_cpus": cpus * n}
+        have = ray.cluster_resources().get("GPU" if cuda else "CPU", 0)
+        room = int(have // (n if cuda else cpus * n))
+        if room < 1:
+            what = f"{n} GPU(s)" if cuda else f"{cpus * n} CPU(s)"
+            raise UserError(f"the Ray cluster has {have:g} {'GPUs' if cuda else 'CPUs'} but each run needs {what}; "
+                            "connect to a bigger cluster (--address) or lower gpus_per_run / ray_cpus_per_run")
+        slot = ray.remote(max_restarts=0)(RunSlot).options(**opts)
         env = {k: v for k, v in os.environ.items() if k.startswith(("PEFTBENCH_", "HF_", "TRANSFORMERS_"))}
         env.setdefault("OMP_NUM_THREADS", str(cpus))
         launched = time.time()
-        refs = {task.remote(str(self._prepare_run_dir(s)), env): s for s in todo}
-        out: dict[str, dict] = {}
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            spec = refs[done[0]]
+        idle = [slot.remote() for _ in range(min(room, len(todo)))]
+        actors = list(idle)
+        queue, running, out, died = list(todo), {}, {}, set()
+        while queue or running:
+            while idle and queue:
+                spec, actor = queue.pop(0), idle.pop()
+                running[actor.run.remote(str(self._prepare_run_dir(spec)), env)] = (actor, spec)
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            actor, spec = running.pop(ref)
             rdir = self.out / "runs" / spec["run_id"]
             try:
-                returncode, remote = ray.get(done[0])
+                returncode, remote = ray.get(ref)
+                idle.append(actor)
                 if remote is not None and store.read_result(rdir / "result.json") is None:
                     store.atomic_write_json(rdir / "result.json", remote)  # a node without the shared folder
                 result = collect(spec, rdir, returncode, launched)
             except ray.exceptions.RayError as e:
+                if isinstance(e, ray.exceptions.RayActorError):
+                    idle.append(slot.remote())  # the actor's process died: a fresh one takes its place
+                    actors.append(idle[-1])
+                    if spec["run_id"] not in died:
+                        died.add(spec["run_id"])
+                        queue.insert(0, spec)
+                        continue
+                else:
+                    idle.append(actor)
                 import re
                 first = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0] if str(e) else "")[:200]
                 result = record_failure(spec, rdir, f"Ray task failed after a retry: {type(e).__name__}: {first}")
             out[spec["run_id"]] = result
             on_done(result)
+        for a in actors:
+            ray.kill(a)
         return [out[s["run_id"]] for s in todo]
 
     # ---------------------------------------------------------------- the whole study
@@ -316,7 +341,7 @@ def _forked_worker(run_dir: str, env: dict, cuda: bool) -> None:
     main()
 
 
-def launch_worker(run_dir: str, progress: bool, extra_env: dict, fork: bool = True) -> int:
+def launch_worker(run_dir: str, progress: bool, extra_env: dict) -> int:
     """Run the run planned in RUN_DIR/spec.json in a fresh process; its exit status (negative: killed by
     that signal).
 
@@ -327,7 +352,7 @@ def launch_worker(run_dir: str, progress: bool, extra_env: dict, fork: bool = Tr
     spec = json.loads((Path(run_dir) / "spec.json").read_text())
     nproc = spec.get("world_size", 1)
     env = worker_env(progress, extra_env)
-    if nproc == 1 and fork and _FORK["usable"]:
+    if nproc == 1 and _FORK["usable"]:
         cuda = str(spec.get("device", "")).startswith("cuda")
         proc = _fork_context(cuda).Process(target=_forked_worker, args=(run_dir, env, cuda), daemon=False)
         proc.start()
@@ -343,12 +368,15 @@ def launch_worker(run_dir: str, progress: bool, extra_env: dict, fork: bool = Tr
     return proc.returncode
 
 
-def ray_task(run_dir: str, env: dict) -> tuple[int, dict | None]:
-    """A Ray task: the same worker process as the local executor; returns its status and result."""
-    from . import faults
-    faults.in_ray_task(run_dir, env.get("PEFTBENCH_INJECT_FAULT"))
-    code = launch_worker(run_dir, False, env, fork=False)  # Ray's own process
-    return code, store.read_result(Path(run_dir) / "result.json")
+class RunSlot:
+    """A Ray actor holding one run's GPUs or CPUs for the study (see `Study._execute_ray`)."""
+
+    def run(self, run_dir: str, env: dict) -> tuple[int, dict | None]:
+        """The same worker process as the local executor; its exit status and result."""
+        from . import faults
+        faults.in_ray_task(run_dir, env.get("PEFTBENCH_INJECT_FAULT"))
+        code = launch_worker(run_dir, False, env)
+        return code, store.read_result(Path(run_dir) / "result.json")
 
 
 def collect(spec: dict, rdir: Path, returncode: int, launched_at: float = 0.0) -> dict:
