@@ -313,19 +313,17 @@ _FORK: dict = {"ctx": None, "usable": os.environ.get("PEFTBENCH_FORKSERVER", "1"
 _FORK_LOCK = threading.Lock()
 BAD_FORK_EXIT = 75  # the forked worker found CUDA initialised in the server: rerun it as a plain process
 # peftbench first: its __init__ quiets bitsandbytes' import-time warning before anything imports it.
-PRELOAD = ["peftbench.worker", "torch", "transformers", "transformers.modeling_utils", "peftbench.train",
-           "peftbench.models"]
-# peft imports bitsandbytes, which queries the GPU on import and so initialises CUDA, which a forked child
-# cannot use: on GPU studies peft is imported by each run instead.
-PRELOAD_CPU_ONLY = ["peft"]
+# peftbench._peft imports peft without bitsandbytes, which would initialise CUDA (see there).
+PRELOAD = ["peftbench.worker", "torch", "transformers", "transformers.modeling_utils", "peftbench._peft",
+           "peftbench.train", "peftbench.models"]
 
 
-def _fork_context(cuda: bool):
+def _fork_context():
     with _FORK_LOCK:
         if _FORK["ctx"] is None:
             import multiprocessing as mp
             ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(PRELOAD + ([] if cuda else PRELOAD_CPU_ONLY))
+            ctx.set_forkserver_preload(PRELOAD)
             _FORK["ctx"] = ctx
         return _FORK["ctx"]
 
@@ -354,7 +352,7 @@ def launch_worker(run_dir: str, progress: bool, extra_env: dict) -> int:
     env = worker_env(progress, extra_env)
     if nproc == 1 and _FORK["usable"]:
         cuda = str(spec.get("device", "")).startswith("cuda")
-        proc = _fork_context(cuda).Process(target=_forked_worker, args=(run_dir, env, cuda), daemon=False)
+        proc = _fork_context().Process(target=_forked_worker, args=(run_dir, env, cuda), daemon=False)
         proc.start()
         proc.join()
         if proc.exitcode != BAD_FORK_EXIT:

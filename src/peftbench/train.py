@@ -569,6 +569,7 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
         "steps": total_steps, "micro_batch_size": micro, "resumed_from_epoch": start_epoch or None,
         "precision": "bf16-autocast" if amp is not None else "fp32", "attention_mask": mask_mode,
         "pad_to_multiple_of": pad_multiple, "compile": compiled,
+        "layers_4bit": sum(type(m).__name__ == "Linear4bit" for m in model.modules()),
     }
     flops_tok = model_flops_per_token(_base_config(model), float(lengths.mean()))
     metrics["train_model_flops"] = flops_tok * real_tokens_epoch * cfg["epochs"]
