@@ -165,6 +165,7 @@ def get(name: str) -> Method:
 def peft_config_fields(method: Method) -> set[str]:
     import dataclasses
 
+    from . import _peft  # noqa: F401  (without bitsandbytes' import)
     import peft
     cls = getattr(peft, method.peft_config)
     return {f.name for f in dataclasses.fields(cls)}

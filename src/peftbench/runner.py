@@ -328,6 +328,14 @@ def _fork_context():
         return _FORK["ctx"]
 
 
+def start_forkserver() -> None:
+    """Start the forkserver now, so that its imports overlap whatever this process does before the first run."""
+    if _FORK["usable"]:
+        from multiprocessing import forkserver
+        _fork_context()
+        forkserver.ensure_running()
+
+
 def _forked_worker(run_dir: str, env: dict, cuda: bool) -> None:
     os.environ.clear()
     os.environ.update(env, PEFTBENCH_WORKER="forked")
