@@ -36,12 +36,24 @@ def peftbench_cli(model: str, data: str, out: Path, extra: list[str]) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     secs = time.perf_counter() - t0
-    accs = {}
+    return {"total_seconds": secs, "exit_status": proc.returncode, **study_details(out),
+            "command": " ".join(cmd[1:]), "stderr_tail": proc.stderr[-500:] if proc.returncode else ""}
+
+
+def study_details(out: Path) -> dict:
+    """What the study folder says: test accuracies, the study's own wall time, and where each run's time went."""
+    runs = {}
     for f in sorted((out / "runs").glob("*/result.json")):
         r = json.loads(f.read_text())
-        accs[r["label"]] = r["metrics"].get("test_accuracy")
-    return {"total_seconds": secs, "exit_status": proc.returncode, "test_accuracy": accs,
-            "command": " ".join(cmd[1:]), "stderr_tail": proc.stderr[-500:] if proc.returncode else ""}
+        m = r.get("metrics") or {}
+        runs[r["label"]] = {"test_accuracy": m.get("test_accuracy"), "worker": (r.get("environment") or {}).get("worker"),
+                            "run_seconds": (r.get("finished_at") or 0) - r["started_at"],
+                            "phase_seconds": m.get("phase_seconds"),
+                            "epoch_seconds": [h["epoch_seconds"] for h in r.get("history") or []],
+                            "train_samples_per_second": m.get("train_samples_per_second")}
+    plan = json.loads((out / "study.json").read_text()) if (out / "study.json").exists() else {}
+    return {"test_accuracy": {k: v["test_accuracy"] for k, v in runs.items()},
+            "study_wall_seconds": plan.get("wall_seconds"), "runs": runs}
 
 
 def main() -> None:

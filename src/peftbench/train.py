@@ -2,7 +2,7 @@
 
 The loop is written out (as PEFT's own method comparison does) so every cost is visible and can be
 measured: length-bucketed batches padded only to their own longest item, bf16 autocast where the
-hardware has it, a fused AdamW on CUDA, no host synchronisation inside an epoch, and the test set
+hardware has it, a fused AdamW, no host synchronisation inside an epoch, and the test set
 evaluated once, sorted by length. Schedulers come from transformers, adapters from PEFT.
 """
 
@@ -424,7 +424,7 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
 
     lr = cfg["learning_rate"]
     params = _param_groups(model, lr, cfg.get("head_learning_rate"), cfg["weight_decay"], head)
-    fused = dev_type == "cuda"
+    fused = dev_type in ("cuda", "cpu")  # one kernel for all parameters (CPU: torch >= 2.4)
     optimizer = torch.optim.AdamW(params, lr=lr, fused=fused) if fused else torch.optim.AdamW(params, lr=lr)
     warmup = int(round(cfg["warmup_ratio"] * total_steps))
     scheduler = get_scheduler(cfg["scheduler"], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
