@@ -45,6 +45,8 @@ def cli(args: list[str], out: Path, gpus: str | None) -> dict:
             "exit_status": proc.returncode, "stderr_tail": proc.stderr[-800:] if proc.returncode else "",
             "runs": len(results), "succeeded": sum(r["status"] == "success" for r in results),
             "workers": sorted({(r.get("environment") or {}).get("worker", "?") for r in results}),
+            "devices_seen_by_runs": sorted({str((r.get("environment") or {}).get("cuda_visible_devices"))
+                                            for r in results}),
             # per run: its worker's whole life, and the part its phases account for (the rest: imports, setup)
             "run_seconds_mean": mean([r["finished_at"] - r["started_at"] for r in results if r.get("finished_at")]),
             "run_phase_seconds_mean": mean([sum((r.get("metrics") or {}).get("phase_seconds", {}).values())

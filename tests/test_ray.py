@@ -26,6 +26,7 @@ def test_ray_results_match_the_local_executor(local_ray, tiny_encoder, tiny_data
     for a, b in zip(local, remote):
         assert b["status"] == "success" and b["config"]["executor"] == "ray"
         assert b["environment"]["worker"] == "forked"  # from the actor's preloaded forkserver
+        assert "cuda_visible_devices" in b["environment"]  # on GPUs: which one Ray gave the run
         assert a["config_hash"] == b["config_hash"]
         assert all(a["metrics"][k] == b["metrics"][k] for k in COMPARED)
         assert a["test_predictions"] == b["test_predictions"]

@@ -187,7 +187,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--concurrent-finals", action="store_true",
                    help="let final runs share the device too (default: finals run alone for clean timings)")
     r.add_argument("--isolation", choices=["process", "inline"], help="a fresh process per run (default) or inline")
-    r.add_argument("--executor", choices=["local", "ray"], help="run locally (default) or as Ray tasks")
+    r.add_argument("--executor", choices=["local", "ray"], help="run locally (default) or on a Ray cluster")
     r.add_argument("--gpus-per-run", type=int, help="data-parallel training of each run over N GPUs (torchrun); "
                    "the batch stays batch_size examples per optimizer step")
     r.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")

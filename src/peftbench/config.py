@@ -268,7 +268,7 @@ def validate(raw: Any, base_dir: Path | None = None) -> dict:
     elif study["gpus_per_run"] > 1 and study["isolation"] == "inline":
         problems.append("gpus_per_run > 1 needs isolation: process (torchrun starts the processes)")
     if study["executor"] == "ray" and study["isolation"] == "inline":
-        problems.append("isolation: inline cannot be used with executor: ray (each Ray task runs a worker process)")
+        problems.append("isolation: inline cannot be used with executor: ray (each Ray actor runs worker processes)")
     if study["tracking"] not in (None, "tensorboard"):
         problems.append(f"tracking: must be null or tensorboard, got {study['tracking']!r}")
     if not (_is_int(study["tracking_every"]) and study["tracking_every"] > 0):

@@ -258,18 +258,18 @@ class Study:
                     store.atomic_write_json(rdir / "result.json", remote)  # a node without the shared folder
                 result = collect(spec, rdir, returncode, launched)
             except ray.exceptions.RayError as e:
-                if isinstance(e, ray.exceptions.RayActorError):
-                    idle.append(slot.remote())  # the actor's process died: a fresh one takes its place
+                dead = isinstance(e, ray.exceptions.RayActorError)
+                idle.append(slot.remote() if dead else actor)  # a dead actor's place goes to a fresh one
+                if dead:
                     actors.append(idle[-1])
-                    if spec["run_id"] not in died:
-                        died.add(spec["run_id"])
-                        queue.insert(0, spec)
-                        continue
-                else:
-                    idle.append(actor)
+                if dead and spec["run_id"] not in died:
+                    died.add(spec["run_id"])
+                    queue.insert(0, spec)
+                    continue
                 import re
                 first = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0] if str(e) else "")[:200]
-                result = record_failure(spec, rdir, f"Ray task failed after a retry: {type(e).__name__}: {first}")
+                why = "its Ray actor died twice" if dead else "the Ray call failed"
+                result = record_failure(spec, rdir, f"{why}: {type(e).__name__}: {first}")
             out[spec["run_id"]] = result
             on_done(result)
         for a in actors:

@@ -29,7 +29,8 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "nump
 def environment(device: str) -> dict:
     from importlib.metadata import PackageNotFoundError, version
     env = {"python": platform.python_version(), "platform": platform.platform(), "host": socket.gethostname(),
-           "worker": os.environ.get("PEFTBENCH_WORKER", "process"), "packages": {}}
+           "worker": os.environ.get("PEFTBENCH_WORKER", "process"),
+           "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "packages": {}}
     for p in PACKAGES:
         try:
             env["packages"][p] = version(p)
