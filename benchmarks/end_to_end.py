@@ -30,12 +30,16 @@ from peftbench import config, data as data_mod  # noqa: E402
 from peftbench.runner import Study  # noqa: E402
 
 
-def peftbench_cli(model: str, data: str, out: Path, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "peftbench", "run", "--preset", "seed", "--model", model, "--data", data,
-           "--out", str(out), *extra]
+def run_cli(args: list[str], out: Path, env: dict | None = None) -> tuple[float, subprocess.CompletedProcess, list]:
+    """`peftbench run ARGS --out OUT` in a fresh process: its wall seconds, the process and the command."""
+    cmd = [sys.executable, "-m", "peftbench", "run", *args, "--out", str(out)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    secs = time.perf_counter() - t0
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    return time.perf_counter() - t0, proc, cmd
+
+
+def peftbench_cli(model: str, data: str, out: Path, extra: list[str]) -> dict:
+    secs, proc, cmd = run_cli(["--preset", "seed", "--model", model, "--data", data, *extra], out)
     return {"total_seconds": secs, "exit_status": proc.returncode, **study_details(out),
             "command": " ".join(cmd[1:]), "stderr_tail": proc.stderr[-500:] if proc.returncode else ""}
 

@@ -20,13 +20,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import end_to_end  # noqa: E402
 import speed  # noqa: E402
 
 COMPARED = ("test_accuracy", "validation_accuracy", "trainable_params")
@@ -36,10 +35,7 @@ def cli(args: list[str], out: Path, gpus: str | None) -> dict:
     env = dict(os.environ)
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpus
-    cmd = [sys.executable, "-m", "peftbench", "run", *args, "--out", str(out)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    secs = time.perf_counter() - t0
+    secs, proc, cmd = end_to_end.run_cli(args, out, env)
     results = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*/result.json"))]
     return {"command": " ".join(["peftbench", *cmd[3:]]), "CUDA_VISIBLE_DEVICES": gpus, "wall_seconds": secs,
             "exit_status": proc.returncode, "stderr_tail": proc.stderr[-800:] if proc.returncode else "",

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -47,14 +48,15 @@ def roberta_shaped(folder: Path, tokenizer_from: Path | None = None) -> Path:
     """roberta-base's shape with random weights. With `tokenizer_from` (the MiniLM folder) the folder also
     gets that tokenizer, and its pad id, so that `peftbench run --model FOLDER` can use it."""
     from transformers import AutoTokenizer, RobertaConfig, RobertaModel
-    pad = AutoTokenizer.from_pretrained(tokenizer_from).pad_token_id if tokenizer_from else 1
+    tok = AutoTokenizer.from_pretrained(tokenizer_from) if tokenizer_from else None
+    pad = tok.pad_token_id if tok else 1
     cfg = RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                         intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1,
                         pad_token_id=pad, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
     torch.manual_seed(0)
     RobertaModel(cfg).save_pretrained(folder)
-    if tokenizer_from:
-        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
+    if tok:
+        tok.save_pretrained(folder)
     return folder
 
 
@@ -136,15 +138,10 @@ def run_peftbench(spec: dict, tok: data_mod.Tokenized, recipe: str, profile: Pat
     reset()
     env = {"PEFTBENCH_MASK_MODE": "2d" if "+mask2d" in recipe else None,
            "PEFTBENCH_PROFILE": str(profile) if profile else None}
-    old = {k: os.environ.get(k) for k in env}
-    for k, v in env.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            res = train.train_run(spec, tok, Path(tmp), progress=False)
-    finally:
-        for k, v in old.items():
+    with mock.patch.dict(os.environ), tempfile.TemporaryDirectory() as tmp:  # the environment is restored after
+        for k, v in env.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        res = train.train_run(spec, tok, Path(tmp), progress=False)
     m, hist = res["metrics"], res["history"]
     out = {"train_seconds": m["train_seconds"], "peak_memory_allocated_mb": m["peak_memory_allocated_mb"],
            "validation_accuracy": m["validation_accuracy"], "attention_mask": m.get("attention_mask"),

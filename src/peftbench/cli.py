@@ -88,8 +88,8 @@ def cmd_run(args) -> int:
     from .report import print_summary, write_report
     from .runner import Study
     raw, out = build_study(args)
-    if (raw.get("executor", "local"), raw.get("isolation", "process"), raw.get("gpus_per_run", 1)) == \
-            ("local", "process", 1):
+    settings = {**config.TOP_DEFAULTS, **raw}
+    if (settings["executor"], settings["isolation"], settings["gpus_per_run"]) == ("local", "process", 1):
         from .runner import start_forkserver
         start_forkserver()  # it imports torch, transformers and peft while this process validates and tokenizes
     study = config.validate(raw, base_dir=Path.cwd())
