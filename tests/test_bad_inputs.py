@@ -124,6 +124,12 @@ CASES = [
     ("recommend with a bad memory size", lambda t, m: ["recommend", str(_a_study(t, m)), "--max-memory", "lots"],
      "--max-memory: give a size"),
     ("two studies on one folder", lambda t, m: _locked(t, m), "another peftbench"),
+    ("Ray address not host:port", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "isolation": "process"},
+                                                    ["--executor", "ray", "--address", "headnode"]),
+     "ray_address: must be auto, host:port or ray://host:port, got 'headnode'"),
+    ("Ray cluster that does not answer", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "isolation": "process"},
+                                                           ["--executor", "ray", "--address", "127.0.0.1:1"]),
+     "cannot reach the Ray cluster at '127.0.0.1:1'"),
 ]
 
 

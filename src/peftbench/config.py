@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -259,8 +260,10 @@ def validate(raw: Any, base_dir: Path | None = None) -> dict:
         problems.append(f"parallel: must be a positive integer, got {study['parallel']!r}")
     if study["executor"] not in ("local", "ray"):
         problems.append(f"executor: must be local or ray, got {study['executor']!r}")
-    if study["ray_address"] is not None and not isinstance(study["ray_address"], str):
-        problems.append("ray_address: must be an address string such as auto or ray://host:10001")
+    addr = study["ray_address"]
+    if addr is not None and not (isinstance(addr, str) and (addr in ("auto", "local") or re.fullmatch(
+            r"(ray://)?[^\s:/]+:\d+", addr))):
+        problems.append(f"ray_address: must be auto, host:port or ray://host:port, got {addr!r}")
     if not (_is_int(study["ray_cpus_per_run"]) and study["ray_cpus_per_run"] >= 1):
         problems.append("ray_cpus_per_run: must be a positive integer")
     if not (_is_int(study["gpus_per_run"]) and study["gpus_per_run"] >= 1):

@@ -180,14 +180,16 @@ class Study:
         def one(spec):
             return finished(self._execute_one(spec, progress=parallel == 1))
 
-        if self.cfg["executor"] == "ray" and todo:
-            new = self._execute_ray(todo, finished)
-        elif parallel > 1 and len(todo) > 1:
-            with ThreadPoolExecutor(parallel) as pool:
-                new = list(pool.map(one, todo))
-        else:
-            new = [one(s) for s in todo]
-        bar.close()
+        try:  # the bar is closed (its line ended) before any error is printed
+            if self.cfg["executor"] == "ray" and todo:
+                new = self._execute_ray(todo, finished)
+            elif parallel > 1 and len(todo) > 1:
+                with ThreadPoolExecutor(parallel) as pool:
+                    new = list(pool.map(one, todo))
+            else:
+                new = [one(s) for s in todo]
+        finally:
+            bar.close()
         done.update({r["run_id"]: r for r in new})
         return [done[s["run_id"]] for s in specs]
 
@@ -225,8 +227,14 @@ class Study:
         except ImportError:
             raise UserError("executor: ray needs the ray package; pip install 'peftbench[ray]'") from None
         if not ray.is_initialized():
-            ray.init(address=self.cfg["ray_address"], include_dashboard=False, log_to_driver=False,
-                     ignore_reinit_error=True)
+            address = self.cfg["ray_address"]
+            _check_reachable(address)
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+            except (ConnectionError, ValueError) as e:
+                raise UserError(f"cannot connect to the Ray cluster at {address!r} ({str(e).splitlines()[0][:150]}); "
+                                "pass --address auto for a cluster started with `ray start` on this machine, or "
+                                "leave --address out to start a local one") from None
         cpus = self.cfg["ray_cpus_per_run"]
         n = self.cfg["gpus_per_run"]
         cuda = self.device.startswith("cuda")
@@ -372,6 +380,21 @@ def launch_worker(run_dir: str, progress: bool, extra_env: dict) -> int:
                "-m", "peftbench.worker", run_dir]
     proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL)
     return proc.returncode
+
+
+def _check_reachable(address: str | None) -> None:
+    """A cluster address (host:port or ray://host:port) that does not answer: a one-line error now, where
+    `ray.init` would keep retrying for minutes."""
+    if address in (None, "auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    import socket
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); pass --address auto for a "
+                        "cluster started with `ray start` on this machine, or leave --address out to start a "
+                        "local one") from None
 
 
 class RunSlot:
