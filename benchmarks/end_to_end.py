@@ -39,8 +39,13 @@ def run_cli(args: list[str], out: Path, env: dict | None = None) -> tuple[float,
 
 
 def peftbench_cli(model: str, data: str, out: Path, extra: list[str]) -> dict:
+    started = time.time()
     secs, proc, cmd = run_cli(["--preset", "seed", "--model", model, "--data", data, *extra], out)
-    return {"total_seconds": secs, "exit_status": proc.returncode, **study_details(out),
+    details = study_details(out)
+    for r in details["runs"].values():  # the run's place on the command's time line
+        r["started_after_seconds"] = r.pop("started_at") - started
+        r["finished_before_end_seconds"] = started + secs - r.pop("finished_at")
+    return {"total_seconds": secs, "exit_status": proc.returncode, **details,
             "command": " ".join(cmd[1:]), "stderr_tail": proc.stderr[-500:] if proc.returncode else ""}
 
 
@@ -54,7 +59,9 @@ def study_details(out: Path) -> dict:
                             "run_seconds": (r.get("finished_at") or 0) - r["started_at"],
                             "phase_seconds": m.get("phase_seconds"),
                             "epoch_seconds": [h["epoch_seconds"] for h in r.get("history") or []],
-                            "train_samples_per_second": m.get("train_samples_per_second")}
+                            "train_samples_per_second": m.get("train_samples_per_second"),
+                            "cuda_graphs": m.get("cuda_graphs"),
+                            "started_at": r["started_at"], "finished_at": r.get("finished_at") or r["started_at"]}
     plan = json.loads((out / "study.json").read_text()) if (out / "study.json").exists() else {}
     return {"test_accuracy": {k: v["test_accuracy"] for k, v in runs.items()},
             "study_wall_seconds": plan.get("wall_seconds"), "runs": runs}

@@ -9,8 +9,9 @@ identical) on the same tokenized IMDb subset with batch 16, lr 2e-5, weight deca
 schedule. (a) "trainer" is the starting study's recipe: transformers' Trainer, fp32, every review
 padded to max length (512 unless --max-length). (b) "peftbench" is `train.train_run`: bf16 autocast, length-bucketed
 batches padded to their longest item (rounded to 64 on GPU), fused AdamW, a ready 4D attention mask
-where it gives identical logits. Recipe options, joined with "+": compile (torch.compile per bucket
-shape), cudagraphs (compile + CUDA graphs), padN (pad to multiples of N), mask2d (the plain 2D mask,
+where it gives identical logits, and (CUDA) each step's forward and backward replayed from a CUDA graph per
+batch shape. Recipe options, joined with "+": eager (no CUDA graphs), compile (torch.compile per bucket
+shape), cudagraphs (compile + its CUDA graphs), padN (pad to multiples of N), mask2d (the plain 2D mask,
 i.e. transformers' per-step `mask.all()` sync), profile (a torch.profiler step profile into
 --profile-dir). With --epochs > 1 rows also give the last epoch alone (after warm-up and compilation). The roberta-base-shaped model is built from
 RobertaConfig with roberta-base's values and random weights (no download): its accuracy means
@@ -61,7 +62,7 @@ def roberta_shaped(folder: Path, tokenizer_from: Path | None = None) -> Path:
 
 
 def spec_for(study: Study, method: str, model_path: str, epochs: int | None, recipe: str) -> dict:
-    """The run spec of `recipe`: "peftbench" plus options joined by "+": compile, cudagraphs, padN, mask2d.
+    """The run spec of `recipe`: "peftbench" plus options joined by "+": eager, compile, cudagraphs, padN, mask2d.
 
     `epochs` None keeps the seed protocol's own (5, 3 for LoRA)."""
     spec = study.run_spec(SEED_METHODS[method], 2e-5, 42, "final")
@@ -70,6 +71,7 @@ def spec_for(study: Study, method: str, model_path: str, epochs: int | None, rec
     compile_ = "cudagraphs" if "cudagraphs" in opts else ("compile" in opts)
     spec["train"] = {**spec["train"], "epochs": epochs or spec["train"]["epochs"], "compile": compile_,
                      "learning_rate": 2e-5}
+    spec["train"]["cuda_graphs"] = "eager" not in opts
     for o in opts:
         if o.startswith("pad"):
             spec["train"]["pad_to_multiple_of"] = int(o[3:])
@@ -145,7 +147,8 @@ def run_peftbench(spec: dict, tok: data_mod.Tokenized, recipe: str, profile: Pat
     m, hist = res["metrics"], res["history"]
     out = {"train_seconds": m["train_seconds"], "peak_memory_allocated_mb": m["peak_memory_allocated_mb"],
            "validation_accuracy": m["validation_accuracy"], "attention_mask": m.get("attention_mask"),
-           "pad_to_multiple_of": m.get("pad_to_multiple_of"), "compile": m.get("compile")}
+           "pad_to_multiple_of": m.get("pad_to_multiple_of"), "compile": m.get("compile"),
+           "cuda_graphs": m.get("cuda_graphs"), "first_epoch_seconds": hist[0]["epoch_seconds"]}
     if len(hist) > 1:  # the last epoch alone: throughput after warm-up and compilation
         out["last_epoch_seconds"] = hist[-1]["epoch_seconds"]
     if profile and profile.exists():

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peftbench import cli, config
+from peftbench import methods as registry
 from peftbench.errors import UserError
 
 GOOD = {"model": "minilm", "data": {"path": "/nowhere"}, "methods": ["full", "lora"]}
@@ -41,6 +42,7 @@ def test_valid_study_gets_defaults():
     ({**GOOD, "train": {"weight_decay": -0.1}}, "train.weight_decay: must be a number >= 0"),
     ({**GOOD, "train": {"warmup_ratio": 1.5}}, "train.warmup_ratio: must be a number in [0, 1)"),
     ({**GOOD, "train": {"scheduler": "wavy"}}, "train.scheduler: must be one of"),
+    ({**GOOD, "train": {"cuda_graphs": "yes"}}, "train.cuda_graphs: must be true or false"),
     ({**GOOD, "methods": ["lorra"]}, "unknown method 'lorra' (did you mean 'lora'?)"),
     ({**GOOD, "methods": [{"name": "lora", "rank": 8}]}, "methods[0].rank: unknown key"),
     ({**GOOD, "methods": [{"name": "lora", "r": 0}]}, "methods[0].r: must be a positive integer"),
@@ -174,3 +176,21 @@ def test_every_shipped_study_file_is_valid(name):
     from peftbench import config
     raw = config.load_yaml(Path(__file__).resolve().parents[1] / "studies" / name)
     config.validate({**raw, "data": {**raw["data"], "name": None, "path": "somewhere"}})
+
+
+def test_registry_options_are_peft_fields_and_validation_needs_peft_only_for_others():
+    """Option keys the registry itself uses pass without importing peft (5-18 s in the CLI's process); any other
+    key is checked against the PEFT config class's real fields."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom peftbench import config\n"
+            "config.validate(config.load_preset('seed'))\nprint('peft' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "False", (out.stdout, out.stderr[-500:])
+    for m in registry.METHODS.values():
+        if m.kind == "peft":
+            assert set(m.options) - registry.EXTRA_PEFT_KEYS <= registry.peft_config_fields(m), m.name
+    raw = {**GOOD, "methods": [{"name": "lora", "use_dora": True}, {"name": "lora", "rank": 4}]}
+    with pytest.raises(UserError) as e:
+        config.validate(raw)
+    assert "rank" in str(e.value) and "use_dora" not in str(e.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import run_study, study
@@ -22,6 +23,7 @@ def test_result_file_has_every_field(tiny_encoder, tiny_data, tmp_path):
     for key in REQUIRED_METRICS:
         assert key in on_disk["metrics"], key
     assert on_disk["metrics"]["peak_memory_allocated_mb"] is None  # CPU run: no GPU memory to report
+    assert on_disk["metrics"]["cuda_graphs"] == "not a CUDA device"
     assert on_disk["metrics"]["peak_host_rss_mb"] > 50
     assert [h["epoch"] for h in on_disk["history"]] == [1, 2]
     assert all(0 <= h["validation_accuracy"] <= 1 and h["train_loss"] > 0 for h in on_disk["history"])
@@ -218,6 +220,26 @@ def test_preload_imports_peft_but_not_bitsandbytes():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-500:]
     assert out.stdout.strip().splitlines()[-2:] == ["['peft']", "True"]
+
+
+def test_lora_run_leaves_bitsandbytes_unimported_and_qlora_still_finds_it(tiny_encoder, tiny_data, tmp_path):
+    """peft's LoRA/IA3 layer dispatch imports bitsandbytes when it is installed (4 s per run on the H200
+    machine); runs that quantize nothing build their model without it, and a QLoRA run in the same process
+    still quantizes (peft's cached `is_bnb_available` is cleared)."""
+    import subprocess
+    import sys
+    code = ("import sys; from pathlib import Path\n"
+            f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "from conftest import run_study, study\n"
+            f"enc, data, out = {str(tiny_encoder)!r}, {str(tiny_data)!r}, Path({str(tmp_path)!r})\n"
+            "(r, i) = run_study(study(enc, data, ['lora', 'ia3'], train={'epochs': 1}), out / 'lora')\n"
+            "print('LORA', r['status'], i['status'], 'bitsandbytes' in sys.modules)\n"
+            "(q,) = run_study(study(enc, data, ['qlora'], train={'epochs': 1}), out / 'qlora')\n"
+            "print('QLORA', q['status'], q['metrics']['layers_4bit'] > 0, 'bitsandbytes' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-800:]
+    said = [line for line in out.stdout.splitlines() if line.startswith(("LORA", "QLORA"))]
+    assert said == ["LORA success success False", "QLORA success True True"], out.stdout
 
 
 def test_compiled_run_trains_and_says_how_it_was_compiled(tiny_encoder, tiny_data, tmp_path):

@@ -7,20 +7,44 @@ imported with bitsandbytes hidden, which is then un-hidden: a QLoRA run imports 
 model, the other runs never do.
 """
 
+import contextlib
 import sys
+
+
+@contextlib.contextmanager
+def without_bitsandbytes():
+    """peft as if bitsandbytes were not installed, for models that quantize nothing.
+
+    Building a LoRA or IA3 model imports bitsandbytes too: peft's layer dispatch asks `is_bnb_available()` and
+    then imports its bitsandbytes layer classes (4 s per run on the H200 machine, where every run is a fresh
+    process). peft caches the answer, so the cache is cleared on the way in and out: a QLoRA run later in the
+    same process still finds bitsandbytes.
+    """
+    hide = "bitsandbytes" not in sys.modules
+    if hide:
+        sys.modules["bitsandbytes"] = None  # `import bitsandbytes` raises ImportError; find_spec says absent
+    _clear_peft_caches()
+    try:
+        yield
+    finally:
+        if hide and sys.modules.get("bitsandbytes", 0) is None:
+            del sys.modules["bitsandbytes"]
+        _clear_peft_caches()
+
+
+def _clear_peft_caches() -> None:
+    utils = sys.modules.get("peft.import_utils")
+    for name in ("is_bnb_available", "is_bnb_4bit_available"):
+        fn = getattr(utils, name, None)
+        if hasattr(fn, "cache_clear"):
+            fn.cache_clear()
 
 
 def _import_peft() -> None:
     if "peft" in sys.modules:
         return
-    hide = "bitsandbytes" not in sys.modules
-    if hide:
-        sys.modules["bitsandbytes"] = None  # `import bitsandbytes` raises ImportError; find_spec says absent
-    try:
+    with without_bitsandbytes():
         import peft  # noqa: F401
-    finally:
-        if hide and sys.modules.get("bitsandbytes", 0) is None:
-            del sys.modules["bitsandbytes"]
 
 
 _import_peft()

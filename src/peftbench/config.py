@@ -47,8 +47,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "precision": "auto",          # auto: bf16 autocast where supported (CUDA, and CPUs with bf16), else fp32
     "group_by_length": True,      # length-bucketed batches (minimal padding); order is still random
     "compile": False,             # torch.compile the model: true, or "cudagraphs" (compiled + CUDA graphs per shape)
+    "cuda_graphs": True,          # CUDA: each step's forward and backward replayed from a graph per batch shape
     "micro_batch_size": None,     # None: = batch_size; smaller means gradient accumulation (same optimisation)
-    "pad_to_multiple_of": None,   # None: 8 (64 when compiling); = max_length pads every batch to one shape
+    "pad_to_multiple_of": None,   # None: 8 (64 on CUDA or compiling); = max_length pads every batch to one shape
 }
 DATA_DEFAULTS: dict[str, Any] = {
     "path": None, "name": None, "config": None,
@@ -107,7 +108,7 @@ def _check_train(section: str, train: dict, problems: list[str]) -> None:
     need("max_grad_norm", lambda v: _is_num(v) and v > 0, "a positive number (or null for no clipping)")
     need("scheduler", lambda v: v in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}")
     need("precision", lambda v: v in ("auto", "fp32", "bf16"), "one of auto, fp32, bf16")
-    for key in ("select_best_epoch", "group_by_length"):
+    for key in ("select_best_epoch", "group_by_length", "cuda_graphs"):
         need(key, lambda v: isinstance(v, bool), "true or false")
     need("compile", lambda v: isinstance(v, bool) or v == "cudagraphs", 'true, false or "cudagraphs"')
 
@@ -141,7 +142,7 @@ def normalise_methods(raw, problems: list[str]) -> list[dict]:
         except UserError as e:
             problems.append(f"{where}: {e}")
             continue
-        allowed = registry.allowed_options(method)
+        allowed = registry.allowed_options(method, opts)
         for k in opts:
             if k not in allowed:
                 problems.append(_unknown(f"{where}", k, allowed))

@@ -171,10 +171,14 @@ def peft_config_fields(method: Method) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def allowed_options(method: Method) -> set[str]:
+def allowed_options(method: Method, given=()) -> set[str]:
+    """The option keys `method` accepts. The PEFT config class's fields are read (which imports peft: 5-18 s
+    in a fresh process) only when a `given` key is not one the registry already knows."""
     keys = set(TRAIN_OVERRIDES) | {"label"}
     if method.kind == "peft":
-        keys |= peft_config_fields(method) | EXTRA_PEFT_KEYS
+        keys |= set(method.options) | EXTRA_PEFT_KEYS
+        if not set(given) <= keys:
+            keys |= peft_config_fields(method)
     if method.kind == "tfidf":
         keys |= {"C", "max_features", "ngram_max"}
     return keys

@@ -183,14 +183,19 @@ def build_model(run: dict, num_labels: int, label_names: list[str], device: str,
             in_head = any(name == h or name.startswith(h + ".") for h in head)
             p.requires_grad_(in_head or (method.kind == "bitfit" and name.endswith(".bias")))
     elif method.kind == "peft":
-        from peft import get_peft_model, prepare_model_for_kbit_training
+        import contextlib
+
+        from ._peft import without_bitsandbytes  # first: it imports peft without bitsandbytes
+        from peft import get_peft_model, prepare_model_for_kbit_training  # noqa: I001
+
         if method.quantize:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         cfg = registry.build_peft_config(method, run["method_options"], model.config.model_type, total_steps)
         if hasattr(cfg, "modules_to_save"):
             # The head (and anything the checkpoint lacked) must train and be saved with the adapter.
             cfg.modules_to_save = sorted(set(cfg.modules_to_save or []) | set(head))
-        model = get_peft_model(model, cfg)
+        with contextlib.nullcontext() if method.quantize else without_bitsandbytes():
+            model = get_peft_model(model, cfg)
     else:
         raise ValueError(f"method kind {method.kind} is not a model method")
     return model, head

@@ -193,8 +193,12 @@ def _sync(device: str) -> None:
 # ----------------------------------------------------------------------------------------- evaluation
 def predict_logits(model, seqs: list[np.ndarray], batch_size: int, device: str, amp, pad_id: int,
                    max_len: int | None = None, mask_mode: str = "2d") -> np.ndarray:
-    """Logits for `seqs`, evaluated in length-sorted batches (little padding), returned in input order."""
+    """Logits for `seqs`, evaluated in length-sorted batches (little padding), returned in input order.
+
+    On CUDA, widths are rounded to multiples of 64: every new shape costs kernel selection, more than the
+    padding saves (benchmarks/results/h200-padding.json)."""
     import torch
+    multiple = 64 if device.startswith("cuda") else 8
     order = np.argsort([-len(s) for s in seqs], kind="stable")
     out = [None] * len(order)
     model.eval()
@@ -202,7 +206,7 @@ def predict_logits(model, seqs: list[np.ndarray], batch_size: int, device: str, 
     with torch.inference_mode(), torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None):
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            ids, mask = collate([seqs[j] for j in idx], pad_id, max_len=max_len)
+            ids, mask = collate([seqs[j] for j in idx], pad_id, multiple=multiple, max_len=max_len)
             logits = model_forward(model, ids.to(device, non_blocking=True), mask.to(device, non_blocking=True),
                                    mask_mode).logits
             chunks.append((idx, logits.float()))
@@ -376,6 +380,103 @@ class StepProfiler:
         Path(self.path).write_text(json.dumps(out, indent=1))
 
 
+class StepGraphs:
+    """A training step's forward, backward, loss sum and gradient clipping as CUDA graphs, one per batch shape.
+
+    Small models at batch 16 are bound by the host launching kernels one at a time (the GPU idles most of
+    each eager step: benchmarks/results/profiles). A graph replays a whole step's kernels in one launch. Shapes
+    are few because batches are padded to multiples of `pad_multiple`; each is recorded the first time it
+    occurs (after one eager step, which creates the gradients and the optimizer state), in about the time of
+    one eager step, with no compiler. The optimizer and scheduler step stay eager (a few fused kernels), so
+    the optimisation is unchanged. Gradients, the loss sum and each shape's input buffers live outside the
+    graphs; the graphs' activations share one memory pool (they never run at the same time).
+    """
+
+    def __init__(self, model, mask_mode: str, amp, loss_sum, params: list, max_grad_norm):
+        import torch
+        self.model, self.mask_mode, self.amp, self.loss_sum = model, mask_mode, amp, loss_sum
+        self.params, self.max_grad_norm = params, max_grad_norm
+        self.stream = torch.cuda.Stream()
+        self.graphs: dict[tuple, tuple] = {}
+        self.pool = None
+        self.eager_steps = 0
+        self.failed: str | None = None
+        self.capture_seconds = 0.0
+
+    @staticmethod
+    def unsupported(run: dict, method, device: str, world: int, micro: int, batch_size: int, mask_mode: str,
+                    prefixed: bool, compiled) -> str | None:
+        """Why this run's steps cannot be graphed (None: they can)."""
+        if not run["train"].get("cuda_graphs", True):
+            return "off (cuda_graphs: false)"
+        reasons = [(not device.startswith("cuda"), "not a CUDA device"), (world > 1, "data-parallel run"),
+                   (bool(compiled), "torch.compile'd run"), (micro < batch_size, "gradient accumulation"),
+                   (prefixed, "prefix tuning"), (bool(method.step_hook), "per-step hook (AdaLoRA)"),
+                   (mask_mode == "2d", "2D attention mask (the model syncs on it)")]
+        return next((why for bad, why in reasons if bad), None)
+
+    def forward_backward(self, ids, mask, y) -> None:
+        """The step's work, eager or under capture: loss, gradients, loss sum, clipping."""
+        import torch
+        # Autocast's weight-cast cache must not outlive a capture; each weight is cast once per step anyway.
+        with torch.autocast("cuda", dtype=self.amp or torch.float32, enabled=self.amp is not None,
+                            cache_enabled=False):
+            loss = model_forward(self.model, ids, mask, self.mask_mode, labels=y).loss
+        loss.backward()
+        self.loss_sum += loss.detach()
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+
+    def step(self, ids, mask, y) -> bool:
+        """Run the step from its shape's graph (recorded now if new). False: the caller runs it eagerly."""
+        if self.failed or not self.eager_steps:
+            return False
+        key = (tuple(ids.shape), tuple(y.shape))
+        entry = self.graphs.get(key) or self._capture(ids, mask, y, key)
+        if entry is None:
+            return False
+        graph, static = entry
+        for buf, new in zip(static, (ids, mask, y)):
+            buf.copy_(new, non_blocking=True)
+        graph.replay()
+        return True
+
+    def run(self, ids, mask, y) -> None:
+        """One step's forward and backward on host tensors (pinned): from a graph, or eagerly."""
+        if not self.step(ids, mask, y):
+            dev = self.loss_sum.device
+            self.forward_backward(*(x.to(dev, non_blocking=True) for x in (ids, mask, y)))
+            self.eager_steps += 1
+
+    def _capture(self, ids, mask, y, key):
+        import torch
+        t = time.perf_counter()
+        dev = self.loss_sum.device
+        static = tuple(torch.zeros(x.shape, dtype=x.dtype, device=dev) for x in (ids, mask, y))
+        graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(self.stream):
+                graph.capture_begin(*([self.pool] if self.pool is not None else []))
+                try:
+                    self.forward_backward(*static)
+                finally:
+                    graph.capture_end()
+        except Exception as e:  # the run goes on eagerly, and its metrics say why
+            self.failed = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            torch.cuda.synchronize()
+            return None
+        torch.cuda.current_stream().wait_stream(self.stream)
+        self.pool = graph.pool() if self.pool is None else self.pool
+        self.graphs[key] = (graph, static)
+        self.capture_seconds += time.perf_counter() - t
+        return self.graphs[key]
+
+    def summary(self) -> dict:
+        return {"graphs": len(self.graphs), "capture_seconds": self.capture_seconds,
+                "eager_steps": self.eager_steps, "failed": self.failed}
+
+
 # ----------------------------------------------------------------------------------------- the run
 def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -> dict:
     """Train and evaluate one run; returns the `metrics`, `history` and artefact info for result.json.
@@ -451,9 +552,13 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
         graphs = cfg["compile"] == "cudagraphs" and world == 1 and dev_type == "cuda"
         fwd = torch.compile(fwd, mode="reduce-overhead" if graphs else None)
         compiled = "cudagraphs" if graphs else True
-    # Padding granularity. On the H200 (benchmarks/results/h200-padding.json) multiples of 8 - many distinct
-    # shapes - ran 2.6-2.8x slower than multiples of 64 or fixed padding: there, each new shape costs more
-    # than the padding saves. On the CPU, compute-bound, fine buckets pay. max_length means fixed padding.
+    graphs_off = StepGraphs.unsupported(run, method, device, world, micro, batch_size, mask_mode, prefixed,
+                                        compiled)
+    # Padding granularity. On the H200 (benchmarks/results/h200-padding.json) eager multiples of 8 - many
+    # distinct shapes - ran 2.6-2.8x slower than multiples of 64 or fixed padding: there, each new shape costs
+    # more than the padding saves. With CUDA graphs too (h200-speed-roberta.json): a new shape costs a
+    # recording (~0.1 s), and steady epochs were as fast with multiples of 64 as of 16.
+    # On the CPU, compute-bound, fine buckets pay. max_length means fixed padding.
     pad_multiple = cfg.get("pad_to_multiple_of") or (64 if cfg.get("compile") or dev_type == "cuda" else 8)
 
     history: list[dict] = []
@@ -485,17 +590,33 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
     global_step = start_epoch * steps_per_epoch
     tracker = Tracker(run if rank == 0 else {}, run_dir, device)
     profiler = StepProfiler(device, steps_per_epoch)
+    loss_sum = torch.zeros((), device=device)
+    graphs = None
+    if graphs_off is None:
+        graphs = StepGraphs(model, mask_mode, amp, loss_sum, [p for g in params for p in g["params"]],
+                            cfg["max_grad_norm"])
     for epoch in range(start_epoch, cfg["epochs"]):
         model.train()
         rng = np.random.default_rng([seed, epoch])
         batches = make_batches(lengths, batch_size, rng, cfg["group_by_length"])
-        loss_sum = torch.zeros((), device=device)
+        loss_sum.zero_()
         _sync(device)
         t0 = time.perf_counter()
         for i, batch in enumerate(batches):
             if epoch == start_epoch:
                 profiler.tick(i)
             faults.before_step(run["run_id"], micro)
+            if graphs is not None:  # one process, whole batch: forward, backward and clipping in one call
+                ids, mask = collate([ids_train[j] for j in batch], pad_id, multiple=pad_multiple, max_len=max_len)
+                graphs.run(ids.pin_memory(), mask.pin_memory(), labels_train[batch].pin_memory())
+                optimizer.step()
+                scheduler.step()
+                global_step += 1
+                optimizer.zero_grad(set_to_none=False)  # the graphs write into the same gradient tensors
+                tracker.step(global_step, loss_sum, batch, lengths, max_len, scheduler)
+                if bar is not None:
+                    bar.update(1)
+                continue
             mine, weight = batch[rank::world], 1.0
             if not len(mine):  # every process must join each gradient all-reduce, even with no item
                 mine, weight = batch[:1], 0.0
@@ -569,6 +690,7 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
         "steps": total_steps, "micro_batch_size": micro, "resumed_from_epoch": start_epoch or None,
         "precision": "bf16-autocast" if amp is not None else "fp32", "attention_mask": mask_mode,
         "pad_to_multiple_of": pad_multiple, "compile": compiled,
+        "cuda_graphs": graphs.summary() if graphs is not None else graphs_off,
         "layers_4bit": sum(type(m).__name__ == "Linear4bit" for m in model.modules()),
     }
     flops_tok = model_flops_per_token(_base_config(model), float(lengths.mean()))

@@ -1,0 +1,55 @@
+"""CUDA-only behaviour: the graphed training step. Marked `gpu`; skipped on machines without a CUDA GPU."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_study, study
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")]
+
+
+@pytest.fixture(scope="module")
+def no_dropout_encoder(tmp_path_factory):
+    """The tiny BERT without dropout, so that graphed and eager steps must compute the same numbers."""
+    from transformers import BertConfig, BertModel
+
+    from conftest import _tokenizer
+    folder = tmp_path_factory.mktemp("tiny-bert-nodrop")
+    tok = _tokenizer(folder)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=128, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["full", "ia3"])
+def test_graphed_steps_train_like_eager_ones(no_dropout_encoder, tiny_data, tmp_path, method):
+    over = {"device": "cuda", "train": {"epochs": 3, "max_length": 48}}
+    (graphed,) = run_study(study(no_dropout_encoder, tiny_data, [method], **over), tmp_path / "graphs")
+    over["train"]["cuda_graphs"] = False
+    (eager,) = run_study(study(no_dropout_encoder, tiny_data, [method], **over), tmp_path / "eager")
+    for res in (graphed, eager):
+        assert res["status"] == "success", res.get("error")
+    g = graphed["metrics"]["cuda_graphs"]
+    assert g["failed"] is None and g["graphs"] >= 2 and g["eager_steps"] == 1, g  # one eager step, then graphs
+    assert eager["metrics"]["cuda_graphs"] == "off (cuda_graphs: false)"
+    for hg, he in zip(graphed["history"], eager["history"]):
+        assert hg["train_loss"] == pytest.approx(he["train_loss"], rel=2e-3)
+    agree = sum(a == b for a, b in zip(graphed["test_predictions"], eager["test_predictions"]))
+    assert agree >= len(eager["test_predictions"]) - 1
+    assert graphed["reload_check"]["identical_predictions"]
+
+
+def test_qlora_and_dropout_runs_use_graphs(tiny_encoder, tiny_data, tmp_path):
+    """QLoRA's 4-bit layers (bitsandbytes kernels) and dropout (the graphs' own random offsets) are captured."""
+    runs = run_study(study(tiny_encoder, tiny_data, ["qlora", "lora"], device="cuda"), tmp_path / "s")
+    for res in runs:
+        assert res["status"] == "success", res.get("error")
+        assert res["metrics"]["cuda_graphs"]["failed"] is None, res["metrics"]["cuda_graphs"]
+        assert res["metrics"]["cuda_graphs"]["graphs"] >= 1
+        losses = [h["train_loss"] for h in res["history"]]
+        assert all(x == x and 0 < x < 10 for x in losses), losses  # finite: the graphs computed a loss
