@@ -9,7 +9,8 @@ Trainer (fp32, every review padded to 512) and scores the test set with Trainer.
 model load to the test predictions, after tokenizing once. (b) "peftbench": the wall clock of the CLI
 command in a fresh process: reading and tokenizing the data, one process per run, training, the test
 set, saving and the reload check of every artefact, and the report. With --parallel N, (c) the same
-command with N runs sharing the GPU (`--parallel N --concurrent-finals`).
+command with N runs sharing the GPU (`--parallel N --concurrent-finals`). With --seeds, every run of both
+sides once per training seed (the accuracy check across seeds).
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ def peftbench_cli(model: str, data: str, out: Path, extra: list[str]) -> dict:
 def study_details(out: Path) -> dict:
     """What the study folder says: test accuracies, the study's own wall time, and where each run's time went."""
     runs = {}
-    for f in sorted((out / "runs").glob("*/result.json")):
-        r = json.loads(f.read_text())
+    results = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*/result.json"))]
+    several = len({r["seed"] for r in results}) > 1
+    for r in results:
         m = r.get("metrics") or {}
-        runs[r["label"]] = {"test_accuracy": m.get("test_accuracy"), "worker": (r.get("environment") or {}).get("worker"),
+        runs[f"{r['label']}/s{r['seed']}" if several else r["label"]] = {"test_accuracy": m.get("test_accuracy"), "worker": (r.get("environment") or {}).get("worker"),
                             "run_seconds": (r.get("finished_at") or 0) - r["started_at"],
                             "phase_seconds": m.get("phase_seconds"),
                             "epoch_seconds": [h["epoch_seconds"] for h in r.get("history") or []],
@@ -81,12 +83,18 @@ def main() -> None:
     ap.add_argument("--train-size", type=int, default=3000, help="smaller for a smoke test")
     ap.add_argument("--test-size", type=int, default=2000)
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--seeds", default="42", help="training seeds, e.g. 1,2,3: every run once per seed, both sides")
     a = ap.parse_args()
+    seeds = [int(x) for x in a.seeds.split(",")]
     os.environ.setdefault("PEFTBENCH_PROGRESS", "0")
     methods = a.methods.split(",")
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
     rows: dict = {"argv": sys.argv[1:], "torch": speed.torch.__version__}
+
+    def save() -> None:  # after every part: a run cut off by a time limit keeps what it measured
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(rows, indent=1))
     if not a.skip_trainer:
         seed = config.load_preset("seed")
         raw = {**seed, "model": a.model, "train": {**seed["train"], "max_length": a.max_length},
@@ -99,25 +107,27 @@ def main() -> None:
         tok = data_mod.Tokenized.load(study.tok_file)
         prep = time.perf_counter() - t0
         per = {}
-        for m in methods:
-            spec = speed.spec_for(study, m, study.model_path, None, "peftbench")  # the seed protocol's epochs
-            r = speed.run_trainer(spec, tok, study.pad_token_id or 0, a.max_length, evaluate=True)
-            per[m] = r
-            print(json.dumps({"trainer": m, **{k: round(v, 4) for k, v in r.items()}}), flush=True)
-        rows["trainer"] = {"prepare_seconds": prep, "per_method": per,
-                           "total_seconds": prep + sum(r["total_seconds"] for r in per.values())}
+        for seed in seeds:
+            for m in methods:
+                spec = speed.spec_for(study, m, study.model_path, None, "peftbench")  # the seed protocol's epochs
+                r = speed.run_trainer(spec, tok, study.pad_token_id or 0, a.max_length, evaluate=True, seed=seed)
+                per[m if len(seeds) == 1 else f"{m}/s{seed}"] = r
+                print(json.dumps({"trainer": m, "seed": seed, **{k: round(v, 4) for k, v in r.items()}}), flush=True)
+                rows["trainer"] = {"prepare_seconds": prep, "per_method": per,
+                                   "total_seconds": prep + sum(r["total_seconds"] for r in per.values())}
+                save()
     sizes = ["--train-size", str(a.train_size), "--test-size", str(a.test_size), "--max-length", str(a.max_length)]
-    sizes += a.extra.split()
+    sizes += ["--seeds", a.seeds, *a.extra.split()]
     if not a.no_sequential:
         rows["peftbench"] = peftbench_cli(a.model, a.data, work / "pb", ["--methods", a.methods, *sizes])
         print(json.dumps({"peftbench": rows["peftbench"]["total_seconds"]}), flush=True)
+        save()
     if a.parallel:
         rows["peftbench_parallel"] = peftbench_cli(a.model, a.data, work / "pbp",
                                                    ["--methods", a.methods, *sizes, "--parallel",
                                                     str(a.parallel), "--concurrent-finals"])
         print(json.dumps({"peftbench_parallel": rows["peftbench_parallel"]["total_seconds"]}), flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(rows, indent=1))
+    save()
 
 
 if __name__ == "__main__":

@@ -92,12 +92,15 @@ def reset() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_trainer(spec: dict, tok: data_mod.Tokenized, pad_id: int, max_len: int, evaluate: bool = False) -> dict:
+def run_trainer(spec: dict, tok: data_mod.Tokenized, pad_id: int, max_len: int, evaluate: bool = False,
+                seed: int = 42) -> dict:
     """The Trainer recipe. With `evaluate`, also scores the test set (Trainer.predict, padded like training)
-    and reports `total_seconds` from loading the model to the test predictions."""
+    and reports `total_seconds` from loading the model to the test predictions. `seed` seeds the new head's
+    initialisation and the Trainer (data order, dropout)."""
     from transformers import Trainer, TrainingArguments
     reset()
     t_start = time.perf_counter()
+    torch.manual_seed(seed)
     model, _ = models.build_model(spec, len(tok.label_names), tok.label_names, spec["device"], 1)
 
     class Padded(torch.utils.data.Dataset):  # the study's recipe: every review padded to max_length
@@ -119,7 +122,7 @@ def run_trainer(spec: dict, tok: data_mod.Tokenized, pad_id: int, max_len: int, 
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=16, per_device_eval_batch_size=16,
                                  learning_rate=2e-5, weight_decay=0.01, num_train_epochs=spec["train"]["epochs"],
                                  save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[],
-                                 disable_tqdm=True, seed=42)
+                                 disable_tqdm=True, seed=seed)
         trainer = Trainer(model=model, args=args, train_dataset=Padded("train"))
         t0 = time.perf_counter()
         trainer.train()

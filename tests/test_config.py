@@ -194,3 +194,12 @@ def test_registry_options_are_peft_fields_and_validation_needs_peft_only_for_oth
     with pytest.raises(UserError) as e:
         config.validate(raw)
     assert "rank" in str(e.value) and "use_dora" not in str(e.value)
+
+
+def test_cuda_graphs_flag_sets_the_study_option():
+    from peftbench import cli
+    for flag, want in (("off", False), ("on", True)):
+        raw, _ = cli.build_study(cli.parser().parse_args(["run", "--preset", "quick", "--cuda-graphs", flag]))
+        assert config.validate(raw)["train"]["cuda_graphs"] is want
+    raw, _ = cli.build_study(cli.parser().parse_args(["run", "--preset", "quick"]))
+    assert config.validate(raw)["train"]["cuda_graphs"] is True  # the default

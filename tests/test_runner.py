@@ -124,6 +124,18 @@ def test_accumulation_keeps_the_optimisation(tiny_encoder, tiny_data, tmp_path):
     assert abs(a["history"][0]["train_loss"] - b["history"][0]["train_loss"]) < 2e-3
 
 
+def test_run_that_dies_after_writing_its_result_keeps_it(tiny_encoder, tiny_data, tmp_path, monkeypatch):
+    """A worker that exits non-zero while shutting down, after its result and artefact were written (seen once
+    on the CPU machine: status 255), keeps what it measured; the exit status is recorded beside it."""
+    monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "ia3:exit_at_end")
+    ia3, lora = run_study(study(tiny_encoder, tiny_data, ["ia3", "lora"], isolation="process",
+                                train={"epochs": 1}), tmp_path / "s")
+    assert ia3["status"] == "success" and ia3["worker_exit_status"] == 255 and ia3["metrics"]["test_accuracy"] >= 0
+    on_disk = json.loads((tmp_path / "s" / "runs" / ia3["run_id"] / "result.json").read_text())
+    assert on_disk["status"] == "success" and on_disk["worker_exit_status"] == 255
+    assert lora["status"] == "success" and "worker_exit_status" not in lora
+
+
 def test_killed_run_resumes_from_its_last_epoch(tiny_encoder, tiny_data, tmp_path, monkeypatch):
     raw = study(tiny_encoder, tiny_data, ["full"], isolation="process", train={"epochs": 3})
     (clean,) = run_study(raw, tmp_path / "clean")

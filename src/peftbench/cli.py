@@ -63,7 +63,7 @@ def build_study(args) -> tuple[dict, Path]:
     if isinstance(train, dict):
         compile_ = {"off": False, "on": True, "cudagraphs": "cudagraphs"}.get(args.compile)
         for key, val in (("epochs", args.epochs), ("learning_rate", args.lr), ("max_length", args.max_length),
-                         ("compile", compile_)):
+                         ("compile", compile_), ("cuda_graphs", {"on": True, "off": False}.get(args.cuda_graphs))):
             if val is not None:
                 train[key] = val
         raw["train"] = train
@@ -185,6 +185,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--parallel", type=int, help="runs at once on one device (timings flagged as concurrent)")
     r.add_argument("--compile", choices=["off", "on", "cudagraphs"],
                    help="torch.compile the model; cudagraphs adds CUDA graphs per bucketed shape (GPU)")
+    r.add_argument("--cuda-graphs", choices=["on", "off"],
+                   help="replay each training step from a CUDA graph per batch shape (default on, CUDA only)")
     r.add_argument("--concurrent-finals", action="store_true",
                    help="let final runs share the device too (default: finals run alone for clean timings)")
     r.add_argument("--isolation", choices=["process", "inline"], help="a fresh process per run (default) or inline")

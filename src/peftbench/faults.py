@@ -3,6 +3,7 @@
 PEFTBENCH_INJECT_FAULT="<text in run id>:<fault>", faults:
   segv                  the worker dies with a segmentation fault as the run starts
   exit_after_epoch=N    the worker is killed (os._exit) right after epoch N's checkpoint is written
+  exit_at_end           the worker exits with status 255 after writing its result (a failing shutdown)
   oom_above=N           every training step with a micro-batch above N raises torch.OutOfMemoryError
   ray_task_dies_once    the Ray actor's process exits before starting the run's worker, the first time only
 """
@@ -31,6 +32,12 @@ def after_epoch(run_id: str, epoch: int) -> None:
     f = _active(run_id)
     if f and f[0] == "exit_after_epoch" and epoch == int(f[1]):
         os._exit(137)
+
+
+def at_end(run_id: str) -> None:
+    f = _active(run_id)
+    if f and f[0] == "exit_at_end":
+        os._exit(255)
 
 
 def before_step(run_id: str, micro_batch: int) -> None:

@@ -415,6 +415,12 @@ def collect(spec: dict, rdir: Path, returncode: int, launched_at: float = 0.0) -
         (result.get("started_at") or 0) >= launched_at and (result.get("finished_at") or 0) >= result["started_at"]
     if fresh and (returncode == 0 or result["status"] != "success"):
         return result  # the worker's own account (a failing data-parallel run exits non-zero after writing it)
+    if fresh and result.get("artefact"):
+        # A run that finished, saved its artefact and wrote its result, then exited non-zero while the
+        # process shut down: what it measured stands, and the exit status is kept beside it.
+        result["worker_exit_status"] = returncode
+        store.atomic_write_json(rdir / "result.json", result)
+        return result
     crash = [ln for ln in (rdir / "crash.log").read_text(errors="replace").splitlines() if ln.strip()][:1] \
         if (rdir / "crash.log").exists() else []
     sig = -returncode if returncode < 0 else None

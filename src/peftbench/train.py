@@ -386,8 +386,8 @@ class StepGraphs:
     Small models at batch 16 are bound by the host launching kernels one at a time (the GPU idles most of
     each eager step: benchmarks/results/profiles). A graph replays a whole step's kernels in one launch. Shapes
     are few because batches are padded to multiples of `pad_multiple`; each is recorded the first time it
-    occurs (after one eager step, which creates the gradients and the optimizer state), in about the time of
-    one eager step, with no compiler. The optimizer and scheduler step stay eager (a few fused kernels), so
+    occurs (after one eager step, which creates the gradients and the optimizer state), with no compiler:
+    0.1-0.2 s per shape in a fresh process on the H200 (benchmarks/results/h200-end-to-end.json). The optimizer and scheduler step stay eager (a few fused kernels), so
     the optimisation is unchanged. Gradients, the loss sum and each shape's input buffers live outside the
     graphs; the graphs' activations share one memory pool (they never run at the same time).
     """
@@ -556,8 +556,8 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
                                         compiled)
     # Padding granularity. On the H200 (benchmarks/results/h200-padding.json) eager multiples of 8 - many
     # distinct shapes - ran 2.6-2.8x slower than multiples of 64 or fixed padding: there, each new shape costs
-    # more than the padding saves. With CUDA graphs too (h200-speed-roberta.json): a new shape costs a
-    # recording (~0.1 s), and steady epochs were as fast with multiples of 64 as of 16.
+    # more than the padding saves. With CUDA graphs too (h200-graphs-roberta-padding.json): each new shape
+    # costs a recording, and later epochs were as fast with multiples of 64 as of 16.
     # On the CPU, compute-bound, fine buckets pay. max_length means fixed padding.
     pad_multiple = cfg.get("pad_to_multiple_of") or (64 if cfg.get("compile") or dev_type == "cuda" else 8)
 

@@ -170,6 +170,7 @@ def main() -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     from . import _peft  # noqa: F401  (peft without bitsandbytes' import bill, unless the run quantizes)
     execute_run(run_dir, progress=os.environ.get("PEFTBENCH_PROGRESS", "1") == "1")
+    faults.at_end(run_dir.name)
     if world > 1:
         import torch.distributed as dist
         dist.destroy_process_group()
