@@ -484,7 +484,9 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
     A checkpoint after each epoch (`checkpoint.pt`) lets a killed run resume where it stopped.
     """
     import torch
-    from transformers import get_scheduler
+
+    from . import _peft  # noqa: F401  first: transformers' scheduler module imports peft, which imports bitsandbytes
+    from transformers import get_scheduler  # noqa: I001
 
     from .models import build_model, count_params
 
