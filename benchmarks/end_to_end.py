@@ -57,7 +57,8 @@ def study_details(out: Path) -> dict:
     several = len({r["seed"] for r in results}) > 1
     for r in results:
         m = r.get("metrics") or {}
-        runs[f"{r['label']}/s{r['seed']}" if several else r["label"]] = {"test_accuracy": m.get("test_accuracy"), "worker": (r.get("environment") or {}).get("worker"),
+        runs[f"{r['label']}/s{r['seed']}" if several else r["label"]] = {
+                            "test_accuracy": m.get("test_accuracy"), "worker": (r.get("environment") or {}).get("worker"),
                             "run_seconds": (r.get("finished_at") or 0) - r["started_at"],
                             "phase_seconds": m.get("phase_seconds"),
                             "epoch_seconds": [h["epoch_seconds"] for h in r.get("history") or []],

@@ -611,38 +611,31 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
             if graphs is not None:  # one process, whole batch: forward, backward and clipping in one call
                 ids, mask = collate([ids_train[j] for j in batch], pad_id, multiple=pad_multiple, max_len=max_len)
                 graphs.run(ids.pin_memory(), mask.pin_memory(), labels_train[batch].pin_memory())
-                optimizer.step()
-                scheduler.step()
-                global_step += 1
-                optimizer.zero_grad(set_to_none=False)  # the graphs write into the same gradient tensors
-                tracker.step(global_step, loss_sum, batch, lengths, max_len, scheduler)
-                if bar is not None:
-                    bar.update(1)
-                continue
-            mine, weight = batch[rank::world], 1.0
-            if not len(mine):  # every process must join each gradient all-reduce, even with no item
-                mine, weight = batch[:1], 0.0
-            for m0 in range(0, len(mine), micro):
-                part = mine[m0:m0 + micro]
-                ids, mask = collate([ids_train[j] for j in part], pad_id, multiple=pad_multiple, max_len=max_len)
-                y = labels_train[part]
-                if pin:
-                    ids, mask, y = ids.pin_memory(), mask.pin_memory(), y.pin_memory()
-                with torch.autocast(dev_type, dtype=amp or torch.float32, enabled=amp is not None):
-                    out = model_forward(fwd, ids.to(device, non_blocking=True), mask.to(device, non_blocking=True),
-                                        mask_mode, labels=y.to(device, non_blocking=True))
-                # Weighted so that DDP's mean over processes gives the mean over the whole batch.
-                loss = out.loss * (len(part) / len(batch) * world * weight)
-                loss.backward()
-                loss_sum += loss.detach()
-            if cfg["max_grad_norm"]:
-                torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], cfg["max_grad_norm"])
+            else:
+                mine, weight = batch[rank::world], 1.0
+                if not len(mine):  # every process must join each gradient all-reduce, even with no item
+                    mine, weight = batch[:1], 0.0
+                for m0 in range(0, len(mine), micro):
+                    part = mine[m0:m0 + micro]
+                    ids, mask = collate([ids_train[j] for j in part], pad_id, multiple=pad_multiple, max_len=max_len)
+                    y = labels_train[part]
+                    if pin:
+                        ids, mask, y = ids.pin_memory(), mask.pin_memory(), y.pin_memory()
+                    with torch.autocast(dev_type, dtype=amp or torch.float32, enabled=amp is not None):
+                        out = model_forward(fwd, ids.to(device, non_blocking=True), mask.to(device, non_blocking=True),
+                                            mask_mode, labels=y.to(device, non_blocking=True))
+                    # Weighted so that DDP's mean over processes gives the mean over the whole batch.
+                    loss = out.loss * (len(part) / len(batch) * world * weight)
+                    loss.backward()
+                    loss_sum += loss.detach()
+                if cfg["max_grad_norm"]:
+                    torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], cfg["max_grad_norm"])
             optimizer.step()
             scheduler.step()
             global_step += 1
             if method.step_hook:  # AdaLoRA reads the gradients to reallocate ranks: before zero_grad
                 model.base_model.update_and_allocate(global_step)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=graphs is None)  # the graphs write into the same gradient tensors
             tracker.step(global_step, loss_sum, batch, lengths, max_len, scheduler)
             if bar is not None:
                 bar.update(1)
