@@ -262,3 +262,26 @@ def test_compiled_run_trains_and_says_how_it_was_compiled(tiny_encoder, tiny_dat
     assert res["metrics"]["compile"] is True and res["metrics"]["pad_to_multiple_of"] == 64
     assert res["reload_check"]["identical_predictions"]
     assert res["history"][0]["train_loss"] > 0
+
+
+@pytest.mark.parametrize("case, why", [
+    ({}, None),
+    ({"device": "cpu"}, "not a CUDA device"),
+    ({"cuda_graphs": False}, "off (cuda_graphs: false)"),
+    ({"world": 2}, "data-parallel run"),
+    ({"micro": 8}, "gradient accumulation"),
+    ({"prefixed": True}, "prefix tuning"),
+    ({"method": "adalora"}, "per-step hook (AdaLoRA)"),
+    ({"mask_mode": "2d"}, "2D attention mask (the model syncs on it)"),
+    ({"compiled": "cudagraphs"}, "torch.compile'd run"),
+])
+def test_which_runs_replay_cuda_graphs_and_why_not(case, why):
+    """The rule that decides, per run, whether its steps are graphed; a run that is not says why in its metrics."""
+    from peftbench import methods as registry
+    from peftbench.train import StepGraphs
+    a = {"device": "cuda", "world": 1, "micro": 16, "prefixed": False, "method": "lora",
+         "mask_mode": "4d-bidirectional", "compiled": False, "cuda_graphs": True, **case}
+    run = {"train": {"cuda_graphs": a["cuda_graphs"]}}
+    got = StepGraphs.unsupported(run, registry.get(a["method"]), a["device"], a["world"], a["micro"], 16,
+                                 a["mask_mode"], a["prefixed"], a["compiled"])
+    assert got == why
