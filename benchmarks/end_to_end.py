@@ -42,16 +42,13 @@ def run_cli(args: list[str], out: Path, env: dict | None = None) -> tuple[float,
 def peftbench_cli(model: str, data: str, out: Path, extra: list[str]) -> dict:
     started = time.time()
     secs, proc, cmd = run_cli(["--preset", "seed", "--model", model, "--data", data, *extra], out)
-    details = study_details(out)
-    for r in details["runs"].values():  # the run's place on the command's time line
-        r["started_after_seconds"] = r.pop("started_at") - started
-        r["finished_before_end_seconds"] = started + secs - r.pop("finished_at")
-    return {"total_seconds": secs, "exit_status": proc.returncode, **details,
+    return {"total_seconds": secs, "exit_status": proc.returncode, **study_details(out, started, started + secs),
             "command": " ".join(cmd[1:]), "stderr_tail": proc.stderr[-500:] if proc.returncode else ""}
 
 
-def study_details(out: Path) -> dict:
-    """What the study folder says: test accuracies, the study's own wall time, and where each run's time went."""
+def study_details(out: Path, started: float, ended: float) -> dict:
+    """What the study folder says: test accuracies, the study's own wall time, and where each run's time went,
+    with each run's place on the time line of the command that ran from `started` to `ended` (epoch seconds)."""
     runs = {}
     results = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*/result.json"))]
     several = len({r["seed"] for r in results}) > 1
@@ -64,7 +61,8 @@ def study_details(out: Path) -> dict:
                             "epoch_seconds": [h["epoch_seconds"] for h in r.get("history") or []],
                             "train_samples_per_second": m.get("train_samples_per_second"),
                             "cuda_graphs": m.get("cuda_graphs"),
-                            "started_at": r["started_at"], "finished_at": r.get("finished_at") or r["started_at"]}
+                            "started_after_seconds": r["started_at"] - started,
+                            "finished_before_end_seconds": ended - (r.get("finished_at") or r["started_at"])}
     plan = json.loads((out / "study.json").read_text()) if (out / "study.json").exists() else {}
     return {"test_accuracy": {k: v["test_accuracy"] for k, v in runs.items()},
             "study_wall_seconds": plan.get("wall_seconds"), "runs": runs}

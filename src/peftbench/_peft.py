@@ -1,4 +1,4 @@
-"""Importing this imports peft without bitsandbytes (the forkserver preloads it; so does a worker process).
+"""Importing this imports peft without bitsandbytes (the forkserver preloads it; a run imports it first).
 
 peft imports bitsandbytes eagerly in one place only (`peft.helpers`, which peftbench does not use); every
 quantized code path imports it when it needs it. Importing bitsandbytes is slow (8.7 s on the H200 machine,
@@ -12,22 +12,25 @@ import sys
 
 
 @contextlib.contextmanager
-def without_bitsandbytes():
-    """peft as if bitsandbytes were not installed, for models that quantize nothing.
+def without_bitsandbytes(hide: bool = True):
+    """peft as if bitsandbytes were not installed, for models that quantize nothing (`hide` False: as is).
 
     Building a LoRA or IA3 model imports bitsandbytes too: peft's layer dispatch asks `is_bnb_available()` and
     then imports its bitsandbytes layer classes (4 s per run on the H200 machine, where every run is a fresh
     process). peft caches the answer, so the cache is cleared on the way in and out: a QLoRA run later in the
     same process still finds bitsandbytes.
     """
-    hide = "bitsandbytes" not in sys.modules
-    if hide:
+    if not hide:
+        yield
+        return
+    absent = "bitsandbytes" not in sys.modules  # once imported, it stays
+    if absent:
         sys.modules["bitsandbytes"] = None  # `import bitsandbytes` raises ImportError; find_spec says absent
     _clear_peft_caches()
     try:
         yield
     finally:
-        if hide and sys.modules.get("bitsandbytes", 0) is None:
+        if absent and sys.modules.get("bitsandbytes", 0) is None:
             del sys.modules["bitsandbytes"]
         _clear_peft_caches()
 

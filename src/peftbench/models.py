@@ -183,8 +183,6 @@ def build_model(run: dict, num_labels: int, label_names: list[str], device: str,
             in_head = any(name == h or name.startswith(h + ".") for h in head)
             p.requires_grad_(in_head or (method.kind == "bitfit" and name.endswith(".bias")))
     elif method.kind == "peft":
-        import contextlib
-
         from ._peft import without_bitsandbytes  # first: it imports peft without bitsandbytes
         from peft import get_peft_model, prepare_model_for_kbit_training  # noqa: I001
 
@@ -194,7 +192,7 @@ def build_model(run: dict, num_labels: int, label_names: list[str], device: str,
         if hasattr(cfg, "modules_to_save"):
             # The head (and anything the checkpoint lacked) must train and be saved with the adapter.
             cfg.modules_to_save = sorted(set(cfg.modules_to_save or []) | set(head))
-        with contextlib.nullcontext() if method.quantize else without_bitsandbytes():
+        with without_bitsandbytes(hide=not method.quantize):
             model = get_peft_model(model, cfg)
     else:
         raise ValueError(f"method kind {method.kind} is not a model method")

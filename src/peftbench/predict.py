@@ -35,14 +35,12 @@ def load_trained(run_dir: Path, run: dict | None = None, device: str = "cpu"):
         run = _read_run(run_dir)["config"]
     method = registry.get(run["method"])
     if method.kind == "peft":
-        import contextlib
-
         from ._peft import without_bitsandbytes  # first: it imports peft without bitsandbytes
         from peft import PeftModel  # noqa: I001
 
         from .models import load_base
         base, _ = load_base(run, len(run["label_names"]), run["label_names"], device)
-        with contextlib.nullcontext() if method.quantize else without_bitsandbytes():
+        with without_bitsandbytes(hide=not method.quantize):
             model = PeftModel.from_pretrained(base, run_dir / "adapter", is_trainable=False)
         model.to(device) if not method.quantize else None
     elif method.kind == "tfidf":

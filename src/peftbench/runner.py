@@ -233,8 +233,7 @@ class Study:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
             except (ConnectionError, ValueError) as e:
                 raise UserError(f"cannot connect to the Ray cluster at {address!r} ({str(e).splitlines()[0][:150]}); "
-                                "pass --address auto for a cluster started with `ray start` on this machine, or "
-                                "leave --address out to start a local one") from None
+                                + RAY_ADDRESS_HINT) from None
         cpus = self.cfg["ray_cpus_per_run"]
         n = self.cfg["gpus_per_run"]
         cuda = self.device.startswith("cuda")
@@ -267,9 +266,10 @@ class Study:
                 result = collect(spec, rdir, returncode, launched)
             except ray.exceptions.RayError as e:
                 dead = isinstance(e, ray.exceptions.RayActorError)
-                idle.append(slot.remote() if dead else actor)  # a dead actor's place goes to a fresh one
-                if dead:
-                    actors.append(idle[-1])
+                if dead:  # its place goes to a fresh actor
+                    actor = slot.remote()
+                    actors.append(actor)
+                idle.append(actor)
                 if dead and spec["run_id"] not in died:
                     died.add(spec["run_id"])
                     queue.insert(0, spec)
@@ -382,6 +382,10 @@ def launch_worker(run_dir: str, progress: bool, extra_env: dict) -> int:
     return proc.returncode
 
 
+RAY_ADDRESS_HINT = ("pass --address auto for a cluster started with `ray start` on this machine, or leave --address "
+                    "out to start a local one")
+
+
 def _check_reachable(address: str | None) -> None:
     """A cluster address (host:port or ray://host:port) that does not answer: a one-line error now, where
     `ray.init` would keep retrying for minutes."""
@@ -392,9 +396,7 @@ def _check_reachable(address: str | None) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as e:
-        raise UserError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); pass --address auto for a "
-                        "cluster started with `ray start` on this machine, or leave --address out to start a "
-                        "local one") from None
+        raise UserError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); " + RAY_ADDRESS_HINT) from None
 
 
 class RunSlot:

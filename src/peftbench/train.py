@@ -387,8 +387,8 @@ class StepGraphs:
     each eager step: benchmarks/results/profiles). A graph replays a whole step's kernels in one launch. Shapes
     are few because batches are padded to multiples of `pad_multiple`; each is recorded the first time it
     occurs (after one eager step, which creates the gradients and the optimizer state), with no compiler:
-    0.1-0.2 s per shape in a fresh process on the H200 (benchmarks/results/h200-end-to-end.json). The optimizer and scheduler step stay eager (a few fused kernels), so
-    the optimisation is unchanged. Gradients, the loss sum and each shape's input buffers live outside the
+    0.1-0.2 s per shape in a fresh process on the H200 (benchmarks/results/h200-end-to-end.json). The
+    optimizer and scheduler step stay eager (a few fused kernels), so the optimisation is unchanged. Gradients, the loss sum and each shape's input buffers live outside the
     graphs; the graphs' activations share one memory pool (they never run at the same time).
     """
 
@@ -593,10 +593,10 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
     tracker = Tracker(run if rank == 0 else {}, run_dir, device)
     profiler = StepProfiler(device, steps_per_epoch)
     loss_sum = torch.zeros((), device=device)
+    grad_params = [p for g in params for p in g["params"]]  # what gradient clipping rescales
     graphs = None
     if graphs_off is None:
-        graphs = StepGraphs(model, mask_mode, amp, loss_sum, [p for g in params for p in g["params"]],
-                            cfg["max_grad_norm"])
+        graphs = StepGraphs(model, mask_mode, amp, loss_sum, grad_params, cfg["max_grad_norm"])
     for epoch in range(start_epoch, cfg["epochs"]):
         model.train()
         rng = np.random.default_rng([seed, epoch])
@@ -629,7 +629,7 @@ def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -
                     loss.backward()
                     loss_sum += loss.detach()
                 if cfg["max_grad_norm"]:
-                    torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], cfg["max_grad_norm"])
+                    torch.nn.utils.clip_grad_norm_(grad_params, cfg["max_grad_norm"])
             optimizer.step()
             scheduler.step()
             global_step += 1

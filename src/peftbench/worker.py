@@ -168,7 +168,6 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    from . import _peft  # noqa: F401  (peft without bitsandbytes' import bill, unless the run quantizes)
     execute_run(run_dir, progress=os.environ.get("PEFTBENCH_PROGRESS", "1") == "1")
     faults.at_end(run_dir.name)
     if world > 1:
