@@ -21,6 +21,17 @@ def test_mean_ci_known_values():
     one = stats.mean_ci([0.5])
     assert one["mean"] == 0.5 and one["ci_low"] is None
     assert stats.mean_ci([])["mean"] is None
+    wide = stats.mean_ci([0.3, 0.7], bounds=(0.0, 1.0))  # t(0.975, 1) = 12.7: the raw interval is [-2.2, 3.2]
+    assert (wide["ci_low"], wide["ci_high"]) == (0.0, 1.0)
+    assert stats.mean_ci([0.3, 0.7])["ci_low"] < -2
+
+
+def test_summaries_keep_accuracy_intervals_inside_zero_one():
+    runs = [{"label": "m", "method": "full", "status": "success", "seed": s,
+             "metrics": {"test_accuracy": a, "train_seconds": t}} for s, a, t in ((0, 0.3, 1.0), (1, 0.7, 9.0))]
+    (row,) = stats.summarize(runs)
+    assert (row["test_accuracy"]["ci_low"], row["test_accuracy"]["ci_high"]) == (0.0, 1.0)
+    assert row["train_seconds"]["ci_low"] == 0.0 and row["train_seconds"]["ci_high"] > 9.0
 
 
 def test_mcnemar_known_answers():

@@ -14,8 +14,9 @@ import numpy as np
 ALPHA = 0.05
 
 
-def mean_ci(values: list[float], conf: float = 0.95) -> dict:
-    """Mean, sample std and a t-distribution confidence interval (None where n < 2)."""
+def mean_ci(values: list[float], conf: float = 0.95, bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict:
+    """Mean, sample std and a t-distribution confidence interval (None where n < 2), cut to the metric's
+    possible range `bounds` (an accuracy's interval never leaves [0, 1])."""
     vals = np.asarray([v for v in values if v is not None], dtype=float)
     n = len(vals)
     if n == 0:
@@ -26,7 +27,8 @@ def mean_ci(values: list[float], conf: float = 0.95) -> dict:
     from scipy import stats
     std = float(vals.std(ddof=1))
     half = float(stats.t.ppf(0.5 + conf / 2, n - 1) * std / math.sqrt(n))
-    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": n}
+    return {"mean": mean, "std": std, "ci_low": max(mean - half, bounds[0]), "ci_high": min(mean + half, bounds[1]),
+            "n": n}
 
 
 def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
@@ -74,6 +76,7 @@ def paired_test(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
 METRICS = ("test_accuracy", "test_macro_f1", "validation_accuracy", "train_seconds", "eval_seconds",
            "train_samples_per_second", "train_tokens_per_second", "trainable_params", "total_params",
            "peak_memory_allocated_mb", "peak_memory_reserved_mb", "peak_host_rss_mb", "adapter_size_mb", "mfu")
+FRACTIONS = {"test_accuracy", "test_macro_f1", "validation_accuracy", "mfu"}  # in [0, 1]; the rest are >= 0
 
 
 def summarize(final_results: list[dict], test_labels: np.ndarray | None = None) -> list[dict]:
@@ -90,7 +93,7 @@ def summarize(final_results: list[dict], test_labels: np.ndarray | None = None) 
                "errors": sorted({r["error"] for r in runs if r.get("error")}),
                "learning_rate": runs[0].get("learning_rate"), "seeds": [r["seed"] for r in ok]}
         for m in METRICS:
-            row[m] = mean_ci([r["metrics"].get(m) for r in ok])
+            row[m] = mean_ci([r["metrics"].get(m) for r in ok], bounds=(0.0, 1.0 if m in FRACTIONS else math.inf))
         row["_correct"] = None
         if test_labels is not None and ok and all(r.get("test_predictions") is not None for r in ok):
             order = sorted(ok, key=lambda r: r["seed"])
