@@ -24,11 +24,61 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import speed  # noqa: E402
-from peftbench import config, data as data_mod  # noqa: E402
-from peftbench.runner import Study  # noqa: E402
+from peftbench import config, data as data_mod, stats  # noqa: E402
+from peftbench.runner import PRELOAD, Study  # noqa: E402
+
+IMPORTS = {"trainer": "import torch, transformers, peft; "
+                      "from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments",
+           "peftbench": f"import importlib; [importlib.import_module(m) for m in {PRELOAD!r}]"}
+
+
+def import_seconds(code: str) -> float:
+    """Wall seconds of `python -c CODE` in a fresh process (the interpreter's own start included)."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    return time.perf_counter() - t0
+
+
+def accuracy_check(trainer: dict, peftbench: dict) -> dict:
+    """Per method, over the seeds both sides ran: each side's test accuracy (mean, 95% interval) and the
+    paired difference peftbench - Trainer in points."""
+    out = {}
+    for key in sorted(trainer):
+        method, _, seed = key.partition("/s")
+        if method in out or not seed:
+            continue
+        seeds = sorted(int(k.partition("/s")[2]) for k in trainer if k.startswith(method + "/s"))
+        pairs = [(trainer[f"{method}/s{s}"]["test_accuracy"], peftbench.get(f"{method}/s{s}"))
+                 for s in seeds]
+        pairs = [(t, p) for t, p in pairs if t is not None and p is not None]
+        out[method] = {"seeds": len(pairs), "trainer": stats.mean_ci([t for t, _ in pairs], bounds=(0, 1)),
+                       "peftbench": stats.mean_ci([p for _, p in pairs], bounds=(0, 1)),
+                       "difference_points": stats.mean_ci([100 * (p - t) for t, p in pairs]),
+                       "per_seed_points": [round(100 * (p - t), 2) for t, p in pairs]}
+    return out
+
+
+def summary(rows: dict) -> dict:
+    """Speed-ups against the Trainer recipe, and the floor under the sequential peftbench command."""
+    trainer, imports = rows.get("trainer", {}).get("total_seconds"), rows.get("imports", {})
+    out = {}
+    for side in ("peftbench", "peftbench_parallel"):
+        if trainer and side in rows:
+            secs = rows[side]["total_seconds"]
+            out[side] = {"speedup": trainer / secs,
+                         "speedup_with_trainer_imports": (trainer + imports.get("trainer", 0)) / secs}
+    runs = rows.get("peftbench", {}).get("runs", {})
+    if runs and "peftbench" in imports:
+        steady = {k: float(np.median(r["epoch_seconds"][1:] or r["epoch_seconds"])) * len(r["epoch_seconds"])
+                  for k, r in runs.items()}
+        out["floor"] = {"seconds": imports["peftbench"] + sum(steady.values()), "imports": imports["peftbench"],
+                        "steady_epochs": steady}
+    return out
 
 
 def run_cli(args: list[str], out: Path, env: dict | None = None) -> tuple[float, subprocess.CompletedProcess, list]:
@@ -83,6 +133,7 @@ def main() -> None:
     ap.add_argument("--test-size", type=int, default=2000)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--seeds", default="42", help="training seeds, e.g. 1,2,3: every run once per seed, both sides")
+    ap.add_argument("--imports", action="store_true", help="time both sides' imports in fresh processes first")
     a = ap.parse_args()
     seeds = [int(x) for x in a.seeds.split(",")]
     os.environ.setdefault("PEFTBENCH_PROGRESS", "0")
@@ -92,8 +143,14 @@ def main() -> None:
     rows: dict = {"argv": sys.argv[1:], "torch": speed.torch.__version__}
 
     def save() -> None:  # after every part: a run cut off by a time limit keeps what it measured
+        if len(seeds) > 1 and "trainer" in rows and "peftbench" in rows:
+            rows["accuracy_check"] = accuracy_check(rows["trainer"]["per_method"], rows["peftbench"]["test_accuracy"])
+        rows["summary"] = summary(rows)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(rows, indent=1))
+    if a.imports:
+        rows["imports"] = {side: import_seconds(code) for side, code in IMPORTS.items()}
+        print(json.dumps({"imports": rows["imports"]}), flush=True)
     if not a.skip_trainer:
         seed = config.load_preset("seed")
         raw = {**seed, "model": a.model, "train": {**seed["train"], "max_length": a.max_length},
@@ -127,6 +184,8 @@ def main() -> None:
                                                     str(a.parallel), "--concurrent-finals"])
         print(json.dumps({"peftbench_parallel": rows["peftbench_parallel"]["total_seconds"]}), flush=True)
     save()
+    print(json.dumps({"summary": rows["summary"], **({"accuracy_check": {
+        m: {"difference_points": c["difference_points"]} for m, c in rows.get("accuracy_check", {}).items()}})}))
 
 
 if __name__ == "__main__":
