@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -207,3 +209,13 @@ def test_tensorboard_tracking_writes_per_step_scalars(tiny_encoder, tiny_data, t
     assert all(e.value > 0 for e in acc.Scalars("train/loss"))
     lrs = [e.value for e in acc.Scalars("train/learning_rate")]
     assert lrs == sorted(lrs, reverse=True)  # linear decay
+
+
+def test_statistics_do_not_import_scipy_stats():
+    """The statistics need only scipy.special: scipy.stats would add about a second of imports to every report."""
+    code = ("import sys\n"
+            "from peftbench import stats\n"
+            "stats.mean_ci([0.8, 0.9]); stats.mcnemar([1, 0, 1], [0, 0, 1])\n"
+            "print('scipy.special' in sys.modules, 'scipy.stats' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False"]
