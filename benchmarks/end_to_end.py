@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -81,19 +82,27 @@ def summary(rows: dict) -> dict:
     return out
 
 
-def run_cli(args: list[str], out: Path, env: dict | None = None) -> tuple[float, subprocess.CompletedProcess, list]:
-    """`peftbench run ARGS --out OUT` in a fresh process: its wall seconds, the process and the command."""
+def run_cli(args: list[str], out: Path, timeout: float | None = None) -> tuple[float, subprocess.CompletedProcess, list]:
+    """`peftbench run ARGS --out OUT` in a fresh process: its wall seconds, the process and the command. Past
+    `timeout` seconds every process of the command (its forkserver and workers too) gets SIGABRT, on which
+    faulthandler prints each thread's stack into the captured stderr."""
     cmd = [sys.executable, "-m", "peftbench", "run", *args, "--out", str(out)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    return time.perf_counter() - t0, proc, cmd
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)
+        stdout, stderr = proc.communicate()
+    return time.perf_counter() - t0, subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), cmd
 
 
-def peftbench_cli(model: str, data: str, out: Path, extra: list[str]) -> dict:
+def peftbench_cli(model: str, data: str, out: Path, extra: list[str], timeout: float | None) -> dict:
     started = time.time()
-    secs, proc, cmd = run_cli(["--preset", "seed", "--model", model, "--data", data, *extra], out)
+    secs, proc, cmd = run_cli(["--preset", "seed", "--model", model, "--data", data, *extra], out, timeout)
     return {"total_seconds": secs, "exit_status": proc.returncode, **study_details(out, started, started + secs),
-            "command": " ".join(cmd[1:]), "stderr_tail": proc.stderr[-500:] if proc.returncode else ""}
+            "command": " ".join(cmd[1:]), "stderr_tail": proc.stderr[-30000:] if proc.returncode else ""}
 
 
 def study_details(out: Path, started: float, ended: float) -> dict:
@@ -133,6 +142,7 @@ def main() -> None:
     ap.add_argument("--test-size", type=int, default=2000)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--seeds", default="42", help="training seeds, e.g. 1,2,3: every run once per seed, both sides")
+    ap.add_argument("--cli-timeout", type=float, default=None, help="seconds each peftbench command may take")
     ap.add_argument("--imports", action="store_true", help="time both sides' imports in fresh processes first")
     a = ap.parse_args()
     seeds = [int(x) for x in a.seeds.split(",")]
@@ -175,13 +185,13 @@ def main() -> None:
     sizes = ["--train-size", str(a.train_size), "--test-size", str(a.test_size), "--max-length", str(a.max_length)]
     sizes += ["--seeds", a.seeds, *a.extra.split()]
     if not a.no_sequential:
-        rows["peftbench"] = peftbench_cli(a.model, a.data, work / "pb", ["--methods", a.methods, *sizes])
+        rows["peftbench"] = peftbench_cli(a.model, a.data, work / "pb", ["--methods", a.methods, *sizes], a.cli_timeout)
         print(json.dumps({"peftbench": rows["peftbench"]["total_seconds"]}), flush=True)
         save()
     if a.parallel:
         rows["peftbench_parallel"] = peftbench_cli(a.model, a.data, work / "pbp",
                                                    ["--methods", a.methods, *sizes, "--parallel",
-                                                    str(a.parallel), "--concurrent-finals"])
+                                                    str(a.parallel), "--concurrent-finals"], a.cli_timeout)
         print(json.dumps({"peftbench_parallel": rows["peftbench_parallel"]["total_seconds"]}), flush=True)
     save()
     print(json.dumps({"summary": rows["summary"], **({"accuracy_check": {
