@@ -183,7 +183,7 @@ def main() -> None:
                                    "total_seconds": prep + sum(r["total_seconds"] for r in per.values())}
                 save()
     sizes = ["--train-size", str(a.train_size), "--test-size", str(a.test_size), "--max-length", str(a.max_length)]
-    sizes += ["--seeds", a.seeds, *a.extra.split()]
+    sizes += ["--seeds", ",".join(map(str, seeds)) + ",", *a.extra.split()]  # a list, also for one seed
     if not a.no_sequential:
         rows["peftbench"] = peftbench_cli(a.model, a.data, work / "pb", ["--methods", a.methods, *sizes], a.cli_timeout)
         print(json.dumps({"peftbench": rows["peftbench"]["total_seconds"]}), flush=True)

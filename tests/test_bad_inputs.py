@@ -119,6 +119,8 @@ CASES = [
     ("no study and no preset", lambda t, m: ["run"], "give a study file"),
     ("unknown preset", lambda t, m: ["run", "--preset", "quik"], "unknown preset 'quik'"),
     ("bad --seeds", lambda t, m: _run(t, m, _study(t, m, _data(t)), ["--seeds", "a,b"]), "--seeds: give a count"),
+    ("--seeds 42 meant as one seed", lambda t, m: _run(t, m, _study(t, m, _data(t)), ["--seeds", "42"]),
+     "seeds: 42 is a count (42 runs per method, over 20); for the one seed 42 give a list"),
     ("predict on a folder that is no run", lambda t, m: ["predict", str(t), "text"], "is not a run folder"),
     ("report on an empty folder", lambda t, m: ["report", str(t)], "holds no run results yet"),
     ("recommend with a bad memory size", lambda t, m: ["recommend", str(_a_study(t, m)), "--max-memory", "lots"],

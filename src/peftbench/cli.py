@@ -179,7 +179,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=int)
     r.add_argument("--lr", type=float, help="one learning rate for every method (the single-lr protocol)")
     r.add_argument("--max-length", type=int)
-    r.add_argument("--seeds", help="a count (3) or a list (0,1,2)")
+    r.add_argument("--seeds", help="a count (3) or a list (0,1,2; one seed: 42,)")
     r.add_argument("--lr-search", action="store_true", help="search each method's learning rate on validation")
     r.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     r.add_argument("--parallel", type=int, help="runs at once on one device (timings flagged as concurrent)")

@@ -172,6 +172,9 @@ def normalise_methods(raw, problems: list[str]) -> list[dict]:
     return out
 
 
+MAX_SEED_COUNT = 20
+
+
 def validate(raw: Any, base_dir: Path | None = None) -> dict:
     """Check a parsed study file and return it with every default filled in.
 
@@ -229,7 +232,11 @@ def validate(raw: Any, base_dir: Path | None = None) -> dict:
     meths = normalise_methods(raw.get("methods"), problems)
 
     seeds = study["seeds"]
-    if _is_int(seeds) and seeds > 0:
+    if _is_int(seeds) and seeds > MAX_SEED_COUNT:  # `--seeds 42` meant as the seed 42 would start 42 runs per method
+        problems.append(f"seeds: {seeds} is a count ({seeds} runs per method, over {MAX_SEED_COUNT}); for the one "
+                        f"seed {seeds} give a list: `seeds: [{seeds}]` in a study file, `--seeds {seeds},` on the command line")
+        seeds = [42]
+    elif _is_int(seeds) and seeds > 0:
         seeds = list(range(seeds))
     elif not (isinstance(seeds, list) and seeds and all(_is_int(s) for s in seeds) and len(set(seeds)) == len(seeds)):
         problems.append(f"seeds: must be a positive count or a list of distinct integers, got {study['seeds']!r}")
