@@ -41,7 +41,8 @@ IMPORTS = {"trainer": "import torch, transformers, peft; "
 def import_seconds(code: str) -> float:
     """Wall seconds of `python -c CODE` in a fresh process (the interpreter's own start included)."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     return time.perf_counter() - t0
 
 
@@ -82,7 +83,8 @@ def summary(rows: dict) -> dict:
     return out
 
 
-def run_cli(args: list[str], out: Path, timeout: float | None = None) -> tuple[float, subprocess.CompletedProcess, list]:
+def run_cli(args: list[str], out: Path, timeout: float | None = None
+            ) -> tuple[float, subprocess.CompletedProcess, list]:
     """`peftbench run ARGS --out OUT` in a fresh process: its wall seconds, the process and the command. Past
     `timeout` seconds every process of the command (its forkserver and workers too) gets SIGABRT, on which
     faulthandler prints each thread's stack into the captured stderr."""
@@ -185,7 +187,8 @@ def main() -> None:
     sizes = ["--train-size", str(a.train_size), "--test-size", str(a.test_size), "--max-length", str(a.max_length)]
     sizes += ["--seeds", ",".join(map(str, seeds)) + ",", *a.extra.split()]  # a list, also for one seed
     if not a.no_sequential:
-        rows["peftbench"] = peftbench_cli(a.model, a.data, work / "pb", ["--methods", a.methods, *sizes], a.cli_timeout)
+        rows["peftbench"] = peftbench_cli(a.model, a.data, work / "pb", ["--methods", a.methods, *sizes],
+                                          a.cli_timeout)
         print(json.dumps({"peftbench": rows["peftbench"]["total_seconds"]}), flush=True)
         save()
     if a.parallel:

@@ -232,9 +232,10 @@ def validate(raw: Any, base_dir: Path | None = None) -> dict:
     meths = normalise_methods(raw.get("methods"), problems)
 
     seeds = study["seeds"]
-    if _is_int(seeds) and seeds > MAX_SEED_COUNT:  # `--seeds 42` meant as the seed 42 would start 42 runs per method
+    if _is_int(seeds) and seeds > MAX_SEED_COUNT:  # `--seeds 42` meant as the seed 42 would start 42 runs a method
         problems.append(f"seeds: {seeds} is a count ({seeds} runs per method, over {MAX_SEED_COUNT}); for the one "
-                        f"seed {seeds} give a list: `seeds: [{seeds}]` in a study file, `--seeds {seeds},` on the command line")
+                        f"seed {seeds} give a list: `seeds: [{seeds}]` in a study file, `--seeds {seeds},` on the "
+                        "command line")
         seeds = [42]
     elif _is_int(seeds) and seeds > 0:
         seeds = list(range(seeds))
