@@ -49,14 +49,14 @@ def import_seconds(code: str) -> float:
 def accuracy_check(trainer: dict, peftbench: dict) -> dict:
     """Per method, over the seeds both sides ran: each side's test accuracy (mean, 95% interval) and the
     paired difference peftbench - Trainer in points."""
-    out = {}
-    for key in sorted(trainer):
+    seeds: dict[str, list[int]] = {}
+    for key in trainer:
         method, _, seed = key.partition("/s")
-        if method in out or not seed:
-            continue
-        seeds = sorted(int(k.partition("/s")[2]) for k in trainer if k.startswith(method + "/s"))
-        pairs = [(trainer[f"{method}/s{s}"]["test_accuracy"], peftbench.get(f"{method}/s{s}"))
-                 for s in seeds]
+        if seed:
+            seeds.setdefault(method, []).append(int(seed))
+    out = {}
+    for method, its in sorted(seeds.items()):
+        pairs = [(trainer[f"{method}/s{s}"]["test_accuracy"], peftbench.get(f"{method}/s{s}")) for s in sorted(its)]
         pairs = [(t, p) for t, p in pairs if t is not None and p is not None]
         out[method] = {"seeds": len(pairs), "trainer": stats.mean_ci([t for t, _ in pairs], bounds=(0, 1)),
                        "peftbench": stats.mean_ci([p for _, p in pairs], bounds=(0, 1)),
@@ -83,14 +83,14 @@ def summary(rows: dict) -> dict:
     return out
 
 
-def run_cli(args: list[str], out: Path, timeout: float | None = None
+def run_cli(args: list[str], out: Path, env: dict | None = None, timeout: float | None = None
             ) -> tuple[float, subprocess.CompletedProcess, list]:
-    """`peftbench run ARGS --out OUT` in a fresh process: its wall seconds, the process and the command. Past
-    `timeout` seconds every process of the command (its forkserver and workers too) gets SIGABRT, on which
-    faulthandler prints each thread's stack into the captured stderr."""
+    """`peftbench run ARGS --out OUT` in a fresh process (environment `env`, default this one's): its wall
+    seconds, the process and the command. Past `timeout` seconds every process of the command (its forkserver
+    and workers too) gets SIGABRT, on which faulthandler prints each thread's stack into the captured stderr."""
     cmd = [sys.executable, "-m", "peftbench", "run", *args, "--out", str(out)]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env={**(env or os.environ), "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
@@ -102,7 +102,7 @@ def run_cli(args: list[str], out: Path, timeout: float | None = None
 
 def peftbench_cli(model: str, data: str, out: Path, extra: list[str], timeout: float | None) -> dict:
     started = time.time()
-    secs, proc, cmd = run_cli(["--preset", "seed", "--model", model, "--data", data, *extra], out, timeout)
+    secs, proc, cmd = run_cli(["--preset", "seed", "--model", model, "--data", data, *extra], out, timeout=timeout)
     return {"total_seconds": secs, "exit_status": proc.returncode, **study_details(out, started, started + secs),
             "command": " ".join(cmd[1:]), "stderr_tail": proc.stderr[-30000:] if proc.returncode else ""}
 

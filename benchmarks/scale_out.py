@@ -35,7 +35,7 @@ def cli(args: list[str], out: Path, gpus: str | None) -> dict:
     env = dict(os.environ)
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpus
-    secs, proc, cmd = end_to_end.run_cli(args, out, env)
+    secs, proc, cmd = end_to_end.run_cli(args, out, env=env)
     results = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*/result.json"))]
     return {"command": " ".join(["peftbench", *cmd[3:]]), "CUDA_VISIBLE_DEVICES": gpus, "wall_seconds": secs,
             "exit_status": proc.returncode, "stderr_tail": proc.stderr[-800:] if proc.returncode else "",
