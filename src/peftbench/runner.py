@@ -396,7 +396,8 @@ def _check_reachable(address: str | None) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as e:
-        raise UserError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); " + RAY_ADDRESS_HINT) from None
+        raise UserError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); "
+                        + RAY_ADDRESS_HINT) from None
 
 
 class RunSlot:

@@ -388,8 +388,9 @@ class StepGraphs:
     are few because batches are padded to multiples of `pad_multiple`; each is recorded the first time it
     occurs (after one eager step, which creates the gradients and the optimizer state), with no compiler:
     0.1-0.2 s per shape in a fresh process on the H200 (benchmarks/results/h200-end-to-end.json). The
-    optimizer and scheduler step stay eager (a few fused kernels), so the optimisation is unchanged. Gradients, the loss sum and each shape's input buffers live outside the
-    graphs; the graphs' activations share one memory pool (they never run at the same time).
+    optimizer and scheduler step stay eager (a few fused kernels), so the optimisation is unchanged.
+    Gradients, the loss sum and each shape's input buffers live outside the graphs; the graphs' activations
+    share one memory pool (they never run at the same time).
     """
 
     def __init__(self, model, mask_mode: str, amp, loss_sum, params: list, max_grad_norm):
