@@ -46,9 +46,9 @@ def import_seconds(code: str) -> float:
     return time.perf_counter() - t0
 
 
-def accuracy_check(trainer: dict, peftbench: dict) -> dict:
+def accuracy_check(trainer: dict, peftbench: dict, command: str = "peftbench") -> dict:
     """Per method, over the seeds both sides ran: each side's test accuracy (mean, 95% interval) and the
-    paired difference peftbench - Trainer in points."""
+    paired difference peftbench - Trainer in points; `command` names the peftbench command compared."""
     seeds: dict[str, list[int]] = {}
     for key in trainer:
         method, _, seed = key.partition("/s")
@@ -58,7 +58,8 @@ def accuracy_check(trainer: dict, peftbench: dict) -> dict:
     for method, its in sorted(seeds.items()):
         pairs = [(trainer[f"{method}/s{s}"]["test_accuracy"], peftbench.get(f"{method}/s{s}")) for s in sorted(its)]
         pairs = [(t, p) for t, p in pairs if t is not None and p is not None]
-        out[method] = {"seeds": len(pairs), "trainer": stats.mean_ci([t for t, _ in pairs], bounds=(0, 1)),
+        out[method] = {"seeds": len(pairs), "peftbench_command": command,
+                       "trainer": stats.mean_ci([t for t, _ in pairs], bounds=(0, 1)),
                        "peftbench": stats.mean_ci([p for _, p in pairs], bounds=(0, 1)),
                        "difference_points": stats.mean_ci([100 * (p - t) for t, p in pairs]),
                        "per_seed_points": [round(100 * (p - t), 2) for t, p in pairs]}
@@ -155,8 +156,9 @@ def main() -> None:
     rows: dict = {"argv": sys.argv[1:], "torch": speed.torch.__version__}
 
     def save() -> None:  # after every part: a run cut off by a time limit keeps what it measured
-        if len(seeds) > 1 and "trainer" in rows and "peftbench" in rows:
-            rows["accuracy_check"] = accuracy_check(rows["trainer"]["per_method"], rows["peftbench"]["test_accuracy"])
+        side = "peftbench" if "peftbench" in rows else "peftbench_parallel"  # --no-sequential: the parallel one
+        if len(seeds) > 1 and "trainer" in rows and side in rows:
+            rows["accuracy_check"] = accuracy_check(rows["trainer"]["per_method"], rows[side]["test_accuracy"], side)
         rows["summary"] = summary(rows)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(rows, indent=1))
