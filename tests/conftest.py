@@ -16,6 +16,9 @@ os.environ.setdefault("PEFTBENCH_PROGRESS", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_IMDB = Path(os.environ.get("PEFTBENCH_DATA", REPO.parent / "shared" / "data" / "imdb"))
+# Real IMDb reviews: the full shared copy where it is beside the checkout, else the sample in the package.
+IMDB = SHARED_IMDB if (SHARED_IMDB / "train.parquet").exists() else \
+    REPO / "src" / "peftbench" / "sample_data" / "imdb"
 
 POS = ["good", "great", "fine", "superb", "lovely", "brilliant", "enjoyable", "moving"]
 NEG = ["bad", "awful", "boring", "poor", "dull", "terrible", "weak", "messy"]

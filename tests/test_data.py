@@ -171,3 +171,15 @@ def test_tokenize_once_roundtrip(tmp_path, tiny_encoder):
         assert len(back.ids[s]) == len(tok.ids[s])
         assert all((a == b).all() for a, b in zip(back.ids[s], tok.ids[s]))
         assert max(len(x) for x in back.ids[s]) <= 16
+
+
+def test_the_shipped_imdb_sample_is_the_fallback_and_balanced(tmp_path, monkeypatch):
+    monkeypatch.delenv(config.DATA_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)  # no ../shared/data/imdb beside it, as on a fresh clone
+    path = config.default_data_path()
+    assert path == config.sample_data_path()
+    d = data_mod.load(spec(path, train_size=600, validation_size=200, test_size=500))
+    assert d.sizes() == {"train": 600, "validation": 200, "test": 500}
+    assert all(abs(d.labels[s].mean() - 0.5) < 0.01 for s in ("train", "validation", "test"))
+    monkeypatch.setenv(config.DATA_ENV, str(tmp_path))
+    assert config.default_data_path() == str(tmp_path)

@@ -1,4 +1,4 @@
-"""Smoke run of the real entry point on the real offline MiniLM and the shared IMDb copy."""
+"""Smoke run of the real entry point on the real offline MiniLM and real IMDb reviews (shared copy or sample)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_IMDB
+from conftest import IMDB
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("minilm")]
 
 
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    if not (SHARED_IMDB / "train.parquet").exists():
-        pytest.fail(f"the shared IMDb copy is expected at {SHARED_IMDB} (set PEFTBENCH_DATA)")
     out = tmp_path_factory.mktemp("quick") / "study"
-    env = dict(os.environ, PEFTBENCH_DATA=str(SHARED_IMDB), PEFTBENCH_PROGRESS="0")
+    env = dict(os.environ, PEFTBENCH_DATA=str(IMDB), PEFTBENCH_PROGRESS="0")
     proc = subprocess.run([sys.executable, "-m", "peftbench", "run", "--preset", "quick", "--train-size", "96",
                            "--test-size", "64", "--epochs", "1", "--max-length", "64", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=900)

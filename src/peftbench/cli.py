@@ -43,6 +43,9 @@ def build_study(args) -> tuple[dict, Path]:
             data["path"], data["name"] = args.data, None
         elif not data.get("path") and not data.get("name"):
             data["path"] = config.default_data_path()
+            if data["path"] == config.sample_data_path():
+                print("peftbench: data: the IMDb sample shipped with peftbench (2,000 train / 1,000 test reviews); "
+                      "--data DIR for the full copy or your own", file=sys.stderr)
         for key, val in (("train_size", args.train_size), ("test_size", args.test_size)):
             if val is not None:
                 data[key] = val

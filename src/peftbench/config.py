@@ -324,9 +324,20 @@ def load_preset(name: str) -> dict:
     return yaml.safe_load(resources.files("peftbench.presets").joinpath(f"{name}.yaml").read_text())
 
 
+SHARED_IMDB = "../shared/data/imdb"
+
+
+def sample_data_path() -> str:
+    """The IMDb sample shipped inside the package: 2,000 train / 1,000 test reviews (tools/make_imdb_sample.py)."""
+    return str(resources.files("peftbench").joinpath("sample_data", "imdb"))
+
+
 def default_data_path() -> str:
-    """Where the offline IMDb copy is expected: $PEFTBENCH_DATA, else ../shared/data/imdb from here."""
-    return os.environ.get(DATA_ENV) or "../shared/data/imdb"
+    """The IMDb folder a study uses when none is given: $PEFTBENCH_DATA, else ../shared/data/imdb from the
+    working folder if it exists, else the sample shipped with the package."""
+    if os.environ.get(DATA_ENV):
+        return os.environ[DATA_ENV]
+    return SHARED_IMDB if Path(SHARED_IMDB, "train.parquet").exists() else sample_data_path()
 
 
 def config_hash(obj: Any) -> str:
