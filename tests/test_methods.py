@@ -177,7 +177,7 @@ def test_ready_4d_mask_only_where_it_changes_nothing(family, attn, wrap, want):
     import peft
     import torch
 
-    from peftbench import train
+    from peftbench import batches as train
     torch.manual_seed(0)
     model = _tiny(family)
     model.config._attn_implementation = attn

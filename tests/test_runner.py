@@ -274,14 +274,15 @@ def test_compiled_run_trains_and_says_how_it_was_compiled(tiny_encoder, tiny_dat
     ({"method": "adalora"}, "per-step hook (AdaLoRA)"),
     ({"mask_mode": "2d"}, "2D attention mask (the model syncs on it)"),
     ({"compiled": "cudagraphs"}, "torch.compile'd run"),
+    ({"checkpointing": True}, "gradient checkpointing"),
 ])
 def test_which_runs_replay_cuda_graphs_and_why_not(case, why):
     """The rule that decides, per run, whether its steps are graphed; a run that is not says why in its metrics."""
     from peftbench import methods as registry
-    from peftbench.train import StepGraphs
+    from peftbench.graphs import StepGraphs
     a = {"device": "cuda", "world": 1, "micro": 16, "prefixed": False, "method": "lora",
-         "mask_mode": "4d-bidirectional", "compiled": False, "cuda_graphs": True, **case}
-    run = {"train": {"cuda_graphs": a["cuda_graphs"]}}
-    got = StepGraphs.unsupported(run, registry.get(a["method"]), a["device"], a["world"], a["micro"], 16,
-                                 a["mask_mode"], a["prefixed"], a["compiled"])
+         "mask_mode": "4d-bidirectional", "compiled": False, "cuda_graphs": True, "checkpointing": False, **case}
+    train = {"cuda_graphs": a["cuda_graphs"], "batch_size": 16}
+    got = StepGraphs.unsupported(train, registry.get(a["method"]), a["device"], a["world"], a["micro"],
+                                 a["mask_mode"], a["prefixed"], a["compiled"], a["checkpointing"])
     assert got == why

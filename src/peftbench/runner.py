@@ -54,7 +54,7 @@ class Study:
         """Check the model config and data, then tokenize every split once for the whole study."""
         from . import data as data_mod
         from . import models
-        from .train import resolve_device
+        from .devices import resolve_device
 
         cfg = self.cfg
         self.device = resolve_device(cfg["device"])
@@ -119,7 +119,7 @@ class Study:
             "label_names": self.data.label_names, "device_type": self.device.split(":")[0],
             "pad_token_id": self.pad_token_id, "effective_max_length": eff,
             "trust_remote_code": cfg["trust_remote_code"], "allow_pickle": cfg["allow_pickle"],
-            "world_size": cfg["gpus_per_run"],
+            "world_size": cfg["gpus_per_run"], "gpu_memory_bytes": self.gpu_memory_bytes(),
         }
         spec["config_hash"] = config_hash(spec)
         # Not part of the hash: where things are and how the run is executed.
@@ -128,9 +128,16 @@ class Study:
                     texts_file=str(self._texts_file()) if method.kind == "tfidf" else None,
                     max_oom_retries=cfg["max_oom_retries"], checkpoint=True, verify_reload=True,
                     isolation=cfg["isolation"], executor=cfg["executor"],
-                    tracking=cfg["tracking"], tracking_every=cfg["tracking_every"],
+                    tracking=cfg["tracking"], tracking_every=cfg["tracking_every"], profile=cfg["profile"],
                     concurrent_runs=1 if role == "final" and cfg["exclusive_finals"] else cfg["parallel"])
         return spec
+
+    def gpu_memory_bytes(self) -> int | None:
+        """The study's GPU memory budget in bytes; None without one (and on the CPU, where it means nothing)."""
+        if self.cfg["gpu_memory"] is None or not self.device.startswith("cuda"):
+            return None
+        from .memory import parse_size
+        return parse_size(self.cfg["gpu_memory"], "gpu_memory")
 
     def default_lr(self, entry: dict) -> float | None:
         method = registry.get(entry["name"])
@@ -307,6 +314,43 @@ class Study:
                     "device": self.device, "wall_seconds": time.perf_counter() - t0}
             store.atomic_write_json(self.out / "study.json", plan)
             return trial_results + final_results
+
+
+    # ---------------------------------------------------------------- the memory plan alone
+    def plan(self) -> list[dict]:
+        """`peftbench plan`: per method, the probe of its first final run (no training), each in its own
+        process like a run; the rows are also written to STUDY/plan.json."""
+        store.check_writable(self.out)
+        with store.StudyLock(self.out):
+            t0 = time.perf_counter()
+            self.prepare()
+            specs = [s for s in self.final_specs({}) if s["seed"] == self.cfg["seeds"][0]]
+            rows = []
+            for spec in specs:
+                if registry.get(spec["method"]).kind == "tfidf":
+                    continue
+                spec = {**spec, "run_id": f"plan-{spec['run_id']}", "plan_only": True, "checkpoint": False}
+                rdir = self._prepare_run_dir(spec)
+                if self.cfg["isolation"] == "inline":
+                    from .worker import execute_run
+                    execute_run(rdir, progress=False)
+                else:
+                    launch_worker(str(rdir), False, {})
+                plan = store.read_json(rdir / "plan.json") or {"label": spec["label"], "status": "failed",
+                                                                "error": "the planning process wrote no plan"}
+                plan["study_seconds"] = self.study_seconds(spec["label"], plan.get("run_seconds"))
+                rows.append(plan)
+            store.atomic_write_json(self.out / "plan.json", {"rows": rows, "device": self.device,
+                                                             "gpu_memory": self.cfg["gpu_memory"],
+                                                             "wall_seconds": time.perf_counter() - t0})
+            return rows
+
+    def study_seconds(self, label: str, run_seconds: float | None) -> float | None:
+        """Training time of every run of a method in the study (trials and finals), from one run's estimate."""
+        if run_seconds is None:
+            return None
+        n = sum(s["label"] == label for s in self.trial_specs()) + len(self.cfg["seeds"])
+        return run_seconds * n
 
 
 def worker_env(progress: bool, extra: dict) -> dict:

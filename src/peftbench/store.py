@@ -65,6 +65,15 @@ def read_result(path: Path) -> dict | None:
         return None
 
 
+def read_json(path: Path) -> dict | None:
+    """A JSON object written by `atomic_write_json`, or None if it is missing or unreadable."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def results(study_dir: Path, run_ids: list[str] | None = None) -> list[dict]:
     """Every readable result of a study (only `run_ids` if given), in a stable order."""
     runs = Path(study_dir) / "runs"

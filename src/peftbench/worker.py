@@ -1,7 +1,9 @@
 """Execute one planned run and write its result.json: `python -m peftbench.worker RUN_DIR`.
 
-Whatever happens inside the run, a result is written: `success`, `skipped` (cannot run here, with the
-reason), `oom` (out of memory even at the smallest micro-batch), or `failed` (with the error). On an
+Whatever happens inside the run, a result is written: `success`, `skipped` (cannot run here, or does not
+fit the GPU memory budget, with the reason), `oom` (out of memory even at the smallest micro-batch),
+`diverged` (the training loss became NaN or infinite) or `failed` (with the error). A spec with `plan_only`
+writes `plan.json` instead: the memory plan and time estimate of `peftbench plan`. On an
 out-of-memory error the run is retried with half the micro-batch and twice the accumulation (the
 same effective batch), down to a floor.
 """
@@ -21,7 +23,8 @@ import traceback
 from pathlib import Path
 
 from . import faults, store
-from .errors import SkipRun, UserError
+from .devices import is_oom
+from .errors import Diverged, SkipRun, UserError
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "numpy", "scikit-learn", "peftbench")
 
@@ -66,16 +69,12 @@ def base_result(spec: dict) -> dict:
     }
 
 
-def _is_oom(e: BaseException) -> bool:
-    import torch
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
 def _run_with_retries(spec: dict, run_dir: Path, progress: bool, attempts: list[dict]) -> dict:
     import torch
 
     from .data import Tokenized
-    from .train import tfidf_run, train_run
+    from .tfidf import tfidf_run
+    from .train import train_run
     if spec["method"] == "tfidf":
         import numpy as np
         d = json.loads(Path(spec["texts_file"]).read_text())
@@ -94,7 +93,7 @@ def _run_with_retries(spec: dict, run_dir: Path, progress: bool, attempts: list[
             out["attempts"] = attempts + [{"micro_batch_size": micro, "outcome": "success"}]
             return out
         except Exception as e:
-            if not _is_oom(e):
+            if not is_oom(e):
                 raise
             attempts.append({"micro_batch_size": micro, "outcome": "out of memory"})
             gc.collect()
@@ -111,9 +110,27 @@ def rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def execute_plan(run_dir: Path, spec: dict) -> dict:
+    """The memory plan of one run (`peftbench plan`), written to RUN_DIR/plan.json."""
+    from .data import Tokenized
+    from .train import plan_run
+    plan = {"run_id": spec["run_id"], "label": spec["label"], "method": spec["method"], "status": "planned"}
+    try:
+        plan.update(plan_run(spec, Tokenized.load(Path(spec["tokens_file"])), run_dir))
+    except SkipRun as e:
+        plan.update(status="does not fit" if "does not fit" in str(e) else "skipped", error=str(e))
+    except (UserError, Exception) as e:
+        plan.update(status="failed", error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+                    if str(e).strip() else type(e).__name__)
+    store.atomic_write_json(run_dir / "plan.json", plan)
+    return plan
+
+
 def execute_run(run_dir: Path, progress: bool = True) -> dict:
     run_dir = Path(run_dir)
     spec = json.loads((run_dir / "spec.json").read_text())
+    if spec.get("plan_only"):
+        return execute_plan(run_dir, spec)
     rank, world = rank_world()
     if world > 1 and spec["device"].startswith("cuda"):
         spec["device"] = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
@@ -129,10 +146,12 @@ def execute_run(run_dir: Path, progress: bool = True) -> dict:
             result["test_labels_fingerprint"] = spec["data_fingerprint"]
     except SkipRun as e:
         result.update(status="skipped", error=str(e))
+    except Diverged as e:
+        result.update(status="diverged", error=str(e))
     except UserError as e:
         result.update(status="failed", error=str(e))
     except Exception as e:
-        oom = _is_oom(e)
+        oom = is_oom(e)
         result.update(status="oom" if oom else "failed",
                       error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
                       attempts=attempts or None)

@@ -1,0 +1,90 @@
+"""What a run leaves on disk: its epoch checkpoint (to resume), its trained artefact (a PEFT adapter or a
+model folder, safetensors), and the reload check that the artefact predicts what the trained model did."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from . import methods as registry
+from .batches import active_peft_config, predict_logits
+
+
+def dir_size_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model, state: dict) -> None:
+    import torch
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write an epoch checkpoint atomically (a reader sees the old one or the new one)."""
+    import torch
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, config_hash: str, device: str) -> dict | None:
+    """The checkpoint at `path` if it belongs to this run's config, else None."""
+    import torch
+    if not path.exists():
+        return None
+    ck = torch.load(path, map_location=device, weights_only=True)
+    return ck if ck.get("config_hash") == config_hash else None
+
+
+def mutated_init(model) -> bool:
+    """True for LoRA initialisations that change the base weights (PiSSA, OLoRA, CorDA)."""
+    init = getattr(active_peft_config(model), "init_lora_weights", None)
+    return isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda"))
+
+
+def save_model(model, run: dict, run_dir: Path) -> str:
+    """Save the adapter (PEFT) or the model (others) with safetensors; returns the folder's name."""
+    name = "adapter" if registry.get(run["method"]).kind == "peft" else "model"
+    final = run_dir / name
+    tmp = run_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    kw = {}
+    if mutated_init(model):  # PEFT subtracts the initial adapter: a plain LoRA adapter on the original base
+        kw["path_initial_model_for_weight_conversion"] = str(run_dir / "adapter-init")
+    model.save_pretrained(tmp, safe_serialization=True, **kw)
+    if kw:
+        _restore_modules_to_save(model, tmp / "adapter_model.safetensors")
+    shutil.rmtree(run_dir / "adapter-init", ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return name
+
+
+def _restore_modules_to_save(model, path: Path) -> None:
+    """peft 0.21's PiSSA conversion drops the modules_to_save (the head): put them back."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+    converted = load_file(path)
+    extra = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()
+             if k not in converted and "lora_" not in k}
+    save_file({**converted, **extra}, path, metadata={"format": "pt"})
+
+
+def verify_reload(run, run_dir, tok, logits, device, amp, pad_id, max_len) -> dict:
+    """Reload the saved artefact through the same path as `peftbench predict` and compare test predictions."""
+    from .predict import load_trained
+    model = load_trained(run_dir, run=run, device=device)
+    again = predict_logits(model, tok.ids["test"], run["train"]["eval_batch_size"], device, amp, pad_id, max_len)
+    same = bool((again.argmax(-1) == logits.argmax(-1)).all())
+    return {"identical_predictions": same,
+            "max_abs_logit_diff": float(np.abs(again - logits).max()) if len(again) else 0.0}

@@ -1,0 +1,181 @@
+"""Batches and forward passes: length-bucketed batches, collation, the attention-mask form a model takes,
+one forward pass of a classifier (prefix tuning included), and evaluation in length-sorted batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+# Batches within a window of this many batches are sorted by length (transformers' length-grouped sampler).
+GROUP_WINDOW = 50
+
+
+def make_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                 group_by_length: bool) -> list[np.ndarray]:
+    """A random epoch of batches; with grouping, items of similar length share a batch (less padding).
+
+    Grouping sorts within shuffled windows of 50 batches and then shuffles the batches, like
+    transformers' length-grouped sampler: every item is still seen once per epoch in random company.
+    """
+    n = len(lengths)
+    perm = rng.permutation(n)
+    if not group_by_length:
+        return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    window = batch_size * GROUP_WINDOW
+    batches = []
+    for start in range(0, n, window):
+        chunk = perm[start:start + window]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def steps_per_epoch(n: int, batch_size: int, group_by_length: bool) -> int:
+    """How many batches `make_batches` makes of `n` items (windows end in a short batch each)."""
+    if not group_by_length:
+        return math.ceil(n / batch_size)
+    window = batch_size * GROUP_WINDOW
+    return sum(math.ceil(min(window, n - i) / batch_size) for i in range(0, n, window))
+
+
+def collate(seqs: list[np.ndarray], pad_id: int, multiple: int = 8, max_len: int | None = None):
+    """(input_ids, attention_mask) as int64 tensors padded to the longest item (rounded up to `multiple`)."""
+    import torch
+    if max_len is not None:
+        seqs = [s[:max_len] for s in seqs]
+    longest = max(len(s) for s in seqs)
+    width = int(math.ceil(longest / multiple) * multiple)
+    if max_len is not None:
+        width = min(width, max(max_len, longest))
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+        mask[i, :len(s)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def active_peft_config(model):
+    cfgs = getattr(model, "peft_config", None)
+    return cfgs.get(getattr(model, "active_adapter", "default")) if isinstance(cfgs, dict) else None
+
+
+def prefix_length(model) -> int:
+    """Number of prefix positions when `model` is a prefix-tuning PEFT model, else 0."""
+    cfg = active_peft_config(model)
+    return cfg.num_virtual_tokens if cfg is not None and str(cfg.peft_type).endswith("PREFIX_TUNING") else 0
+
+
+def model_forward(model, ids, mask, mask_mode: str = "2d", labels=None):
+    """One forward pass of the classifier on (ids, 2D padding mask).
+
+    Prefix tuning is run here, as PEFT runs it (prefixes from `get_prompt` as the key/value cache, the mask
+    extended over them), because PEFT's own forward looks for a `past_key_values` parameter that
+    transformers 5.2x renamed to `cache` and then refuses ("Model does not support past key values").
+    """
+    n_prefix = prefix_length(model)
+    kw = {"labels": labels} if labels is not None else {}
+    if not n_prefix:
+        return model(input_ids=ids, attention_mask=mask_for_model(mask, mask_mode), **kw)
+    import torch
+    base = model.base_model
+    cache_arg = _cache_argument(type(base.get_submodule(model.transformer_backbone_name)))
+    cache = model.get_prompt(batch_size=ids.shape[0])
+    mask = torch.cat([mask.new_ones(ids.shape[0], n_prefix), mask], dim=1)
+    return base(input_ids=ids, attention_mask=mask, **{cache_arg: cache}, **kw)
+
+
+@functools.cache
+def _cache_argument(backbone_cls) -> str:
+    """The key/value-cache argument of a backbone's forward: `cache` from transformers 5.2x on, before it
+    `past_key_values` (read once per class, not on every training step)."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(backbone_cls.forward).parameters else "past_key_values"
+
+
+def mask_for_model(mask, mode: str):
+    """The attention mask as the model gets it: the 2D padding mask, or (mode "4d-...") the 4D boolean mask
+    transformers would build from it. A ready 4D mask skips transformers' check `padding_mask.all()`, a host
+    synchronisation on every forward pass that stalls the GPU queue (measured in benchmarks/results)."""
+    if mode == "2d":
+        return mask
+    import torch
+    keep = mask.bool()[:, None, None, :]  # (batch, 1, 1, keys): attend to real tokens only
+    if mode == "4d-causal":
+        n = mask.shape[1]
+        keep = keep & torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()[None, None]
+    return keep
+
+
+def choose_mask_mode(model, seqs: list[np.ndarray], pad_id: int, device: str, probe_on_cpu: bool = False,
+                     max_len: int | None = None, forced: str = "auto") -> str:
+    """Which attention-mask form this model takes without changing its output, checked on real inputs.
+
+    On CUDA, a 4D mask (bidirectional for encoders, causal for decoders) is used when the model's logits with
+    it equal those with the plain 2D mask on a padded batch; any difference or error keeps the 2D mask (eager
+    attention that adds masks, prompt methods that extend the mask, architectures with their own masking).
+    On the CPU the synchronisation costs nothing: always 2D. `forced` (train.attention_mask) skips the probe.
+    """
+    if forced != "auto":
+        return forced
+    if (not device.startswith("cuda") and not probe_on_cpu) or len(seqs) < 2 or prefix_length(model):
+        return "2d"
+    lengths = np.fromiter((len(x) for x in seqs), dtype=np.int64, count=len(seqs))
+    order = np.argsort(lengths, kind="stable")  # the shortest, the median and the longest of the whole split
+    pick = [seqs[order[0]], seqs[order[len(order) // 2]], seqs[order[-1]]]
+    if len({len(s) for s in pick}) == 1:
+        return "2d"
+    # Full length (local-attention windows must show up), within the run's limit (soft prompts take positions).
+    ids, mask = collate(pick, pad_id, multiple=8, max_len=max_len)
+    was_training = model.training
+    model.eval()
+    try:  # any failure here only means: keep the 2D mask
+        return _first_equal_mask_mode(model, ids.to(device), mask.to(device))
+    except Exception:
+        return "2d"
+    finally:
+        model.train(was_training)
+
+
+def _first_equal_mask_mode(model, ids, mask) -> str:
+    import torch
+    with torch.inference_mode():
+        ref = model_forward(model, ids, mask).logits.float()
+        for mode in ("4d-bidirectional", "4d-causal"):
+            try:
+                out = model_forward(model, ids, mask, mode).logits.float()
+            except Exception:
+                continue
+            if out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-3, atol=1e-3):
+                return mode
+    return "2d"
+
+
+def predict_logits(model, seqs: list[np.ndarray], batch_size: int, device: str, amp, pad_id: int,
+                   max_len: int | None = None, mask_mode: str = "2d") -> np.ndarray:
+    """Logits for `seqs`, evaluated in length-sorted batches (little padding), returned in input order.
+
+    On CUDA, widths are rounded to multiples of 64: every new shape costs kernel selection, more than the
+    padding saves (benchmarks/results/h200-padding.json)."""
+    import torch
+    multiple = 64 if device.startswith("cuda") else 8
+    order = np.argsort([-len(s) for s in seqs], kind="stable")
+    model.eval()
+    chunks = []
+    with torch.inference_mode(), torch.autocast(device.split(":")[0], dtype=amp or torch.float32,
+                                                enabled=amp is not None):
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            ids, mask = collate([seqs[j] for j in idx], pad_id, multiple=multiple, max_len=max_len)
+            logits = model_forward(model, ids.to(device, non_blocking=True), mask.to(device, non_blocking=True),
+                                   mask_mode).logits
+            chunks.append((idx, logits.float()))
+    if not chunks:
+        return np.zeros((0, 0), dtype=np.float32)
+    out = np.empty((len(seqs), chunks[0][1].shape[-1]), dtype=np.float32)
+    for idx, logits in chunks:
+        out[idx] = logits.cpu().numpy()
+    return out

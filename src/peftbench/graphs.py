@@ -1,0 +1,106 @@
+"""CUDA graphs of training steps, recorded per batch shape without a compiler."""
+
+from __future__ import annotations
+
+import time
+
+from .batches import model_forward
+
+
+class StepGraphs:
+    """A training step's forward, backward, loss sum and gradient clipping as CUDA graphs, one per batch shape.
+
+    Small models at batch 16 are bound by the host launching kernels one at a time (the GPU idles most of
+    each eager step: benchmarks/results/profiles). A graph replays a whole step's kernels in one launch. Shapes
+    are few because batches are padded to multiples of `pad_multiple`; each is recorded the first time it
+    occurs (after one eager step, which creates the gradients and the optimizer state), with no compiler:
+    0.1-0.2 s per shape in a fresh process on the H200 (benchmarks/results/h200-end-to-end.json). The
+    optimizer and scheduler step stay eager (a few fused kernels), so the optimisation is unchanged.
+    Gradients, the loss sum and each shape's input buffers live outside the graphs; the graphs' activations
+    share one memory pool (they never run at the same time).
+    """
+
+    def __init__(self, model, mask_mode: str, amp, loss_sum, params: list, max_grad_norm):
+        import torch
+        self.model, self.mask_mode, self.amp, self.loss_sum = model, mask_mode, amp, loss_sum
+        self.params, self.max_grad_norm = params, max_grad_norm
+        self.stream = torch.cuda.Stream()
+        self.graphs: dict[tuple, tuple] = {}
+        self.pool = None
+        self.eager_steps = 0
+        self.failed: str | None = None
+        self.capture_seconds = 0.0
+
+    @staticmethod
+    def unsupported(train: dict, method, device: str, world: int, micro: int, mask_mode: str, prefixed: bool,
+                    compiled, checkpointing: bool = False) -> str | None:
+        """Why this run's steps cannot be graphed (None: they can)."""
+        if not train.get("cuda_graphs", True):
+            return "off (cuda_graphs: false)"
+        reasons = [(not device.startswith("cuda"), "not a CUDA device"), (world > 1, "data-parallel run"),
+                   (bool(compiled), "torch.compile'd run"), (micro < train["batch_size"], "gradient accumulation"),
+                   (prefixed, "prefix tuning"), (bool(method.step_hook), "per-step hook (AdaLoRA)"),
+                   (checkpointing, "gradient checkpointing"),
+                   (mask_mode == "2d", "2D attention mask (the model syncs on it)")]
+        return next((why for bad, why in reasons if bad), None)
+
+    def forward_backward(self, ids, mask, y) -> None:
+        """The step's work, eager or under capture: loss, gradients, loss sum, clipping."""
+        import torch
+        # Autocast's weight-cast cache must not outlive a capture; each weight is cast once per step anyway.
+        with torch.autocast("cuda", dtype=self.amp or torch.float32, enabled=self.amp is not None,
+                            cache_enabled=False):
+            loss = model_forward(self.model, ids, mask, self.mask_mode, labels=y).loss
+        loss.backward()
+        self.loss_sum += loss.detach()
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+
+    def step(self, ids, mask, y) -> bool:
+        """Run the step from its shape's graph (recorded now if new). False: the caller runs it eagerly."""
+        if self.failed or not self.eager_steps:
+            return False
+        key = (tuple(ids.shape), tuple(y.shape))
+        entry = self.graphs.get(key) or self._capture(ids, mask, y, key)
+        if entry is None:
+            return False
+        graph, static = entry
+        for buf, new in zip(static, (ids, mask, y)):
+            buf.copy_(new, non_blocking=True)
+        graph.replay()
+        return True
+
+    def run(self, ids, mask, y) -> None:
+        """One step's forward and backward on host tensors (pinned): from a graph, or eagerly."""
+        if not self.step(ids, mask, y):
+            dev = self.loss_sum.device
+            self.forward_backward(*(x.to(dev, non_blocking=True) for x in (ids, mask, y)))
+            self.eager_steps += 1
+
+    def _capture(self, ids, mask, y, key):
+        import torch
+        t = time.perf_counter()
+        dev = self.loss_sum.device
+        static = tuple(torch.zeros(x.shape, dtype=x.dtype, device=dev) for x in (ids, mask, y))
+        graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(self.stream):
+                graph.capture_begin(*([self.pool] if self.pool is not None else []))
+                try:
+                    self.forward_backward(*static)
+                finally:
+                    graph.capture_end()
+        except Exception as e:  # the run goes on eagerly, and its metrics say why
+            self.failed = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            torch.cuda.synchronize()
+            return None
+        torch.cuda.current_stream().wait_stream(self.stream)
+        self.pool = graph.pool() if self.pool is None else self.pool
+        self.graphs[key] = (graph, static)
+        self.capture_seconds += time.perf_counter() - t
+        return self.graphs[key]
+
+    def summary(self) -> dict:
+        return {"graphs": len(self.graphs), "capture_seconds": self.capture_seconds,
+                "eager_steps": self.eager_steps, "failed": self.failed}

@@ -1,0 +1,118 @@
+"""What a run reports while it trains: live tracking (TensorBoard) and a step profile (torch.profiler)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .devices import sync
+from .errors import UserError
+
+
+class Tracker:
+    """Optional live tracking through TensorBoard's own writer (study option `tracking: tensorboard`).
+
+    Every `tracking_every` steps it logs the mean loss since the last point, the learning rate, samples/s,
+    real tokens/s and (on CUDA) allocated memory. Off by default: reading the loss costs a host sync.
+    """
+
+    def __init__(self, run: dict, run_dir: Path, device: str):
+        self.writer = None
+        self.every = run.get("tracking_every", 10)
+        self.device = device
+        if run.get("tracking") == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("tracking: tensorboard needs the tensorboard package; pip install "
+                                "'peftbench[tracking]'") from None
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.last_loss = 0.0
+        self.samples = self.tokens = self.n_steps = 0
+        self.t0 = time.perf_counter()
+
+    def step(self, step: int, loss_sum, batch, lengths, max_len: int | None, scheduler) -> None:
+        if self.writer is None:  # off: nothing computed on the hot path
+            return
+        self.samples += len(batch)
+        self.tokens += int(np.minimum(lengths[batch], max_len or 1 << 30).sum())
+        self.n_steps += 1
+        if step % self.every:
+            return
+        import torch
+        total = float(loss_sum.item())  # the one host sync, every `every` steps
+        dt = time.perf_counter() - self.t0
+        w = self.writer
+        w.add_scalar("train/loss", (total - self.last_loss) / self.n_steps, step)  # mean since the last point
+        w.add_scalar("train/learning_rate", scheduler.get_last_lr()[0], step)
+        w.add_scalar("train/samples_per_second", self.samples / dt, step)
+        w.add_scalar("train/tokens_per_second", self.tokens / dt, step)
+        if self.device.startswith("cuda"):
+            w.add_scalar("memory/allocated_mb", torch.cuda.memory_allocated() / 2**20, step)
+        self.last_loss, self.samples, self.tokens, self.n_steps = total, 0, 0, 0
+        self.t0 = time.perf_counter()
+
+    def epoch(self, epoch: int, record: dict) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar("validation/accuracy", record["validation_accuracy"], epoch)
+            self.writer.add_scalar("train/epoch_loss", record["train_loss"], epoch)
+            self.last_loss = 0.0  # the loss accumulator restarts each epoch: steps before it were logged
+            self.n_steps = 0
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class StepProfiler:
+    """Where a training step's time goes (`profile: true` in the study, or `--profile`: RUN_DIR/profile.json).
+
+    Profiles steps [20, 50) of the first epoch (fewer in short epochs) with torch.profiler and writes the file
+    (JSON): wall time per step, GPU kernel time per step (busy fraction = how far the GPU is kept fed), host
+    synchronisations, and the top operators by host time and by device time.
+    """
+
+    def __init__(self, device: str, n_steps: int, path: Path | None):
+        self.path = path
+        self.start = min(20, n_steps // 4)  # after warm-up; short epochs profile what they have
+        self.stop, self.device = self.start + max(1, min(30, n_steps - self.start - 1)), device
+        self.prof = self.t0 = None
+
+    def tick(self, i: int) -> None:
+        if not self.path:
+            return
+        import torch
+        if i == self.start:
+            sync(self.device)
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.startswith("cuda"):
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+        elif i == self.stop and self.prof is not None:
+            sync(self.device)
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            self.write(wall, self.stop - self.start)
+            self.prof, self.path = None, None
+
+    def write(self, wall: float, n: int) -> None:
+        import json
+        ev = self.prof.key_averages()
+
+        def dev_us(e):
+            return getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) or 0
+        rows = [{"op": e.key, "calls": e.count, "host_ms": e.self_cpu_time_total / 1e3 / n,
+                 "device_ms": dev_us(e) / 1e3 / n} for e in ev]
+        syncs = sum(e.count for e in ev if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                     "cudaMemcpyAsync", "aten::item", "aten::_local_scalar_dense"))
+        kernels = sum(dev_us(e) for e in ev if e.device_type is not None and "CUDA" in str(e.device_type)) / 1e3 / n
+        out = {"steps": n, "wall_ms_per_step": 1e3 * wall / n, "gpu_kernel_ms_per_step": kernels,
+               "gpu_busy_fraction": kernels / (1e3 * wall / n) if wall else None,
+               "host_sync_like_calls_per_step": syncs / n,
+               "top_host": sorted(rows, key=lambda r: -r["host_ms"])[:25],
+               "top_device": sorted(rows, key=lambda r: -r["device_ms"])[:25]}
+        Path(self.path).write_text(json.dumps(out, indent=1))
