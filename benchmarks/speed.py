@@ -32,13 +32,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from peftbench import config, data as data_mod, models, train  # noqa: E402
+from peftbench import config, data as data_mod, devices, metrics, models, train  # noqa: E402
 from peftbench.runner import Study  # noqa: E402
 
 # The starting study's method entries, as the `seed` preset defines them (by label).
@@ -141,12 +140,13 @@ def run_trainer(spec: dict, tok: data_mod.Tokenized, pad_id: int, max_len: int, 
 def run_peftbench(spec: dict, tok: data_mod.Tokenized, recipe: str, profile: Path | None) -> dict:
     """Train with train.train_run. `+mask2d` forces the plain 2D mask; `+profile` writes a step profile."""
     reset()
-    env = {"PEFTBENCH_MASK_MODE": "2d" if "+mask2d" in recipe else None,
-           "PEFTBENCH_PROFILE": str(profile) if profile else None}
-    with mock.patch.dict(os.environ), tempfile.TemporaryDirectory() as tmp:  # the environment is restored after
-        for k, v in env.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    spec = {**spec, "profile": bool(profile), "train": {**spec["train"]}}
+    if "+mask2d" in recipe:
+        spec["train"]["attention_mask"] = "2d"
+    with tempfile.TemporaryDirectory() as tmp:
         res = train.train_run(spec, tok, Path(tmp), progress=False)
+        if profile and (Path(tmp) / "profile.json").exists():
+            profile.write_text((Path(tmp) / "profile.json").read_text())
     m, hist = res["metrics"], res["history"]
     out = {"train_seconds": m["train_seconds"], "peak_memory_allocated_mb": m["peak_memory_allocated_mb"],
            "validation_accuracy": m["validation_accuracy"], "attention_mask": m.get("attention_mask"),
@@ -176,7 +176,7 @@ def main() -> None:
     a = ap.parse_args()
     os.environ.setdefault("PEFTBENCH_PROGRESS", "0")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    peak = train._peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None
+    peak = devices.peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None
     rows = []
     work = Path(tempfile.mkdtemp())
     for model_name in a.models.split(","):
@@ -192,7 +192,7 @@ def main() -> None:
         mconf = models.load_config(path)
         lengths = tok.lengths("train")
         real_tokens = int(lengths.sum()) * a.epochs
-        flops = train.model_flops_per_token(mconf, float(lengths.mean())) * real_tokens
+        flops = metrics.model_flops_per_token(mconf, float(lengths.mean())) * real_tokens
         for method in a.methods.split(","):
             for recipe in [r for r in a.recipes.split(",") if r]:
                 spec = spec_for(study, method, path, a.epochs, recipe.replace("+profile", ""))

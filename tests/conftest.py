@@ -61,7 +61,10 @@ def _tokenizer(folder: Path):
     vocab = SPECIAL + sorted(set(POS + NEG + NEUTRAL))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # The vocabulary itself, not vocab_file: transformers 5.2x builds a 5-token vocabulary from the special
+    # tokens alone when given the file, and every word becomes [UNK].
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    assert tok.convert_tokens_to_ids("good") == vocab.index("good")
     tok.save_pretrained(folder)
     return tok
 

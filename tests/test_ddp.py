@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import make_tiny_encoder, run_study, study
 
-pytestmark = pytest.mark.xdist_group("ddp")
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ddp")]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""CUDA-only behaviour: the graphed training step. Marked `gpu`; skipped on machines without a CUDA GPU."""
+"""CUDA-only behaviour: the graphed training step, the bf16 frozen base and the GPU memory budget. Marked `gpu`;
+skipped on machines without a CUDA GPU."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from conftest import run_study, study
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")]
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +54,35 @@ def test_qlora_and_dropout_runs_use_graphs(tiny_encoder, tiny_data, tmp_path):
         assert res["metrics"]["cuda_graphs"]["graphs"] >= 1
         losses = [h["train_loss"] for h in res["history"]]
         assert all(x == x and 0 < x < 10 for x in losses), losses  # finite: the graphs computed a loss
+
+
+@pytest.fixture
+def uncapped():
+    yield
+    torch.cuda.set_per_process_memory_fraction(1.0)  # inline runs cap this process's allocator
+
+
+def test_frozen_base_is_bf16_and_reloads_to_the_same_predictions(tiny_encoder, tiny_data, tmp_path):
+    (r,) = run_study(study(tiny_encoder, tiny_data, ["lora"], device="cuda"), tmp_path / "s")
+    assert r["status"] == "success", r["error"]
+    m = r["metrics"]
+    assert m["base_dtype"] == "bfloat16" and r["reload_check"]["identical_predictions"]
+    assert m["peak_memory_reserved_mb"] >= m["peak_memory_allocated_mb"] > 0
+    assert m["peak_device_memory_mb"] >= m["peak_memory_reserved_mb"]
+
+
+def test_a_budget_caps_the_run_and_the_plan_fits_under_it(tiny_encoder, tiny_data, tmp_path, uncapped):
+    raw = study(tiny_encoder, tiny_data, ["full", "lora"], device="cuda", gpu_memory="1GB",
+                train={"gradient_checkpointing": "auto"})
+    for r in run_study(raw, tmp_path / "s"):
+        assert r["status"] == "success", r["error"]
+        plan = r["metrics"]["memory_plan"]
+        assert plan["fits"] and plan["micro_batch_size"] == 16 and plan["gradient_checkpointing"] is False
+        assert plan["allocator_cap_mb"] < 1024 and r["metrics"]["peak_device_memory_mb"] <= 1024
+
+
+def test_a_run_that_cannot_fit_its_budget_is_skipped_with_what_it_needed(tiny_encoder, tiny_data, tmp_path,
+                                                                         uncapped):
+    raw = study(tiny_encoder, tiny_data, ["full"], device="cuda", gpu_memory="1MB")
+    (r,) = run_study(raw, tmp_path / "s")
+    assert r["status"] == "skipped" and "does not fit in" in r["error"], r["error"]

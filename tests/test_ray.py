@@ -6,7 +6,7 @@ import pytest
 from conftest import run_study, study
 
 ray = pytest.importorskip("ray", reason="ray is a test extra (pip install -e '.[test]')")
-pytestmark = pytest.mark.xdist_group("ray")  # one local Ray instance per test process
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one local Ray instance per test process
 
 COMPARED = ("test_accuracy", "test_macro_f1", "validation_accuracy", "trainable_params", "total_params")
 

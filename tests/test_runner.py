@@ -254,6 +254,7 @@ def test_lora_run_leaves_bitsandbytes_unimported_and_qlora_still_finds_it(tiny_e
     assert said == ["LORA success success False", "QLORA success True True"], out.stdout
 
 
+@pytest.mark.slow
 def test_compiled_run_trains_and_says_how_it_was_compiled(tiny_encoder, tiny_data, tmp_path):
     """`compile: cudagraphs` on the CPU compiles without CUDA graphs (they exist on CUDA only) and says so."""
     (res,) = run_study(study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1, "compile": "cudagraphs"}),

@@ -34,8 +34,11 @@ def build_study(args) -> tuple[dict, Path]:
         raw = config.load_yaml(Path(args.study))
         if not isinstance(raw, dict):
             raise UserError(f"study file {args.study}: must be a YAML mapping with model, data and methods")
+    elif args.model or args.data:  # flags alone: the quick preset's protocol over the given model and data
+        raw = {**config.load_preset("quick"), "name": "cli"}
     else:
-        raise UserError("give a study file (peftbench run STUDY.yaml) or a preset (peftbench run --preset quick)")
+        raise UserError("give a study file (peftbench run STUDY.yaml), a preset (peftbench run --preset quick) "
+                        "or --model/--data")
     raw = dict(raw)
     data = dict(raw.get("data") or {}) if isinstance(raw.get("data", {}), dict) else raw.get("data")
     if isinstance(data, dict):

@@ -147,7 +147,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
 
 # Option keys a method entry may carry that are training settings, not method settings.
 TRAIN_OVERRIDES = {"epochs", "batch_size", "learning_rate", "weight_decay", "warmup_ratio", "scheduler",
-                   "max_grad_norm", "select_best_epoch", "head_learning_rate"}
+                   "max_grad_norm", "select_best_epoch", "head_learning_rate", "optimizer", "gradient_checkpointing",
+                   "base_dtype"}
 # Option keys every PEFT method accepts besides its config class's own fields.
 EXTRA_PEFT_KEYS = {"targets", "feedforward", "label"}
 

@@ -204,11 +204,21 @@ def build_model(run: dict, num_labels: int, label_names: list[str], device: str,
         model = _apply_peft(model, method, run, total_steps, head)
     else:
         raise ValueError(f"method kind {method.kind} is not a model method")
-    import torch
-    for p in model.parameters():  # trainable weights and their optimizer state in fp32 over a bf16 base
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+    _trainable_in_fp32(model)
     return model, head
+
+
+def _trainable_in_fp32(model) -> None:
+    """Trainable weights (and so their optimizer state) in fp32 over a bf16 base. A module that trains some
+    of its own weights keeps all of them in fp32 (BitFit's biases beside their weights: LayerNorm takes one
+    dtype), so only wholly frozen modules stay in the base dtype."""
+    import torch
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if any(p.requires_grad for p in own):
+            for p in own:
+                if p.is_floating_point() and p.dtype != torch.float32:
+                    p.data = p.data.float()
 
 
 def _apply_peft(model, method, run: dict, total_steps: int, head: list[str]):

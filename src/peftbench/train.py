@@ -91,7 +91,7 @@ def set_checkpointing(model, on: bool) -> None:
         return
     if on:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif base.is_gradient_checkpointing:
+    elif getattr(base, "is_activation_checkpointing", getattr(base, "is_gradient_checkpointing", False)):
         base.gradient_checkpointing_disable()
 
 
@@ -159,8 +159,15 @@ class Recipe:
     def _setup_model(self) -> None:
         from .models import build_model, count_params
         t = time.perf_counter()
-        self.model, self.head = build_model(self.run, len(self.tok.label_names), self.tok.label_names, self.device,
-                                            self.total_steps, self.amp)
+        try:
+            self.model, self.head = build_model(self.run, len(self.tok.label_names), self.tok.label_names,
+                                                self.device, self.total_steps, self.amp)
+        except Exception as e:
+            budget = self.run.get("gpu_memory_bytes")
+            if budget and is_oom(e):  # under the cap, the weights alone do not fit
+                raise SkipRun(f"does not fit in {budget / 2**30:.1f} GB: loading the weights ran out of "
+                              "memory") from None
+            raise
         self.load_seconds = time.perf_counter() - t
         if mutated_init(self.model) and self.rank == 0:  # PiSSA & co: keep the initial adapter to convert the final one
             self.model.save_pretrained(self.run_dir / "adapter-init", safe_serialization=True)
@@ -225,6 +232,8 @@ class Recipe:
         limit = int(self.memory_cap["allocator_cap_mb"] * 2**20) if budget else self._device_total()
         fit = memory.plan_micro_batch(self.probe, self.batch_size, setting, limit)
         self.memory_plan = {**fit.as_dict(), **getattr(self, "memory_cap", {})}
+        if self.dev_type != "cuda":  # time was probed, memory was not
+            self.memory_plan.update(budget_mb=None, peak_reserved_mb=None)
         if not fit.fits:
             raise SkipRun(f"does not fit in {fit.budget_mb / 1024:.1f} GB at micro-batch 1"
                           f"{' with gradient checkpointing' if setting else ''}: needs {fit.needed()}")

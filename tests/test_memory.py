@@ -1,0 +1,159 @@
+"""The memory planner and the memory levers: the fitting logic on a fake probe, sizes, bf16 frozen bases,
+8-bit optimizers, the new options' validation and `peftbench plan` on a tiny model (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_study, study
+
+from peftbench import cli, config, memory
+from peftbench.errors import UserError
+
+GB = 2**30
+
+
+def fake_probe(need_gb, ckpt_saves=0.5, fixed_gb=2.0):
+    """Peak = fixed + need per item (checkpointing keeps `ckpt_saves` of it); OOM above a 24 GB card."""
+    calls = []
+
+    def probe(micro, ckpt):
+        calls.append((micro, ckpt))
+        peak = (fixed_gb + need_gb * micro * (ckpt_saves if ckpt else 1.0)) * GB
+        return (None, None) if peak > 24 * GB else (peak, 0.1 * micro)
+    return probe, calls
+
+
+def test_fits_at_the_full_batch_first_try():
+    probe, calls = fake_probe(need_gb=0.5)
+    fit = memory.plan_micro_batch(probe, 16, "auto", 24 * GB)
+    assert (fit.micro_batch_size, fit.gradient_checkpointing) == (16, False) and calls == [(16, False)]
+
+
+def test_smaller_micro_batch_before_checkpointing():
+    probe, calls = fake_probe(need_gb=3.0)  # 16 and 8 do not fit; 4 items: 14 GB
+    fit = memory.plan_micro_batch(probe, 16, "auto", 24 * GB)
+    assert (fit.micro_batch_size, fit.gradient_checkpointing) == (4, False)
+    assert [c[0] for c in calls] == [16, 8, 4] and [t["outcome"] for t in fit.tried] == ["out of memory"] * 2 + ["fits"]
+
+
+def test_checkpointing_when_that_is_what_it_takes():
+    probe, _ = fake_probe(need_gb=30.0, ckpt_saves=0.1, fixed_gb=1.0)  # one item: 31 GB, checkpointed: 4 GB
+    fit = memory.plan_micro_batch(probe, 16, "auto", 24 * GB)
+    assert fit.fits and fit.gradient_checkpointing is True and fit.micro_batch_size == 4
+    no = memory.plan_micro_batch(fake_probe(need_gb=30.0, ckpt_saves=0.1, fixed_gb=1.0)[0], 16, False, 24 * GB)
+    assert not no.fits and "micro-batch 1" in no.needed()
+
+
+def test_does_not_fit_even_with_checkpointing():
+    probe, calls = fake_probe(need_gb=10.0, fixed_gb=23.0)
+    fit = memory.plan_micro_batch(probe, 12, "auto", 24 * GB)
+    assert not fit.fits and fit.micro_batch_size is None
+    assert calls == [(12, False), (6, False), (3, False), (1, False), (12, True), (6, True), (3, True), (1, True)]
+
+
+def test_the_margin_counts_a_peak_just_under_the_budget_as_over():
+    fit = memory.plan_micro_batch(lambda m, c: (23.5 * GB if m == 2 else 10 * GB, 0.1), 2, False, 24 * GB)
+    assert fit.micro_batch_size == 1 and fit.tried[0]["outcome"] == "over the margin"
+
+
+@pytest.mark.parametrize("text, want", [("24GB", 24 * GB), ("24 GiB", 24 * GB), ("500MB", 500 * 2**20),
+                                        ("1.5g", int(1.5 * GB)), (512, 512 * 2**20)])
+def test_sizes(text, want):
+    assert memory.parse_size(text, "gpu_memory") == want
+
+
+@pytest.mark.parametrize("bad", ["lots", "-3GB", "0GB", "12 parsecs", True])
+def test_bad_sizes_are_one_line_errors(bad):
+    with pytest.raises(UserError, match="gpu_memory: give a size like 24GB"):
+        memory.parse_size(bad, "gpu_memory")
+
+
+def test_fits_on_names_the_smallest_card():
+    assert memory.fits_on(15_000) == "16 GB" and memory.fits_on(16 * 1024) == "24 GB"
+    assert memory.fits_on(200 * 1024) == "> 141 GB" and memory.fits_on(None) == "-"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("base_dtype", "int8", "train.base_dtype: must be one of auto, fp32, bf16, fp16"),
+    ("gradient_checkpointing", "sometimes", "train.gradient_checkpointing: must be true, false or auto"),
+    ("optimizer", "sgd", "train.optimizer: must be one of adamw, adamw_8bit, paged_adamw_8bit"),
+    ("attention_mask", "3d", "train.attention_mask: must be one of auto, 2d"),
+])
+def test_new_train_options_are_validated(key, value, message):
+    with pytest.raises(UserError) as e:
+        config.validate({"model": "m", "data": {"path": "d"}, "methods": ["lora"], "train": {key: value}})
+    assert len(e.value.problems) == 1 and e.value.problems[0].startswith(message)
+
+
+def test_gpu_memory_on_the_command_line_is_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["plan", "--model", "x", "--data", str(tmp_path), "--gpu-memory", "huge"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "peftbench: error: gpu_memory: give a size like 24GB or 500MB, got 'huge'"
+
+
+def test_a_learning_rate_written_2e_5_is_a_number():
+    s = config.validate({"model": "m", "data": {"path": "d"}, "methods": ["full"], "train": {"learning_rate": "2e-5"}})
+    assert s["train"]["learning_rate"] == 2e-5
+
+
+def test_bf16_base_gives_logits_close_to_fp32_and_trains_fp32_adapters(tiny_encoder, tiny_data, tmp_path):
+    import torch
+
+    from peftbench import models
+    from peftbench.runner import Study
+    raw = study(tiny_encoder, tiny_data, [{"name": "lora", "lora_dropout": 0.0}])
+    st = Study(config.validate(raw), tmp_path / "s")
+    st.out.mkdir(parents=True)
+    st.prepare()
+    spec = st.final_specs({})[0]
+    ids = torch.tensor([[2, 10, 11, 12, 13, 3]])
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        run = {**spec, "train": {**spec["train"], "base_dtype": dtype}}
+        torch.manual_seed(0)
+        model, _ = models.build_model(run, 2, ["0", "1"], "cpu", 10, torch.bfloat16)
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+        assert frozen == {torch.float32 if dtype == "fp32" else torch.bfloat16}
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out[dtype] = model(input_ids=ids).logits.float()
+    assert torch.allclose(out["fp32"], out["bf16"], atol=0.05)
+
+
+def test_bf16_base_and_8bit_optimizer_train_on_the_cpu(tiny_encoder, tiny_data, tmp_path):
+    raw = study(tiny_encoder, tiny_data, ["lora", {"name": "bitfit", "label": "bitfit", "optimizer": "adamw_8bit"}],
+                train={"base_dtype": "bf16", "precision": "bf16", "epochs": 2})
+    raw["methods"][0] = {"name": "lora", "optimizer": "paged_adamw_8bit", "label": "lora-paged"}
+    res = {r["label"]: r for r in run_study(raw, tmp_path / "s")}
+    assert res["bitfit"]["status"] == "success", res["bitfit"]["error"]
+    m = res["bitfit"]["metrics"]
+    assert m["base_dtype"] == "bfloat16" and m["optimizer"] == "adamw_8bit"
+    losses = [h["train_loss"] for h in res["bitfit"]["history"]]
+    assert all(np.isfinite(losses))
+    assert res["lora-paged"]["status"] == "skipped" and "needs a CUDA GPU" in res["lora-paged"]["error"]
+
+
+def test_a_loss_that_goes_nan_ends_the_run_as_diverged(tiny_encoder, tiny_data, tmp_path):
+    raw = study(tiny_encoder, tiny_data, [{"name": "full", "learning_rate": 1e10}])
+    (r,) = run_study(raw, tmp_path / "s")
+    assert r["status"] == "diverged" and "lower the learning rate" in r["error"]
+
+
+def test_plan_on_a_tiny_model_prints_a_row_per_method(tiny_encoder, tiny_data, tmp_path, capsys):
+    study_file = tmp_path / "s.yaml"
+    raw = study(tiny_encoder, tiny_data, ["full", "lora", "tfidf"], seeds=[0, 1])
+    study_file.write_text(json.dumps(raw))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["plan", str(study_file), "--out", str(tmp_path / "out")])
+    assert e.value.code == 0
+    table = capsys.readouterr().out
+    rows = [ln for ln in table.splitlines() if ln.startswith(("| full ", "| lora "))]
+    assert len(rows) == 2 and all("| yes | 16 | off |" in r for r in rows), table
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    lora = next(r for r in plan["rows"] if r["label"] == "lora")
+    assert lora["epoch_seconds"] > 0 and lora["study_seconds"] == pytest.approx(2 * lora["run_seconds"])
+    assert not list((tmp_path / "out").glob("runs/*/result.json"))  # planned, not trained
