@@ -51,7 +51,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "micro_batch_size": None,     # None: = batch_size; smaller means gradient accumulation (same optimisation)
     "pad_to_multiple_of": None,   # None: 8 (64 on CUDA or compiling); = max_length pads every batch to one shape
     "base_dtype": "auto",         # frozen weights: auto = bf16 under bf16 autocast on CUDA, else fp32; fp32, bf16, fp16
-    "gradient_checkpointing": False,  # true, false, or auto: on only where the GPU memory budget needs it
+    "gradient_checkpointing": "auto",  # auto: on only where the GPU memory budget needs it; true; false
     "optimizer": "adamw",         # adamw (torch, fused), adamw_8bit or paged_adamw_8bit (bitsandbytes)
     "attention_mask": "auto",     # auto: a ready 4D mask where a probe shows equal logits; 2d, 4d-bidirectional, 4d-causal
 }
