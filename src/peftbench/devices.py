@@ -57,19 +57,18 @@ def peak_flops(device_name: str) -> float | None:
 
 
 class MemoryMeter:
-    """Peak GPU memory of one run from a clean baseline: allocated (tensors), reserved (what the caching
-    allocator holds: what an OOM is decided on) and the device's own figure (cudaMemGetInfo, as nvidia-smi
+    """Peak GPU memory of one run: allocated (tensors, above what the process held when the run started),
+    reserved (all the caching allocator held: what an OOM is decided on) and the device's own figure (cudaMemGetInfo, as nvidia-smi
     shows it: the CUDA context and libraries' workspaces included). On the CPU: the process's peak RSS."""
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
-        self.base_allocated = self.base_reserved = 0
+        self.base_allocated = 0
         if self.cuda:
             import torch
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             self.base_allocated = torch.cuda.memory_allocated()
-            self.base_reserved = torch.cuda.memory_reserved()
 
     def peaks(self) -> dict:
         """Peak figures in MB (2^20 bytes) since the baseline."""
@@ -78,12 +77,11 @@ class MemoryMeter:
         if not self.cuda:
             return out
         import torch
-        reserved = torch.cuda.max_memory_reserved() - self.base_reserved
         free, total = torch.cuda.mem_get_info()
         # What the device holds beyond the allocator's reserve (context, cuBLAS workspaces), now: added to
         # the reserve's peak it is the device's figure at that peak.
         outside = max(0, (total - free) - torch.cuda.memory_reserved())
         out.update(peak_memory_allocated_mb=(torch.cuda.max_memory_allocated() - self.base_allocated) / 2**20,
-                   peak_memory_reserved_mb=reserved / 2**20,
+                   peak_memory_reserved_mb=torch.cuda.max_memory_reserved() / 2**20,
                    peak_device_memory_mb=(torch.cuda.max_memory_reserved() + outside) / 2**20)
         return out

@@ -95,6 +95,9 @@ def cap_allocator(budget_bytes: int, device: str) -> dict:
     """Cap this process's CUDA allocator so that the device's own figure stays within the budget; returns
     what was set. Raises UserError when the budget exceeds the card."""
     import torch
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     if budget_bytes > total:
         raise UserError(f"gpu_memory {budget_bytes / GiB:.1f} GB is more than this GPU has ({total / GiB:.1f} GB); "
