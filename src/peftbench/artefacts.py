@@ -80,11 +80,11 @@ def _restore_modules_to_save(model, path: Path) -> None:
     save_file({**converted, **extra}, path, metadata={"format": "pt"})
 
 
-def verify_reload(run, run_dir, tok, logits, device, amp, pad_id, max_len) -> dict:
+def verify_reload(run, run_dir, tok, logits, device, amp, pad_id, max_len, batch_size: int) -> dict:
     """Reload the saved artefact through the same path as `peftbench predict` and compare test predictions."""
     from .predict import load_trained
     model = load_trained(run_dir, run=run, device=device)
-    again = predict_logits(model, tok.ids["test"], run["train"]["eval_batch_size"], device, amp, pad_id, max_len)
+    again = predict_logits(model, tok.ids["test"], batch_size, device, amp, pad_id, max_len)
     same = bool((again.argmax(-1) == logits.argmax(-1)).all())
     return {"identical_predictions": same,
             "max_abs_logit_diff": float(np.abs(again - logits).max()) if len(again) else 0.0}

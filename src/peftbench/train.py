@@ -391,7 +391,7 @@ class Recipe:
     def validate(self, epoch: int) -> None:
         """Validation accuracy after the epoch; a non-finite training loss ends the run as diverged."""
         t1 = time.perf_counter()
-        val_logits = predict_logits(self.model, self.tok.ids["validation"], self.cfg["eval_batch_size"], self.device,
+        val_logits = predict_logits(self.model, self.tok.ids["validation"], self.eval_batch_size(), self.device,
                                     self.amp, self.pad_id, self.max_len, self.mask_mode)
         val_acc = float((val_logits.argmax(-1) == self.tok.labels["validation"]).mean())
         self.val_seconds += time.perf_counter() - t1
@@ -407,6 +407,14 @@ class Recipe:
         if self.cfg["select_best_epoch"] and val_acc > self.best["acc"]:
             state = {k: v.cpu() for k, v in trainable_state(self.model).items()}
             self.best = {"acc": val_acc, "epoch": epoch + 1, "state": state}
+
+    def eval_batch_size(self) -> int:
+        """Rows per evaluation batch: eval_batch_size, but no more than a training micro-batch where memory
+        made the run split its batches (on the 8B shape at micro-batch 2, 64 rows of evaluation took more
+        than the training step did: benchmarks/results/h200-scale-8b.json)."""
+        if self.micro < self.batch_size:
+            return min(self.cfg["eval_batch_size"], self.micro)
+        return self.cfg["eval_batch_size"]
 
     def checkpoint(self, epoch: int) -> None:
         """After every epoch but the last: what a killed run resumes from."""
@@ -491,7 +499,7 @@ class Recipe:
             return {}
         sync(self.device)
         t = time.perf_counter()
-        logits = predict_logits(self.model, self.tok.ids["test"], self.cfg["eval_batch_size"], self.device, self.amp,
+        logits = predict_logits(self.model, self.tok.ids["test"], self.eval_batch_size(), self.device, self.amp,
                                 self.pad_id, self.max_len, self.mask_mode)
         sync(self.device)
         metrics["eval_seconds"] = time.perf_counter() - t
@@ -522,7 +530,7 @@ class Recipe:
             return artefact, None
         t = time.perf_counter()
         reload = verify_reload(self.run, self.run_dir, self.tok, test["logits"], self.device, self.amp, self.pad_id,
-                               self.max_len)
+                               self.max_len, self.eval_batch_size())
         self.phases["reload_check"] = time.perf_counter() - t
         return artefact, reload
 
