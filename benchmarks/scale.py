@@ -225,8 +225,8 @@ def main() -> None:
         study.prepare()
         tok = data_mod.Tokenized.load(study.tok_file)
         for method in a.methods.split(","):
-            for micro in [int(x) for x in a.micro.split(",")]:
-                for recipe in a.recipes.split(","):
+            for micro in [int(x) for x in a.micro.split(",") if x]:
+                for recipe in [r for r in a.recipes.split(",") if r]:
                     row = {"shape": shape, "method": method, "micro_batch_size": micro, "recipe": recipe}
                     try:
                         if recipe == "plain":

@@ -235,7 +235,7 @@ class Recipe:
         if self.dev_type != "cuda":  # time was probed, memory was not
             self.memory_plan.update(budget_mb=None, peak_reserved_mb=None)
         if not fit.fits:
-            raise SkipRun(f"does not fit in {fit.budget_mb / 1024:.1f} GB at micro-batch 1"
+            raise SkipRun(f"does not fit in {(budget or limit) / 2**30:.1f} GB at micro-batch 1"
                           f"{' with gradient checkpointing' if setting else ''}: needs {fit.needed()}")
         self.micro, self.checkpointing = fit.micro_batch_size, fit.gradient_checkpointing
 
