@@ -75,7 +75,8 @@ def test_frozen_base_is_bf16_and_reloads_to_the_same_predictions(tiny_encoder, t
 
 
 def test_a_budget_caps_the_run_and_the_plan_fits_under_it(tiny_encoder, tiny_data, tmp_path, uncapped):
-    raw = study(tiny_encoder, tiny_data, ["full", "lora"], device="cuda", gpu_memory="1GB",
+    # Each run in its own process, as by default: the cap leaves out what this test process already holds.
+    raw = study(tiny_encoder, tiny_data, ["full", "lora"], device="cuda", gpu_memory="1GB", isolation="process",
                 train={"gradient_checkpointing": "auto"})
     for r in run_study(raw, tmp_path / "s"):
         assert r["status"] == "success", r["error"]
