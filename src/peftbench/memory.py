@@ -102,7 +102,8 @@ def cap_allocator(budget_bytes: int, device: str) -> dict:
     if budget_bytes > total:
         raise UserError(f"gpu_memory {budget_bytes / GiB:.1f} GB is more than this GPU has ({total / GiB:.1f} GB); "
                         "lower it or leave it out")
-    outside = max(0, (total - free) - torch.cuda.memory_reserved(device))  # CUDA context, libraries
+    # The CUDA context, libraries and any other process on this GPU: all of it counts against the budget.
+    outside = max(0, (total - free) - torch.cuda.memory_reserved(device))
     fraction = max(0.0, (budget_bytes - outside)) / total
     torch.cuda.set_per_process_memory_fraction(fraction, device)
     return {"budget_mb": budget_bytes / 2**20, "allocator_cap_mb": fraction * total / 2**20,
