@@ -23,7 +23,7 @@ def _parse_seeds(text: str):
         raise UserError(f"--seeds: give a count (3) or a comma list (0,1,2), got {text!r}") from None
 
 
-def build_study(args) -> tuple[dict, Path]:
+def build_study(args) -> tuple[dict, Path]:  # noqa: C901  (28: to split next)
     """The raw study dict from a file or preset, with command-line overrides applied, and its out dir."""
     from . import config
     if args.study and args.preset:

@@ -147,7 +147,7 @@ def _check_size(key: str, v, problems: list[str], fraction_ok: bool = False) -> 
         problems.append(f"data.{key}: must be a positive integer{extra}, got {v!r}")
 
 
-def normalise_methods(raw, problems: list[str]) -> list[dict]:
+def normalise_methods(raw, problems: list[str]) -> list[dict]:  # noqa: C901  (16: to split next)
     """Method entries as dicts {name, label, options}; problems appended for bad entries."""
     out: list[dict] = []
     if not isinstance(raw, list) or not raw:
