@@ -29,8 +29,7 @@ def no_dropout_encoder(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["full", "ia3"])
 def test_graphed_steps_train_like_eager_ones(no_dropout_encoder, tiny_data, tmp_path, method):
-    # An fp32 base: with a bf16 one the 4D-mask probe keeps the 2D mask, and 2D-mask runs are not graphed.
-    over = {"device": "cuda", "train": {"epochs": 3, "max_length": 48, "base_dtype": "fp32"}}
+    over = {"device": "cuda", "train": {"epochs": 3, "max_length": 48}}
     (graphed,) = run_study(study(no_dropout_encoder, tiny_data, [method], **over), tmp_path / "graphs")
     over["train"]["cuda_graphs"] = False
     (eager,) = run_study(study(no_dropout_encoder, tiny_data, [method], **over), tmp_path / "eager")
@@ -48,8 +47,7 @@ def test_graphed_steps_train_like_eager_ones(no_dropout_encoder, tiny_data, tmp_
 
 def test_qlora_and_dropout_runs_use_graphs(tiny_encoder, tiny_data, tmp_path):
     """QLoRA's 4-bit layers (bitsandbytes kernels) and dropout (the graphs' own random offsets) are captured."""
-    runs = run_study(study(tiny_encoder, tiny_data, ["qlora", "lora"], device="cuda", train={"base_dtype": "fp32"}),
-                     tmp_path / "s")
+    runs = run_study(study(tiny_encoder, tiny_data, ["qlora", "lora"], device="cuda"), tmp_path / "s")
     for res in runs:
         assert res["status"] == "success", res.get("error")
         assert res["metrics"]["cuda_graphs"]["failed"] is None, res["metrics"]["cuda_graphs"]
@@ -66,10 +64,10 @@ def uncapped():
 
 def test_frozen_base_is_bf16_and_reloads_to_the_same_predictions(tiny_encoder, tiny_data, tmp_path):
     (r,) = run_study(study(tiny_encoder, tiny_data, ["lora"], device="cuda"), tmp_path / "s")
-    print("attention mask with a bf16 base:", r["metrics"].get("attention_mask"), r["metrics"].get("cuda_graphs"))
     assert r["status"] == "success", r["error"]
     m = r["metrics"]
     assert m["base_dtype"] == "bfloat16" and r["reload_check"]["identical_predictions"]
+    assert m["attention_mask"] == "4d-bidirectional" and m["cuda_graphs"]["graphs"] >= 1, m["cuda_graphs"]
     assert m["peak_memory_reserved_mb"] >= m["peak_memory_allocated_mb"] > 0
     assert m["peak_device_memory_mb"] >= m["peak_memory_reserved_mb"]
 

@@ -157,3 +157,21 @@ def test_plan_on_a_tiny_model_prints_a_row_per_method(tiny_encoder, tiny_data, t
     lora = next(r for r in plan["rows"] if r["label"] == "lora")
     assert lora["epoch_seconds"] > 0 and lora["study_seconds"] == pytest.approx(2 * lora["run_seconds"])
     assert not list((tmp_path / "out").glob("runs/*/result.json"))  # planned, not trained
+
+
+def test_the_mask_probe_runs_a_bf16_base_under_autocast(tiny_encoder, tiny_data, tmp_path):
+    """A bf16 base with an fp32 head runs only under autocast: the probe must too, or it keeps the 2D mask
+    (and the run loses its CUDA graphs)."""
+    import torch
+
+    from peftbench import batches, models
+    from peftbench.runner import Study
+    st = Study(config.validate(study(tiny_encoder, tiny_data, ["lora"], train={"base_dtype": "bf16"})),
+               tmp_path / "s")
+    st.out.mkdir(parents=True)
+    st.prepare()
+    model, _ = models.build_model(st.final_specs({})[0], 2, ["0", "1"], "cpu", 10, torch.bfloat16)
+    seqs = [np.array([2, 5, 6, 3]), np.array([2, 5, 6, 7, 8, 9, 3]), np.array([2] + [5] * 20 + [3])]
+    assert batches.choose_mask_mode(model, seqs, 0, "cpu", probe_on_cpu=True, amp=torch.bfloat16) == \
+        "4d-bidirectional"
+    assert batches.choose_mask_mode(model, seqs, 0, "cpu", probe_on_cpu=True, amp=None) == "2d"

@@ -111,13 +111,14 @@ def mask_for_model(mask, mode: str):
 
 
 def choose_mask_mode(model, seqs: list[np.ndarray], pad_id: int, device: str, probe_on_cpu: bool = False,
-                     max_len: int | None = None, forced: str = "auto") -> str:
+                     max_len: int | None = None, forced: str = "auto", amp=None) -> str:
     """Which attention-mask form this model takes without changing its output, checked on real inputs.
 
     On CUDA, a 4D mask (bidirectional for encoders, causal for decoders) is used when the model's logits with
     it equal those with the plain 2D mask on a padded batch; any difference or error keeps the 2D mask (eager
     attention that adds masks, prompt methods that extend the mask, architectures with their own masking).
     On the CPU the synchronisation costs nothing: always 2D. `forced` (train.attention_mask) skips the probe.
+    The probe runs under the run's autocast (`amp`): a bf16 base with fp32 adapters and head runs only so.
     """
     if forced != "auto":
         return forced
@@ -132,8 +133,10 @@ def choose_mask_mode(model, seqs: list[np.ndarray], pad_id: int, device: str, pr
     ids, mask = collate(pick, pad_id, multiple=8, max_len=max_len)
     was_training = model.training
     model.eval()
+    import torch
     try:  # any failure here only means: keep the 2D mask
-        return _first_equal_mask_mode(model, ids.to(device), mask.to(device))
+        with torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None):
+            return _first_equal_mask_mode(model, ids.to(device), mask.to(device))
     except Exception:
         return "2d"
     finally:
@@ -144,8 +147,8 @@ def _first_equal_mask_mode(model, ids, mask) -> str:
     import torch
     with torch.inference_mode():
         ref = model_forward(model, ids, mask).logits
-        # Both forms run in the weights' dtype: a bf16 base differs in its last bits between kernels.
-        tol = 1e-3 if ref.dtype == torch.float32 else 2e-2
+        # Under bf16 autocast the two forms differ in their last bits between kernels.
+        tol = 1e-3 if not torch.is_autocast_enabled(ids.device.type) else 2e-2
         for mode in ("4d-bidirectional", "4d-causal"):
             try:
                 out = model_forward(model, ids, mask, mode).logits

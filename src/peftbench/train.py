@@ -189,7 +189,7 @@ class Recipe:
         import torch
         t = time.perf_counter()
         self.mask_mode = choose_mask_mode(self.model, self.ids_train, self.pad_id, self.device, max_len=self.max_len,
-                                          forced=self.cfg.get("attention_mask", "auto"))
+                                          forced=self.cfg.get("attention_mask", "auto"), amp=self.amp)
         self.phases["mask_probe"] = time.perf_counter() - t
         self.prefixed = prefix_length(self.model) > 0
         if self.prefixed and self.world > 1:
