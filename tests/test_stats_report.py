@@ -219,3 +219,17 @@ def test_statistics_do_not_import_scipy_stats():
             "print('scipy.special' in sys.modules, 'scipy.stats' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "False"]
+
+
+def test_gpu_memory_is_the_figure_that_decides_an_oom_and_names_a_card():
+    lora = _row("lora", 0.90, 10, 1e6, 18_000)  # allocated 18 GB, but the device held 23 GB
+    lora["peak_memory_reserved_mb"] = stats.mean_ci([22_000])
+    lora["peak_device_memory_mb"] = stats.mean_ci([23_000])
+    old = _row("old", 0.89, 10, 1e6, 30_000)  # a result from before reserved and device were recorded
+    s = _study([lora, old])
+    assert report.memory_of(lora, True) == 23_000 and report.memory_of(old, True) == 30_000
+    header, (row_lora, row_old) = report.table_header(True), report.table_rows(s)
+    assert header[5] == report.GPU_MEMORY_LABEL and header[6] == "fits on (card)"
+    assert row_lora[5] == "23,000" and row_lora[6] == "24 GB" and row_old[6] == "40 GB"
+    assert [r["method"] for r in report.recommend(s, report.parse_memory("22GB"), None, None)["ranked"]] == []
+    assert [r["method"] for r in report.recommend(s, report.parse_memory("24GB"), None, None)["ranked"]] == ["lora"]

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import stats, store
 from .errors import UserError
-from .runner import load_plan
+from .memory import fits_on
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -24,7 +24,7 @@ def load_study(study_dir: Path) -> dict:
     study_dir = Path(study_dir)
     if not study_dir.is_dir():
         raise UserError(f"{study_dir} is not a study folder; give the --out folder of `peftbench run`")
-    plan = load_plan(study_dir)
+    plan = store.load_plan(study_dir)
     if plan:
         finals = store.results(study_dir, plan["final_runs"])
         trials = store.results(study_dir, plan["trial_runs"])
@@ -59,9 +59,16 @@ def _test_labels(study_dir: Path, finals: list[dict], plan: dict | None = None) 
     return np.load(cached[0])["test_labels"] if cached else None
 
 
+# GPU memory as it decides an out-of-memory error: the device's figure (allocator reserve + CUDA context),
+# else the reserve, else (results written before these were recorded) the allocated peak.
+GPU_MEMORY_KEYS = ("peak_device_memory_mb", "peak_memory_reserved_mb", "peak_memory_allocated_mb")
+GPU_MEMORY_LABEL = "peak GPU MB (device: reserved + context)"
+
+
 def memory_of(row: dict, gpu: bool) -> float | None:
-    key = "peak_memory_allocated_mb" if gpu else "peak_host_rss_mb"
-    return row[key]["mean"]
+    if not gpu:
+        return row["peak_host_rss_mb"]["mean"]
+    return next((row[k]["mean"] for k in GPU_MEMORY_KEYS if k in row and row[k]["mean"] is not None), None)
 
 
 # ----------------------------------------------------------------------------------------- formatting
@@ -99,13 +106,17 @@ def table_rows(study: dict) -> list[list[str]]:
                     _fmt_num(memory_of(r, gpu), 0), _fmt_num(r["train_samples_per_second"]["mean"]),
                     _fmt_num(r["adapter_size_mb"]["mean"], 2),
                     f"{r['learning_rate']:.2e}" if r["learning_rate"] else "-", str(len(r["seeds"])), mark, status])
+        if gpu:
+            out[-1].insert(6, fits_on(memory_of(r, gpu)))
     return out
 
 
 def table_header(gpu: bool) -> list[str]:
-    return ["method", "accuracy (mean ± std [95% CI])", "macro-F1", "train s", "trainable",
-            "peak GPU MB" if gpu else "peak host MB", "samples/s", "saved MB", "lr", "seeds", "vs best",
-            "status"]
+    head = ["method", "accuracy (mean ± std [95% CI])", "macro-F1", "train s", "trainable",
+            GPU_MEMORY_LABEL if gpu else "peak host MB", "samples/s", "saved MB", "lr", "seeds", "vs best", "status"]
+    if gpu:
+        head.insert(6, "fits on (card)")
+    return head
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -255,13 +266,15 @@ def recommend_cli(study_dir: Path, max_memory: str | None, max_time: str | None,
 
 def compare_cli(dirs: list[Path], out: Path | None) -> int:
     parts = []
-    header = ["study", "method", "accuracy", "train s", "trainable", "peak MB", "lr", "status"]
+    header = ["study", "method", "accuracy", "train s", "trainable", "peak memory", "lr", "status"]
     rows = []
     for d in dirs:
         s = load_study(d)
+        where = "GPU (device)" if s["gpu"] else "host"  # never one bare number for unlike figures
         for r, cells in zip(s["rows"], table_rows(s)):
-            rows.append([f"{s['name']} ({d})", cells[0], cells[1], cells[3], cells[4], cells[5], cells[8],
-                         cells[11]])
+            mem = memory_of(r, s["gpu"])
+            rows.append([f"{s['name']} ({d})", cells[0], cells[1], cells[3], cells[4],
+                         f"{where} {_fmt_num(mem, 0)} MB" if mem is not None else "-", cells[-4], cells[-1]])
     parts.append(markdown_table(header, rows))
     text = "\n".join(parts)
     print(text)
@@ -278,7 +291,7 @@ def _plots(study: dict, out_dir: Path) -> dict[str, Path]:
     rows = _ok_rows(study)
     gpu = study["gpu"]
     files: dict[str, Path] = {}
-    mem_label = "peak GPU memory allocated (MB)" if gpu else "peak host memory (MB, CPU study)"
+    mem_label = "peak GPU memory, device figure (MB)" if gpu else "peak host memory (MB, CPU study)"
     specs = [("accuracy_vs_memory", lambda r: memory_of(r, gpu), mem_label, False),
              ("accuracy_vs_time", lambda r: r["train_seconds"]["mean"], "training time (s)", False),
              ("accuracy_vs_params", lambda r: r["trainable_params"]["mean"], "trainable parameters", True)]

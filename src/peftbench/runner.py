@@ -508,13 +508,3 @@ def _one_line(r: dict) -> str:
     acc = m.get("test_accuracy", m.get("validation_accuracy"))
     split = "test" if "test_accuracy" in m else "val"
     return f"  {r['run_id']}: {split} acc {acc:.4f}, train {m['train_seconds']:.1f}s"
-
-
-def load_plan(study_dir: Path) -> dict | None:
-    p = Path(study_dir) / "study.json"
-    if not p.exists():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except ValueError:
-        return None

@@ -75,7 +75,8 @@ def paired_test(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
 
 METRICS = ("test_accuracy", "test_macro_f1", "validation_accuracy", "train_seconds", "eval_seconds",
            "train_samples_per_second", "train_tokens_per_second", "trainable_params", "total_params",
-           "peak_memory_allocated_mb", "peak_memory_reserved_mb", "peak_host_rss_mb", "adapter_size_mb", "mfu")
+           "peak_memory_allocated_mb", "peak_memory_reserved_mb", "peak_device_memory_mb", "peak_host_rss_mb",
+           "adapter_size_mb", "mfu")
 FRACTIONS = {"test_accuracy", "test_macro_f1", "validation_accuracy", "mfu"}  # in [0, 1]; the rest are >= 0
 
 

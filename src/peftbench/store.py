@@ -124,3 +124,8 @@ def check_writable(study_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"output folder {study_dir} is not writable ({e.strerror}); choose another with --out") from None
+
+
+def load_plan(study_dir: Path) -> dict | None:
+    """The study's plan (study.json), or None if it is missing or unreadable."""
+    return read_json(Path(study_dir) / "study.json")
