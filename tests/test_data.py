@@ -41,7 +41,7 @@ def test_text_column_list_is_joined(tmp_path):
         pd.DataFrame({"title": ["a", "b"] * 10, "body": ["good film", "bad film"] * 10,
                       "y": [1, 0] * 10}).to_parquet(folder / f"{split}.parquet")
     d = data_mod.load(spec(folder, text_column=["title", "body"], label_column="y", separator=" | ",
-                           validation_size=4))
+                           validation_size=4, allow_overlap=True))  # two texts, repeated: all overlap
     assert all(t in ("a | good film", "b | bad film") for t in d.texts["train"])
 
 
@@ -183,3 +183,38 @@ def test_the_shipped_imdb_sample_is_the_fallback_and_balanced(tmp_path, monkeypa
     assert all(abs(d.labels[s].mean() - 0.5) < 0.01 for s in ("train", "validation", "test"))
     monkeypatch.setenv(config.DATA_ENV, str(tmp_path))
     assert config.default_data_path() == str(tmp_path)
+
+
+def test_test_texts_that_are_training_texts_are_counted_and_refused_over_five_percent(tmp_path):
+    folder = write_dataset(tmp_path / "d", n_train=200, n_test=100)
+    train = pd.read_parquet(folder / "train.parquet")
+    test = pd.read_parquet(folder / "test.parquet")
+    d = data_mod.load(spec(folder))
+    base = d.source["overlap"]["test_texts_also_in_train"]
+    test.loc[:9, "text"] = train["text"][:10].values  # 10 of 100 test texts copied from train
+    test.to_parquet(folder / "test.parquet")
+    with pytest.raises(UserError, match=r"test texts \(1[0-9]%\) are also training texts"):
+        data_mod.load(spec(folder))
+    d = data_mod.load(spec(folder, allow_overlap=True))
+    assert d.source["overlap"]["test_texts_also_in_train"] >= base + 10
+    with pytest.raises(UserError, match="train_split and test_split are both 'train'"):
+        data_mod.load(spec(folder, test_split="train"))
+
+
+def test_labels_that_differ_as_written_stay_distinct(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    for split in ("train", "test"):
+        rows = [{"text": f"text {split} {i}", "label": ["01", "1", "2"][i % 3]} for i in range(60)]
+        pd.DataFrame(rows).to_csv(folder / f"{split}.csv", index=False)
+    d = data_mod.load(spec(folder))
+    assert d.label_names == ["01", "1", "2"]
+
+
+def test_the_fingerprint_covers_the_texts(tmp_path):
+    folder = write_dataset(tmp_path / "d")
+    a = data_mod.load(spec(folder)).fingerprint
+    df = pd.read_parquet(folder / "train.parquet")
+    df["text"] = "the same text"  # every text replaced: the runs must not be reused
+    df.to_parquet(folder / "train.parquet")
+    assert data_mod.load(spec(folder)).fingerprint != a

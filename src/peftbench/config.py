@@ -61,6 +61,7 @@ DATA_DEFAULTS: dict[str, Any] = {
     "train_split": "train", "test_split": "test",
     "train_size": None, "test_size": None, "validation_size": 0.1,
     "seed": 42,
+    "allow_overlap": False,       # true: test texts that are also training texts are counted, not refused
 }
 TOP_DEFAULTS: dict[str, Any] = {
     "name": None, "description": None, "model": None,
@@ -250,8 +251,10 @@ def _validate_data(data, base_dir: Path | None, problems: list[str]) -> dict:
     _check_size("train_size", data["train_size"], problems)
     _check_size("test_size", data["test_size"], problems)
     _check_size("validation_size", data["validation_size"], problems, fraction_ok=True)
-    if not _is_int(data["seed"]):
-        problems.append(f"data.seed: must be an integer, got {data['seed']!r}")
+    if not (_is_int(data["seed"]) and data["seed"] >= 0):
+        problems.append(f"data.seed: must be an integer >= 0, got {data['seed']!r}")
+    if not isinstance(data["allow_overlap"], bool):
+        problems.append(f"data.allow_overlap: must be true or false, got {data['allow_overlap']!r}")
     if isinstance(data["path"], str) and base_dir is not None:
         p = Path(os.path.expanduser(data["path"]))
         data["path"] = str(p if p.is_absolute() else (base_dir / p))

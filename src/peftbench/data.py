@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,14 +33,21 @@ class StudyData:
 
     @property
     def fingerprint(self) -> str:
+        """What the runs see of the data: every text, label and row of each split (content, not paths)."""
+        if "_fingerprint" in self.source:
+            return self.source["_fingerprint"]
         h = hashlib.sha256()
         for s in SPLITS:
             h.update(s.encode())
             h.update(np.asarray(self.rows[s], dtype=np.int64).tobytes())
             h.update(np.asarray(self.labels[s], dtype=np.int64).tobytes())
+            for t in self.texts[s]:
+                h.update(t.encode("utf-8", "surrogatepass"))
+                h.update(b"\x00")
         h.update("\x00".join(self.label_names).encode())
         h.update(str(self.source.get("origin")).encode())
-        return h.hexdigest()[:16]
+        self.source["_fingerprint"] = h.hexdigest()[:16]
+        return self.source["_fingerprint"]
 
     def sizes(self) -> dict[str, int]:
         return {s: len(self.texts[s]) for s in SPLITS}
@@ -57,7 +65,7 @@ def _find_file(folder: Path, split: str) -> Path:
     return found[0]
 
 
-def _read_file(path: Path):
+def _read_file(path: Path, label_column: str | None = None):
     import pandas as pd
     fmt = FORMATS[path.suffix]
     try:
@@ -66,7 +74,9 @@ def _read_file(path: Path):
         if fmt == "parquet":
             return pd.read_parquet(path)
         if fmt == "csv":
-            return pd.read_csv(path, encoding="utf-8", keep_default_na=False, na_values=[""])
+            # Labels as written: '01' and '1' are two classes, not one (ints are restored in _raw_labels).
+            dtype = {label_column: str} if label_column else None
+            return pd.read_csv(path, encoding="utf-8", keep_default_na=False, na_values=[""], dtype=dtype)
         return pd.read_json(path, lines=path.suffix == ".jsonl", encoding="utf-8")
     except UserError:
         raise
@@ -84,7 +94,9 @@ def _load_local(spec: dict) -> tuple[dict, list[str] | None]:
                         f"holding train.parquet and test.parquet (or .csv/.jsonl)")
     if not folder.is_dir():
         raise UserError(f"data.path {folder} is a file; give the folder that holds the train and test files")
-    return {s: _read_file(_find_file(folder, spec[f"{s}_split"])) for s in ("train", "test")}, None
+    files = {s: _find_file(folder, spec[f"{s}_split"]) for s in ("train", "test")}
+    label = spec["label_column"] if isinstance(spec["label_column"], str) else None
+    return {s: _read_file(f, label) for s, f in files.items()}, None
 
 
 def _load_hub(spec: dict) -> tuple[dict, list[str] | None]:
@@ -132,7 +144,7 @@ def _raw_labels(df, spec: dict, split: str) -> list:
     if col not in df.columns:
         raise UserError(f"data.label_column: column {col!r} not in the {split} file (columns: "
                         f"{', '.join(map(str, df.columns))}); set data.label_column")
-    values = list(df[col])
+    values = _ints_if_all_canonical(list(df[col]))
     out = []
     for i, v in enumerate(values):
         if isinstance(v, (bool, np.bool_)):
@@ -161,6 +173,14 @@ def _raw_labels(df, spec: dict, split: str) -> list:
     return out
 
 
+def _ints_if_all_canonical(values: list) -> list:
+    """Labels read as text are integers when every one is an integer written plainly ('3', '-1'); with one
+    that is not ('03', 'pos') all stay text, so labels that differ as written stay different classes."""
+    if values and all(isinstance(v, str) and re.fullmatch(r"-?(0|[1-9][0-9]*)", v) for v in values):
+        return [int(v) for v in values]
+    return values
+
+
 def stratified_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Indices of a seeded sample of `n` items whose class shares match `labels` (largest remainder)."""
     classes, counts = np.unique(labels, return_counts=True)
@@ -177,8 +197,15 @@ def stratified_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> n
     return np.sort(rng.permutation(out))
 
 
+# Share of test texts that may also be training texts before a study is refused (data.allow_overlap).
+MAX_OVERLAP = 0.05
+
+
 def load(spec: dict) -> StudyData:
     """Load, check and split the data described by the study's `data` section."""
+    if spec["train_split"] == spec["test_split"] and not spec.get("allow_overlap"):
+        raise UserError(f"data: train_split and test_split are both {spec['train_split']!r}: scores would be measured "
+                        "on training rows; name two splits, or set data.allow_overlap: true to do it knowingly")
     frames, hub_names = _load_hub(spec) if spec.get("name") else _load_local(spec)
     texts = {s: _texts(frames[s], spec, s) for s in ("train", "test")}
     raw = {s: _raw_labels(frames[s], spec, s) for s in ("train", "test")}
@@ -228,14 +255,28 @@ def load(spec: dict) -> StudyData:
         raise UserError("data: the training subset holds one class only; raise data.train_size")
 
     pick = {"train": ("train", tr), "validation": ("train", va), "test": ("test", te)}
+    split_texts = {s: [texts[src][i] for i in idx] for s, (src, idx) in pick.items()}
     return StudyData(
-        texts={s: [texts[src][i] for i in idx] for s, (src, idx) in pick.items()},
+        texts=split_texts,
         labels={s: labels[src][idx] for s, (src, idx) in pick.items()},
         rows={s: np.asarray(idx, dtype=np.int64) for s, (_, idx) in pick.items()},
         label_names=names,
         source={"path": spec.get("path"), "name": spec.get("name"), "origin": origin,
-                "label_values": [v if isinstance(v, (int, str)) else str(v) for v in values]},
+                "label_values": [v if isinstance(v, (int, str)) else str(v) for v in values],
+                "overlap": check_overlap(split_texts, spec.get("allow_overlap", False))},
     )
+
+
+def check_overlap(texts: dict[str, list[str]], allowed: bool) -> dict:
+    """Test texts that are also training or validation texts (exact duplicates): counted always, and over
+    MAX_OVERLAP of the test set a one-line error unless the study allows it."""
+    seen = set(texts["train"]) | set(texts["validation"])
+    n = sum(t in seen for t in texts["test"])
+    share = n / len(texts["test"]) if texts["test"] else 0.0
+    if share > MAX_OVERLAP and not allowed:
+        raise UserError(f"data: {n} of the {len(texts['test'])} test texts ({share:.0%}) are also training texts: "
+                        "scores would be inflated; remove the duplicates, or set data.allow_overlap: true")
+    return {"test_texts_also_in_train": n, "share_of_test": share}
 
 
 @dataclass

@@ -309,6 +309,7 @@ class Study:
                     "final_runs": [s["run_id"] for s in finals], "chosen_learning_rates": chosen,
                     "data": {"sizes": self.data.sizes(), "origin": self.data.source.get("origin"),
                              "label_names": self.data.label_names, "fingerprint": self.data.fingerprint,
+                             "overlap": self.data.source.get("overlap"),
                              "test_labels": self.data.labels["test"].tolist(),
                              "truncated": self.truncated_counts()},
                     "device": self.device, "wall_seconds": time.perf_counter() - t0}
