@@ -129,10 +129,47 @@ CASES = [
     ("Ray address not host:port", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "isolation": "process"},
                                                     ["--executor", "ray", "--address", "headnode"]),
      "ray_address: must be auto, host:port or ray://host:port, got 'headnode'"),
+    ("model folder without tokenizer files", lambda t, m: _run(t, m, _study(t, m / ".." / "no-tok", _data(t)))
+     if _no_tokenizer(t, m) else None, "of the training text to the unknown token"),
+    ("train and test the same split", lambda t, m: _run(t, m, _study(t, m, _data(t), data={"test_split": "train"})),
+     "train_split and test_split are both 'train'"),
+    ("test texts copied from train", lambda t, m: _run(t, m, _study(t, m, _leaky(t))), "are also training texts"),
+    ("a key given twice", lambda t, m: _run(t, m, yaml.safe_dump(_study(t, m, _data(t)))
+                                            + "train: {epochs: 3}\n"), "key 'train' is given twice"),
+    ("a YAML alias bomb", lambda t, m: _run(t, m, "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a]\n"
+                                            + yaml.safe_dump(_study(t, m, _data(t)))), "YAML aliases (*a) are not"),
+    ("lr grid wider than six decades", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "lr_search":
+                                                                {"points": 3, "decades": 40}}),
+     "lr_search.decades: must be a number in (0, 6]"),
+    ("lr grid with repeated rates", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "lr_search":
+                                                             {"points": 40, "decades": 0.01}}),
+     "repeated or degenerate rates"),
+    ("a negative data seed", lambda t, m: _run(t, m, _study(t, m, _data(t), data={"seed": -1})),
+     "data.seed: must be an integer >= 0"),
     ("Ray cluster that does not answer", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "isolation": "process"},
                                                            ["--executor", "ray", "--address", "127.0.0.1:1"]),
      "cannot reach the Ray cluster at '127.0.0.1:1'"),
 ]
+
+
+def _no_tokenizer(t: Path, m: Path) -> bool:
+    """A copy of the model folder without its tokenizer files (transformers then builds one from the
+    special tokens alone)."""
+    dst = m.parent / "no-tok"
+    if not dst.exists():
+        dst.mkdir()
+        for f in m.iterdir():
+            if f.is_file() and not f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+                (dst / f.name).write_bytes(f.read_bytes())
+    return True
+
+
+def _leaky(t: Path) -> Path:
+    folder = write_dataset(t / "data")
+    train, test = pd.read_parquet(folder / "train.parquet"), pd.read_parquet(folder / "test.parquet")
+    test.loc[:19, "text"] = train["text"][:20].values
+    test.to_parquet(folder / "test.parquet")
+    return folder
 
 
 def _no_train(t: Path) -> Path:

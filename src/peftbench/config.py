@@ -1,6 +1,6 @@
 """The study file: parsing, validation (one line per problem), defaults, presets and hashing.
 
-A study file is YAML (loaded with `yaml.safe_load`):
+A study file is YAML (loaded safely, without aliases or repeated keys: `StrictLoader`):
 
     model: minilm                 # alias, hub id or local folder
     data: {path: ../shared/data/imdb, text_column: text, label_column: label, train_size: 3000, test_size: 2000}
@@ -77,6 +77,8 @@ TOP_DEFAULTS: dict[str, Any] = {
     "profile": False,             # true: a torch.profiler step profile in each run's profile.json
 }
 LR_SEARCH_DEFAULTS = {"points": 5, "decades": 1.5, "seed": None}
+MAX_DECADES = 6      # a grid wider than a million-fold round its default rounds to 0 or overflows
+MAX_LR_POINTS = 50
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 MASK_MODES = ("auto", "2d", "4d-bidirectional", "4d-causal")
@@ -301,8 +303,10 @@ def _validate_lr_search(lrs, problems: list[str]) -> dict | bool:
     lrs = {**LR_SEARCH_DEFAULTS, **lrs}
     if not (_is_int(lrs["points"]) and lrs["points"] >= 2):
         problems.append(f"lr_search.points: must be an integer >= 2, got {lrs['points']!r}")
-    if not (_is_num(lrs["decades"]) and lrs["decades"] > 0):
-        problems.append(f"lr_search.decades: must be a positive number, got {lrs['decades']!r}")
+    if not (_is_num(lrs["decades"]) and 0 < lrs["decades"] <= MAX_DECADES):
+        problems.append(f"lr_search.decades: must be a number in (0, {MAX_DECADES}], got {lrs['decades']!r}")
+    if _is_int(lrs["points"]) and lrs["points"] > MAX_LR_POINTS:
+        problems.append(f"lr_search.points: at most {MAX_LR_POINTS} learning rates per method, got {lrs['points']}")
     return lrs
 
 
@@ -337,6 +341,28 @@ def _validate_execution(study: dict, problems: list[str]) -> None:
             problems.append(str(e))
 
 
+class StrictLoader(yaml.SafeLoader):
+    """YAML as a study file needs it: no aliases (a few hundred bytes of them can expand to gigabytes), and
+    no key given twice in one mapping (YAML keeps the last one silently)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise UserError(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not allowed; "
+                            "write the values out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise UserError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice (first at line "
+                                f"{seen[key]}); keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: Path) -> Any:
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -345,7 +371,9 @@ def load_yaml(path: Path) -> Any:
     except (UnicodeDecodeError, IsADirectoryError, PermissionError) as e:
         raise UserError(f"study file {path} cannot be read as UTF-8 text ({type(e).__name__})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader, stricter still
+    except UserError as e:
+        raise UserError(f"study file {path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -324,3 +324,23 @@ def tokenize(data: StudyData, tokenizer, max_length: int) -> Tokenized:
         ids[s] = [np.asarray(x, dtype=np.int32) for x in enc]
         trunc[s] = int(sum(len(x) >= max_length for x in enc))
     return Tokenized(ids, {s: data.labels[s] for s in SPLITS}, list(data.label_names), trunc)
+
+
+# Share of the training split's tokens that may be the unknown token before the tokenizer is called wrong.
+MAX_UNKNOWN = 0.5
+
+
+def check_unknown_tokens(tok: Tokenized, tokenizer, model: str) -> None:
+    """A tokenizer that maps most words to its unknown token (a model folder without its tokenizer files gets
+    one built from the special tokens alone) makes every score meaningless: a one-line error."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not tok.ids["train"]:
+        return
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) - {unk}
+    flat = np.concatenate(tok.ids["train"])
+    words = flat[~np.isin(flat, list(special))] if special else flat
+    share = float(np.mean(words == unk)) if len(words) else 0.0
+    if share > MAX_UNKNOWN:
+        raise UserError(f"model '{model}': its tokenizer maps {share:.0%} of the training text to the unknown token "
+                        f"({tokenizer.unk_token}); the model folder's tokenizer files are missing or do not fit "
+                        "the data")

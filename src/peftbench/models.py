@@ -35,6 +35,22 @@ def resolve(name: str) -> str:
     return name
 
 
+def fingerprint(path: str) -> str:
+    """What identifies a model's files: for a local folder each file's name and size, and the content of the
+    small ones (config, tokenizer); for a hub id, the id (the hub's revision is not pinned here)."""
+    import hashlib
+    folder = Path(path)
+    if not folder.is_dir():
+        return f"hub:{path}"
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(folder)}\x00{size}\x00".encode())
+        if size <= 16 * 2**20:
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def load_config(name: str, trust_remote_code: bool = False):
     """The model's config (cheap: no weights), with a one-line error when it cannot be had."""
     from transformers import AutoConfig

@@ -48,6 +48,7 @@ class Study:
         self.model_path = None
         self.pad_token_id = None
         self.max_positions = None
+        self.model_fingerprint = None
 
     # ---------------------------------------------------------------- preparation (no model loaded)
     def prepare(self) -> None:
@@ -78,11 +79,29 @@ class Study:
                     registry.targets_regex(mconf.model_type, opts.get("targets", []))
         tokenizer = models.load_tokenizer(self.model_path, cfg["trust_remote_code"])
         self.pad_token_id = tokenizer.pad_token_id
-        key = config_hash([self.model_path, max_len, self.data.fingerprint, type(tokenizer).__name__,
-                           len(tokenizer)])
+        self.model_fingerprint = models.fingerprint(self.model_path)
+        key = config_hash([self.model_path, self.model_fingerprint, max_len, self.data.fingerprint,
+                           type(tokenizer).__name__, len(tokenizer)])
         self.tok_file = self.out / ".cache" / f"tokens-{key}.npz"
+        tok = self._cached_tokens()
+        if tok is None:
+            tok = data_mod.tokenize(self.data, tokenizer, max_len)
+            tok.save(self.tok_file)
+        data_mod.check_unknown_tokens(tok, tokenizer, cfg["model"])
+
+    def _cached_tokens(self):
+        """The token cache if it is there and readable; a damaged one is moved aside (and rebuilt)."""
+        from .data import Tokenized
         if not self.tok_file.exists():
-            data_mod.tokenize(self.data, tokenizer, max_len).save(self.tok_file)
+            return None
+        try:
+            return Tokenized.load(self.tok_file)
+        except Exception as e:  # a truncated or corrupt .npz: zipfile, numpy and key errors alike
+            aside = self.tok_file.with_name(f"{self.tok_file.name}.corrupt-{int(time.time())}")
+            os.replace(self.tok_file, aside)
+            print(f"peftbench: warning: the token cache {self.tok_file.name} was damaged ({type(e).__name__}); "
+                  f"moved to {aside.name}, rebuilding it", file=sys.stderr)
+            return None
 
     def truncated_counts(self) -> dict | None:
         """Per split, how many texts reached max_length and were cut (long texts are truncated, not errors)."""
@@ -117,6 +136,7 @@ class Study:
             "data": {k: v for k, v in cfg["data"].items()}, "data_fingerprint": self.data.fingerprint,
             "data_sizes": self.data.sizes(), "data_origin": self.data.source.get("origin"),
             "label_names": self.data.label_names, "device_type": self.device.split(":")[0],
+            "model_fingerprint": self.model_fingerprint,
             "pad_token_id": self.pad_token_id, "effective_max_length": eff,
             "trust_remote_code": cfg["trust_remote_code"], "allow_pickle": cfg["allow_pickle"],
             "world_size": cfg["gpus_per_run"], "gpu_memory_bytes": self.gpu_memory_bytes(),
@@ -155,7 +175,11 @@ class Study:
             lr0 = self.default_lr(entry)
             if lr0 is None:
                 continue
-            specs += [self.run_spec(entry, lr, seed, "trial") for lr in lr_grid(lr0, s["points"], s["decades"])]
+            grid = lr_grid(lr0, s["points"], s["decades"])
+            if len(set(grid)) < len(grid) or not all(0 < lr < float("inf") for lr in grid):
+                raise UserError(f"lr_search: {s['points']} points over {s['decades']} decades around {lr0:g} give "
+                                f"{grid}: repeated or degenerate rates; use fewer points or more decades")
+            specs += [self.run_spec(entry, lr, seed, "trial") for lr in grid]
         return specs
 
     def final_specs(self, chosen: dict[str, float | None]) -> list[dict]:
