@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -287,3 +290,98 @@ def test_which_runs_replay_cuda_graphs_and_why_not(case, why):
     got = StepGraphs.unsupported(train, registry.get(a["method"]), a["device"], a["world"], a["micro"],
                                  a["mask_mode"], a["prefixed"], a["compiled"], a["checkpointing"])
     assert got == why
+
+
+# ----------------------------------------------------------------------------------------- stale results, folders
+def test_changed_data_content_is_a_new_run_not_a_reused_one(tiny_encoder, tmp_path, capsys):
+    import pandas as pd
+    from conftest import write_dataset
+    data = write_dataset(tmp_path / "data")
+    raw = study(tiny_encoder, data, ["ia3"], train={"epochs": 1})
+    (a,) = run_study(raw, tmp_path / "s")
+    df = pd.read_parquet(data / "train.parquet")
+    df["text"] = df["text"].str.upper().str.lower() + " again"  # every text changed
+    df.to_parquet(data / "train.parquet")
+    capsys.readouterr()
+    (b,) = run_study(raw, tmp_path / "s")
+    assert "already done" not in capsys.readouterr().err
+    assert b["config_hash"] != a["config_hash"] and b["started_at"] > a["finished_at"]
+
+
+def test_a_folder_belongs_to_one_study(tiny_encoder, tiny_decoder, tiny_data, tmp_path, capsys):
+    from peftbench import cli
+    run_study(study(tiny_encoder, tiny_data, ["ia3"], train={"epochs": 1}), tmp_path / "s")
+    other = study(tiny_decoder, tiny_data, ["ia3"], train={"epochs": 1})
+    with pytest.raises(UserError, match="holds another study"):
+        run_study(other, tmp_path / "s")
+    project = tmp_path / "project"
+    (project / "report").mkdir(parents=True)
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds files that are not a peftbench study's"):
+        run_study(other, project)
+    f = tmp_path / "other.yaml"
+    f.write_text(json.dumps(other))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", str(f), "--out", str(tmp_path / "s"), "--force", "--no-report"])
+    assert e.value.code == 0
+    archived = list((tmp_path / "s").glob("archive-*/runs/*/result.json"))
+    assert len(archived) == 1 and "moved the folder's previous contents" in capsys.readouterr().err
+
+
+def test_two_study_files_of_one_name_never_share_the_default_folder(tiny_encoder, tiny_decoder, tiny_data,
+                                                                     tmp_path, monkeypatch):
+    from peftbench import cli
+    monkeypatch.chdir(tmp_path)
+    for sub, model in (("exp1", tiny_encoder), ("exp2", tiny_decoder)):
+        (tmp_path / sub).mkdir()
+        raw = study(model, tiny_data, ["ia3"], train={"epochs": 1})
+        raw.pop("name", None)
+        (tmp_path / sub / "study.yaml").write_text(json.dumps(raw))
+        with pytest.raises(SystemExit) as e:
+            cli.main(["run", f"{sub}/study.yaml", "--no-report"])
+        assert e.value.code == 0
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(folders) == 2 and folders[0] == "study" and folders[1].startswith("study-")
+    models = {json.loads((tmp_path / "runs" / f / "study.json").read_text())["study"]["model"] for f in folders}
+    assert models == {str(tiny_encoder), str(tiny_decoder)}
+
+
+def test_report_names_missing_runs_and_refuses_a_damaged_plan(tiny_encoder, tiny_data, tmp_path):
+    import shutil
+
+    from peftbench import report
+    results = run_study(study(tiny_encoder, tiny_data, ["ia3"], seeds=[0, 1], train={"epochs": 1}), tmp_path / "s")
+    shutil.rmtree(tmp_path / "s" / "runs" / results[1]["run_id"])
+    md = report.write_report(tmp_path / "s")["markdown"].read_text()
+    assert f"{results[1]['run_id']}: planned, no result" in md
+    (tmp_path / "s" / "study.json").write_text('{"study": ')
+    with pytest.raises(UserError, match="study.json is damaged"):
+        report.load_study(tmp_path / "s")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_killed_cli_leaves_no_worker_behind(tiny_encoder, tiny_data, tmp_path):
+    import signal
+    import subprocess
+
+    import psutil
+    f = tmp_path / "s.yaml"
+    raw = study(tiny_encoder, tiny_data, ["ia3"], train={"epochs": 1})
+    raw["isolation"] = "process"
+    f.write_text(json.dumps(raw))
+    env = dict(os.environ, PEFTBENCH_INJECT_FAULT="ia3:hang", PEFTBENCH_PROGRESS="0")
+    cli = subprocess.Popen([sys.executable, "-m", "peftbench", "run", str(f), "--out", str(tmp_path / "out")],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not list((tmp_path / "out").glob("runs/*/crash.log")) and time.time() < deadline:
+            time.sleep(0.5)  # the worker has started once it opened its crash log
+        family = psutil.Process(cli.pid).children(recursive=True)
+        assert family, "no worker was started"
+        os.kill(cli.pid, signal.SIGKILL)
+        cli.wait(10)
+        gone, alive = psutil.wait_procs(family, timeout=15)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)

@@ -103,13 +103,28 @@ def cmd_run(args) -> int:
         from .runner import start_forkserver
         start_forkserver()  # it imports torch, transformers and peft while this process validates and tokenizes
     study = config.validate(raw, base_dir=Path.cwd())
-    results = Study(study, out).run()
+    if not args.out:
+        out = _free_default_out(out, study, args.study)
+    results = Study(study, out).run(force=args.force)
     print_summary(out)
     if study["report"] and not args.no_report:
         paths = write_report(out)
         print(f"report: {paths['html']}")
     failed = [r for r in results if r["status"] in ("failed",)]
     return 1 if failed and len(failed) == len(results) else 0
+
+
+def _free_default_out(out: Path, study: dict, study_file: str | None) -> Path:
+    """The default folder runs/NAME, unless it holds another study: then runs/NAME-<hash of the study file's
+    path>, so that two study files of one name never write into one folder."""
+    from . import store
+    if store.folder_owner(out) in (None, store.study_identity(study)):
+        return out
+    import hashlib
+    tag = hashlib.sha256(str(Path(study_file or "").resolve()).encode()).hexdigest()[:6]
+    alt = out.with_name(f"{out.name}-{tag}")
+    print(f"peftbench: {out} holds another study; writing to {alt} (--out to choose)", file=sys.stderr)
+    return alt
 
 
 def cmd_plan(args) -> int:
@@ -252,6 +267,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", action="store_true",
                    help="write a torch.profiler step profile to each run's profile.json")
     r.add_argument("--no-report", action="store_true", help="skip writing the HTML/Markdown report")
+    r.add_argument("--force", action="store_true", help="run into a folder that holds another study (or other "
+                   "files): its contents move into an archive- subfolder first")
     r.set_defaults(func=cmd_run)
 
     pl = sub.add_parser("plan", help="the GPU memory plan alone: does each method fit, at what micro-batch, "
@@ -290,10 +307,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = parser().parse_args(argv)
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # end like Ctrl-C: the workers die with this process
+            signal.signal(sig, _interrupt)
     try:
         code = args.func(args)
     except UserError as e:

@@ -2,6 +2,7 @@
 
 PEFTBENCH_INJECT_FAULT="<text in run id>:<fault>", faults:
   segv                  the worker dies with a segmentation fault as the run starts
+  hang                  the worker sleeps for ten minutes as the run starts (for the orphan test)
   exit_after_epoch=N    the worker is killed (os._exit) right after epoch N's checkpoint is written
   exit_at_end           the worker exits with status 255 after writing its result (a failing shutdown)
   oom_above=N           every training step with a micro-batch above N raises torch.OutOfMemoryError
@@ -26,6 +27,9 @@ def at_start(run_id: str) -> None:
     if f and f[0] == "segv":
         import ctypes
         ctypes.string_at(0)  # a real segmentation fault
+    if f and f[0] == "hang":
+        import time
+        time.sleep(600)
 
 
 def after_epoch(run_id: str, epoch: int) -> None:

@@ -25,9 +25,15 @@ def load_study(study_dir: Path) -> dict:
     if not study_dir.is_dir():
         raise UserError(f"{study_dir} is not a study folder; give the --out folder of `peftbench run`")
     plan = store.load_plan(study_dir)
+    if plan is None and (study_dir / "study.json").exists():
+        raise UserError(f"{study_dir / 'study.json'} is damaged; rerun the study (`peftbench run ... --out "
+                        f"{study_dir}`) to rebuild it")
+    missing: list[str] = []
     if plan:
         finals = store.results(study_dir, plan["final_runs"])
         trials = store.results(study_dir, plan["trial_runs"])
+        have = {r["run_id"] for r in finals + trials}
+        missing = [r for r in plan["trial_runs"] + plan["final_runs"] if r not in have]
     else:
         every = store.results(study_dir)
         finals = [r for r in every if r.get("role") == "final"]
@@ -40,7 +46,7 @@ def load_study(study_dir: Path) -> dict:
     name = (plan or {}).get("study", {}).get("name") or (finals or trials)[0].get("study", "study")
     shared = max([(r.get("config") or {}).get("concurrent_runs") or 1 for r in finals] or [1])
     return {"dir": study_dir, "name": name, "plan": plan, "finals": finals, "trials": trials, "rows": rows,
-            "gpu": str(device).startswith("cuda"), "concurrent_runs": shared}
+            "gpu": str(device).startswith("cuda"), "concurrent_runs": shared, "missing": missing}
 
 
 def _test_labels(study_dir: Path, finals: list[dict], plan: dict | None = None) -> np.ndarray | None:
@@ -131,6 +137,9 @@ def print_summary(study_dir: Path) -> None:
     print(f"\n{study['name']}: {len(study['finals'])} final runs ({'GPU' if study['gpu'] else 'CPU'})")
     print(markdown_table(table_header(study["gpu"])[:7] + ["status"],
                          [r[:7] + [r[-1]] for r in table_rows(study)]))
+    if study["missing"]:
+        print(f"{len(study['missing'])} planned runs have no result: {', '.join(study['missing'][:5])}"
+              f"{' ...' if len(study['missing']) > 5 else ''}; rerun the study to finish them")
 
 
 # ----------------------------------------------------------------------------------------- recommendations
@@ -349,8 +358,10 @@ def _plots(study: dict, out_dir: Path) -> dict[str, Path]:
 
 
 def _problems(study: dict) -> list[str]:
-    return [f"{r['run_id']}: {r['status']} - {r.get('error')}" for r in study["finals"] + study["trials"]
-            if r["status"] != "success"]
+    failed = [f"{r['run_id']}: {r['status']} - {r.get('error')}" for r in study["finals"] + study["trials"]
+              if r["status"] != "success"]
+    return failed + [f"{r}: planned, no result (interrupted, or its folder was removed): rerun the study"
+                     for r in study.get("missing", [])]
 
 
 def _trials_table(study: dict) -> tuple[list[str], list[list[str]]]:

@@ -316,29 +316,53 @@ class Study:
         return [out[s["run_id"]] for s in todo]
 
     # ---------------------------------------------------------------- the whole study
-    def run(self) -> list[dict]:
+    def run(self, force: bool = False) -> list[dict]:
+        """The whole study. study.json is written before any run and again as the plan grows, so a report of
+        an interrupted study shows this study's runs and lists the ones still missing."""
         store.check_writable(self.out)
         with store.StudyLock(self.out):
+            self.claim_folder(force)
             t0 = time.perf_counter()
             self.prepare()
             trials = self.trial_specs()
+            self.write_plan(trials, self.final_specs({}) if not trials else [], {}, complete=False)
             chosen: dict[str, float | None] = {}
             trial_results = []
             if trials:
                 trial_results = self.execute(trials, "lr search")
                 chosen = select_learning_rates(trial_results)
             finals = self.final_specs(chosen)
+            self.write_plan(trials, finals, chosen, complete=False)
             final_results = self.execute(finals, "study")
-            plan = {"study": self.cfg, "trial_runs": [s["run_id"] for s in trials],
-                    "final_runs": [s["run_id"] for s in finals], "chosen_learning_rates": chosen,
-                    "data": {"sizes": self.data.sizes(), "origin": self.data.source.get("origin"),
-                             "label_names": self.data.label_names, "fingerprint": self.data.fingerprint,
-                             "overlap": self.data.source.get("overlap"),
-                             "test_labels": self.data.labels["test"].tolist(),
-                             "truncated": self.truncated_counts()},
-                    "device": self.device, "wall_seconds": time.perf_counter() - t0}
-            store.atomic_write_json(self.out / "study.json", plan)
+            self.write_plan(trials, finals, chosen, complete=True, wall_seconds=time.perf_counter() - t0)
             return trial_results + final_results
+
+    def claim_folder(self, force: bool) -> None:
+        """A study folder belongs to one study: another study's folder, or one holding files peftbench did not
+        write, is refused unless `force` moves what is there into an archive- subfolder."""
+        owner = store.folder_owner(self.out)
+        if owner in (None, store.study_identity(self.cfg)):
+            return
+        if not force:
+            what = "holds another study (other model, data or name)" if owner != "other" else \
+                "holds files that are not a peftbench study's (or a damaged study.json)"
+            raise UserError(f"output folder {self.out} {what}; choose another --out, or pass --force to move its "
+                            "contents into an archive- subfolder")
+        dest = store.archive(self.out)
+        print(f"peftbench: moved the folder's previous contents to {dest}", file=sys.stderr)
+
+    def write_plan(self, trials: list[dict], finals: list[dict], chosen: dict, complete: bool,
+                   wall_seconds: float | None = None) -> None:
+        plan = {"study": self.cfg, "identity": store.study_identity(self.cfg), "complete": complete,
+                "trial_runs": [s["run_id"] for s in trials], "final_runs": [s["run_id"] for s in finals],
+                "chosen_learning_rates": chosen,
+                "data": {"sizes": self.data.sizes(), "origin": self.data.source.get("origin"),
+                         "label_names": self.data.label_names, "fingerprint": self.data.fingerprint,
+                         "overlap": self.data.source.get("overlap"),
+                         "test_labels": self.data.labels["test"].tolist(),
+                         "truncated": self.truncated_counts()},
+                "device": self.device, "wall_seconds": wall_seconds}
+        store.atomic_write_json(self.out / "study.json", plan)
 
 
     # ---------------------------------------------------------------- the memory plan alone
@@ -347,6 +371,7 @@ class Study:
         process like a run; the rows are also written to STUDY/plan.json."""
         store.check_writable(self.out)
         with store.StudyLock(self.out):
+            self.claim_folder(force=False)
             t0 = time.perf_counter()
             self.prepare()
             specs = [s for s in self.final_specs({}) if s["seed"] == self.cfg["seeds"][0]]
@@ -392,7 +417,7 @@ BAD_FORK_EXIT = 75  # the forked worker found CUDA initialised in the server: re
 # peftbench first: its __init__ quiets bitsandbytes' import-time warning before anything imports it.
 # peftbench._peft imports peft without bitsandbytes, which would initialise CUDA (see there).
 PRELOAD = ["peftbench.worker", "torch", "transformers", "transformers.modeling_utils", "peftbench._peft",
-           "peftbench.train", "peftbench.models"]
+           "peftbench.train", "peftbench.models", "peftbench._forkserver_guard"]
 
 
 def _fork_context():

@@ -129,3 +129,44 @@ def check_writable(study_dir: Path) -> None:
 def load_plan(study_dir: Path) -> dict | None:
     """The study's plan (study.json), or None if it is missing or unreadable."""
     return read_json(Path(study_dir) / "study.json")
+
+
+# What a peftbench study folder may hold; anything else means the folder is someone else's.
+STUDY_ENTRIES = {"study.json", "runs", "report", "summary.json", "plan.json", ".cache", ".peftbench.lock"}
+ARCHIVE_PREFIX = "archive-"
+
+
+def study_identity(cfg: dict) -> str:
+    """What makes two study files the same study: its name, model and data. Methods, training settings and
+    seeds may change between reruns (finished runs with the same config are reused)."""
+    import hashlib
+    key = json.dumps([cfg.get("name"), cfg.get("model"), cfg.get("data")], sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def folder_owner(study_dir: Path) -> str | None:
+    """Whose folder this is: None (missing, empty, or runs without a study.json: free), the identity of the
+    study in it, or "other" for a folder holding what peftbench does not write, or a damaged study.json."""
+    study_dir = Path(study_dir)
+    if not study_dir.is_dir():
+        return None
+    entries = {p.name for p in study_dir.iterdir() if not p.name.startswith(ARCHIVE_PREFIX)}
+    entries -= {".peftbench.lock", ".cache"}
+    if not entries:
+        return None
+    if not entries <= STUDY_ENTRIES:
+        return "other"
+    if not (study_dir / "study.json").exists():
+        return None
+    plan = load_plan(study_dir)
+    return "other" if plan is None else plan.get("identity") or study_identity(plan.get("study") or {})
+
+
+def archive(study_dir: Path) -> Path:
+    """Move a folder's previous study (or other contents) into STUDY/archive-TIME/ (`--force`)."""
+    dest = Path(study_dir) / f"{ARCHIVE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
+    dest.mkdir()
+    for p in Path(study_dir).iterdir():
+        if p.name != ".peftbench.lock" and not p.name.startswith(ARCHIVE_PREFIX):
+            os.replace(p, dest / p.name)
+    return dest

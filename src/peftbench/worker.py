@@ -166,7 +166,23 @@ def execute_run(run_dir: Path, progress: bool = True) -> dict:
     return result
 
 
+def die_with_parent() -> None:
+    """On Linux, this process is killed when its parent dies: the CLI, or the forkserver, which exits when the
+    CLI does. A CLI killed by any signal leaves no worker writing on into its study folder."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the line above: nobody is waiting for this run
+        os._exit(1)
+
+
 def main() -> None:
+    die_with_parent()
     run_dir = Path(sys.argv[1])
     rank, world = rank_world()
     log_name = "crash.log" if rank == 0 else f"crash-rank{rank}.log"
@@ -187,7 +203,10 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    execute_run(run_dir, progress=os.environ.get("PEFTBENCH_PROGRESS", "1") == "1")
+    try:
+        execute_run(run_dir, progress=os.environ.get("PEFTBENCH_PROGRESS", "1") == "1")
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the CLI says so, once
+        os._exit(130)
     faults.at_end(run_dir.name)
     if world > 1:
         import torch.distributed as dist
