@@ -146,10 +146,53 @@ CASES = [
      "repeated or degenerate rates"),
     ("a negative data seed", lambda t, m: _run(t, m, _study(t, m, _data(t), data={"seed": -1})),
      "data.seed: must be an integer >= 0"),
+    ("terminal escapes in a method name", lambda t, m: _run(t, m, {**_study(t, m, _data(t)),
+                                                                  "methods": ["\x1b[2J\x1b]0;pwned\x07lora"]}),
+     "unknown method '?[2J?]0;pwned?lora'"),
+    ("a label of inf", lambda t, m: _run(t, m, _study(t, m, _data(
+        t, "parquet", mutate=lambda d: d.assign(label=[float("inf")] + list(d.label[1:]))))),
+     "label inf at row 0 is not a class"),
+    ("a separator that is not a string", lambda t, m: _run(t, m, _study(t, m, _data(t), data={"separator": 3})),
+     "data.separator: must be a string"),
+    ("predict with a device that is not there", lambda t, m: ["predict", str(t), "text", "--device", "cuda:7"]
+     if not _cuda() else ["predict", str(t), "text", "--device", "tpu"], "device: "),
+    ("predict on a run whose adapter is gone", lambda t, m: ["predict", str(_run_without_adapter(t, m)), "text"],
+     "cannot be reloaded"),
+    ("compare into a missing folder", lambda t, m: ["compare", str(_finished(t, m)), "--out",
+                                                    str(t / "nowhere" / "c.md")], "--out"),
+    ("report where report/ is a file", lambda t, m: ["report", str(_report_is_a_file(t, m))],
+     "cannot write the report"),
     ("Ray cluster that does not answer", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "isolation": "process"},
                                                            ["--executor", "ray", "--address", "127.0.0.1:1"]),
      "cannot reach the Ray cluster at '127.0.0.1:1'"),
 ]
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _finished(t: Path, m: Path) -> Path:
+    """A study folder with one finished IA3 run."""
+    from conftest import run_study
+    from conftest import study as mk
+    if not (t / "done" / "study.json").exists():
+        run_study(mk(m, _data(t), ["ia3"], train={"epochs": 1}), t / "done")
+    return t / "done"
+
+
+def _run_without_adapter(t: Path, m: Path) -> Path:
+    import shutil
+    run = next((_finished(t, m) / "runs").iterdir())
+    shutil.rmtree(run / "adapter")
+    return run
+
+
+def _report_is_a_file(t: Path, m: Path) -> Path:
+    folder = _finished(t, m)
+    (folder / "report").write_text("not a folder")
+    return folder
 
 
 def _no_tokenizer(t: Path, m: Path) -> bool:
@@ -308,3 +351,33 @@ if __name__ == "__main__":  # print the catalogue: case | message
         code, err = run_cli(setup(t, m))
         msg = err.strip().splitlines()[-1].replace("peftbench: error: ", "").replace(str(t), "…")
         print(f"| {i} | {case} | {code} | {msg.replace('|', '/')} |")
+
+
+def test_a_damaged_checkpoint_or_token_cache_is_moved_aside_and_the_run_goes_on(model, tmp_path, capsys):
+    from conftest import run_study
+    from conftest import study as mk
+    raw = mk(model, _data(tmp_path), ["ia3"], train={"epochs": 1})
+    (first,) = run_study(raw, tmp_path / "s")
+    run_dir = tmp_path / "s" / "runs" / first["run_id"]
+    (run_dir / "result.json").unlink()  # the run is redone ...
+    (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")  # ... over a damaged checkpoint
+    cache = next((tmp_path / "s" / ".cache").glob("tokens-*.npz"))
+    cache.write_bytes(b"PK not a zip")
+    capsys.readouterr()
+    (again,) = run_study(raw, tmp_path / "s")
+    err = capsys.readouterr().err
+    assert again["status"] == "success", again["error"]
+    assert again["metrics"]["test_accuracy"] == first["metrics"]["test_accuracy"]
+    assert "token cache" in err and "checkpoint" in err and err.count("moved to") == 2
+    assert list(run_dir.glob("checkpoint.pt.corrupt-*")) and list(cache.parent.glob("*.corrupt-*"))
+
+
+def test_a_dollar_label_does_not_break_the_plots(model, tmp_path):
+    from conftest import run_study
+    from conftest import study as mk
+
+    from peftbench import report
+    run_study(mk(model, _data(tmp_path), [{"name": "ia3", "label": "$x^2$ and $"}], train={"epochs": 1}),
+              tmp_path / "s")
+    paths = report.write_report(tmp_path / "s")
+    assert paths["html"].exists() and "$x^2$ and $" in paths["markdown"].read_text()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +44,15 @@ def load_checkpoint(path: Path, config_hash: str, device: str) -> dict | None:
     import torch
     if not path.exists():
         return None
-    ck = torch.load(path, map_location=device, weights_only=True)
-    return ck if ck.get("config_hash") == config_hash else None
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated or corrupt: unpickling, zip and key errors alike
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        os.replace(path, aside)
+        print(f"peftbench: warning: the checkpoint {path} was damaged ({type(e).__name__}); moved to {aside.name}, "
+              "the run starts from scratch", file=sys.stderr)
+        return None
+    return ck if isinstance(ck, dict) and ck.get("config_hash") == config_hash else None
 
 
 def mutated_init(model) -> bool:

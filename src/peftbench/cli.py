@@ -182,7 +182,8 @@ def cmd_predict(args) -> int:
             raise UserError(f"--file {args.file} cannot be read as UTF-8 text ({type(e).__name__})") from None
     if not texts:
         raise UserError("give texts to classify: peftbench predict RUN_DIR \"some text\" or --file FILE")
-    device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
+    from .devices import resolve_device
+    device = resolve_device(args.device)  # cuda on a machine without one: a one-line error
     for row in predict_texts(Path(args.run_dir), texts, device=device):
         if args.json:
             print(json.dumps(row))
@@ -190,11 +191,6 @@ def cmd_predict(args) -> int:
             probs = " ".join(f"{k}={v:.3f}" for k, v in row["probabilities"].items())
             print(f"{row['label']}\t{probs}\t{row['text'][:80]}")
     return 0
-
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 def cmd_report(args) -> int:

@@ -250,6 +250,9 @@ def _validate_data(data, base_dir: Path | None, problems: list[str]) -> dict:
         problems.append("data.text_column: must be a column name or a list of column names")
     if not isinstance(data["label_column"], str):
         problems.append("data.label_column: must be a column name")
+    if not isinstance(data["separator"], str):
+        problems.append(f"data.separator: must be a string (what joins several text columns), got "
+                        f"{data['separator']!r}")
     _check_size("train_size", data["train_size"], problems)
     _check_size("test_size", data["test_size"], problems)
     _check_size("validation_size", data["validation_size"], problems, fraction_ok=True)

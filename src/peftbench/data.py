@@ -152,6 +152,8 @@ def _raw_labels(df, spec: dict, split: str) -> list:
         if isinstance(v, (np.integer,)):
             v = int(v)
         if isinstance(v, (float, np.floating)):
+            if math.isinf(v):
+                raise UserError(f"data: {split} label {v} at row {i} is not a class; fix the label column {col!r}")
             if math.isnan(v):
                 raise UserError(f"data: {split} row {i} has no label (NaN in {col!r}); fill or drop it")
             if v != int(v):

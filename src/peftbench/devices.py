@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import resource
 
 from .errors import UserError
@@ -13,6 +14,8 @@ def resolve_device(requested: str) -> str:
     import torch
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested != "cpu" and not re.fullmatch(r"cuda(:\d+)?", requested):
+        raise UserError(f"device: must be auto, cpu, cuda or cuda:N, got {requested!r}")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("device: cuda was asked for but no CUDA GPU is visible; use device: auto or cpu")
     return requested

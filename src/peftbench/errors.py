@@ -1,5 +1,9 @@
 """Errors that end a command with a one-line message and exit status 2 (never a traceback)."""
 
+import re
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
 
 class UserError(Exception):
     """Bad input: the message says what is wrong and how to fix it.
@@ -9,8 +13,9 @@ class UserError(Exception):
 
     def __init__(self, message: str | list[str]):
         problems = [message] if isinstance(message, str) else list(message)
-        # A problem is one line even when it quotes user input that holds line breaks.
-        self.problems = [str(p).replace("\r", "\\r").replace("\n", "\\n") for p in problems]
+        # A problem is one line even when it quotes user input that holds line breaks, and it never carries
+        # terminal control sequences from that input (an escape could clear the screen or retitle the window).
+        self.problems = [_CONTROL.sub("?", str(p).replace("\r", "\\r").replace("\n", "\\n")) for p in problems]
         super().__init__("\n".join(self.problems))
 
 

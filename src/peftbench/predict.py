@@ -34,6 +34,18 @@ def load_trained(run_dir: Path, run: dict | None = None, device: str = "cpu"):
     if run is None:
         run = _read_run(run_dir)["config"]
     method = registry.get(run["method"])
+    try:
+        return _load(run_dir, run, method, device)
+    except UserError:
+        raise
+    except Exception as e:  # a missing or damaged artefact, a base model that moved, ...
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise UserError(f"run {run_dir} cannot be reloaded ({type(e).__name__}: {first}); check that its "
+                        f"adapter/ or model/ folder is intact and that the base model {run['model_path']} is "
+                        "still there") from None
+
+
+def _load(run_dir: Path, run: dict, method, device: str):
     if method.kind == "peft":
         from ._peft import without_bitsandbytes  # first: it imports peft without bitsandbytes
         from peft import PeftModel  # noqa: I001

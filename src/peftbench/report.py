@@ -288,7 +288,11 @@ def compare_cli(dirs: list[Path], out: Path | None) -> int:
     text = "\n".join(parts)
     print(text)
     if out:
-        out.write_text(text + "\n")
+        try:
+            out.write_text(text + "\n")
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); give a path in an existing, "
+                            "writable folder") from None
     return 0
 
 
@@ -297,6 +301,8 @@ def _plots(study: dict, out_dir: Path) -> dict[str, Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    matplotlib.rcParams["text.parse_math"] = False  # a label like "$x^2$" is text, not TeX to parse
     rows = _ok_rows(study)
     gpu = study["gpu"]
     files: dict[str, Path] = {}
@@ -349,6 +355,7 @@ def _plots(study: dict, out_dir: Path) -> dict[str, Path]:
         for a in (a1, a2):
             a.grid(alpha=0.3)
             a.legend(fontsize=8)
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         fig.tight_layout()
         path = out_dir / "learning_curves.png"
         fig.savefig(path, dpi=110)
@@ -407,6 +414,15 @@ def budget_table(study: dict) -> tuple[list[str], list[list[str]], float | None]
 
 
 def write_report(study_dir: Path) -> dict[str, Path]:
+    """report.md, report.html (self-contained) and the plots, in STUDY/report/."""
+    try:
+        return _write_report(study_dir)
+    except OSError as e:
+        raise UserError(f"cannot write the report into {Path(study_dir) / 'report'} ({e.strerror or e}); make the "
+                        "folder writable, or copy the study folder somewhere writable") from None
+
+
+def _write_report(study_dir: Path) -> dict[str, Path]:
     """Write report.md, report.html (self-contained: plots embedded) and the plots as PNG files."""
     study = load_study(study_dir)
     out = Path(study_dir) / "report"
