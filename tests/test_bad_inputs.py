@@ -162,6 +162,8 @@ CASES = [
                                                     str(t / "nowhere" / "c.md")], "--out"),
     ("report where report/ is a file", lambda t, m: ["report", str(_report_is_a_file(t, m))],
      "cannot write the report"),
+    ("labels that name one run folder", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "methods": [
+        {"name": "lora", "label": "café"}, {"name": "ia3", "label": "cafè"}]}), "give the same run folder name"),
     ("Ray cluster that does not answer", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "isolation": "process"},
                                                            ["--executor", "ray", "--address", "127.0.0.1:1"]),
      "cannot reach the Ray cluster at '127.0.0.1:1'"),
@@ -381,3 +383,13 @@ def test_a_dollar_label_does_not_break_the_plots(model, tmp_path):
               tmp_path / "s")
     paths = report.write_report(tmp_path / "s")
     assert paths["html"].exists() and "$x^2$ and $" in paths["markdown"].read_text()
+
+
+def test_a_study_name_never_leaves_the_runs_folder(model, tmp_path, monkeypatch):
+    from conftest import study as mk
+    monkeypatch.chdir(tmp_path)
+    raw = {**mk(model, _data(tmp_path), ["ia3"], train={"epochs": 1}), "name": "../../escaped"}
+    code, err = run_cli(["run", str(_write(tmp_path, raw)), "--no-report"])
+    assert code == 0, err[-800:]
+    assert (tmp_path / "runs" / "escaped" / "study.json").exists()
+    assert not (tmp_path.parent / "escaped").exists() and not (tmp_path.parent.parent / "escaped").exists()

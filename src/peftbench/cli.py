@@ -89,7 +89,8 @@ def build_study(args) -> tuple[dict, Path]:  # noqa: C901  (28: to split next)
     if args.concurrent_finals:
         raw["exclusive_finals"] = False
     name = raw.get("name") or (args.preset or (Path(args.study).stem if args.study else "study"))
-    out = Path(args.out) if args.out else Path("runs") / str(name)
+    from .methods import safe_label  # a study name never becomes a path unsanitised ("../../x" -> "x")
+    out = Path(args.out) if args.out else Path("runs") / safe_label(str(name))
     return raw, out
 
 

@@ -196,6 +196,13 @@ def normalise_methods(raw, problems: list[str]) -> list[dict]:  # noqa: C901  (1
         seen[base] = seen.get(base, 0) + 1
         if seen[base] > 1:
             m["label"] = f"{base}#{seen[base]}"
+    folders: dict[str, str] = {}  # labels name run folders: two labels must not name one folder
+    for m in out:
+        other = folders.setdefault(registry.safe_label(m["label"]), m["label"])
+        if other != m["label"]:
+            problems.append(f"methods: the labels {other!r} and {m['label']!r} give the same run folder name "
+                            f"({registry.safe_label(m['label'])!r}); make them differ in letters, digits, '-', '_' "
+                            "or '.'")
     return out
 
 
