@@ -279,16 +279,19 @@ def test_compiled_run_trains_and_says_how_it_was_compiled(tiny_encoder, tiny_dat
     ({"mask_mode": "2d"}, "2D attention mask (the model syncs on it)"),
     ({"compiled": "cudagraphs"}, "torch.compile'd run"),
     ({"checkpointing": True}, "gradient checkpointing"),
+    ({"n_params": 7_200_000_000}, "a model of 1B+ parameters (each batch shape's graph holds its own activations: "
+                                  "reserved memory doubled on the 8B shape, for no speed)"),
 ])
 def test_which_runs_replay_cuda_graphs_and_why_not(case, why):
     """The rule that decides, per run, whether its steps are graphed; a run that is not says why in its metrics."""
     from peftbench import methods as registry
     from peftbench.graphs import StepGraphs
     a = {"device": "cuda", "world": 1, "micro": 16, "prefixed": False, "method": "lora",
-         "mask_mode": "4d-bidirectional", "compiled": False, "cuda_graphs": True, "checkpointing": False, **case}
+         "mask_mode": "4d-bidirectional", "compiled": False, "cuda_graphs": True, "checkpointing": False,
+         "n_params": 22_000_000, **case}
     train = {"cuda_graphs": a["cuda_graphs"], "batch_size": 16}
     got = StepGraphs.unsupported(train, registry.get(a["method"]), a["device"], a["world"], a["micro"],
-                                 a["mask_mode"], a["prefixed"], a["compiled"], a["checkpointing"])
+                                 a["mask_mode"], a["prefixed"], a["compiled"], a["checkpointing"], a["n_params"])
     assert got == why
 
 

@@ -6,6 +6,11 @@ import time
 
 from .batches import model_forward
 
+# Graphs pay where the host's kernel launches bound the step (models of 22M-125M parameters here). On the 8B
+# shape at micro-batch 16 they doubled peak reserved memory (LoRA 125 GB against 59 GB) for 44 samples/s
+# against 43.6 without them (benchmarks/results/h200-scale-8b.json); at 1.36B full fine-tuning they added 27%.
+GRAPHS_MAX_PARAMS = 1_000_000_000
+
 
 class StepGraphs:
     """A training step's forward, backward, loss sum and gradient clipping as CUDA graphs, one per batch shape.
@@ -33,7 +38,7 @@ class StepGraphs:
 
     @staticmethod
     def unsupported(train: dict, method, device: str, world: int, micro: int, mask_mode: str, prefixed: bool,
-                    compiled, checkpointing: bool = False) -> str | None:
+                    compiled, checkpointing: bool = False, n_params: int = 0) -> str | None:
         """Why this run's steps cannot be graphed (None: they can)."""
         if not train.get("cuda_graphs", True):
             return "off (cuda_graphs: false)"
@@ -41,6 +46,8 @@ class StepGraphs:
                    (bool(compiled), "torch.compile'd run"), (micro < train["batch_size"], "gradient accumulation"),
                    (prefixed, "prefix tuning"), (bool(method.step_hook), "per-step hook (AdaLoRA)"),
                    (checkpointing, "gradient checkpointing"),
+                   (n_params >= GRAPHS_MAX_PARAMS, "a model of 1B+ parameters (each batch shape's graph holds its "
+                    "own activations: reserved memory doubled on the 8B shape, for no speed)"),
                    (mask_mode == "2d", "2D attention mask (the model syncs on it)")]
         return next((why for bad, why in reasons if bad), None)
 

@@ -25,7 +25,7 @@ from .batches import steps_per_epoch as count_steps
 from .data import Tokenized
 from .devices import MemoryMeter, autocast_dtype, dist_info, is_oom, peak_flops, sync
 from .errors import Diverged, SkipRun, UserError
-from .graphs import StepGraphs
+from .graphs import GRAPHS_MAX_PARAMS, StepGraphs
 from .metrics import macro_f1, model_flops_per_token
 from .tracking import StepProfiler, Tracker
 
@@ -188,8 +188,11 @@ class Recipe:
         """The attention-mask form, data parallelism and compilation: how a batch reaches the model."""
         import torch
         t = time.perf_counter()
+        forced = self.cfg.get("attention_mask", "auto")
+        if forced == "auto" and self.total >= GRAPHS_MAX_PARAMS:
+            forced = "2d"  # a ready 4D mask serves CUDA graphs, which such a model is not given (graphs.py)
         self.mask_mode = choose_mask_mode(self.model, self.ids_train, self.pad_id, self.device, max_len=self.max_len,
-                                          forced=self.cfg.get("attention_mask", "auto"), amp=self.amp)
+                                          forced=forced, amp=self.amp)
         self.phases["mask_probe"] = time.perf_counter() - t
         self.prefixed = prefix_length(self.model) > 0
         if self.prefixed and self.world > 1:
@@ -296,7 +299,8 @@ class Recipe:
         import torch
         self.loss_sum = torch.zeros((), device=self.device)
         self.graphs_off = StepGraphs.unsupported(self.cfg, self.method, self.device, self.world, self.micro,
-                                                 self.mask_mode, self.prefixed, self.compiled, self.checkpointing)
+                                                 self.mask_mode, self.prefixed, self.compiled, self.checkpointing,
+                                                 self.total)
         self.graphs = None
         if self.graphs_off is None:
             self.graphs = StepGraphs(self.model, self.mask_mode, self.amp, self.loss_sum, self.grad_params,
