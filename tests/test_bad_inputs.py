@@ -164,6 +164,13 @@ CASES = [
      "cannot write the report"),
     ("labels that name one run folder", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "methods": [
         {"name": "lora", "label": "café"}, {"name": "ia3", "label": "cafè"}]}), "give the same run folder name"),
+    ("recommend with a malformed duration", lambda t, m: ["recommend", str(_finished(t, m)), "--max-train-time",
+                                                          "soon"], "--max-train-time: give a duration like 90s"),
+    ("recommend with a malformed number", lambda t, m: ["recommend", str(_finished(t, m)), "--min-accuracy",
+                                                        "high"], "invalid float value: 'high'"),
+    ("recommend with an accuracy over 1", lambda t, m: ["recommend", str(_finished(t, m)), "--min-accuracy", "90"],
+     "--min-accuracy: give a fraction in [0, 1]"),
+    ("a study.json of the wrong shape", lambda t, m: ["report", str(_wrong_plan(t, m))], "study.json is damaged"),
     ("Ray cluster that does not answer", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "isolation": "process"},
                                                            ["--executor", "ray", "--address", "127.0.0.1:1"]),
      "cannot reach the Ray cluster at '127.0.0.1:1'"),
@@ -189,6 +196,12 @@ def _run_without_adapter(t: Path, m: Path) -> Path:
     run = next((_finished(t, m) / "runs").iterdir())
     shutil.rmtree(run / "adapter")
     return run
+
+
+def _wrong_plan(t: Path, m: Path) -> Path:
+    folder = _finished(t, m)
+    (folder / "study.json").write_text(json.dumps({"final_runs": "all of them", "trial_runs": [3]}))
+    return folder
 
 
 def _report_is_a_file(t: Path, m: Path) -> Path:

@@ -363,7 +363,8 @@ def test_report_names_missing_runs_and_refuses_a_damaged_plan(tiny_encoder, tiny
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
-def test_a_killed_cli_leaves_no_worker_behind(tiny_encoder, tiny_data, tmp_path):
+@pytest.mark.parametrize("how", ["SIGKILL to the CLI", "SIGTERM to the CLI", "SIGINT to the process group"])
+def test_a_killed_cli_leaves_no_worker_behind(how, tiny_encoder, tiny_data, tmp_path):
     import signal
     import subprocess
 
@@ -373,18 +374,28 @@ def test_a_killed_cli_leaves_no_worker_behind(tiny_encoder, tiny_data, tmp_path)
     raw["isolation"] = "process"
     f.write_text(json.dumps(raw))
     env = dict(os.environ, PEFTBENCH_INJECT_FAULT="ia3:hang", PEFTBENCH_PROGRESS="0")
+    err = open(tmp_path / "stderr.txt", "w")
     cli = subprocess.Popen([sys.executable, "-m", "peftbench", "run", str(f), "--out", str(tmp_path / "out")],
-                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                           env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     try:
         deadline = time.time() + 120
         while not list((tmp_path / "out").glob("runs/*/crash.log")) and time.time() < deadline:
             time.sleep(0.5)  # the worker has started once it opened its crash log
         family = psutil.Process(cli.pid).children(recursive=True)
         assert family, "no worker was started"
-        os.kill(cli.pid, signal.SIGKILL)
-        cli.wait(10)
+        sig = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}[how.split()[0]]
+        if "group" in how:
+            os.killpg(cli.pid, sig)
+        else:
+            os.kill(cli.pid, sig)
+        cli.wait(30)
         gone, alive = psutil.wait_procs(family, timeout=15)
         assert not alive, [p.cmdline() for p in alive]
+        text = (tmp_path / "stderr.txt").read_text()
+        assert "Traceback" not in text, text[-2000:]
+        if sig != signal.SIGKILL:
+            assert cli.returncode == 130 and "interrupted" in text, text[-1000:]
     finally:
+        err.close()
         if cli.poll() is None:
             os.killpg(cli.pid, signal.SIGKILL)

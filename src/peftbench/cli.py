@@ -254,8 +254,17 @@ def _study_arguments(r: argparse.ArgumentParser) -> None:
                    "is capped to it and picks the largest micro-batch (and checkpointing if needed) that fits")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit status 2, like every other bad input."""
+
+    def error(self, message: str):
+        print(f"peftbench: error: {self.prog.removeprefix('peftbench').strip() or 'peftbench'}: "
+              f"{UserError(message).problems[0]}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="peftbench", description="Compare fine-tuning methods for text classification "
+    p = _Parser(prog="peftbench", description="Compare fine-tuning methods for text classification "
                                 "under one fair, measured protocol.")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -308,9 +317,17 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _stop_workers() -> None:
+    """Kill the run processes this CLI started (Python would otherwise wait for them as it exits)."""
+    import multiprocessing
+    for child in multiprocessing.active_children():
+        child.kill()
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # no line per retry before our one-line error
     args = parser().parse_args(argv)
     import signal
     import threading
@@ -327,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.close()
         sys.exit(0)
     except KeyboardInterrupt:
+        _stop_workers()
         print("peftbench: interrupted; finished runs are kept, rerun the same command to continue", file=sys.stderr)
         sys.exit(130)
     sys.exit(code)

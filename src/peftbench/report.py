@@ -261,6 +261,8 @@ def recommend(study: dict, max_memory_mb: float | None, max_seconds: float | Non
 
 
 def recommend_cli(study_dir: Path, max_memory: str | None, max_time: str | None, min_acc: float | None) -> int:
+    if min_acc is not None and not 0 <= min_acc <= 1:
+        raise UserError(f"--min-accuracy: give a fraction in [0, 1] (0.9 for 90%), got {min_acc}")
     study = load_study(study_dir)
     res = recommend(study, parse_memory(max_memory), parse_duration(max_time), min_acc)
     if not res["ranked"]:

@@ -25,6 +25,11 @@ from .config import config_hash
 from .errors import UserError
 
 
+# Part of every run's identity: raised when a change to the training path changes what a run measures,
+# so that results of the older code are redone, never reused (2: bf16 frozen bases, the memory planner).
+RESULTS_VERSION = 2
+
+
 def lr_grid(center: float, points: int, decades: float) -> list[float]:
     """`points` log-spaced learning rates spanning `decades` decades centred on `center`."""
     exps = np.linspace(-decades / 2, decades / 2, points)
@@ -140,6 +145,7 @@ class Study:
             "pad_token_id": self.pad_token_id, "effective_max_length": eff,
             "trust_remote_code": cfg["trust_remote_code"], "allow_pickle": cfg["allow_pickle"],
             "world_size": cfg["gpus_per_run"], "gpu_memory_bytes": self.gpu_memory_bytes(),
+            "results_version": RESULTS_VERSION,
         }
         spec["config_hash"] = config_hash(spec)
         # Not part of the hash: where things are and how the run is executed.

@@ -127,8 +127,11 @@ def check_writable(study_dir: Path) -> None:
 
 
 def load_plan(study_dir: Path) -> dict | None:
-    """The study's plan (study.json), or None if it is missing or unreadable."""
-    return read_json(Path(study_dir) / "study.json")
+    """The study's plan (study.json), or None if it is missing, unreadable or not of a plan's shape."""
+    plan = read_json(Path(study_dir) / "study.json")
+    ok = plan is not None and all(isinstance(plan.get(k), list) and all(isinstance(r, str) for r in plan[k])
+                                  for k in ("final_runs", "trial_runs")) and isinstance(plan.get("study"), dict)
+    return plan if ok else None
 
 
 # What a peftbench study folder may hold; anything else means the folder is someone else's.
