@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import run_study, study
 
-from peftbench import runner, store
+from peftbench import config, runner, store
 from peftbench.errors import UserError
 
 REQUIRED_METRICS = ["test_accuracy", "test_macro_f1", "train_seconds", "eval_seconds", "train_samples_per_second",
@@ -399,3 +399,30 @@ def test_a_killed_cli_leaves_no_worker_behind(how, tiny_encoder, tiny_data, tmp_
         err.close()
         if cli.poll() is None:
             os.killpg(cli.pid, signal.SIGKILL)
+
+
+def test_each_run_stores_auditable_predictions(tiny_encoder, tiny_data, tmp_path):
+    import hashlib
+
+    import pandas as pd
+
+    from peftbench import cli
+    from peftbench import data as data_mod
+    raw = study(tiny_encoder, tiny_data, ["ia3", "tfidf"], train={"epochs": 1})
+    results = {r["method"]: r for r in run_study(raw, tmp_path / "s")}
+    d = data_mod.load(config.validate(raw)["data"])
+    for method, r in results.items():
+        df = pd.read_parquet(tmp_path / "s" / "runs" / r["run_id"] / "predictions.parquet")
+        assert list(df["row"]) == list(d.rows["test"]), method
+        assert df["text_sha1"][0] == hashlib.sha1(d.texts["test"][0].encode()).hexdigest()
+        assert list(df["label"]) == [d.label_names[i] for i in d.labels["test"]]
+        assert list(df["prediction"]) == [d.label_names[i] for i in r["test_predictions"]], method
+        probs = df[[f"p_{n}" for n in d.label_names]].to_numpy()
+        assert abs(probs.sum(1) - 1).max() < 1e-5
+    out = tmp_path / "p.parquet"
+    run_dir = tmp_path / "s" / "runs" / results["ia3"]["run_id"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["predict", str(run_dir), "good film", "awful plot", "--output", str(out)])
+    assert e.value.code == 0
+    got = pd.read_parquet(out)
+    assert list(got["row"]) == [0, 1] and {"text_sha1", "prediction", "p_0", "p_1"} <= set(got.columns)

@@ -97,3 +97,19 @@ def verify_reload(run, run_dir, tok, logits, device, amp, pad_id, max_len, batch
     same = bool((again.argmax(-1) == logits.argmax(-1)).all())
     return {"identical_predictions": same,
             "max_abs_logit_diff": float(np.abs(again - logits).max()) if len(again) else 0.0}
+
+
+def write_predictions(path: Path, rows_file: str | None, logits, label_names: list[str]) -> None:
+    """predictions.parquet: one row per test item in the test split's order, with its source row number, the
+    hash of its text, its label, the prediction and the probability of each class (columns `p_<class>`)."""
+    import pandas as pd
+    import torch
+    probs = torch.softmax(torch.as_tensor(np.asarray(logits, dtype=np.float32)), -1).numpy()
+    df = pd.read_parquet(rows_file) if rows_file and Path(rows_file).exists() else \
+        pd.DataFrame({"row": np.arange(len(probs))})
+    df["prediction"] = [label_names[i] for i in probs.argmax(-1)]
+    for j, name in enumerate(label_names):
+        df[f"p_{name}"] = probs[:, j]
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)

@@ -185,13 +185,43 @@ def cmd_predict(args) -> int:
         raise UserError("give texts to classify: peftbench predict RUN_DIR \"some text\" or --file FILE")
     from .devices import resolve_device
     device = resolve_device(args.device)  # cuda on a machine without one: a one-line error
-    for row in predict_texts(Path(args.run_dir), texts, device=device):
+    _quiet_loading()
+    rows = predict_texts(Path(args.run_dir), texts, device=device)
+    if args.output:
+        _write_predictions(Path(args.output), rows)
+    for row in rows:
         if args.json:
             print(json.dumps(row))
         else:
             probs = " ".join(f"{k}={v:.3f}" for k, v in row["probabilities"].items())
             print(f"{row['label']}\t{probs}\t{row['text'][:80]}")
     return 0
+
+
+def _quiet_loading() -> None:
+    """No weight-loading bars or library warnings around the predictions."""
+    import warnings
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _write_predictions(path: Path, rows: list[dict]) -> None:
+    """The predictions as a run's predictions.parquet has them: row (the text's place in the input), text_sha1,
+    prediction, p_<class>."""
+    import hashlib
+
+    import pandas as pd
+    df = pd.DataFrame({"row": range(len(rows)),
+                       "text_sha1": [hashlib.sha1(r["text"].encode("utf-8", "surrogatepass")).hexdigest() for r in rows],
+                       "prediction": [r["label"] for r in rows]})
+    for name in rows[0]["probabilities"]:
+        df[f"p_{name}"] = [r["probabilities"][name] for r in rows]
+    try:
+        df.to_parquet(path, index=False)
+    except OSError as e:
+        raise UserError(f"--output {path}: cannot write there ({e.strerror or e})") from None
 
 
 def cmd_report(args) -> int:
@@ -290,9 +320,11 @@ def parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="classify texts with a trained run")
     pr.add_argument("run_dir")
     pr.add_argument("text", nargs="*")
-    pr.add_argument("--file", help="a file with one text per line")
-    pr.add_argument("--device", default="auto")
-    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--file", help="a file with one text per line, e.g. --file reviews.txt")
+    pr.add_argument("--output", help="also write the predictions as Parquet (row, text_sha1, prediction, p_<class>; "
+                    "as a run's predictions.parquet), e.g. --output preds.parquet")
+    pr.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
+    pr.add_argument("--json", action="store_true", help="one JSON object per text instead of a table line")
     pr.set_defaults(func=cmd_predict)
 
     rep = sub.add_parser("report", help="write report.md, report.html and plots for a study folder")

@@ -115,6 +115,24 @@ class Study:
         from .data import Tokenized
         return Tokenized.load(self.tok_file).truncated
 
+    def _test_rows_file(self) -> Path:
+        """The test split's source rows, text hashes and labels: what each run's predictions.parquet is keyed by."""
+        path = self.out / ".cache" / f"test-rows-{self.data.fingerprint}.parquet"
+        if not path.exists():
+            import hashlib
+
+            import pandas as pd
+            path.parent.mkdir(parents=True, exist_ok=True)
+            names = self.data.label_names
+            df = pd.DataFrame({"row": self.data.rows["test"],
+                               "text_sha1": [hashlib.sha1(t.encode("utf-8", "surrogatepass")).hexdigest()
+                                             for t in self.data.texts["test"]],
+                               "label": [names[i] for i in self.data.labels["test"]]})
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            df.to_parquet(tmp, index=False)
+            os.replace(tmp, path)
+        return path
+
     def _texts_file(self) -> Path:
         path = self.out / ".cache" / f"texts-{self.data.fingerprint}.json"
         if not path.exists():
@@ -152,6 +170,7 @@ class Study:
         spec.update(run_id=run_id(entry["label"], role, lr, seed), device=self.device,
                     tokens_file=str(self.tok_file) if self.tok_file else None,
                     texts_file=str(self._texts_file()) if method.kind == "tfidf" else None,
+                    test_rows_file=str(self._test_rows_file()),
                     max_oom_retries=cfg["max_oom_retries"], checkpoint=True, verify_reload=True,
                     isolation=cfg["isolation"], executor=cfg["executor"],
                     tracking=cfg["tracking"], tracking_every=cfg["tracking_every"], profile=cfg["profile"],

@@ -6,7 +6,9 @@ import resource
 import time
 from pathlib import Path
 
-from .artefacts import dir_size_mb
+import numpy as np
+
+from .artefacts import dir_size_mb, write_predictions
 from .metrics import macro_f1
 
 
@@ -40,6 +42,8 @@ def tfidf_run(run: dict, texts: dict, labels: dict, label_names: list[str], run_
         metrics["test_accuracy"] = float((preds == labels["test"]).mean())
         metrics["test_macro_f1"] = macro_f1(labels["test"], preds, len(label_names))
         metrics["eval_samples_per_second"] = len(preds) / metrics["eval_seconds"]
+        log_probs = np.log(np.clip(pipe.predict_proba(texts["test"]), 1e-12, 1.0))  # softmax gives them back
+        write_predictions(run_dir / "predictions.parquet", run.get("test_rows_file"), log_probs, label_names)
     metrics["peak_host_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (run_dir / "model").mkdir(exist_ok=True)
     joblib.dump(pipe, run_dir / "model" / "tfidf_logreg.joblib")

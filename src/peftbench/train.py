@@ -19,7 +19,7 @@ import numpy as np
 from . import faults, memory
 from . import methods as registry
 from .artefacts import (dir_size_mb, load_checkpoint, load_trainable, mutated_init, save_checkpoint, save_model,
-                        trainable_state, verify_reload)
+                        trainable_state, verify_reload, write_predictions)
 from .batches import choose_mask_mode, collate, make_batches, model_forward, predict_logits, prefix_length
 from .batches import steps_per_epoch as count_steps
 from .data import Tokenized
@@ -512,6 +512,8 @@ class Recipe:
         metrics["test_accuracy"] = float((preds == labels).mean())
         metrics["test_macro_f1"] = macro_f1(labels, preds, len(self.tok.label_names))
         metrics["eval_samples_per_second"] = len(preds) / metrics["eval_seconds"] if metrics["eval_seconds"] else None
+        write_predictions(self.run_dir / "predictions.parquet", self.run.get("test_rows_file"), logits,
+                          self.tok.label_names)
         return {"predictions": preds.tolist(), "logits": logits}
 
     def _gather_memory(self, metrics: dict) -> None:
