@@ -218,3 +218,54 @@ def test_the_fingerprint_covers_the_texts(tmp_path):
     df["text"] = "the same text"  # every text replaced: the runs must not be reused
     df.to_parquet(folder / "train.parquet")
     assert data_mod.load(spec(folder)).fingerprint != a
+
+
+AG_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def _ag_news_rows(n: int) -> list[dict]:
+    """AG News-like rows: 4 classes, a title and a description, the class decided by a cue word."""
+    cues = {"World": "election", "Sports": "match", "Business": "market", "Sci/Tech": "software"}
+    return [{"label": AG_CLASSES[i % 4], "title": f"headline {i} {cues[AG_CLASSES[i % 4]]}",
+             "description": f"story number {i} about the {cues[AG_CLASSES[i % 4]]} today"} for i in range(n)]
+
+
+def test_a_headerless_single_file_with_class_names(tmp_path):
+    path = tmp_path / "ag_news.csv"
+    pd.DataFrame(_ag_news_rows(200)).to_csv(path, index=False, header=False)
+    with pytest.raises(UserError, match=r"seems to have no header row .*data.columns"):
+        data_mod.load(spec(path, text_column=["title", "description"]))
+    d = data_mod.load(spec(path, columns=["label", "title", "description"], text_column=["title", "description"],
+                           test_size=0.25))
+    assert d.label_names == sorted(AG_CLASSES) and d.sizes()["test"] == 50
+    assert set(d.rows["test"]).isdisjoint(d.rows["train"]) and set(d.rows["validation"]).isdisjoint(d.rows["train"])
+    assert all(np.bincount(d.labels["test"], minlength=4) == 12 + (np.arange(4) < 2))  # stratified: 50 over 4
+
+
+def test_a_single_file_with_a_header_and_integer_labels_named(tmp_path):
+    rows = [{**r, "label": AG_CLASSES.index(r["label"]) + 1} for r in _ag_news_rows(160)]
+    path = tmp_path / "ag.tsv"
+    pd.DataFrame(rows).to_csv(path, index=False, sep="\t")
+    d = data_mod.load(spec(path, text_column="description", label_names=AG_CLASSES))
+    assert d.label_names == AG_CLASSES and d.sizes()["test"] == 32  # a fifth by default
+    text = d.texts["test"][0]
+    row = d.rows["test"][0]
+    assert text == rows[row]["description"] and d.label_names[d.labels["test"][0]] == AG_CLASSES[rows[row]["label"] - 1]
+    with pytest.raises(UserError, match="data.label_names: 2 names for 4 classes"):
+        data_mod.load(spec(path, text_column="description", label_names=["a", "b"]))
+
+
+def test_a_study_from_command_line_flags_alone(tmp_path, tiny_encoder, capsys, monkeypatch):
+    import json
+
+    from peftbench import cli
+    path = tmp_path / "ag_news.csv"
+    pd.DataFrame(_ag_news_rows(120)).to_csv(path, index=False, header=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--model", str(tiny_encoder), "--data", str(path), "--columns", "label,title,description",
+                  "--text-column", "title,description", "--methods", "tfidf", "--test-size", "0.25",
+                  "--out", str(tmp_path / "out"), "--no-report"])
+    assert e.value.code == 0, capsys.readouterr().err[-800:]
+    plan = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert plan["data"]["label_names"] == sorted(AG_CLASSES) and plan["data"]["sizes"]["test"] == 30

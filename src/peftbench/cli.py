@@ -23,6 +23,25 @@ def _parse_seeds(text: str):
         raise UserError(f"--seeds: give a count (3) or a comma list (0,1,2), got {text!r}") from None
 
 
+def _list(text: str | None, single_as_str: bool = False):
+    """A comma list from the command line (None stays None; one item stays a string where asked)."""
+    if text is None:
+        return None
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    return items[0] if single_as_str and len(items) == 1 else items
+
+
+def _size(text: str):
+    """A count (500) or a fraction (0.2)."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"give a count (500) or a fraction (0.2), got {text!r}") from None
+
+
 def build_study(args) -> tuple[dict, Path]:  # noqa: C901  (28: to split next)
     """The raw study dict from a file or preset, with command-line overrides applied, and its out dir."""
     from . import config
@@ -34,8 +53,8 @@ def build_study(args) -> tuple[dict, Path]:  # noqa: C901  (28: to split next)
         raw = config.load_yaml(Path(args.study))
         if not isinstance(raw, dict):
             raise UserError(f"study file {args.study}: must be a YAML mapping with model, data and methods")
-    elif args.model or args.data:  # flags alone: the quick preset's protocol over the given model and data
-        raw = {**config.load_preset("quick"), "name": "cli"}
+    elif args.model or args.data:  # flags alone: the quick preset's protocol over all of the given data
+        raw = {**config.load_preset("quick"), "name": "cli", "data": {}}
     else:
         raise UserError("give a study file (peftbench run STUDY.yaml), a preset (peftbench run --preset quick) "
                         "or --model/--data")
@@ -49,7 +68,9 @@ def build_study(args) -> tuple[dict, Path]:  # noqa: C901  (28: to split next)
             if data["path"] == config.sample_data_path():
                 print("peftbench: data: the IMDb sample shipped with peftbench (2,000 train / 1,000 test reviews); "
                       "--data DIR for the full copy or your own", file=sys.stderr)
-        for key, val in (("train_size", args.train_size), ("test_size", args.test_size)):
+        for key, val in (("train_size", args.train_size), ("test_size", args.test_size),
+                         ("label_column", args.label_column), ("text_column", _list(args.text_column, True)),
+                         ("label_names", _list(args.label_names)), ("columns", _list(args.columns))):
             if val is not None:
                 data[key] = val
         raw["data"] = data
@@ -257,11 +278,17 @@ def _study_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--preset", help="quick (offline CPU demo), seed (the starting study's protocol), fair")
     r.add_argument("--out", help="study folder (default runs/NAME)")
     r.add_argument("--model", help="override the model: minilm, a hub id or a local folder")
-    r.add_argument("--data", help="override the data folder (train/test parquet, csv or jsonl); "
-                   "default $PEFTBENCH_DATA or ../shared/data/imdb")
+    r.add_argument("--data", help="a folder with train and test files (parquet, csv, tsv, jsonl) or one data file "
+                   "(its test split is carved out); default $PEFTBENCH_DATA, ../shared/data/imdb, or the IMDb sample")
     r.add_argument("--methods", help="comma list of methods, e.g. full,lora,qlora,ia3")
-    r.add_argument("--train-size", type=int)
-    r.add_argument("--test-size", type=int)
+    r.add_argument("--text-column", help="the text column, or two or more joined, e.g. --text-column title,description")
+    r.add_argument("--label-column", help="the label column, e.g. --label-column label")
+    r.add_argument("--label-names", help="class names in label order, e.g. --label-names World,Sports,Business,Sci/Tech")
+    r.add_argument("--columns", help="column names of a CSV/TSV without a header row, e.g. "
+                   "--columns label,title,description")
+    r.add_argument("--train-size", type=int, help="training rows (seeded, stratified subset), e.g. 3000")
+    r.add_argument("--test-size", type=_size, help="test rows, or a fraction (of a single data file: carved out "
+                   "of it), e.g. 2000 or 0.2")
     r.add_argument("--epochs", type=int)
     r.add_argument("--lr", type=float, help="one learning rate for every method (the single-lr protocol)")
     r.add_argument("--max-length", type=int)

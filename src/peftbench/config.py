@@ -62,6 +62,8 @@ DATA_DEFAULTS: dict[str, Any] = {
     "train_size": None, "test_size": None, "validation_size": 0.1,
     "seed": 42,
     "allow_overlap": False,       # true: test texts that are also training texts are counted, not refused
+    "columns": None,              # names for the columns of a CSV/TSV without a header row
+    "label_names": None,          # class names for reports and predict: a list in label order, or {label: name}
 }
 TOP_DEFAULTS: dict[str, Any] = {
     "name": None, "description": None, "model": None,
@@ -261,7 +263,17 @@ def _validate_data(data, base_dir: Path | None, problems: list[str]) -> dict:
         problems.append(f"data.separator: must be a string (what joins several text columns), got "
                         f"{data['separator']!r}")
     _check_size("train_size", data["train_size"], problems)
-    _check_size("test_size", data["test_size"], problems)
+    _check_size("test_size", data["test_size"], problems, fraction_ok=True)
+    cols = data["columns"]
+    if cols is not None and not (isinstance(cols, list) and cols and all(isinstance(c, str) for c in cols)
+                                 and len(set(cols)) == len(cols)):
+        problems.append(f"data.columns: must be a list of distinct column names, got {cols!r}")
+    names = data["label_names"]
+    if names is not None and not ((isinstance(names, list) and names and len(set(map(str, names))) == len(names))
+                                  or (isinstance(names, dict) and names
+                                      and len(set(map(str, names.values()))) == len(names))):
+        problems.append("data.label_names: must be a list of distinct names (in label order) or a map "
+                        f"{{label: name}} with distinct names, got {names!r}")
     _check_size("validation_size", data["validation_size"], problems, fraction_ok=True)
     if not (_is_int(data["seed"]) and data["seed"] >= 0):
         problems.append(f"data.seed: must be an integer >= 0, got {data['seed']!r}")

@@ -18,7 +18,9 @@ import numpy as np
 
 from .errors import UserError
 
-FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json"}
+# The share of a single data file carved out as the test split when data.test_size is not given.
+SINGLE_FILE_TEST_SHARE = 0.2
 SPLITS = ("train", "validation", "test")
 
 
@@ -65,7 +67,7 @@ def _find_file(folder: Path, split: str) -> Path:
     return found[0]
 
 
-def _read_file(path: Path, label_column: str | None = None):
+def _read_file(path: Path, label_column: str | None = None, columns: list[str] | None = None):
     import pandas as pd
     fmt = FORMATS[path.suffix]
     try:
@@ -76,7 +78,10 @@ def _read_file(path: Path, label_column: str | None = None):
         if fmt == "csv":
             # Labels as written: '01' and '1' are two classes, not one (ints are restored in _raw_labels).
             dtype = {label_column: str} if label_column else None
-            return pd.read_csv(path, encoding="utf-8", keep_default_na=False, na_values=[""], dtype=dtype)
+            sep = "\t" if path.suffix == ".tsv" else ","
+            header = {"header": None, "names": columns} if columns else {}  # data.columns: a file without header
+            return pd.read_csv(path, encoding="utf-8", keep_default_na=False, na_values=[""], dtype=dtype, sep=sep,
+                               **header)
         return pd.read_json(path, lines=path.suffix == ".jsonl", encoding="utf-8")
     except UserError:
         raise
@@ -91,12 +96,15 @@ def _load_local(spec: dict) -> tuple[dict, list[str] | None]:
     folder = Path(spec["path"])
     if not folder.exists():
         raise UserError(f"data.path {folder} not found; pass --data DIR or set $PEFTBENCH_DATA to a folder "
-                        f"holding train.parquet and test.parquet (or .csv/.jsonl)")
-    if not folder.is_dir():
-        raise UserError(f"data.path {folder} is a file; give the folder that holds the train and test files")
-    files = {s: _find_file(folder, spec[f"{s}_split"]) for s in ("train", "test")}
+                        f"holding train.parquet and test.parquet (or .csv/.tsv/.jsonl), or give one such file")
     label = spec["label_column"] if isinstance(spec["label_column"], str) else None
-    return {s: _read_file(f, label) for s, f in files.items()}, None
+    if folder.is_file():  # one file: the test split is carved out of it (load)
+        if folder.suffix not in FORMATS:
+            raise UserError(f"data.path {folder}: not a data file ({', '.join(FORMATS)}); give one, or the folder "
+                            "that holds train and test files")
+        return {"train": _read_file(folder, label, spec.get("columns")), "test": None}, None
+    files = {s: _find_file(folder, spec[f"{s}_split"]) for s in ("train", "test")}
+    return {s: _read_file(f, label, spec.get("columns")) for s, f in files.items()}, None
 
 
 def _load_hub(spec: dict) -> tuple[dict, list[str] | None]:
@@ -122,7 +130,7 @@ def _texts(df, spec: dict, split: str) -> list[str]:
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise UserError(f"data.text_column: column {missing[0]!r} not in the {split} file (columns: "
-                        f"{', '.join(map(str, df.columns))}); set data.text_column")
+                        f"{', '.join(map(str, df.columns))[:200]}); set data.text_column{_headerless_hint(df)}")
     parts = []
     for c in cols:
         col = df[c]
@@ -139,11 +147,20 @@ def _texts(df, spec: dict, split: str) -> list[str]:
     return texts
 
 
+def _headerless_hint(df) -> str:
+    """A hint when the 'column names' look like a data row: a file without a header row."""
+    names = [str(c) for c in df.columns]
+    if any(len(n) > 40 or " " in n.strip() or re.fullmatch(r"-?[0-9.]+", n) for n in names):
+        return (f"; the file seems to have no header row (its first row reads {names[:3]}): name the columns with "
+                f"data.columns: [...], e.g. [label, title, description]")
+    return ""
+
+
 def _raw_labels(df, spec: dict, split: str) -> list:
     col = spec["label_column"]
     if col not in df.columns:
         raise UserError(f"data.label_column: column {col!r} not in the {split} file (columns: "
-                        f"{', '.join(map(str, df.columns))}); set data.label_column")
+                        f"{', '.join(map(str, df.columns))[:200]}); set data.label_column{_headerless_hint(df)}")
     values = _ints_if_all_canonical(list(df[col]))
     out = []
     for i, v in enumerate(values):
@@ -209,6 +226,9 @@ def load(spec: dict) -> StudyData:
         raise UserError(f"data: train_split and test_split are both {spec['train_split']!r}: scores would be measured "
                         "on training rows; name two splits, or set data.allow_overlap: true to do it knowingly")
     frames, hub_names = _load_hub(spec) if spec.get("name") else _load_local(spec)
+    file_rows = None
+    if frames["test"] is None:
+        frames, file_rows = _carve_test(frames["train"], spec)
     texts = {s: _texts(frames[s], spec, s) for s in ("train", "test")}
     raw = {s: _raw_labels(frames[s], spec, s) for s in ("train", "test")}
     for s in ("train", "test"):
@@ -221,10 +241,7 @@ def load(spec: dict) -> StudyData:
     unseen = sorted(set(raw["test"]) - set(values), key=str)
     if unseen:
         raise UserError(f"data: test labels {unseen[:5]} never occur in train; fix the labels or the files")
-    if hub_names and all(isinstance(v, int) for v in values) and max(values) < len(hub_names):
-        names = [hub_names[v] for v in values]
-    else:
-        names = [str(v) for v in values]
+    names = _label_names(values, spec.get("label_names"), hub_names)
     to_id = {v: i for i, v in enumerate(values)}
     labels = {s: np.array([to_id[v] for v in raw[s]], dtype=np.int64) for s in ("train", "test")}
 
@@ -249,7 +266,9 @@ def load(spec: dict) -> StudyData:
         va = base[va_pos]
         tr = np.setdiff1d(base, va)
         origin = "validation carved out of the training subset"
-    n_test = spec["test_size"]
+    n_test = spec["test_size"] if file_rows is None else None  # a carved test split has its size already
+    if isinstance(n_test, float):
+        n_test = max(len(values), round(n_test * len(texts["test"])))
     if n_test is not None and n_test > len(texts["test"]):
         raise UserError(f"data.test_size {n_test} is larger than the test split ({len(texts['test'])} rows); lower it")
     te = stratified_sample(labels["test"], n_test, rng) if n_test else np.arange(len(texts["test"]))
@@ -258,15 +277,49 @@ def load(spec: dict) -> StudyData:
 
     pick = {"train": ("train", tr), "validation": ("train", va), "test": ("test", te)}
     split_texts = {s: [texts[src][i] for i in idx] for s, (src, idx) in pick.items()}
+    rows = {s: np.asarray(idx, dtype=np.int64) for s, (_, idx) in pick.items()}
+    if file_rows is not None:  # rows of the one file, for every split
+        rows = {s: file_rows[src][rows[s]] for s, (src, _) in pick.items()}
+        origin += f"; test split carved out of the one data file ({len(file_rows['test'])} rows)"
     return StudyData(
         texts=split_texts,
         labels={s: labels[src][idx] for s, (src, idx) in pick.items()},
-        rows={s: np.asarray(idx, dtype=np.int64) for s, (_, idx) in pick.items()},
+        rows=rows,
         label_names=names,
         source={"path": spec.get("path"), "name": spec.get("name"), "origin": origin,
                 "label_values": [v if isinstance(v, (int, str)) else str(v) for v in values],
                 "overlap": check_overlap(split_texts, spec.get("allow_overlap", False))},
     )
+
+
+def _carve_test(df, spec: dict) -> tuple[dict, dict]:
+    """One data file: a seeded, stratified test split (data.test_size rows, or that fraction; a fifth when not
+    given) and the rest for training; returns the frames and each one's row numbers in the file."""
+    raw = np.asarray([str(v) for v in _raw_labels(df, spec, "data")])
+    _, codes = np.unique(raw, return_inverse=True)
+    size = spec.get("test_size") or SINGLE_FILE_TEST_SHARE
+    n = size if isinstance(size, int) else max(len(set(raw)), round(size * len(raw)))
+    if n >= len(raw):
+        raise UserError(f"data.test_size {size} leaves no training rows in the {len(raw)}-row file; lower it")
+    te = stratified_sample(codes, n, np.random.default_rng([spec["seed"], 1]))
+    tr = np.setdiff1d(np.arange(len(raw)), te)
+    frames = {"train": df.iloc[tr].reset_index(drop=True), "test": df.iloc[te].reset_index(drop=True)}
+    return frames, {"train": tr, "test": te}
+
+
+def _label_names(values: list, given, hub_names: list[str] | None) -> list[str]:
+    """Display names of the classes (in label-id order): data.label_names as a list in the labels' sorted order
+    or a map from label to name; else the hub's names; else the labels themselves."""
+    if isinstance(given, list):
+        if len(given) != len(values):
+            raise UserError(f"data.label_names: {len(given)} names for {len(values)} classes ({values[:10]}); give "
+                            "one name per class, in that order, or a map {label: name}")
+        return [str(n) for n in given]
+    if isinstance(given, dict):
+        return [str(given.get(v, given.get(str(v), v))) for v in values]
+    if hub_names and all(isinstance(v, int) for v in values) and max(values) < len(hub_names):
+        return [hub_names[v] for v in values]
+    return [str(v) for v in values]
 
 
 def check_overlap(texts: dict[str, list[str]], allowed: bool) -> dict:
