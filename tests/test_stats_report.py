@@ -191,9 +191,9 @@ def test_compare_and_recommend_commands(tiny_encoder, tiny_data, tmp_path, capsy
     out = capsys.readouterr().out
     assert e.value.code == 0 and out.startswith("1. ") and "2. " in out
     with pytest.raises(SystemExit) as e:
-        cli.main(["recommend", str(tmp_path / "a"), "--min-accuracy", "1.01"])
+        cli.main(["recommend", str(tmp_path / "a"), "--max-memory", "1MB"])
     out = capsys.readouterr().out
-    assert e.value.code == 1 and "No method satisfies" in out and "--min-accuracy is binding" in out
+    assert e.value.code == 1 and "No method satisfies" in out and "--max-memory is binding" in out
 
 
 def test_tensorboard_tracking_writes_per_step_scalars(tiny_encoder, tiny_data, tmp_path):
@@ -233,3 +233,28 @@ def test_gpu_memory_is_the_figure_that_decides_an_oom_and_names_a_card():
     assert row_lora[5] == "23,000" and row_lora[6] == "24 GB" and row_old[6] == "40 GB"
     assert [r["method"] for r in report.recommend(s, report.parse_memory("22GB"), None, None)["ranked"]] == []
     assert [r["method"] for r in report.recommend(s, report.parse_memory("24GB"), None, None)["ranked"]] == ["lora"]
+
+
+def test_wilson_interval_known_values():
+    low, high = stats.wilson(0.9, 100)  # the Wilson score interval, as statsmodels' proportion_confint gives it
+    assert low == pytest.approx(0.8256, abs=1e-4) and high == pytest.approx(0.9448, abs=1e-4)
+    assert stats.wilson(1.0, 20)[1] == 1.0 and stats.wilson(0.0, 20)[0] == 0.0
+
+
+def test_recommendations_say_what_the_data_cannot_rank():
+    rows = [_row("full", 0.93, 100, 124.6e6, 1500), _row("lora", 0.929, 90, 1.48e6, 1460)]
+    recs = {r["title"]: r for r in report.recommendations(_study(rows, gpu=False))}
+    fastest = next(v for k, v in recs.items() if k.startswith("Fastest"))
+    assert "not a difference this measurement can rank" in fastest["reason"]
+    assert recs["Memory"]["reason"].startswith("not ranked") and not any(k.startswith("Best within") for k in recs)
+
+
+def test_report_states_sizes_truncation_and_per_class_results(tiny_encoder, tiny_data, tmp_path):
+    run_study(study(tiny_encoder, tiny_data, ["ia3"], train={"epochs": 1, "max_length": 12}), tmp_path / "s")
+    md = report.write_report(tmp_path / "s")["markdown"].read_text()
+    assert "with 120 training, 24 validation and 60 test texts" in md
+    assert "training texts (" in md and "were cut at 12 tokens" in md
+    assert "## Per class: ia3 (seed 0)" in md and "| class | precision | recall | F1 | support |" in md
+    assert "Confusion (rows: true, columns: predicted)" in md
+    acc_cell = md.split("| ia3 | ")[1].split(" |")[0]
+    assert acc_cell.count("[") == 1  # one seed: its Wilson interval

@@ -45,8 +45,11 @@ def load_study(study_dir: Path) -> dict:
     device = (plan or {}).get("device") or (finals or trials)[0]["config"].get("device", "cpu")
     name = (plan or {}).get("study", {}).get("name") or (finals or trials)[0].get("study", "study")
     shared = max([(r.get("config") or {}).get("concurrent_runs") or 1 for r in finals] or [1])
+    loads = [(r.get("load") or {}) for r in finals if r.get("status") == "success"]
+    loaded = max([ld["start"] / ld["cpus"] for ld in loads if ld.get("start") is not None and ld.get("cpus")] or [0])
     return {"dir": study_dir, "name": name, "plan": plan, "finals": finals, "trials": trials, "rows": rows,
-            "gpu": str(device).startswith("cuda"), "concurrent_runs": shared, "missing": missing}
+            "gpu": str(device).startswith("cuda"), "concurrent_runs": shared, "missing": missing,
+            "loaded": loaded if loaded > 1.0 else None}
 
 
 def _test_labels(study_dir: Path, finals: list[dict], plan: dict | None = None) -> np.ndarray | None:
@@ -78,11 +81,14 @@ def memory_of(row: dict, gpu: bool) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------- formatting
-def _fmt_acc(m: dict) -> str:
+def _fmt_acc(m: dict, n_test: int | None = None) -> str:
     if m["mean"] is None:
         return "-"
-    if m["ci_low"] is None:
-        return f"{m['mean']:.4f}"
+    if m["ci_low"] is None:  # one seed: the binomial (Wilson) interval over the test items
+        if not n_test:
+            return f"{m['mean']:.4f}"
+        low, high = stats.wilson(m["mean"], n_test)
+        return f"{m['mean']:.4f} [{low:.3f}, {high:.3f}]"
     return f"{m['mean']:.4f} ± {m['std']:.4f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
 
 
@@ -107,7 +113,8 @@ def table_rows(study: dict) -> list[list[str]]:
         if r.get("vs_best"):
             mark = (mark + f" p={r['vs_best']['p_value']:.3f}").strip()
         status = r["status"] if r["status"] == "success" else f"{r['status']}: {'; '.join(r['errors'])[:120]}"
-        out.append([r["label"], _fmt_acc(r["test_accuracy"]), _fmt_num(r["test_macro_f1"]["mean"], 4),
+        n_test = ((study.get("plan") or {}).get("data") or {}).get("sizes", {}).get("test")
+        out.append([r["label"], _fmt_acc(r["test_accuracy"], n_test), _fmt_num(r["test_macro_f1"]["mean"], 4),
                     _fmt_num(r["train_seconds"]["mean"]), _fmt_params(r["trainable_params"]["mean"]),
                     _fmt_num(memory_of(r, gpu), 0), _fmt_num(r["train_samples_per_second"]["mean"]),
                     _fmt_num(r["adapter_size_mb"]["mean"], 2),
@@ -118,7 +125,7 @@ def table_rows(study: dict) -> list[list[str]]:
 
 
 def table_header(gpu: bool) -> list[str]:
-    head = ["method", "accuracy (mean ± std [95% CI])", "macro-F1", "train s", "trainable",
+    head = ["method", "accuracy (seeds: mean ± std [95% CI]; one seed: [95% Wilson CI])", "macro-F1", "train s", "trainable",
             GPU_MEMORY_LABEL if gpu else "peak host MB", "samples/s", "saved MB", "lr", "seeds", "vs best", "status"]
     if gpu:
         head.insert(6, "fits on (card)")
@@ -157,6 +164,10 @@ def _ok_rows(study: dict) -> list[dict]:
     return [r for r in study["rows"] if r["test_accuracy"]["mean"] is not None]
 
 
+TIME_NOISE = 1.2      # training times closer than 20% are not ranked
+MEMORY_NOISE = 1.1    # memory budgets closer than 10% are not told apart
+
+
 def recommendations(study: dict, tolerance: float = 0.01) -> list[dict]:
     """Advice computed from the measurements: each item has a title, the method and a one-sentence reason."""
     rows = _ok_rows(study)
@@ -180,6 +191,12 @@ def recommendations(study: dict, tolerance: float = 0.01) -> list[dict]:
         why = (f"{fastest['label']} trained in {fastest['train_seconds']['mean']:.1f} s "
                f"({best['train_seconds']['mean'] / fastest['train_seconds']['mean']:.1f}x faster than "
                f"{best['label']}) at accuracy {acc(fastest):.4f} vs {acc(best):.4f}.")
+    if fastest is not best and best["train_seconds"]["mean"] < TIME_NOISE * fastest["train_seconds"]["mean"]:
+        why = (f"the methods within {tolerance * 100:.0f} point of the best trained within {TIME_NOISE - 1:.0%} of "
+               f"each other's time ({fastest['train_seconds']['mean']:.1f}-{best['train_seconds']['mean']:.1f} s): "
+               "not a difference this measurement can rank.")
+    if study.get("loaded"):
+        why += " Timings were taken on a loaded machine: see the note above."
     recs.append({"title": f"Fastest within {tolerance * 100:.0f} point of the best (or statistically tied)",
                  "method": fastest["label"], "reason": why})
     fewest = min(near, key=lambda r: r["trainable_params"]["mean"])
@@ -193,13 +210,19 @@ def recommendations(study: dict, tolerance: float = 0.01) -> list[dict]:
                f"{best['label']}'s) at accuracy {acc(fewest):.4f}.")
     recs.append({"title": f"Fewest trainable parameters within {tolerance * 100:.0f} point of the best",
                  "method": fewest["label"], "reason": why})
+    if not gpu:
+        recs.append({"title": "Memory", "method": "-", "reason": "not ranked: a CPU study measures the whole "
+                     "process's host memory, which differs between these methods by less than it varies; run the "
+                     "study on a GPU for memory figures that separate them."})
+        return recs
     with_mem = sorted([r for r in rows if memory_of(r, gpu) is not None], key=lambda r: memory_of(r, gpu))
-    last = None
+    last, last_budget = None, 0.0
     for budget_row in with_mem:
         budget = memory_of(budget_row, gpu)
         fits = [r for r in with_mem if memory_of(r, gpu) <= budget]
         win = max(fits, key=acc)
-        if win is not last:
+        if win is not last and budget >= MEMORY_NOISE * last_budget:  # budgets 10% apart or more
+            last_budget = budget
             recs.append({"title": f"Best within {budget:,.0f} MB of {mem_name}", "method": win["label"],
                          "reason": f"{win['label']} is the most accurate method that peaked at or below "
                                    f"{budget:,.0f} MB ({memory_of(win, gpu):,.0f} MB, accuracy {acc(win):.4f})."})
@@ -277,14 +300,18 @@ def recommend_cli(study_dir: Path, max_memory: str | None, max_time: str | None,
 
 def compare_cli(dirs: list[Path], out: Path | None) -> int:
     parts = []
-    header = ["study", "method", "accuracy", "train s", "trainable", "peak memory", "lr", "status"]
+    header = ["study", "data", "device", "method", "accuracy", "train s", "trainable", "peak memory", "lr", "status"]
     rows = []
     for d in dirs:
         s = load_study(d)
         where = "GPU (device)" if s["gpu"] else "host"  # never one bare number for unlike figures
+        plan = s["plan"] or {}
+        data = ((plan.get("study") or {}).get("data") or {})
+        data_name = str(data.get("path") or data.get("name") or "?")
+        device = str(plan.get("device") or "?")
         for r, cells in zip(s["rows"], table_rows(s)):
             mem = memory_of(r, s["gpu"])
-            rows.append([f"{s['name']} ({d})", cells[0], cells[1], cells[3], cells[4],
+            rows.append([f"{s['name']} ({d})", data_name, device, cells[0], cells[1], cells[3], cells[4],
                          f"{where} {_fmt_num(mem, 0)} MB" if mem is not None else "-", cells[-4], cells[-1]])
     parts.append(markdown_table(header, rows))
     text = "\n".join(parts)
@@ -325,9 +352,10 @@ def _plots(study: dict, out_dir: Path) -> dict[str, Path]:
             ax.annotate(n, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
         fp = sorted([(x, y) for n, x, y, _ in pts if n in front])
         if len(fp) > 1:
-            ax.step([p[0] for p in fp], [p[1] for p in fp], where="post", color="tab:red", alpha=0.5,
-                    label="Pareto front")
-            ax.legend(loc="lower right", fontsize=8)
+            ax.step([p[0] for p in fp], [p[1] for p in fp], where="post", color="tab:red", alpha=0.5)
+        ax.plot([], [], "o", color="tab:red", label="on the Pareto front (nothing better on both axes)")
+        ax.plot([], [], "o", color="tab:blue", label="dominated")
+        ax.legend(loc="lower right", fontsize=8)
         if logx:
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
@@ -424,6 +452,51 @@ def write_report(study_dir: Path) -> dict[str, Path]:
                         "folder writable, or copy the study folder somewhere writable") from None
 
 
+def _intro(study: dict) -> str:
+    """What the study was, in words: model, data, sizes, truncation, overlap, device and load."""
+    plan = study["plan"] or {}
+    data, cfg = plan.get("data") or {}, plan.get("study") or {}
+    sizes = data.get("sizes") or {}
+    where = (cfg.get("data") or {}).get("path") or (cfg.get("data") or {}).get("name") or "?"
+    device = {"cpu": "the CPU"}.get(plan.get("device"), plan.get("device") or "?")
+    text = (f"Study **{study['name']}** on {device}: model `{cfg.get('model')}` on `{where}`, with "
+            f"{sizes.get('train', '?'):,} training, {sizes.get('validation', '?'):,} validation and "
+            f"{sizes.get('test', '?'):,} test texts ({data.get('origin', '')}); {len(study['finals'])} final runs and "
+            f"{len(study['trials'])} learning-rate trials. Accuracy and F1 are on the test split, scored once per "
+            "final run; learning rates and epochs were chosen on the validation split.")
+    cut = (data.get("truncated") or {}).get("train")
+    if cut and sizes.get("train"):
+        text += (f" {cut:,} of the {sizes['train']:,} training texts ({cut / sizes['train']:.0%}) were cut at "
+                 f"{(cfg.get('train') or {}).get('max_length')} tokens.")
+    overlap = data.get("overlap") or {}
+    if overlap.get("test_texts_also_in_train"):
+        text += f" {overlap['test_texts_also_in_train']} test texts are also training texts."
+    if study.get("loaded"):
+        text += (f" **Timings were taken on a loaded machine**: when runs started, the 1-minute load average was "
+                 f"up to {study['loaded']:.1f} times the number of cores.")
+    return text
+
+
+def per_class_tables(study: dict) -> dict[str, tuple]:
+    """Per method (its first seed), precision, recall, F1 and support per class, and the confusion matrix."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    names = ((study.get("plan") or {}).get("data") or {}).get("label_names")
+    labels = _test_labels(study["dir"], study["finals"], study["plan"])
+    out = {}
+    for r in sorted(study["finals"], key=lambda r: (r["label"], r["seed"])):
+        if r["label"] in out or r["status"] != "success" or r.get("test_predictions") is None or labels is None:
+            continue
+        names = names or [str(i) for i in range(int(max(labels.max(), max(r["test_predictions"]))) + 1)]
+        ids = list(range(len(names)))
+        p, rc, f, n = precision_recall_fscore_support(labels, r["test_predictions"], labels=ids, zero_division=0)
+        rows = [[names[i], f"{p[i]:.3f}", f"{rc[i]:.3f}", f"{f[i]:.3f}", str(n[i])] for i in ids]
+        cm = confusion_matrix(labels, r["test_predictions"], labels=ids)
+        out[f"{r['label']} (seed {r['seed']})"] = (["class", "precision", "recall", "F1", "support"], rows,
+                                                   ["true \\ predicted"] + names,
+                                                   [[names[i]] + [str(v) for v in cm[i]] for i in ids])
+    return out
+
+
 def _write_report(study_dir: Path) -> dict[str, Path]:
     """Write report.md, report.html (self-contained: plots embedded) and the plots as PNG files."""
     study = load_study(study_dir)
@@ -433,12 +506,7 @@ def _write_report(study_dir: Path) -> dict[str, Path]:
     recs = recommendations(study)
     header, rows = table_header(study["gpu"]), table_rows(study)
     problems = _problems(study)
-    plan = study["plan"] or {}
-    data = plan.get("data", {})
-    intro = (f"Study **{study['name']}** on {plan.get('device', '?')}: model `{(plan.get('study') or {}).get('model')}`, "
-             f"data sizes {data.get('sizes')}, {len(study['finals'])} final runs, {len(study['trials'])} "
-             f"learning-rate trials. Accuracy and F1 are on the test split, scored once per final run; "
-             f"learning rates and epochs were chosen on the validation split.")
+    intro = _intro(study)
     if study.get("concurrent_runs", 1) > 1:
         intro += (f" **Timings were measured under contention**: up to {study['concurrent_runs']} runs shared the "
                   f"device, so times, throughput and memory headroom are comparable only roughly, within this "
@@ -452,6 +520,10 @@ def _write_report(study_dir: Path) -> dict[str, Path]:
     if study["trials"]:
         th, tr = _trials_table(study)
         md += ["## Learning-rate search (validation)", "", markdown_table(th, tr), ""]
+    per_class = per_class_tables(study)
+    for label, (ph, pr, ch, cr) in per_class.items():
+        md += [f"## Per class: {label}", "", markdown_table(ph, pr), "", "Confusion (rows: true, columns: predicted)",
+               "", markdown_table(ch, cr), ""]
     if problems:
         md += ["## Runs that did not succeed", ""] + [f"- {p}" for p in problems] + [""]
     md += ["## Plots", ""] + [f"![{k}]({p.name})" for k, p in plots.items()] + [""]
@@ -473,6 +545,9 @@ def _write_report(study_dir: Path) -> dict[str, Path]:
         body += ["<h2>Budget view (validation, mean over seeds)</h2>", table_html(bh, br)]
     if study["trials"]:
         body += ["<h2>Learning-rate search (validation)</h2>", table_html(*_trials_table(study))]
+    for label, (ph, pr, ch, cr) in per_class.items():
+        body += [f"<h2>Per class: {e(label)}</h2>", table_html(ph, pr),
+                 "<p>Confusion (rows: true, columns: predicted)</p>", table_html(ch, cr)]
     if problems:
         body += ["<h2>Runs that did not succeed</h2><ul>" + "".join(f"<li>{e(p)}</li>" for p in problems) + "</ul>"]
     body += ["<h2>Plots</h2>", imgs]

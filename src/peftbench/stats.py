@@ -31,6 +31,15 @@ def mean_ci(values: list[float], conf: float = 0.95, bounds: tuple[float, float]
             "n": n}
 
 
+def wilson(p: float, n: int, conf: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion `p` observed over `n` items (one seed's accuracy)."""
+    from scipy.special import ndtri
+    z = float(ndtri(0.5 + conf / 2))
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
     """Exact two-sided McNemar p-value for paired 0/1 outcomes on the same items."""
     a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)

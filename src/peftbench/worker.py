@@ -66,6 +66,8 @@ def base_result(spec: dict) -> dict:
         "splits": {"test_accuracy": "test", "test_macro_f1": "test", "validation_accuracy": "validation",
                    "history.validation_accuracy": "validation", "history.train_loss": "train"},
         "started_at": time.time(), "finished_at": None,
+        # The machine's 1-minute load when the run started, beside its cores: timings from a loaded machine.
+        "load": {"start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "cpus": os.cpu_count()},
     }
 
 
@@ -159,6 +161,7 @@ def execute_run(run_dir: Path, progress: bool = True) -> dict:
     result["config"]["micro_batch_size_used"] = spec["train"].get("micro_batch_size")
     result["environment"] = environment(spec["device"])
     result["finished_at"] = time.time()
+    result["load"]["end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if rank == 0:
         store.atomic_write_json(run_dir / "result.json", result)
     if world > 1 and result["status"] != "success":
