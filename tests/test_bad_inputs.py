@@ -59,8 +59,8 @@ def _file_data(tmp, name, content: bytes) -> Path:
 # (case, setup(tmp, model) -> argv, expected text in the message)
 CASES = [
     ("data folder missing", lambda t, m: _run(t, m, _study(t, m, t / "nowhere")), "not found; pass --data"),
-    ("data path is a file", lambda t, m: _run(t, m, _study(t, m, _file_data(t, "x.txt", b"x") / "x.txt")),
-     "is a file"),
+    ("data path is a file that is not data", lambda t, m: _run(t, m, _study(t, m, _file_data(t, "x.txt", b"x")
+                                                                           / "x.txt")), "not a data file"),
     ("no train file", lambda t, m: _run(t, m, _study(t, m, _no_train(t))), "no train file"),
     ("empty data file", lambda t, m: _run(t, m, _study(t, m, _file_data(t, "train.csv", b""))), "is empty"),
     ("corrupt parquet", lambda t, m: _run(t, m, _study(t, m, _corrupt(t))), "cannot be read as parquet"),
