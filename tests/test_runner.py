@@ -426,3 +426,18 @@ def test_each_run_stores_auditable_predictions(tiny_encoder, tiny_data, tmp_path
     assert e.value.code == 0
     got = pd.read_parquet(out)
     assert list(got["row"]) == [0, 1] and {"text_sha1", "prediction", "p_0", "p_1"} <= set(got.columns)
+
+
+def test_progress_off_a_terminal_is_one_line_per_event(tiny_encoder, tiny_data, tmp_path):
+    import subprocess
+    f = tmp_path / "s.yaml"
+    raw = study(tiny_encoder, tiny_data, ["ia3"], train={"epochs": 2})
+    f.write_text(json.dumps(raw))
+    proc = subprocess.run([sys.executable, "-m", "peftbench", "run", str(f), "--out", str(tmp_path / "o"),
+                           "--no-report"], env=dict(os.environ, PEFTBENCH_PROGRESS="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert "\r" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "epoch" in ln]
+    assert [ln.split(",")[0].strip() for ln in lines] == ["ia3: epoch 1/2", "ia3: epoch 2/2"], proc.stderr
+    assert any(ln.strip().startswith("ia3-final-") and "test acc" in ln for ln in proc.stdout.splitlines())

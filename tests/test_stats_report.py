@@ -211,6 +211,26 @@ def test_tensorboard_tracking_writes_per_step_scalars(tiny_encoder, tiny_data, t
     assert lrs == sorted(lrs, reverse=True)  # linear decay
 
 
+def test_mlflow_tracking_is_read_back_by_mlflows_own_client(tiny_encoder, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    from peftbench.tracking import mlflow_uri
+    runs = run_study(study(tiny_encoder, tiny_data, ["lora", "ia3"], tracking="mlflow", tracking_every=2,
+                           name="tracked"), tmp_path / "s")
+    client = MlflowClient(tracking_uri=mlflow_uri(tmp_path / "s"))
+    exp = client.get_experiment_by_name("tracked")
+    found = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(found) == {r["run_id"] for r in runs}
+    for res in runs:
+        mr = found[res["run_id"]]
+        assert mr.info.status == "FINISHED" and mr.data.params["method"] == res["method"]
+        loss = client.get_metric_history(mr.info.run_id, "train/loss")
+        assert [m.step for m in loss] == list(range(2, res["metrics"]["steps"] + 1, 2)) and all(m.value > 0 for m in loss)
+        val = client.get_metric_history(mr.info.run_id, "validation/accuracy")
+        assert [m.value for m in val] == [h["validation_accuracy"] for h in res["history"]]
+
+
 def test_statistics_do_not_import_scipy_stats():
     """The statistics need only scipy.special: scipy.stats would add about a second of imports to every report."""
     code = ("import sys\n"

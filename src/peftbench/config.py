@@ -73,7 +73,7 @@ TOP_DEFAULTS: dict[str, Any] = {
     "gpus_per_run": 1,            # > 1: data-parallel over that many GPUs via torchrun (gloo processes on CPU)
     "trust_remote_code": False, "allow_pickle": False, "report": True,
     "max_oom_retries": 3,
-    "tracking": None,             # None, or "tensorboard": per-step loss, lr, throughput, memory (extra: tracking)
+    "tracking": None,             # None, tensorboard or mlflow: per-step loss, lr, throughput, memory (extra: tracking)
     "tracking_every": 10,         # steps between logged points (each costs one host synchronisation)
     "gpu_memory": None,           # a budget such as 24GB: each run is capped to it and picks its micro-batch to fit
     "profile": False,             # true: a torch.profiler step profile in each run's profile.json
@@ -350,7 +350,7 @@ def _validate_execution(study: dict, problems: list[str]) -> None:
         problems.append("gpus_per_run > 1 needs isolation: process (torchrun starts the processes)")
     if study["executor"] == "ray" and study["isolation"] == "inline":
         problems.append("isolation: inline cannot be used with executor: ray (each Ray actor runs worker processes)")
-    need("tracking", lambda v: v in (None, "tensorboard"), "null or tensorboard")
+    need("tracking", lambda v: v in (None, "tensorboard", "mlflow"), "null, tensorboard or mlflow")
     need("tracking_every", lambda v: _is_int(v) and v > 0, "a positive integer")
     need("max_oom_retries", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
     for key in ("trust_remote_code", "allow_pickle", "report", "exclusive_finals", "profile"):

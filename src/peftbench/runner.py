@@ -225,7 +225,9 @@ class Study:
         if done:
             print(f"peftbench: {len(done)} of {len(specs)} {desc} runs already done, skipped", file=sys.stderr)
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(todo), desc=desc, unit="run", dynamic_ncols=True, disable=not todo)
+        # A live bar on a terminal; elsewhere (CI logs, pipes) only the line each finished run prints.
+        bar = tqdm(total=len(todo), desc=desc, unit="run", dynamic_ncols=True,
+                   disable=not todo or not sys.stderr.isatty())
         parallel = self.concurrency(specs)
 
         def finished(res):

@@ -135,7 +135,7 @@ def load_plan(study_dir: Path) -> dict | None:
 
 
 # What a peftbench study folder may hold; anything else means the folder is someone else's.
-STUDY_ENTRIES = {"study.json", "runs", "report", "summary.json", "plan.json", ".cache", ".peftbench.lock"}
+STUDY_ENTRIES = {"study.json", "runs", "report", "summary.json", "plan.json", "mlruns", ".cache", ".peftbench.lock"}
 ARCHIVE_PREFIX = "archive-"
 
 

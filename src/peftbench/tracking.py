@@ -12,23 +12,20 @@ from .errors import UserError
 
 
 class Tracker:
-    """Optional live tracking through TensorBoard's own writer (study option `tracking: tensorboard`).
+    """Optional live tracking (study option `tracking: tensorboard` or `tracking: mlflow`), through the tools'
+    own writers: TensorBoard event files in RUN_DIR/tensorboard, or an MLflow run in the study's local store
+    STUDY/mlruns (one experiment per study, one MLflow run per peftbench run, its spec's key values as params).
 
     Every `tracking_every` steps it logs the mean loss since the last point, the learning rate, samples/s,
     real tokens/s and (on CUDA) allocated memory. Off by default: reading the loss costs a host sync.
     """
 
     def __init__(self, run: dict, run_dir: Path, device: str):
-        self.writer = None
         self.every = run.get("tracking_every", 10)
         self.device = device
-        if run.get("tracking") == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("tracking: tensorboard needs the tensorboard package; pip install "
-                                "'peftbench[tracking]'") from None
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.writer = {"tensorboard": _TensorBoard, "mlflow": _MLflow}.get(run.get("tracking"))
+        if self.writer is not None:
+            self.writer = self.writer(run, Path(run_dir))
         self.last_loss = 0.0
         self.samples = self.tokens = self.n_steps = 0
         self.t0 = time.perf_counter()
@@ -64,6 +61,56 @@ class Tracker:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class _TensorBoard:
+    def __init__(self, run: dict, run_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("tracking: tensorboard needs the tensorboard package; pip install "
+                            "'peftbench[tracking]'") from None
+        self.w = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def add_scalar(self, name: str, value: float, step: int) -> None:
+        self.w.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.w.close()
+
+
+class _MLflow:
+    """MLflow's client on the study's local file store (offline; MLflow keeps that store in maintenance
+    mode and asks for MLFLOW_ALLOW_FILE_STORE to use it)."""
+
+    def __init__(self, run: dict, run_dir: Path):
+        import os
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise UserError("tracking: mlflow needs the mlflow-skinny package; pip install 'peftbench[tracking]'") \
+                from None
+        self.client = MlflowClient(tracking_uri=mlflow_uri(run_dir.parent.parent))
+        name = str(run.get("study") or "peftbench")
+        exp = self.client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        self.run_id = self.client.create_run(exp_id, run_name=run.get("run_id")).info.run_id
+        params = {"method": run.get("method"), "label": run.get("label"), "seed": run.get("seed"),
+                  "learning_rate": run.get("learning_rate"), "config_hash": run.get("config_hash")}
+        for k, v in params.items():
+            self.client.log_param(self.run_id, k, v)
+
+    def add_scalar(self, name: str, value: float, step: int) -> None:
+        self.client.log_metric(self.run_id, name, float(value), step=step)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def mlflow_uri(study_dir: Path) -> str:
+    """Where a study's MLflow runs are: STUDY/mlruns, as a file URI (`mlflow ui --backend-store-uri` takes it)."""
+    return (Path(study_dir).resolve() / "mlruns").as_uri()
 
 
 class StepProfiler:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -324,7 +325,7 @@ class Recipe:
     def _setup_reporting(self) -> None:
         self.global_step = self.start_epoch * self.steps_per_epoch
         self.bar = None
-        if self.progress:
+        if self.progress and sys.stderr.isatty():  # a live bar on a terminal; elsewhere a line per epoch
             from tqdm.auto import tqdm
             self.bar = tqdm(total=self.total_steps, initial=self.global_step, desc=f"  {self.run['label']}",
                             unit="step", leave=False, dynamic_ncols=True)
@@ -408,6 +409,9 @@ class Recipe:
         self.tracker.epoch(epoch + 1, self.history[-1])
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_acc:.3f}")
+        elif self.progress:
+            print(f"  {self.run['label']}: epoch {epoch + 1}/{self.cfg['epochs']}, train loss {loss:.4f}, "
+                  f"validation accuracy {val_acc:.4f}", file=sys.stderr, flush=True)
         if self.cfg["select_best_epoch"] and val_acc > self.best["acc"]:
             state = {k: v.cpu() for k, v in trainable_state(self.model).items()}
             self.best = {"acc": val_acc, "epoch": epoch + 1, "state": state}
