@@ -203,3 +203,16 @@ def test_cuda_graphs_flag_sets_the_study_option():
         assert config.validate(raw)["train"]["cuda_graphs"] is want
     raw, _ = cli.build_study(cli.parser().parse_args(["run", "--preset", "quick"]))
     assert config.validate(raw)["train"]["cuda_graphs"] is True  # the default
+
+
+def test_every_option_has_help_with_an_example():
+    import argparse
+
+    from peftbench import cli
+    parser = cli.parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in subs.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and "e.g." in action.help, (name, action.dest)

@@ -274,41 +274,46 @@ def _version() -> str:
 
 def _study_arguments(r: argparse.ArgumentParser) -> None:
     """The arguments `run` and `plan` share: the study and what the command line overrides in it."""
-    r.add_argument("study", nargs="?", help="study YAML file")
-    r.add_argument("--preset", help="quick (offline CPU demo), seed (the starting study's protocol), fair")
-    r.add_argument("--out", help="study folder (default runs/NAME)")
-    r.add_argument("--model", help="override the model: minilm, a hub id or a local folder")
-    r.add_argument("--data", help="a folder with train and test files (parquet, csv, tsv, jsonl) or one data file "
-                   "(its test split is carved out); default $PEFTBENCH_DATA, ../shared/data/imdb, or the IMDb sample")
-    r.add_argument("--methods", help="comma list of methods, e.g. full,lora,qlora,ia3")
-    r.add_argument("--text-column", help="the text column, or two or more joined, e.g. --text-column title,description")
-    r.add_argument("--label-column", help="the label column, e.g. --label-column label")
-    r.add_argument("--label-names", help="class names in label order, e.g. --label-names World,Sports,Business,Sci/Tech")
-    r.add_argument("--columns", help="column names of a CSV/TSV without a header row, e.g. "
-                   "--columns label,title,description")
-    r.add_argument("--train-size", type=int, help="training rows (seeded, stratified subset), e.g. 3000")
-    r.add_argument("--test-size", type=_size, help="test rows, or a fraction (of a single data file: carved out "
-                   "of it), e.g. 2000 or 0.2")
-    r.add_argument("--epochs", type=int)
-    r.add_argument("--lr", type=float, help="one learning rate for every method (the single-lr protocol)")
-    r.add_argument("--max-length", type=int)
-    r.add_argument("--seeds", help="a count (3) or a list (0,1,2; one seed: 42,)")
-    r.add_argument("--lr-search", action="store_true", help="search each method's learning rate on validation")
-    r.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    r.add_argument("--parallel", type=int, help="runs at once on one device (timings flagged as concurrent)")
-    r.add_argument("--compile", choices=["off", "on", "cudagraphs"],
-                   help="torch.compile the model; cudagraphs adds CUDA graphs per bucketed shape (GPU)")
-    r.add_argument("--cuda-graphs", choices=["on", "off"],
-                   help="replay each training step from a CUDA graph per batch shape (default on, CUDA only)")
-    r.add_argument("--concurrent-finals", action="store_true",
-                   help="let final runs share the device too (default: finals run alone for clean timings)")
-    r.add_argument("--isolation", choices=["process", "inline"], help="a fresh process per run (default) or inline")
-    r.add_argument("--executor", choices=["local", "ray"], help="run locally (default) or on a Ray cluster")
-    r.add_argument("--gpus-per-run", type=int, help="data-parallel training of each run over N GPUs (torchrun); "
-                   "the batch stays batch_size examples per optimizer step")
-    r.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    r.add_argument("--gpu-memory", help="GPU memory budget per run, e.g. 24GB (2^30 bytes) or 16GiB: each run "
-                   "is capped to it and picks the largest micro-batch (and checkpointing if needed) that fits")
+    a = r.add_argument
+    a("study", nargs="?", help="a study YAML file, e.g. studies/all-methods.yaml (or --preset, or flags alone)")
+    a("--preset", help="quick (the offline CPU demo), seed (the starting study's single-lr protocol) or fair "
+      "(per-method lr search, 3 seeds), e.g. --preset quick")
+    a("--out", help="the study folder (default runs/NAME), e.g. --out runs/mine")
+    a("--model", help="minilm, a Hugging Face hub id or a local folder, e.g. --model roberta-base")
+    a("--data", help="a folder with train and test files (parquet, csv, tsv, jsonl) or one data file (its test "
+      "split is carved out), e.g. --data data/imdb; default $PEFTBENCH_DATA, ../shared/data/imdb, the IMDb sample")
+    a("--methods", help="a comma list of methods (`peftbench methods`), e.g. --methods full,lora,qlora,ia3")
+    a("--text-column", help="the text column, or two or more joined, e.g. --text-column title,description")
+    a("--label-column", help="the label column, e.g. --label-column label")
+    a("--label-names", help="class names in label order, e.g. --label-names World,Sports,Business,Sci/Tech")
+    a("--columns", help="column names of a CSV/TSV without a header row, e.g. --columns label,title,description")
+    a("--train-size", type=int, help="training rows (seeded, stratified subset), e.g. --train-size 3000")
+    a("--test-size", type=_size, help="test rows, or a fraction (of one data file: carved out of it), e.g. "
+      "--test-size 2000 or --test-size 0.2")
+    a("--epochs", type=int, help="epochs for every method, e.g. --epochs 3")
+    a("--lr", type=float, help="one learning rate for every method (the single-lr protocol), e.g. --lr 2e-5")
+    a("--max-length", type=int, help="tokens per text (longer texts are cut; the report counts them), e.g. "
+      "--max-length 256")
+    a("--seeds", help="a count or a list, e.g. --seeds 3 or --seeds 0,1,2 (one seed: --seeds 42,)")
+    a("--lr-search", action="store_true", help="search each method's learning rate on validation, e.g. "
+      "--lr-search (5 rates over 1.5 decades unless the study says otherwise)")
+    a("--device", help="auto, cpu, cuda or cuda:N, e.g. --device cuda:1")
+    a("--parallel", type=int, help="trial runs at once on one device (timings flagged as concurrent), e.g. "
+      "--parallel 3")
+    a("--compile", choices=["off", "on", "cudagraphs"], help="torch.compile the model; cudagraphs adds its CUDA "
+      "graphs per bucketed shape (GPU), e.g. --compile cudagraphs")
+    a("--cuda-graphs", choices=["on", "off"], help="replay each training step from a CUDA graph per batch shape "
+      "(default on, CUDA, models under 1B parameters), e.g. --cuda-graphs off")
+    a("--concurrent-finals", action="store_true", help="let final runs share the device too (default: finals "
+      "run alone for clean timings), e.g. --parallel 3 --concurrent-finals")
+    a("--isolation", choices=["process", "inline"], help="a fresh process per run (default) or all in this "
+      "process, e.g. --isolation inline")
+    a("--executor", choices=["local", "ray"], help="run locally (default) or on a Ray cluster, e.g. --executor ray")
+    a("--gpus-per-run", type=int, help="data-parallel training of each run over N GPUs (torchrun); the batch "
+      "stays batch_size examples per optimizer step, e.g. --gpus-per-run 2")
+    a("--address", help="the Ray cluster's address (default: a local Ray instance), e.g. --address auto")
+    a("--gpu-memory", help="GPU memory budget per run (GB = 2^30 bytes): each run is capped to it and picks the "
+      "largest micro-batch (and checkpointing if needed) that fits, e.g. --gpu-memory 24GB")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -327,11 +332,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a study (a YAML file or a preset)")
     _study_arguments(r)
-    r.add_argument("--profile", action="store_true",
-                   help="write a torch.profiler step profile to each run's profile.json")
-    r.add_argument("--no-report", action="store_true", help="skip writing the HTML/Markdown report")
+    r.add_argument("--profile", action="store_true", help="a torch.profiler profile of steps 20-50 in each "
+                   "run's profile.json, e.g. --profile")
+    r.add_argument("--no-report", action="store_true", help="skip the HTML/Markdown report, e.g. --no-report")
     r.add_argument("--force", action="store_true", help="run into a folder that holds another study (or other "
-                   "files): its contents move into an archive- subfolder first")
+                   "files): its contents move into an archive- subfolder first, e.g. --out runs/x --force")
     r.set_defaults(func=cmd_run)
 
     pl = sub.add_parser("plan", help="the GPU memory plan alone: does each method fit, at what micro-batch, "
@@ -341,33 +346,35 @@ def parser() -> argparse.ArgumentParser:
 
 
     m = sub.add_parser("methods", help="list the methods with their defaults and sources")
-    m.add_argument("--json", action="store_true")
+    m.add_argument("--json", action="store_true", help="as JSON, e.g. peftbench methods --json")
     m.set_defaults(func=cmd_methods)
 
     pr = sub.add_parser("predict", help="classify texts with a trained run")
-    pr.add_argument("run_dir")
-    pr.add_argument("text", nargs="*")
+    pr.add_argument("run_dir", help="a run folder, e.g. runs/quick/runs/lora-final-lr5.00e-04-s42")
+    pr.add_argument("text", nargs="*", help='texts to classify, e.g. "What a wonderful film"')
     pr.add_argument("--file", help="a file with one text per line, e.g. --file reviews.txt")
     pr.add_argument("--output", help="also write the predictions as Parquet (row, text_sha1, prediction, p_<class>; "
                     "as a run's predictions.parquet), e.g. --output preds.parquet")
-    pr.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
+    pr.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N, e.g. "
+                    "--device cpu")
     pr.add_argument("--json", action="store_true", help="one JSON object per text instead of a table line")
     pr.set_defaults(func=cmd_predict)
 
     rep = sub.add_parser("report", help="write report.md, report.html and plots for a study folder")
-    rep.add_argument("study_dir")
+    rep.add_argument("study_dir", help="a study folder, e.g. runs/quick")
     rep.set_defaults(func=cmd_report)
 
     rec = sub.add_parser("recommend", help="rank methods under constraints, from a study's measurements")
-    rec.add_argument("study_dir")
-    rec.add_argument("--max-memory", help="e.g. 8GB, 500MB (GPU peak; host peak for CPU studies)")
-    rec.add_argument("--max-train-time", help="e.g. 10m, 90s, 1h")
-    rec.add_argument("--min-accuracy", type=float)
+    rec.add_argument("study_dir", help="a study folder, e.g. runs/fair")
+    rec.add_argument("--max-memory", help="peak memory (GPU: the device figure; host for CPU studies), e.g. "
+                     "--max-memory 24GB or 500MB")
+    rec.add_argument("--max-train-time", help="training time of a run, e.g. --max-train-time 10m (or 90s, 1h)")
+    rec.add_argument("--min-accuracy", type=float, help="test accuracy as a fraction, e.g. --min-accuracy 0.9")
     rec.set_defaults(func=cmd_recommend)
 
     cmp_ = sub.add_parser("compare", help="put studies side by side")
-    cmp_.add_argument("study_dirs", nargs="+")
-    cmp_.add_argument("--out", help="also write the comparison as Markdown here")
+    cmp_.add_argument("study_dirs", nargs="+", help="study folders, e.g. runs/seed runs/fair")
+    cmp_.add_argument("--out", help="also write the comparison as Markdown, e.g. --out comparison.md")
     cmp_.set_defaults(func=cmd_compare)
     return p
 
