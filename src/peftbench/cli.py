@@ -357,7 +357,8 @@ def parser() -> argparse.ArgumentParser:
                     "as a run's predictions.parquet), e.g. --output preds.parquet")
     pr.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N, e.g. "
                     "--device cpu")
-    pr.add_argument("--json", action="store_true", help="one JSON object per text instead of a table line")
+    pr.add_argument("--json", action="store_true", help="one JSON object per text instead of a table line, "
+                    "e.g. --json")
     pr.set_defaults(func=cmd_predict)
 
     rep = sub.add_parser("report", help="write report.md, report.html and plots for a study folder")
