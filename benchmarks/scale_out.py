@@ -1,4 +1,4 @@
-"""Scale out (issue #8): a study over 1 GPU vs 2 GPUs with the Ray executor, and one data-parallel run.
+"""Scale out: a study over 1 GPU vs 2 GPUs with the Ray executor, and one data-parallel run.
 
     python benchmarks/scale_out.py --model PATH --data DIR --out benchmarks/results/NAME.json \
         [--study studies/scale16.yaml] [--gpu-sets 0/0,1] [--ddp-models roberta,minilm] [--ddp-epochs 2]
