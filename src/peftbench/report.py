@@ -326,12 +326,16 @@ def compare_cli(dirs: list[Path], out: Path | None) -> int:
 
 
 # ----------------------------------------------------------------------------------------- plots and files
+def _plain(text: str) -> str:
+    """Text as matplotlib shows it literally: a label like "$x^2$" is not TeX to parse (it crashed plots)."""
+    return str(text).replace("$", r"\$")
+
+
 def _plots(study: dict, out_dir: Path) -> dict[str, Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-    matplotlib.rcParams["text.parse_math"] = False  # a label like "$x^2$" is text, not TeX to parse
     rows = _ok_rows(study)
     gpu = study["gpu"]
     files: dict[str, Path] = {}
@@ -345,22 +349,23 @@ def _plots(study: dict, out_dir: Path) -> dict[str, Path]:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         front = set(pareto_front([(n, x, y) for n, x, y, _ in pts]))
-        for n, x, y, a in pts:
+        for i, (n, x, y, a) in enumerate(sorted(pts, key=lambda p: (p[2], p[1]))):
             err = None if a["ci_low"] is None else [[y - a["ci_low"]], [a["ci_high"] - y]]
             ax.errorbar([x], [y], yerr=err, fmt="o", ms=8, capsize=3,
                         color="tab:red" if n in front else "tab:blue")
-            ax.annotate(n, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            # Neighbours in accuracy get labels at staggered heights, so that crowded points stay readable.
+            ax.annotate(_plain(n), (x, y), textcoords="offset points", xytext=(6, 4 + 9 * (i % 3) - 9), fontsize=8)
         fp = sorted([(x, y) for n, x, y, _ in pts if n in front])
         if len(fp) > 1:
             ax.step([p[0] for p in fp], [p[1] for p in fp], where="post", color="tab:red", alpha=0.5)
         ax.plot([], [], "o", color="tab:red", label="on the Pareto front (nothing better on both axes)")
         ax.plot([], [], "o", color="tab:blue", label="dominated")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
         if logx:
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy")
-        ax.set_title(f"{study['name']}: accuracy vs {xlabel.split(' (')[0]}", fontsize=10)
+        ax.set_title(_plain(f"{study['name']}: accuracy vs {xlabel.split(' (')[0]}"), fontsize=10)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out_dir / f"{name}.png"
@@ -373,7 +378,7 @@ def _plots(study: dict, out_dir: Path) -> dict[str, Path]:
         seen = set()
         for r in sorted(curves, key=lambda r: (r["label"], r["seed"])):
             h = r["history"]
-            lab = r["label"] if r["label"] not in seen else None
+            lab = _plain(r["label"]) if r["label"] not in seen else None
             seen.add(r["label"])
             color = f"C{sorted({c['label'] for c in curves}).index(r['label']) % 10}"
             a1.plot([x["epoch"] for x in h], [x["validation_accuracy"] for x in h], "o-", color=color, label=lab,
