@@ -300,19 +300,20 @@ def recommend_cli(study_dir: Path, max_memory: str | None, max_time: str | None,
 
 def compare_cli(dirs: list[Path], out: Path | None) -> int:
     parts = []
-    header = ["study", "data", "device", "method", "accuracy", "train s", "trainable", "peak memory", "lr", "status"]
+    header = ["study", "data", "device", "method", "accuracy", "train s", "trainable", GPU_MEMORY_LABEL,
+              "peak host MB (CPU study)", "lr", "status"]
     rows = []
     for d in dirs:
         s = load_study(d)
-        where = "GPU (device)" if s["gpu"] else "host"  # never one bare number for unlike figures
         plan = s["plan"] or {}
         data = ((plan.get("study") or {}).get("data") or {})
         data_name = str(data.get("path") or data.get("name") or "?")
         device = str(plan.get("device") or "?")
         for r, cells in zip(s["rows"], table_rows(s)):
-            mem = memory_of(r, s["gpu"])
-            rows.append([f"{s['name']} ({d})", data_name, device, cells[0], cells[1], cells[3], cells[4],
-                         f"{where} {_fmt_num(mem, 0)} MB" if mem is not None else "-", cells[-4], cells[-1]])
+            mem = _fmt_num(memory_of(r, s["gpu"]), 0)  # GPU and host memory never share a column
+            gpu_mb, host_mb = (mem, "-") if s["gpu"] else ("-", mem)
+            rows.append([f"{s['name']} ({d})", data_name, device, cells[0], cells[1], cells[3], cells[4], gpu_mb,
+                         host_mb, cells[-4], cells[-1]])
     parts.append(markdown_table(header, rows))
     text = "\n".join(parts)
     print(text)
