@@ -38,6 +38,7 @@ test-all: $(VENV)/.installed-test
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check src tests benchmarks tools
+	$(VENV)/bin/ruff format --check src tests benchmarks tools
 
 clean:
 	rm -rf $(VENV) runs

@@ -33,16 +33,19 @@ import speed  # noqa: E402
 from peftbench import config, data as data_mod, stats  # noqa: E402
 from peftbench.runner import PRELOAD, Study  # noqa: E402
 
-IMPORTS = {"trainer": "import torch, transformers, peft; "
-                      "from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments",
-           "peftbench": f"import importlib; [importlib.import_module(m) for m in {PRELOAD!r}]"}
+IMPORTS = {
+    "trainer": "import torch, transformers, peft; "
+    "from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments",
+    "peftbench": f"import importlib; [importlib.import_module(m) for m in {PRELOAD!r}]",
+}
 
 
 def import_seconds(code: str) -> float:
     """Wall seconds of `python -c CODE` in a fresh process (the interpreter's own start included)."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True,
-                   env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    )
     return time.perf_counter() - t0
 
 
@@ -56,13 +59,18 @@ def accuracy_check(trainer: dict, peftbench: dict, command: str = "peftbench") -
             seeds.setdefault(method, []).append(int(seed))
     out = {}
     for method, its in sorted(seeds.items()):
-        pairs = [(trainer[f"{method}/s{s}"]["test_accuracy"], peftbench.get(f"{method}/s{s}")) for s in sorted(its)]
+        pairs = [
+            (trainer[f"{method}/s{s}"]["test_accuracy"], peftbench.get(f"{method}/s{s}")) for s in sorted(its)
+        ]
         pairs = [(t, p) for t, p in pairs if t is not None and p is not None]
-        out[method] = {"seeds": len(pairs), "peftbench_command": command,
-                       "trainer": stats.mean_ci([t for t, _ in pairs], bounds=(0, 1)),
-                       "peftbench": stats.mean_ci([p for _, p in pairs], bounds=(0, 1)),
-                       "difference_points": stats.mean_ci([100 * (p - t) for t, p in pairs]),
-                       "per_seed_points": [round(100 * (p - t), 2) for t, p in pairs]}
+        out[method] = {
+            "seeds": len(pairs),
+            "peftbench_command": command,
+            "trainer": stats.mean_ci([t for t, _ in pairs], bounds=(0, 1)),
+            "peftbench": stats.mean_ci([p for _, p in pairs], bounds=(0, 1)),
+            "difference_points": stats.mean_ci([100 * (p - t) for t, p in pairs]),
+            "per_seed_points": [round(100 * (p - t), 2) for t, p in pairs],
+        }
     return out
 
 
@@ -73,26 +81,41 @@ def summary(rows: dict) -> dict:
     for side in ("peftbench", "peftbench_parallel"):
         if trainer and side in rows:
             secs = rows[side]["total_seconds"]
-            out[side] = {"speedup": trainer / secs,
-                         "speedup_with_trainer_imports": (trainer + imports.get("trainer", 0)) / secs}
+            out[side] = {
+                "speedup": trainer / secs,
+                "speedup_with_trainer_imports": (trainer + imports.get("trainer", 0)) / secs,
+            }
     runs = rows.get("peftbench", {}).get("runs", {})
     if runs and "peftbench" in imports:
-        steady = {k: float(np.median(r["epoch_seconds"][1:] or r["epoch_seconds"])) * len(r["epoch_seconds"])
-                  for k, r in runs.items()}
-        out["floor"] = {"seconds": imports["peftbench"] + sum(steady.values()), "imports": imports["peftbench"],
-                        "steady_epochs": steady}
+        steady = {
+            k: float(np.median(r["epoch_seconds"][1:] or r["epoch_seconds"])) * len(r["epoch_seconds"])
+            for k, r in runs.items()
+        }
+        out["floor"] = {
+            "seconds": imports["peftbench"] + sum(steady.values()),
+            "imports": imports["peftbench"],
+            "steady_epochs": steady,
+        }
     return out
 
 
-def run_cli(args: list[str], out: Path, env: dict | None = None, timeout: float | None = None
-            ) -> tuple[float, subprocess.CompletedProcess, list]:
+def run_cli(
+    args: list[str], out: Path, env: dict | None = None, timeout: float | None = None
+) -> tuple[float, subprocess.CompletedProcess, list]:
     """`peftbench run ARGS --out OUT` in a fresh process (environment `env`, default this one's): its wall
     seconds, the process and the command. Past `timeout` seconds every process of the command (its forkserver
-    and workers too) gets SIGABRT, on which faulthandler prints each thread's stack into the captured stderr."""
+    and workers too) gets SIGABRT, on which faulthandler prints each thread's stack into the captured
+    stderr."""
     cmd = [sys.executable, "-m", "peftbench", "run", *args, "--out", str(out)]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**(env or os.environ), "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env={**(env or os.environ), "PYTHONFAULTHANDLER": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -103,31 +126,44 @@ def run_cli(args: list[str], out: Path, env: dict | None = None, timeout: float 
 
 def peftbench_cli(model: str, data: str, out: Path, extra: list[str], timeout: float | None) -> dict:
     started = time.time()
-    secs, proc, cmd = run_cli(["--preset", "seed", "--model", model, "--data", data, *extra], out, timeout=timeout)
-    return {"total_seconds": secs, "exit_status": proc.returncode, **study_details(out, started, started + secs),
-            "command": " ".join(cmd[1:]), "stderr_tail": proc.stderr[-30000:] if proc.returncode else ""}
+    secs, proc, cmd = run_cli(
+        ["--preset", "seed", "--model", model, "--data", data, *extra], out, timeout=timeout
+    )
+    return {
+        "total_seconds": secs,
+        "exit_status": proc.returncode,
+        **study_details(out, started, started + secs),
+        "command": " ".join(cmd[1:]),
+        "stderr_tail": proc.stderr[-30000:] if proc.returncode else "",
+    }
 
 
 def study_details(out: Path, started: float, ended: float) -> dict:
     """What the study folder says: test accuracies, the study's own wall time, and where each run's time went,
-    with each run's place on the time line of the command that ran from `started` to `ended` (epoch seconds)."""
+    with each run's place on the time line of the command that ran from `started` to `ended` (epoch
+    seconds)."""
     runs = {}
     results = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*/result.json"))]
     several = len({r["seed"] for r in results}) > 1
     for r in results:
         m = r.get("metrics") or {}
         runs[f"{r['label']}/s{r['seed']}" if several else r["label"]] = {
-                            "test_accuracy": m.get("test_accuracy"), "worker": (r.get("environment") or {}).get("worker"),
-                            "run_seconds": (r.get("finished_at") or 0) - r["started_at"],
-                            "phase_seconds": m.get("phase_seconds"),
-                            "epoch_seconds": [h["epoch_seconds"] for h in r.get("history") or []],
-                            "train_samples_per_second": m.get("train_samples_per_second"),
-                            "cuda_graphs": m.get("cuda_graphs"),
-                            "started_after_seconds": r["started_at"] - started,
-                            "finished_before_end_seconds": ended - (r.get("finished_at") or r["started_at"])}
+            "test_accuracy": m.get("test_accuracy"),
+            "worker": (r.get("environment") or {}).get("worker"),
+            "run_seconds": (r.get("finished_at") or 0) - r["started_at"],
+            "phase_seconds": m.get("phase_seconds"),
+            "epoch_seconds": [h["epoch_seconds"] for h in r.get("history") or []],
+            "train_samples_per_second": m.get("train_samples_per_second"),
+            "cuda_graphs": m.get("cuda_graphs"),
+            "started_after_seconds": r["started_at"] - started,
+            "finished_before_end_seconds": ended - (r.get("finished_at") or r["started_at"]),
+        }
     plan = json.loads((out / "study.json").read_text()) if (out / "study.json").exists() else {}
-    return {"test_accuracy": {k: v["test_accuracy"] for k, v in runs.items()},
-            "study_wall_seconds": plan.get("wall_seconds"), "runs": runs}
+    return {
+        "test_accuracy": {k: v["test_accuracy"] for k, v in runs.items()},
+        "study_wall_seconds": plan.get("wall_seconds"),
+        "runs": runs,
+    }
 
 
 def main() -> None:
@@ -144,9 +180,13 @@ def main() -> None:
     ap.add_argument("--train-size", type=int, default=3000, help="smaller for a smoke test")
     ap.add_argument("--test-size", type=int, default=2000)
     ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--seeds", default="42", help="training seeds, e.g. 1,2,3: every run once per seed, both sides")
+    ap.add_argument(
+        "--seeds", default="42", help="training seeds, e.g. 1,2,3: every run once per seed, both sides"
+    )
     ap.add_argument("--cli-timeout", type=float, default=None, help="seconds each peftbench command may take")
-    ap.add_argument("--imports", action="store_true", help="time both sides' imports in fresh processes first")
+    ap.add_argument(
+        "--imports", action="store_true", help="time both sides' imports in fresh processes first"
+    )
     a = ap.parse_args()
     seeds = [int(x) for x in a.seeds.split(",")]
     os.environ.setdefault("PEFTBENCH_PROGRESS", "0")
@@ -156,20 +196,34 @@ def main() -> None:
     rows: dict = {"argv": sys.argv[1:], "torch": speed.torch.__version__}
 
     def save() -> None:  # after every part: a run cut off by a time limit keeps what it measured
-        side = "peftbench" if "peftbench" in rows else "peftbench_parallel"  # --no-sequential: the parallel one
+        side = (
+            "peftbench" if "peftbench" in rows else "peftbench_parallel"
+        )  # --no-sequential: the parallel one
         if len(seeds) > 1 and "trainer" in rows and side in rows:
-            rows["accuracy_check"] = accuracy_check(rows["trainer"]["per_method"], rows[side]["test_accuracy"], side)
+            rows["accuracy_check"] = accuracy_check(
+                rows["trainer"]["per_method"], rows[side]["test_accuracy"], side
+            )
         rows["summary"] = summary(rows)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(rows, indent=1))
+
     if a.imports:
         rows["imports"] = {side: import_seconds(code) for side, code in IMPORTS.items()}
         print(json.dumps({"imports": rows["imports"]}), flush=True)
     if not a.skip_trainer:
         seed = config.load_preset("seed")
-        raw = {**seed, "model": a.model, "train": {**seed["train"], "max_length": a.max_length},
-               "data": {**seed["data"], "name": None, "path": a.data, "train_size": a.train_size,
-                        "test_size": a.test_size}}
+        raw = {
+            **seed,
+            "model": a.model,
+            "train": {**seed["train"], "max_length": a.max_length},
+            "data": {
+                **seed["data"],
+                "name": None,
+                "path": a.data,
+                "train_size": a.train_size,
+                "test_size": a.test_size,
+            },
+        }
         study = Study(config.validate(raw), work / "trainer")
         study.out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -179,28 +233,63 @@ def main() -> None:
         per = {}
         for seed in seeds:
             for m in methods:
-                spec = speed.spec_for(study, m, study.model_path, None, "peftbench")  # the seed protocol's epochs
-                r = speed.run_trainer(spec, tok, study.pad_token_id or 0, a.max_length, evaluate=True, seed=seed)
+                spec = speed.spec_for(
+                    study, m, study.model_path, None, "peftbench"
+                )  # the seed protocol's epochs
+                r = speed.run_trainer(
+                    spec, tok, study.pad_token_id or 0, a.max_length, evaluate=True, seed=seed
+                )
                 per[m if len(seeds) == 1 else f"{m}/s{seed}"] = r
-                print(json.dumps({"trainer": m, "seed": seed, **{k: round(v, 4) for k, v in r.items()}}), flush=True)
-                rows["trainer"] = {"prepare_seconds": prep, "per_method": per,
-                                   "total_seconds": prep + sum(r["total_seconds"] for r in per.values())}
+                print(
+                    json.dumps({"trainer": m, "seed": seed, **{k: round(v, 4) for k, v in r.items()}}),
+                    flush=True,
+                )
+                rows["trainer"] = {
+                    "prepare_seconds": prep,
+                    "per_method": per,
+                    "total_seconds": prep + sum(r["total_seconds"] for r in per.values()),
+                }
                 save()
-    sizes = ["--train-size", str(a.train_size), "--test-size", str(a.test_size), "--max-length", str(a.max_length)]
+    sizes = [
+        "--train-size",
+        str(a.train_size),
+        "--test-size",
+        str(a.test_size),
+        "--max-length",
+        str(a.max_length),
+    ]
     sizes += ["--seeds", ",".join(map(str, seeds)) + ",", *a.extra.split()]  # a list, also for one seed
     if not a.no_sequential:
-        rows["peftbench"] = peftbench_cli(a.model, a.data, work / "pb", ["--methods", a.methods, *sizes],
-                                          a.cli_timeout)
+        rows["peftbench"] = peftbench_cli(
+            a.model, a.data, work / "pb", ["--methods", a.methods, *sizes], a.cli_timeout
+        )
         print(json.dumps({"peftbench": rows["peftbench"]["total_seconds"]}), flush=True)
         save()
     if a.parallel:
-        rows["peftbench_parallel"] = peftbench_cli(a.model, a.data, work / "pbp",
-                                                   ["--methods", a.methods, *sizes, "--parallel",
-                                                    str(a.parallel), "--concurrent-finals"], a.cli_timeout)
+        rows["peftbench_parallel"] = peftbench_cli(
+            a.model,
+            a.data,
+            work / "pbp",
+            ["--methods", a.methods, *sizes, "--parallel", str(a.parallel), "--concurrent-finals"],
+            a.cli_timeout,
+        )
         print(json.dumps({"peftbench_parallel": rows["peftbench_parallel"]["total_seconds"]}), flush=True)
     save()
-    print(json.dumps({"summary": rows["summary"], **({"accuracy_check": {
-        m: {"difference_points": c["difference_points"]} for m, c in rows.get("accuracy_check", {}).items()}})}))
+    print(
+        json.dumps(
+            {
+                "summary": rows["summary"],
+                **(
+                    {
+                        "accuracy_check": {
+                            m: {"difference_points": c["difference_points"]}
+                            for m, c in rows.get("accuracy_check", {}).items()
+                        }
+                    }
+                ),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

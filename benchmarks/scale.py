@@ -42,18 +42,60 @@ from peftbench import config, data as data_mod, train  # noqa: E402
 from peftbench.runner import Study  # noqa: E402
 
 SHAPES = {
-    "8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0)),
-    "1.4b": ("qwen2", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                           num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True)),
-    "tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           num_key_value_heads=2, max_position_embeddings=1024)),
+    "8b": (
+        "llama",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+        ),
+    ),
+    "1.4b": (
+        "qwen2",
+        dict(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "tiny": (
+        "llama",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+        ),
+    ),
 }
 METHODS = {  # the same adapters in both recipes
     "full": {"name": "full"},
-    "lora": {"name": "lora", "label": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "targets": ["q", "v"]},
-    "qlora": {"name": "qlora", "label": "qlora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
-              "targets": ["q", "v"]},
+    "lora": {
+        "name": "lora",
+        "label": "lora",
+        "r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+        "targets": ["q", "v"],
+    },
+    "qlora": {
+        "name": "qlora",
+        "label": "qlora",
+        "r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+        "targets": ["q", "v"],
+    },
     "ia3": {"name": "ia3", "label": "ia3"},
 }
 
@@ -61,8 +103,11 @@ METHODS = {  # the same adapters in both recipes
 def build_shape(shape: str, tokenizer: Path, folder: Path, device: str) -> Path:
     """A decoder of `shape` with random weights, saved in bf16 with the tokenizer beside it."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
     kind, sizes = SHAPES[shape]
-    cfg = AutoConfig.for_model(kind, vocab_size=30522, pad_token_id=0, bos_token_id=101, eos_token_id=102, **sizes)
+    cfg = AutoConfig.for_model(
+        kind, vocab_size=30522, pad_token_id=0, bos_token_id=101, eos_token_id=102, **sizes
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -85,19 +130,25 @@ def reset() -> None:
 def peaks() -> dict:
     if not torch.cuda.is_available():
         return {}
-    return {"peak_memory_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
-            "peak_memory_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
+    return {
+        "peak_memory_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
+        "peak_memory_reserved_mb": torch.cuda.max_memory_reserved() / 2**20,
+    }
 
 
 def plain_model(folder: Path, method: str, device: str):
     """The practitioner's model: bf16 (or NF4) base straight onto the device, peft on top."""
     from peft import IA3Config, LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
     kw = {"dtype": torch.bfloat16, "num_labels": 2, "device_map": {"": device}}
     if method == "qlora":
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_use_double_quant=True,
-                                                       bnb_4bit_compute_dtype=torch.bfloat16)
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     model = AutoModelForSequenceClassification.from_pretrained(folder, **kw)
     model.config.pad_token_id = 0
     if method == "full":
@@ -105,13 +156,19 @@ def plain_model(folder: Path, method: str, device: str):
     if method == "ia3":
         cfg = IA3Config(task_type=TaskType.SEQ_CLS)
     else:
-        cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=16, lora_alpha=32, lora_dropout=0.0,
-                         target_modules=["q_proj", "v_proj"])
+        cfg = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "v_proj"],
+        )
     return get_peft_model(model, cfg)
 
 
-def run_plain(folder: Path, method: str, micro: int, tok: data_mod.Tokenized, max_len: int, device: str,
-              steps: int) -> dict:
+def run_plain(
+    folder: Path, method: str, micro: int, tok: data_mod.Tokenized, max_len: int, device: str, steps: int
+) -> dict:
     reset()
     model = plain_model(folder, method, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -124,14 +181,17 @@ def run_plain(folder: Path, method: str, micro: int, tok: data_mod.Tokenized, ma
         mask = np.zeros((micro, max_len), dtype=np.int64)
         for i, r in enumerate(rows):
             seq = tok.ids["train"][r][:max_len]
-            ids[i, :len(seq)], mask[i, :len(seq)] = seq, 1
+            ids[i, : len(seq)], mask[i, : len(seq)] = seq, 1
         y = torch.from_numpy(tok.labels["train"][rows]).to(device)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
-            loss = model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device),
-                         labels=y).loss
+            loss = model(
+                input_ids=torch.from_numpy(ids).to(device),
+                attention_mask=torch.from_numpy(mask).to(device),
+                labels=y,
+            ).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -144,21 +204,42 @@ def run_plain(folder: Path, method: str, micro: int, tok: data_mod.Tokenized, ma
     return out
 
 
-def run_peftbench(study: Study, folder: Path, method: str, micro: int, tok: data_mod.Tokenized,
-                  budget_gb: float | None = None) -> dict:
+def run_peftbench(
+    study: Study,
+    folder: Path,
+    method: str,
+    micro: int,
+    tok: data_mod.Tokenized,
+    budget_gb: float | None = None,
+) -> dict:
     reset()
     spec = study.run_spec(config.normalise_methods([METHODS[method]], [])[0], None, 42, "final")
     spec["learning_rate"] = spec["train"]["learning_rate"] = 1e-4
-    spec.update(model_path=str(folder), evaluate_test=False, checkpoint=False, verify_reload=False,
-                gpu_memory_bytes=int(budget_gb * 2**30) if budget_gb else None)
+    spec.update(
+        model_path=str(folder),
+        evaluate_test=False,
+        checkpoint=False,
+        verify_reload=False,
+        gpu_memory_bytes=int(budget_gb * 2**30) if budget_gb else None,
+    )
     spec["train"]["micro_batch_size"] = micro
     spec["config_hash"] = config.config_hash(spec)
     with tempfile.TemporaryDirectory() as tmp:
         res = train.train_run(spec, tok, Path(tmp), progress=False)
     m, hist = res["metrics"], res["history"]
-    keys = ("peak_memory_allocated_mb", "peak_memory_reserved_mb", "peak_device_memory_mb", "micro_batch_size",
-            "gradient_checkpointing", "base_dtype", "cuda_graphs", "attention_mask", "model_load_seconds",
-            "memory_plan", "train_samples_per_second")
+    keys = (
+        "peak_memory_allocated_mb",
+        "peak_memory_reserved_mb",
+        "peak_device_memory_mb",
+        "micro_batch_size",
+        "gradient_checkpointing",
+        "base_dtype",
+        "cuda_graphs",
+        "attention_mask",
+        "model_load_seconds",
+        "memory_plan",
+        "train_samples_per_second",
+    )
     out = {k: m.get(k) for k in keys}
     out["samples_per_second"] = len(tok.ids["train"]) / hist[-1]["epoch_seconds"]
     if budget_gb and m["peak_device_memory_mb"] is not None:
@@ -168,15 +249,40 @@ def run_peftbench(study: Study, folder: Path, method: str, micro: int, tok: data
 
 def timed_plan(folder: Path, data: str, budget: str, methods: str, out_dir: Path) -> dict:
     """`peftbench plan` in a fresh process, as a user runs it; its table and wall time."""
-    cmd = [sys.executable, "-m", "peftbench", "plan", "--model", str(folder), "--data", data, "--methods", methods,
-           "--gpu-memory", budget, "--train-size", "160", "--test-size", "16", "--max-length", "512",
-           "--out", str(out_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "peftbench",
+        "plan",
+        "--model",
+        str(folder),
+        "--data",
+        data,
+        "--methods",
+        methods,
+        "--gpu-memory",
+        budget,
+        "--train-size",
+        "160",
+        "--test-size",
+        "16",
+        "--max-length",
+        "512",
+        "--out",
+        str(out_dir),
+    ]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     wall = time.perf_counter() - t
     plan = json.loads((out_dir / "plan.json").read_text()) if (out_dir / "plan.json").exists() else None
-    return {"command": " ".join(cmd[1:]), "wall_seconds": wall, "returncode": proc.returncode,
-            "table": proc.stdout, "stderr_tail": proc.stderr[-1500:], "plan": plan}
+    return {
+        "command": " ".join(cmd[1:]),
+        "wall_seconds": wall,
+        "returncode": proc.returncode,
+        "table": proc.stdout,
+        "stderr_tail": proc.stderr[-1500:],
+        "plan": plan,
+    }
 
 
 def main() -> None:
@@ -193,19 +299,36 @@ def main() -> None:
     ap.add_argument("--train-size", type=int, default=160)
     ap.add_argument("--plain-steps", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--work", type=Path, default=None, help="where the shapes are built (default: a temp dir)")
-    ap.add_argument("--keep", action="store_true", help="keep the built shapes in --work, and reuse them there")
+    ap.add_argument(
+        "--work", type=Path, default=None, help="where the shapes are built (default: a temp dir)"
+    )
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the built shapes in --work, and reuse them there"
+    )
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     work = a.work or Path(tempfile.mkdtemp())
-    result = {"torch": torch.__version__, "argv": sys.argv[1:], "device": torch.cuda.get_device_name()
-              if device == "cuda" else "cpu", "rows": [], "plans": {}}
+    result = {
+        "torch": torch.__version__,
+        "argv": sys.argv[1:],
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "rows": [],
+        "plans": {},
+    }
 
     def save(row=None):
         if row is not None:
             result["rows"].append(row)
-            print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()
-                              if k not in ("memory_plan", "cuda_graphs")}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        k: (round(v, 2) if isinstance(v, float) else v)
+                        for k, v in row.items()
+                        if k not in ("memory_plan", "cuda_graphs")
+                    }
+                ),
+                flush=True,
+            )
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(result, indent=1))
 
@@ -216,10 +339,13 @@ def main() -> None:
             build_shape(shape, a.tokenizer, folder, device)
         reset()
         result.setdefault("build_seconds", {})[shape] = time.perf_counter() - t
-        raw = {"model": str(folder), "data": {"path": a.data, "train_size": a.train_size, "validation_size": 16,
-                                              "test_size": 16},
-               "methods": ["lora"], "train": {"max_length": a.max_length, "batch_size": 16, "epochs": 2,
-                                              "warmup_ratio": 0.0}, "device": device}
+        raw = {
+            "model": str(folder),
+            "data": {"path": a.data, "train_size": a.train_size, "validation_size": 16, "test_size": 16},
+            "methods": ["lora"],
+            "train": {"max_length": a.max_length, "batch_size": 16, "epochs": 2, "warmup_ratio": 0.0},
+            "device": device,
+        }
         study = Study(config.validate(raw), work / f"study-{shape}")
         study.out.mkdir(parents=True, exist_ok=True)
         study.prepare()
@@ -230,13 +356,18 @@ def main() -> None:
                     row = {"shape": shape, "method": method, "micro_batch_size": micro, "recipe": recipe}
                     try:
                         if recipe == "plain":
-                            row.update(run_plain(folder, method, micro, tok, a.max_length, device, a.plain_steps))
+                            row.update(
+                                run_plain(folder, method, micro, tok, a.max_length, device, a.plain_steps)
+                            )
                         else:
                             row.update(run_peftbench(study, folder, method, micro, tok))
                         row["status"] = "success"
                     except Exception as e:  # an OOM is a result too
-                        row.update(status="oom" if memory_error(e) else "failed",
-                                   error=f"{type(e).__name__}: {str(e)[:200]}", **peaks())
+                        row.update(
+                            status="oom" if memory_error(e) else "failed",
+                            error=f"{type(e).__name__}: {str(e)[:200]}",
+                            **peaks(),
+                        )
                     save(row)
         for pair in [p for p in a.budgets.split(",") if p]:
             method, gb = pair.split("@")
@@ -247,7 +378,9 @@ def main() -> None:
                 row.update(status=type(e).__name__, error=str(e)[:300])
             save(row)
         if a.plan_budget:
-            result["plans"][shape] = timed_plan(folder, a.data, a.plan_budget, a.methods, work / f"plan-{shape}")
+            result["plans"][shape] = timed_plan(
+                folder, a.data, a.plan_budget, a.methods, work / f"plan-{shape}"
+            )
             save()
         if not a.keep:
             shutil.rmtree(folder, ignore_errors=True)  # 16 GB for the 8B shape
@@ -255,6 +388,7 @@ def main() -> None:
 
 def memory_error(e: BaseException) -> bool:
     from peftbench.devices import is_oom
+
     return is_oom(e)
 
 

@@ -37,16 +37,26 @@ def cli(args: list[str], out: Path, gpus: str | None) -> dict:
         env["CUDA_VISIBLE_DEVICES"] = gpus
     secs, proc, cmd = end_to_end.run_cli(args, out, env=env)
     results = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*/result.json"))]
-    return {"command": " ".join(["peftbench", *cmd[3:]]), "CUDA_VISIBLE_DEVICES": gpus, "wall_seconds": secs,
-            "exit_status": proc.returncode, "stderr_tail": proc.stderr[-800:] if proc.returncode else "",
-            "runs": len(results), "succeeded": sum(r["status"] == "success" for r in results),
-            "workers": sorted({(r.get("environment") or {}).get("worker", "?") for r in results}),
-            "devices_seen_by_runs": sorted({str((r.get("environment") or {}).get("cuda_visible_devices"))
-                                            for r in results}),
-            # per run: its worker's whole life, and the part its phases account for (the rest: imports, setup)
-            "run_seconds_mean": mean([r["finished_at"] - r["started_at"] for r in results if r.get("finished_at")]),
-            "run_phase_seconds_mean": mean([sum((r.get("metrics") or {}).get("phase_seconds", {}).values())
-                                            for r in results])}, results
+    return {
+        "command": " ".join(["peftbench", *cmd[3:]]),
+        "CUDA_VISIBLE_DEVICES": gpus,
+        "wall_seconds": secs,
+        "exit_status": proc.returncode,
+        "stderr_tail": proc.stderr[-800:] if proc.returncode else "",
+        "runs": len(results),
+        "succeeded": sum(r["status"] == "success" for r in results),
+        "workers": sorted({(r.get("environment") or {}).get("worker", "?") for r in results}),
+        "devices_seen_by_runs": sorted(
+            {str((r.get("environment") or {}).get("cuda_visible_devices")) for r in results}
+        ),
+        # per run: its worker's whole life, and the part its phases account for (the rest: imports, setup)
+        "run_seconds_mean": mean(
+            [r["finished_at"] - r["started_at"] for r in results if r.get("finished_at")]
+        ),
+        "run_phase_seconds_mean": mean(
+            [sum((r.get("metrics") or {}).get("phase_seconds", {}).values()) for r in results]
+        ),
+    }, results
 
 
 def mean(xs: list[float]) -> float | None:
@@ -60,29 +70,47 @@ def agreement(a: list[dict], b: list[dict]) -> dict:
     worst = 0.0
     for r in a:
         o = by_id.get(r["run_id"])
-        if not o or r["config_hash"] != o["config_hash"] or r["status"] != "success" or o["status"] != "success":
+        if (
+            not o
+            or r["config_hash"] != o["config_hash"]
+            or r["status"] != "success"
+            or o["status"] != "success"
+        ):
             continue
         same_pred += r.get("test_predictions") == o.get("test_predictions")
         same_metrics += all(r["metrics"].get(k) == o["metrics"].get(k) for k in COMPARED)
         worst = max(worst, abs(r["metrics"]["test_accuracy"] - o["metrics"]["test_accuracy"]))
-    return {"runs_compared": len([r for r in a if r["run_id"] in by_id]), "identical_test_predictions": same_pred,
-            "identical_metrics": same_metrics, "max_test_accuracy_difference": worst}
+    return {
+        "runs_compared": len([r for r in a if r["run_id"] in by_id]),
+        "identical_test_predictions": same_pred,
+        "identical_metrics": same_metrics,
+        "max_test_accuracy_difference": worst,
+    }
 
 
 def ddp_row(results: list[dict]) -> dict:
     (r,) = results
     m = r.get("metrics") or {}
-    return {"status": r["status"], "error": r.get("error"), "world_size": m.get("world_size"),
-            "train_seconds": m.get("train_seconds"), "train_samples_per_second": m.get("train_samples_per_second"),
-            "mfu": m.get("mfu"), "steps": m.get("steps"), "test_accuracy": m.get("test_accuracy"),
-            "peak_memory_allocated_mb": m.get("peak_memory_allocated_mb"),
-            "per_process_peak_mb": [p.get("peak_memory_allocated_mb") for p in m.get("per_process") or []],
-            "history_train_loss": [h.get("train_loss") for h in r.get("history") or []]}
+    return {
+        "status": r["status"],
+        "error": r.get("error"),
+        "world_size": m.get("world_size"),
+        "train_seconds": m.get("train_seconds"),
+        "train_samples_per_second": m.get("train_samples_per_second"),
+        "mfu": m.get("mfu"),
+        "steps": m.get("steps"),
+        "test_accuracy": m.get("test_accuracy"),
+        "peak_memory_allocated_mb": m.get("peak_memory_allocated_mb"),
+        "per_process_peak_mb": [p.get("peak_memory_allocated_mb") for p in m.get("per_process") or []],
+        "history_train_loss": [h.get("train_loss") for h in r.get("history") or []],
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="the MiniLM folder (also the roberta-shaped model's tokenizer)")
+    ap.add_argument(
+        "--model", required=True, help="the MiniLM folder (also the roberta-shaped model's tokenizer)"
+    )
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default=None, help="study folders go here (default: a temporary folder)")
@@ -95,8 +123,13 @@ def main() -> None:
     os.environ.setdefault("PEFTBENCH_PROGRESS", "0")
     work = Path(a.work or tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
-    out: dict = {"argv": sys.argv[1:], "torch": speed.torch.__version__,
-                 "gpus": speed.torch.cuda.device_count(), "scale": [], "ddp": {}}
+    out: dict = {
+        "argv": sys.argv[1:],
+        "torch": speed.torch.__version__,
+        "gpus": speed.torch.cuda.device_count(),
+        "scale": [],
+        "ddp": {},
+    }
 
     def save():
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -106,16 +139,23 @@ def main() -> None:
     first = None
     for gpus in [g for g in a.gpu_sets.split("/") if g]:
         name = "scale-" + gpus.replace(",", "_")
-        row, results = cli([a.study, "--executor", "ray", "--model", a.model, "--data", a.data, *sizes],
-                           work / name, gpus if speed.torch.cuda.is_available() else None)
+        row, results = cli(
+            [a.study, "--executor", "ray", "--model", a.model, "--data", a.data, *sizes],
+            work / name,
+            gpus if speed.torch.cuda.is_available() else None,
+        )
         if first is None:
             first = (row, results)
         else:
             row["speedup_vs_first"] = first[0]["wall_seconds"] / row["wall_seconds"]
             row["agreement_with_first"] = agreement(first[1], results)
         out["scale"].append(row)
-        print(json.dumps({k: row[k] for k in ("CUDA_VISIBLE_DEVICES", "wall_seconds", "succeeded", "exit_status")}),
-              flush=True)
+        print(
+            json.dumps(
+                {k: row[k] for k in ("CUDA_VISIBLE_DEVICES", "wall_seconds", "succeeded", "exit_status")}
+            ),
+            flush=True,
+        )
         save()
     for model in [m for m in a.ddp_models.split(",") if m]:
         path = a.model
@@ -125,13 +165,39 @@ def main() -> None:
                 speed.roberta_shaped(Path(path), tokenizer_from=Path(a.model))
         for n in (1, 2):
             gpus = ",".join(str(i) for i in range(n)) if speed.torch.cuda.is_available() else None
-            row, results = cli(["--preset", "seed", "--methods", "full", "--epochs", str(a.ddp_epochs),
-                                "--gpus-per-run", str(n), "--model", path, "--data", a.data, "--no-report",
-                                *sizes], work / f"ddp-{model}-{n}", gpus)
+            row, results = cli(
+                [
+                    "--preset",
+                    "seed",
+                    "--methods",
+                    "full",
+                    "--epochs",
+                    str(a.ddp_epochs),
+                    "--gpus-per-run",
+                    str(n),
+                    "--model",
+                    path,
+                    "--data",
+                    a.data,
+                    "--no-report",
+                    *sizes,
+                ],
+                work / f"ddp-{model}-{n}",
+                gpus,
+            )
             row.update(ddp_row(results) if results else {})
             out["ddp"].setdefault(model, []).append(row)
-            print(json.dumps({"ddp": model, "gpus": n, "samples_per_s": row.get("train_samples_per_second"),
-                              "exit_status": row["exit_status"]}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "ddp": model,
+                        "gpus": n,
+                        "samples_per_s": row.get("train_samples_per_second"),
+                        "exit_status": row["exit_status"],
+                    }
+                ),
+                flush=True,
+            )
             save()
         one, two = out["ddp"][model]
         if one.get("train_samples_per_second") and two.get("train_samples_per_second"):

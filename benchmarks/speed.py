@@ -7,13 +7,15 @@
 For each model and method, both recipes train the same model (built by peftbench, so the method is
 identical) on the same tokenized IMDb subset with batch 16, lr 2e-5, weight decay 0.01, linear
 schedule. (a) "trainer" is the starting study's recipe: transformers' Trainer, fp32, every review
-padded to max length (512 unless --max-length). (b) "peftbench" is `train.train_run`: bf16 autocast, length-bucketed
+padded to max length (512 unless --max-length). (b) "peftbench" is `train.train_run`: bf16 autocast,
+length-bucketed
 batches padded to their longest item (rounded to 64 on GPU), fused AdamW, a ready 4D attention mask
 where it gives identical logits, and (CUDA) each step's forward and backward replayed from a CUDA graph per
 batch shape. Recipe options, joined with "+": eager (no CUDA graphs), compile (torch.compile per bucket
 shape), cudagraphs (compile + its CUDA graphs), padN (pad to multiples of N), mask2d (the plain 2D mask,
 i.e. transformers' per-step `mask.all()` sync), profile (a torch.profiler step profile into
---profile-dir). With --epochs > 1 rows also give the last epoch alone (after warm-up and compilation). The roberta-base-shaped model is built from
+--profile-dir). With --epochs > 1 rows also give the last epoch alone (after warm-up and compilation). The
+roberta-base-shaped model is built from
 RobertaConfig with roberta-base's values and random weights (no download): its accuracy means
 nothing, its time and memory are roberta-base's. It is fed the MiniLM tokenizer's ids (all < 30522),
 so lengths follow the real IMDb distribution up to the tokenizer difference.
@@ -48,11 +50,22 @@ def roberta_shaped(folder: Path, tokenizer_from: Path | None = None) -> Path:
     """roberta-base's shape with random weights. With `tokenizer_from` (the MiniLM folder) the folder also
     gets that tokenizer, and its pad id, so that `peftbench run --model FOLDER` can use it."""
     from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+
     tok = AutoTokenizer.from_pretrained(tokenizer_from) if tokenizer_from else None
     pad = tok.pad_token_id if tok else 1
-    cfg = RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                        intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1,
-                        pad_token_id=pad, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
+    cfg = RobertaConfig(
+        vocab_size=50265,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        max_position_embeddings=514,
+        type_vocab_size=1,
+        pad_token_id=pad,
+        bos_token_id=0,
+        eos_token_id=2,
+        layer_norm_eps=1e-5,
+    )
     torch.manual_seed(0)
     RobertaModel(cfg).save_pretrained(folder)
     if tok:
@@ -61,15 +74,20 @@ def roberta_shaped(folder: Path, tokenizer_from: Path | None = None) -> Path:
 
 
 def spec_for(study: Study, method: str, model_path: str, epochs: int | None, recipe: str) -> dict:
-    """The run spec of `recipe`: "peftbench" plus options joined by "+": eager, compile, cudagraphs, padN, mask2d.
+    """The run spec of `recipe`: "peftbench" plus options joined by "+": eager, compile, cudagraphs, padN,
+    mask2d.
 
     `epochs` None keeps the seed protocol's own (5, 3 for LoRA)."""
     spec = study.run_spec(SEED_METHODS[method], 2e-5, 42, "final")
     spec["model_path"] = model_path
     opts = recipe.split("+")[1:]
     compile_ = "cudagraphs" if "cudagraphs" in opts else ("compile" in opts)
-    spec["train"] = {**spec["train"], "epochs": epochs or spec["train"]["epochs"], "compile": compile_,
-                     "learning_rate": 2e-5}
+    spec["train"] = {
+        **spec["train"],
+        "epochs": epochs or spec["train"]["epochs"],
+        "compile": compile_,
+        "learning_rate": 2e-5,
+    }
     spec["train"]["cuda_graphs"] = "eager" not in opts
     for o in opts:
         if o.startswith("pad"):
@@ -91,12 +109,14 @@ def reset() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_trainer(spec: dict, tok: data_mod.Tokenized, pad_id: int, max_len: int, evaluate: bool = False,
-                seed: int = 42) -> dict:
+def run_trainer(
+    spec: dict, tok: data_mod.Tokenized, pad_id: int, max_len: int, evaluate: bool = False, seed: int = 42
+) -> dict:
     """The Trainer recipe. With `evaluate`, also scores the test set (Trainer.predict, padded like training)
     and reports `total_seconds` from loading the model to the test predictions. `seed` seeds the new head's
     initialisation and the Trainer (data order, dropout)."""
     from transformers import Trainer, TrainingArguments
+
     reset()
     t_start = time.perf_counter()
     torch.manual_seed(seed)
@@ -112,16 +132,29 @@ def run_trainer(spec: dict, tok: data_mod.Tokenized, pad_id: int, max_len: int, 
         def __getitem__(self, i):
             ids = np.full(max_len, pad_id, dtype=np.int64)
             seq = tok.ids[self.split][i][:max_len]
-            ids[:len(seq)] = seq
+            ids[: len(seq)] = seq
             mask = (np.arange(max_len) < len(seq)).astype(np.int64)
-            return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-                    "labels": int(tok.labels[self.split][i])}
+            return {
+                "input_ids": torch.from_numpy(ids),
+                "attention_mask": torch.from_numpy(mask),
+                "labels": int(tok.labels[self.split][i]),
+            }
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=16, per_device_eval_batch_size=16,
-                                 learning_rate=2e-5, weight_decay=0.01, num_train_epochs=spec["train"]["epochs"],
-                                 save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[],
-                                 disable_tqdm=True, seed=seed)
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=16,
+            per_device_eval_batch_size=16,
+            learning_rate=2e-5,
+            weight_decay=0.01,
+            num_train_epochs=spec["train"]["epochs"],
+            save_strategy="no",
+            eval_strategy="no",
+            logging_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            seed=seed,
+        )
         trainer = Trainer(model=model, args=args, train_dataset=Padded("train"))
         t0 = time.perf_counter()
         trainer.train()
@@ -148,16 +181,29 @@ def run_peftbench(spec: dict, tok: data_mod.Tokenized, recipe: str, profile: Pat
         if profile and (Path(tmp) / "profile.json").exists():
             profile.write_text((Path(tmp) / "profile.json").read_text())
     m, hist = res["metrics"], res["history"]
-    out = {"train_seconds": m["train_seconds"], "peak_memory_allocated_mb": m["peak_memory_allocated_mb"],
-           "validation_accuracy": m["validation_accuracy"], "attention_mask": m.get("attention_mask"),
-           "pad_to_multiple_of": m.get("pad_to_multiple_of"), "compile": m.get("compile"),
-           "cuda_graphs": m.get("cuda_graphs"), "first_epoch_seconds": hist[0]["epoch_seconds"]}
+    out = {
+        "train_seconds": m["train_seconds"],
+        "peak_memory_allocated_mb": m["peak_memory_allocated_mb"],
+        "validation_accuracy": m["validation_accuracy"],
+        "attention_mask": m.get("attention_mask"),
+        "pad_to_multiple_of": m.get("pad_to_multiple_of"),
+        "compile": m.get("compile"),
+        "cuda_graphs": m.get("cuda_graphs"),
+        "first_epoch_seconds": hist[0]["epoch_seconds"],
+    }
     if len(hist) > 1:  # the last epoch alone: throughput after warm-up and compilation
         out["last_epoch_seconds"] = hist[-1]["epoch_seconds"]
     if profile and profile.exists():
         prof = json.loads(profile.read_text())
-        out["profile"] = {k: prof[k] for k in ("wall_ms_per_step", "gpu_kernel_ms_per_step", "gpu_busy_fraction",
-                                              "host_sync_like_calls_per_step")}
+        out["profile"] = {
+            k: prof[k]
+            for k in (
+                "wall_ms_per_step",
+                "gpu_kernel_ms_per_step",
+                "gpu_busy_fraction",
+                "host_sync_like_calls_per_step",
+            )
+        }
     return out
 
 
@@ -181,10 +227,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     for model_name in a.models.split(","):
         path = a.minilm if model_name == "minilm" else str(roberta_shaped(work / "roberta"))
-        raw = {"model": a.minilm, "data": {"path": a.data, "train_size": a.train_size, "validation_size": 200,
-                                           "test_size": 200},
-               "methods": ["full"], "train": {"max_length": a.max_length, "batch_size": 16, "learning_rate": 2e-5,
-                                              "weight_decay": 0.01, "warmup_ratio": 0.0}, "device": device}
+        raw = {
+            "model": a.minilm,
+            "data": {"path": a.data, "train_size": a.train_size, "validation_size": 200, "test_size": 200},
+            "methods": ["full"],
+            "train": {
+                "max_length": a.max_length,
+                "batch_size": 16,
+                "learning_rate": 2e-5,
+                "weight_decay": 0.01,
+                "warmup_ratio": 0.0,
+            },
+            "device": device,
+        }
         study = Study(config.validate(raw), work / f"study-{model_name}")
         study.out.mkdir(parents=True, exist_ok=True)
         study.prepare()  # tokenizes once with MiniLM's tokenizer
@@ -208,23 +263,45 @@ def main() -> None:
                         r = run_peftbench(spec, tok, recipe, profile)
                     status = "success"
                 except Exception as e:  # a row that failed is a result too
-                    r, status = {"train_seconds": None, "error": f"{type(e).__name__}: {str(e)[:200]}"}, "failed"
+                    r, status = (
+                        {"train_seconds": None, "error": f"{type(e).__name__}: {str(e)[:200]}"},
+                        "failed",
+                    )
                 secs = r.get("train_seconds")
-                row = {"model": model_name, "method": method, "recipe": recipe, "status": status, **r,
-                       "samples": len(lengths) * a.epochs, "real_tokens": real_tokens,
-                       "samples_per_second": len(lengths) * a.epochs / secs if secs else None,
-                       "real_tokens_per_second": real_tokens / secs if secs else None,
-                       "mfu": flops / secs / peak if (secs and peak) else None,
-                       **({"last_epoch_samples_per_second": len(lengths) / r["last_epoch_seconds"],
-                           "last_epoch_mfu": flops / a.epochs / r["last_epoch_seconds"] / peak if peak else None}
-                          if r.get("last_epoch_seconds") else {}),
-                       "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+                row = {
+                    "model": model_name,
+                    "method": method,
+                    "recipe": recipe,
+                    "status": status,
+                    **r,
+                    "samples": len(lengths) * a.epochs,
+                    "real_tokens": real_tokens,
+                    "samples_per_second": len(lengths) * a.epochs / secs if secs else None,
+                    "real_tokens_per_second": real_tokens / secs if secs else None,
+                    "mfu": flops / secs / peak if (secs and peak) else None,
+                    **(
+                        {
+                            "last_epoch_samples_per_second": len(lengths) / r["last_epoch_seconds"],
+                            "last_epoch_mfu": flops / a.epochs / r["last_epoch_seconds"] / peak
+                            if peak
+                            else None,
+                        }
+                        if r.get("last_epoch_seconds")
+                        else {}
+                    ),
+                    "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                }
                 rows.append(row)
-                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
-                      flush=True)
-                Path(a.out).parent.mkdir(parents=True, exist_ok=True)  # after every row: a cut-off run keeps its rows
-                Path(a.out).write_text(json.dumps({"rows": rows, "torch": torch.__version__,
-                                                   "argv": sys.argv[1:]}, indent=1))
+                print(
+                    json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+                    flush=True,
+                )
+                Path(a.out).parent.mkdir(
+                    parents=True, exist_ok=True
+                )  # after every row: a cut-off run keeps its rows
+                Path(a.out).write_text(
+                    json.dumps({"rows": rows, "torch": torch.__version__, "argv": sys.argv[1:]}, indent=1)
+                )
 
 
 if __name__ == "__main__":

@@ -17,13 +17,34 @@ os.environ.setdefault("PEFTBENCH_PROGRESS", "0")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_IMDB = Path(os.environ.get("PEFTBENCH_DATA", REPO.parent / "shared" / "data" / "imdb"))
 # Real IMDb reviews: the full shared copy where it is beside the checkout, else the sample in the package.
-IMDB = SHARED_IMDB if (SHARED_IMDB / "train.parquet").exists() else \
-    REPO / "src" / "peftbench" / "sample_data" / "imdb"
+IMDB = (
+    SHARED_IMDB
+    if (SHARED_IMDB / "train.parquet").exists()
+    else REPO / "src" / "peftbench" / "sample_data" / "imdb"
+)
 
 POS = ["good", "great", "fine", "superb", "lovely", "brilliant", "enjoyable", "moving"]
 NEG = ["bad", "awful", "boring", "poor", "dull", "terrible", "weak", "messy"]
-NEUTRAL = ["the", "film", "movie", "plot", "actor", "scene", "was", "and", "a", "very", "story", "ending",
-           "music", "it", "this", "of", "cast", "really"]
+NEUTRAL = [
+    "the",
+    "film",
+    "movie",
+    "plot",
+    "actor",
+    "scene",
+    "was",
+    "and",
+    "a",
+    "very",
+    "story",
+    "ending",
+    "music",
+    "it",
+    "this",
+    "of",
+    "cast",
+    "really",
+]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -58,6 +79,7 @@ def write_dataset(folder: Path, fmt: str = "parquet", n_train: int = 160, n_test
 
 def _tokenizer(folder: Path):
     from transformers import BertTokenizerFast
+
     vocab = SPECIAL + sorted(set(POS + NEG + NEUTRAL))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
@@ -70,12 +92,21 @@ def _tokenizer(folder: Path):
 
 
 def make_tiny_encoder(folder: Path) -> Path:
-    """A 2-layer BERT (hidden 64: bitsandbytes quantizes in blocks of 64) saved as a base model: the classifier is newly initialised, as for a real one."""
+    """A 2-layer BERT (hidden 64: bitsandbytes quantizes in blocks of 64) saved as a base model: the
+    classifier is newly initialised, as for a real one."""
     from transformers import BertConfig, BertModel
+
     tok = _tokenizer(folder)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=128, max_position_embeddings=128)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+    )
     import torch
+
     torch.manual_seed(0)
     BertModel(cfg).save_pretrained(folder)
     return folder
@@ -84,11 +115,22 @@ def make_tiny_encoder(folder: Path) -> Path:
 def make_tiny_decoder(folder: Path) -> Path:
     """A 2-layer Llama-style decoder (no pad token in its config) for `LlamaForSequenceClassification`."""
     from transformers import LlamaConfig, LlamaModel
+
     tok = _tokenizer(folder)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
-                      bos_token_id=2, eos_token_id=3, pad_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=None,
+    )
     import torch
+
     torch.manual_seed(0)
     LlamaModel(cfg).save_pretrained(folder)
     return folder
@@ -111,11 +153,15 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def study(model: Path | str, data_dir: Path, methods, **over) -> dict:
     """A small study dict on the tiny data, run inline (one process) for speed."""
-    s = {"model": str(model), "data": {"path": str(data_dir), "train_size": 120, "validation_size": 24,
-                                        "test_size": 60},
-         "methods": methods,
-         "train": {"epochs": 2, "batch_size": 16, "max_length": 32, "eval_batch_size": 32},
-         "seeds": [0], "isolation": "inline", "report": False}
+    s = {
+        "model": str(model),
+        "data": {"path": str(data_dir), "train_size": 120, "validation_size": 24, "test_size": 60},
+        "methods": methods,
+        "train": {"epochs": 2, "batch_size": 16, "max_length": 32, "eval_batch_size": 32},
+        "seeds": [0],
+        "isolation": "inline",
+        "report": False,
+    }
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(s.get(k), dict):
             s[k] = {**s[k], **v}
@@ -127,4 +173,5 @@ def study(model: Path | str, data_dir: Path, methods, **over) -> dict:
 def run_study(raw: dict, out: Path) -> list[dict]:
     from peftbench import config
     from peftbench.runner import Study
+
     return Study(config.validate(raw), out).run()

@@ -1,4 +1,5 @@
-"""The bad-input catalogue: each case through the real CLI gets one line per problem, exit status 2, no traceback.
+"""The bad-input catalogue: each case through the real CLI gets one line per problem, exit status 2, no
+traceback.
 
 `python tests/test_bad_inputs.py` prints the catalogue with the message each case produces.
 """
@@ -23,8 +24,14 @@ from peftbench import cli  # noqa: E402
 
 
 def _study(tmp: Path, model: Path, data_dir: Path, **over) -> dict:
-    s = {"model": str(model), "data": {"path": str(data_dir), "train_size": 60, "validation_size": 12, "test_size": 30},
-         "methods": ["lora"], "train": {"epochs": 1, "max_length": 32}, "isolation": "inline", "report": False}
+    s = {
+        "model": str(model),
+        "data": {"path": str(data_dir), "train_size": 60, "validation_size": 12, "test_size": 30},
+        "methods": ["lora"],
+        "train": {"epochs": 1, "max_length": 32},
+        "isolation": "inline",
+        "report": False,
+    }
     for k, v in over.items():
         s[k] = {**s[k], **v} if isinstance(v, dict) and isinstance(s.get(k), dict) else v
     return s
@@ -59,126 +66,327 @@ def _file_data(tmp, name, content: bytes) -> Path:
 # (case, setup(tmp, model) -> argv, expected text in the message)
 CASES = [
     ("data folder missing", lambda t, m: _run(t, m, _study(t, m, t / "nowhere")), "not found; pass --data"),
-    ("data path is a file that is not data", lambda t, m: _run(t, m, _study(t, m, _file_data(t, "x.txt", b"x")
-                                                                           / "x.txt")), "not a data file"),
+    (
+        "data path is a file that is not data",
+        lambda t, m: _run(t, m, _study(t, m, _file_data(t, "x.txt", b"x") / "x.txt")),
+        "not a data file",
+    ),
     ("no train file", lambda t, m: _run(t, m, _study(t, m, _no_train(t))), "no train file"),
     ("empty data file", lambda t, m: _run(t, m, _study(t, m, _file_data(t, "train.csv", b""))), "is empty"),
     ("corrupt parquet", lambda t, m: _run(t, m, _study(t, m, _corrupt(t))), "cannot be read as parquet"),
-    ("non-UTF-8 bytes", lambda t, m: _run(t, m, _study(t, m, _file_data(t, "train.csv", b"text,label\ncaf\xe9,1\nb,0\n"))),
-     "not UTF-8"),
-    ("text column absent", lambda t, m: _run(t, m, _study(t, m, _data(t), data={"text_column": "review"})),
-     "column 'review' not in the train file"),
-    ("label column absent", lambda t, m: _run(t, m, _study(t, m, _data(t), data={"label_column": "y"})),
-     "column 'y' not in the train file"),
-    ("one class only", lambda t, m: _run(t, m, _study(t, m, _data(t, mutate=lambda d: d.assign(label=1)))),
-     "only one class"),
-    ("labels out of range (negative)", lambda t, m: _run(t, m, _study(t, m, _data(
-        t, mutate=lambda d: d.assign(label=[-1] + list(d.label[1:]))))), "is negative"),
-    ("labels of mixed types", lambda t, m: _run(t, m, _study(t, m, _data(
-        t, mutate=lambda d: d.assign(label=["x"] + list(d.label[1:]))))), "mix integers and strings"),
-    ("non-integral labels", lambda t, m: _run(t, m, _study(t, m, _data(
-        t, mutate=lambda d: d.assign(label=[0.5] + list(d.label[1:]))))), "looks like regression"),
-    ("empty text", lambda t, m: _run(t, m, _study(t, m, _data(
-        t, mutate=lambda d: d.assign(text=[" "] + list(d.text[1:]))))), "empty text"),
-    ("None text", lambda t, m: _run(t, m, _study(t, m, _data(
-        t, mutate=lambda d: d.assign(text=[None] + list(d.text[1:]))))), "missing or non-text"),
-    ("test label never in train", lambda t, m: _run(t, m, _study(t, m, _data(
-        t, mutate=lambda d: d.assign(label=[5] + list(d.label[1:])), split="test"))), "never occur in train"),
-    ("train_size beyond the data", lambda t, m: _run(t, m, _study(t, m, _data(t), data={"train_size": 10_000})),
-     "is larger than the train split"),
-    ("unknown top-level key", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "epochs": 3}), "epochs: unknown key"),
-    ("unknown method", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "methods": ["lorra"]}),
-     "unknown method 'lorra' (did you mean 'lora'?)"),
-    ("unknown method option", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "methods": [{"name": "lora",
-                                                                                               "rank": 4}]}),
-     "methods[0].rank: unknown key"),
-    ("negative learning rate", lambda t, m: _run(t, m, _study(t, m, _data(t), train={"learning_rate": -1})),
-     "train.learning_rate: must be a positive number"),
-    ("zero epochs", lambda t, m: _run(t, m, _study(t, m, _data(t), train={"epochs": 0})),
-     "train.epochs: must be a positive integer"),
-    ("NaN hyper-parameter", lambda t, m: _run(t, m, yaml.safe_dump(_study(t, m, _data(t))).replace(
-        "epochs: 1", "epochs: 1\n  weight_decay: .nan")), "train.weight_decay: must be a number >= 0"),
-    ("wrong type", lambda t, m: _run(t, m, _study(t, m, _data(t), train={"batch_size": "16"})),
-     "train.batch_size: must be a positive integer"),
-    ("duplicate seeds", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "seeds": [1, 1]}), "distinct integers"),
-    ("max_length beyond the model", lambda t, m: _run(t, m, _study(t, m, _data(t), train={"max_length": 4096})),
-     "exceeds what model"),
-    ("model folder without config", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "model": str(_empty(t))}),
-     "has no config.json"),
-    ("model id unreachable offline", lambda t, m: _run(t, m, {**_study(t, m, _data(t)),
-                                                              "model": "no-such-org/no-such-model"}),
-     "could not be loaded: not a local folder and not reachable"),
-    ("pickle-only weights", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "model": str(_pickle_model(t, m))}),
-     "has no safetensors weights"),
-    ("output folder not writable", lambda t, m: ["run", str(_write(t, _study(t, m, _data(t)))), "--out",
-                                                 str(_a_file(t) / "sub")], "is not writable"),
+    (
+        "non-UTF-8 bytes",
+        lambda t, m: _run(t, m, _study(t, m, _file_data(t, "train.csv", b"text,label\ncaf\xe9,1\nb,0\n"))),
+        "not UTF-8",
+    ),
+    (
+        "text column absent",
+        lambda t, m: _run(t, m, _study(t, m, _data(t), data={"text_column": "review"})),
+        "column 'review' not in the train file",
+    ),
+    (
+        "label column absent",
+        lambda t, m: _run(t, m, _study(t, m, _data(t), data={"label_column": "y"})),
+        "column 'y' not in the train file",
+    ),
+    (
+        "one class only",
+        lambda t, m: _run(t, m, _study(t, m, _data(t, mutate=lambda d: d.assign(label=1)))),
+        "only one class",
+    ),
+    (
+        "labels out of range (negative)",
+        lambda t, m: _run(
+            t, m, _study(t, m, _data(t, mutate=lambda d: d.assign(label=[-1] + list(d.label[1:]))))
+        ),
+        "is negative",
+    ),
+    (
+        "labels of mixed types",
+        lambda t, m: _run(
+            t, m, _study(t, m, _data(t, mutate=lambda d: d.assign(label=["x"] + list(d.label[1:]))))
+        ),
+        "mix integers and strings",
+    ),
+    (
+        "non-integral labels",
+        lambda t, m: _run(
+            t, m, _study(t, m, _data(t, mutate=lambda d: d.assign(label=[0.5] + list(d.label[1:]))))
+        ),
+        "looks like regression",
+    ),
+    (
+        "empty text",
+        lambda t, m: _run(
+            t, m, _study(t, m, _data(t, mutate=lambda d: d.assign(text=[" "] + list(d.text[1:]))))
+        ),
+        "empty text",
+    ),
+    (
+        "None text",
+        lambda t, m: _run(
+            t, m, _study(t, m, _data(t, mutate=lambda d: d.assign(text=[None] + list(d.text[1:]))))
+        ),
+        "missing or non-text",
+    ),
+    (
+        "test label never in train",
+        lambda t, m: _run(
+            t,
+            m,
+            _study(t, m, _data(t, mutate=lambda d: d.assign(label=[5] + list(d.label[1:])), split="test")),
+        ),
+        "never occur in train",
+    ),
+    (
+        "train_size beyond the data",
+        lambda t, m: _run(t, m, _study(t, m, _data(t), data={"train_size": 10_000})),
+        "is larger than the train split",
+    ),
+    (
+        "unknown top-level key",
+        lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "epochs": 3}),
+        "epochs: unknown key",
+    ),
+    (
+        "unknown method",
+        lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "methods": ["lorra"]}),
+        "unknown method 'lorra' (did you mean 'lora'?)",
+    ),
+    (
+        "unknown method option",
+        lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "methods": [{"name": "lora", "rank": 4}]}),
+        "methods[0].rank: unknown key",
+    ),
+    (
+        "negative learning rate",
+        lambda t, m: _run(t, m, _study(t, m, _data(t), train={"learning_rate": -1})),
+        "train.learning_rate: must be a positive number",
+    ),
+    (
+        "zero epochs",
+        lambda t, m: _run(t, m, _study(t, m, _data(t), train={"epochs": 0})),
+        "train.epochs: must be a positive integer",
+    ),
+    (
+        "NaN hyper-parameter",
+        lambda t, m: _run(
+            t,
+            m,
+            yaml.safe_dump(_study(t, m, _data(t))).replace("epochs: 1", "epochs: 1\n  weight_decay: .nan"),
+        ),
+        "train.weight_decay: must be a number >= 0",
+    ),
+    (
+        "wrong type",
+        lambda t, m: _run(t, m, _study(t, m, _data(t), train={"batch_size": "16"})),
+        "train.batch_size: must be a positive integer",
+    ),
+    (
+        "duplicate seeds",
+        lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "seeds": [1, 1]}),
+        "distinct integers",
+    ),
+    (
+        "max_length beyond the model",
+        lambda t, m: _run(t, m, _study(t, m, _data(t), train={"max_length": 4096})),
+        "exceeds what model",
+    ),
+    (
+        "model folder without config",
+        lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "model": str(_empty(t))}),
+        "has no config.json",
+    ),
+    (
+        "model id unreachable offline",
+        lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "model": "no-such-org/no-such-model"}),
+        "could not be loaded: not a local folder and not reachable",
+    ),
+    (
+        "pickle-only weights",
+        lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "model": str(_pickle_model(t, m))}),
+        "has no safetensors weights",
+    ),
+    (
+        "output folder not writable",
+        lambda t, m: ["run", str(_write(t, _study(t, m, _data(t)))), "--out", str(_a_file(t) / "sub")],
+        "is not writable",
+    ),
     ("study file missing", lambda t, m: ["run", str(t / "missing.yaml")], "not found"),
     ("study file not YAML", lambda t, m: _run(t, m, "model: [unclosed"), "not valid YAML"),
-    ("unsafe YAML tag", lambda t, m: _run(t, m, "model: !!python/object/apply:os.system ['true']"),
-     "not valid YAML"),
+    (
+        "unsafe YAML tag",
+        lambda t, m: _run(t, m, "model: !!python/object/apply:os.system ['true']"),
+        "not valid YAML",
+    ),
     ("no study and no preset", lambda t, m: ["run"], "give a study file"),
     ("unknown preset", lambda t, m: ["run", "--preset", "quik"], "unknown preset 'quik'"),
-    ("bad --seeds", lambda t, m: _run(t, m, _study(t, m, _data(t)), ["--seeds", "a,b"]), "--seeds: give a count"),
-    ("--seeds 42 meant as one seed", lambda t, m: _run(t, m, _study(t, m, _data(t)), ["--seeds", "42"]),
-     "seeds: 42 is a count (42 runs per method, over 20); for the one seed 42 give a list"),
+    (
+        "bad --seeds",
+        lambda t, m: _run(t, m, _study(t, m, _data(t)), ["--seeds", "a,b"]),
+        "--seeds: give a count",
+    ),
+    (
+        "--seeds 42 meant as one seed",
+        lambda t, m: _run(t, m, _study(t, m, _data(t)), ["--seeds", "42"]),
+        "seeds: 42 is a count (42 runs per method, over 20); for the one seed 42 give a list",
+    ),
     ("predict on a folder that is no run", lambda t, m: ["predict", str(t), "text"], "is not a run folder"),
     ("report on an empty folder", lambda t, m: ["report", str(t)], "holds no run results yet"),
-    ("recommend with a bad memory size", lambda t, m: ["recommend", str(_a_study(t, m)), "--max-memory", "lots"],
-     "--max-memory: give a size"),
+    (
+        "recommend with a bad memory size",
+        lambda t, m: ["recommend", str(_a_study(t, m)), "--max-memory", "lots"],
+        "--max-memory: give a size",
+    ),
     ("two studies on one folder", lambda t, m: _locked(t, m), "another peftbench"),
-    ("Ray address not host:port", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "isolation": "process"},
-                                                    ["--executor", "ray", "--address", "headnode"]),
-     "ray_address: must be auto, host:port or ray://host:port, got 'headnode'"),
-    ("model folder without tokenizer files", lambda t, m: _run(t, m, _study(t, m / ".." / "no-tok", _data(t)))
-     if _no_tokenizer(t, m) else None, "of the training text to the unknown token"),
-    ("train and test the same split", lambda t, m: _run(t, m, _study(t, m, _data(t), data={"test_split": "train"})),
-     "train_split and test_split are both 'train'"),
-    ("test texts copied from train", lambda t, m: _run(t, m, _study(t, m, _leaky(t))), "are also training texts"),
-    ("a key given twice", lambda t, m: _run(t, m, yaml.safe_dump(_study(t, m, _data(t)))
-                                            + "train: {epochs: 3}\n"), "key 'train' is given twice"),
-    ("a YAML alias bomb", lambda t, m: _run(t, m, "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a]\n"
-                                            + yaml.safe_dump(_study(t, m, _data(t)))), "YAML aliases (*a) are not"),
-    ("lr grid wider than six decades", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "lr_search":
-                                                                {"points": 3, "decades": 40}}),
-     "lr_search.decades: must be a number in (0, 6]"),
-    ("lr grid with repeated rates", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "lr_search":
-                                                             {"points": 40, "decades": 0.01}}),
-     "repeated or degenerate rates"),
-    ("a negative data seed", lambda t, m: _run(t, m, _study(t, m, _data(t), data={"seed": -1})),
-     "data.seed: must be an integer >= 0"),
-    ("terminal escapes in a method name", lambda t, m: _run(t, m, {**_study(t, m, _data(t)),
-                                                                  "methods": ["\x1b[2J\x1b]0;pwned\x07lora"]}),
-     "unknown method '?[2J?]0;pwned?lora'"),
-    ("a label of inf", lambda t, m: _run(t, m, _study(t, m, _data(
-        t, "parquet", mutate=lambda d: d.assign(label=[float("inf")] + list(d.label[1:]))))),
-     "label inf at row 0 is not a class"),
-    ("a separator that is not a string", lambda t, m: _run(t, m, _study(t, m, _data(t), data={"separator": 3})),
-     "data.separator: must be a string"),
-    ("predict with a device that is not there", lambda t, m: ["predict", str(t), "text", "--device", "cuda:7"]
-     if not _cuda() else ["predict", str(t), "text", "--device", "tpu"], "device: "),
-    ("predict on a run whose adapter is gone", lambda t, m: ["predict", str(_run_without_adapter(t, m)), "text"],
-     "cannot be reloaded"),
-    ("compare into a missing folder", lambda t, m: ["compare", str(_finished(t, m)), "--out",
-                                                    str(t / "nowhere" / "c.md")], "--out"),
-    ("report where report/ is a file", lambda t, m: ["report", str(_report_is_a_file(t, m))],
-     "cannot write the report"),
-    ("labels that name one run folder", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "methods": [
-        {"name": "lora", "label": "café"}, {"name": "ia3", "label": "cafè"}]}), "give the same run folder name"),
-    ("recommend with a malformed duration", lambda t, m: ["recommend", str(_finished(t, m)), "--max-train-time",
-                                                          "soon"], "--max-train-time: give a duration like 90s"),
-    ("recommend with a malformed number", lambda t, m: ["recommend", str(_finished(t, m)), "--min-accuracy",
-                                                        "high"], "invalid float value: 'high'"),
-    ("recommend with an accuracy over 1", lambda t, m: ["recommend", str(_finished(t, m)), "--min-accuracy", "90"],
-     "--min-accuracy: give a fraction in [0, 1]"),
-    ("a study.json of the wrong shape", lambda t, m: ["report", str(_wrong_plan(t, m))], "study.json is damaged"),
-    ("Ray cluster that does not answer", lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "isolation": "process"},
-                                                           ["--executor", "ray", "--address", "127.0.0.1:1"]),
-     "cannot reach the Ray cluster at '127.0.0.1:1'"),
+    (
+        "Ray address not host:port",
+        lambda t, m: _run(
+            t,
+            m,
+            {**_study(t, m, _data(t)), "isolation": "process"},
+            ["--executor", "ray", "--address", "headnode"],
+        ),
+        "ray_address: must be auto, host:port or ray://host:port, got 'headnode'",
+    ),
+    (
+        "model folder without tokenizer files",
+        lambda t, m: _run(t, m, _study(t, m / ".." / "no-tok", _data(t))) if _no_tokenizer(t, m) else None,
+        "of the training text to the unknown token",
+    ),
+    (
+        "train and test the same split",
+        lambda t, m: _run(t, m, _study(t, m, _data(t), data={"test_split": "train"})),
+        "train_split and test_split are both 'train'",
+    ),
+    (
+        "test texts copied from train",
+        lambda t, m: _run(t, m, _study(t, m, _leaky(t))),
+        "are also training texts",
+    ),
+    (
+        "a key given twice",
+        lambda t, m: _run(t, m, yaml.safe_dump(_study(t, m, _data(t))) + "train: {epochs: 3}\n"),
+        "key 'train' is given twice",
+    ),
+    (
+        "a YAML alias bomb",
+        lambda t, m: _run(
+            t,
+            m,
+            "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a]\n"
+            + yaml.safe_dump(_study(t, m, _data(t))),
+        ),
+        "YAML aliases (*a) are not",
+    ),
+    (
+        "lr grid wider than six decades",
+        lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "lr_search": {"points": 3, "decades": 40}}),
+        "lr_search.decades: must be a number in (0, 6]",
+    ),
+    (
+        "lr grid with repeated rates",
+        lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "lr_search": {"points": 40, "decades": 0.01}}),
+        "repeated or degenerate rates",
+    ),
+    (
+        "a negative data seed",
+        lambda t, m: _run(t, m, _study(t, m, _data(t), data={"seed": -1})),
+        "data.seed: must be an integer >= 0",
+    ),
+    (
+        "terminal escapes in a method name",
+        lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "methods": ["\x1b[2J\x1b]0;pwned\x07lora"]}),
+        "unknown method '?[2J?]0;pwned?lora'",
+    ),
+    (
+        "a label of inf",
+        lambda t, m: _run(
+            t,
+            m,
+            _study(
+                t, m, _data(t, "parquet", mutate=lambda d: d.assign(label=[float("inf")] + list(d.label[1:])))
+            ),
+        ),
+        "label inf at row 0 is not a class",
+    ),
+    (
+        "a separator that is not a string",
+        lambda t, m: _run(t, m, _study(t, m, _data(t), data={"separator": 3})),
+        "data.separator: must be a string",
+    ),
+    (
+        "predict with a device that is not there",
+        lambda t, m: (
+            ["predict", str(t), "text", "--device", "cuda:7"]
+            if not _cuda()
+            else ["predict", str(t), "text", "--device", "tpu"]
+        ),
+        "device: ",
+    ),
+    (
+        "predict on a run whose adapter is gone",
+        lambda t, m: ["predict", str(_run_without_adapter(t, m)), "text"],
+        "cannot be reloaded",
+    ),
+    (
+        "compare into a missing folder",
+        lambda t, m: ["compare", str(_finished(t, m)), "--out", str(t / "nowhere" / "c.md")],
+        "--out",
+    ),
+    (
+        "report where report/ is a file",
+        lambda t, m: ["report", str(_report_is_a_file(t, m))],
+        "cannot write the report",
+    ),
+    (
+        "labels that name one run folder",
+        lambda t, m: _run(
+            t,
+            m,
+            {
+                **_study(t, m, _data(t)),
+                "methods": [{"name": "lora", "label": "café"}, {"name": "ia3", "label": "cafè"}],
+            },
+        ),
+        "give the same run folder name",
+    ),
+    (
+        "recommend with a malformed duration",
+        lambda t, m: ["recommend", str(_finished(t, m)), "--max-train-time", "soon"],
+        "--max-train-time: give a duration like 90s",
+    ),
+    (
+        "recommend with a malformed number",
+        lambda t, m: ["recommend", str(_finished(t, m)), "--min-accuracy", "high"],
+        "invalid float value: 'high'",
+    ),
+    (
+        "recommend with an accuracy over 1",
+        lambda t, m: ["recommend", str(_finished(t, m)), "--min-accuracy", "90"],
+        "--min-accuracy: give a fraction in [0, 1]",
+    ),
+    (
+        "a study.json of the wrong shape",
+        lambda t, m: ["report", str(_wrong_plan(t, m))],
+        "study.json is damaged",
+    ),
+    (
+        "Ray cluster that does not answer",
+        lambda t, m: _run(
+            t,
+            m,
+            {**_study(t, m, _data(t)), "isolation": "process"},
+            ["--executor", "ray", "--address", "127.0.0.1:1"],
+        ),
+        "cannot reach the Ray cluster at '127.0.0.1:1'",
+    ),
 ]
 
 
 def _cuda() -> bool:
     import torch
+
     return torch.cuda.is_available()
 
 
@@ -186,6 +394,7 @@ def _finished(t: Path, m: Path) -> Path:
     """A study folder with one finished IA3 run."""
     from conftest import run_study
     from conftest import study as mk
+
     if not (t / "done" / "study.json").exists():
         run_study(mk(m, _data(t), ["ia3"], train={"epochs": 1}), t / "done")
     return t / "done"
@@ -193,6 +402,7 @@ def _finished(t: Path, m: Path) -> Path:
 
 def _run_without_adapter(t: Path, m: Path) -> Path:
     import shutil
+
     run = next((_finished(t, m) / "runs").iterdir())
     shutil.rmtree(run / "adapter")
     return run
@@ -250,6 +460,7 @@ def _empty(t: Path) -> Path:
 def _pickle_model(t: Path, m: Path) -> Path:
     import torch
     from safetensors.torch import load_file
+
     dst = t / "pickle-model"
     dst.mkdir(exist_ok=True)
     for f in m.iterdir():
@@ -267,12 +478,14 @@ def _a_file(t: Path) -> Path:
 def _a_study(t: Path, m: Path) -> Path:
     from conftest import run_study
     from conftest import study as mk
+
     run_study(mk(m, _data(t), ["ia3"], train={"epochs": 1}), t / "done")
     return t / "done"
 
 
 def _locked(t: Path, m: Path) -> list[str]:
     from peftbench.store import StudyLock
+
     (t / "out").mkdir(exist_ok=True)
     lock = StudyLock(t / "out")
     lock.__enter__()  # held by "another study" until the test process ends
@@ -313,6 +526,7 @@ def test_measured_runs_survive_a_bad_rerun(model, tmp_path):
     """A study that already measured something keeps it when a later command on it fails."""
     from conftest import run_study
     from conftest import study as mk
+
     data = _data(tmp_path)
     (res,) = run_study(mk(model, data, ["ia3"], train={"epochs": 1}), tmp_path / "s")
     before = (tmp_path / "s" / "runs" / res["run_id"] / "result.json").read_text()
@@ -326,9 +540,12 @@ def test_measured_runs_survive_a_bad_rerun(model, tmp_path):
 def test_long_texts_are_truncated_and_counted(model, tmp_path):
     from conftest import run_study
     from conftest import study as mk
+
     data = _data(tmp_path, mutate=lambda d: d.assign(text=[" ".join(["good film"] * 500)] + list(d.text[1:])))
-    run_study(mk(model, data, ["ia3"], train={"epochs": 1}, data={"train_size": None, "validation_size": 16}),
-              tmp_path / "s")
+    run_study(
+        mk(model, data, ["ia3"], train={"epochs": 1}, data={"train_size": None, "validation_size": 16}),
+        tmp_path / "s",
+    )
     plan = json.loads((tmp_path / "s" / "study.json").read_text())
     assert plan["data"]["truncated"]["train"] + plan["data"]["truncated"]["validation"] >= 1
 
@@ -338,7 +555,10 @@ def test_qlora_without_4bit_support_is_skipped_and_the_study_goes_on(model, tmp_
     from conftest import study as mk
 
     from peftbench import models
-    monkeypatch.setattr(models, "quantization_supported", lambda device: "bitsandbytes is not usable here (test)")
+
+    monkeypatch.setattr(
+        models, "quantization_supported", lambda device: "bitsandbytes is not usable here (test)"
+    )
     res = run_study(mk(model, _data(tmp_path), ["qlora", "ia3"], train={"epochs": 1}), tmp_path / "s")
     assert res[0]["status"] == "skipped" and "bitsandbytes is not usable" in res[0]["error"]
     assert res[1]["status"] == "success"
@@ -347,8 +567,11 @@ def test_qlora_without_4bit_support_is_skipped_and_the_study_goes_on(model, tmp_
 def test_labels_cannot_escape_the_study_folder(model, tmp_path):
     from conftest import run_study
     from conftest import study as mk
-    (res,) = run_study(mk(model, _data(tmp_path), [{"name": "ia3", "label": "../../escape"}],
-                          train={"epochs": 1}), tmp_path / "s")
+
+    (res,) = run_study(
+        mk(model, _data(tmp_path), [{"name": "ia3", "label": "../../escape"}], train={"epochs": 1}),
+        tmp_path / "s",
+    )
     run_dir = (tmp_path / "s" / "runs" / res["run_id"]).resolve()
     assert run_dir.parent == (tmp_path / "s" / "runs").resolve() and run_dir.exists()
     assert not (tmp_path / "escape").exists()
@@ -356,6 +579,7 @@ def test_labels_cannot_escape_the_study_folder(model, tmp_path):
 
 if __name__ == "__main__":  # print the catalogue: case | message
     import tempfile
+
     os.environ["HF_HUB_OFFLINE"] = "1"
     base = Path(tempfile.mkdtemp())
     m = make_tiny_encoder(base / "enc")
@@ -371,6 +595,7 @@ if __name__ == "__main__":  # print the catalogue: case | message
 def test_a_damaged_checkpoint_or_token_cache_is_moved_aside_and_the_run_goes_on(model, tmp_path, capsys):
     from conftest import run_study
     from conftest import study as mk
+
     raw = mk(model, _data(tmp_path), ["ia3"], train={"epochs": 1})
     (first,) = run_study(raw, tmp_path / "s")
     run_dir = tmp_path / "s" / "runs" / first["run_id"]
@@ -392,14 +617,18 @@ def test_a_dollar_label_does_not_break_the_plots(model, tmp_path):
     from conftest import study as mk
 
     from peftbench import report
-    run_study(mk(model, _data(tmp_path), [{"name": "ia3", "label": "$x^2$ and $"}], train={"epochs": 1}),
-              tmp_path / "s")
+
+    run_study(
+        mk(model, _data(tmp_path), [{"name": "ia3", "label": "$x^2$ and $"}], train={"epochs": 1}),
+        tmp_path / "s",
+    )
     paths = report.write_report(tmp_path / "s")
     assert paths["html"].exists() and "$x^2$ and $" in paths["markdown"].read_text()
 
 
 def test_a_study_name_never_leaves_the_runs_folder(model, tmp_path, monkeypatch):
     from conftest import study as mk
+
     monkeypatch.chdir(tmp_path)
     raw = {**mk(model, _data(tmp_path), ["ia3"], train={"epochs": 1}), "name": "../../escaped"}
     code, err = run_cli(["run", str(_write(tmp_path, raw)), "--no-report"])

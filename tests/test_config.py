@@ -31,43 +31,58 @@ def test_valid_study_gets_defaults():
     assert s["methods"][1]["label"] == "lora(epochs=1,r=4)"
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ({**GOOD, "modle": "x"}, "modle: unknown key"),
-    ({**GOOD, "train": {"epoch": 3}}, "train.epoch: unknown key (did you mean 'epochs'?)"),
-    ({**GOOD, "train": {"epochs": "five"}}, "train.epochs: must be a positive integer"),
-    ({**GOOD, "train": {"epochs": 0}}, "train.epochs: must be a positive integer"),
-    ({**GOOD, "train": {"learning_rate": -1e-4}}, "train.learning_rate: must be a positive number"),
-    ({**GOOD, "train": {"learning_rate": float("nan")}}, "train.learning_rate: must be a positive number"),
-    ({**GOOD, "train": {"batch_size": 2.5}}, "train.batch_size: must be a positive integer"),
-    ({**GOOD, "train": {"weight_decay": -0.1}}, "train.weight_decay: must be a number >= 0"),
-    ({**GOOD, "train": {"warmup_ratio": 1.5}}, "train.warmup_ratio: must be a number in [0, 1)"),
-    ({**GOOD, "train": {"scheduler": "wavy"}}, "train.scheduler: must be one of"),
-    ({**GOOD, "train": {"cuda_graphs": "yes"}}, "train.cuda_graphs: must be true or false"),
-    ({**GOOD, "methods": ["lorra"]}, "unknown method 'lorra' (did you mean 'lora'?)"),
-    ({**GOOD, "methods": [{"name": "lora", "rank": 8}]}, "methods[0].rank: unknown key"),
-    ({**GOOD, "methods": [{"name": "lora", "r": 0}]}, "methods[0].r: must be a positive integer"),
-    ({**GOOD, "methods": [{"name": "lora", "targets": ["q", "z"]}]}, "methods[0].targets: must be a list of roles"),
-    ({**GOOD, "methods": []}, "methods: must be a non-empty list"),
-    ({**GOOD, "methods": [42]}, "methods[0]: must be a method name"),
-    ({**GOOD, "data": {"train_size": 10}}, "data: give `path`"),
-    ({**GOOD, "data": {"path": "/x", "train_size": -5}}, "data.train_size: must be a positive integer"),
-    ({**GOOD, "data": {"path": "/x", "text_column": 3}}, "data.text_column: must be a column name"),
-    ({**GOOD, "data": {"path": "/x", "colour": 3}}, "data.colour: unknown key"),
-    ({**GOOD, "seeds": [1, 1]}, "seeds: must be a positive count or a list of distinct integers"),
-    ({**GOOD, "seeds": 0}, "seeds: must be a positive count"),
-    ({**GOOD, "lr_search": {"points": 1}}, "lr_search.points: must be an integer >= 2"),
-    ({**GOOD, "device": "tpu"}, "device: must be auto, cpu, cuda"),
-    ({**GOOD, "parallel": 0}, "parallel: must be a positive integer"),
-    ({k: v for k, v in GOOD.items() if k != "model"}, "model: required"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({**GOOD, "modle": "x"}, "modle: unknown key"),
+        ({**GOOD, "train": {"epoch": 3}}, "train.epoch: unknown key (did you mean 'epochs'?)"),
+        ({**GOOD, "train": {"epochs": "five"}}, "train.epochs: must be a positive integer"),
+        ({**GOOD, "train": {"epochs": 0}}, "train.epochs: must be a positive integer"),
+        ({**GOOD, "train": {"learning_rate": -1e-4}}, "train.learning_rate: must be a positive number"),
+        (
+            {**GOOD, "train": {"learning_rate": float("nan")}},
+            "train.learning_rate: must be a positive number",
+        ),
+        ({**GOOD, "train": {"batch_size": 2.5}}, "train.batch_size: must be a positive integer"),
+        ({**GOOD, "train": {"weight_decay": -0.1}}, "train.weight_decay: must be a number >= 0"),
+        ({**GOOD, "train": {"warmup_ratio": 1.5}}, "train.warmup_ratio: must be a number in [0, 1)"),
+        ({**GOOD, "train": {"scheduler": "wavy"}}, "train.scheduler: must be one of"),
+        ({**GOOD, "train": {"cuda_graphs": "yes"}}, "train.cuda_graphs: must be true or false"),
+        ({**GOOD, "methods": ["lorra"]}, "unknown method 'lorra' (did you mean 'lora'?)"),
+        ({**GOOD, "methods": [{"name": "lora", "rank": 8}]}, "methods[0].rank: unknown key"),
+        ({**GOOD, "methods": [{"name": "lora", "r": 0}]}, "methods[0].r: must be a positive integer"),
+        (
+            {**GOOD, "methods": [{"name": "lora", "targets": ["q", "z"]}]},
+            "methods[0].targets: must be a list of roles",
+        ),
+        ({**GOOD, "methods": []}, "methods: must be a non-empty list"),
+        ({**GOOD, "methods": [42]}, "methods[0]: must be a method name"),
+        ({**GOOD, "data": {"train_size": 10}}, "data: give `path`"),
+        ({**GOOD, "data": {"path": "/x", "train_size": -5}}, "data.train_size: must be a positive integer"),
+        ({**GOOD, "data": {"path": "/x", "text_column": 3}}, "data.text_column: must be a column name"),
+        ({**GOOD, "data": {"path": "/x", "colour": 3}}, "data.colour: unknown key"),
+        ({**GOOD, "seeds": [1, 1]}, "seeds: must be a positive count or a list of distinct integers"),
+        ({**GOOD, "seeds": 0}, "seeds: must be a positive count"),
+        ({**GOOD, "lr_search": {"points": 1}}, "lr_search.points: must be an integer >= 2"),
+        ({**GOOD, "device": "tpu"}, "device: must be auto, cpu, cuda"),
+        ({**GOOD, "parallel": 0}, "parallel: must be a positive integer"),
+        ({k: v for k, v in GOOD.items() if k != "model"}, "model: required"),
+    ],
+)
 def test_each_problem_gets_a_clear_line(raw, expected):
     found = problems(raw)
     assert any(expected in p for p in found), found
 
 
 def test_all_problems_reported_at_once():
-    found = problems({"model": "minilm", "data": {"path": "/x"}, "methods": ["lorra"],
-                      "train": {"epochs": -1, "batch_size": 0}})
+    found = problems(
+        {
+            "model": "minilm",
+            "data": {"path": "/x"},
+            "methods": ["lorra"],
+            "train": {"epochs": -1, "batch_size": 0},
+        }
+    )
     assert len(found) == 3
 
 
@@ -83,8 +98,11 @@ def _cli(capsys, argv) -> tuple[int, str]:
 
 def test_cli_bad_study_exits_2_with_one_line_each(tmp_path, capsys):
     f = tmp_path / "s.yaml"
-    f.write_text(yaml.safe_dump({"model": "minilm", "data": {"path": str(tmp_path)}, "methods": ["nope"],
-                                 "train": {"epochs": 0}}))
+    f.write_text(
+        yaml.safe_dump(
+            {"model": "minilm", "data": {"path": str(tmp_path)}, "methods": ["nope"], "train": {"epochs": 0}}
+        )
+    )
     code, err = _cli(capsys, ["run", str(f), "--out", str(tmp_path / "out")])
     assert code == 2
     lines = err.strip().splitlines()
@@ -133,13 +151,32 @@ def test_seed_preset_is_the_starting_study():
     assert (s["data"]["train_size"], s["data"]["test_size"]) == (3000, 2000)
 
 
-_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10, 10_000), st.floats(allow_nan=True),
-                     st.text(max_size=12))
-_values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                          st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-                       max_leaves=12)
-_keys = st.sampled_from(["model", "data", "methods", "train", "seeds", "lr_search", "device", "parallel",
-                         "name", "isolation", "report", "bogus"])
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-10, 10_000), st.floats(allow_nan=True), st.text(max_size=12)
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_keys = st.sampled_from(
+    [
+        "model",
+        "data",
+        "methods",
+        "train",
+        "seeds",
+        "lr_search",
+        "device",
+        "parallel",
+        "name",
+        "isolation",
+        "report",
+        "bogus",
+    ]
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -164,6 +201,7 @@ def test_yaml_text_fuzz(tmp_path_factory, text):
 
 def test_methods_flag_keeps_the_presets_settings_for_methods_it_names():
     from peftbench import cli
+
     args = cli.parser().parse_args(["run", "--preset", "seed", "--methods", "lora,dora", "--data", "x"])
     raw, _ = cli.build_study(args)
     lora, dora = raw["methods"]
@@ -171,20 +209,27 @@ def test_methods_flag_keeps_the_presets_settings_for_methods_it_names():
     assert dora == "dora"  # not in the preset: registry defaults
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "studies").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))
+)
 def test_every_shipped_study_file_is_valid(name):
     from peftbench import config
+
     raw = config.load_yaml(Path(__file__).resolve().parents[1] / "studies" / name)
     config.validate({**raw, "data": {**raw["data"], "name": None, "path": "somewhere"}})
 
 
 def test_registry_options_are_peft_fields_and_validation_needs_peft_only_for_others():
-    """Option keys the registry itself uses pass without importing peft (5-18 s in the CLI's process); any other
+    """Option keys the registry itself uses pass without importing peft (5-18 s in the CLI's process); any
+    other
     key is checked against the PEFT config class's real fields."""
     import subprocess
     import sys
-    code = ("import sys\nfrom peftbench import config\n"
-            "config.validate(config.load_preset('seed'))\nprint('peft' in sys.modules)\n")
+
+    code = (
+        "import sys\nfrom peftbench import config\n"
+        "config.validate(config.load_preset('seed'))\nprint('peft' in sys.modules)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.split()[-1] == "False", (out.stdout, out.stderr[-500:])
     for m in registry.METHODS.values():
@@ -198,6 +243,7 @@ def test_registry_options_are_peft_fields_and_validation_needs_peft_only_for_oth
 
 def test_cuda_graphs_flag_sets_the_study_option():
     from peftbench import cli
+
     for flag, want in (("off", False), ("on", True)):
         raw, _ = cli.build_study(cli.parser().parse_args(["run", "--preset", "quick", "--cuda-graphs", flag]))
         assert config.validate(raw)["train"]["cuda_graphs"] is want
@@ -209,6 +255,7 @@ def test_every_option_has_help_with_an_example():
     import argparse
 
     from peftbench import cli
+
     parser = cli.parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     for name, sub in subs.items():

@@ -38,16 +38,31 @@ def test_text_column_list_is_joined(tmp_path):
     folder = tmp_path / "multi"
     folder.mkdir()
     for split in ("train", "test"):
-        pd.DataFrame({"title": ["a", "b"] * 10, "body": ["good film", "bad film"] * 10,
-                      "y": [1, 0] * 10}).to_parquet(folder / f"{split}.parquet")
-    d = data_mod.load(spec(folder, text_column=["title", "body"], label_column="y", separator=" | ",
-                           validation_size=4, allow_overlap=True))  # two texts, repeated: all overlap
+        pd.DataFrame(
+            {"title": ["a", "b"] * 10, "body": ["good film", "bad film"] * 10, "y": [1, 0] * 10}
+        ).to_parquet(folder / f"{split}.parquet")
+    d = data_mod.load(
+        spec(
+            folder,
+            text_column=["title", "body"],
+            label_column="y",
+            separator=" | ",
+            validation_size=4,
+            allow_overlap=True,
+        )
+    )  # two texts, repeated: all overlap
     assert all(t in ("a | good film", "b | bad film") for t in d.texts["train"])
 
 
 def test_splits_are_disjoint_and_stratified(tmp_path):
-    d = data_mod.load(spec(write_dataset(tmp_path / "d", n_train=400, n_test=200), train_size=200,
-                           validation_size=50, test_size=100))
+    d = data_mod.load(
+        spec(
+            write_dataset(tmp_path / "d", n_train=400, n_test=200),
+            train_size=200,
+            validation_size=50,
+            test_size=100,
+        )
+    )
     tr, va = set(d.rows["train"]), set(d.rows["validation"])
     assert not tr & va
     assert len(tr) == 200 and len(va) == 50 and len(set(d.rows["test"])) == 100
@@ -71,8 +86,13 @@ def test_same_seed_same_split_other_seed_other_split(tmp_path):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(n_train=st.integers(20, 300), frac=st.floats(0.05, 0.5), seed=st.integers(0, 10_000),
-       classes=st.integers(2, 4), want=st.one_of(st.none(), st.integers(5, 400)))
+@given(
+    n_train=st.integers(20, 300),
+    frac=st.floats(0.05, 0.5),
+    seed=st.integers(0, 10_000),
+    classes=st.integers(2, 4),
+    want=st.one_of(st.none(), st.integers(5, 400)),
+)
 def test_split_disjointness_property(n_train, frac, seed, classes, want):
     labels = np.arange(n_train) % classes
     rng = np.random.default_rng(seed)
@@ -84,16 +104,22 @@ def test_split_disjointness_property(n_train, frac, seed, classes, want):
     assert np.all(np.abs(counts - expected) <= 1.0 + 1e-9)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda df: df.rename(columns={"text": "review"}), "data.text_column: column 'text' not in the train file"),
-    (lambda df: df.drop(columns=["label"]), "data.label_column: column 'label' not in the train file"),
-    (lambda df: df.assign(label=1), "only one class"),
-    (lambda df: df.assign(label=[-1] + list(df.label[1:])), "is negative"),
-    (lambda df: df.assign(label=[0.5] + list(df.label[1:])), "looks like regression"),
-    (lambda df: df.assign(label=["x"] + list(df.label[1:])), "mix integers and strings"),
-    (lambda df: df.assign(text=[""] + list(df.text[1:])), "empty text"),
-    (lambda df: df.assign(text=[None] + list(df.text[1:])), "missing or non-text"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda df: df.rename(columns={"text": "review"}),
+            "data.text_column: column 'text' not in the train file",
+        ),
+        (lambda df: df.drop(columns=["label"]), "data.label_column: column 'label' not in the train file"),
+        (lambda df: df.assign(label=1), "only one class"),
+        (lambda df: df.assign(label=[-1] + list(df.label[1:])), "is negative"),
+        (lambda df: df.assign(label=[0.5] + list(df.label[1:])), "looks like regression"),
+        (lambda df: df.assign(label=["x"] + list(df.label[1:])), "mix integers and strings"),
+        (lambda df: df.assign(text=[""] + list(df.text[1:])), "empty text"),
+        (lambda df: df.assign(text=[None] + list(df.text[1:])), "missing or non-text"),
+    ],
+)
 def test_bad_train_data_gets_one_line(tmp_path, mutate, message):
     folder = write_dataset(tmp_path / "d", "jsonl")
     df = pd.read_json(folder / "train.jsonl", lines=True)
@@ -162,6 +188,7 @@ def test_loader_fuzz_never_tracebacks(tmp_path_factory, blob):
 
 def test_tokenize_once_roundtrip(tmp_path, tiny_encoder):
     from transformers import AutoTokenizer
+
     d = data_mod.load(spec(write_dataset(tmp_path / "d")))
     tok = data_mod.tokenize(d, AutoTokenizer.from_pretrained(tiny_encoder), 16)
     tok.save(tmp_path / "t.npz")
@@ -226,8 +253,14 @@ AG_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
 def _ag_news_rows(n: int) -> list[dict]:
     """AG News-like rows: 4 classes, a title and a description, the class decided by a cue word."""
     cues = {"World": "election", "Sports": "match", "Business": "market", "Sci/Tech": "software"}
-    return [{"label": AG_CLASSES[i % 4], "title": f"headline {i} {cues[AG_CLASSES[i % 4]]}",
-             "description": f"story number {i} about the {cues[AG_CLASSES[i % 4]]} today"} for i in range(n)]
+    return [
+        {
+            "label": AG_CLASSES[i % 4],
+            "title": f"headline {i} {cues[AG_CLASSES[i % 4]]}",
+            "description": f"story number {i} about the {cues[AG_CLASSES[i % 4]]} today",
+        }
+        for i in range(n)
+    ]
 
 
 def test_a_headerless_single_file_with_class_names(tmp_path):
@@ -235,10 +268,18 @@ def test_a_headerless_single_file_with_class_names(tmp_path):
     pd.DataFrame(_ag_news_rows(200)).to_csv(path, index=False, header=False)
     with pytest.raises(UserError, match=r"seems to have no header row .*data.columns"):
         data_mod.load(spec(path, text_column=["title", "description"]))
-    d = data_mod.load(spec(path, columns=["label", "title", "description"], text_column=["title", "description"],
-                           test_size=0.25))
+    d = data_mod.load(
+        spec(
+            path,
+            columns=["label", "title", "description"],
+            text_column=["title", "description"],
+            test_size=0.25,
+        )
+    )
     assert d.label_names == sorted(AG_CLASSES) and d.sizes()["test"] == 50
-    assert set(d.rows["test"]).isdisjoint(d.rows["train"]) and set(d.rows["validation"]).isdisjoint(d.rows["train"])
+    assert set(d.rows["test"]).isdisjoint(d.rows["train"]) and set(d.rows["validation"]).isdisjoint(
+        d.rows["train"]
+    )
     assert all(np.bincount(d.labels["test"], minlength=4) == 12 + (np.arange(4) < 2))  # stratified: 50 over 4
 
 
@@ -250,7 +291,10 @@ def test_a_single_file_with_a_header_and_integer_labels_named(tmp_path):
     assert d.label_names == AG_CLASSES and d.sizes()["test"] == 32  # a fifth by default
     text = d.texts["test"][0]
     row = d.rows["test"][0]
-    assert text == rows[row]["description"] and d.label_names[d.labels["test"][0]] == AG_CLASSES[rows[row]["label"] - 1]
+    assert (
+        text == rows[row]["description"]
+        and d.label_names[d.labels["test"][0]] == AG_CLASSES[rows[row]["label"] - 1]
+    )
     with pytest.raises(UserError, match="data.label_names: 2 names for 4 classes"):
         data_mod.load(spec(path, text_column="description", label_names=["a", "b"]))
 
@@ -259,13 +303,31 @@ def test_a_study_from_command_line_flags_alone(tmp_path, tiny_encoder, capsys, m
     import json
 
     from peftbench import cli
+
     path = tmp_path / "ag_news.csv"
     pd.DataFrame(_ag_news_rows(120)).to_csv(path, index=False, header=False)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
-        cli.main(["run", "--model", str(tiny_encoder), "--data", str(path), "--columns", "label,title,description",
-                  "--text-column", "title,description", "--methods", "tfidf", "--test-size", "0.25",
-                  "--out", str(tmp_path / "out"), "--no-report"])
+        cli.main(
+            [
+                "run",
+                "--model",
+                str(tiny_encoder),
+                "--data",
+                str(path),
+                "--columns",
+                "label,title,description",
+                "--text-column",
+                "title,description",
+                "--methods",
+                "tfidf",
+                "--test-size",
+                "0.25",
+                "--out",
+                str(tmp_path / "out"),
+                "--no-report",
+            ]
+        )
     assert e.value.code == 0, capsys.readouterr().err[-800:]
     plan = json.loads((tmp_path / "out" / "study.json").read_text())
     assert plan["data"]["label_names"] == sorted(AG_CLASSES) and plan["data"]["sizes"]["test"] == 30

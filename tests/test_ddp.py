@@ -22,8 +22,13 @@ def no_dropout_encoder(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["full", {"name": "lora", "label": "lora", "lora_dropout": 0.0}])
 def test_two_processes_follow_the_single_process_trajectory(method, no_dropout_encoder, tiny_data, tmp_path):
-    raw = study(no_dropout_encoder, tiny_data, [method], isolation="process",
-                train={"epochs": 3, "learning_rate": 5e-3, "group_by_length": False})
+    raw = study(
+        no_dropout_encoder,
+        tiny_data,
+        [method],
+        isolation="process",
+        train={"epochs": 3, "learning_rate": 5e-3, "group_by_length": False},
+    )
     (one,) = run_study(raw, tmp_path / "one")
     (two,) = run_study({**raw, "gpus_per_run": 2}, tmp_path / "two")
     assert two["status"] == "success", two.get("error")
@@ -31,7 +36,8 @@ def test_two_processes_follow_the_single_process_trajectory(method, no_dropout_e
     assert m2["world_size"] == 2 and len(m2["per_process"]) == 2
     assert m2["steps"] == m1["steps"]  # the batch of 16 is split over the processes, not doubled
     assert one["history"][-1]["train_loss"] < one["history"][0]["train_loss"] - 0.01  # the weights do move
-    # Equal to reduction order: a gradient weighted wrongly (e.g. halved by DDP's mean) would diverge far more.
+    # Equal to reduction order: a gradient weighted wrongly (e.g. halved by DDP's mean) would diverge far
+    # more.
     for h1, h2 in zip(one["history"], two["history"]):
         assert h2["train_loss"] == pytest.approx(h1["train_loss"], abs=2e-4)
     assert two["reload_check"]["identical_predictions"]
@@ -40,6 +46,16 @@ def test_two_processes_follow_the_single_process_trajectory(method, no_dropout_e
 
 def test_a_failing_data_parallel_run_is_recorded(tiny_encoder, tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "lora:oom_above=1")
-    (res,) = run_study(study(tiny_encoder, tiny_data, ["lora"], isolation="process", gpus_per_run=2,
-                             max_oom_retries=0, train={"epochs": 1}), tmp_path / "s")
+    (res,) = run_study(
+        study(
+            tiny_encoder,
+            tiny_data,
+            ["lora"],
+            isolation="process",
+            gpus_per_run=2,
+            max_oom_retries=0,
+            train={"epochs": 1},
+        ),
+        tmp_path / "s",
+    )
     assert res["status"] == "oom" and "out of memory" in res["error"]

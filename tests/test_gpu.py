@@ -1,4 +1,5 @@
-"""CUDA-only behaviour: the graphed training step, the bf16 frozen base and the GPU memory budget. Marked `gpu`;
+"""CUDA-only behaviour: the graphed training step, the bf16 frozen base and the GPU memory budget. Marked
+`gpu`;
 skipped on machines without a CUDA GPU."""
 
 from __future__ import annotations
@@ -7,8 +8,7 @@ import pytest
 from conftest import run_study, study
 
 torch = pytest.importorskip("torch")
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.fixture(scope="module")
@@ -17,11 +17,19 @@ def no_dropout_encoder(tmp_path_factory):
     from transformers import BertConfig, BertModel
 
     from conftest import _tokenizer
+
     folder = tmp_path_factory.mktemp("tiny-bert-nodrop")
     tok = _tokenizer(folder)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=128, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(0)
     BertModel(cfg).save_pretrained(folder)
     return folder
@@ -36,7 +44,9 @@ def test_graphed_steps_train_like_eager_ones(no_dropout_encoder, tiny_data, tmp_
     for res in (graphed, eager):
         assert res["status"] == "success", res.get("error")
     g = graphed["metrics"]["cuda_graphs"]
-    assert g["failed"] is None and g["graphs"] >= 2 and g["eager_steps"] == 1, g  # one eager step, then graphs
+    assert g["failed"] is None and g["graphs"] >= 2 and g["eager_steps"] == 1, (
+        g
+    )  # one eager step, then graphs
     assert eager["metrics"]["cuda_graphs"] == "off (cuda_graphs: false)"
     for hg, he in zip(graphed["history"], eager["history"]):
         assert hg["train_loss"] == pytest.approx(he["train_loss"], rel=2e-3)
@@ -46,7 +56,8 @@ def test_graphed_steps_train_like_eager_ones(no_dropout_encoder, tiny_data, tmp_
 
 
 def test_qlora_and_dropout_runs_use_graphs(tiny_encoder, tiny_data, tmp_path):
-    """QLoRA's 4-bit layers (bitsandbytes kernels) and dropout (the graphs' own random offsets) are captured."""
+    """QLoRA's 4-bit layers (bitsandbytes kernels) and dropout (the graphs' own random offsets) are
+    captured."""
     runs = run_study(study(tiny_encoder, tiny_data, ["qlora", "lora"], device="cuda"), tmp_path / "s")
     for res in runs:
         assert res["status"] == "success", res.get("error")
@@ -76,8 +87,15 @@ def test_a_budget_caps_the_run_and_the_plan_fits_under_it(tiny_encoder, tiny_dat
     # The budget counts all the device holds (this test process's earlier tests too): 1 GB beyond that.
     free, total = torch.cuda.mem_get_info()
     budget_mb = (total - free) / 2**20 + 1024
-    raw = study(tiny_encoder, tiny_data, ["full", "lora"], device="cuda", gpu_memory=f"{budget_mb:.0f}MB",
-                isolation="process", train={"gradient_checkpointing": "auto"})
+    raw = study(
+        tiny_encoder,
+        tiny_data,
+        ["full", "lora"],
+        device="cuda",
+        gpu_memory=f"{budget_mb:.0f}MB",
+        isolation="process",
+        train={"gradient_checkpointing": "auto"},
+    )
     for r in run_study(raw, tmp_path / "s"):
         assert r["status"] == "success", r["error"]
         plan = r["metrics"]["memory_plan"]
@@ -85,8 +103,9 @@ def test_a_budget_caps_the_run_and_the_plan_fits_under_it(tiny_encoder, tiny_dat
         assert plan["allocator_cap_mb"] < budget_mb and r["metrics"]["peak_device_memory_mb"] <= budget_mb
 
 
-def test_a_run_that_cannot_fit_its_budget_is_skipped_with_what_it_needed(tiny_encoder, tiny_data, tmp_path,
-                                                                         uncapped):
+def test_a_run_that_cannot_fit_its_budget_is_skipped_with_what_it_needed(
+    tiny_encoder, tiny_data, tmp_path, uncapped
+):
     raw = study(tiny_encoder, tiny_data, ["full"], device="cuda", gpu_memory="1MB")
     (r,) = run_study(raw, tmp_path / "s")
     assert r["status"] == "skipped" and "does not fit in" in r["error"], r["error"]

@@ -23,6 +23,7 @@ def fake_probe(need_gb, ckpt_saves=0.5, fixed_gb=2.0):
         calls.append((micro, ckpt))
         peak = (fixed_gb + need_gb * micro * (ckpt_saves if ckpt else 1.0)) * GB
         return (None, None) if peak > 24 * GB else (peak, 0.1 * micro)
+
     return probe, calls
 
 
@@ -36,14 +37,18 @@ def test_smaller_micro_batch_before_checkpointing():
     probe, calls = fake_probe(need_gb=3.0)  # 16 and 8 do not fit; 4 items: 14 GB
     fit = memory.plan_micro_batch(probe, 16, "auto", 24 * GB)
     assert (fit.micro_batch_size, fit.gradient_checkpointing) == (4, False)
-    assert [c[0] for c in calls] == [16, 8, 4] and [t["outcome"] for t in fit.tried] == ["out of memory"] * 2 + ["fits"]
+    assert [c[0] for c in calls] == [16, 8, 4] and [t["outcome"] for t in fit.tried] == [
+        "out of memory"
+    ] * 2 + ["fits"]
 
 
 def test_checkpointing_when_that_is_what_it_takes():
     probe, _ = fake_probe(need_gb=30.0, ckpt_saves=0.1, fixed_gb=1.0)  # one item: 31 GB, checkpointed: 4 GB
     fit = memory.plan_micro_batch(probe, 16, "auto", 24 * GB)
     assert fit.fits and fit.gradient_checkpointing is True and fit.micro_batch_size == 4
-    no = memory.plan_micro_batch(fake_probe(need_gb=30.0, ckpt_saves=0.1, fixed_gb=1.0)[0], 16, False, 24 * GB)
+    no = memory.plan_micro_batch(
+        fake_probe(need_gb=30.0, ckpt_saves=0.1, fixed_gb=1.0)[0], 16, False, 24 * GB
+    )
     assert not no.fits and "micro-batch 1" in no.needed()
 
 
@@ -51,7 +56,16 @@ def test_does_not_fit_even_with_checkpointing():
     probe, calls = fake_probe(need_gb=10.0, fixed_gb=23.0)
     fit = memory.plan_micro_batch(probe, 12, "auto", 24 * GB)
     assert not fit.fits and fit.micro_batch_size is None
-    assert calls == [(12, False), (6, False), (3, False), (1, False), (12, True), (6, True), (3, True), (1, True)]
+    assert calls == [
+        (12, False),
+        (6, False),
+        (3, False),
+        (1, False),
+        (12, True),
+        (6, True),
+        (3, True),
+        (1, True),
+    ]
 
 
 def test_the_margin_counts_a_peak_just_under_the_budget_as_over():
@@ -59,8 +73,16 @@ def test_the_margin_counts_a_peak_just_under_the_budget_as_over():
     assert fit.micro_batch_size == 1 and fit.tried[0]["outcome"] == "over the margin"
 
 
-@pytest.mark.parametrize("text, want", [("24GB", 24 * GB), ("24 GiB", 24 * GB), ("500MB", 500 * 2**20),
-                                        ("1.5g", int(1.5 * GB)), (512, 512 * 2**20)])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("24GB", 24 * GB),
+        ("24 GiB", 24 * GB),
+        ("500MB", 500 * 2**20),
+        ("1.5g", int(1.5 * GB)),
+        (512, 512 * 2**20),
+    ],
+)
 def test_sizes(text, want):
     assert memory.parse_size(text, "gpu_memory") == want
 
@@ -76,12 +98,15 @@ def test_fits_on_names_the_smallest_card():
     assert memory.fits_on(200 * 1024) == "> 141 GB" and memory.fits_on(None) == "-"
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("base_dtype", "int8", "train.base_dtype: must be one of auto, fp32, bf16, fp16"),
-    ("gradient_checkpointing", "sometimes", "train.gradient_checkpointing: must be true, false or auto"),
-    ("optimizer", "sgd", "train.optimizer: must be one of adamw, adamw_8bit, paged_adamw_8bit"),
-    ("attention_mask", "3d", "train.attention_mask: must be one of auto, 2d"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("base_dtype", "int8", "train.base_dtype: must be one of auto, fp32, bf16, fp16"),
+        ("gradient_checkpointing", "sometimes", "train.gradient_checkpointing: must be true, false or auto"),
+        ("optimizer", "sgd", "train.optimizer: must be one of adamw, adamw_8bit, paged_adamw_8bit"),
+        ("attention_mask", "3d", "train.attention_mask: must be one of auto, 2d"),
+    ],
+)
 def test_new_train_options_are_validated(key, value, message):
     with pytest.raises(UserError) as e:
         config.validate({"model": "m", "data": {"path": "d"}, "methods": ["lora"], "train": {key: value}})
@@ -92,11 +117,16 @@ def test_gpu_memory_on_the_command_line_is_checked(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["plan", "--model", "x", "--data", str(tmp_path), "--gpu-memory", "huge"])
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == "peftbench: error: gpu_memory: give a size like 24GB or 500MB, got 'huge'"
+    assert (
+        capsys.readouterr().err.strip()
+        == "peftbench: error: gpu_memory: give a size like 24GB or 500MB, got 'huge'"
+    )
 
 
 def test_a_learning_rate_written_2e_5_is_a_number():
-    s = config.validate({"model": "m", "data": {"path": "d"}, "methods": ["full"], "train": {"learning_rate": "2e-5"}})
+    s = config.validate(
+        {"model": "m", "data": {"path": "d"}, "methods": ["full"], "train": {"learning_rate": "2e-5"}}
+    )
     assert s["train"]["learning_rate"] == 2e-5
 
 
@@ -105,6 +135,7 @@ def test_bf16_base_gives_logits_close_to_fp32_and_trains_fp32_adapters(tiny_enco
 
     from peftbench import models
     from peftbench.runner import Study
+
     raw = study(tiny_encoder, tiny_data, [{"name": "lora", "lora_dropout": 0.0}])
     st = Study(config.validate(raw), tmp_path / "s")
     st.out.mkdir(parents=True)
@@ -125,8 +156,12 @@ def test_bf16_base_gives_logits_close_to_fp32_and_trains_fp32_adapters(tiny_enco
 
 
 def test_bf16_base_and_8bit_optimizer_train_on_the_cpu(tiny_encoder, tiny_data, tmp_path):
-    raw = study(tiny_encoder, tiny_data, ["lora", {"name": "bitfit", "label": "bitfit", "optimizer": "adamw_8bit"}],
-                train={"base_dtype": "bf16", "precision": "bf16", "epochs": 2})
+    raw = study(
+        tiny_encoder,
+        tiny_data,
+        ["lora", {"name": "bitfit", "label": "bitfit", "optimizer": "adamw_8bit"}],
+        train={"base_dtype": "bf16", "precision": "bf16", "epochs": 2},
+    )
     raw["methods"][0] = {"name": "lora", "optimizer": "paged_adamw_8bit", "label": "lora-paged"}
     res = {r["label"]: r for r in run_study(raw, tmp_path / "s")}
     assert res["bitfit"]["status"] == "success", res["bitfit"]["error"]
@@ -166,12 +201,17 @@ def test_the_mask_probe_runs_a_bf16_base_under_autocast(tiny_encoder, tiny_data,
 
     from peftbench import batches, models
     from peftbench.runner import Study
-    st = Study(config.validate(study(tiny_encoder, tiny_data, ["lora"], train={"base_dtype": "bf16"})),
-               tmp_path / "s")
+
+    st = Study(
+        config.validate(study(tiny_encoder, tiny_data, ["lora"], train={"base_dtype": "bf16"})),
+        tmp_path / "s",
+    )
     st.out.mkdir(parents=True)
     st.prepare()
     model, _ = models.build_model(st.final_specs({})[0], 2, ["0", "1"], "cpu", 10, torch.bfloat16)
     seqs = [np.array([2, 5, 6, 3]), np.array([2, 5, 6, 7, 8, 9, 3]), np.array([2] + [5] * 20 + [3])]
-    assert batches.choose_mask_mode(model, seqs, 0, "cpu", probe_on_cpu=True, amp=torch.bfloat16) == \
-        "4d-bidirectional"
+    assert (
+        batches.choose_mask_mode(model, seqs, 0, "cpu", probe_on_cpu=True, amp=torch.bfloat16)
+        == "4d-bidirectional"
+    )
     assert batches.choose_mask_mode(model, seqs, 0, "cpu", probe_on_cpu=True, amp=None) == "2d"

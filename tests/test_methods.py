@@ -18,8 +18,12 @@ MODELS = ["tiny_encoder", "tiny_decoder"]
 
 
 # tfidf uses no model, so it is paired with one fixture only.
-MATRIX = [(m, f) for m in sorted(registry.METHODS) for f in MODELS
-          if not (registry.get(m).kind == "tfidf" and f != "tiny_encoder")]
+MATRIX = [
+    (m, f)
+    for m in sorted(registry.METHODS)
+    for f in MODELS
+    if not (registry.get(m).kind == "tfidf" and f != "tiny_encoder")
+]
 
 
 @pytest.mark.parametrize("method, model_fixture", MATRIX)
@@ -33,7 +37,9 @@ def test_method_trains_saves_and_reloads(method, model_fixture, request, tiny_da
     assert m["trainable_params"] > 0 and m["total_params"] >= m["trainable_params"]
     kind = registry.get(method).kind
     if kind in ("peft", "head", "bitfit"):
-        assert m["trainable_params"] < m["total_params"] * 0.9, "a parameter-efficient method trained most weights"
+        assert m["trainable_params"] < m["total_params"] * 0.9, (
+            "a parameter-efficient method trained most weights"
+        )
     if kind != "tfidf":
         assert res["reload_check"]["identical_predictions"], res["reload_check"]
         # P-tuning saves its prompt encoder's fp32 output; in memory it is recomputed under bf16 autocast.
@@ -58,6 +64,7 @@ def test_peft_adapter_reloads_with_plain_peft(tiny_encoder, tiny_data, tmp_path)
     import torch
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     (res,) = run_study(study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1}), tmp_path / "s")
     run_dir = tmp_path / "s" / "runs" / res["run_id"]
     base = AutoModelForSequenceClassification.from_pretrained(tiny_encoder, num_labels=2)
@@ -96,9 +103,12 @@ def test_every_method_names_its_source():
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_three_classes_with_string_labels_on_a_decoder(method, tiny_decoder, tmp_path):
     from conftest import write_dataset
+
     data = write_dataset(tmp_path / "d3", "csv", n_train=180, n_test=90, classes=3, string_labels=True)
-    (res,) = run_study(study(tiny_decoder, data, [method], data={"train_size": 150, "validation_size": 30,
-                                                                  "test_size": 90}), tmp_path / "s")
+    (res,) = run_study(
+        study(tiny_decoder, data, [method], data={"train_size": 150, "validation_size": 30, "test_size": 90}),
+        tmp_path / "s",
+    )
     assert res["status"] == "success", res.get("error")
     assert res["config"]["label_names"] == ["mixed", "neg", "pos"]
     assert set(res["test_predictions"]) <= {0, 1, 2} and res["reload_check"]["identical_predictions"]
@@ -110,14 +120,22 @@ def test_three_classes_with_string_labels_on_a_decoder(method, tiny_decoder, tmp
 def _tiny(kind: str):
     """A tiny *ForSequenceClassification of each family, built from its config (no download)."""
     import transformers as T
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_labels=2,
-                 vocab_size=128)
+
+    small = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_labels=2,
+        vocab_size=128,
+    )
     cfgs = {
         "bert": T.BertConfig(**small),
         "roberta": T.RobertaConfig(**small, pad_token_id=1),
         "deberta-v2": T.DebertaV2Config(**small),
-        "modernbert": T.ModernBertConfig(**small, pad_token_id=0, global_attn_every_n_layers=2,
-                                         local_attention=4),  # layer 1 sees a 4-token window
+        "modernbert": T.ModernBertConfig(
+            **small, pad_token_id=0, global_attn_every_n_layers=2, local_attention=4
+        ),  # layer 1 sees a 4-token window
         "llama": T.LlamaConfig(**small, num_key_value_heads=2, pad_token_id=0),
         "qwen2": T.Qwen2Config(**small, num_key_value_heads=2, pad_token_id=0),
         "mistral": T.MistralConfig(**small, num_key_value_heads=2, pad_token_id=0),
@@ -137,6 +155,7 @@ def test_default_targets_fit_each_architecture(family):
 
     import peft
     import torch
+
     model = _tiny(family).eval()
     assert model.config.model_type == family
     names = dict(model.named_modules())
@@ -145,7 +164,10 @@ def test_default_targets_fit_each_architecture(family):
         hits = [n for n in names if re.fullmatch(rx, n)]
         assert hits, f"{family}: role {role} matches no module"
         want = (torch.nn.LayerNorm, torch.nn.RMSNorm) if role == "norm" else (torch.nn.Linear,)
-        assert all(isinstance(names[n], want) or "Norm" in type(names[n]).__name__ for n in hits), (family, role)
+        assert all(isinstance(names[n], want) or "Norm" in type(names[n]).__name__ for n in hits), (
+            family,
+            role,
+        )
         assert not any(h in n for n in hits for h in registry.HEAD_MODULES), f"{family}: {role} hits the head"
     ids = torch.randint(2, 128, (2, 9))
     mask = torch.ones_like(ids)
@@ -165,12 +187,16 @@ def test_default_targets_fit_each_architecture(family):
         assert torch.allclose(out, ref, atol=1e-5), (family, name)
 
 
-@pytest.mark.parametrize("family, attn, wrap, want", [
-    ("bert", "sdpa", None, "4d-bidirectional"), ("bert", "eager", None, "4d-bidirectional"),
-    ("llama", "sdpa", None, "4d-causal"),
-    ("modernbert", "sdpa", None, "2d"),      # sliding-window layers: a plain 4D mask would drop the window
-    ("bert", "sdpa", "prompt_tuning", "2d"),  # PEFT extends the 2D mask over the soft prompt
-])
+@pytest.mark.parametrize(
+    "family, attn, wrap, want",
+    [
+        ("bert", "sdpa", None, "4d-bidirectional"),
+        ("bert", "eager", None, "4d-bidirectional"),
+        ("llama", "sdpa", None, "4d-causal"),
+        ("modernbert", "sdpa", None, "2d"),  # sliding-window layers: a plain 4D mask would drop the window
+        ("bert", "sdpa", "prompt_tuning", "2d"),  # PEFT extends the 2D mask over the soft prompt
+    ],
+)
 def test_ready_4d_mask_only_where_it_changes_nothing(family, attn, wrap, want):
     """The probe picks the 4D mask form that gives the 2D mask's logits and keeps 2D where none does; the
     chosen form then matches on other batches."""
@@ -178,6 +204,7 @@ def test_ready_4d_mask_only_where_it_changes_nothing(family, attn, wrap, want):
     import torch
 
     from peftbench import batches as train
+
     torch.manual_seed(0)
     model = _tiny(family)
     model.config._attn_implementation = attn
@@ -187,7 +214,9 @@ def test_ready_4d_mask_only_where_it_changes_nothing(family, attn, wrap, want):
     seqs = [np.arange(2, 2 + n) % 120 + 2 for n in (5, 9, 14, 20, 7)]
     mode = train.choose_mask_mode(model, seqs, pad_id=0, device="cpu", probe_on_cpu=True)
     assert mode == want
-    assert train.choose_mask_mode(model, seqs, pad_id=0, device="cpu") == "2d"  # no probe on the CPU by default
+    assert (
+        train.choose_mask_mode(model, seqs, pad_id=0, device="cpu") == "2d"
+    )  # no probe on the CPU by default
     ids, mask = train.collate(seqs[2:], 0)
     model.eval()
     with torch.no_grad():
@@ -202,6 +231,7 @@ def test_all_methods_study_lists_every_registered_method():
     import yaml
 
     from peftbench import config
+
     path = Path(__file__).resolve().parents[1] / "studies" / "all-methods.yaml"
     raw = yaml.safe_load(path.read_text())
     assert sorted(raw["methods"]) == sorted(registry.METHODS)

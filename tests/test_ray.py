@@ -1,4 +1,5 @@
-"""The Ray executor on a local Ray instance: fan-out, crash recording, and results equal to the local executor's."""
+"""The Ray executor on a local Ray instance: fan-out, crash recording, and results equal to the local
+executor's."""
 
 from __future__ import annotations
 
@@ -35,10 +36,16 @@ def test_ray_results_match_the_local_executor(local_ray, tiny_encoder, tiny_data
     assert [r["started_at"] for r in again] == [r["started_at"] for r in remote]
 
 
-def test_ray_records_a_crashed_run_and_finishes_the_rest(local_ray, tiny_encoder, tiny_data, tmp_path, monkeypatch):
+def test_ray_records_a_crashed_run_and_finishes_the_rest(
+    local_ray, tiny_encoder, tiny_data, tmp_path, monkeypatch
+):
     monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "ia3:segv")
-    res = run_study(study(tiny_encoder, tiny_data, ["ia3", "lora"], executor="ray", isolation="process",
-                          train={"epochs": 1}), tmp_path / "s")
+    res = run_study(
+        study(
+            tiny_encoder, tiny_data, ["ia3", "lora"], executor="ray", isolation="process", train={"epochs": 1}
+        ),
+        tmp_path / "s",
+    )
     assert res[0]["status"] == "failed" and "SIGSEGV" in res[0]["error"]
     assert res[1]["status"] == "success"
 
@@ -46,21 +53,42 @@ def test_ray_records_a_crashed_run_and_finishes_the_rest(local_ray, tiny_encoder
 def test_ray_with_inline_isolation_is_refused():
     from peftbench import config
     from peftbench.errors import UserError
+
     with pytest.raises(UserError, match="inline cannot be used with executor: ray"):
-        config.validate({"model": "m", "data": {"path": "/x"}, "methods": ["lora"], "executor": "ray",
-                         "isolation": "inline"})
+        config.validate(
+            {
+                "model": "m",
+                "data": {"path": "/x"},
+                "methods": ["lora"],
+                "executor": "ray",
+                "isolation": "inline",
+            }
+        )
 
 
 def test_ray_retries_a_task_whose_process_died(local_ray, tiny_encoder, tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "lora:ray_task_dies_once")
-    (res,) = run_study(study(tiny_encoder, tiny_data, ["lora"], executor="ray", isolation="process",
-                             train={"epochs": 1}), tmp_path / "s")
+    (res,) = run_study(
+        study(tiny_encoder, tiny_data, ["lora"], executor="ray", isolation="process", train={"epochs": 1}),
+        tmp_path / "s",
+    )
     assert res["status"] == "success"
     assert (tmp_path / "s" / "runs" / res["run_id"] / ".ray-task-died").exists()  # it did die once
 
 
 def test_ray_says_when_the_cluster_has_no_room_for_a_run(local_ray, tiny_encoder, tiny_data, tmp_path):
     from peftbench.errors import UserError
+
     with pytest.raises(UserError, match="the Ray cluster has 2 CPUs but each run needs 3 CPU"):
-        run_study(study(tiny_encoder, tiny_data, ["lora"], executor="ray", isolation="process", ray_cpus_per_run=3,
-                        train={"epochs": 1}), tmp_path / "s")
+        run_study(
+            study(
+                tiny_encoder,
+                tiny_data,
+                ["lora"],
+                executor="ray",
+                isolation="process",
+                ray_cpus_per_run=3,
+                train={"epochs": 1},
+            ),
+            tmp_path / "s",
+        )

@@ -14,9 +14,20 @@ from conftest import run_study, study
 from peftbench import config, runner, store
 from peftbench.errors import UserError
 
-REQUIRED_METRICS = ["test_accuracy", "test_macro_f1", "train_seconds", "eval_seconds", "train_samples_per_second",
-                    "train_tokens_per_second", "trainable_params", "total_params", "peak_memory_allocated_mb",
-                    "peak_memory_reserved_mb", "peak_host_rss_mb", "adapter_size_mb"]
+REQUIRED_METRICS = [
+    "test_accuracy",
+    "test_macro_f1",
+    "train_seconds",
+    "eval_seconds",
+    "train_samples_per_second",
+    "train_tokens_per_second",
+    "trainable_params",
+    "total_params",
+    "peak_memory_allocated_mb",
+    "peak_memory_reserved_mb",
+    "peak_host_rss_mb",
+    "adapter_size_mb",
+]
 
 
 def test_result_file_has_every_field(tiny_encoder, tiny_data, tmp_path):
@@ -30,7 +41,10 @@ def test_result_file_has_every_field(tiny_encoder, tiny_data, tmp_path):
     assert on_disk["metrics"]["peak_host_rss_mb"] > 50
     assert [h["epoch"] for h in on_disk["history"]] == [1, 2]
     assert all(0 <= h["validation_accuracy"] <= 1 and h["train_loss"] > 0 for h in on_disk["history"])
-    assert on_disk["splits"]["test_accuracy"] == "test" and on_disk["splits"]["validation_accuracy"] == "validation"
+    assert (
+        on_disk["splits"]["test_accuracy"] == "test"
+        and on_disk["splits"]["validation_accuracy"] == "validation"
+    )
     assert on_disk["config_hash"] == on_disk["config"]["config_hash"] and len(on_disk["config_hash"]) == 16
     assert on_disk["config"]["train"]["learning_rate"] == 5e-4
     assert on_disk["environment"]["packages"]["peft"] and on_disk["environment"]["packages"]["torch"]
@@ -44,7 +58,9 @@ def test_rerun_skips_done_runs_and_redoes_changed_ones(tiny_encoder, tiny_data, 
     again = run_study(raw, tmp_path / "s")
     assert [r["started_at"] for r in first] == [r["started_at"] for r in again]
     assert "2 of 2 study runs already done" in capsys.readouterr().err
-    changed = run_study({**raw, "methods": ["lora", {"name": "ia3", "label": "ia3", "epochs": 1}]}, tmp_path / "s")
+    changed = run_study(
+        {**raw, "methods": ["lora", {"name": "ia3", "label": "ia3", "epochs": 1}]}, tmp_path / "s"
+    )
     assert changed[0]["started_at"] == first[0]["started_at"]
     assert changed[1]["started_at"] > first[1]["started_at"] and len(changed[1]["history"]) == 1
 
@@ -68,13 +84,14 @@ def test_seeds_change_training_not_the_test_items(tiny_encoder, tiny_data, tmp_p
 def test_lr_grid():
     grid = runner.lr_grid(1e-3, 5, 1.5)
     assert len(grid) == 5 and grid[2] == pytest.approx(1e-3)
-    assert grid[0] == pytest.approx(10 ** -3.75, rel=1e-2) and grid[-1] == pytest.approx(10 ** -2.25, rel=1e-2)
+    assert grid[0] == pytest.approx(10**-3.75, rel=1e-2) and grid[-1] == pytest.approx(10**-2.25, rel=1e-2)
     assert grid == sorted(grid)
 
 
 def test_lr_search_selects_on_validation_and_scores_test_once(tiny_encoder, tiny_data, tmp_path):
-    raw = study(tiny_encoder, tiny_data, ["lora"], lr_search={"points": 3, "decades": 2}, seeds=2,
-                train={"epochs": 1})
+    raw = study(
+        tiny_encoder, tiny_data, ["lora"], lr_search={"points": 3, "decades": 2}, seeds=2, train={"epochs": 1}
+    )
     res = run_study(raw, tmp_path / "s")
     trials = [r for r in res if r["role"] == "trial"]
     finals = [r for r in res if r["role"] == "final"]
@@ -87,21 +104,28 @@ def test_lr_search_selects_on_validation_and_scores_test_once(tiny_encoder, tiny
 
 
 def test_select_learning_rates_on_constructed_results():
-    mk = lambda lr, acc, status="success": {"label": "m", "learning_rate": lr, "status": status,  # noqa: E731
-                                            "metrics": {"validation_accuracy": acc}}
-    assert runner.select_learning_rates([mk(1e-4, 0.7), mk(1e-3, 0.9), mk(1e-2, 0.95, "failed")]) == {"m": 1e-3}
+    def mk(lr, acc, status="success"):
+        return {"label": "m", "learning_rate": lr, "status": status, "metrics": {"validation_accuracy": acc}}
+
+    assert runner.select_learning_rates([mk(1e-4, 0.7), mk(1e-3, 0.9), mk(1e-2, 0.95, "failed")]) == {
+        "m": 1e-3
+    }
     assert runner.select_learning_rates([mk(1e-4, 0.9), mk(1e-3, 0.9)]) == {"m": 1e-4}
 
 
 def test_crash_in_one_run_is_recorded_and_the_study_goes_on(tiny_encoder, tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "ia3:segv")
-    res = run_study(study(tiny_encoder, tiny_data, ["ia3", "lora"], isolation="process", train={"epochs": 1}),
-                    tmp_path / "s")
+    res = run_study(
+        study(tiny_encoder, tiny_data, ["ia3", "lora"], isolation="process", train={"epochs": 1}),
+        tmp_path / "s",
+    )
     assert res[0]["status"] == "failed" and "signal" in res[0]["error"] and "Segmentation" in res[0]["error"]
     assert res[1]["status"] == "success"
     monkeypatch.delenv("PEFTBENCH_INJECT_FAULT")
-    again = run_study(study(tiny_encoder, tiny_data, ["ia3", "lora"], isolation="process", train={"epochs": 1}),
-                      tmp_path / "s")
+    again = run_study(
+        study(tiny_encoder, tiny_data, ["ia3", "lora"], isolation="process", train={"epochs": 1}),
+        tmp_path / "s",
+    )
     assert again[0]["status"] == "success" and again[1]["started_at"] == res[1]["started_at"]
 
 
@@ -112,8 +136,9 @@ def test_oom_retries_with_smaller_micro_batches(tiny_encoder, tiny_data, tmp_pat
     assert [a["micro_batch_size"] for a in res["attempts"]] == [16, 8, 4]
     assert res["attempts"][-1]["outcome"] == "success"
     monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "lora:oom_above=1")
-    (res,) = run_study(study(tiny_encoder, tiny_data, ["lora"], max_oom_retries=2, train={"epochs": 1}),
-                       tmp_path / "t")
+    (res,) = run_study(
+        study(tiny_encoder, tiny_data, ["lora"], max_oom_retries=2, train={"epochs": 1}), tmp_path / "t"
+    )
     assert res["status"] == "oom" and "out of memory" in res["error"]
     assert [a["micro_batch_size"] for a in res["attempts"]] == [16, 8, 4]
 
@@ -121,8 +146,9 @@ def test_oom_retries_with_smaller_micro_batches(tiny_encoder, tiny_data, tmp_pat
 def test_accumulation_keeps_the_optimisation(tiny_encoder, tiny_data, tmp_path):
     """Half the micro-batch and twice the accumulation: the same effective batch and nearly the same run."""
     (a,) = run_study(study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1}), tmp_path / "a")
-    (b,) = run_study(study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1, "micro_batch_size": 4}),
-                     tmp_path / "b")
+    (b,) = run_study(
+        study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1, "micro_batch_size": 4}), tmp_path / "b"
+    )
     assert b["metrics"]["micro_batch_size"] == 4 and a["metrics"]["steps"] == b["metrics"]["steps"]
     assert abs(a["history"][0]["train_loss"] - b["history"][0]["train_loss"]) < 2e-3
 
@@ -131,9 +157,15 @@ def test_run_that_dies_after_writing_its_result_keeps_it(tiny_encoder, tiny_data
     """A worker that exits non-zero while shutting down, after its result and artefact were written (seen once
     on the CPU machine: status 255), keeps what it measured; the exit status is recorded beside it."""
     monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "ia3:exit_at_end")
-    ia3, lora = run_study(study(tiny_encoder, tiny_data, ["ia3", "lora"], isolation="process",
-                                train={"epochs": 1}), tmp_path / "s")
-    assert ia3["status"] == "success" and ia3["worker_exit_status"] == 255 and ia3["metrics"]["test_accuracy"] >= 0
+    ia3, lora = run_study(
+        study(tiny_encoder, tiny_data, ["ia3", "lora"], isolation="process", train={"epochs": 1}),
+        tmp_path / "s",
+    )
+    assert (
+        ia3["status"] == "success"
+        and ia3["worker_exit_status"] == 255
+        and ia3["metrics"]["test_accuracy"] >= 0
+    )
     on_disk = json.loads((tmp_path / "s" / "runs" / ia3["run_id"] / "result.json").read_text())
     assert on_disk["status"] == "success" and on_disk["worker_exit_status"] == 255
     assert lora["status"] == "success" and "worker_exit_status" not in lora
@@ -186,20 +218,32 @@ def test_qlora_runs_on_cpu(tiny_encoder, tiny_data, tmp_path):
     (res,) = run_study(study(tiny_encoder, tiny_data, ["qlora"]), tmp_path / "s")  # 2 epochs: eval between
     assert res["status"] == "success", res.get("error")
     assert len(res["history"]) == 2 and res["reload_check"]["identical_predictions"]
-    adapter = json.loads((tmp_path / "s" / "runs" / res["run_id"] / "adapter" / "adapter_config.json").read_text())
+    adapter = json.loads(
+        (tmp_path / "s" / "runs" / res["run_id"] / "adapter" / "adapter_config.json").read_text()
+    )
     assert adapter["peft_type"] == "LORA" and adapter["task_type"] == "SEQ_CLS"
     from peftbench.predict import load_trained
+
     model = load_trained(tmp_path / "s" / "runs" / res["run_id"])
     kinds = {type(m).__name__ for m in model.modules()}
     assert "Linear4bit" in kinds
 
 
 def test_concurrent_runs_are_flagged_in_the_report(tiny_encoder, tiny_data, tmp_path):
-    """Two runs sharing the device (forked workers started from two threads): both succeed, and the report says
+    """Two runs sharing the device (forked workers started from two threads): both succeed, and the report
+    says
     that their timings were taken under contention; finals run alone by default and are not flagged."""
     from peftbench import report
-    raw = study(tiny_encoder, tiny_data, ["lora", "ia3"], train={"epochs": 1}, isolation="process", parallel=2,
-                exclusive_finals=False)
+
+    raw = study(
+        tiny_encoder,
+        tiny_data,
+        ["lora", "ia3"],
+        train={"epochs": 1},
+        isolation="process",
+        parallel=2,
+        exclusive_finals=False,
+    )
     results = run_study(raw, tmp_path / "shared")
     assert [r["status"] for r in results] == ["success", "success"]
     assert {r["config"]["concurrent_runs"] for r in results} == {2}
@@ -210,7 +254,9 @@ def test_concurrent_runs_are_flagged_in_the_report(tiny_encoder, tiny_data, tmp_
     assert "contention" not in report.write_report(tmp_path / "alone")["markdown"].read_text()
 
 
-def test_runs_are_forked_from_the_preloaded_server_unless_turned_off(tiny_encoder, tiny_data, tmp_path, monkeypatch):
+def test_runs_are_forked_from_the_preloaded_server_unless_turned_off(
+    tiny_encoder, tiny_data, tmp_path, monkeypatch
+):
     raw = study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1}, isolation="process")
     (res,) = run_study(raw, tmp_path / "forked")
     assert res["status"] == "success" and res["environment"]["worker"] == "forked"
@@ -228,10 +274,13 @@ def test_preload_imports_peft_but_not_bitsandbytes():
     on the H200 machine; the preload imports peft without it and leaves it importable for QLoRA runs."""
     import subprocess
     import sys
-    code = ("import importlib, sys\nfrom peftbench import runner\n"
-            "[importlib.import_module(m) for m in runner.PRELOAD]\n"
-            "print(sorted(m for m in ('bitsandbytes', 'peft') if m in sys.modules))\n"
-            "from peft.import_utils import is_bnb_4bit_available\nprint(is_bnb_4bit_available())")
+
+    code = (
+        "import importlib, sys\nfrom peftbench import runner\n"
+        "[importlib.import_module(m) for m in runner.PRELOAD]\n"
+        "print(sorted(m for m in ('bitsandbytes', 'peft') if m in sys.modules))\n"
+        "from peft.import_utils import is_bnb_4bit_available\nprint(is_bnb_4bit_available())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-500:]
     assert out.stdout.strip().splitlines()[-2:] == ["['peft']", "True"]
@@ -243,14 +292,17 @@ def test_lora_run_leaves_bitsandbytes_unimported_and_qlora_still_finds_it(tiny_e
     still quantizes (peft's cached `is_bnb_available` is cleared)."""
     import subprocess
     import sys
-    code = ("import sys; from pathlib import Path\n"
-            f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-            "from conftest import run_study, study\n"
-            f"enc, data, out = {str(tiny_encoder)!r}, {str(tiny_data)!r}, Path({str(tmp_path)!r})\n"
-            "(r, i) = run_study(study(enc, data, ['lora', 'ia3'], train={'epochs': 1}), out / 'lora')\n"
-            "print('LORA', r['status'], i['status'], 'bitsandbytes' in sys.modules)\n"
-            "(q,) = run_study(study(enc, data, ['qlora'], train={'epochs': 1}), out / 'qlora')\n"
-            "print('QLORA', q['status'], q['metrics']['layers_4bit'] > 0, 'bitsandbytes' in sys.modules)\n")
+
+    code = (
+        "import sys; from pathlib import Path\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from conftest import run_study, study\n"
+        f"enc, data, out = {str(tiny_encoder)!r}, {str(tiny_data)!r}, Path({str(tmp_path)!r})\n"
+        "(r, i) = run_study(study(enc, data, ['lora', 'ia3'], train={'epochs': 1}), out / 'lora')\n"
+        "print('LORA', r['status'], i['status'], 'bitsandbytes' in sys.modules)\n"
+        "(q,) = run_study(study(enc, data, ['qlora'], train={'epochs': 1}), out / 'qlora')\n"
+        "print('QLORA', q['status'], q['metrics']['layers_4bit'] > 0, 'bitsandbytes' in sys.modules)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-800:]
     said = [line for line in out.stdout.splitlines() if line.startswith(("LORA", "QLORA"))]
@@ -260,45 +312,76 @@ def test_lora_run_leaves_bitsandbytes_unimported_and_qlora_still_finds_it(tiny_e
 @pytest.mark.slow
 def test_compiled_run_trains_and_says_how_it_was_compiled(tiny_encoder, tiny_data, tmp_path):
     """`compile: cudagraphs` on the CPU compiles without CUDA graphs (they exist on CUDA only) and says so."""
-    (res,) = run_study(study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1, "compile": "cudagraphs"}),
-                       tmp_path / "s")
+    (res,) = run_study(
+        study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1, "compile": "cudagraphs"}), tmp_path / "s"
+    )
     assert res["status"] == "success", res.get("error")
     assert res["metrics"]["compile"] is True and res["metrics"]["pad_to_multiple_of"] == 64
     assert res["reload_check"]["identical_predictions"]
     assert res["history"][0]["train_loss"] > 0
 
 
-@pytest.mark.parametrize("case, why", [
-    ({}, None),
-    ({"device": "cpu"}, "not a CUDA device"),
-    ({"cuda_graphs": False}, "off (cuda_graphs: false)"),
-    ({"world": 2}, "data-parallel run"),
-    ({"micro": 8}, "gradient accumulation"),
-    ({"prefixed": True}, "prefix tuning"),
-    ({"method": "adalora"}, "per-step hook (AdaLoRA)"),
-    ({"mask_mode": "2d"}, "2D attention mask (the model syncs on it)"),
-    ({"compiled": "cudagraphs"}, "torch.compile'd run"),
-    ({"checkpointing": True}, "gradient checkpointing"),
-    ({"n_params": 7_200_000_000}, "a model of 1B+ parameters (each batch shape's graph holds its own activations: "
-                                  "reserved memory doubled on the 8B shape, for no speed)"),
-])
+@pytest.mark.parametrize(
+    "case, why",
+    [
+        ({}, None),
+        ({"device": "cpu"}, "not a CUDA device"),
+        ({"cuda_graphs": False}, "off (cuda_graphs: false)"),
+        ({"world": 2}, "data-parallel run"),
+        ({"micro": 8}, "gradient accumulation"),
+        ({"prefixed": True}, "prefix tuning"),
+        ({"method": "adalora"}, "per-step hook (AdaLoRA)"),
+        ({"mask_mode": "2d"}, "2D attention mask (the model syncs on it)"),
+        ({"compiled": "cudagraphs"}, "torch.compile'd run"),
+        ({"checkpointing": True}, "gradient checkpointing"),
+        (
+            {"n_params": 7_200_000_000},
+            "a model of 1B+ parameters (each batch shape's graph holds its own activations: "
+            "reserved memory doubled on the 8B shape, for no speed)",
+        ),
+    ],
+)
 def test_which_runs_replay_cuda_graphs_and_why_not(case, why):
-    """The rule that decides, per run, whether its steps are graphed; a run that is not says why in its metrics."""
+    """The rule that decides, per run, whether its steps are graphed; a run that is not says why in its
+    metrics."""
     from peftbench import methods as registry
     from peftbench.graphs import StepGraphs
-    a = {"device": "cuda", "world": 1, "micro": 16, "prefixed": False, "method": "lora",
-         "mask_mode": "4d-bidirectional", "compiled": False, "cuda_graphs": True, "checkpointing": False,
-         "n_params": 22_000_000, **case}
+
+    a = {
+        "device": "cuda",
+        "world": 1,
+        "micro": 16,
+        "prefixed": False,
+        "method": "lora",
+        "mask_mode": "4d-bidirectional",
+        "compiled": False,
+        "cuda_graphs": True,
+        "checkpointing": False,
+        "n_params": 22_000_000,
+        **case,
+    }
     train = {"cuda_graphs": a["cuda_graphs"], "batch_size": 16}
-    got = StepGraphs.unsupported(train, registry.get(a["method"]), a["device"], a["world"], a["micro"],
-                                 a["mask_mode"], a["prefixed"], a["compiled"], a["checkpointing"], a["n_params"])
+    got = StepGraphs.unsupported(
+        train,
+        registry.get(a["method"]),
+        a["device"],
+        a["world"],
+        a["micro"],
+        a["mask_mode"],
+        a["prefixed"],
+        a["compiled"],
+        a["checkpointing"],
+        a["n_params"],
+    )
     assert got == why
 
 
-# ----------------------------------------------------------------------------------------- stale results, folders
+# ----------------------------------------------------------------------------------------- stale results,
+# folders
 def test_changed_data_content_is_a_new_run_not_a_reused_one(tiny_encoder, tmp_path, capsys):
     import pandas as pd
     from conftest import write_dataset
+
     data = write_dataset(tmp_path / "data")
     raw = study(tiny_encoder, data, ["ia3"], train={"epochs": 1})
     (a,) = run_study(raw, tmp_path / "s")
@@ -313,6 +396,7 @@ def test_changed_data_content_is_a_new_run_not_a_reused_one(tiny_encoder, tmp_pa
 
 def test_a_folder_belongs_to_one_study(tiny_encoder, tiny_decoder, tiny_data, tmp_path, capsys):
     from peftbench import cli
+
     run_study(study(tiny_encoder, tiny_data, ["ia3"], train={"epochs": 1}), tmp_path / "s")
     other = study(tiny_decoder, tiny_data, ["ia3"], train={"epochs": 1})
     with pytest.raises(UserError, match="holds another study"):
@@ -331,9 +415,11 @@ def test_a_folder_belongs_to_one_study(tiny_encoder, tiny_decoder, tiny_data, tm
     assert len(archived) == 1 and "moved the folder's previous contents" in capsys.readouterr().err
 
 
-def test_two_study_files_of_one_name_never_share_the_default_folder(tiny_encoder, tiny_decoder, tiny_data,
-                                                                     tmp_path, monkeypatch):
+def test_two_study_files_of_one_name_never_share_the_default_folder(
+    tiny_encoder, tiny_decoder, tiny_data, tmp_path, monkeypatch
+):
     from peftbench import cli
+
     monkeypatch.chdir(tmp_path)
     for sub, model in (("exp1", tiny_encoder), ("exp2", tiny_decoder)):
         (tmp_path / sub).mkdir()
@@ -345,7 +431,9 @@ def test_two_study_files_of_one_name_never_share_the_default_folder(tiny_encoder
         assert e.value.code == 0
     folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert len(folders) == 2 and folders[0] == "study" and folders[1].startswith("study-")
-    models = {json.loads((tmp_path / "runs" / f / "study.json").read_text())["study"]["model"] for f in folders}
+    models = {
+        json.loads((tmp_path / "runs" / f / "study.json").read_text())["study"]["model"] for f in folders
+    }
     assert models == {str(tiny_encoder), str(tiny_decoder)}
 
 
@@ -353,7 +441,10 @@ def test_report_names_missing_runs_and_refuses_a_damaged_plan(tiny_encoder, tiny
     import shutil
 
     from peftbench import report
-    results = run_study(study(tiny_encoder, tiny_data, ["ia3"], seeds=[0, 1], train={"epochs": 1}), tmp_path / "s")
+
+    results = run_study(
+        study(tiny_encoder, tiny_data, ["ia3"], seeds=[0, 1], train={"epochs": 1}), tmp_path / "s"
+    )
     shutil.rmtree(tmp_path / "s" / "runs" / results[1]["run_id"])
     md = report.write_report(tmp_path / "s")["markdown"].read_text()
     assert f"{results[1]['run_id']}: planned, no result" in md
@@ -369,14 +460,20 @@ def test_a_killed_cli_leaves_no_worker_behind(how, tiny_encoder, tiny_data, tmp_
     import subprocess
 
     import psutil
+
     f = tmp_path / "s.yaml"
     raw = study(tiny_encoder, tiny_data, ["ia3"], train={"epochs": 1})
     raw["isolation"] = "process"
     f.write_text(json.dumps(raw))
     env = dict(os.environ, PEFTBENCH_INJECT_FAULT="ia3:hang", PEFTBENCH_PROGRESS="0")
     err = open(tmp_path / "stderr.txt", "w")
-    cli = subprocess.Popen([sys.executable, "-m", "peftbench", "run", str(f), "--out", str(tmp_path / "out")],
-                           env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "peftbench", "run", str(f), "--out", str(tmp_path / "out")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while not list((tmp_path / "out").glob("runs/*/crash.log")) and time.time() < deadline:
@@ -408,6 +505,7 @@ def test_each_run_stores_auditable_predictions(tiny_encoder, tiny_data, tmp_path
 
     from peftbench import cli
     from peftbench import data as data_mod
+
     raw = study(tiny_encoder, tiny_data, ["ia3", "tfidf"], train={"epochs": 1})
     results = {r["method"]: r for r in run_study(raw, tmp_path / "s")}
     d = data_mod.load(config.validate(raw)["data"])
@@ -430,12 +528,17 @@ def test_each_run_stores_auditable_predictions(tiny_encoder, tiny_data, tmp_path
 
 def test_progress_off_a_terminal_is_one_line_per_event(tiny_encoder, tiny_data, tmp_path):
     import subprocess
+
     f = tmp_path / "s.yaml"
     raw = study(tiny_encoder, tiny_data, ["ia3"], train={"epochs": 2})
     f.write_text(json.dumps(raw))
-    proc = subprocess.run([sys.executable, "-m", "peftbench", "run", str(f), "--out", str(tmp_path / "o"),
-                           "--no-report"], env=dict(os.environ, PEFTBENCH_PROGRESS="1"), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "peftbench", "run", str(f), "--out", str(tmp_path / "o"), "--no-report"],
+        env=dict(os.environ, PEFTBENCH_PROGRESS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert "\r" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if "epoch" in ln]

@@ -19,7 +19,7 @@ def test_mean_ci_known_values():
     r = stats.mean_ci([0.80, 0.82, 0.84])
     assert r["mean"] == pytest.approx(0.82) and r["std"] == pytest.approx(0.02)
     # t(0.975, 2) = 4.3027; half-width = 4.3027 * 0.02 / sqrt(3)
-    assert r["ci_high"] - r["mean"] == pytest.approx(4.302653 * 0.02 / 3 ** 0.5, rel=1e-5)
+    assert r["ci_high"] - r["mean"] == pytest.approx(4.302653 * 0.02 / 3**0.5, rel=1e-5)
     one = stats.mean_ci([0.5])
     assert one["mean"] == 0.5 and one["ci_low"] is None
     assert stats.mean_ci([])["mean"] is None
@@ -29,8 +29,16 @@ def test_mean_ci_known_values():
 
 
 def test_summaries_keep_accuracy_intervals_inside_zero_one():
-    runs = [{"label": "m", "method": "full", "status": "success", "seed": s,
-             "metrics": {"test_accuracy": a, "train_seconds": t}} for s, a, t in ((0, 0.3, 1.0), (1, 0.7, 9.0))]
+    runs = [
+        {
+            "label": "m",
+            "method": "full",
+            "status": "success",
+            "seed": s,
+            "metrics": {"test_accuracy": a, "train_seconds": t},
+        }
+        for s, a, t in ((0, 0.3, 1.0), (1, 0.7, 9.0))
+    ]
     (row,) = stats.summarize(runs)
     assert (row["test_accuracy"]["ci_low"], row["test_accuracy"]["ci_high"]) == (0.0, 1.0)
     assert row["train_seconds"]["ci_low"] == 0.0 and row["train_seconds"]["ci_high"] > 9.0
@@ -41,7 +49,7 @@ def test_mcnemar_known_answers():
     assert stats.mcnemar(a, a) == 1.0  # identical predictions: no evidence at all
     b = a.copy()
     b[:10] = False  # a right and b wrong on 10 items, never the reverse
-    assert stats.mcnemar(a, b) == pytest.approx(2 * 0.5 ** 10)
+    assert stats.mcnemar(a, b) == pytest.approx(2 * 0.5**10)
     c = a.copy()
     c[:3], c[50:53] = False, True  # 3 discordant each way: perfectly balanced
     assert stats.mcnemar(a, c) == 1.0
@@ -60,8 +68,15 @@ def test_paired_bootstrap_detects_a_real_difference_and_not_a_null_one():
 
 
 def _row(label, acc, secs, params, mem, correct=None, seeds=1):
-    r = {"label": label, "method": label, "status": "success", "errors": [], "learning_rate": 1e-3,
-         "seeds": list(range(seeds)), "_correct": correct}
+    r = {
+        "label": label,
+        "method": label,
+        "status": "success",
+        "errors": [],
+        "learning_rate": 1e-3,
+        "seeds": list(range(seeds)),
+        "_correct": correct,
+    }
     for m in stats.METRICS:
         r[m] = stats.mean_ci([])
     r["test_accuracy"] = stats.mean_ci([acc])
@@ -74,13 +89,16 @@ def _row(label, acc, secs, params, mem, correct=None, seeds=1):
 def test_tied_marks_on_constructed_predictions():
     labels = np.zeros(300, int)
     best = np.ones((1, 300), bool)
-    best[0, :30] = False          # 0.90
+    best[0, :30] = False  # 0.90
     close = best.copy()
-    close[0, 30:33] = False       # 0.89: 3 discordant items
+    close[0, 30:33] = False  # 0.89: 3 discordant items
     far = best.copy()
-    far[0, 30:90] = False         # 0.70: 60 discordant items
-    rows = [_row("a", 0.90, 10, 1e6, 100, best), _row("b", 0.89, 5, 1e3, 50, close),
-            _row("c", 0.70, 1, 10, 10, far)]
+    far[0, 30:90] = False  # 0.70: 60 discordant items
+    rows = [
+        _row("a", 0.90, 10, 1e6, 100, best),
+        _row("b", 0.89, 5, 1e3, 50, close),
+        _row("c", 0.70, 1, 10, 10, far),
+    ]
     stats.mark_ties(rows)
     assert rows[0]["best"] and rows[1]["tied_with_best"] and not rows[2]["tied_with_best"]
     assert rows[2]["vs_best"]["p_value"] < 1e-6
@@ -97,8 +115,12 @@ def _study(rows, gpu=True):
 
 
 def test_recommendations_follow_the_numbers():
-    rows = [_row("full", 0.93, 1755, 124.6e6, 11559), _row("lora", 0.925, 842, 1.48e6, 9331),
-            _row("qlora", 0.89, 252, 296e3, 4678), _row("ia3", 0.8225, 1465, 1.3e6, 12185)]
+    rows = [
+        _row("full", 0.93, 1755, 124.6e6, 11559),
+        _row("lora", 0.925, 842, 1.48e6, 9331),
+        _row("qlora", 0.89, 252, 296e3, 4678),
+        _row("ia3", 0.8225, 1465, 1.3e6, 12185),
+    ]
     for r in rows:
         r["tied_with_best"] = False
     recs = {r["title"]: r for r in report.recommendations(_study(rows))}
@@ -108,14 +130,19 @@ def test_recommendations_follow_the_numbers():
     fewest = next(v for k, v in recs.items() if k.startswith("Fewest"))
     assert fewest["method"] == "lora"
     budgets = [(k, v["method"]) for k, v in recs.items() if k.startswith("Best within")]
-    assert budgets == [("Best within 4,678 MB of peak GPU memory", "qlora"),
-                       ("Best within 9,331 MB of peak GPU memory", "lora"),
-                       ("Best within 11,559 MB of peak GPU memory", "full")]
+    assert budgets == [
+        ("Best within 4,678 MB of peak GPU memory", "qlora"),
+        ("Best within 9,331 MB of peak GPU memory", "lora"),
+        ("Best within 11,559 MB of peak GPU memory", "full"),
+    ]
 
 
 def test_recommend_constraints_and_binding_one():
-    rows = [_row("full", 0.93, 1755, 124.6e6, 11559), _row("lora", 0.904, 842, 1.48e6, 9331),
-            _row("qlora", 0.89, 252, 296e3, 4678)]
+    rows = [
+        _row("full", 0.93, 1755, 124.6e6, 11559),
+        _row("lora", 0.904, 842, 1.48e6, 9331),
+        _row("qlora", 0.89, 252, 296e3, 4678),
+    ]
     s = _study(rows)
     res = report.recommend(s, report.parse_memory("10GB"), report.parse_duration("20m"), None)
     assert [r["method"] for r in res["ranked"]] == ["lora", "qlora"]
@@ -132,13 +159,23 @@ def test_recommend_constraints_and_binding_one():
 def test_report_with_failed_skipped_and_hostile_labels(tiny_encoder, tiny_data, tmp_path, monkeypatch):
     evil = "<script>alert(1)</script>"
     monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "ia3:segv")
-    raw = study(tiny_encoder, tiny_data, [{"name": "lora", "label": evil}, "ia3", "full"],
-                isolation="process", train={"epochs": 1}, name="x<b>y</b>")
+    raw = study(
+        tiny_encoder,
+        tiny_data,
+        [{"name": "lora", "label": evil}, "ia3", "full"],
+        isolation="process",
+        train={"epochs": 1},
+        name="x<b>y</b>",
+    )
     run_study(raw, tmp_path / "s")
     # A skipped run written by a machine without 4-bit support, as a reader would find it.
     res = json.loads(next((tmp_path / "s" / "runs").glob("full-*/result.json")).read_text())
-    res.update(status="skipped", error="QLoRA needs bitsandbytes 4-bit support: <none here>", metrics={},
-               test_predictions=None)
+    res.update(
+        status="skipped",
+        error="QLoRA needs bitsandbytes 4-bit support: <none here>",
+        metrics={},
+        test_predictions=None,
+    )
     store.atomic_write_json(next((tmp_path / "s" / "runs").glob("full-*/result.json")), res)
     paths = report.write_report(tmp_path / "s")
     page = paths["html"].read_text()
@@ -164,9 +201,12 @@ def test_report_for_a_single_method(tiny_encoder, tiny_data, tmp_path):
 
 def test_budget_view_on_constructed_histories():
     def run(label, seed, accs, secs):
-        hist = [{"epoch": i + 1, "validation_accuracy": a, "train_loss": 0.5, "cumulative_train_seconds": s}
-                for i, (a, s) in enumerate(zip(accs, secs))]
+        hist = [
+            {"epoch": i + 1, "validation_accuracy": a, "train_loss": 0.5, "cumulative_train_seconds": s}
+            for i, (a, s) in enumerate(zip(accs, secs))
+        ]
         return {"label": label, "seed": seed, "status": "success", "history": hist}
+
     s = {"finals": [run("fast", 0, [0.80, 0.85], [1, 2]), run("slow", 0, [0.70, 0.90], [10, 20])]}
     header, rows, target = report.budget_table(s)
     assert target == pytest.approx(0.85)  # the lower of the two best validation accuracies
@@ -177,9 +217,14 @@ def test_budget_view_on_constructed_histories():
 
 def test_compare_and_recommend_commands(tiny_encoder, tiny_data, tmp_path, capsys):
     from peftbench import cli
-    run_study(study(tiny_encoder, tiny_data, ["lora", "ia3"], train={"epochs": 1}, name="one"), tmp_path / "a")
-    run_study(study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1, "learning_rate": 1e-5}, name="two"),
-              tmp_path / "b")
+
+    run_study(
+        study(tiny_encoder, tiny_data, ["lora", "ia3"], train={"epochs": 1}, name="one"), tmp_path / "a"
+    )
+    run_study(
+        study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1, "learning_rate": 1e-5}, name="two"),
+        tmp_path / "b",
+    )
     with pytest.raises(SystemExit) as e:
         cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp.md")])
     assert e.value.code == 0
@@ -198,12 +243,19 @@ def test_compare_and_recommend_commands(tiny_encoder, tiny_data, tmp_path, capsy
 
 def test_tensorboard_tracking_writes_per_step_scalars(tiny_encoder, tiny_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    (res,) = run_study(study(tiny_encoder, tiny_data, ["lora"], tracking="tensorboard", tracking_every=2),
-                       tmp_path / "s")
+
+    (res,) = run_study(
+        study(tiny_encoder, tiny_data, ["lora"], tracking="tensorboard", tracking_every=2), tmp_path / "s"
+    )
     acc = EventAccumulator(str(tmp_path / "s" / "runs" / res["run_id"] / "tensorboard")).Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/learning_rate", "train/samples_per_second", "train/tokens_per_second",
-            "validation/accuracy"} <= tags
+    assert {
+        "train/loss",
+        "train/learning_rate",
+        "train/samples_per_second",
+        "train/tokens_per_second",
+        "validation/accuracy",
+    } <= tags
     steps = [e.step for e in acc.Scalars("train/loss")]
     assert steps == list(range(2, res["metrics"]["steps"] + 1, 2))
     assert all(e.value > 0 for e in acc.Scalars("train/loss"))
@@ -216,8 +268,11 @@ def test_mlflow_tracking_is_read_back_by_mlflows_own_client(tiny_encoder, tiny_d
     from mlflow.tracking import MlflowClient
 
     from peftbench.tracking import mlflow_uri
-    runs = run_study(study(tiny_encoder, tiny_data, ["lora", "ia3"], tracking="mlflow", tracking_every=2,
-                           name="tracked"), tmp_path / "s")
+
+    runs = run_study(
+        study(tiny_encoder, tiny_data, ["lora", "ia3"], tracking="mlflow", tracking_every=2, name="tracked"),
+        tmp_path / "s",
+    )
     client = MlflowClient(tracking_uri=mlflow_uri(tmp_path / "s"))
     exp = client.get_experiment_by_name("tracked")
     found = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
@@ -226,18 +281,25 @@ def test_mlflow_tracking_is_read_back_by_mlflows_own_client(tiny_encoder, tiny_d
         mr = found[res["run_id"]]
         assert mr.info.status == "FINISHED" and mr.data.params["method"] == res["method"]
         loss = client.get_metric_history(mr.info.run_id, "train/loss")
-        assert [m.step for m in loss] == list(range(2, res["metrics"]["steps"] + 1, 2)) and all(m.value > 0 for m in loss)
+        assert [m.step for m in loss] == list(range(2, res["metrics"]["steps"] + 1, 2)) and all(
+            m.value > 0 for m in loss
+        )
         val = client.get_metric_history(mr.info.run_id, "validation/accuracy")
         assert [m.value for m in val] == [h["validation_accuracy"] for h in res["history"]]
 
 
 def test_statistics_do_not_import_scipy_stats():
-    """The statistics need only scipy.special: scipy.stats would add about a second of imports to every report."""
-    code = ("import sys\n"
-            "from peftbench import stats\n"
-            "stats.mean_ci([0.8, 0.9]); stats.mcnemar([1, 0, 1], [0, 0, 1])\n"
-            "print('scipy.special' in sys.modules, 'scipy.stats' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    """The statistics need only scipy.special: scipy.stats would add about a second of imports to every
+    report."""
+    code = (
+        "import sys\n"
+        "from peftbench import stats\n"
+        "stats.mean_ci([0.8, 0.9]); stats.mcnemar([1, 0, 1], [0, 0, 1])\n"
+        "print('scipy.special' in sys.modules, 'scipy.stats' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == ["True", "False"]
 
 
@@ -252,11 +314,15 @@ def test_gpu_memory_is_the_figure_that_decides_an_oom_and_names_a_card():
     assert header[5] == report.GPU_MEMORY_LABEL and header[6] == "fits on (card)"
     assert row_lora[5] == "23,000" and row_lora[6] == "24 GB" and row_old[6] == "40 GB"
     assert [r["method"] for r in report.recommend(s, report.parse_memory("22GB"), None, None)["ranked"]] == []
-    assert [r["method"] for r in report.recommend(s, report.parse_memory("24GB"), None, None)["ranked"]] == ["lora"]
+    assert [r["method"] for r in report.recommend(s, report.parse_memory("24GB"), None, None)["ranked"]] == [
+        "lora"
+    ]
 
 
 def test_wilson_interval_known_values():
-    low, high = stats.wilson(0.9, 100)  # the Wilson score interval, as statsmodels' proportion_confint gives it
+    low, high = stats.wilson(
+        0.9, 100
+    )  # the Wilson score interval, as statsmodels' proportion_confint gives it
     assert low == pytest.approx(0.8256, abs=1e-4) and high == pytest.approx(0.9448, abs=1e-4)
     assert stats.wilson(1.0, 20)[1] == 1.0 and stats.wilson(0.0, 20)[0] == 0.0
 
@@ -266,7 +332,9 @@ def test_recommendations_say_what_the_data_cannot_rank():
     recs = {r["title"]: r for r in report.recommendations(_study(rows, gpu=False))}
     fastest = next(v for k, v in recs.items() if k.startswith("Fastest"))
     assert "not a difference this measurement can rank" in fastest["reason"]
-    assert recs["Memory"]["reason"].startswith("not ranked") and not any(k.startswith("Best within") for k in recs)
+    assert recs["Memory"]["reason"].startswith("not ranked") and not any(
+        k.startswith("Best within") for k in recs
+    )
 
 
 def test_report_states_sizes_truncation_and_per_class_results(tiny_encoder, tiny_data, tmp_path):

@@ -45,6 +45,7 @@ def epoch_of_checkpoint(run_dir: Path) -> int | None:
         return None
     try:
         import torch
+
         return torch.load(ck, weights_only=True, map_location="cpu")["epoch"] + 1
     except Exception:
         return None
@@ -75,17 +76,24 @@ def main() -> None:
     env = dict(os.environ, PEFTBENCH_PROGRESS="0")
     runs = lambda: sorted(p.name for p in (out / "runs").glob("*")) if (out / "runs").exists() else []  # noqa: E731
     points = [
-        ("mid-run 1, after its epoch-1 checkpoint",
-         lambda: any((out / "runs" / r / "checkpoint.pt").exists() for r in runs())),
+        (
+            "mid-run 1, after its epoch-1 checkpoint",
+            lambda: any((out / "runs" / r / "checkpoint.pt").exists() for r in runs()),
+        ),
         ("as run 2 starts", lambda: len(results(out)) >= 1 and len(runs()) >= 2),
-        ("mid-run 3, after its epoch-2 checkpoint",
-         lambda: len(results(out)) >= 2 and any(epoch_of_checkpoint(out / "runs" / r) == 2 for r in runs())),
+        (
+            "mid-run 3, after its epoch-2 checkpoint",
+            lambda: (
+                len(results(out)) >= 2 and any(epoch_of_checkpoint(out / "runs" / r) == 2 for r in runs())
+            ),
+        ),
     ]
     log = []
     for i, (where, pred) in enumerate(points, 1):
         before = results(out)
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         hit = wait_for(pred, proc)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -95,16 +103,34 @@ def main() -> None:
         after = results(out)
         kept = [r for r in before if before[r]["started_at"] == after[r]["started_at"]]
         tmp = [str(p) for p in out.rglob("*.tmp")]
-        log.append({"kill": i, "where": where, "reached": hit, "results_before": len(before),
-                    "results_kept_unchanged": len(kept), "results_after": sorted(after),
-                    "checkpoints": sorted(p.parent.name for p in out.rglob("checkpoint.pt")), "tmp_files": tmp})
+        log.append(
+            {
+                "kill": i,
+                "where": where,
+                "reached": hit,
+                "results_before": len(before),
+                "results_kept_unchanged": len(kept),
+                "results_after": sorted(after),
+                "checkpoints": sorted(p.parent.name for p in out.rglob("checkpoint.pt")),
+                "tmp_files": tmp,
+            }
+        )
         assert len(kept) == len(before), "a finished run was redone or changed"
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     final = results(out)
-    log.append({"final_exit": proc.returncode, "runs": {k: {"status": v["status"],
-                                                             "resumed_from_epoch": v["metrics"].get("resumed_from_epoch"),
-                                                             "epochs": [h["epoch"] for h in v["history"]]}
-                                                         for k, v in final.items()}})
+    log.append(
+        {
+            "final_exit": proc.returncode,
+            "runs": {
+                k: {
+                    "status": v["status"],
+                    "resumed_from_epoch": v["metrics"].get("resumed_from_epoch"),
+                    "epochs": [h["epoch"] for h in v["history"]],
+                }
+                for k, v in final.items()
+            },
+        }
+    )
     assert proc.returncode == 0 and len(final) == 3 and all(v["status"] == "success" for v in final.values())
     print(json.dumps(log, indent=1))
 

@@ -6,6 +6,7 @@
 A seeded (seed 0), stratified draw from the full IMDb Parquet copy: 1,000 positive and 1,000 negative
 reviews from its train split, 500 of each from its test split, texts unchanged, rows shuffled.
 """
+
 import argparse
 from pathlib import Path
 

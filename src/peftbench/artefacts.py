@@ -25,6 +25,7 @@ def trainable_state(model) -> dict:
 
 def load_trainable(model, state: dict) -> None:
     import torch
+
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in state.items():
@@ -34,6 +35,7 @@ def load_trainable(model, state: dict) -> None:
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write an epoch checkpoint atomically (a reader sees the old one or the new one)."""
     import torch
+
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -42,6 +44,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(path: Path, config_hash: str, device: str) -> dict | None:
     """The checkpoint at `path` if it belongs to this run's config, else None."""
     import torch
+
     if not path.exists():
         return None
     try:
@@ -49,8 +52,12 @@ def load_checkpoint(path: Path, config_hash: str, device: str) -> dict | None:
     except Exception as e:  # truncated or corrupt: unpickling, zip and key errors alike
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         os.replace(path, aside)
-        print(f"peftbench: warning: the checkpoint {path} was damaged ({type(e).__name__}); moved to {aside.name}, "
-              "the run starts from scratch", file=sys.stderr)
+        print(
+            f"peftbench: warning: the checkpoint {path} was damaged ({type(e).__name__}); moved to "
+            f"{aside.name}, "
+            "the run starts from scratch",
+            file=sys.stderr,
+        )
         return None
     return ck if isinstance(ck, dict) and ck.get("config_hash") == config_hash else None
 
@@ -83,20 +90,27 @@ def _restore_modules_to_save(model, path: Path) -> None:
     """peft 0.21's PiSSA conversion drops the modules_to_save (the head): put them back."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
+
     converted = load_file(path)
-    extra = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()
-             if k not in converted and "lora_" not in k}
+    extra = {
+        k: v.detach().cpu().contiguous()
+        for k, v in get_peft_model_state_dict(model).items()
+        if k not in converted and "lora_" not in k
+    }
     save_file({**converted, **extra}, path, metadata={"format": "pt"})
 
 
 def verify_reload(run, run_dir, tok, logits, device, amp, pad_id, max_len, batch_size: int) -> dict:
     """Reload the saved artefact through the same path as `peftbench predict` and compare test predictions."""
     from .predict import load_trained
+
     model = load_trained(run_dir, run=run, device=device)
     again = predict_logits(model, tok.ids["test"], batch_size, device, amp, pad_id, max_len)
     same = bool((again.argmax(-1) == logits.argmax(-1)).all())
-    return {"identical_predictions": same,
-            "max_abs_logit_diff": float(np.abs(again - logits).max()) if len(again) else 0.0}
+    return {
+        "identical_predictions": same,
+        "max_abs_logit_diff": float(np.abs(again - logits).max()) if len(again) else 0.0,
+    }
 
 
 def write_predictions(path: Path, rows_file: str | None, logits, label_names: list[str]) -> None:
@@ -104,9 +118,13 @@ def write_predictions(path: Path, rows_file: str | None, logits, label_names: li
     hash of its text, its label, the prediction and the probability of each class (columns `p_<class>`)."""
     import pandas as pd
     import torch
+
     probs = torch.softmax(torch.as_tensor(np.asarray(logits, dtype=np.float32)), -1).numpy()
-    df = pd.read_parquet(rows_file) if rows_file and Path(rows_file).exists() else \
-        pd.DataFrame({"row": np.arange(len(probs))})
+    df = (
+        pd.read_parquet(rows_file)
+        if rows_file and Path(rows_file).exists()
+        else pd.DataFrame({"row": np.arange(len(probs))})
+    )
     df["prediction"] = [label_names[i] for i in probs.argmax(-1)]
     for j, name in enumerate(label_names):
         df[f"p_{name}"] = probs[:, j]

@@ -13,8 +13,9 @@ import numpy as np
 GROUP_WINDOW = 50
 
 
-def make_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
-                 group_by_length: bool) -> list[np.ndarray]:
+def make_batches(
+    lengths: np.ndarray, batch_size: int, rng: np.random.Generator, group_by_length: bool
+) -> list[np.ndarray]:
     """A random epoch of batches; with grouping, items of similar length share a batch (less padding).
 
     Grouping sorts within shuffled windows of 50 batches and then shuffles the batches, like
@@ -23,13 +24,13 @@ def make_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
     n = len(lengths)
     perm = rng.permutation(n)
     if not group_by_length:
-        return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+        return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
     window = batch_size * GROUP_WINDOW
     batches = []
     for start in range(0, n, window):
-        chunk = perm[start:start + window]
+        chunk = perm[start : start + window]
         chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
@@ -44,6 +45,7 @@ def steps_per_epoch(n: int, batch_size: int, group_by_length: bool) -> int:
 def collate(seqs: list[np.ndarray], pad_id: int, multiple: int = 8, max_len: int | None = None):
     """(input_ids, attention_mask) as int64 tensors padded to the longest item (rounded up to `multiple`)."""
     import torch
+
     if max_len is not None:
         seqs = [s[:max_len] for s in seqs]
     longest = max(len(s) for s in seqs)
@@ -53,8 +55,8 @@ def collate(seqs: list[np.ndarray], pad_id: int, multiple: int = 8, max_len: int
     ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), width), dtype=np.int64)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = s
-        mask[i, :len(s)] = 1
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
@@ -81,6 +83,7 @@ def model_forward(model, ids, mask, mask_mode: str = "2d", labels=None):
     if not n_prefix:
         return model(input_ids=ids, attention_mask=mask_for_model(mask, mask_mode), **kw)
     import torch
+
     base = model.base_model
     cache_arg = _cache_argument(type(base.get_submodule(model.transformer_backbone_name)))
     cache = model.get_prompt(batch_size=ids.shape[0])
@@ -93,6 +96,7 @@ def _cache_argument(backbone_cls) -> str:
     """The key/value-cache argument of a backbone's forward: `cache` from transformers 5.2x on, before it
     `past_key_values` (read once per class, not on every training step)."""
     import inspect
+
     return "cache" if "cache" in inspect.signature(backbone_cls.forward).parameters else "past_key_values"
 
 
@@ -103,6 +107,7 @@ def mask_for_model(mask, mode: str):
     if mode == "2d":
         return mask
     import torch
+
     keep = mask.bool()[:, None, None, :]  # (batch, 1, 1, keys): attend to real tokens only
     if mode == "4d-causal":
         n = mask.shape[1]
@@ -110,8 +115,16 @@ def mask_for_model(mask, mode: str):
     return keep
 
 
-def choose_mask_mode(model, seqs: list[np.ndarray], pad_id: int, device: str, probe_on_cpu: bool = False,
-                     max_len: int | None = None, forced: str = "auto", amp=None) -> str:
+def choose_mask_mode(
+    model,
+    seqs: list[np.ndarray],
+    pad_id: int,
+    device: str,
+    probe_on_cpu: bool = False,
+    max_len: int | None = None,
+    forced: str = "auto",
+    amp=None,
+) -> str:
     """Which attention-mask form this model takes without changing its output, checked on real inputs.
 
     On CUDA, a 4D mask (bidirectional for encoders, causal for decoders) is used when the model's logits with
@@ -129,11 +142,13 @@ def choose_mask_mode(model, seqs: list[np.ndarray], pad_id: int, device: str, pr
     pick = [seqs[order[0]], seqs[order[len(order) // 2]], seqs[order[-1]]]
     if len({len(s) for s in pick}) == 1:
         return "2d"
-    # Full length (local-attention windows must show up), within the run's limit (soft prompts take positions).
+    # Full length (local-attention windows must show up), within the run's limit (soft prompts take
+    # positions).
     ids, mask = collate(pick, pad_id, multiple=8, max_len=max_len)
     was_training = model.training
     model.eval()
     import torch
+
     try:  # any failure here only means: keep the 2D mask
         with torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None):
             return _first_equal_mask_mode(model, ids.to(device), mask.to(device))
@@ -145,6 +160,7 @@ def choose_mask_mode(model, seqs: list[np.ndarray], pad_id: int, device: str, pr
 
 def _first_equal_mask_mode(model, ids, mask) -> str:
     import torch
+
     with torch.inference_mode():
         ref = model_forward(model, ids, mask).logits
         # Under bf16 autocast the two forms differ in their last bits between kernels.
@@ -159,24 +175,36 @@ def _first_equal_mask_mode(model, ids, mask) -> str:
     return "2d"
 
 
-def predict_logits(model, seqs: list[np.ndarray], batch_size: int, device: str, amp, pad_id: int,
-                   max_len: int | None = None, mask_mode: str = "2d") -> np.ndarray:
+def predict_logits(
+    model,
+    seqs: list[np.ndarray],
+    batch_size: int,
+    device: str,
+    amp,
+    pad_id: int,
+    max_len: int | None = None,
+    mask_mode: str = "2d",
+) -> np.ndarray:
     """Logits for `seqs`, evaluated in length-sorted batches (little padding), returned in input order.
 
     On CUDA, widths are rounded to multiples of 64: every new shape costs kernel selection, more than the
     padding saves (benchmarks/results/h200-padding.json)."""
     import torch
+
     multiple = 64 if device.startswith("cuda") else 8
     order = np.argsort([-len(s) for s in seqs], kind="stable")
     model.eval()
     chunks = []
-    with torch.inference_mode(), torch.autocast(device.split(":")[0], dtype=amp or torch.float32,
-                                                enabled=amp is not None):
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None),
+    ):
         for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             ids, mask = collate([seqs[j] for j in idx], pad_id, multiple=multiple, max_len=max_len)
-            logits = model_forward(model, ids.to(device, non_blocking=True), mask.to(device, non_blocking=True),
-                                   mask_mode).logits
+            logits = model_forward(
+                model, ids.to(device, non_blocking=True), mask.to(device, non_blocking=True), mask_mode
+            ).logits
             chunks.append((idx, logits.float()))
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)

@@ -39,12 +39,15 @@ def _size(text: str):
         try:
             return float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"give a count (500) or a fraction (0.2), got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"give a count (500) or a fraction (0.2), got {text!r}"
+            ) from None
 
 
 def build_study(args) -> tuple[dict, Path]:  # noqa: C901  (28: to split next)
     """The raw study dict from a file or preset, with command-line overrides applied, and its out dir."""
     from . import config
+
     if args.study and args.preset:
         raise UserError("give a study file or --preset, not both")
     if args.preset:
@@ -56,8 +59,10 @@ def build_study(args) -> tuple[dict, Path]:  # noqa: C901  (28: to split next)
     elif args.model or args.data:  # flags alone: the quick preset's protocol over all of the given data
         raw = {**config.load_preset("quick"), "name": "cli", "data": {}}
     else:
-        raise UserError("give a study file (peftbench run STUDY.yaml), a preset (peftbench run --preset quick) "
-                        "or --model/--data")
+        raise UserError(
+            "give a study file (peftbench run STUDY.yaml), a preset (peftbench run --preset quick) "
+            "or --model/--data"
+        )
     raw = dict(raw)
     data = dict(raw.get("data") or {}) if isinstance(raw.get("data", {}), dict) else raw.get("data")
     if isinstance(data, dict):
@@ -66,11 +71,20 @@ def build_study(args) -> tuple[dict, Path]:  # noqa: C901  (28: to split next)
         elif not data.get("path") and not data.get("name"):
             data["path"] = config.default_data_path()
             if data["path"] == config.sample_data_path():
-                print("peftbench: data: the IMDb sample shipped with peftbench (2,000 train / 1,000 test reviews); "
-                      "--data DIR for the full copy or your own", file=sys.stderr)
-        for key, val in (("train_size", args.train_size), ("test_size", args.test_size),
-                         ("label_column", args.label_column), ("text_column", _list(args.text_column, True)),
-                         ("label_names", _list(args.label_names)), ("columns", _list(args.columns))):
+                print(
+                    "peftbench: data: the IMDb sample shipped with peftbench (2,000 train / 1,000 test "
+                    "reviews); "
+                    "--data DIR for the full copy or your own",
+                    file=sys.stderr,
+                )
+        for key, val in (
+            ("train_size", args.train_size),
+            ("test_size", args.test_size),
+            ("label_column", args.label_column),
+            ("text_column", _list(args.text_column, True)),
+            ("label_names", _list(args.label_names)),
+            ("columns", _list(args.columns)),
+        ):
             if val is not None:
                 data[key] = val
         raw["data"] = data
@@ -89,8 +103,13 @@ def build_study(args) -> tuple[dict, Path]:  # noqa: C901  (28: to split next)
     train = dict(raw.get("train") or {}) if isinstance(raw.get("train", {}), dict) else raw.get("train")
     if isinstance(train, dict):
         compile_ = {"off": False, "on": True, "cudagraphs": "cudagraphs"}.get(args.compile)
-        for key, val in (("epochs", args.epochs), ("learning_rate", args.lr), ("max_length", args.max_length),
-                         ("compile", compile_), ("cuda_graphs", {"on": True, "off": False}.get(args.cuda_graphs))):
+        for key, val in (
+            ("epochs", args.epochs),
+            ("learning_rate", args.lr),
+            ("max_length", args.max_length),
+            ("compile", compile_),
+            ("cuda_graphs", {"on": True, "off": False}.get(args.cuda_graphs)),
+        ):
             if val is not None:
                 train[key] = val
         raw["train"] = train
@@ -111,6 +130,7 @@ def build_study(args) -> tuple[dict, Path]:  # noqa: C901  (28: to split next)
         raw["exclusive_finals"] = False
     name = raw.get("name") or (args.preset or (Path(args.study).stem if args.study else "study"))
     from .methods import safe_label  # a study name never becomes a path unsanitised ("../../x" -> "x")
+
     out = Path(args.out) if args.out else Path("runs") / safe_label(str(name))
     return raw, out
 
@@ -119,11 +139,14 @@ def cmd_run(args) -> int:
     from . import config
     from .report import print_summary, write_report
     from .runner import Study
+
     raw, out = build_study(args)
     settings = {**config.TOP_DEFAULTS, **raw}
     if (settings["executor"], settings["isolation"], settings["gpus_per_run"]) == ("local", "process", 1):
         from .runner import start_forkserver
-        start_forkserver()  # it imports torch, transformers and peft while this process validates and tokenizes
+
+        # it imports torch, transformers and peft while this process validates and tokenizes
+        start_forkserver()
     study = config.validate(raw, base_dir=Path.cwd())
     if not args.out:
         out = _free_default_out(out, study, args.study)
@@ -140,9 +163,11 @@ def _free_default_out(out: Path, study: dict, study_file: str | None) -> Path:
     """The default folder runs/NAME, unless it holds another study: then runs/NAME-<hash of the study file's
     path>, so that two study files of one name never write into one folder."""
     from . import store
+
     if store.folder_owner(out) in (None, store.study_identity(study)):
         return out
     import hashlib
+
     tag = hashlib.sha256(str(Path(study_file or "").resolve()).encode()).hexdigest()[:6]
     alt = out.with_name(f"{out.name}-{tag}")
     print(f"peftbench: {out} holds another study; writing to {alt} (--out to choose)", file=sys.stderr)
@@ -153,6 +178,7 @@ def cmd_plan(args) -> int:
     """The memory plan alone: per method, fits or not, micro-batch, checkpointing, peak GB and time."""
     from . import config
     from .runner import Study
+
     raw, out = build_study(args)
     study = config.validate(raw, base_dir=Path.cwd())
     rows = Study(study, out).plan()
@@ -162,24 +188,43 @@ def cmd_plan(args) -> int:
 
 def plan_table(rows: list[dict], budget) -> str:
     from .report import markdown_table
-    header = ["method", "fits" + (f" in {budget}" if budget else ""), "micro-batch", "checkpointing",
-              "peak reserved GB", "s / epoch (est.)", "s for the study (est.)", "note"]
+
+    header = [
+        "method",
+        "fits" + (f" in {budget}" if budget else ""),
+        "micro-batch",
+        "checkpointing",
+        "peak reserved GB",
+        "s / epoch (est.)",
+        "s for the study (est.)",
+        "note",
+    ]
 
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
+
     table = []
     for r in rows:
         fits = {"planned": "yes", "does not fit": "no"}.get(r.get("status"), r.get("status"))
         peak = r.get("peak_reserved_mb")
-        table.append([r.get("label", "?"), fits, num(r.get("micro_batch_size"), "d"),
-                      {True: "on", False: "off"}.get(r.get("gradient_checkpointing"), "-"),
-                      num(peak / 1024 if peak is not None else None, ".1f"), num(r.get("epoch_seconds"), ".1f"),
-                      num(r.get("study_seconds"), ".0f"), (r.get("error") or "")[:90]])
+        table.append(
+            [
+                r.get("label", "?"),
+                fits,
+                num(r.get("micro_batch_size"), "d"),
+                {True: "on", False: "off"}.get(r.get("gradient_checkpointing"), "-"),
+                num(peak / 1024 if peak is not None else None, ".1f"),
+                num(r.get("epoch_seconds"), ".1f"),
+                num(r.get("study_seconds"), ".0f"),
+                (r.get("error") or "")[:90],
+            ]
+        )
     return markdown_table(header, table)
 
 
 def cmd_methods(args) -> int:
     from .methods import describe
+
     rows = describe()
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -196,15 +241,21 @@ def cmd_methods(args) -> int:
 
 def cmd_predict(args) -> int:
     from .predict import predict_texts
+
     texts = list(args.text)
     if args.file:
         try:
-            texts += [ln.rstrip("\n") for ln in Path(args.file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+            texts += [
+                ln.rstrip("\n")
+                for ln in Path(args.file).read_text(encoding="utf-8").splitlines()
+                if ln.strip()
+            ]
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"--file {args.file} cannot be read as UTF-8 text ({type(e).__name__})") from None
     if not texts:
-        raise UserError("give texts to classify: peftbench predict RUN_DIR \"some text\" or --file FILE")
+        raise UserError('give texts to classify: peftbench predict RUN_DIR "some text" or --file FILE')
     from .devices import resolve_device
+
     device = resolve_device(args.device)  # cuda on a machine without one: a one-line error
     _quiet_loading()
     rows = predict_texts(Path(args.run_dir), texts, device=device)
@@ -222,21 +273,29 @@ def cmd_predict(args) -> int:
 def _quiet_loading() -> None:
     """No weight-loading bars or library warnings around the predictions."""
     import warnings
+
     warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
+
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
 
 def _write_predictions(path: Path, rows: list[dict]) -> None:
-    """The predictions as a run's predictions.parquet has them: row (the text's place in the input), text_sha1,
+    """The predictions as a run's predictions.parquet has them: row (the text's place in the input),
+    text_sha1,
     prediction, p_<class>."""
     import hashlib
 
     import pandas as pd
-    df = pd.DataFrame({"row": range(len(rows)),
-                       "text_sha1": [hashlib.sha1(r["text"].encode("utf-8", "surrogatepass")).hexdigest() for r in rows],
-                       "prediction": [r["label"] for r in rows]})
+
+    df = pd.DataFrame(
+        {
+            "row": range(len(rows)),
+            "text_sha1": [hashlib.sha1(r["text"].encode("utf-8", "surrogatepass")).hexdigest() for r in rows],
+            "prediction": [r["label"] for r in rows],
+        }
+    )
     for name in rows[0]["probabilities"]:
         df[f"p_{name}"] = [r["probabilities"][name] for r in rows]
     try:
@@ -247,6 +306,7 @@ def _write_predictions(path: Path, rows: list[dict]) -> None:
 
 def cmd_report(args) -> int:
     from .report import print_summary, write_report
+
     paths = write_report(Path(args.study_dir))
     print_summary(Path(args.study_dir))
     for k, v in paths.items():
@@ -256,16 +316,19 @@ def cmd_report(args) -> int:
 
 def cmd_recommend(args) -> int:
     from .report import recommend_cli
+
     return recommend_cli(Path(args.study_dir), args.max_memory, args.max_train_time, args.min_accuracy)
 
 
 def cmd_compare(args) -> int:
     from .report import compare_cli
+
     return compare_cli([Path(d) for d in args.study_dirs], Path(args.out) if args.out else None)
 
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("peftbench")
     except PackageNotFoundError:
@@ -275,75 +338,143 @@ def _version() -> str:
 def _study_arguments(r: argparse.ArgumentParser) -> None:
     """The arguments `run` and `plan` share: the study and what the command line overrides in it."""
     a = r.add_argument
-    a("study", nargs="?", help="a study YAML file, e.g. studies/all-methods.yaml (or --preset, or flags alone)")
-    a("--preset", help="quick (the offline CPU demo), seed (the starting study's single-lr protocol) or fair "
-      "(per-method lr search, 3 seeds), e.g. --preset quick")
+    a(
+        "study",
+        nargs="?",
+        help="a study YAML file, e.g. studies/all-methods.yaml (or --preset, or flags alone)",
+    )
+    a(
+        "--preset",
+        help="quick (the offline CPU demo), seed (the starting study's single-lr protocol) or fair "
+        "(per-method lr search, 3 seeds), e.g. --preset quick",
+    )
     a("--out", help="the study folder (default runs/NAME), e.g. --out runs/mine")
     a("--model", help="minilm, a Hugging Face hub id or a local folder, e.g. --model roberta-base")
-    a("--data", help="a folder with train and test files (parquet, csv, tsv, jsonl) or one data file (its test "
-      "split is carved out), e.g. --data data/imdb; default $PEFTBENCH_DATA, ../shared/data/imdb, the IMDb sample")
+    a(
+        "--data",
+        help="a folder with train and test files (parquet, csv, tsv, jsonl) or one data file (its test "
+        "split is carved out), e.g. --data data/imdb; default $PEFTBENCH_DATA, ../shared/data/imdb, the "
+        "IMDb sample",
+    )
     a("--methods", help="a comma list of methods (`peftbench methods`), e.g. --methods full,lora,qlora,ia3")
     a("--text-column", help="the text column, or two or more joined, e.g. --text-column title,description")
     a("--label-column", help="the label column, e.g. --label-column label")
     a("--label-names", help="class names in label order, e.g. --label-names World,Sports,Business,Sci/Tech")
-    a("--columns", help="column names of a CSV/TSV without a header row, e.g. --columns label,title,description")
+    a(
+        "--columns",
+        help="column names of a CSV/TSV without a header row, e.g. --columns label,title,description",
+    )
     a("--train-size", type=int, help="training rows (seeded, stratified subset), e.g. --train-size 3000")
-    a("--test-size", type=_size, help="test rows, or a fraction (of one data file: carved out of it), e.g. "
-      "--test-size 2000 or --test-size 0.2")
+    a(
+        "--test-size",
+        type=_size,
+        help="test rows, or a fraction (of one data file: carved out of it), e.g. "
+        "--test-size 2000 or --test-size 0.2",
+    )
     a("--epochs", type=int, help="epochs for every method, e.g. --epochs 3")
     a("--lr", type=float, help="one learning rate for every method (the single-lr protocol), e.g. --lr 2e-5")
-    a("--max-length", type=int, help="tokens per text (longer texts are cut; the report counts them), e.g. "
-      "--max-length 256")
+    a(
+        "--max-length",
+        type=int,
+        help="tokens per text (longer texts are cut; the report counts them), e.g. --max-length 256",
+    )
     a("--seeds", help="a count or a list, e.g. --seeds 3 or --seeds 0,1,2 (one seed: --seeds 42,)")
-    a("--lr-search", action="store_true", help="search each method's learning rate on validation, e.g. "
-      "--lr-search (5 rates over 1.5 decades unless the study says otherwise)")
+    a(
+        "--lr-search",
+        action="store_true",
+        help="search each method's learning rate on validation, e.g. "
+        "--lr-search (5 rates over 1.5 decades unless the study says otherwise)",
+    )
     a("--device", help="auto, cpu, cuda or cuda:N, e.g. --device cuda:1")
-    a("--parallel", type=int, help="trial runs at once on one device (timings flagged as concurrent), e.g. "
-      "--parallel 3")
-    a("--compile", choices=["off", "on", "cudagraphs"], help="torch.compile the model; cudagraphs adds its CUDA "
-      "graphs per bucketed shape (GPU), e.g. --compile cudagraphs")
-    a("--cuda-graphs", choices=["on", "off"], help="replay each training step from a CUDA graph per batch shape "
-      "(default on, CUDA, models under 1B parameters), e.g. --cuda-graphs off")
-    a("--concurrent-finals", action="store_true", help="let final runs share the device too (default: finals "
-      "run alone for clean timings), e.g. --parallel 3 --concurrent-finals")
-    a("--isolation", choices=["process", "inline"], help="a fresh process per run (default) or all in this "
-      "process, e.g. --isolation inline")
-    a("--executor", choices=["local", "ray"], help="run locally (default) or on a Ray cluster, e.g. --executor ray")
-    a("--gpus-per-run", type=int, help="data-parallel training of each run over N GPUs (torchrun); the batch "
-      "stays batch_size examples per optimizer step, e.g. --gpus-per-run 2")
+    a(
+        "--parallel",
+        type=int,
+        help="trial runs at once on one device (timings flagged as concurrent), e.g. --parallel 3",
+    )
+    a(
+        "--compile",
+        choices=["off", "on", "cudagraphs"],
+        help="torch.compile the model; cudagraphs adds its CUDA "
+        "graphs per bucketed shape (GPU), e.g. --compile cudagraphs",
+    )
+    a(
+        "--cuda-graphs",
+        choices=["on", "off"],
+        help="replay each training step from a CUDA graph per batch shape "
+        "(default on, CUDA, models under 1B parameters), e.g. --cuda-graphs off",
+    )
+    a(
+        "--concurrent-finals",
+        action="store_true",
+        help="let final runs share the device too (default: finals "
+        "run alone for clean timings), e.g. --parallel 3 --concurrent-finals",
+    )
+    a(
+        "--isolation",
+        choices=["process", "inline"],
+        help="a fresh process per run (default) or all in this process, e.g. --isolation inline",
+    )
+    a(
+        "--executor",
+        choices=["local", "ray"],
+        help="run locally (default) or on a Ray cluster, e.g. --executor ray",
+    )
+    a(
+        "--gpus-per-run",
+        type=int,
+        help="data-parallel training of each run over N GPUs (torchrun); the batch "
+        "stays batch_size examples per optimizer step, e.g. --gpus-per-run 2",
+    )
     a("--address", help="the Ray cluster's address (default: a local Ray instance), e.g. --address auto")
-    a("--gpu-memory", help="GPU memory budget per run (GB = 2^30 bytes): each run is capped to it and picks the "
-      "largest micro-batch (and checkpointing if needed) that fits, e.g. --gpu-memory 24GB")
+    a(
+        "--gpu-memory",
+        help="GPU memory budget per run (GB = 2^30 bytes): each run is capped to it and picks the "
+        "largest micro-batch (and checkpointing if needed) that fits, e.g. --gpu-memory 24GB",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line and exit status 2, like every other bad input."""
 
     def error(self, message: str):
-        print(f"peftbench: error: {self.prog.removeprefix('peftbench').strip() or 'peftbench'}: "
-              f"{UserError(message).problems[0]}; see `{self.prog} --help`", file=sys.stderr)
+        print(
+            f"peftbench: error: {self.prog.removeprefix('peftbench').strip() or 'peftbench'}: "
+            f"{UserError(message).problems[0]}; see `{self.prog} --help`",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="peftbench", description="Compare fine-tuning methods for text classification "
-                                "under one fair, measured protocol.")
+    p = _Parser(
+        prog="peftbench",
+        description="Compare fine-tuning methods for text classification under one fair, measured protocol.",
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a study (a YAML file or a preset)")
     _study_arguments(r)
-    r.add_argument("--profile", action="store_true", help="a torch.profiler profile of steps 20-50 in each "
-                   "run's profile.json, e.g. --profile")
+    r.add_argument(
+        "--profile",
+        action="store_true",
+        help="a torch.profiler profile of steps 20-50 in each run's profile.json, e.g. --profile",
+    )
     r.add_argument("--no-report", action="store_true", help="skip the HTML/Markdown report, e.g. --no-report")
-    r.add_argument("--force", action="store_true", help="run into a folder that holds another study (or other "
-                   "files): its contents move into an archive- subfolder first, e.g. --out runs/x --force")
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="run into a folder that holds another study (or other "
+        "files): its contents move into an archive- subfolder first, e.g. --out runs/x --force",
+    )
     r.set_defaults(func=cmd_run)
 
-    pl = sub.add_parser("plan", help="the GPU memory plan alone: does each method fit, at what micro-batch, "
-                        "how long; no training (e.g. peftbench plan study.yaml --gpu-memory 24GB)")
+    pl = sub.add_parser(
+        "plan",
+        help="the GPU memory plan alone: does each method fit, at what micro-batch, "
+        "how long; no training (e.g. peftbench plan study.yaml --gpu-memory 24GB)",
+    )
     _study_arguments(pl)
     pl.set_defaults(func=cmd_plan)
-
 
     m = sub.add_parser("methods", help="list the methods with their defaults and sources")
     m.add_argument("--json", action="store_true", help="as JSON, e.g. peftbench methods --json")
@@ -353,12 +484,19 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("run_dir", help="a run folder, e.g. runs/quick/runs/lora-final-lr5.00e-04-s42")
     pr.add_argument("text", nargs="*", help='texts to classify, e.g. "What a wonderful film"')
     pr.add_argument("--file", help="a file with one text per line, e.g. --file reviews.txt")
-    pr.add_argument("--output", help="also write the predictions as Parquet (row, text_sha1, prediction, p_<class>; "
-                    "as a run's predictions.parquet), e.g. --output preds.parquet")
-    pr.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N, e.g. "
-                    "--device cpu")
-    pr.add_argument("--json", action="store_true", help="one JSON object per text instead of a table line, "
-                    "e.g. --json")
+    pr.add_argument(
+        "--output",
+        help="also write the predictions as Parquet (row, text_sha1, prediction, p_<class>; "
+        "as a run's predictions.parquet), e.g. --output preds.parquet",
+    )
+    pr.add_argument(
+        "--device",
+        default="auto",
+        help="auto (a GPU if there is one), cpu, cuda or cuda:N, e.g. --device cpu",
+    )
+    pr.add_argument(
+        "--json", action="store_true", help="one JSON object per text instead of a table line, e.g. --json"
+    )
     pr.set_defaults(func=cmd_predict)
 
     rep = sub.add_parser("report", help="write report.md, report.html and plots for a study folder")
@@ -367,10 +505,16 @@ def parser() -> argparse.ArgumentParser:
 
     rec = sub.add_parser("recommend", help="rank methods under constraints, from a study's measurements")
     rec.add_argument("study_dir", help="a study folder, e.g. runs/fair")
-    rec.add_argument("--max-memory", help="peak memory (GPU: the device figure; host for CPU studies), e.g. "
-                     "--max-memory 24GB or 500MB")
-    rec.add_argument("--max-train-time", help="training time of a run, e.g. --max-train-time 10m (or 90s, 1h)")
-    rec.add_argument("--min-accuracy", type=float, help="test accuracy as a fraction, e.g. --min-accuracy 0.9")
+    rec.add_argument(
+        "--max-memory",
+        help="peak memory (GPU: the device figure; host for CPU studies), e.g. --max-memory 24GB or 500MB",
+    )
+    rec.add_argument(
+        "--max-train-time", help="training time of a run, e.g. --max-train-time 10m (or 90s, 1h)"
+    )
+    rec.add_argument(
+        "--min-accuracy", type=float, help="test accuracy as a fraction, e.g. --min-accuracy 0.9"
+    )
     rec.set_defaults(func=cmd_recommend)
 
     cmp_ = sub.add_parser("compare", help="put studies side by side")
@@ -387,6 +531,7 @@ def _interrupt(signum, frame) -> None:
 def _stop_workers() -> None:
     """Kill the run processes this CLI started (Python would otherwise wait for them as it exits)."""
     import multiprocessing
+
     for child in multiprocessing.active_children():
         child.kill()
 
@@ -398,6 +543,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     import signal
     import threading
+
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGHUP):  # end like Ctrl-C: the workers die with this process
             signal.signal(sig, _interrupt)
@@ -412,6 +558,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except KeyboardInterrupt:
         _stop_workers()
-        print("peftbench: interrupted; finished runs are kept, rerun the same command to continue", file=sys.stderr)
+        print(
+            "peftbench: interrupted; finished runs are kept, rerun the same command to continue",
+            file=sys.stderr,
+        )
         sys.exit(130)
     sys.exit(code)

@@ -3,7 +3,8 @@
 A study file is YAML (loaded safely, without aliases or repeated keys: `StrictLoader`):
 
     model: minilm                 # alias, hub id or local folder
-    data: {path: ../shared/data/imdb, text_column: text, label_column: label, train_size: 3000, test_size: 2000}
+    data: {path: ../shared/data/imdb, text_column: text, label_column: label, train_size: 3000, test_size:
+    2000}
     methods: [full, lora, {name: qlora, r: 8}, ia3]
     train: {epochs: 5, batch_size: 16, learning_rate: 2.0e-5, weight_decay: 0.01, max_length: 512}
     seeds: [0, 1, 2]              # or a count
@@ -35,51 +36,71 @@ DATA_ENV = "PEFTBENCH_DATA"
 TRAIN_DEFAULTS: dict[str, Any] = {
     "epochs": 3,
     "batch_size": 16,
-    "learning_rate": None,        # None: each method's literature default (the fair protocol)
-    "head_learning_rate": None,   # None: same as learning_rate
+    "learning_rate": None,  # None: each method's literature default (the fair protocol)
+    "head_learning_rate": None,  # None: same as learning_rate
     "weight_decay": 0.01,
     "max_length": 256,
     "warmup_ratio": 0.0,
     "scheduler": "linear",
     "max_grad_norm": 1.0,
     "eval_batch_size": 64,
-    "select_best_epoch": False,   # True: keep the epoch with the best validation accuracy
-    "precision": "auto",          # auto: bf16 autocast where supported (CUDA, and CPUs with bf16), else fp32
-    "group_by_length": True,      # length-bucketed batches (minimal padding); order is still random
-    "compile": False,             # torch.compile the model: true, or "cudagraphs" (compiled + CUDA graphs per shape)
-    "cuda_graphs": True,          # CUDA: each step's forward and backward replayed from a graph per batch shape
-    "micro_batch_size": None,     # None: = batch_size; smaller means gradient accumulation (same optimisation)
-    "pad_to_multiple_of": None,   # None: 8 (64 on CUDA or compiling); = max_length pads every batch to one shape
-    "base_dtype": "auto",         # frozen weights: auto = bf16 under bf16 autocast on CUDA, else fp32; fp32, bf16, fp16
+    "select_best_epoch": False,  # True: keep the epoch with the best validation accuracy
+    "precision": "auto",  # auto: bf16 autocast where supported (CUDA, and CPUs with bf16), else fp32
+    "group_by_length": True,  # length-bucketed batches (minimal padding); order is still random
+    "compile": False,  # torch.compile the model: true, or "cudagraphs" (compiled + CUDA graphs per shape)
+    "cuda_graphs": True,  # CUDA: each step's forward and backward replayed from a graph per batch shape
+    "micro_batch_size": None,  # None: = batch_size; smaller means gradient accumulation (same optimisation)
+    # None: 8 (64 on CUDA or compiling); = max_length pads every batch to one shape
+    "pad_to_multiple_of": None,
+    # frozen weights: auto = bf16 under bf16 autocast on CUDA, else fp32; fp32, bf16, fp16
+    "base_dtype": "auto",
     "gradient_checkpointing": "auto",  # auto: on only where the GPU memory budget needs it; true; false
-    "optimizer": "adamw",         # adamw (torch, fused), adamw_8bit or paged_adamw_8bit (bitsandbytes)
-    "attention_mask": "auto",     # auto: a ready 4D mask where a probe shows equal logits; 2d, 4d-bidirectional, 4d-causal
+    "optimizer": "adamw",  # adamw (torch, fused), adamw_8bit or paged_adamw_8bit (bitsandbytes)
+    # auto: a ready 4D mask where a probe shows equal logits; 2d, 4d-bidirectional, 4d-causal
+    "attention_mask": "auto",
 }
 DATA_DEFAULTS: dict[str, Any] = {
-    "path": None, "name": None, "config": None,
-    "text_column": "text", "label_column": "label", "separator": " ",
-    "train_split": "train", "test_split": "test",
-    "train_size": None, "test_size": None, "validation_size": 0.1,
+    "path": None,
+    "name": None,
+    "config": None,
+    "text_column": "text",
+    "label_column": "label",
+    "separator": " ",
+    "train_split": "train",
+    "test_split": "test",
+    "train_size": None,
+    "test_size": None,
+    "validation_size": 0.1,
     "seed": 42,
-    "allow_overlap": False,       # true: test texts that are also training texts are counted, not refused
-    "columns": None,              # names for the columns of a CSV/TSV without a header row
-    "label_names": None,          # class names for reports and predict: a list in label order, or {label: name}
+    "allow_overlap": False,  # true: test texts that are also training texts are counted, not refused
+    "columns": None,  # names for the columns of a CSV/TSV without a header row
+    "label_names": None,  # class names for reports and predict: a list in label order, or {label: name}
 }
 TOP_DEFAULTS: dict[str, Any] = {
-    "name": None, "description": None, "model": None,
-    "seeds": [42], "lr_search": False,
-    "device": "auto", "isolation": "process", "parallel": 1, "exclusive_finals": True,
-    "executor": "local", "ray_address": None, "ray_cpus_per_run": 1,
-    "gpus_per_run": 1,            # > 1: data-parallel over that many GPUs via torchrun (gloo processes on CPU)
-    "trust_remote_code": False, "allow_pickle": False, "report": True,
+    "name": None,
+    "description": None,
+    "model": None,
+    "seeds": [42],
+    "lr_search": False,
+    "device": "auto",
+    "isolation": "process",
+    "parallel": 1,
+    "exclusive_finals": True,
+    "executor": "local",
+    "ray_address": None,
+    "ray_cpus_per_run": 1,
+    "gpus_per_run": 1,  # > 1: data-parallel over that many GPUs via torchrun (gloo processes on CPU)
+    "trust_remote_code": False,
+    "allow_pickle": False,
+    "report": True,
     "max_oom_retries": 3,
-    "tracking": None,             # None, tensorboard or mlflow: per-step loss, lr, throughput, memory (extra: tracking)
-    "tracking_every": 10,         # steps between logged points (each costs one host synchronisation)
-    "gpu_memory": None,           # a budget such as 24GB: each run is capped to it and picks its micro-batch to fit
-    "profile": False,             # true: a torch.profiler step profile in each run's profile.json
+    "tracking": None,  # None, tensorboard or mlflow: per-step loss, lr, throughput, memory (extra: tracking)
+    "tracking_every": 10,  # steps between logged points (each costs one host synchronisation)
+    "gpu_memory": None,  # a budget such as 24GB: each run is capped to it and picks its micro-batch to fit
+    "profile": False,  # true: a torch.profiler step profile in each run's profile.json
 }
 LR_SEARCH_DEFAULTS = {"points": 5, "decades": 1.5, "seed": None}
-MAX_DECADES = 6      # a grid wider than a million-fold round its default rounds to 0 or overflows
+MAX_DECADES = 6  # a grid wider than a million-fold round its default rounds to 0 or overflows
 MAX_LR_POINTS = 50
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
@@ -120,6 +141,7 @@ def _check_train(section: str, train: dict, problems: list[str]) -> None:
     def need(key, ok, what):
         if key in train and train[key] is not None and not ok(train[key]):
             problems.append(f"{section}.{key}: must be {what}, got {train[key]!r}")
+
     need("epochs", lambda v: _is_int(v) and v > 0, "a positive integer")
     need("batch_size", lambda v: _is_int(v) and v > 0, "a positive integer")
     need("micro_batch_size", lambda v: _is_int(v) and v > 0, "a positive integer")
@@ -178,7 +200,9 @@ def normalise_methods(raw, problems: list[str]) -> list[dict]:  # noqa: C901  (1
         _check_train(where, {k: v for k, v in opts.items() if k in registry.TRAIN_OVERRIDES}, problems)
         for key in ("targets", "feedforward"):
             roles = opts.get(key)
-            if roles is not None and (not isinstance(roles, list) or any(r not in registry.ROLES for r in roles)):
+            if roles is not None and (
+                not isinstance(roles, list) or any(r not in registry.ROLES for r in roles)
+            ):
                 problems.append(f"{where}.{key}: must be a list of roles from {', '.join(registry.ROLES)}")
         for key in ("r", "lora_alpha", "init_r", "target_r", "num_virtual_tokens"):
             if key in opts and not (_is_int(opts[key]) and opts[key] > 0):
@@ -192,8 +216,11 @@ def normalise_methods(raw, problems: list[str]) -> list[dict]:  # noqa: C901  (1
     seen: dict[str, int] = {}
     for m in out:
         if m["label"] is None:
-            m["label"] = m["name"] if not m["options"] else m["name"] + "(" + ",".join(
-                f"{k}={v}" for k, v in sorted(m["options"].items())) + ")"
+            m["label"] = (
+                m["name"]
+                if not m["options"]
+                else m["name"] + "(" + ",".join(f"{k}={v}" for k, v in sorted(m["options"].items())) + ")"
+            )
         base = m["label"]
         seen[base] = seen.get(base, 0) + 1
         if seen[base] > 1:
@@ -202,9 +229,11 @@ def normalise_methods(raw, problems: list[str]) -> list[dict]:  # noqa: C901  (1
     for m in out:
         other = folders.setdefault(registry.safe_label(m["label"]), m["label"])
         if other != m["label"]:
-            problems.append(f"methods: the labels {other!r} and {m['label']!r} give the same run folder name "
-                            f"({registry.safe_label(m['label'])!r}); make them differ in letters, digits, '-', '_' "
-                            "or '.'")
+            problems.append(
+                f"methods: the labels {other!r} and {m['label']!r} give the same run folder name "
+                f"({registry.safe_label(m['label'])!r}); make them differ in letters, digits, '-', '_' "
+                "or '.'"
+            )
     return out
 
 
@@ -243,15 +272,19 @@ def validate(raw: Any, base_dir: Path | None = None) -> dict:
 
 def _validate_data(data, base_dir: Path | None, problems: list[str]) -> dict:
     if not isinstance(data, dict):
-        problems.append("data: required; a map with `path` (a folder of train/test files) or `name` (a hub dataset)")
+        problems.append(
+            "data: required; a map with `path` (a folder of train/test files) or `name` (a hub dataset)"
+        )
         data = {}
     for k in data:
         if k not in DATA_DEFAULTS:
             problems.append(_unknown("data", k, DATA_DEFAULTS))
     data = {**DATA_DEFAULTS, **{k: v for k, v in data.items() if k in DATA_DEFAULTS}}
     if data["path"] is None and data["name"] is None:
-        problems.append(f"data: give `path` (a folder with train/test files; or set ${DATA_ENV}) or `name` "
-                        "(a hub dataset)")
+        problems.append(
+            f"data: give `path` (a folder with train/test files; or set ${DATA_ENV}) or `name` "
+            "(a hub dataset)"
+        )
     if data["path"] is not None and not isinstance(data["path"], str):
         problems.append(f"data.path: must be a folder path, got {data['path']!r}")
     tc = data["text_column"]
@@ -260,20 +293,28 @@ def _validate_data(data, base_dir: Path | None, problems: list[str]) -> dict:
     if not isinstance(data["label_column"], str):
         problems.append("data.label_column: must be a column name")
     if not isinstance(data["separator"], str):
-        problems.append(f"data.separator: must be a string (what joins several text columns), got "
-                        f"{data['separator']!r}")
+        problems.append(
+            f"data.separator: must be a string (what joins several text columns), got {data['separator']!r}"
+        )
     _check_size("train_size", data["train_size"], problems)
     _check_size("test_size", data["test_size"], problems, fraction_ok=True)
     cols = data["columns"]
-    if cols is not None and not (isinstance(cols, list) and cols and all(isinstance(c, str) for c in cols)
-                                 and len(set(cols)) == len(cols)):
+    if cols is not None and not (
+        isinstance(cols, list)
+        and cols
+        and all(isinstance(c, str) for c in cols)
+        and len(set(cols)) == len(cols)
+    ):
         problems.append(f"data.columns: must be a list of distinct column names, got {cols!r}")
     names = data["label_names"]
-    if names is not None and not ((isinstance(names, list) and names and len(set(map(str, names))) == len(names))
-                                  or (isinstance(names, dict) and names
-                                      and len(set(map(str, names.values()))) == len(names))):
-        problems.append("data.label_names: must be a list of distinct names (in label order) or a map "
-                        f"{{label: name}} with distinct names, got {names!r}")
+    if names is not None and not (
+        (isinstance(names, list) and names and len(set(map(str, names))) == len(names))
+        or (isinstance(names, dict) and names and len(set(map(str, names.values()))) == len(names))
+    ):
+        problems.append(
+            "data.label_names: must be a list of distinct names (in label order) or a map "
+            f"{{label: name}} with distinct names, got {names!r}"
+        )
     _check_size("validation_size", data["validation_size"], problems, fraction_ok=True)
     if not (_is_int(data["seed"]) and data["seed"] >= 0):
         problems.append(f"data.seed: must be an integer >= 0, got {data['seed']!r}")
@@ -298,14 +339,20 @@ def _validate_train(train, problems: list[str]) -> dict:
 
 
 def _validate_seeds(seeds, problems: list[str]) -> list[int]:
-    if _is_int(seeds) and seeds > MAX_SEED_COUNT:  # `--seeds 42` meant as the seed 42 would start 42 runs a method
-        problems.append(f"seeds: {seeds} is a count ({seeds} runs per method, over {MAX_SEED_COUNT}); for the one "
-                        f"seed {seeds} give a list: `seeds: [{seeds}]` in a study file, `--seeds {seeds},` on the "
-                        "command line")
+    if (
+        _is_int(seeds) and seeds > MAX_SEED_COUNT
+    ):  # `--seeds 42` meant as the seed 42 would start 42 runs a method
+        problems.append(
+            f"seeds: {seeds} is a count ({seeds} runs per method, over {MAX_SEED_COUNT}); for the one "
+            f"seed {seeds} give a list: `seeds: [{seeds}]` in a study file, `--seeds {seeds},` on the "
+            "command line"
+        )
         return [42]
     if _is_int(seeds) and seeds > 0:
         return list(range(seeds))
-    if not (isinstance(seeds, list) and seeds and all(_is_int(s) for s in seeds) and len(set(seeds)) == len(seeds)):
+    if not (
+        isinstance(seeds, list) and seeds and all(_is_int(s) for s in seeds) and len(set(seeds)) == len(seeds)
+    ):
         problems.append(f"seeds: must be a positive count or a list of distinct integers, got {seeds!r}")
         return [42]
     return seeds
@@ -328,28 +375,40 @@ def _validate_lr_search(lrs, problems: list[str]) -> dict | bool:
     if not (_is_num(lrs["decades"]) and 0 < lrs["decades"] <= MAX_DECADES):
         problems.append(f"lr_search.decades: must be a number in (0, {MAX_DECADES}], got {lrs['decades']!r}")
     if _is_int(lrs["points"]) and lrs["points"] > MAX_LR_POINTS:
-        problems.append(f"lr_search.points: at most {MAX_LR_POINTS} learning rates per method, got {lrs['points']}")
+        problems.append(
+            f"lr_search.points: at most {MAX_LR_POINTS} learning rates per method, got {lrs['points']}"
+        )
     return lrs
 
 
 def _validate_execution(study: dict, problems: list[str]) -> None:
     """Where and how runs execute: device, isolation, executors, tracking, memory budget."""
+
     def need(key, ok, what):
         if not ok(study[key]):
             problems.append(f"{key}: must be {what}, got {study[key]!r}")
+
     if study["device"] not in ("auto", "cpu", "cuda") and not str(study["device"]).startswith("cuda:"):
         problems.append(f"device: must be auto, cpu, cuda or cuda:N, got {study['device']!r}")
     need("isolation", lambda v: v in ("process", "inline"), "process (each run in its own process) or inline")
     need("parallel", lambda v: _is_int(v) and v >= 1, "a positive integer")
     need("executor", lambda v: v in ("local", "ray"), "local or ray")
-    need("ray_address", lambda v: v is None or (isinstance(v, str) and (v in ("auto", "local") or re.fullmatch(
-        r"(ray://)?[^\s:/]+:\d+", v))), "auto, host:port or ray://host:port")
+    need(
+        "ray_address",
+        lambda v: (
+            v is None
+            or (isinstance(v, str) and (v in ("auto", "local") or re.fullmatch(r"(ray://)?[^\s:/]+:\d+", v)))
+        ),
+        "auto, host:port or ray://host:port",
+    )
     need("ray_cpus_per_run", lambda v: _is_int(v) and v >= 1, "a positive integer")
     need("gpus_per_run", lambda v: _is_int(v) and v >= 1, "a positive integer")
     if study["gpus_per_run"] != 1 and study["isolation"] == "inline":
         problems.append("gpus_per_run > 1 needs isolation: process (torchrun starts the processes)")
     if study["executor"] == "ray" and study["isolation"] == "inline":
-        problems.append("isolation: inline cannot be used with executor: ray (each Ray actor runs worker processes)")
+        problems.append(
+            "isolation: inline cannot be used with executor: ray (each Ray actor runs worker processes)"
+        )
     need("tracking", lambda v: v in (None, "tensorboard", "mlflow"), "null, tensorboard or mlflow")
     need("tracking_every", lambda v: _is_int(v) and v > 0, "a positive integer")
     need("max_oom_retries", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
@@ -357,6 +416,7 @@ def _validate_execution(study: dict, problems: list[str]) -> None:
         need(key, lambda v: isinstance(v, bool), "true or false")
     if study["gpu_memory"] is not None:
         from .memory import parse_size
+
         try:
             parse_size(study["gpu_memory"], "gpu_memory")
         except UserError as e:
@@ -370,8 +430,10 @@ class StrictLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise UserError(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not allowed; "
-                            "write the values out")
+            raise UserError(
+                f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not allowed; "
+                "write the values out"
+            )
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
@@ -379,8 +441,10 @@ class StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise UserError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice (first at line "
-                                f"{seen[key]}); keep one")
+                raise UserError(
+                    f"line {key_node.start_mark.line + 1}: key {key!r} is given twice (first at line "
+                    f"{seen[key]}); keep one"
+                )
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
 
@@ -389,7 +453,9 @@ def load_yaml(path: Path) -> Any:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"study file {path} not found; give the path of a YAML study file or use --preset") from None
+        raise UserError(
+            f"study file {path} not found; give the path of a YAML study file or use --preset"
+        ) from None
     except (UnicodeDecodeError, IsADirectoryError, PermissionError) as e:
         raise UserError(f"study file {path} cannot be read as UTF-8 text ({type(e).__name__})") from None
     try:
@@ -403,7 +469,9 @@ def load_yaml(path: Path) -> Any:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("peftbench.presets").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[:-5] for p in resources.files("peftbench.presets").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def load_preset(name: str) -> dict:
@@ -417,7 +485,8 @@ SHARED_IMDB = "../shared/data/imdb"
 
 
 def sample_data_path() -> str:
-    """The IMDb sample shipped inside the package: 2,000 train / 1,000 test reviews (tools/make_imdb_sample.py)."""
+    """The IMDb sample shipped inside the package: 2,000 train / 1,000 test reviews
+    (tools/make_imdb_sample.py)."""
     return str(resources.files("peftbench").joinpath("sample_data", "imdb"))
 
 

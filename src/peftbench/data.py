@@ -27,9 +27,10 @@ SPLITS = ("train", "validation", "test")
 @dataclass
 class StudyData:
     """The three splits of a study: texts, label ids and the row index each item came from."""
+
     texts: dict[str, list[str]]
     labels: dict[str, np.ndarray]
-    rows: dict[str, np.ndarray]       # row numbers in the source split (train/validation: train file)
+    rows: dict[str, np.ndarray]  # row numbers in the source split (train/validation: train file)
     label_names: list[str]
     source: dict = field(default_factory=dict)
 
@@ -59,16 +60,20 @@ def _find_file(folder: Path, split: str) -> Path:
     found = [p for p in sorted(folder.iterdir()) if p.is_file() and p.stem == split and p.suffix in FORMATS]
     if not found:
         have = ", ".join(sorted(p.name for p in folder.iterdir() if p.is_file())[:8]) or "nothing"
-        raise UserError(f"data.path {folder}: no {split} file ({split}.parquet, .csv, .jsonl or .json) "
-                        f"found (it holds: {have})")
+        raise UserError(
+            f"data.path {folder}: no {split} file ({split}.parquet, .csv, .jsonl or .json) "
+            f"found (it holds: {have})"
+        )
     if len(found) > 1:
-        raise UserError(f"data.path {folder}: more than one {split} file ({', '.join(p.name for p in found)}); "
-                        f"keep one")
+        raise UserError(
+            f"data.path {folder}: more than one {split} file ({', '.join(p.name for p in found)}); keep one"
+        )
     return found[0]
 
 
 def _read_file(path: Path, label_column: str | None = None, columns: list[str] | None = None):
     import pandas as pd
+
     fmt = FORMATS[path.suffix]
     try:
         if path.stat().st_size == 0:
@@ -79,14 +84,19 @@ def _read_file(path: Path, label_column: str | None = None, columns: list[str] |
             # Labels as written: '01' and '1' are two classes, not one (ints are restored in _raw_labels).
             dtype = {label_column: str} if label_column else None
             sep = "\t" if path.suffix == ".tsv" else ","
-            header = {"header": None, "names": columns} if columns else {}  # data.columns: a file without header
-            return pd.read_csv(path, encoding="utf-8", keep_default_na=False, na_values=[""], dtype=dtype, sep=sep,
-                               **header)
+            header = (
+                {"header": None, "names": columns} if columns else {}
+            )  # data.columns: a file without header
+            return pd.read_csv(
+                path, encoding="utf-8", keep_default_na=False, na_values=[""], dtype=dtype, sep=sep, **header
+            )
         return pd.read_json(path, lines=path.suffix == ".jsonl", encoding="utf-8")
     except UserError:
         raise
     except UnicodeDecodeError as e:
-        raise UserError(f"data file {path} is not UTF-8 text (byte {e.start}); re-encode it as UTF-8") from None
+        raise UserError(
+            f"data file {path} is not UTF-8 text (byte {e.start}); re-encode it as UTF-8"
+        ) from None
     except Exception as e:  # pyarrow / pandas parser errors are many and deep
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(f"data file {path} cannot be read as {fmt}: {first}") from None
@@ -95,13 +105,17 @@ def _read_file(path: Path, label_column: str | None = None, columns: list[str] |
 def _load_local(spec: dict) -> tuple[dict, list[str] | None]:
     folder = Path(spec["path"])
     if not folder.exists():
-        raise UserError(f"data.path {folder} not found; pass --data DIR or set $PEFTBENCH_DATA to a folder "
-                        f"holding train.parquet and test.parquet (or .csv/.tsv/.jsonl), or give one such file")
+        raise UserError(
+            f"data.path {folder} not found; pass --data DIR or set $PEFTBENCH_DATA to a folder "
+            f"holding train.parquet and test.parquet (or .csv/.tsv/.jsonl), or give one such file"
+        )
     label = spec["label_column"] if isinstance(spec["label_column"], str) else None
     if folder.is_file():  # one file: the test split is carved out of it (load)
         if folder.suffix not in FORMATS:
-            raise UserError(f"data.path {folder}: not a data file ({', '.join(FORMATS)}); give one, or the folder "
-                            "that holds train and test files")
+            raise UserError(
+                f"data.path {folder}: not a data file ({', '.join(FORMATS)}); give one, or the folder "
+                "that holds train and test files"
+            )
         return {"train": _read_file(folder, label, spec.get("columns")), "test": None}, None
     files = {s: _find_file(folder, spec[f"{s}_split"]) for s in ("train", "test")}
     return {s: _read_file(f, label, spec.get("columns")) for s, f in files.items()}, None
@@ -111,13 +125,20 @@ def _load_hub(spec: dict) -> tuple[dict, list[str] | None]:
     try:
         import datasets
     except ImportError:
-        raise UserError("data.name needs the `datasets` package; pip install datasets, or use data.path") from None
+        raise UserError(
+            "data.name needs the `datasets` package; pip install datasets, or use data.path"
+        ) from None
     try:
-        ds = {s: datasets.load_dataset(spec["name"], spec["config"], split=spec[f"{s}_split"]) for s in ("train", "test")}
+        ds = {
+            s: datasets.load_dataset(spec["name"], spec["config"], split=spec[f"{s}_split"])
+            for s in ("train", "test")
+        }
     except Exception as e:
-        raise UserError(f"data.name '{spec['name']}' could not be loaded ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120] if str(e) else ''}); offline, use data.path with a local "
-                        f"copy (--data DIR)") from None
+        raise UserError(
+            f"data.name '{spec['name']}' could not be loaded ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120] if str(e) else ''}); offline, use data.path with a local "
+            f"copy (--data DIR)"
+        ) from None
     names = None
     feat = ds["train"].features.get(spec["label_column"])
     if feat is not None and hasattr(feat, "names"):
@@ -129,21 +150,27 @@ def _texts(df, spec: dict, split: str) -> list[str]:
     cols = spec["text_column"] if isinstance(spec["text_column"], list) else [spec["text_column"]]
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        raise UserError(f"data.text_column: column {missing[0]!r} not in the {split} file (columns: "
-                        f"{', '.join(map(str, df.columns))[:200]}); set data.text_column{_headerless_hint(df)}")
+        raise UserError(
+            f"data.text_column: column {missing[0]!r} not in the {split} file (columns: "
+            f"{', '.join(map(str, df.columns))[:200]}); set data.text_column{_headerless_hint(df)}"
+        )
     parts = []
     for c in cols:
         col = df[c]
         bad = [i for i, v in enumerate(col) if not isinstance(v, str)]
         if bad:
-            raise UserError(f"data: {len(bad)} {split} rows have a missing or non-text {c!r} (first at row {bad[0]}); "
-                            f"fill or drop them")
+            raise UserError(
+                f"data: {len(bad)} {split} rows have a missing or non-text {c!r} (first at row {bad[0]}); "
+                f"fill or drop them"
+            )
         parts.append(list(col))
     texts = [spec["separator"].join(t) for t in zip(*parts)] if len(parts) > 1 else parts[0]
     empty = [i for i, t in enumerate(texts) if not t.strip()]
     if empty:
-        raise UserError(f"data: {len(empty)} {split} rows have an empty text (first at row {empty[0]}); "
-                        f"drop them or fill them")
+        raise UserError(
+            f"data: {len(empty)} {split} rows have an empty text (first at row {empty[0]}); "
+            f"drop them or fill them"
+        )
     return texts
 
 
@@ -151,16 +178,21 @@ def _headerless_hint(df) -> str:
     """A hint when the 'column names' look like a data row: a file without a header row."""
     names = [str(c) for c in df.columns]
     if any(len(n) > 40 or " " in n.strip() or re.fullmatch(r"-?[0-9.]+", n) for n in names):
-        return (f"; the file seems to have no header row (its first row reads {names[:3]}): name the columns with "
-                f"data.columns: [...], e.g. [label, title, description]")
+        return (
+            f"; the file seems to have no header row (its first row reads {names[:3]}): name the columns "
+            f"with "
+            f"data.columns: [...], e.g. [label, title, description]"
+        )
     return ""
 
 
 def _raw_labels(df, spec: dict, split: str) -> list:
     col = spec["label_column"]
     if col not in df.columns:
-        raise UserError(f"data.label_column: column {col!r} not in the {split} file (columns: "
-                        f"{', '.join(map(str, df.columns))[:200]}); set data.label_column{_headerless_hint(df)}")
+        raise UserError(
+            f"data.label_column: column {col!r} not in the {split} file (columns: "
+            f"{', '.join(map(str, df.columns))[:200]}); set data.label_column{_headerless_hint(df)}"
+        )
     values = _ints_if_all_canonical(list(df[col]))
     out = []
     for i, v in enumerate(values):
@@ -170,25 +202,33 @@ def _raw_labels(df, spec: dict, split: str) -> list:
             v = int(v)
         if isinstance(v, (float, np.floating)):
             if math.isinf(v):
-                raise UserError(f"data: {split} label {v} at row {i} is not a class; fix the label column {col!r}")
+                raise UserError(
+                    f"data: {split} label {v} at row {i} is not a class; fix the label column {col!r}"
+                )
             if math.isnan(v):
                 raise UserError(f"data: {split} row {i} has no label (NaN in {col!r}); fill or drop it")
             if v != int(v):
-                raise UserError(f"data: {split} label {v} at row {i} is not a class (looks like regression); "
-                                f"peftbench classifies: use integer or string labels")
+                raise UserError(
+                    f"data: {split} label {v} at row {i} is not a class (looks like regression); "
+                    f"peftbench classifies: use integer or string labels"
+                )
             v = int(v)
         if v is None:
             raise UserError(f"data: {split} row {i} has no label in {col!r}; fill or drop it")
         if not isinstance(v, (int, str)):
-            raise UserError(f"data: {split} label at row {i} is a {type(v).__name__}; labels must be integers or strings")
+            raise UserError(
+                f"data: {split} label at row {i} is a {type(v).__name__}; labels must be integers or strings"
+            )
         out.append(v)
     kinds = {type(v) for v in out}
     if len(kinds) > 1:
         raise UserError(f"data: the {split} labels mix integers and strings; use one type for {col!r}")
     if kinds == {int} and any(v < 0 for v in out):
         neg = next(i for i, v in enumerate(out) if v < 0)
-        raise UserError(f"data: {split} label {out[neg]} at row {neg} is negative (unlabelled rows?); "
-                        f"labels must be >= 0: drop unlabelled rows")
+        raise UserError(
+            f"data: {split} label {out[neg]} at row {neg} is negative (unlabelled rows?); "
+            f"labels must be >= 0: drop unlabelled rows"
+        )
     return out
 
 
@@ -223,8 +263,10 @@ MAX_OVERLAP = 0.05
 def load(spec: dict) -> StudyData:
     """Load, check and split the data described by the study's `data` section."""
     if spec["train_split"] == spec["test_split"] and not spec.get("allow_overlap"):
-        raise UserError(f"data: train_split and test_split are both {spec['train_split']!r}: scores would be measured "
-                        "on training rows; name two splits, or set data.allow_overlap: true to do it knowingly")
+        raise UserError(
+            f"data: train_split and test_split are both {spec['train_split']!r}: scores would be measured "
+            "on training rows; name two splits, or set data.allow_overlap: true to do it knowingly"
+        )
     frames, hub_names = _load_hub(spec) if spec.get("name") else _load_local(spec)
     file_rows = None
     if frames["test"] is None:
@@ -237,7 +279,9 @@ def load(spec: dict) -> StudyData:
 
     values = sorted(set(raw["train"]))
     if len(values) < 2:
-        raise UserError(f"data: the train split has only one class ({values[0]!r}); a classifier needs at least two")
+        raise UserError(
+            f"data: the train split has only one class ({values[0]!r}); a classifier needs at least two"
+        )
     unseen = sorted(set(raw["test"]) - set(values), key=str)
     if unseen:
         raise UserError(f"data: test labels {unseen[:5]} never occur in train; fix the labels or the files")
@@ -258,7 +302,9 @@ def load(spec: dict) -> StudyData:
         origin = "validation drawn from train-split rows outside the training subset"
     else:
         if n_train is not None and n_train > pool:
-            raise UserError(f"data.train_size {n_train} is larger than the train split ({pool} rows); lower it")
+            raise UserError(
+                f"data.train_size {n_train} is larger than the train split ({pool} rows); lower it"
+            )
         base = stratified_sample(labels["train"], n_train or pool, rng)
         if n_val >= len(base):
             raise UserError(f"data.validation_size {n_val} leaves no training rows; lower it")
@@ -270,7 +316,9 @@ def load(spec: dict) -> StudyData:
     if isinstance(n_test, float):
         n_test = max(len(values), round(n_test * len(texts["test"])))
     if n_test is not None and n_test > len(texts["test"]):
-        raise UserError(f"data.test_size {n_test} is larger than the test split ({len(texts['test'])} rows); lower it")
+        raise UserError(
+            f"data.test_size {n_test} is larger than the test split ({len(texts['test'])} rows); lower it"
+        )
     te = stratified_sample(labels["test"], n_test, rng) if n_test else np.arange(len(texts["test"]))
     if len(np.unique(labels["train"][tr])) < 2:
         raise UserError("data: the training subset holds one class only; raise data.train_size")
@@ -286,9 +334,13 @@ def load(spec: dict) -> StudyData:
         labels={s: labels[src][idx] for s, (src, idx) in pick.items()},
         rows=rows,
         label_names=names,
-        source={"path": spec.get("path"), "name": spec.get("name"), "origin": origin,
-                "label_values": [v if isinstance(v, (int, str)) else str(v) for v in values],
-                "overlap": check_overlap(split_texts, spec.get("allow_overlap", False))},
+        source={
+            "path": spec.get("path"),
+            "name": spec.get("name"),
+            "origin": origin,
+            "label_values": [v if isinstance(v, (int, str)) else str(v) for v in values],
+            "overlap": check_overlap(split_texts, spec.get("allow_overlap", False)),
+        },
     )
 
 
@@ -308,12 +360,15 @@ def _carve_test(df, spec: dict) -> tuple[dict, dict]:
 
 
 def _label_names(values: list, given, hub_names: list[str] | None) -> list[str]:
-    """Display names of the classes (in label-id order): data.label_names as a list in the labels' sorted order
+    """Display names of the classes (in label-id order): data.label_names as a list in the labels' sorted
+    order
     or a map from label to name; else the hub's names; else the labels themselves."""
     if isinstance(given, list):
         if len(given) != len(values):
-            raise UserError(f"data.label_names: {len(given)} names for {len(values)} classes ({values[:10]}); give "
-                            "one name per class, in that order, or a map {label: name}")
+            raise UserError(
+                f"data.label_names: {len(given)} names for {len(values)} classes ({values[:10]}); give "
+                "one name per class, in that order, or a map {label: name}"
+            )
         return [str(n) for n in given]
     if isinstance(given, dict):
         return [str(given.get(v, given.get(str(v), v))) for v in values]
@@ -329,14 +384,17 @@ def check_overlap(texts: dict[str, list[str]], allowed: bool) -> dict:
     n = sum(t in seen for t in texts["test"])
     share = n / len(texts["test"]) if texts["test"] else 0.0
     if share > MAX_OVERLAP and not allowed:
-        raise UserError(f"data: {n} of the {len(texts['test'])} test texts ({share:.0%}) are also training texts: "
-                        "scores would be inflated; remove the duplicates, or set data.allow_overlap: true")
+        raise UserError(
+            f"data: {n} of the {len(texts['test'])} test texts ({share:.0%}) are also training texts: "
+            "scores would be inflated; remove the duplicates, or set data.allow_overlap: true"
+        )
     return {"test_texts_also_in_train": n, "share_of_test": share}
 
 
 @dataclass
 class Tokenized:
     """Token ids per split, unpadded (flat array + offsets), plus labels: what a run needs of the data."""
+
     ids: dict[str, list[np.ndarray]]
     labels: dict[str, np.ndarray]
     label_names: list[str]
@@ -365,7 +423,7 @@ class Tokenized:
         ids, labels, trunc = {}, {}, {}
         for s in SPLITS:
             flat, off = z[f"{s}_flat"], z[f"{s}_offsets"]
-            ids[s] = [flat[off[i]:off[i + 1]] for i in range(len(off) - 1)]
+            ids[s] = [flat[off[i] : off[i + 1]] for i in range(len(off) - 1)]
             labels[s] = z[f"{s}_labels"]
             trunc[s] = int(z[f"{s}_truncated"])
         return cls(ids, labels, [str(x) for x in z["label_names"]], trunc)
@@ -396,6 +454,8 @@ def check_unknown_tokens(tok: Tokenized, tokenizer, model: str) -> None:
     words = flat[~np.isin(flat, list(special))] if special else flat
     share = float(np.mean(words == unk)) if len(words) else 0.0
     if share > MAX_UNKNOWN:
-        raise UserError(f"model '{model}': its tokenizer maps {share:.0%} of the training text to the unknown token "
-                        f"({tokenizer.unk_token}); the model folder's tokenizer files are missing or do not fit "
-                        "the data")
+        raise UserError(
+            f"model '{model}': its tokenizer maps {share:.0%} of the training text to the unknown token "
+            f"({tokenizer.unk_token}); the model folder's tokenizer files are missing or do not fit "
+            "the data"
+        )

@@ -15,12 +15,15 @@ class UserError(Exception):
         problems = [message] if isinstance(message, str) else list(message)
         # A problem is one line even when it quotes user input that holds line breaks, and it never carries
         # terminal control sequences from that input (an escape could clear the screen or retitle the window).
-        self.problems = [_CONTROL.sub("?", str(p).replace("\r", "\\r").replace("\n", "\\n")) for p in problems]
+        self.problems = [
+            _CONTROL.sub("?", str(p).replace("\r", "\\r").replace("\n", "\\n")) for p in problems
+        ]
         super().__init__("\n".join(self.problems))
 
 
 class SkipRun(Exception):
-    """A run that cannot run on this machine (e.g. QLoRA without bitsandbytes support); recorded as `skipped`."""
+    """A run that cannot run on this machine (e.g. QLoRA without bitsandbytes support); recorded as
+    `skipped`."""
 
 
 class Diverged(Exception):

@@ -26,9 +26,11 @@ def at_start(run_id: str) -> None:
     f = _active(run_id)
     if f and f[0] == "segv":
         import ctypes
+
         ctypes.string_at(0)  # a real segmentation fault
     if f and f[0] == "hang":
         import time
+
         time.sleep(600)
 
 
@@ -48,6 +50,7 @@ def before_step(run_id: str, micro_batch: int) -> None:
     f = _active(run_id)
     if f and f[0] == "oom_above" and micro_batch > int(f[1]):
         import torch
+
         raise torch.OutOfMemoryError("CUDA out of memory (injected by PEFTBENCH_INJECT_FAULT)")
 
 

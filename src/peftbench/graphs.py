@@ -13,10 +13,12 @@ GRAPHS_MAX_PARAMS = 1_000_000_000
 
 
 class StepGraphs:
-    """A training step's forward, backward, loss sum and gradient clipping as CUDA graphs, one per batch shape.
+    """A training step's forward, backward, loss sum and gradient clipping as CUDA graphs, one per batch
+    shape.
 
     Small models at batch 16 are bound by the host launching kernels one at a time (the GPU idles most of
-    each eager step: benchmarks/results/profiles). A graph replays a whole step's kernels in one launch. Shapes
+    each eager step: benchmarks/results/profiles). A graph replays a whole step's kernels in one launch.
+    Shapes
     are few because batches are padded to multiples of `pad_multiple`; each is recorded the first time it
     occurs (after one eager step, which creates the gradients and the optimizer state), with no compiler:
     0.1-0.2 s per shape in a fresh process on the H200 (benchmarks/results/h200-end-to-end.json). The
@@ -27,6 +29,7 @@ class StepGraphs:
 
     def __init__(self, model, mask_mode: str, amp, loss_sum, params: list, max_grad_norm):
         import torch
+
         self.model, self.mask_mode, self.amp, self.loss_sum = model, mask_mode, amp, loss_sum
         self.params, self.max_grad_norm = params, max_grad_norm
         self.stream = torch.cuda.Stream()
@@ -37,26 +40,46 @@ class StepGraphs:
         self.capture_seconds = 0.0
 
     @staticmethod
-    def unsupported(train: dict, method, device: str, world: int, micro: int, mask_mode: str, prefixed: bool,
-                    compiled, checkpointing: bool = False, n_params: int = 0) -> str | None:
+    def unsupported(
+        train: dict,
+        method,
+        device: str,
+        world: int,
+        micro: int,
+        mask_mode: str,
+        prefixed: bool,
+        compiled,
+        checkpointing: bool = False,
+        n_params: int = 0,
+    ) -> str | None:
         """Why this run's steps cannot be graphed (None: they can)."""
         if not train.get("cuda_graphs", True):
             return "off (cuda_graphs: false)"
-        reasons = [(not device.startswith("cuda"), "not a CUDA device"), (world > 1, "data-parallel run"),
-                   (bool(compiled), "torch.compile'd run"), (micro < train["batch_size"], "gradient accumulation"),
-                   (prefixed, "prefix tuning"), (bool(method.step_hook), "per-step hook (AdaLoRA)"),
-                   (checkpointing, "gradient checkpointing"),
-                   (n_params >= GRAPHS_MAX_PARAMS, "a model of 1B+ parameters (each batch shape's graph holds its "
-                    "own activations: reserved memory doubled on the 8B shape, for no speed)"),
-                   (mask_mode == "2d", "2D attention mask (the model syncs on it)")]
+        reasons = [
+            (not device.startswith("cuda"), "not a CUDA device"),
+            (world > 1, "data-parallel run"),
+            (bool(compiled), "torch.compile'd run"),
+            (micro < train["batch_size"], "gradient accumulation"),
+            (prefixed, "prefix tuning"),
+            (bool(method.step_hook), "per-step hook (AdaLoRA)"),
+            (checkpointing, "gradient checkpointing"),
+            (
+                n_params >= GRAPHS_MAX_PARAMS,
+                "a model of 1B+ parameters (each batch shape's graph holds its "
+                "own activations: reserved memory doubled on the 8B shape, for no speed)",
+            ),
+            (mask_mode == "2d", "2D attention mask (the model syncs on it)"),
+        ]
         return next((why for bad, why in reasons if bad), None)
 
     def forward_backward(self, ids, mask, y) -> None:
         """The step's work, eager or under capture: loss, gradients, loss sum, clipping."""
         import torch
+
         # Autocast's weight-cast cache must not outlive a capture; each weight is cast once per step anyway.
-        with torch.autocast("cuda", dtype=self.amp or torch.float32, enabled=self.amp is not None,
-                            cache_enabled=False):
+        with torch.autocast(
+            "cuda", dtype=self.amp or torch.float32, enabled=self.amp is not None, cache_enabled=False
+        ):
             loss = model_forward(self.model, ids, mask, self.mask_mode, labels=y).loss
         loss.backward()
         self.loss_sum += loss.detach()
@@ -86,6 +109,7 @@ class StepGraphs:
 
     def _capture(self, ids, mask, y, key):
         import torch
+
         t = time.perf_counter()
         dev = self.loss_sum.device
         static = tuple(torch.zeros(x.shape, dtype=x.dtype, device=dev) for x in (ids, mask, y))
@@ -99,7 +123,9 @@ class StepGraphs:
                 finally:
                     graph.capture_end()
         except Exception as e:  # the run goes on eagerly, and its metrics say why
-            self.failed = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            self.failed = (
+                f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            )
             torch.cuda.synchronize()
             return None
         torch.cuda.current_stream().wait_stream(self.stream)
@@ -109,5 +135,9 @@ class StepGraphs:
         return self.graphs[key]
 
     def summary(self) -> dict:
-        return {"graphs": len(self.graphs), "capture_seconds": self.capture_seconds,
-                "eager_steps": self.eager_steps, "failed": self.failed}
+        return {
+            "graphs": len(self.graphs),
+            "capture_seconds": self.capture_seconds,
+            "eager_steps": self.eager_steps,
+            "failed": self.failed,
+        }

@@ -20,8 +20,18 @@ GiB = 2**30
 # Share of the budget a probe's peak may use: the rest absorbs fragmentation over a run's other shapes.
 MARGIN = 0.05
 CARD_SIZES_GB = (16, 24, 40, 48, 80, 141)
-_UNITS = {"tb": 2**40, "t": 2**40, "gb": GiB, "g": GiB, "gib": GiB, "mb": 2**20, "m": 2**20, "mib": 2**20,
-          "kb": 2**10, None: 2**20}
+_UNITS = {
+    "tb": 2**40,
+    "t": 2**40,
+    "gb": GiB,
+    "g": GiB,
+    "gib": GiB,
+    "mb": 2**20,
+    "m": 2**20,
+    "mib": 2**20,
+    "kb": 2**10,
+    None: 2**20,
+}
 
 
 def parse_size(text, what: str) -> int:
@@ -37,6 +47,7 @@ def parse_size(text, what: str) -> int:
 @dataclass
 class Fit:
     """The outcome of a memory plan: the micro-batch and checkpointing chosen, or None where nothing fit."""
+
     budget_mb: float
     micro_batch_size: int | None = None
     gradient_checkpointing: bool | None = None
@@ -67,8 +78,12 @@ def micro_batches(batch_size: int) -> list[int]:
     return out
 
 
-def plan_micro_batch(probe: Callable[[int, bool], tuple[float | None, float | None]], batch_size: int,
-                     checkpointing: bool | str, budget_bytes: int) -> Fit:
+def plan_micro_batch(
+    probe: Callable[[int, bool], tuple[float | None, float | None]],
+    batch_size: int,
+    checkpointing: bool | str,
+    budget_bytes: int,
+) -> Fit:
     """The largest micro-batch whose probe peak fits under the budget with the margin.
 
     `probe(micro_batch, checkpointing)` returns (peak reserved bytes, seconds per micro-step), with a peak of
@@ -80,10 +95,16 @@ def plan_micro_batch(probe: Callable[[int, bool], tuple[float | None, float | No
     for ckpt in modes:
         for mb in micro_batches(batch_size):
             peak, seconds = probe(mb, ckpt)
-            fit.tried.append({"micro_batch_size": mb, "gradient_checkpointing": ckpt,
-                              "peak_reserved_mb": None if peak is None else peak / 2**20,
-                              "outcome": "out of memory" if peak is None else
-                              ("fits" if peak <= budget_bytes * (1 - MARGIN) else "over the margin")})
+            fit.tried.append(
+                {
+                    "micro_batch_size": mb,
+                    "gradient_checkpointing": ckpt,
+                    "peak_reserved_mb": None if peak is None else peak / 2**20,
+                    "outcome": "out of memory"
+                    if peak is None
+                    else ("fits" if peak <= budget_bytes * (1 - MARGIN) else "over the margin"),
+                }
+            )
             if peak is not None and peak <= budget_bytes * (1 - MARGIN):
                 fit.micro_batch_size, fit.gradient_checkpointing = mb, ckpt
                 fit.peak_reserved_mb, fit.step_seconds = peak / 2**20, seconds
@@ -95,19 +116,25 @@ def cap_allocator(budget_bytes: int, device: str) -> dict:
     """Cap this process's CUDA allocator so that the device's own figure stays within the budget; returns
     what was set. Raises UserError when the budget exceeds the card."""
     import torch
+
     device = torch.device(device)
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     if budget_bytes > total:
-        raise UserError(f"gpu_memory {budget_bytes / GiB:.1f} GB is more than this GPU has ({total / GiB:.1f} GB); "
-                        "lower it or leave it out")
+        raise UserError(
+            f"gpu_memory {budget_bytes / GiB:.1f} GB is more than this GPU has ({total / GiB:.1f} GB); "
+            "lower it or leave it out"
+        )
     # The CUDA context, libraries and any other process on this GPU: all of it counts against the budget.
     outside = max(0, (total - free) - torch.cuda.memory_reserved(device))
     fraction = max(0.0, (budget_bytes - outside)) / total
     torch.cuda.set_per_process_memory_fraction(fraction, device)
-    return {"budget_mb": budget_bytes / 2**20, "allocator_cap_mb": fraction * total / 2**20,
-            "outside_allocator_mb": outside / 2**20}
+    return {
+        "budget_mb": budget_bytes / 2**20,
+        "allocator_cap_mb": fraction * total / 2**20,
+        "outside_allocator_mb": outside / 2**20,
+    }
 
 
 def fits_on(peak_device_mb: float | None) -> str:

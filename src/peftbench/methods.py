@@ -27,26 +27,64 @@ ROLES = ("q", "k", "v", "o", "ffn_in", "ffn_out", "norm")
 
 # Module-name patterns (regex fragments matched at the end of a module's dotted name) per role.
 _BERT_LIKE = {
-    "q": r"query", "k": r"key", "v": r"value",
-    "o": r"attention\.output\.dense", "ffn_in": r"intermediate\.dense", "ffn_out": r"layer\.\d+\.output\.dense",
+    "q": r"query",
+    "k": r"key",
+    "v": r"value",
+    "o": r"attention\.output\.dense",
+    "ffn_in": r"intermediate\.dense",
+    "ffn_out": r"layer\.\d+\.output\.dense",
     "norm": r"LayerNorm",
 }
 _LLAMA_LIKE = {
-    "q": r"q_proj", "k": r"k_proj", "v": r"v_proj", "o": r"o_proj",
-    "ffn_in": r"(up_proj|gate_proj)", "ffn_out": r"down_proj", "norm": r"(input_layernorm|post_attention_layernorm)",
+    "q": r"q_proj",
+    "k": r"k_proj",
+    "v": r"v_proj",
+    "o": r"o_proj",
+    "ffn_in": r"(up_proj|gate_proj)",
+    "ffn_out": r"down_proj",
+    "norm": r"(input_layernorm|post_attention_layernorm)",
 }
 ARCH_ROLES: dict[str, dict[str, str]] = {
     **{t: _BERT_LIKE for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie")},
     "deberta-v2": {**_BERT_LIKE, "q": r"query_proj", "k": r"key_proj", "v": r"value_proj"},
     "deberta": {**_BERT_LIKE, "q": r"in_proj", "k": r"in_proj", "v": r"in_proj"},
-    "distilbert": {"q": r"q_lin", "k": r"k_lin", "v": r"v_lin", "o": r"out_lin",
-                   "ffn_in": r"ffn\.lin1", "ffn_out": r"ffn\.lin2", "norm": r"(sa_layer_norm|output_layer_norm)"},
-    "modernbert": {"q": r"Wqkv", "k": r"Wqkv", "v": r"Wqkv", "o": r"attn\.Wo",
-                   "ffn_in": r"mlp\.Wi", "ffn_out": r"mlp\.Wo",
-                   # layer 0's attn_norm is an Identity (the embedding norm serves): not a norm to tune
-                   "norm": r"(layers\.[1-9]\d*\.attn_norm|mlp_norm|final_norm)"},
-    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
-                                "gemma3_text", "phi3", "olmo", "olmo2", "granite", "smollm3")},
+    "distilbert": {
+        "q": r"q_lin",
+        "k": r"k_lin",
+        "v": r"v_lin",
+        "o": r"out_lin",
+        "ffn_in": r"ffn\.lin1",
+        "ffn_out": r"ffn\.lin2",
+        "norm": r"(sa_layer_norm|output_layer_norm)",
+    },
+    "modernbert": {
+        "q": r"Wqkv",
+        "k": r"Wqkv",
+        "v": r"Wqkv",
+        "o": r"attn\.Wo",
+        "ffn_in": r"mlp\.Wi",
+        "ffn_out": r"mlp\.Wo",
+        # layer 0's attn_norm is an Identity (the embedding norm serves): not a norm to tune
+        "norm": r"(layers\.[1-9]\d*\.attn_norm|mlp_norm|final_norm)",
+    },
+    **{
+        t: _LLAMA_LIKE
+        for t in (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "phi3",
+            "olmo",
+            "olmo2",
+            "granite",
+            "smollm3",
+        )
+    },
 }
 
 # Modules that form the classification head, by the names transformers uses.
@@ -59,7 +97,8 @@ def targets_regex(model_type: str, roles: list[str]) -> str:
     if table is None:
         raise UserError(
             f"no default target modules for model type '{model_type}'; "
-            f"give the method a `target_modules` option (module names, a regex, or 'all-linear')")
+            f"give the method a `target_modules` option (module names, a regex, or 'all-linear')"
+        )
     alts = sorted({table[r] for r in roles})
     return r".*\.(" + "|".join(alts) + r")$"
 
@@ -67,88 +106,233 @@ def targets_regex(model_type: str, roles: list[str]) -> str:
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str                      # full | peft | head | bitfit | tfidf
-    learning_rate: float | None    # the method's literature default (None: no gradient training)
-    source: str                    # where the defaults come from
+    kind: str  # full | peft | head | bitfit | tfidf
+    learning_rate: float | None  # the method's literature default (None: no gradient training)
+    source: str  # where the defaults come from
     description: str
     peft_config: str | None = None  # class name in `peft`, e.g. "LoraConfig"
     options: dict = field(default_factory=dict)  # default PEFT options; roles under "targets"
-    quantize: bool = False          # 4-bit NF4 base (QLoRA)
-    step_hook: bool = False         # needs `update_and_allocate(step)` after each step (AdaLoRA)
+    quantize: bool = False  # 4-bit NF4 base (QLoRA)
+    step_hook: bool = False  # needs `update_and_allocate(step)` after each step (AdaLoRA)
 
 
 _LORA_SRC = "Hu et al. 2021 (LoRA), Table 9: roberta-base, r=8, alpha=8, lr 4e-4..5e-4, batch 16"
-METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("full", "full", 2e-5, "Liu et al. 2019 (RoBERTa) fine-tuning grid 1e-5..3e-5",
-           "full fine-tuning: every weight trains"),
-    Method("lora", "peft", 5e-4, _LORA_SRC, "LoRA: low-rank updates on the attention projections",
-           "LoraConfig", {"r": 8, "lora_alpha": 8, "lora_dropout": 0.1, "targets": ["q", "v"]}),
-    Method("qlora", "peft", 5e-4,
-           "Dettmers et al. 2023 (QLoRA): NF4 + double quantization, bf16 compute; lr as LoRA on a base-size "
-           "model (the paper's 2e-4 is for 7B+ decoders)",
-           "QLoRA: LoRA on a 4-bit NF4 base (bitsandbytes)",
-           "LoraConfig", {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "targets": ["q", "v"]}, quantize=True),
-    Method("ia3", "peft", 3e-3, "Liu et al. 2022 (T-Few / IA3): lr 3e-3",
-           "IA3: learned rescaling of keys, values and FFN activations",
-           "IA3Config", {"targets": ["k", "v", "ffn_out"], "feedforward": ["ffn_out"]}),
-    Method("dora", "peft", 5e-4, "Liu et al. 2024 (DoRA): LoRA's rates; " + _LORA_SRC,
-           "DoRA: weight-decomposed LoRA", "LoraConfig",
-           {"r": 8, "lora_alpha": 8, "lora_dropout": 0.1, "targets": ["q", "v"], "use_dora": True}),
-    Method("rslora", "peft", 5e-4, "Kalajdzievski 2023 (rsLoRA): alpha/sqrt(r) scaling; LoRA's rates",
-           "rank-stabilised LoRA", "LoraConfig",
-           {"r": 8, "lora_alpha": 8, "lora_dropout": 0.1, "targets": ["q", "v"], "use_rslora": True}),
-    Method("lora_all", "peft", 3e-4,
-           "Dettmers et al. 2023 (QLoRA): LoRA on all linear layers matches full fine-tuning; lr below LoRA's "
-           "q,v rate since 3x more layers adapt",
-           "LoRA on every linear layer of the encoder", "LoraConfig",
-           {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "targets": ["q", "k", "v", "o", "ffn_in", "ffn_out"]}),
-    Method("pissa", "peft", 5e-4,
-           "Meng et al. 2024 (PiSSA): LoRA's hyper-parameters, adapter initialised from the principal singular "
-           "components (fast SVD, 4 iterations); " + _LORA_SRC,
-           "PiSSA: LoRA initialised from the weights' principal components; saved as a plain LoRA adapter",
-           "LoraConfig", {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "targets": ["q", "v"],
-                          "init_lora_weights": "pissa_niter_4"}),
-    Method("adalora", "peft", 5e-4, "Zhang et al. 2023 (AdaLoRA): GLUE lr 5e-4..1e-3, budget r 8 -> 4",
-           "AdaLoRA: LoRA whose rank budget is reallocated during training", "AdaLoraConfig",
-           {"init_r": 8, "target_r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "targets": ["q", "v"]},
-           step_hook=True),
-    Method("vera", "peft", 4e-3, "Kopiczko et al. 2024 (VeRA): roberta-base lr 4e-3 at r=1024; r=256 here to keep it light", "VeRA: shared frozen random matrices, trained scaling vectors", "VeraConfig",
-           {"r": 256, "vera_dropout": 0.1, "targets": ["q", "v"]}),
-    Method("loha", "peft", 5e-4, "no classification-specific value published; LoRA's rate (LyCORIS guidance)",
-           "LoHa: low-rank Hadamard product", "LoHaConfig",
-           {"r": 8, "alpha": 8, "module_dropout": 0.0, "targets": ["q", "v"]}),
-    Method("lokr", "peft", 5e-4, "no classification-specific value published; LoRA's rate (LyCORIS guidance)",
-           "LoKr: low-rank Kronecker product", "LoKrConfig",
-           {"r": 8, "alpha": 8, "targets": ["q", "v"]}),
-    Method("oft", "peft", 5e-4, "Qiu et al. 2023 (OFT) / Liu et al. 2024 (BOFT) GLUE rates 3e-4..8e-4",
-           "OFT: orthogonal fine-tuning with block-diagonal rotations", "OFTConfig",
-           {"r": 0, "oft_block_size": 32, "targets": ["q", "v"]}),
-    Method("prompt_tuning", "peft", 3e-2,
-           "Lester et al. 2021 (prompt tuning) use 0.3 with Adafactor; 3e-2 is the AdamW-scale rate of PEFT's "
-           "sequence-classification example", "prompt tuning: 20 trained soft-prompt tokens",
-           "PromptTuningConfig", {"num_virtual_tokens": 20}),
-    Method("p_tuning", "peft", 1e-3, "Liu et al. 2021 (P-tuning) / PEFT's P-tuning example: lr 1e-3",
-           "P-tuning: soft prompts produced by a small MLP encoder", "PromptEncoderConfig",
-           {"num_virtual_tokens": 20, "encoder_hidden_size": 128}),
-    Method("prefix_tuning", "peft", 1e-2,
-           "Li & Liang 2021 (prefix tuning); Liu et al. 2022 (P-tuning v2) on RoBERTa/GLUE: prefix length 20, "
-           "lr 5e-3..1e-2, no reparameterisation",
-           "prefix tuning: 20 trained key/value prefixes in every layer", "PrefixTuningConfig",
-           {"num_virtual_tokens": 20}),
-    Method("ln_tuning", "peft", 1e-3, "Zhao et al. 2024 (LN tuning); lr as BitFit's",
-           "LayerNorm tuning: only LayerNorm weights (and the head) train", "LNTuningConfig", {"targets": ["norm"]}),
-    Method("bitfit", "bitfit", 1e-3, "Ben Zaken et al. 2022 (BitFit): best lr in {1e-4, 4e-4, 7e-4, 1e-3}",
-           "BitFit: only biases and the classifier head train"),
-    Method("head", "head", 1e-3, "linear probing practice (e.g. Kumar et al. 2022): lr 1e-3 with AdamW",
-           "head only: frozen encoder, only the classifier head trains"),
-    Method("tfidf", "tfidf", None, "scikit-learn TF-IDF (1-2 grams) + logistic regression, C=1: the classical floor",
-           "TF-IDF + logistic regression, no transformer at all"),
-]}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method(
+            "full",
+            "full",
+            2e-5,
+            "Liu et al. 2019 (RoBERTa) fine-tuning grid 1e-5..3e-5",
+            "full fine-tuning: every weight trains",
+        ),
+        Method(
+            "lora",
+            "peft",
+            5e-4,
+            _LORA_SRC,
+            "LoRA: low-rank updates on the attention projections",
+            "LoraConfig",
+            {"r": 8, "lora_alpha": 8, "lora_dropout": 0.1, "targets": ["q", "v"]},
+        ),
+        Method(
+            "qlora",
+            "peft",
+            5e-4,
+            "Dettmers et al. 2023 (QLoRA): NF4 + double quantization, bf16 compute; lr as LoRA on a "
+            "base-size "
+            "model (the paper's 2e-4 is for 7B+ decoders)",
+            "QLoRA: LoRA on a 4-bit NF4 base (bitsandbytes)",
+            "LoraConfig",
+            {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "targets": ["q", "v"]},
+            quantize=True,
+        ),
+        Method(
+            "ia3",
+            "peft",
+            3e-3,
+            "Liu et al. 2022 (T-Few / IA3): lr 3e-3",
+            "IA3: learned rescaling of keys, values and FFN activations",
+            "IA3Config",
+            {"targets": ["k", "v", "ffn_out"], "feedforward": ["ffn_out"]},
+        ),
+        Method(
+            "dora",
+            "peft",
+            5e-4,
+            "Liu et al. 2024 (DoRA): LoRA's rates; " + _LORA_SRC,
+            "DoRA: weight-decomposed LoRA",
+            "LoraConfig",
+            {"r": 8, "lora_alpha": 8, "lora_dropout": 0.1, "targets": ["q", "v"], "use_dora": True},
+        ),
+        Method(
+            "rslora",
+            "peft",
+            5e-4,
+            "Kalajdzievski 2023 (rsLoRA): alpha/sqrt(r) scaling; LoRA's rates",
+            "rank-stabilised LoRA",
+            "LoraConfig",
+            {"r": 8, "lora_alpha": 8, "lora_dropout": 0.1, "targets": ["q", "v"], "use_rslora": True},
+        ),
+        Method(
+            "lora_all",
+            "peft",
+            3e-4,
+            "Dettmers et al. 2023 (QLoRA): LoRA on all linear layers matches full fine-tuning; lr below "
+            "LoRA's "
+            "q,v rate since 3x more layers adapt",
+            "LoRA on every linear layer of the encoder",
+            "LoraConfig",
+            {
+                "r": 8,
+                "lora_alpha": 16,
+                "lora_dropout": 0.1,
+                "targets": ["q", "k", "v", "o", "ffn_in", "ffn_out"],
+            },
+        ),
+        Method(
+            "pissa",
+            "peft",
+            5e-4,
+            "Meng et al. 2024 (PiSSA): LoRA's hyper-parameters, adapter initialised from the principal "
+            "singular "
+            "components (fast SVD, 4 iterations); " + _LORA_SRC,
+            "PiSSA: LoRA initialised from the weights' principal components; saved as a plain LoRA adapter",
+            "LoraConfig",
+            {
+                "r": 8,
+                "lora_alpha": 8,
+                "lora_dropout": 0.0,
+                "targets": ["q", "v"],
+                "init_lora_weights": "pissa_niter_4",
+            },
+        ),
+        Method(
+            "adalora",
+            "peft",
+            5e-4,
+            "Zhang et al. 2023 (AdaLoRA): GLUE lr 5e-4..1e-3, budget r 8 -> 4",
+            "AdaLoRA: LoRA whose rank budget is reallocated during training",
+            "AdaLoraConfig",
+            {"init_r": 8, "target_r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "targets": ["q", "v"]},
+            step_hook=True,
+        ),
+        Method(
+            "vera",
+            "peft",
+            4e-3,
+            "Kopiczko et al. 2024 (VeRA): roberta-base lr 4e-3 at r=1024; r=256 here to keep it light",
+            "VeRA: shared frozen random matrices, trained scaling vectors",
+            "VeraConfig",
+            {"r": 256, "vera_dropout": 0.1, "targets": ["q", "v"]},
+        ),
+        Method(
+            "loha",
+            "peft",
+            5e-4,
+            "no classification-specific value published; LoRA's rate (LyCORIS guidance)",
+            "LoHa: low-rank Hadamard product",
+            "LoHaConfig",
+            {"r": 8, "alpha": 8, "module_dropout": 0.0, "targets": ["q", "v"]},
+        ),
+        Method(
+            "lokr",
+            "peft",
+            5e-4,
+            "no classification-specific value published; LoRA's rate (LyCORIS guidance)",
+            "LoKr: low-rank Kronecker product",
+            "LoKrConfig",
+            {"r": 8, "alpha": 8, "targets": ["q", "v"]},
+        ),
+        Method(
+            "oft",
+            "peft",
+            5e-4,
+            "Qiu et al. 2023 (OFT) / Liu et al. 2024 (BOFT) GLUE rates 3e-4..8e-4",
+            "OFT: orthogonal fine-tuning with block-diagonal rotations",
+            "OFTConfig",
+            {"r": 0, "oft_block_size": 32, "targets": ["q", "v"]},
+        ),
+        Method(
+            "prompt_tuning",
+            "peft",
+            3e-2,
+            "Lester et al. 2021 (prompt tuning) use 0.3 with Adafactor; 3e-2 is the AdamW-scale rate of "
+            "PEFT's "
+            "sequence-classification example",
+            "prompt tuning: 20 trained soft-prompt tokens",
+            "PromptTuningConfig",
+            {"num_virtual_tokens": 20},
+        ),
+        Method(
+            "p_tuning",
+            "peft",
+            1e-3,
+            "Liu et al. 2021 (P-tuning) / PEFT's P-tuning example: lr 1e-3",
+            "P-tuning: soft prompts produced by a small MLP encoder",
+            "PromptEncoderConfig",
+            {"num_virtual_tokens": 20, "encoder_hidden_size": 128},
+        ),
+        Method(
+            "prefix_tuning",
+            "peft",
+            1e-2,
+            "Li & Liang 2021 (prefix tuning); Liu et al. 2022 (P-tuning v2) on RoBERTa/GLUE: prefix length "
+            "20, "
+            "lr 5e-3..1e-2, no reparameterisation",
+            "prefix tuning: 20 trained key/value prefixes in every layer",
+            "PrefixTuningConfig",
+            {"num_virtual_tokens": 20},
+        ),
+        Method(
+            "ln_tuning",
+            "peft",
+            1e-3,
+            "Zhao et al. 2024 (LN tuning); lr as BitFit's",
+            "LayerNorm tuning: only LayerNorm weights (and the head) train",
+            "LNTuningConfig",
+            {"targets": ["norm"]},
+        ),
+        Method(
+            "bitfit",
+            "bitfit",
+            1e-3,
+            "Ben Zaken et al. 2022 (BitFit): best lr in {1e-4, 4e-4, 7e-4, 1e-3}",
+            "BitFit: only biases and the classifier head train",
+        ),
+        Method(
+            "head",
+            "head",
+            1e-3,
+            "linear probing practice (e.g. Kumar et al. 2022): lr 1e-3 with AdamW",
+            "head only: frozen encoder, only the classifier head trains",
+        ),
+        Method(
+            "tfidf",
+            "tfidf",
+            None,
+            "scikit-learn TF-IDF (1-2 grams) + logistic regression, C=1: the classical floor",
+            "TF-IDF + logistic regression, no transformer at all",
+        ),
+    ]
+}
 
 # Option keys a method entry may carry that are training settings, not method settings.
-TRAIN_OVERRIDES = {"epochs", "batch_size", "learning_rate", "weight_decay", "warmup_ratio", "scheduler",
-                   "max_grad_norm", "select_best_epoch", "head_learning_rate", "optimizer", "gradient_checkpointing",
-                   "base_dtype"}
+TRAIN_OVERRIDES = {
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "warmup_ratio",
+    "scheduler",
+    "max_grad_norm",
+    "select_best_epoch",
+    "head_learning_rate",
+    "optimizer",
+    "gradient_checkpointing",
+    "base_dtype",
+}
 # Option keys every PEFT method accepts besides its config class's own fields.
 EXTRA_PEFT_KEYS = {"targets", "feedforward", "label"}
 
@@ -158,6 +342,7 @@ def get(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         import difflib
+
         close = difflib.get_close_matches(name, METHODS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise UserError(f"unknown method '{name}'{hint}; `peftbench methods` lists them") from None
@@ -168,6 +353,7 @@ def peft_config_fields(method: Method) -> set[str]:
 
     from . import _peft  # noqa: F401  (without bitsandbytes' import)
     import peft
+
     cls = getattr(peft, method.peft_config)
     return {f.name for f in dataclasses.fields(cls)}
 
@@ -187,7 +373,10 @@ def allowed_options(method: Method, given=()) -> set[str]:
 
 def split_options(method: Method, options: dict) -> tuple[dict, dict]:
     """Split a method entry's options into (method options incl. defaults, training overrides)."""
-    merged = {**method.options, **{k: v for k, v in options.items() if k not in TRAIN_OVERRIDES and k != "label"}}
+    merged = {
+        **method.options,
+        **{k: v for k, v in options.items() if k not in TRAIN_OVERRIDES and k != "label"},
+    }
     train = {k: v for k, v in options.items() if k in TRAIN_OVERRIDES}
     return merged, train
 
@@ -195,6 +384,7 @@ def split_options(method: Method, options: dict) -> tuple[dict, dict]:
 def build_peft_config(method: Method, options: dict, model_type: str, total_steps: int):
     """The PEFT config object for `method` with `options` (roles resolved for `model_type`)."""
     import peft
+
     opts = dict(options)
     roles = opts.pop("targets", None)
     ff_roles = opts.pop("feedforward", None)
@@ -205,7 +395,8 @@ def build_peft_config(method: Method, options: dict, model_type: str, total_step
         opts["feedforward_modules"] = targets_regex(model_type, ff_roles)
     if method.peft_config == "AdaLoraConfig":
         opts.setdefault("total_step", total_steps)
-        # Reallocate over the middle of training: warm up for 10% of the steps, fix the budget for the last 20%.
+        # Reallocate over the middle of training: warm up for 10% of the steps, fix the budget for the last
+        # 20%.
         opts.setdefault("tinit", max(1, total_steps // 10))
         opts.setdefault("tfinal", max(1, total_steps // 5))
         opts.setdefault("deltaT", max(1, total_steps // 20))
@@ -217,9 +408,16 @@ def describe() -> list[dict]:
     rows = []
     for m in METHODS.values():
         opts = {k: v for k, v in m.options.items()}
-        rows.append({"name": m.name, "kind": m.kind + ("+4bit" if m.quantize else ""),
-                     "learning_rate": m.learning_rate, "options": opts,
-                     "description": m.description, "source": m.source})
+        rows.append(
+            {
+                "name": m.name,
+                "kind": m.kind + ("+4bit" if m.quantize else ""),
+                "learning_rate": m.learning_rate,
+                "options": opts,
+                "description": m.description,
+                "source": m.source,
+            }
+        )
     return rows
 
 

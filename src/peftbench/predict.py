@@ -20,11 +20,15 @@ def _read_run(run_dir: Path) -> dict:
     try:
         result = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"{run_dir} is not a run folder (no result.json); give a folder under STUDY/runs/") from None
+        raise UserError(
+            f"{run_dir} is not a run folder (no result.json); give a folder under STUDY/runs/"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is corrupt; rerun the study to redo this run") from None
     if result.get("status") != "success":
-        raise UserError(f"run {result.get('run_id')} has status {result.get('status')}; only successful runs predict")
+        raise UserError(
+            f"run {result.get('run_id')} has status {result.get('status')}; only successful runs predict"
+        )
     return result
 
 
@@ -40,9 +44,11 @@ def load_trained(run_dir: Path, run: dict | None = None, device: str = "cpu"):
         raise
     except Exception as e:  # a missing or damaged artefact, a base model that moved, ...
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        raise UserError(f"run {run_dir} cannot be reloaded ({type(e).__name__}: {first}); check that its "
-                        f"adapter/ or model/ folder is intact and that the base model {run['model_path']} is "
-                        "still there") from None
+        raise UserError(
+            f"run {run_dir} cannot be reloaded ({type(e).__name__}: {first}); check that its "
+            f"adapter/ or model/ folder is intact and that the base model {run['model_path']} is "
+            "still there"
+        ) from None
 
 
 def _load(run_dir: Path, run: dict, method, device: str):
@@ -52,6 +58,7 @@ def _load(run_dir: Path, run: dict, method, device: str):
 
         from .devices import autocast_dtype
         from .models import load_base
+
         amp = autocast_dtype(run["train"]["precision"], device)  # the base in the dtype it was trained over
         base, _ = load_base(run, len(run["label_names"]), run["label_names"], device, amp)
         with without_bitsandbytes(hide=not method.quantize):
@@ -59,12 +66,15 @@ def _load(run_dir: Path, run: dict, method, device: str):
         model.to(device) if not method.quantize else None
     elif method.kind == "tfidf":
         import joblib
+
         return joblib.load(run_dir / "model" / "tfidf_logreg.joblib")
     else:
         import torch
         from transformers import AutoModelForSequenceClassification
-        model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model", dtype=torch.float32,
-                                                                   use_safetensors=True).to(device)
+
+        model = AutoModelForSequenceClassification.from_pretrained(
+            run_dir / "model", dtype=torch.float32, use_safetensors=True
+        ).to(device)
     model.eval()
     return model
 
@@ -73,6 +83,7 @@ def predict_texts(run_dir: Path, texts: list[str], device: str = "cpu") -> list[
     """Label and class probabilities for each text."""
     from .batches import predict_logits
     from .devices import autocast_dtype
+
     result = _read_run(run_dir)
     run = result["config"]
     names = run["label_names"]
@@ -83,11 +94,28 @@ def predict_texts(run_dir: Path, texts: list[str], device: str = "cpu") -> list[
         import torch
 
         from .models import load_tokenizer
+
         tok = load_tokenizer(run["model_path"], run["trust_remote_code"])
-        ids = [np.asarray(x) for x in tok(texts, truncation=True, max_length=run["train"]["max_length"])["input_ids"]]
+        ids = [
+            np.asarray(x)
+            for x in tok(texts, truncation=True, max_length=run["train"]["max_length"])["input_ids"]
+        ]
         amp = autocast_dtype(run["train"]["precision"], device)
-        logits = predict_logits(model, ids, run["train"]["eval_batch_size"], device, amp, run.get("pad_token_id") or 0,
-                                run.get("effective_max_length"))
+        logits = predict_logits(
+            model,
+            ids,
+            run["train"]["eval_batch_size"],
+            device,
+            amp,
+            run.get("pad_token_id") or 0,
+            run.get("effective_max_length"),
+        )
         probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
-    return [{"text": t, "label": names[int(p.argmax())],
-             "probabilities": {n: round(float(x), 4) for n, x in zip(names, p)}} for t, p in zip(texts, probs)]
+    return [
+        {
+            "text": t,
+            "label": names[int(p.argmax())],
+            "probabilities": {n: round(float(x), 4) for n, x in zip(names, p)},
+        }
+        for t, p in zip(texts, probs)
+    ]

@@ -26,8 +26,10 @@ def load_study(study_dir: Path) -> dict:
         raise UserError(f"{study_dir} is not a study folder; give the --out folder of `peftbench run`")
     plan = store.load_plan(study_dir)
     if plan is None and (study_dir / "study.json").exists():
-        raise UserError(f"{study_dir / 'study.json'} is damaged; rerun the study (`peftbench run ... --out "
-                        f"{study_dir}`) to rebuild it")
+        raise UserError(
+            f"{study_dir / 'study.json'} is damaged; rerun the study (`peftbench run ... --out "
+            f"{study_dir}`) to rebuild it"
+        )
     missing: list[str] = []
     if plan:
         finals = store.results(study_dir, plan["final_runs"])
@@ -46,10 +48,21 @@ def load_study(study_dir: Path) -> dict:
     name = (plan or {}).get("study", {}).get("name") or (finals or trials)[0].get("study", "study")
     shared = max([(r.get("config") or {}).get("concurrent_runs") or 1 for r in finals] or [1])
     loads = [(r.get("load") or {}) for r in finals if r.get("status") == "success"]
-    loaded = max([ld["start"] / ld["cpus"] for ld in loads if ld.get("start") is not None and ld.get("cpus")] or [0])
-    return {"dir": study_dir, "name": name, "plan": plan, "finals": finals, "trials": trials, "rows": rows,
-            "gpu": str(device).startswith("cuda"), "concurrent_runs": shared, "missing": missing,
-            "loaded": loaded if loaded > 1.0 else None}
+    loaded = max(
+        [ld["start"] / ld["cpus"] for ld in loads if ld.get("start") is not None and ld.get("cpus")] or [0]
+    )
+    return {
+        "dir": study_dir,
+        "name": name,
+        "plan": plan,
+        "finals": finals,
+        "trials": trials,
+        "rows": rows,
+        "gpu": str(device).startswith("cuda"),
+        "concurrent_runs": shared,
+        "missing": missing,
+        "loaded": loaded if loaded > 1.0 else None,
+    }
 
 
 def _test_labels(study_dir: Path, finals: list[dict], plan: dict | None = None) -> np.ndarray | None:
@@ -114,19 +127,42 @@ def table_rows(study: dict) -> list[list[str]]:
             mark = (mark + f" p={r['vs_best']['p_value']:.3f}").strip()
         status = r["status"] if r["status"] == "success" else f"{r['status']}: {'; '.join(r['errors'])[:120]}"
         n_test = ((study.get("plan") or {}).get("data") or {}).get("sizes", {}).get("test")
-        out.append([r["label"], _fmt_acc(r["test_accuracy"], n_test), _fmt_num(r["test_macro_f1"]["mean"], 4),
-                    _fmt_num(r["train_seconds"]["mean"]), _fmt_params(r["trainable_params"]["mean"]),
-                    _fmt_num(memory_of(r, gpu), 0), _fmt_num(r["train_samples_per_second"]["mean"]),
-                    _fmt_num(r["adapter_size_mb"]["mean"], 2),
-                    f"{r['learning_rate']:.2e}" if r["learning_rate"] else "-", str(len(r["seeds"])), mark, status])
+        out.append(
+            [
+                r["label"],
+                _fmt_acc(r["test_accuracy"], n_test),
+                _fmt_num(r["test_macro_f1"]["mean"], 4),
+                _fmt_num(r["train_seconds"]["mean"]),
+                _fmt_params(r["trainable_params"]["mean"]),
+                _fmt_num(memory_of(r, gpu), 0),
+                _fmt_num(r["train_samples_per_second"]["mean"]),
+                _fmt_num(r["adapter_size_mb"]["mean"], 2),
+                f"{r['learning_rate']:.2e}" if r["learning_rate"] else "-",
+                str(len(r["seeds"])),
+                mark,
+                status,
+            ]
+        )
         if gpu:
             out[-1].insert(6, fits_on(memory_of(r, gpu)))
     return out
 
 
 def table_header(gpu: bool) -> list[str]:
-    head = ["method", "accuracy (seeds: mean ± std [95% CI]; one seed: [95% Wilson CI])", "macro-F1", "train s", "trainable",
-            GPU_MEMORY_LABEL if gpu else "peak host MB", "samples/s", "saved MB", "lr", "seeds", "vs best", "status"]
+    head = [
+        "method",
+        "accuracy (seeds: mean ± std [95% CI]; one seed: [95% Wilson CI])",
+        "macro-F1",
+        "train s",
+        "trainable",
+        GPU_MEMORY_LABEL if gpu else "peak host MB",
+        "samples/s",
+        "saved MB",
+        "lr",
+        "seeds",
+        "vs best",
+        "status",
+    ]
     if gpu:
         head.insert(6, "fits on (card)")
     return head
@@ -142,16 +178,22 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def print_summary(study_dir: Path) -> None:
     study = load_study(study_dir)
     print(f"\n{study['name']}: {len(study['finals'])} final runs ({'GPU' if study['gpu'] else 'CPU'})")
-    print(markdown_table(table_header(study["gpu"])[:7] + ["status"],
-                         [r[:7] + [r[-1]] for r in table_rows(study)]))
+    print(
+        markdown_table(
+            table_header(study["gpu"])[:7] + ["status"], [r[:7] + [r[-1]] for r in table_rows(study)]
+        )
+    )
     if study["missing"]:
-        print(f"{len(study['missing'])} planned runs have no result: {', '.join(study['missing'][:5])}"
-              f"{' ...' if len(study['missing']) > 5 else ''}; rerun the study to finish them")
+        print(
+            f"{len(study['missing'])} planned runs have no result: {', '.join(study['missing'][:5])}"
+            f"{' ...' if len(study['missing']) > 5 else ''}; rerun the study to finish them"
+        )
 
 
 # ----------------------------------------------------------------------------------------- recommendations
 def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
-    """Names of points (name, cost, accuracy) not dominated by a cheaper-or-equal, more-or-equal accurate one."""
+    """Names of points (name, cost, accuracy) not dominated by a cheaper-or-equal, more-or-equal accurate
+    one."""
     front = []
     for name, cost, acc in points:
         dominated = any((c2 <= cost and a2 >= acc) and (c2 < cost or a2 > acc) for _, c2, a2 in points)
@@ -164,69 +206,118 @@ def _ok_rows(study: dict) -> list[dict]:
     return [r for r in study["rows"] if r["test_accuracy"]["mean"] is not None]
 
 
-TIME_NOISE = 1.2      # training times closer than 20% are not ranked
-MEMORY_NOISE = 1.1    # memory budgets closer than 10% are not told apart
+TIME_NOISE = 1.2  # training times closer than 20% are not ranked
+MEMORY_NOISE = 1.1  # memory budgets closer than 10% are not told apart
+
+
+def _acc(r: dict) -> float:
+    return r["test_accuracy"]["mean"]
 
 
 def recommendations(study: dict, tolerance: float = 0.01) -> list[dict]:
-    """Advice computed from the measurements: each item has a title, the method and a one-sentence reason."""
+    """Advice computed from the measurements: each item has a title, the method and a one-sentence reason.
+    Time is ranked only beyond the noise (TIME_NOISE); memory only on a GPU, between budgets MEMORY_NOISE
+    apart; a CPU study's host memory is not ranked at all."""
     rows = _ok_rows(study)
     if not rows:
         return []
-    gpu = study["gpu"]
-    mem_name = "peak GPU memory" if gpu else "peak host memory"
-    acc = lambda r: r["test_accuracy"]["mean"]  # noqa: E731
-    best = max(rows, key=acc)
-    recs = [{"title": "Best accuracy", "method": best["label"],
-             "reason": f"{best['label']} reached the highest test accuracy, {acc(best):.4f}"
-                       + (f" (95% CI {best['test_accuracy']['ci_low']:.3f}-{best['test_accuracy']['ci_high']:.3f})"
-                          if best["test_accuracy"]["ci_low"] is not None else "") + "."}]
-    near = [r for r in rows if acc(r) >= acc(best) - tolerance or r.get("tied_with_best")]
+    best = max(rows, key=_acc)
+    ci = best["test_accuracy"]
+    interval = f" (95% CI {ci['ci_low']:.3f}-{ci['ci_high']:.3f})" if ci["ci_low"] is not None else ""
+    recs = [
+        {
+            "title": "Best accuracy",
+            "method": best["label"],
+            "reason": f"{best['label']} reached the highest test accuracy, {_acc(best):.4f}{interval}.",
+        }
+    ]
+    near = [r for r in rows if _acc(r) >= _acc(best) - tolerance or r.get("tied_with_best")]
+    recs.append(_fastest(best, near, tolerance, study.get("loaded")))
+    recs.append(_fewest(best, near, tolerance))
+    return recs + _memory_recs(rows, study["gpu"])
+
+
+def _fastest(best: dict, near: list[dict], tolerance: float, loaded) -> dict:
+    pts = f"{tolerance * 100:.0f} point"
     others = f"{len(near) - 1} other method(s)" if len(near) > 1 else "no other method"
     fastest = min(near, key=lambda r: r["train_seconds"]["mean"])
+    t_best, t_fast = best["train_seconds"]["mean"], fastest["train_seconds"]["mean"]
     if fastest is best:
-        why = (f"{best['label']} is also the fastest to train ({best['train_seconds']['mean']:.1f} s) of the "
-               f"methods within {tolerance * 100:.0f} point of it ({others}).")
+        why = (
+            f"{best['label']} is also the fastest to train ({t_best:.1f} s) of the methods within {pts} of "
+            f"it "
+            f"({others})."
+        )
+    elif t_best < TIME_NOISE * t_fast:
+        why = (
+            f"the methods within {pts} of the best trained within {TIME_NOISE - 1:.0%} of each other's time "
+            f"({t_fast:.1f}-{t_best:.1f} s): not a difference this measurement can rank."
+        )
     else:
-        why = (f"{fastest['label']} trained in {fastest['train_seconds']['mean']:.1f} s "
-               f"({best['train_seconds']['mean'] / fastest['train_seconds']['mean']:.1f}x faster than "
-               f"{best['label']}) at accuracy {acc(fastest):.4f} vs {acc(best):.4f}.")
-    if fastest is not best and best["train_seconds"]["mean"] < TIME_NOISE * fastest["train_seconds"]["mean"]:
-        why = (f"the methods within {tolerance * 100:.0f} point of the best trained within {TIME_NOISE - 1:.0%} of "
-               f"each other's time ({fastest['train_seconds']['mean']:.1f}-{best['train_seconds']['mean']:.1f} s): "
-               "not a difference this measurement can rank.")
-    if study.get("loaded"):
+        why = (
+            f"{fastest['label']} trained in {t_fast:.1f} s ({t_best / t_fast:.1f}x faster than "
+            f"{best['label']}) "
+            f"at accuracy {_acc(fastest):.4f} vs {_acc(best):.4f}."
+        )
+    if loaded:
         why += " Timings were taken on a loaded machine: see the note above."
-    recs.append({"title": f"Fastest within {tolerance * 100:.0f} point of the best (or statistically tied)",
-                 "method": fastest["label"], "reason": why})
+    return {
+        "title": f"Fastest within {pts} of the best (or statistically tied)",
+        "method": fastest["label"],
+        "reason": why,
+    }
+
+
+def _fewest(best: dict, near: list[dict], tolerance: float) -> dict:
+    pts = f"{tolerance * 100:.0f} point"
+    others = f"{len(near) - 1} other method(s)" if len(near) > 1 else "no other method"
     fewest = min(near, key=lambda r: r["trainable_params"]["mean"])
+    n_few, n_best = fewest["trainable_params"]["mean"], best["trainable_params"]["mean"]
     if fewest is best:
-        why = (f"{best['label']} also trains the fewest parameters "
-               f"({_fmt_params(best['trainable_params']['mean'])}) of the methods within "
-               f"{tolerance * 100:.0f} point of it ({others}).")
+        why = (
+            f"{best['label']} also trains the fewest parameters ({_fmt_params(n_best)}) of the methods "
+            f"within "
+            f"{pts} of it ({others})."
+        )
     else:
-        why = (f"{fewest['label']} trains {_fmt_params(fewest['trainable_params']['mean'])} parameters "
-               f"({fewest['trainable_params']['mean'] / best['trainable_params']['mean'] * 100:.2f}% of "
-               f"{best['label']}'s) at accuracy {acc(fewest):.4f}.")
-    recs.append({"title": f"Fewest trainable parameters within {tolerance * 100:.0f} point of the best",
-                 "method": fewest["label"], "reason": why})
+        why = (
+            f"{fewest['label']} trains {_fmt_params(n_few)} parameters ({n_few / n_best * 100:.2f}% of "
+            f"{best['label']}'s) at accuracy {_acc(fewest):.4f}."
+        )
+    return {
+        "title": f"Fewest trainable parameters within {pts} of the best",
+        "method": fewest["label"],
+        "reason": why,
+    }
+
+
+def _memory_recs(rows: list[dict], gpu: bool) -> list[dict]:
+    """The most accurate method within each method's peak (GPU studies), for budgets 10% apart or more."""
     if not gpu:
-        recs.append({"title": "Memory", "method": "-", "reason": "not ranked: a CPU study measures the whole "
-                     "process's host memory, which differs between these methods by less than it varies; run the "
-                     "study on a GPU for memory figures that separate them."})
-        return recs
+        return [
+            {
+                "title": "Memory",
+                "method": "-",
+                "reason": "not ranked: a CPU study measures the whole "
+                "process's host memory, which differs between these methods by less than it varies; run the "
+                "study on a GPU for memory figures that separate them.",
+            }
+        ]
     with_mem = sorted([r for r in rows if memory_of(r, gpu) is not None], key=lambda r: memory_of(r, gpu))
-    last, last_budget = None, 0.0
+    recs, last, last_budget = [], None, 0.0
     for budget_row in with_mem:
         budget = memory_of(budget_row, gpu)
-        fits = [r for r in with_mem if memory_of(r, gpu) <= budget]
-        win = max(fits, key=acc)
-        if win is not last and budget >= MEMORY_NOISE * last_budget:  # budgets 10% apart or more
-            last_budget = budget
-            recs.append({"title": f"Best within {budget:,.0f} MB of {mem_name}", "method": win["label"],
-                         "reason": f"{win['label']} is the most accurate method that peaked at or below "
-                                   f"{budget:,.0f} MB ({memory_of(win, gpu):,.0f} MB, accuracy {acc(win):.4f})."})
-            last = win
+        win = max([r for r in with_mem if memory_of(r, gpu) <= budget], key=_acc)
+        if win is not last and budget >= MEMORY_NOISE * last_budget:
+            recs.append(
+                {
+                    "title": f"Best within {budget:,.0f} MB of peak GPU memory",
+                    "method": win["label"],
+                    "reason": f"{win['label']} is the most accurate method that peaked at or below "
+                    f"{budget:,.0f} MB ({memory_of(win, gpu):,.0f} MB, accuracy {_acc(win):.4f}).",
+                }
+            )
+            last, last_budget = win, budget
     return recs
 
 
@@ -236,7 +327,17 @@ def parse_memory(text: str | None) -> float | None:
     m = re.fullmatch(r"\s*([0-9.]+)\s*(tb|gb|g|gib|mb|m|mib|kb)?\s*", text.lower())
     if not m:
         raise UserError(f"--max-memory: give a size like 8GB or 500MB, got {text!r}")
-    unit = {"tb": 2**20, "gb": 1024, "g": 1024, "gib": 1024, "mb": 1, "m": 1, "mib": 1, "kb": 1 / 1024, None: 1}
+    unit = {
+        "tb": 2**20,
+        "gb": 1024,
+        "g": 1024,
+        "gib": 1024,
+        "mb": 1,
+        "m": 1,
+        "mib": 1,
+        "kb": 1 / 1024,
+        None: 1,
+    }
     return float(m.group(1)) * unit[m.group(2)]
 
 
@@ -246,16 +347,22 @@ def parse_duration(text: str | None) -> float | None:
     m = re.fullmatch(r"\s*([0-9.]+)\s*(s|sec|m|min|h|hr)?\s*", text.lower())
     if not m:
         raise UserError(f"--max-train-time: give a duration like 90s, 10m or 1h, got {text!r}")
-    return float(m.group(1)) * {"s": 1, "sec": 1, None: 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}[m.group(2)]
+    return (
+        float(m.group(1)) * {"s": 1, "sec": 1, None: 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}[m.group(2)]
+    )
 
 
-def recommend(study: dict, max_memory_mb: float | None, max_seconds: float | None,
-              min_accuracy: float | None) -> dict:
+def recommend(
+    study: dict, max_memory_mb: float | None, max_seconds: float | None, min_accuracy: float | None
+) -> dict:
     """Rank the methods meeting the constraints; if none does, name the binding constraint."""
     gpu = study["gpu"]
     rows = _ok_rows(study)
     checks = {
-        "--max-memory": (max_memory_mb, lambda r: memory_of(r, gpu) is not None and memory_of(r, gpu) <= max_memory_mb),
+        "--max-memory": (
+            max_memory_mb,
+            lambda r: memory_of(r, gpu) is not None and memory_of(r, gpu) <= max_memory_mb,
+        ),
         "--max-train-time": (max_seconds, lambda r: r["train_seconds"]["mean"] <= max_seconds),
         "--min-accuracy": (min_accuracy, lambda r: r["test_accuracy"]["mean"] >= min_accuracy),
     }
@@ -264,26 +371,37 @@ def recommend(study: dict, max_memory_mb: float | None, max_seconds: float | Non
     ranked = sorted(ok, key=lambda r: -r["test_accuracy"]["mean"])
     out = {"ranked": [], "binding": []}
     for r in ranked:
-        out["ranked"].append({"method": r["label"], "reason": (
-            f"accuracy {r['test_accuracy']['mean']:.4f}, {r['train_seconds']['mean']:.1f} s training, "
-            f"{_fmt_num(memory_of(r, gpu), 0)} MB peak {'GPU' if gpu else 'host'} memory, "
-            f"{_fmt_params(r['trainable_params']['mean'])} trainable")})
+        out["ranked"].append(
+            {
+                "method": r["label"],
+                "reason": (
+                    f"accuracy {r['test_accuracy']['mean']:.4f}, {r['train_seconds']['mean']:.1f} s "
+                    f"training, "
+                    f"{_fmt_num(memory_of(r, gpu), 0)} MB peak {'GPU' if gpu else 'host'} memory, "
+                    f"{_fmt_params(r['trainable_params']['mean'])} trainable"
+                ),
+            }
+        )
     if not ranked:
         for name in active:
             others = [f for k, f in active.items() if k != name]
             freed = [r for r in rows if all(f(r) for f in others)]
             if freed:
                 best = max(freed, key=lambda r: r["test_accuracy"]["mean"])
-                out["binding"].append(f"{name} is binding: without it, {best['label']} qualifies "
-                                      f"(accuracy {best['test_accuracy']['mean']:.4f}, "
-                                      f"{best['train_seconds']['mean']:.1f} s, "
-                                      f"{_fmt_num(memory_of(best, gpu), 0)} MB)")
+                out["binding"].append(
+                    f"{name} is binding: without it, {best['label']} qualifies "
+                    f"(accuracy {best['test_accuracy']['mean']:.4f}, "
+                    f"{best['train_seconds']['mean']:.1f} s, "
+                    f"{_fmt_num(memory_of(best, gpu), 0)} MB)"
+                )
         if not out["binding"]:
             out["binding"].append("no single constraint is binding: relax several of them")
     return out
 
 
-def recommend_cli(study_dir: Path, max_memory: str | None, max_time: str | None, min_acc: float | None) -> int:
+def recommend_cli(
+    study_dir: Path, max_memory: str | None, max_time: str | None, min_acc: float | None
+) -> int:
     if min_acc is not None and not 0 <= min_acc <= 1:
         raise UserError(f"--min-accuracy: give a fraction in [0, 1] (0.9 for 90%), got {min_acc}")
     study = load_study(study_dir)
@@ -300,20 +418,44 @@ def recommend_cli(study_dir: Path, max_memory: str | None, max_time: str | None,
 
 def compare_cli(dirs: list[Path], out: Path | None) -> int:
     parts = []
-    header = ["study", "data", "device", "method", "accuracy", "train s", "trainable", GPU_MEMORY_LABEL,
-              "peak host MB (CPU study)", "lr", "status"]
+    header = [
+        "study",
+        "data",
+        "device",
+        "method",
+        "accuracy",
+        "train s",
+        "trainable",
+        GPU_MEMORY_LABEL,
+        "peak host MB (CPU study)",
+        "lr",
+        "status",
+    ]
     rows = []
     for d in dirs:
         s = load_study(d)
         plan = s["plan"] or {}
-        data = ((plan.get("study") or {}).get("data") or {})
+        data = (plan.get("study") or {}).get("data") or {}
         data_name = str(data.get("path") or data.get("name") or "?")
         device = str(plan.get("device") or "?")
         for r, cells in zip(s["rows"], table_rows(s)):
             mem = _fmt_num(memory_of(r, s["gpu"]), 0)  # GPU and host memory never share a column
             gpu_mb, host_mb = (mem, "-") if s["gpu"] else ("-", mem)
-            rows.append([f"{s['name']} ({d})", data_name, device, cells[0], cells[1], cells[3], cells[4], gpu_mb,
-                         host_mb, cells[-4], cells[-1]])
+            rows.append(
+                [
+                    f"{s['name']} ({d})",
+                    data_name,
+                    device,
+                    cells[0],
+                    cells[1],
+                    cells[3],
+                    cells[4],
+                    gpu_mb,
+                    host_mb,
+                    cells[-4],
+                    cells[-1],
+                ]
+            )
     parts.append(markdown_table(header, rows))
     text = "\n".join(parts)
     print(text)
@@ -321,8 +463,10 @@ def compare_cli(dirs: list[Path], out: Path | None) -> int:
         try:
             out.write_text(text + "\n")
         except OSError as e:
-            raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); give a path in an existing, "
-                            "writable folder") from None
+            raise UserError(
+                f"--out {out}: cannot write there ({e.strerror or e}); give a path in an existing, "
+                "writable folder"
+            ) from None
     return 0
 
 
@@ -334,28 +478,39 @@ def _plain(text: str) -> str:
 
 def _plots(study: dict, out_dir: Path) -> dict[str, Path]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
     rows = _ok_rows(study)
     gpu = study["gpu"]
     files: dict[str, Path] = {}
     mem_label = "peak GPU memory, device figure (MB)" if gpu else "peak host memory (MB, CPU study)"
-    specs = [("accuracy_vs_memory", lambda r: memory_of(r, gpu), mem_label, False),
-             ("accuracy_vs_time", lambda r: r["train_seconds"]["mean"], "training time (s)", False),
-             ("accuracy_vs_params", lambda r: r["trainable_params"]["mean"], "trainable parameters", True)]
+    specs = [
+        ("accuracy_vs_memory", lambda r: memory_of(r, gpu), mem_label, False),
+        ("accuracy_vs_time", lambda r: r["train_seconds"]["mean"], "training time (s)", False),
+        ("accuracy_vs_params", lambda r: r["trainable_params"]["mean"], "trainable parameters", True),
+    ]
     for name, xf, xlabel, logx in specs:
-        pts = [(r["label"], xf(r), r["test_accuracy"]["mean"], r["test_accuracy"]) for r in rows if xf(r) is not None]
+        pts = [
+            (r["label"], xf(r), r["test_accuracy"]["mean"], r["test_accuracy"])
+            for r in rows
+            if xf(r) is not None
+        ]
         if not pts:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         front = set(pareto_front([(n, x, y) for n, x, y, _ in pts]))
         for i, (n, x, y, a) in enumerate(sorted(pts, key=lambda p: (p[2], p[1]))):
             err = None if a["ci_low"] is None else [[y - a["ci_low"]], [a["ci_high"] - y]]
-            ax.errorbar([x], [y], yerr=err, fmt="o", ms=8, capsize=3,
-                        color="tab:red" if n in front else "tab:blue")
+            ax.errorbar(
+                [x], [y], yerr=err, fmt="o", ms=8, capsize=3, color="tab:red" if n in front else "tab:blue"
+            )
             # Neighbours in accuracy get labels at staggered heights, so that crowded points stay readable.
-            ax.annotate(_plain(n), (x, y), textcoords="offset points", xytext=(6, 4 + 9 * (i % 3) - 9), fontsize=8)
+            ax.annotate(
+                _plain(n), (x, y), textcoords="offset points", xytext=(6, 4 + 9 * (i % 3) - 9), fontsize=8
+            )
         fp = sorted([(x, y) for n, x, y, _ in pts if n in front])
         if len(fp) > 1:
             ax.step([p[0] for p in fp], [p[1] for p in fp], where="post", color="tab:red", alpha=0.5)
@@ -382,10 +537,23 @@ def _plots(study: dict, out_dir: Path) -> dict[str, Path]:
             lab = _plain(r["label"]) if r["label"] not in seen else None
             seen.add(r["label"])
             color = f"C{sorted({c['label'] for c in curves}).index(r['label']) % 10}"
-            a1.plot([x["epoch"] for x in h], [x["validation_accuracy"] for x in h], "o-", color=color, label=lab,
-                    alpha=0.8)
+            a1.plot(
+                [x["epoch"] for x in h],
+                [x["validation_accuracy"] for x in h],
+                "o-",
+                color=color,
+                label=lab,
+                alpha=0.8,
+            )
             if any(x.get("train_loss") is not None for x in h):
-                a2.plot([x["epoch"] for x in h], [x["train_loss"] for x in h], "o-", color=color, label=lab, alpha=0.8)
+                a2.plot(
+                    [x["epoch"] for x in h],
+                    [x["train_loss"] for x in h],
+                    "o-",
+                    color=color,
+                    label=lab,
+                    alpha=0.8,
+                )
         a1.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy per epoch")
         a2.set(xlabel="epoch", ylabel="mean train loss", title="train loss per epoch")
         for a in (a1, a2):
@@ -401,10 +569,15 @@ def _plots(study: dict, out_dir: Path) -> dict[str, Path]:
 
 
 def _problems(study: dict) -> list[str]:
-    failed = [f"{r['run_id']}: {r['status']} - {r.get('error')}" for r in study["finals"] + study["trials"]
-              if r["status"] != "success"]
-    return failed + [f"{r}: planned, no result (interrupted, or its folder was removed): rerun the study"
-                     for r in study.get("missing", [])]
+    failed = [
+        f"{r['run_id']}: {r['status']} - {r.get('error')}"
+        for r in study["finals"] + study["trials"]
+        if r["status"] != "success"
+    ]
+    return failed + [
+        f"{r}: planned, no result (interrupted, or its folder was removed): rerun the study"
+        for r in study.get("missing", [])
+    ]
 
 
 def _trials_table(study: dict) -> tuple[list[str], list[list[str]]]:
@@ -413,8 +586,15 @@ def _trials_table(study: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for r in sorted(study["trials"], key=lambda r: (r["label"], r["learning_rate"] or 0)):
         acc = r["metrics"].get("validation_accuracy") if r["status"] == "success" else None
-        rows.append([r["label"], f"{r['learning_rate']:.2e}", _fmt_num(acc, 4),
-                     "yes" if chosen.get(r["label"]) == r["learning_rate"] else "", r["status"]])
+        rows.append(
+            [
+                r["label"],
+                f"{r['learning_rate']:.2e}",
+                _fmt_num(acc, 4),
+                "yes" if chosen.get(r["label"]) == r["learning_rate"] else "",
+                r["status"],
+            ]
+        )
     return header, rows
 
 
@@ -431,10 +611,16 @@ def budget_table(study: dict) -> tuple[list[str], list[list[str]], float | None]
     if not by_label:
         return [], [], None
     epochs = max(len(r["history"]) for rs in by_label.values() for r in rs)
-    best_val = {k: np.mean([max(h["validation_accuracy"] for h in r["history"]) for r in rs])
-                for k, rs in by_label.items()}
+    best_val = {
+        k: np.mean([max(h["validation_accuracy"] for h in r["history"]) for r in rs])
+        for k, rs in by_label.items()
+    }
     target = float(min(best_val.values()))
-    header = ["method"] + [f"val acc @ epoch {e}" for e in range(1, epochs + 1)] + [f"train s to val acc {target:.3f}"]
+    header = (
+        ["method"]
+        + [f"val acc @ epoch {e}" for e in range(1, epochs + 1)]
+        + [f"train s to val acc {target:.3f}"]
+    )
     rows = []
     for label, rs in by_label.items():
         cells = [label]
@@ -443,8 +629,12 @@ def budget_table(study: dict) -> tuple[list[str], list[list[str]], float | None]
             cells.append(_fmt_num(float(np.mean(vals)), 4) if vals else "-")
         times = [stats.time_to_accuracy(r["history"], target - 1e-9) for r in rs]
         reached = [t for t in times if t is not None]
-        cells.append(f"{np.mean(reached):.1f}" + ("" if len(reached) == len(times) else
-                                                 f" ({len(reached)}/{len(times)} seeds)") if reached else "never")
+        cells.append(
+            f"{np.mean(reached):.1f}"
+            + ("" if len(reached) == len(times) else f" ({len(reached)}/{len(times)} seeds)")
+            if reached
+            else "never"
+        )
         rows.append(cells)
     return header, rows, target
 
@@ -454,8 +644,10 @@ def write_report(study_dir: Path) -> dict[str, Path]:
     try:
         return _write_report(study_dir)
     except OSError as e:
-        raise UserError(f"cannot write the report into {Path(study_dir) / 'report'} ({e.strerror or e}); make the "
-                        "folder writable, or copy the study folder somewhere writable") from None
+        raise UserError(
+            f"cannot write the report into {Path(study_dir) / 'report'} ({e.strerror or e}); make the "
+            "folder writable, or copy the study folder somewhere writable"
+        ) from None
 
 
 def _intro(study: dict) -> str:
@@ -465,41 +657,60 @@ def _intro(study: dict) -> str:
     sizes = data.get("sizes") or {}
     where = (cfg.get("data") or {}).get("path") or (cfg.get("data") or {}).get("name") or "?"
     device = {"cpu": "the CPU"}.get(plan.get("device"), plan.get("device") or "?")
-    text = (f"Study **{study['name']}** on {device}: model `{cfg.get('model')}` on `{where}`, with "
-            f"{sizes.get('train', '?'):,} training, {sizes.get('validation', '?'):,} validation and "
-            f"{sizes.get('test', '?'):,} test texts ({data.get('origin', '')}); {len(study['finals'])} final runs and "
-            f"{len(study['trials'])} learning-rate trials. Accuracy and F1 are on the test split, scored once per "
-            "final run; learning rates and epochs were chosen on the validation split.")
+    text = (
+        f"Study **{study['name']}** on {device}: model `{cfg.get('model')}` on `{where}`, with "
+        f"{sizes.get('train', '?'):,} training, {sizes.get('validation', '?'):,} validation and "
+        f"{sizes.get('test', '?'):,} test texts ({data.get('origin', '')}); {len(study['finals'])} final "
+        f"runs and "
+        f"{len(study['trials'])} learning-rate trials. Accuracy and F1 are on the test split, scored once "
+        f"per "
+        "final run; learning rates and epochs were chosen on the validation split."
+    )
     cut = (data.get("truncated") or {}).get("train")
     if cut and sizes.get("train"):
-        text += (f" {cut:,} of the {sizes['train']:,} training texts ({cut / sizes['train']:.0%}) were cut at "
-                 f"{(cfg.get('train') or {}).get('max_length')} tokens.")
+        text += (
+            f" {cut:,} of the {sizes['train']:,} training texts ({cut / sizes['train']:.0%}) were cut at "
+            f"{(cfg.get('train') or {}).get('max_length')} tokens."
+        )
     overlap = data.get("overlap") or {}
     if overlap.get("test_texts_also_in_train"):
         text += f" {overlap['test_texts_also_in_train']} test texts are also training texts."
     if study.get("loaded"):
-        text += (f" **Timings were taken on a loaded machine**: when runs started, the 1-minute load average was "
-                 f"up to {study['loaded']:.1f} times the number of cores.")
+        text += (
+            f" **Timings were taken on a loaded machine**: when runs started, the 1-minute load average was "
+            f"up to {study['loaded']:.1f} times the number of cores."
+        )
     return text
 
 
 def per_class_tables(study: dict) -> dict[str, tuple]:
     """Per method (its first seed), precision, recall, F1 and support per class, and the confusion matrix."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     names = ((study.get("plan") or {}).get("data") or {}).get("label_names")
     labels = _test_labels(study["dir"], study["finals"], study["plan"])
     out = {}
     for r in sorted(study["finals"], key=lambda r: (r["label"], r["seed"])):
-        if r["label"] in out or r["status"] != "success" or r.get("test_predictions") is None or labels is None:
+        if (
+            r["label"] in out
+            or r["status"] != "success"
+            or r.get("test_predictions") is None
+            or labels is None
+        ):
             continue
         names = names or [str(i) for i in range(int(max(labels.max(), max(r["test_predictions"]))) + 1)]
         ids = list(range(len(names)))
-        p, rc, f, n = precision_recall_fscore_support(labels, r["test_predictions"], labels=ids, zero_division=0)
+        p, rc, f, n = precision_recall_fscore_support(
+            labels, r["test_predictions"], labels=ids, zero_division=0
+        )
         rows = [[names[i], f"{p[i]:.3f}", f"{rc[i]:.3f}", f"{f[i]:.3f}", str(n[i])] for i in ids]
         cm = confusion_matrix(labels, r["test_predictions"], labels=ids)
-        out[f"{r['label']} (seed {r['seed']})"] = (["class", "precision", "recall", "F1", "support"], rows,
-                                                   ["true \\ predicted"] + names,
-                                                   [[names[i]] + [str(v) for v in cm[i]] for i in ids])
+        out[f"{r['label']} (seed {r['seed']})"] = (
+            ["class", "precision", "recall", "F1", "support"],
+            rows,
+            ["true \\ predicted"] + names,
+            [[names[i]] + [str(v) for v in cm[i]] for i in ids],
+        )
     return out
 
 
@@ -510,63 +721,108 @@ def _write_report(study_dir: Path) -> dict[str, Path]:
     out.mkdir(exist_ok=True)
     plots = _plots(study, out)
     recs = recommendations(study)
-    header, rows = table_header(study["gpu"]), table_rows(study)
     problems = _problems(study)
     intro = _intro(study)
     if study.get("concurrent_runs", 1) > 1:
-        intro += (f" **Timings were measured under contention**: up to {study['concurrent_runs']} runs shared the "
-                  f"device, so times, throughput and memory headroom are comparable only roughly, within this "
-                  f"study; rerun without --parallel/--concurrent-finals for clean timings.")
+        intro += (
+            f" **Timings were measured under contention**: up to {study['concurrent_runs']} runs shared the "
+            f"device, so times, throughput and memory headroom are comparable only roughly, within this "
+            f"study; rerun without --parallel/--concurrent-finals for clean timings."
+        )
+    sections = _sections(study, recs, problems)
+    (out / "report.md").write_text(_markdown(study["name"], intro, sections, plots))
+    (out / "report.html").write_text(_html(study["name"], intro, sections, plots))
+    summary = {
+        "study": study["name"],
+        "rows": stats.public(study["rows"]),
+        "recommendations": recs,
+        "problems": problems,
+    }
+    store.atomic_write_json(Path(study_dir) / "summary.json", summary)
+    return {"html": out / "report.html", "markdown": out / "report.md", **plots}
 
-    md = [f"# peftbench report: {study['name']}", "", intro, "", "## Summary", "", markdown_table(header, rows), ""]
-    md += ["## Recommendations", ""] + [f"- **{r['title']}**: {r['reason']}" for r in recs] + [""]
+
+def _sections(study: dict, recs: list[dict], problems: list[str]) -> list[tuple[str, list]]:
+    """The report after its intro, as (title, parts); a part is ("table", header, rows), ("list", [(bold,
+    text)]) or ("text", line). Markdown and HTML render the same sections."""
+    out = [
+        ("Summary", [("table", table_header(study["gpu"]), table_rows(study))]),
+        ("Recommendations", [("list", [(r["title"], r["reason"]) for r in recs])]),
+    ]
     bh, br, _ = budget_table(study)
     if br:
-        md += ["## Budget view (validation, mean over seeds)", "", markdown_table(bh, br), ""]
+        out.append(("Budget view (validation, mean over seeds)", [("table", bh, br)]))
     if study["trials"]:
-        th, tr = _trials_table(study)
-        md += ["## Learning-rate search (validation)", "", markdown_table(th, tr), ""]
-    per_class = per_class_tables(study)
-    for label, (ph, pr, ch, cr) in per_class.items():
-        md += [f"## Per class: {label}", "", markdown_table(ph, pr), "", "Confusion (rows: true, columns: predicted)",
-               "", markdown_table(ch, cr), ""]
+        out.append(("Learning-rate search (validation)", [("table", *_trials_table(study))]))
+    for label, (ph, pr, ch, cr) in per_class_tables(study).items():
+        out.append(
+            (
+                f"Per class: {label}",
+                [
+                    ("table", ph, pr),
+                    ("text", "Confusion (rows: true, columns: predicted)"),
+                    ("table", ch, cr),
+                ],
+            )
+        )
     if problems:
-        md += ["## Runs that did not succeed", ""] + [f"- {p}" for p in problems] + [""]
-    md += ["## Plots", ""] + [f"![{k}]({p.name})" for k, p in plots.items()] + [""]
-    (out / "report.md").write_text("\n".join(md))
+        out.append(("Runs that did not succeed", [("list", [(None, p) for p in problems])]))
+    return out
 
+
+def _markdown(name: str, intro: str, sections: list, plots: dict[str, Path]) -> str:
+    md = [f"# peftbench report: {name}", "", intro, ""]
+    for title, parts in sections:
+        md += [f"## {title}", ""]
+        for kind, *rest in parts:
+            if kind == "table":
+                md += [markdown_table(*rest), ""]
+            elif kind == "list":
+                md += [f"- **{a}**: {b}" if a else f"- {b}" for a, b in rest[0]] + [""]
+            else:
+                md += [rest[0], ""]
+    md += ["## Plots", ""] + [f"![{k}]({p.name})" for k, p in plots.items()] + [""]
+    return "\n".join(md)
+
+
+def _html(name: str, intro: str, sections: list, plots: dict[str, Path]) -> str:
     e = html.escape
-    def table_html(h, rs):
-        return ("<table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in h) + "</tr></thead><tbody>"
-                + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rs) + "</tbody></table>")
-    imgs = "".join(
+    body = [f"<h1>peftbench report: {e(name)}</h1>", f"<p>{e(intro.replace('**', '').replace('`', ''))}</p>"]
+    for title, parts in sections:
+        body.append(f"<h2>{e(title)}</h2>")
+        for kind, *rest in parts:
+            if kind == "table":
+                head, rows = rest
+                body.append(
+                    "<table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in head) + "</tr></thead>"
+                    "<tbody>"
+                    + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+                    + "</tbody></table>"
+                )
+            elif kind == "list":
+                body.append(
+                    "<ul>"
+                    + "".join(
+                        f"<li><b>{e(a)}</b>: {e(b)}</li>" if a else f"<li>{e(b)}</li>" for a, b in rest[0]
+                    )
+                    + "</ul>"
+                )
+            else:
+                body.append(f"<p>{e(rest[0])}</p>")
+    body += ["<h2>Plots</h2>"] + [
         f'<figure><img alt="{e(k)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-        f"<figcaption>{e(k.replace('_', ' '))}</figcaption></figure>" for k, p in plots.items())
-    body = [f"<h1>peftbench report: {e(study['name'])}</h1>",
-            f"<p>{e(intro.replace('**', '').replace('`', ''))}</p>",
-            "<h2>Summary</h2>", table_html(header, rows),
-            "<h2>Recommendations</h2><ul>" + "".join(f"<li><b>{e(r['title'])}</b>: {e(r['reason'])}</li>"
-                                                       for r in recs) + "</ul>"]
-    if br:
-        body += ["<h2>Budget view (validation, mean over seeds)</h2>", table_html(bh, br)]
-    if study["trials"]:
-        body += ["<h2>Learning-rate search (validation)</h2>", table_html(*_trials_table(study))]
-    for label, (ph, pr, ch, cr) in per_class.items():
-        body += [f"<h2>Per class: {e(label)}</h2>", table_html(ph, pr),
-                 "<p>Confusion (rows: true, columns: predicted)</p>", table_html(ch, cr)]
-    if problems:
-        body += ["<h2>Runs that did not succeed</h2><ul>" + "".join(f"<li>{e(p)}</li>" for p in problems) + "</ul>"]
-    body += ["<h2>Plots</h2>", imgs]
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px}"
-             "th{background:#f3f3f3}figure{display:inline-block;margin:8px}img{max-width:520px}")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>peftbench: {e(study['name'])}</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
-    (out / "report.html").write_text(page)
-    summary = {"study": study["name"], "rows": stats.public(study["rows"]), "recommendations": recs,
-               "problems": problems}
-    store.atomic_write_json(Path(study_dir) / "summary.json", summary)
-    return {"html": out / "report.html", "markdown": out / "report.md", **{k: v for k, v in plots.items()}}
+        f"<figcaption>{e(k.replace('_', ' '))}</figcaption></figure>"
+        for k, p in plots.items()
+    ]
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px}"
+        "th{background:#f3f3f3}figure{display:inline-block;margin:8px}img{max-width:520px}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>peftbench: {e(name)}</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

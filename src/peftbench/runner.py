@@ -1,4 +1,5 @@
-"""A study, start to end: validate -> load and split data -> tokenize once -> plan runs -> execute -> summarise.
+"""A study, start to end: validate -> load and split data -> tokenize once -> plan runs -> execute ->
+summarise.
 
 Runs are planned as data (one `spec.json` each) and executed by `worker.execute_run`, by default in a
 fresh process per run: a crash, CUDA error or out-of-memory in one run is recorded and the study goes
@@ -33,7 +34,7 @@ RESULTS_VERSION = 2
 def lr_grid(center: float, points: int, decades: float) -> list[float]:
     """`points` log-spaced learning rates spanning `decades` decades centred on `center`."""
     exps = np.linspace(-decades / 2, decades / 2, points)
-    return [float(f"{center * 10 ** e:.3g}") for e in exps]
+    return [float(f"{center * 10**e:.3g}") for e in exps]
 
 
 def run_id(label: str, role: str, lr: float | None, seed: int) -> str:
@@ -74,8 +75,10 @@ class Study:
         self.max_positions = models.max_positions(mconf)
         max_len = cfg["train"]["max_length"]
         if self.max_positions and max_len > self.max_positions:
-            raise UserError(f"train.max_length {max_len} exceeds what model '{cfg['model']}' accepts "
-                            f"({self.max_positions} positions); lower it")
+            raise UserError(
+                f"train.max_length {max_len} exceeds what model '{cfg['model']}' accepts "
+                f"({self.max_positions} positions); lower it"
+            )
         for m in cfg["methods"]:
             meth = registry.get(m["name"])
             if meth.kind == "peft" and meth.peft_config not in ("PromptTuningConfig", "PromptEncoderConfig"):
@@ -85,8 +88,16 @@ class Study:
         tokenizer = models.load_tokenizer(self.model_path, cfg["trust_remote_code"])
         self.pad_token_id = tokenizer.pad_token_id
         self.model_fingerprint = models.fingerprint(self.model_path)
-        key = config_hash([self.model_path, self.model_fingerprint, max_len, self.data.fingerprint,
-                           type(tokenizer).__name__, len(tokenizer)])
+        key = config_hash(
+            [
+                self.model_path,
+                self.model_fingerprint,
+                max_len,
+                self.data.fingerprint,
+                type(tokenizer).__name__,
+                len(tokenizer),
+            ]
+        )
         self.tok_file = self.out / ".cache" / f"tokens-{key}.npz"
         tok = self._cached_tokens()
         if tok is None:
@@ -97,6 +108,7 @@ class Study:
     def _cached_tokens(self):
         """The token cache if it is there and readable; a damaged one is moved aside (and rebuilt)."""
         from .data import Tokenized
+
         if not self.tok_file.exists():
             return None
         try:
@@ -104,30 +116,43 @@ class Study:
         except Exception as e:  # a truncated or corrupt .npz: zipfile, numpy and key errors alike
             aside = self.tok_file.with_name(f"{self.tok_file.name}.corrupt-{int(time.time())}")
             os.replace(self.tok_file, aside)
-            print(f"peftbench: warning: the token cache {self.tok_file.name} was damaged ({type(e).__name__}); "
-                  f"moved to {aside.name}, rebuilding it", file=sys.stderr)
+            print(
+                f"peftbench: warning: the token cache {self.tok_file.name} was damaged ({type(e).__name__}); "
+                f"moved to {aside.name}, rebuilding it",
+                file=sys.stderr,
+            )
             return None
 
     def truncated_counts(self) -> dict | None:
-        """Per split, how many texts reached max_length and were cut (long texts are truncated, not errors)."""
+        """Per split, how many texts reached max_length and were cut (long texts are truncated, not
+        errors)."""
         if self.tok_file is None:
             return None
         from .data import Tokenized
+
         return Tokenized.load(self.tok_file).truncated
 
     def _test_rows_file(self) -> Path:
-        """The test split's source rows, text hashes and labels: what each run's predictions.parquet is keyed by."""
+        """The test split's source rows, text hashes and labels: what each run's predictions.parquet is
+        keyed by."""
         path = self.out / ".cache" / f"test-rows-{self.data.fingerprint}.parquet"
         if not path.exists():
             import hashlib
 
             import pandas as pd
+
             path.parent.mkdir(parents=True, exist_ok=True)
             names = self.data.label_names
-            df = pd.DataFrame({"row": self.data.rows["test"],
-                               "text_sha1": [hashlib.sha1(t.encode("utf-8", "surrogatepass")).hexdigest()
-                                             for t in self.data.texts["test"]],
-                               "label": [names[i] for i in self.data.labels["test"]]})
+            df = pd.DataFrame(
+                {
+                    "row": self.data.rows["test"],
+                    "text_sha1": [
+                        hashlib.sha1(t.encode("utf-8", "surrogatepass")).hexdigest()
+                        for t in self.data.texts["test"]
+                    ],
+                    "label": [names[i] for i in self.data.labels["test"]],
+                }
+            )
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             df.to_parquet(tmp, index=False)
             os.replace(tmp, path)
@@ -136,8 +161,10 @@ class Study:
     def _texts_file(self) -> Path:
         path = self.out / ".cache" / f"texts-{self.data.fingerprint}.json"
         if not path.exists():
-            store.atomic_write_json(path, {"texts": self.data.texts,
-                                           "labels": {k: v.tolist() for k, v in self.data.labels.items()}})
+            store.atomic_write_json(
+                path,
+                {"texts": self.data.texts, "labels": {k: v.tolist() for k, v in self.data.labels.items()}},
+            )
         return path
 
     # ---------------------------------------------------------------- planning
@@ -147,48 +174,79 @@ class Study:
         opts, overrides = registry.split_options(method, entry["options"])
         train = {**cfg["train"], **overrides}
         train["learning_rate"] = lr
-        virtual = opts.get("num_virtual_tokens", 0) if method.peft_config in (
-            "PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig") else 0
+        virtual = (
+            opts.get("num_virtual_tokens", 0)
+            if method.peft_config in ("PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig")
+            else 0
+        )
         eff = None
         if virtual and self.max_positions and train["max_length"] + virtual > self.max_positions:
             eff = self.max_positions - virtual  # soft prompts and prefixes take positions too
         spec = {
-            "study": cfg["name"], "model": cfg["model"], "model_path": self.model_path,
-            "method": method.name, "label": entry["label"], "method_options": opts, "train": train,
-            "seed": seed, "learning_rate": lr, "role": role, "evaluate_test": role == "final",
-            "data": {k: v for k, v in cfg["data"].items()}, "data_fingerprint": self.data.fingerprint,
-            "data_sizes": self.data.sizes(), "data_origin": self.data.source.get("origin"),
-            "label_names": self.data.label_names, "device_type": self.device.split(":")[0],
+            "study": cfg["name"],
+            "model": cfg["model"],
+            "model_path": self.model_path,
+            "method": method.name,
+            "label": entry["label"],
+            "method_options": opts,
+            "train": train,
+            "seed": seed,
+            "learning_rate": lr,
+            "role": role,
+            "evaluate_test": role == "final",
+            "data": {k: v for k, v in cfg["data"].items()},
+            "data_fingerprint": self.data.fingerprint,
+            "data_sizes": self.data.sizes(),
+            "data_origin": self.data.source.get("origin"),
+            "label_names": self.data.label_names,
+            "device_type": self.device.split(":")[0],
             "model_fingerprint": self.model_fingerprint,
-            "pad_token_id": self.pad_token_id, "effective_max_length": eff,
-            "trust_remote_code": cfg["trust_remote_code"], "allow_pickle": cfg["allow_pickle"],
-            "world_size": cfg["gpus_per_run"], "gpu_memory_bytes": self.gpu_memory_bytes(),
+            "pad_token_id": self.pad_token_id,
+            "effective_max_length": eff,
+            "trust_remote_code": cfg["trust_remote_code"],
+            "allow_pickle": cfg["allow_pickle"],
+            "world_size": cfg["gpus_per_run"],
+            "gpu_memory_bytes": self.gpu_memory_bytes(),
             "results_version": RESULTS_VERSION,
         }
         spec["config_hash"] = config_hash(spec)
         # Not part of the hash: where things are and how the run is executed.
-        spec.update(run_id=run_id(entry["label"], role, lr, seed), device=self.device,
-                    tokens_file=str(self.tok_file) if self.tok_file else None,
-                    texts_file=str(self._texts_file()) if method.kind == "tfidf" else None,
-                    test_rows_file=str(self._test_rows_file()),
-                    max_oom_retries=cfg["max_oom_retries"], checkpoint=True, verify_reload=True,
-                    isolation=cfg["isolation"], executor=cfg["executor"],
-                    tracking=cfg["tracking"], tracking_every=cfg["tracking_every"], profile=cfg["profile"],
-                    concurrent_runs=1 if role == "final" and cfg["exclusive_finals"] else cfg["parallel"])
+        spec.update(
+            run_id=run_id(entry["label"], role, lr, seed),
+            device=self.device,
+            tokens_file=str(self.tok_file) if self.tok_file else None,
+            texts_file=str(self._texts_file()) if method.kind == "tfidf" else None,
+            test_rows_file=str(self._test_rows_file()),
+            max_oom_retries=cfg["max_oom_retries"],
+            checkpoint=True,
+            verify_reload=True,
+            isolation=cfg["isolation"],
+            executor=cfg["executor"],
+            tracking=cfg["tracking"],
+            tracking_every=cfg["tracking_every"],
+            profile=cfg["profile"],
+            concurrent_runs=1 if role == "final" and cfg["exclusive_finals"] else cfg["parallel"],
+        )
         return spec
 
     def gpu_memory_bytes(self) -> int | None:
-        """The study's GPU memory budget in bytes; None without one (and on the CPU, where it means nothing)."""
+        """The study's GPU memory budget in bytes; None without one (and on the CPU, where it means
+        nothing)."""
         if self.cfg["gpu_memory"] is None or not self.device.startswith("cuda"):
             return None
         from .memory import parse_size
+
         return parse_size(self.cfg["gpu_memory"], "gpu_memory")
 
     def default_lr(self, entry: dict) -> float | None:
         method = registry.get(entry["name"])
         if method.learning_rate is None:
             return None
-        return entry["options"].get("learning_rate") or self.cfg["train"]["learning_rate"] or method.learning_rate
+        return (
+            entry["options"].get("learning_rate")
+            or self.cfg["train"]["learning_rate"]
+            or method.learning_rate
+        )
 
     def trial_specs(self) -> list[dict]:
         s = self.cfg["lr_search"]
@@ -202,14 +260,19 @@ class Study:
                 continue
             grid = lr_grid(lr0, s["points"], s["decades"])
             if len(set(grid)) < len(grid) or not all(0 < lr < float("inf") for lr in grid):
-                raise UserError(f"lr_search: {s['points']} points over {s['decades']} decades around {lr0:g} give "
-                                f"{grid}: repeated or degenerate rates; use fewer points or more decades")
+                raise UserError(
+                    f"lr_search: {s['points']} points over {s['decades']} decades around {lr0:g} give "
+                    f"{grid}: repeated or degenerate rates; use fewer points or more decades"
+                )
             specs += [self.run_spec(entry, lr, seed, "trial") for lr in grid]
         return specs
 
     def final_specs(self, chosen: dict[str, float | None]) -> list[dict]:
-        return [self.run_spec(e, chosen.get(e["label"], self.default_lr(e)), seed, "final")
-                for e in self.cfg["methods"] for seed in self.cfg["seeds"]]
+        return [
+            self.run_spec(e, chosen.get(e["label"], self.default_lr(e)), seed, "final")
+            for e in self.cfg["methods"]
+            for seed in self.cfg["seeds"]
+        ]
 
     # ---------------------------------------------------------------- execution
     def execute(self, specs: list[dict], desc: str) -> list[dict]:
@@ -223,11 +286,19 @@ class Study:
             else:
                 todo.append(spec)
         if done:
-            print(f"peftbench: {len(done)} of {len(specs)} {desc} runs already done, skipped", file=sys.stderr)
+            print(
+                f"peftbench: {len(done)} of {len(specs)} {desc} runs already done, skipped", file=sys.stderr
+            )
         from tqdm.auto import tqdm
+
         # A live bar on a terminal; elsewhere (CI logs, pipes) only the line each finished run prints.
-        bar = tqdm(total=len(todo), desc=desc, unit="run", dynamic_ncols=True,
-                   disable=not todo or not sys.stderr.isatty())
+        bar = tqdm(
+            total=len(todo),
+            desc=desc,
+            unit="run",
+            dynamic_ncols=True,
+            disable=not todo or not sys.stderr.isatty(),
+        )
         parallel = self.concurrency(specs)
 
         def finished(res):
@@ -260,6 +331,7 @@ class Study:
         rdir = self._prepare_run_dir(spec)
         if self.cfg["isolation"] == "inline":
             from .worker import execute_run
+
             return execute_run(rdir, progress=progress)
         launched = time.time()
         return collect(spec, rdir, launch_worker(str(rdir), progress, {}), launched)
@@ -288,10 +360,14 @@ class Study:
             address = self.cfg["ray_address"]
             _check_reachable(address)
             try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+                ray.init(
+                    address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True
+                )
             except (ConnectionError, ValueError) as e:
-                raise UserError(f"cannot connect to the Ray cluster at {address!r} ({str(e).splitlines()[0][:150]}); "
-                                + RAY_ADDRESS_HINT) from None
+                raise UserError(
+                    f"cannot connect to the Ray cluster at {address!r} ({str(e).splitlines()[0][:150]}); "
+                    + RAY_ADDRESS_HINT
+                ) from None
         cpus = self.cfg["ray_cpus_per_run"]
         n = self.cfg["gpus_per_run"]
         cuda = self.device.startswith("cuda")
@@ -300,8 +376,10 @@ class Study:
         room = int(have // (n if cuda else cpus * n))
         if room < 1:
             what = f"{n} GPU(s)" if cuda else f"{cpus * n} CPU(s)"
-            raise UserError(f"the Ray cluster has {have:g} {'GPUs' if cuda else 'CPUs'} but each run needs {what}; "
-                            "connect to a bigger cluster (--address) or lower gpus_per_run / ray_cpus_per_run")
+            raise UserError(
+                f"the Ray cluster has {have:g} {'GPUs' if cuda else 'CPUs'} but each run needs {what}; "
+                "connect to a bigger cluster (--address) or lower gpus_per_run / ray_cpus_per_run"
+            )
         slot = ray.remote(max_restarts=0)(RunSlot).options(**opts)
         env = {k: v for k, v in os.environ.items() if k.startswith(("PEFTBENCH_", "HF_", "TRANSFORMERS_"))}
         env.setdefault("OMP_NUM_THREADS", str(cpus))
@@ -333,6 +411,7 @@ class Study:
                     queue.insert(0, spec)
                     continue
                 import re
+
                 first = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0] if str(e) else "")[:200]
                 why = "its Ray actor died twice" if dead else "the Ray call failed"
                 result = record_failure(spec, rdir, f"{why}: {type(e).__name__}: {first}")
@@ -371,26 +450,46 @@ class Study:
         if owner in (None, store.study_identity(self.cfg)):
             return
         if not force:
-            what = "holds another study (other model, data or name)" if owner != "other" else \
-                "holds files that are not a peftbench study's (or a damaged study.json)"
-            raise UserError(f"output folder {self.out} {what}; choose another --out, or pass --force to move its "
-                            "contents into an archive- subfolder")
+            what = (
+                "holds another study (other model, data or name)"
+                if owner != "other"
+                else "holds files that are not a peftbench study's (or a damaged study.json)"
+            )
+            raise UserError(
+                f"output folder {self.out} {what}; choose another --out, or pass --force to move its "
+                "contents into an archive- subfolder"
+            )
         dest = store.archive(self.out)
         print(f"peftbench: moved the folder's previous contents to {dest}", file=sys.stderr)
 
-    def write_plan(self, trials: list[dict], finals: list[dict], chosen: dict, complete: bool,
-                   wall_seconds: float | None = None) -> None:
-        plan = {"study": self.cfg, "identity": store.study_identity(self.cfg), "complete": complete,
-                "trial_runs": [s["run_id"] for s in trials], "final_runs": [s["run_id"] for s in finals],
-                "chosen_learning_rates": chosen,
-                "data": {"sizes": self.data.sizes(), "origin": self.data.source.get("origin"),
-                         "label_names": self.data.label_names, "fingerprint": self.data.fingerprint,
-                         "overlap": self.data.source.get("overlap"),
-                         "test_labels": self.data.labels["test"].tolist(),
-                         "truncated": self.truncated_counts()},
-                "device": self.device, "wall_seconds": wall_seconds}
+    def write_plan(
+        self,
+        trials: list[dict],
+        finals: list[dict],
+        chosen: dict,
+        complete: bool,
+        wall_seconds: float | None = None,
+    ) -> None:
+        plan = {
+            "study": self.cfg,
+            "identity": store.study_identity(self.cfg),
+            "complete": complete,
+            "trial_runs": [s["run_id"] for s in trials],
+            "final_runs": [s["run_id"] for s in finals],
+            "chosen_learning_rates": chosen,
+            "data": {
+                "sizes": self.data.sizes(),
+                "origin": self.data.source.get("origin"),
+                "label_names": self.data.label_names,
+                "fingerprint": self.data.fingerprint,
+                "overlap": self.data.source.get("overlap"),
+                "test_labels": self.data.labels["test"].tolist(),
+                "truncated": self.truncated_counts(),
+            },
+            "device": self.device,
+            "wall_seconds": wall_seconds,
+        }
         store.atomic_write_json(self.out / "study.json", plan)
-
 
     # ---------------------------------------------------------------- the memory plan alone
     def plan(self) -> list[dict]:
@@ -410,20 +509,31 @@ class Study:
                 rdir = self._prepare_run_dir(spec)
                 if self.cfg["isolation"] == "inline":
                     from .worker import execute_run
+
                     execute_run(rdir, progress=False)
                 else:
                     launch_worker(str(rdir), False, {})
-                plan = store.read_json(rdir / "plan.json") or {"label": spec["label"], "status": "failed",
-                                                                "error": "the planning process wrote no plan"}
+                plan = store.read_json(rdir / "plan.json") or {
+                    "label": spec["label"],
+                    "status": "failed",
+                    "error": "the planning process wrote no plan",
+                }
                 plan["study_seconds"] = self.study_seconds(spec["label"], plan.get("run_seconds"))
                 rows.append(plan)
-            store.atomic_write_json(self.out / "plan.json", {"rows": rows, "device": self.device,
-                                                             "gpu_memory": self.cfg["gpu_memory"],
-                                                             "wall_seconds": time.perf_counter() - t0})
+            store.atomic_write_json(
+                self.out / "plan.json",
+                {
+                    "rows": rows,
+                    "device": self.device,
+                    "gpu_memory": self.cfg["gpu_memory"],
+                    "wall_seconds": time.perf_counter() - t0,
+                },
+            )
             return rows
 
     def study_seconds(self, label: str, run_seconds: float | None) -> float | None:
-        """Training time of every run of a method in the study (trials and finals), from one run's estimate."""
+        """Training time of every run of a method in the study (trials and finals), from one run's
+        estimate."""
         if run_seconds is None:
             return None
         n = sum(s["label"] == label for s in self.trial_specs()) + len(self.cfg["seeds"])
@@ -431,8 +541,14 @@ class Study:
 
 
 def worker_env(progress: bool, extra: dict) -> dict:
-    return {**os.environ, **extra, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-            "TRANSFORMERS_VERBOSITY": "error", "PEFTBENCH_PROGRESS": "1" if progress else "0"}
+    return {
+        **os.environ,
+        **extra,
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "PEFTBENCH_PROGRESS": "1" if progress else "0",
+    }
 
 
 # Fresh processes without the import bill: importing torch + transformers + peft takes seconds per process
@@ -443,14 +559,23 @@ _FORK_LOCK = threading.Lock()
 BAD_FORK_EXIT = 75  # the forked worker found CUDA initialised in the server: rerun it as a plain process
 # peftbench first: its __init__ quiets bitsandbytes' import-time warning before anything imports it.
 # peftbench._peft imports peft without bitsandbytes, which would initialise CUDA (see there).
-PRELOAD = ["peftbench.worker", "torch", "transformers", "transformers.modeling_utils", "peftbench._peft",
-           "peftbench.train", "peftbench.models", "peftbench._forkserver_guard"]
+PRELOAD = [
+    "peftbench.worker",
+    "torch",
+    "transformers",
+    "transformers.modeling_utils",
+    "peftbench._peft",
+    "peftbench.train",
+    "peftbench.models",
+    "peftbench._forkserver_guard",
+]
 
 
 def _fork_context():
     with _FORK_LOCK:
         if _FORK["ctx"] is None:
             import multiprocessing as mp
+
             ctx = mp.get_context("forkserver")
             ctx.set_forkserver_preload(PRELOAD)
             _FORK["ctx"] = ctx
@@ -458,9 +583,11 @@ def _fork_context():
 
 
 def start_forkserver() -> None:
-    """Start the forkserver now, so that its imports overlap whatever this process does before the first run."""
+    """Start the forkserver now, so that its imports overlap whatever this process does before the first
+    run."""
     if _FORK["usable"]:
         from multiprocessing import forkserver
+
         _fork_context()
         forkserver.ensure_running()
 
@@ -469,10 +596,12 @@ def _forked_worker(run_dir: str, env: dict, cuda: bool) -> None:
     os.environ.clear()
     os.environ.update(env, PEFTBENCH_WORKER="forked")
     import torch
+
     if cuda and torch.cuda._is_in_bad_fork():
         os._exit(BAD_FORK_EXIT)
     sys.argv = ["peftbench.worker", run_dir]
     from .worker import main
+
     main()
 
 
@@ -497,14 +626,24 @@ def launch_worker(run_dir: str, progress: bool, extra_env: dict) -> int:
         _FORK["usable"] = False
     cmd = [sys.executable, "-m", "peftbench.worker", run_dir]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "peftbench.worker", run_dir]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "peftbench.worker",
+            run_dir,
+        ]
     proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL)
     return proc.returncode
 
 
-RAY_ADDRESS_HINT = ("pass --address auto for a cluster started with `ray start` on this machine, or leave --address "
-                    "out to start a local one")
+RAY_ADDRESS_HINT = (
+    "pass --address auto for a cluster started with `ray start` on this machine, or leave --address "
+    "out to start a local one"
+)
 
 
 def _check_reachable(address: str | None) -> None:
@@ -514,11 +653,13 @@ def _check_reachable(address: str | None) -> None:
         return
     host, _, port = address.split("://", 1)[-1].rpartition(":")
     import socket
+
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as e:
-        raise UserError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); "
-                        + RAY_ADDRESS_HINT) from None
+        raise UserError(
+            f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); " + RAY_ADDRESS_HINT
+        ) from None
 
 
 class RunSlot:
@@ -527,6 +668,7 @@ class RunSlot:
     def run(self, run_dir: str, env: dict) -> tuple[int, dict | None]:
         """The same worker process as the local executor; its exit status and result."""
         from . import faults
+
         faults.in_ray_task(run_dir, env.get("PEFTBENCH_INJECT_FAULT"))
         code = launch_worker(run_dir, False, env)
         return code, store.read_result(Path(run_dir) / "result.json")
@@ -535,31 +677,44 @@ class RunSlot:
 def collect(spec: dict, rdir: Path, returncode: int, launched_at: float = 0.0) -> dict:
     """The run's result; if the worker died without writing one (segfault, kill, host OOM), record that."""
     result = store.read_result(rdir / "result.json")
-    fresh = result is not None and result.get("config_hash") == spec["config_hash"] and \
-        (result.get("started_at") or 0) >= launched_at and (result.get("finished_at") or 0) >= result["started_at"]
+    fresh = (
+        result is not None
+        and result.get("config_hash") == spec["config_hash"]
+        and (result.get("started_at") or 0) >= launched_at
+        and (result.get("finished_at") or 0) >= result["started_at"]
+    )
     if fresh and (returncode == 0 or result["status"] != "success"):
-        return result  # the worker's own account (a failing data-parallel run exits non-zero after writing it)
+        return (
+            result  # the worker's own account (a failing data-parallel run exits non-zero after writing it)
+        )
     if fresh and result.get("artefact"):
         # A run that finished, saved its artefact and wrote its result, then exited non-zero while the
         # process shut down: what it measured stands, and the exit status is kept beside it.
         result["worker_exit_status"] = returncode
         store.atomic_write_json(rdir / "result.json", result)
         return result
-    crash = [ln for ln in (rdir / "crash.log").read_text(errors="replace").splitlines() if ln.strip()][:1] \
-        if (rdir / "crash.log").exists() else []
+    crash = (
+        [ln for ln in (rdir / "crash.log").read_text(errors="replace").splitlines() if ln.strip()][:1]
+        if (rdir / "crash.log").exists()
+        else []
+    )
     sig = -returncode if returncode < 0 else None
     if sig:
         import signal
+
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else "?"
         why = f"killed by {name} (signal {sig})" + (" - out of host memory?" if sig == 9 else "")
     else:
         why = f"exited with status {returncode}"
-    return record_failure(spec, rdir, f"worker {why} without writing a result" + (f": {crash[0]}" if crash else ""))
+    return record_failure(
+        spec, rdir, f"worker {why} without writing a result" + (f": {crash[0]}" if crash else "")
+    )
 
 
 def record_failure(spec: dict, rdir: Path, error: str) -> dict:
     """Write (and return) a `failed` result for a run whose worker could not write its own."""
     from .worker import base_result
+
     result = {**base_result(spec), "status": "failed", "error": error}
     store.atomic_write_json(rdir / "result.json", result)
     return result

@@ -14,7 +14,9 @@ import numpy as np
 ALPHA = 0.05
 
 
-def mean_ci(values: list[float], conf: float = 0.95, bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict:
+def mean_ci(
+    values: list[float], conf: float = 0.95, bounds: tuple[float, float] = (-math.inf, math.inf)
+) -> dict:
     """Mean, sample std and a t-distribution confidence interval (None where n < 2), cut to the metric's
     possible range `bounds` (an accuracy's interval never leaves [0, 1])."""
     vals = np.asarray([v for v in values if v is not None], dtype=float)
@@ -24,16 +26,25 @@ def mean_ci(values: list[float], conf: float = 0.95, bounds: tuple[float, float]
     mean = float(vals.mean())
     if n < 2:
         return {"mean": mean, "std": None, "ci_low": None, "ci_high": None, "n": 1}
-    from scipy.special import stdtrit  # Student's t quantile; scipy.stats would add ~1 s of imports to a report
+    from scipy.special import (
+        stdtrit,
+    )  # Student's t quantile; scipy.stats would add ~1 s of imports to a report
+
     std = float(vals.std(ddof=1))
     half = float(stdtrit(n - 1, 0.5 + conf / 2) * std / math.sqrt(n))
-    return {"mean": mean, "std": std, "ci_low": max(mean - half, bounds[0]), "ci_high": min(mean + half, bounds[1]),
-            "n": n}
+    return {
+        "mean": mean,
+        "std": std,
+        "ci_low": max(mean - half, bounds[0]),
+        "ci_high": min(mean + half, bounds[1]),
+        "n": n,
+    }
 
 
 def wilson(p: float, n: int, conf: float = 0.95) -> tuple[float, float]:
     """The Wilson score interval of a proportion `p` observed over `n` items (one seed's accuracy)."""
     from scipy.special import ndtri
+
     z = float(ndtri(0.5 + conf / 2))
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
@@ -48,6 +59,7 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
     if n == 0:
         return 1.0
     from scipy.special import bdtr  # the binomial CDF
+
     return float(min(1.0, 2 * bdtr(min(only_a, only_b), n, 0.5)))
 
 
@@ -69,8 +81,12 @@ def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, n_boot: int =
         diffs[i] = d[np.ix_(s, it)].mean()
     observed = float(d.mean())
     p = 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0))
-    return {"diff": observed, "ci_low": float(np.quantile(diffs, 0.025)), "ci_high": float(np.quantile(diffs, 0.975)),
-            "p_value": float(min(1.0, p))}
+    return {
+        "diff": observed,
+        "ci_low": float(np.quantile(diffs, 0.025)),
+        "ci_high": float(np.quantile(diffs, 0.975)),
+        "p_value": float(min(1.0, p)),
+    }
 
 
 def paired_test(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
@@ -82,10 +98,23 @@ def paired_test(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     return {"test": "paired bootstrap (items x seeds)", **paired_bootstrap(a[:k], b[:k])}
 
 
-METRICS = ("test_accuracy", "test_macro_f1", "validation_accuracy", "train_seconds", "eval_seconds",
-           "train_samples_per_second", "train_tokens_per_second", "trainable_params", "total_params",
-           "peak_memory_allocated_mb", "peak_memory_reserved_mb", "peak_device_memory_mb", "peak_host_rss_mb",
-           "adapter_size_mb", "mfu")
+METRICS = (
+    "test_accuracy",
+    "test_macro_f1",
+    "validation_accuracy",
+    "train_seconds",
+    "eval_seconds",
+    "train_samples_per_second",
+    "train_tokens_per_second",
+    "trainable_params",
+    "total_params",
+    "peak_memory_allocated_mb",
+    "peak_memory_reserved_mb",
+    "peak_device_memory_mb",
+    "peak_host_rss_mb",
+    "adapter_size_mb",
+    "mfu",
+)
 FRACTIONS = {"test_accuracy", "test_macro_f1", "validation_accuracy", "mfu"}  # in [0, 1]; the rest are >= 0
 
 
@@ -98,12 +127,20 @@ def summarize(final_results: list[dict], test_labels: np.ndarray | None = None) 
     for label, runs in by_label.items():
         ok = [r for r in runs if r["status"] == "success"]
         statuses = sorted({r["status"] for r in runs})
-        row = {"label": label, "method": runs[0]["method"], "n_runs": len(runs), "n_success": len(ok),
-               "status": "success" if len(ok) == len(runs) else ("partial" if ok else statuses[0]),
-               "errors": sorted({r["error"] for r in runs if r.get("error")}),
-               "learning_rate": runs[0].get("learning_rate"), "seeds": [r["seed"] for r in ok]}
+        row = {
+            "label": label,
+            "method": runs[0]["method"],
+            "n_runs": len(runs),
+            "n_success": len(ok),
+            "status": "success" if len(ok) == len(runs) else ("partial" if ok else statuses[0]),
+            "errors": sorted({r["error"] for r in runs if r.get("error")}),
+            "learning_rate": runs[0].get("learning_rate"),
+            "seeds": [r["seed"] for r in ok],
+        }
         for m in METRICS:
-            row[m] = mean_ci([r["metrics"].get(m) for r in ok], bounds=(0.0, 1.0 if m in FRACTIONS else math.inf))
+            row[m] = mean_ci(
+                [r["metrics"].get(m) for r in ok], bounds=(0.0, 1.0 if m in FRACTIONS else math.inf)
+            )
         row["_correct"] = None
         if test_labels is not None and ok and all(r.get("test_predictions") is not None for r in ok):
             order = sorted(ok, key=lambda r: r["seed"])

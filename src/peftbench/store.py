@@ -60,8 +60,10 @@ def read_result(path: Path) -> dict | None:
     except (ValueError, UnicodeDecodeError):
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         os.replace(path, aside)
-        print(f"peftbench: warning: {path} was corrupt; moved to {aside.name}, the run will be redone",
-              file=sys.stderr)
+        print(
+            f"peftbench: warning: {path} was corrupt; moved to {aside.name}, the run will be redone",
+            file=sys.stderr,
+        )
         return None
 
 
@@ -79,7 +81,11 @@ def results(study_dir: Path, run_ids: list[str] | None = None) -> list[dict]:
     runs = Path(study_dir) / "runs"
     if not runs.is_dir():
         return []
-    dirs = [runs / r for r in run_ids] if run_ids is not None else sorted(p for p in runs.iterdir() if p.is_dir())
+    dirs = (
+        [runs / r for r in run_ids]
+        if run_ids is not None
+        else sorted(p for p in runs.iterdir() if p.is_dir())
+    )
     out = []
     for d in dirs:
         r = read_result(d / "result.json")
@@ -97,20 +103,24 @@ class StudyLock:
 
     def __enter__(self):
         import fcntl
+
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             other = os.read(self.fd, 64).decode(errors="replace").strip() or "?"
             os.close(self.fd)
-            raise UserError(f"another peftbench (pid {other}) is writing to {self.path.parent}; wait for it to "
-                            f"finish or choose another --out") from None
+            raise UserError(
+                f"another peftbench (pid {other}) is writing to {self.path.parent}; wait for it to "
+                f"finish or choose another --out"
+            ) from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, str(os.getpid()).encode())
         return self
 
     def __exit__(self, *exc):
         import fcntl
+
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
 
@@ -123,19 +133,36 @@ def check_writable(study_dir: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"output folder {study_dir} is not writable ({e.strerror}); choose another with --out") from None
+        raise UserError(
+            f"output folder {study_dir} is not writable ({e.strerror}); choose another with --out"
+        ) from None
 
 
 def load_plan(study_dir: Path) -> dict | None:
     """The study's plan (study.json), or None if it is missing, unreadable or not of a plan's shape."""
     plan = read_json(Path(study_dir) / "study.json")
-    ok = plan is not None and all(isinstance(plan.get(k), list) and all(isinstance(r, str) for r in plan[k])
-                                  for k in ("final_runs", "trial_runs")) and isinstance(plan.get("study"), dict)
+    ok = (
+        plan is not None
+        and all(
+            isinstance(plan.get(k), list) and all(isinstance(r, str) for r in plan[k])
+            for k in ("final_runs", "trial_runs")
+        )
+        and isinstance(plan.get("study"), dict)
+    )
     return plan if ok else None
 
 
 # What a peftbench study folder may hold; anything else means the folder is someone else's.
-STUDY_ENTRIES = {"study.json", "runs", "report", "summary.json", "plan.json", "mlruns", ".cache", ".peftbench.lock"}
+STUDY_ENTRIES = {
+    "study.json",
+    "runs",
+    "report",
+    "summary.json",
+    "plan.json",
+    "mlruns",
+    ".cache",
+    ".peftbench.lock",
+}
 ARCHIVE_PREFIX = "archive-"
 
 
@@ -143,6 +170,7 @@ def study_identity(cfg: dict) -> str:
     """What makes two study files the same study: its name, model and data. Methods, training settings and
     seeds may change between reruns (finished runs with the same config are reused)."""
     import hashlib
+
     key = json.dumps([cfg.get("name"), cfg.get("model"), cfg.get("data")], sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 

@@ -21,19 +21,31 @@ def tfidf_run(run: dict, texts: dict, labels: dict, label_names: list[str], run_
 
     opts = run["method_options"]
     pipe = make_pipeline(
-        TfidfVectorizer(ngram_range=(1, opts.get("ngram_max", 2)), min_df=2, sublinear_tf=True,
-                        max_features=opts.get("max_features", 200_000)),
-        LogisticRegression(C=opts.get("C", 1.0), max_iter=2000, random_state=run["seed"]))
+        TfidfVectorizer(
+            ngram_range=(1, opts.get("ngram_max", 2)),
+            min_df=2,
+            sublinear_tf=True,
+            max_features=opts.get("max_features", 200_000),
+        ),
+        LogisticRegression(C=opts.get("C", 1.0), max_iter=2000, random_state=run["seed"]),
+    )
     t0 = time.perf_counter()
     pipe.fit(texts["train"], labels["train"])
     train_s = time.perf_counter() - t0
     val_acc = float((pipe.predict(texts["validation"]) == labels["validation"]).mean())
-    metrics = {"validation_accuracy": val_acc, "selected_epoch": None, "train_seconds": train_s,
-               "train_samples_per_second": len(texts["train"]) / train_s, "train_tokens_per_second": None,
-               "trainable_params": int(pipe[-1].coef_.size + pipe[-1].intercept_.size),
-               "total_params": int(pipe[-1].coef_.size + pipe[-1].intercept_.size),
-               "trainable_percent": 100.0, "precision": "fp64", "peak_memory_allocated_mb": None,
-               "peak_memory_reserved_mb": None}
+    metrics = {
+        "validation_accuracy": val_acc,
+        "selected_epoch": None,
+        "train_seconds": train_s,
+        "train_samples_per_second": len(texts["train"]) / train_s,
+        "train_tokens_per_second": None,
+        "trainable_params": int(pipe[-1].coef_.size + pipe[-1].intercept_.size),
+        "total_params": int(pipe[-1].coef_.size + pipe[-1].intercept_.size),
+        "trainable_percent": 100.0,
+        "precision": "fp64",
+        "peak_memory_allocated_mb": None,
+        "peak_memory_reserved_mb": None,
+    }
     preds = None
     if run["evaluate_test"]:
         t1 = time.perf_counter()
@@ -48,8 +60,18 @@ def tfidf_run(run: dict, texts: dict, labels: dict, label_names: list[str], run_
     (run_dir / "model").mkdir(exist_ok=True)
     joblib.dump(pipe, run_dir / "model" / "tfidf_logreg.joblib")
     metrics["adapter_size_mb"] = dir_size_mb(run_dir / "model")
-    return {"metrics": metrics, "history": [{"epoch": 1, "train_loss": None, "validation_accuracy": val_acc,
-                                             "epoch_seconds": train_s, "cumulative_train_seconds": train_s}],
-            "artefact": "model", "reload_check": None,
-            "test_predictions": preds.tolist() if preds is not None else None}
-
+    return {
+        "metrics": metrics,
+        "history": [
+            {
+                "epoch": 1,
+                "train_loss": None,
+                "validation_accuracy": val_acc,
+                "epoch_seconds": train_s,
+                "cumulative_train_seconds": train_s,
+            }
+        ],
+        "artefact": "model",
+        "reload_check": None,
+        "test_predictions": preds.tolist() if preds is not None else None,
+    }

@@ -14,7 +14,8 @@ from .errors import UserError
 class Tracker:
     """Optional live tracking (study option `tracking: tensorboard` or `tracking: mlflow`), through the tools'
     own writers: TensorBoard event files in RUN_DIR/tensorboard, or an MLflow run in the study's local store
-    STUDY/mlruns (one experiment per study, one MLflow run per peftbench run, its spec's key values as params).
+    STUDY/mlruns (one experiment per study, one MLflow run per peftbench run, its spec's key values as
+    params).
 
     Every `tracking_every` steps it logs the mean loss since the last point, the learning rate, samples/s,
     real tokens/s and (on CUDA) allocated memory. Off by default: reading the loss costs a host sync.
@@ -39,6 +40,7 @@ class Tracker:
         if step % self.every:
             return
         import torch
+
         total = float(loss_sum.item())  # the one host sync, every `every` steps
         dt = time.perf_counter() - self.t0
         w = self.writer
@@ -68,8 +70,9 @@ class _TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise UserError("tracking: tensorboard needs the tensorboard package; pip install "
-                            "'peftbench[tracking]'") from None
+            raise UserError(
+                "tracking: tensorboard needs the tensorboard package; pip install 'peftbench[tracking]'"
+            ) from None
         self.w = SummaryWriter(str(run_dir / "tensorboard"))
 
     def add_scalar(self, name: str, value: float, step: int) -> None:
@@ -85,19 +88,26 @@ class _MLflow:
 
     def __init__(self, run: dict, run_dir: Path):
         import os
+
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         try:
             from mlflow.tracking import MlflowClient
         except ImportError:
-            raise UserError("tracking: mlflow needs the mlflow-skinny package; pip install 'peftbench[tracking]'") \
-                from None
+            raise UserError(
+                "tracking: mlflow needs the mlflow-skinny package; pip install 'peftbench[tracking]'"
+            ) from None
         self.client = MlflowClient(tracking_uri=mlflow_uri(run_dir.parent.parent))
         name = str(run.get("study") or "peftbench")
         exp = self.client.get_experiment_by_name(name)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
         self.run_id = self.client.create_run(exp_id, run_name=run.get("run_id")).info.run_id
-        params = {"method": run.get("method"), "label": run.get("label"), "seed": run.get("seed"),
-                  "learning_rate": run.get("learning_rate"), "config_hash": run.get("config_hash")}
+        params = {
+            "method": run.get("method"),
+            "label": run.get("label"),
+            "seed": run.get("seed"),
+            "learning_rate": run.get("learning_rate"),
+            "config_hash": run.get("config_hash"),
+        }
         for k, v in params.items():
             self.client.log_param(self.run_id, k, v)
 
@@ -109,7 +119,8 @@ class _MLflow:
 
 
 def mlflow_uri(study_dir: Path) -> str:
-    """Where a study's MLflow runs are: STUDY/mlruns, as a file URI (`mlflow ui --backend-store-uri` takes it)."""
+    """Where a study's MLflow runs are: STUDY/mlruns, as a file URI (`mlflow ui --backend-store-uri` takes
+    it)."""
     return (Path(study_dir).resolve() / "mlruns").as_uri()
 
 
@@ -131,6 +142,7 @@ class StepProfiler:
         if not self.path:
             return
         import torch
+
         if i == self.start:
             sync(self.device)
             acts = [torch.profiler.ProfilerActivity.CPU]
@@ -148,18 +160,43 @@ class StepProfiler:
 
     def write(self, wall: float, n: int) -> None:
         import json
+
         ev = self.prof.key_averages()
 
         def dev_us(e):
             return getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) or 0
-        rows = [{"op": e.key, "calls": e.count, "host_ms": e.self_cpu_time_total / 1e3 / n,
-                 "device_ms": dev_us(e) / 1e3 / n} for e in ev]
-        syncs = sum(e.count for e in ev if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
-                                                     "cudaMemcpyAsync", "aten::item", "aten::_local_scalar_dense"))
-        kernels = sum(dev_us(e) for e in ev if e.device_type is not None and "CUDA" in str(e.device_type)) / 1e3 / n
-        out = {"steps": n, "wall_ms_per_step": 1e3 * wall / n, "gpu_kernel_ms_per_step": kernels,
-               "gpu_busy_fraction": kernels / (1e3 * wall / n) if wall else None,
-               "host_sync_like_calls_per_step": syncs / n,
-               "top_host": sorted(rows, key=lambda r: -r["host_ms"])[:25],
-               "top_device": sorted(rows, key=lambda r: -r["device_ms"])[:25]}
+
+        rows = [
+            {
+                "op": e.key,
+                "calls": e.count,
+                "host_ms": e.self_cpu_time_total / 1e3 / n,
+                "device_ms": dev_us(e) / 1e3 / n,
+            }
+            for e in ev
+        ]
+        syncs = sum(
+            e.count
+            for e in ev
+            if e.key
+            in (
+                "cudaStreamSynchronize",
+                "cudaDeviceSynchronize",
+                "cudaMemcpyAsync",
+                "aten::item",
+                "aten::_local_scalar_dense",
+            )
+        )
+        kernels = (
+            sum(dev_us(e) for e in ev if e.device_type is not None and "CUDA" in str(e.device_type)) / 1e3 / n
+        )
+        out = {
+            "steps": n,
+            "wall_ms_per_step": 1e3 * wall / n,
+            "gpu_kernel_ms_per_step": kernels,
+            "gpu_busy_fraction": kernels / (1e3 * wall / n) if wall else None,
+            "host_sync_like_calls_per_step": syncs / n,
+            "top_host": sorted(rows, key=lambda r: -r["host_ms"])[:25],
+            "top_device": sorted(rows, key=lambda r: -r["device_ms"])[:25],
+        }
         Path(self.path).write_text(json.dumps(out, indent=1))

@@ -19,8 +19,17 @@ import numpy as np
 
 from . import faults, memory
 from . import methods as registry
-from .artefacts import (dir_size_mb, load_checkpoint, load_trainable, mutated_init, save_checkpoint, save_model,
-                        trainable_state, verify_reload, write_predictions)
+from .artefacts import (
+    dir_size_mb,
+    load_checkpoint,
+    load_trainable,
+    mutated_init,
+    save_checkpoint,
+    save_model,
+    trainable_state,
+    verify_reload,
+    write_predictions,
+)
 from .batches import choose_mask_mode, collate, make_batches, model_forward, predict_logits, prefix_length
 from .batches import steps_per_epoch as count_steps
 from .data import Tokenized
@@ -57,13 +66,16 @@ def plan_run(run: dict, tok: Tokenized, run_dir: Path) -> dict:
 def make_optimizer(name: str, groups: list[dict], lr: float, device: str):
     """torch's fused AdamW, or bitsandbytes' 8-bit AdamW (paged: its state pages out to host memory)."""
     import torch
+
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, fused=device.split(":")[0] in ("cuda", "cpu"))
     from .models import quantization_supported
+
     reason = quantization_supported(device)
     if reason:
         raise SkipRun(f"optimizer {name} needs bitsandbytes: {reason}")
     import bitsandbytes as bnb
+
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
     if name.startswith("paged") and not device.startswith("cuda"):
         raise SkipRun(f"optimizer {name} pages GPU memory out to the host: it needs a CUDA GPU")
@@ -79,8 +91,10 @@ def param_groups(model, lr: float, head_lr: float | None, weight_decay: float, h
         decay = p.ndim >= 2 and "norm" not in name.lower()
         is_head = head_lr is not None and any(f"{h}." in name or name.startswith(h + ".") for h in head)
         groups.setdefault((decay, is_head), []).append(p)
-    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": head_lr if is_head else lr}
-            for (decay, is_head), ps in groups.items()]
+    return [
+        {"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": head_lr if is_head else lr}
+        for (decay, is_head), ps in groups.items()
+    ]
 
 
 def set_checkpointing(model, on: bool) -> None:
@@ -88,7 +102,9 @@ def set_checkpointing(model, on: bool) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, "supports_gradient_checkpointing", False):
         if on:
-            raise UserError(f"gradient_checkpointing: {type(base).__name__} does not support it; set it to false")
+            raise UserError(
+                f"gradient_checkpointing: {type(base).__name__} does not support it; set it to false"
+            )
         return
     if on:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -120,6 +136,7 @@ class Recipe:
     def setup(self) -> None:
         """Everything before the first step: device, model, optimizer, scheduler, memory plan, resume."""
         import torch
+
         torch.manual_seed(self.run["seed"])
         np.random.seed(self.run["seed"] % 2**32)
         self._setup_device()
@@ -136,8 +153,11 @@ class Recipe:
     def _setup_device(self) -> None:
         if self.dev_type == "cuda":
             import torch
+
             t = time.perf_counter()
-            torch.zeros(1, device=self.device)  # the CUDA context: its cost is the run's, not the first step's
+            torch.zeros(
+                1, device=self.device
+            )  # the CUDA context: its cost is the run's, not the first step's
             self.phases["cuda_init"] = time.perf_counter() - t
             budget = self.run.get("gpu_memory_bytes")
             if budget:
@@ -155,71 +175,102 @@ class Recipe:
         self.max_len = self.run.get("effective_max_length")
         self.ids_train = self.tok.ids["train"]
         import torch
+
         self.labels_train = torch.from_numpy(self.tok.labels["train"])
 
     def _setup_model(self) -> None:
         from .models import build_model, count_params
+
         t = time.perf_counter()
         try:
-            self.model, self.head = build_model(self.run, len(self.tok.label_names), self.tok.label_names,
-                                                self.device, self.total_steps, self.amp)
+            self.model, self.head = build_model(
+                self.run,
+                len(self.tok.label_names),
+                self.tok.label_names,
+                self.device,
+                self.total_steps,
+                self.amp,
+            )
         except Exception as e:
             budget = self.run.get("gpu_memory_bytes")
             if budget and is_oom(e):  # under the cap, the weights alone do not fit
-                raise SkipRun(f"does not fit in {budget / 2**30:.1f} GB: loading the weights ran out of "
-                              "memory") from None
+                raise SkipRun(
+                    f"does not fit in {budget / 2**30:.1f} GB: loading the weights ran out of memory"
+                ) from None
             raise
         self.load_seconds = time.perf_counter() - t
-        if mutated_init(self.model) and self.rank == 0:  # PiSSA & co: keep the initial adapter to convert the final one
+        if (
+            mutated_init(self.model) and self.rank == 0
+        ):  # PiSSA & co: keep the initial adapter to convert the final one
             self.model.save_pretrained(self.run_dir / "adapter-init", safe_serialization=True)
         self.trainable, self.total = count_params(self.model)
 
     def _setup_optimizer(self) -> None:
         from transformers import get_scheduler
+
         cfg = self.cfg
-        self.params = param_groups(self.model, cfg["learning_rate"], cfg.get("head_learning_rate"),
-                                   cfg["weight_decay"], self.head)
-        self.optimizer = make_optimizer(cfg.get("optimizer", "adamw"), self.params, cfg["learning_rate"], self.device)
+        self.params = param_groups(
+            self.model, cfg["learning_rate"], cfg.get("head_learning_rate"), cfg["weight_decay"], self.head
+        )
+        self.optimizer = make_optimizer(
+            cfg.get("optimizer", "adamw"), self.params, cfg["learning_rate"], self.device
+        )
         warmup = int(round(cfg["warmup_ratio"] * self.total_steps))
-        self.scheduler = get_scheduler(cfg["scheduler"], self.optimizer, num_warmup_steps=warmup,
-                                       num_training_steps=self.total_steps)
+        self.scheduler = get_scheduler(
+            cfg["scheduler"], self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
+        )
         self.grad_params = [p for g in self.params for p in g["params"]]  # what gradient clipping rescales
 
     def _setup_forward(self) -> None:
         """The attention-mask form, data parallelism and compilation: how a batch reaches the model."""
         import torch
+
         t = time.perf_counter()
         forced = self.cfg.get("attention_mask", "auto")
         if forced == "auto" and self.total >= GRAPHS_MAX_PARAMS:
             forced = "2d"  # a ready 4D mask serves CUDA graphs, which such a model is not given (graphs.py)
-        self.mask_mode = choose_mask_mode(self.model, self.ids_train, self.pad_id, self.device, max_len=self.max_len,
-                                          forced=forced, amp=self.amp)
+        self.mask_mode = choose_mask_mode(
+            self.model,
+            self.ids_train,
+            self.pad_id,
+            self.device,
+            max_len=self.max_len,
+            forced=forced,
+            amp=self.amp,
+        )
         self.phases["mask_probe"] = time.perf_counter() - t
         self.prefixed = prefix_length(self.model) > 0
         if self.prefixed and self.world > 1:
             raise UserError("prefix_tuning runs on one device here; set gpus_per_run: 1 for it")
         self.fwd = self.model
-        if self.world > 1:  # data parallel: each process takes every world-th item of each batch of `batch_size`
+        if (
+            self.world > 1
+        ):  # data parallel: each process takes every world-th item of each batch of `batch_size`
             from torch.nn.parallel import DistributedDataParallel
+
             ids = [torch.device(self.device).index] if self.dev_type == "cuda" else None
             self.fwd = DistributedDataParallel(self.fwd, device_ids=ids)
         self.compiled = False
         if self.cfg.get("compile") and not self.prefixed:
             self._compile()
         # Padding granularity. On the H200 (benchmarks/results/h200-padding.json) eager multiples of 8 - many
-        # distinct shapes - ran 2.6-2.8x slower than multiples of 64 or fixed padding: there, each new shape costs
+        # distinct shapes - ran 2.6-2.8x slower than multiples of 64 or fixed padding: there, each new shape
+        # costs
         # more than the padding saves. With CUDA graphs too (h200-graphs-roberta-padding.json): each new shape
         # costs a recording, and later epochs were as fast with multiples of 64 as of 16.
         # On the CPU, compute-bound, fine buckets pay. max_length means fixed padding.
         self.pad_multiple = self.cfg.get("pad_to_multiple_of") or (
-            64 if self.cfg.get("compile") or self.dev_type == "cuda" else 8)
+            64 if self.cfg.get("compile") or self.dev_type == "cuda" else 8
+        )
 
     def _compile(self) -> None:
-        """torch's default: the first shape compiles static, the first new shape recompiles with dynamic sizes;
+        """torch's default: the first shape compiles static, the first new shape recompiles with dynamic
+        sizes;
         "cudagraphs" adds CUDA graphs, recorded once per bucketed shape, on one device only (a data-parallel
         run compiles around DDP, without graphs)."""
         import torch
         import torch._dynamo
+
         for knob in ("cache_size_limit", "recompile_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
@@ -239,14 +290,17 @@ class Recipe:
         if self.dev_type != "cuda":  # time was probed, memory was not
             self.memory_plan.update(budget_mb=None, peak_reserved_mb=None)
         if not fit.fits:
-            raise SkipRun(f"does not fit in {(budget or limit) / 2**30:.1f} GB at micro-batch 1"
-                          f"{' with gradient checkpointing' if setting else ''}: needs {fit.needed()}")
+            raise SkipRun(
+                f"does not fit in {(budget or limit) / 2**30:.1f} GB at micro-batch 1"
+                f"{' with gradient checkpointing' if setting else ''}: needs {fit.needed()}"
+            )
         self.micro, self.checkpointing = fit.micro_batch_size, fit.gradient_checkpointing
 
     def _device_total(self) -> int:
         if self.dev_type != "cuda":
             return 1 << 62  # no GPU memory to plan: the probe measures time only
         import torch
+
         return torch.cuda.mem_get_info(self.device)[1]
 
     def probe(self, micro: int, checkpointing: bool) -> tuple[float | None, float | None]:
@@ -254,9 +308,12 @@ class Recipe:
         longest shape; (None, None) when it runs out of memory. The weights do not move (lr 0), and the
         optimizer state, gradients and random state are put back: training afterwards is unchanged."""
         import torch
+
         set_checkpointing(self.model, checkpointing)
         longest = np.argsort(-self.lengths, kind="stable")[:micro]
-        ids, mask = collate([self.ids_train[j] for j in longest], self.pad_id, self.pad_multiple, self.max_len)
+        ids, mask = collate(
+            [self.ids_train[j] for j in longest], self.pad_id, self.pad_multiple, self.max_len
+        )
         batch = [x.to(self.device) for x in (ids, mask, self.labels_train[longest])]
         rng = torch.random.get_rng_state(), (torch.cuda.get_rng_state() if self.dev_type == "cuda" else None)
         lrs = [g["lr"] for g in self.optimizer.param_groups]
@@ -285,6 +342,7 @@ class Recipe:
 
     def _probe_step(self, ids, mask, y) -> float:
         import torch
+
         sync(self.device)
         t = time.perf_counter()
         self.model.train()
@@ -298,18 +356,35 @@ class Recipe:
 
     def _setup_graphs(self) -> None:
         import torch
+
         self.loss_sum = torch.zeros((), device=self.device)
-        self.graphs_off = StepGraphs.unsupported(self.cfg, self.method, self.device, self.world, self.micro,
-                                                 self.mask_mode, self.prefixed, self.compiled, self.checkpointing,
-                                                 self.total)
+        self.graphs_off = StepGraphs.unsupported(
+            self.cfg,
+            self.method,
+            self.device,
+            self.world,
+            self.micro,
+            self.mask_mode,
+            self.prefixed,
+            self.compiled,
+            self.checkpointing,
+            self.total,
+        )
         self.graphs = None
         if self.graphs_off is None:
-            self.graphs = StepGraphs(self.model, self.mask_mode, self.amp, self.loss_sum, self.grad_params,
-                                     self.cfg["max_grad_norm"])
+            self.graphs = StepGraphs(
+                self.model,
+                self.mask_mode,
+                self.amp,
+                self.loss_sum,
+                self.grad_params,
+                self.cfg["max_grad_norm"],
+            )
 
     def _resume(self) -> None:
         """Continue from the last epoch checkpoint of this same config, if a killed run left one."""
         import torch
+
         ck = load_checkpoint(self.ckpt_path, self.run["config_hash"], self.device)
         if ck is None:
             return
@@ -317,7 +392,11 @@ class Recipe:
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["rng"].cpu())
-        self.history, self.train_seconds, self.val_seconds = ck["history"], ck["train_seconds"], ck["val_seconds"]
+        self.history, self.train_seconds, self.val_seconds = (
+            ck["history"],
+            ck["train_seconds"],
+            ck["val_seconds"],
+        )
         self.start_epoch = ck["epoch"] + 1
         if ck.get("best_state") is not None:
             self.best = {"acc": ck["best_acc"], "epoch": ck["best_epoch"], "state": ck["best_state"]}
@@ -327,8 +406,15 @@ class Recipe:
         self.bar = None
         if self.progress and sys.stderr.isatty():  # a live bar on a terminal; elsewhere a line per epoch
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=self.total_steps, initial=self.global_step, desc=f"  {self.run['label']}",
-                            unit="step", leave=False, dynamic_ncols=True)
+
+            self.bar = tqdm(
+                total=self.total_steps,
+                initial=self.global_step,
+                desc=f"  {self.run['label']}",
+                unit="step",
+                leave=False,
+                dynamic_ncols=True,
+            )
         self.tracker = Tracker(self.run if self.rank == 0 else {}, self.run_dir, self.device)
         profile = self.run_dir / "profile.json" if self.run.get("profile") else None
         self.profiler = StepProfiler(self.device, self.steps_per_epoch, profile)
@@ -348,7 +434,9 @@ class Recipe:
             faults.before_step(self.run["run_id"], self.micro)
             self.forward_backward(batch)
             self.optimizer_step()
-            self.tracker.step(self.global_step, self.loss_sum, batch, self.lengths, self.max_len, self.scheduler)
+            self.tracker.step(
+                self.global_step, self.loss_sum, batch, self.lengths, self.max_len, self.scheduler
+            )
             if self.bar is not None:
                 self.bar.update(1)
         sync(self.device)
@@ -356,22 +444,28 @@ class Recipe:
         self.train_seconds += self.epoch_seconds
         if self.world > 1:
             import torch.distributed as dist
+
             dist.all_reduce(self.loss_sum)
             self.loss_sum /= self.world
 
     def forward_backward(self, batch: np.ndarray) -> None:
         """Gradients of one batch: from a CUDA graph, or eagerly in micro-batches (each process its share)."""
         import torch
+
         if self.graphs is not None:  # one process, whole batch: forward, backward and clipping in one call
-            ids, mask = collate([self.ids_train[j] for j in batch], self.pad_id, self.pad_multiple, self.max_len)
+            ids, mask = collate(
+                [self.ids_train[j] for j in batch], self.pad_id, self.pad_multiple, self.max_len
+            )
             self.graphs.run(ids.pin_memory(), mask.pin_memory(), self.labels_train[batch].pin_memory())
             return
-        mine, weight = batch[self.rank::self.world], 1.0
+        mine, weight = batch[self.rank :: self.world], 1.0
         if not len(mine):  # every process must join each gradient all-reduce, even with no item
             mine, weight = batch[:1], 0.0
         for m0 in range(0, len(mine), self.micro):
-            part = mine[m0:m0 + self.micro]
-            ids, mask = collate([self.ids_train[j] for j in part], self.pad_id, self.pad_multiple, self.max_len)
+            part = mine[m0 : m0 + self.micro]
+            ids, mask = collate(
+                [self.ids_train[j] for j in part], self.pad_id, self.pad_multiple, self.max_len
+            )
             y = self.labels_train[part]
             if self.dev_type == "cuda":
                 ids, mask, y = ids.pin_memory(), mask.pin_memory(), y.pin_memory()
@@ -391,27 +485,48 @@ class Recipe:
         self.global_step += 1
         if self.method.step_hook:  # AdaLoRA reads the gradients to reallocate ranks: before zero_grad
             self.model.base_model.update_and_allocate(self.global_step)
-        self.optimizer.zero_grad(set_to_none=self.graphs is None)  # graphs write into the same gradient tensors
+        self.optimizer.zero_grad(
+            set_to_none=self.graphs is None
+        )  # graphs write into the same gradient tensors
 
     def validate(self, epoch: int) -> None:
         """Validation accuracy after the epoch; a non-finite training loss ends the run as diverged."""
         t1 = time.perf_counter()
-        val_logits = predict_logits(self.model, self.tok.ids["validation"], self.eval_batch_size(), self.device,
-                                    self.amp, self.pad_id, self.max_len, self.mask_mode)
+        val_logits = predict_logits(
+            self.model,
+            self.tok.ids["validation"],
+            self.eval_batch_size(),
+            self.device,
+            self.amp,
+            self.pad_id,
+            self.max_len,
+            self.mask_mode,
+        )
         val_acc = float((val_logits.argmax(-1) == self.tok.labels["validation"]).mean())
         self.val_seconds += time.perf_counter() - t1
         loss = float(self.loss_sum.item() / len(self.batches))
-        self.history.append({"epoch": epoch + 1, "train_loss": loss, "validation_accuracy": val_acc,
-                             "epoch_seconds": self.epoch_seconds, "cumulative_train_seconds": self.train_seconds,
-                             "learning_rate": self.scheduler.get_last_lr()[0]})
+        self.history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": loss,
+                "validation_accuracy": val_acc,
+                "epoch_seconds": self.epoch_seconds,
+                "cumulative_train_seconds": self.train_seconds,
+                "learning_rate": self.scheduler.get_last_lr()[0],
+            }
+        )
         if not math.isfinite(loss):
             raise Diverged(f"the training loss became {loss} in epoch {epoch + 1}; lower the learning rate")
         self.tracker.epoch(epoch + 1, self.history[-1])
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_acc:.3f}")
         elif self.progress:
-            print(f"  {self.run['label']}: epoch {epoch + 1}/{self.cfg['epochs']}, train loss {loss:.4f}, "
-                  f"validation accuracy {val_acc:.4f}", file=sys.stderr, flush=True)
+            print(
+                f"  {self.run['label']}: epoch {epoch + 1}/{self.cfg['epochs']}, train loss {loss:.4f}, "
+                f"validation accuracy {val_acc:.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
         if self.cfg["select_best_epoch"] and val_acc > self.best["acc"]:
             state = {k: v.cpu() for k, v in trainable_state(self.model).items()}
             self.best = {"acc": val_acc, "epoch": epoch + 1, "state": state}
@@ -428,13 +543,24 @@ class Recipe:
         """After every epoch but the last: what a killed run resumes from."""
         if self.run.get("checkpoint", True) and epoch + 1 < self.cfg["epochs"] and self.rank == 0:
             import torch
-            save_checkpoint(self.ckpt_path, {
-                "config_hash": self.run["config_hash"], "epoch": epoch,
-                "trainable": {k: v.cpu() for k, v in trainable_state(self.model).items()},
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": torch.get_rng_state(), "history": self.history, "train_seconds": self.train_seconds,
-                "val_seconds": self.val_seconds, "best_acc": self.best["acc"], "best_epoch": self.best["epoch"],
-                "best_state": self.best["state"]})
+
+            save_checkpoint(
+                self.ckpt_path,
+                {
+                    "config_hash": self.run["config_hash"],
+                    "epoch": epoch,
+                    "trainable": {k: v.cpu() for k, v in trainable_state(self.model).items()},
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "history": self.history,
+                    "train_seconds": self.train_seconds,
+                    "val_seconds": self.val_seconds,
+                    "best_acc": self.best["acc"],
+                    "best_epoch": self.best["epoch"],
+                    "best_state": self.best["state"],
+                },
+            )
         faults.after_epoch(self.run["run_id"], epoch + 1)
 
     # ------------------------------------------------------------------------------------------ finish
@@ -451,15 +577,30 @@ class Recipe:
         if self.world > 1:
             self._gather_memory(metrics)
             if self.rank != 0:  # rank 0 saves, verifies and reports
-                return {"metrics": metrics, "history": self.history, "artefact": None, "reload_check": None,
-                        "test_predictions": None}
+                return {
+                    "metrics": metrics,
+                    "history": self.history,
+                    "artefact": None,
+                    "reload_check": None,
+                    "test_predictions": None,
+                }
         artefact, reload = self._save(metrics, test)
-        metrics["phase_seconds"] = {**self.phases, "model_load": self.load_seconds, "train": self.train_seconds,
-                                    "validation": self.val_seconds, "test": metrics.get("eval_seconds", 0.0)}
+        metrics["phase_seconds"] = {
+            **self.phases,
+            "model_load": self.load_seconds,
+            "train": self.train_seconds,
+            "validation": self.val_seconds,
+            "test": metrics.get("eval_seconds", 0.0),
+        }
         if self.ckpt_path.exists():
             self.ckpt_path.unlink()
-        return {"metrics": metrics, "history": self.history, "artefact": artefact, "reload_check": reload,
-                "test_predictions": test.get("predictions")}
+        return {
+            "metrics": metrics,
+            "history": self.history,
+            "artefact": artefact,
+            "reload_check": reload,
+            "test_predictions": test.get("predictions"),
+        }
 
     def _restore_best_epoch(self) -> int:
         if self.cfg["select_best_epoch"] and self.best["state"] is not None:
@@ -472,18 +613,29 @@ class Recipe:
         lengths = self.lengths if self.max_len is None else np.minimum(self.lengths, self.max_len)
         real_tokens = int(lengths.sum())
         metrics = {
-            "validation_accuracy": next(h["validation_accuracy"] for h in self.history if h["epoch"] == chosen),
-            "selected_epoch": chosen, "train_seconds": secs, "validation_seconds": self.val_seconds,
+            "validation_accuracy": next(
+                h["validation_accuracy"] for h in self.history if h["epoch"] == chosen
+            ),
+            "selected_epoch": chosen,
+            "train_seconds": secs,
+            "validation_seconds": self.val_seconds,
             "model_load_seconds": self.load_seconds,
             "train_samples_per_second": len(self.lengths) * epochs / secs if secs else None,
             "train_tokens_per_second": real_tokens * epochs / secs if secs else None,
-            "trainable_params": int(self.trainable), "total_params": int(self.total),
+            "trainable_params": int(self.trainable),
+            "total_params": int(self.total),
             "trainable_percent": 100.0 * self.trainable / self.total if self.total else None,
-            "steps": self.total_steps, "micro_batch_size": self.micro, "resumed_from_epoch": self.start_epoch or None,
-            "precision": "bf16-autocast" if self.amp is not None else "fp32", "base_dtype": self.base_dtype_name(),
-            "optimizer": self.cfg.get("optimizer", "adamw"), "gradient_checkpointing": self.checkpointing,
-            "memory_plan": self.memory_plan, "attention_mask": self.mask_mode,
-            "pad_to_multiple_of": self.pad_multiple, "compile": self.compiled,
+            "steps": self.total_steps,
+            "micro_batch_size": self.micro,
+            "resumed_from_epoch": self.start_epoch or None,
+            "precision": "bf16-autocast" if self.amp is not None else "fp32",
+            "base_dtype": self.base_dtype_name(),
+            "optimizer": self.cfg.get("optimizer", "adamw"),
+            "gradient_checkpointing": self.checkpointing,
+            "memory_plan": self.memory_plan,
+            "attention_mask": self.mask_mode,
+            "pad_to_multiple_of": self.pad_multiple,
+            "compile": self.compiled,
             "cuda_graphs": self.graphs.summary() if self.graphs is not None else self.graphs_off,
             "layers_4bit": sum(type(m).__name__ == "Linear4bit" for m in self.model.modules()),
         }
@@ -491,8 +643,11 @@ class Recipe:
         metrics["train_model_flops"] = flops_tok * real_tokens * epochs
         if self.dev_type == "cuda":
             import torch
+
             peak = peak_flops(torch.cuda.get_device_name())
-            metrics["mfu"] = metrics["train_model_flops"] / secs / (peak * self.world) if peak and secs else None
+            metrics["mfu"] = (
+                metrics["train_model_flops"] / secs / (peak * self.world) if peak and secs else None
+            )
         return metrics
 
     def base_dtype_name(self) -> str:
@@ -507,23 +662,40 @@ class Recipe:
             return {}
         sync(self.device)
         t = time.perf_counter()
-        logits = predict_logits(self.model, self.tok.ids["test"], self.eval_batch_size(), self.device, self.amp,
-                                self.pad_id, self.max_len, self.mask_mode)
+        logits = predict_logits(
+            self.model,
+            self.tok.ids["test"],
+            self.eval_batch_size(),
+            self.device,
+            self.amp,
+            self.pad_id,
+            self.max_len,
+            self.mask_mode,
+        )
         sync(self.device)
         metrics["eval_seconds"] = time.perf_counter() - t
         preds = logits.argmax(-1)
         labels = self.tok.labels["test"]
         metrics["test_accuracy"] = float((preds == labels).mean())
         metrics["test_macro_f1"] = macro_f1(labels, preds, len(self.tok.label_names))
-        metrics["eval_samples_per_second"] = len(preds) / metrics["eval_seconds"] if metrics["eval_seconds"] else None
-        write_predictions(self.run_dir / "predictions.parquet", self.run.get("test_rows_file"), logits,
-                          self.tok.label_names)
+        metrics["eval_samples_per_second"] = (
+            len(preds) / metrics["eval_seconds"] if metrics["eval_seconds"] else None
+        )
+        write_predictions(
+            self.run_dir / "predictions.parquet", self.run.get("test_rows_file"), logits, self.tok.label_names
+        )
         return {"predictions": preds.tolist(), "logits": logits}
 
     def _gather_memory(self, metrics: dict) -> None:
         """Memory is per device: keep each process's peaks, headline the largest."""
         import torch.distributed as dist
-        keys = ("peak_memory_allocated_mb", "peak_memory_reserved_mb", "peak_device_memory_mb", "peak_host_rss_mb")
+
+        keys = (
+            "peak_memory_allocated_mb",
+            "peak_memory_reserved_mb",
+            "peak_device_memory_mb",
+            "peak_host_rss_mb",
+        )
         per: list = [None] * self.world
         dist.all_gather_object(per, {k: metrics[k] for k in keys})
         metrics["per_process"] = per
@@ -539,8 +711,17 @@ class Recipe:
         if not (self.run["evaluate_test"] and self.run.get("verify_reload", True)):
             return artefact, None
         t = time.perf_counter()
-        reload = verify_reload(self.run, self.run_dir, self.tok, test["logits"], self.device, self.amp, self.pad_id,
-                               self.max_len, self.eval_batch_size())
+        reload = verify_reload(
+            self.run,
+            self.run_dir,
+            self.tok,
+            test["logits"],
+            self.device,
+            self.amp,
+            self.pad_id,
+            self.max_len,
+            self.eval_batch_size(),
+        )
         self.phases["reload_check"] = time.perf_counter() - t
         return artefact, reload
 
@@ -556,9 +737,14 @@ class Recipe:
             longest = min(int(self.lengths.max()), self.max_len or 1 << 30)
             width = math.ceil(longest / self.pad_multiple) * self.pad_multiple
             epoch_s = step_s / (micro * width) * widths
-        plan.update(epoch_seconds=epoch_s, run_seconds=epoch_s * self.cfg["epochs"] if epoch_s else None,
-                    base_dtype=self.base_dtype_name(), optimizer=self.cfg.get("optimizer", "adamw"),
-                    model_load_seconds=self.load_seconds, trainable_params=int(self.trainable))
+        plan.update(
+            epoch_seconds=epoch_s,
+            run_seconds=epoch_s * self.cfg["epochs"] if epoch_s else None,
+            base_dtype=self.base_dtype_name(),
+            optimizer=self.cfg.get("optimizer", "adamw"),
+            model_load_seconds=self.load_seconds,
+            trainable_params=int(self.trainable),
+        )
         return plan
 
     def _padded_tokens_per_epoch(self) -> int:

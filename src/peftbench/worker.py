@@ -26,14 +26,29 @@ from . import faults, store
 from .devices import is_oom
 from .errors import Diverged, SkipRun, UserError
 
-PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "numpy", "scikit-learn", "peftbench")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "bitsandbytes",
+    "numpy",
+    "scikit-learn",
+    "peftbench",
+)
 
 
 def environment(device: str) -> dict:
     from importlib.metadata import PackageNotFoundError, version
-    env = {"python": platform.python_version(), "platform": platform.platform(), "host": socket.gethostname(),
-           "worker": os.environ.get("PEFTBENCH_WORKER", "process"),
-           "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "packages": {}}
+
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "worker": os.environ.get("PEFTBENCH_WORKER", "process"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "packages": {},
+    }
     for p in PACKAGES:
         try:
             env["packages"][p] = version(p)
@@ -41,17 +56,31 @@ def environment(device: str) -> dict:
             env["packages"][p] = None
     try:
         import torch
-        env["device"] = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
+
+        env["device"] = (
+            torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
+        )
         env["cuda"] = torch.version.cuda
         env["torch_threads"] = torch.get_num_threads()
     except Exception:
         env["device"] = device
     src = Path(__file__).resolve().parent
     try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True,
-                                           timeout=5).stdout.strip() or None
-        env["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=src,
-                                               capture_output=True, text=True, timeout=5).stdout.strip())
+        env["git_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
+        env["git_dirty"] = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--", "."],
+                cwd=src,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+        )
     except (OSError, subprocess.SubprocessError):
         env["git_commit"] = None
     return env
@@ -59,13 +88,29 @@ def environment(device: str) -> dict:
 
 def base_result(spec: dict) -> dict:
     return {
-        "schema": store.SCHEMA, "run_id": spec["run_id"], "study": spec["study"], "method": spec["method"],
-        "label": spec["label"], "role": spec["role"], "seed": spec["seed"], "learning_rate": spec["learning_rate"],
-        "status": None, "error": None, "config_hash": spec["config_hash"], "config": spec,
-        "metrics": {}, "history": [],
-        "splits": {"test_accuracy": "test", "test_macro_f1": "test", "validation_accuracy": "validation",
-                   "history.validation_accuracy": "validation", "history.train_loss": "train"},
-        "started_at": time.time(), "finished_at": None,
+        "schema": store.SCHEMA,
+        "run_id": spec["run_id"],
+        "study": spec["study"],
+        "method": spec["method"],
+        "label": spec["label"],
+        "role": spec["role"],
+        "seed": spec["seed"],
+        "learning_rate": spec["learning_rate"],
+        "status": None,
+        "error": None,
+        "config_hash": spec["config_hash"],
+        "config": spec,
+        "metrics": {},
+        "history": [],
+        "splits": {
+            "test_accuracy": "test",
+            "test_macro_f1": "test",
+            "validation_accuracy": "validation",
+            "history.validation_accuracy": "validation",
+            "history.train_loss": "train",
+        },
+        "started_at": time.time(),
+        "finished_at": None,
         # The machine's 1-minute load when the run started, beside its cores: timings from a loaded machine.
         "load": {"start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "cpus": os.cpu_count()},
     }
@@ -77,11 +122,14 @@ def _run_with_retries(spec: dict, run_dir: Path, progress: bool, attempts: list[
     from .data import Tokenized
     from .tfidf import tfidf_run
     from .train import train_run
+
     if spec["method"] == "tfidf":
         import numpy as np
+
         d = json.loads(Path(spec["texts_file"]).read_text())
-        return tfidf_run(spec, d["texts"], {k: np.array(v) for k, v in d["labels"].items()},
-                         spec["label_names"], run_dir)
+        return tfidf_run(
+            spec, d["texts"], {k: np.array(v) for k, v in d["labels"].items()}, spec["label_names"], run_dir
+        )
     t = time.perf_counter()
     tok = Tokenized.load(Path(spec["tokens_file"]))
     data_seconds = time.perf_counter() - t
@@ -116,14 +164,19 @@ def execute_plan(run_dir: Path, spec: dict) -> dict:
     """The memory plan of one run (`peftbench plan`), written to RUN_DIR/plan.json."""
     from .data import Tokenized
     from .train import plan_run
+
     plan = {"run_id": spec["run_id"], "label": spec["label"], "method": spec["method"], "status": "planned"}
     try:
         plan.update(plan_run(spec, Tokenized.load(Path(spec["tokens_file"])), run_dir))
     except SkipRun as e:
         plan.update(status="does not fit" if "does not fit" in str(e) else "skipped", error=str(e))
     except (UserError, Exception) as e:
-        plan.update(status="failed", error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
-                    if str(e).strip() else type(e).__name__)
+        plan.update(
+            status="failed",
+            error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+            if str(e).strip()
+            else type(e).__name__,
+        )
     store.atomic_write_json(run_dir / "plan.json", plan)
     return plan
 
@@ -141,9 +194,15 @@ def execute_run(run_dir: Path, progress: bool = True) -> dict:
     faults.at_start(spec["run_id"])
     try:
         out = _run_with_retries(spec, run_dir, progress, attempts)
-        result.update(status="success", metrics=out["metrics"], history=out["history"], artefact=out["artefact"],
-                      reload_check=out["reload_check"], attempts=out.get("attempts"),
-                      test_predictions=out["test_predictions"])
+        result.update(
+            status="success",
+            metrics=out["metrics"],
+            history=out["history"],
+            artefact=out["artefact"],
+            reload_check=out["reload_check"],
+            attempts=out.get("attempts"),
+            test_predictions=out["test_predictions"],
+        )
         if out["test_predictions"] is not None:
             result["test_labels_fingerprint"] = spec["data_fingerprint"]
     except SkipRun as e:
@@ -154,9 +213,11 @@ def execute_run(run_dir: Path, progress: bool = True) -> dict:
         result.update(status="failed", error=str(e))
     except Exception as e:
         oom = is_oom(e)
-        result.update(status="oom" if oom else "failed",
-                      error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
-                      attempts=attempts or None)
+        result.update(
+            status="oom" if oom else "failed",
+            error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
+            attempts=attempts or None,
+        )
         (run_dir / "error.log").write_text(traceback.format_exc())
     result["config"]["micro_batch_size_used"] = spec["train"].get("micro_batch_size")
     result["environment"] = environment(spec["device"])
@@ -176,6 +237,7 @@ def die_with_parent() -> None:
         return
     import ctypes
     import signal
+
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -193,9 +255,11 @@ def main() -> None:
     faulthandler.enable(file=crash)  # a segfault leaves its stack here for the parent to report
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import warnings
+
     warnings.filterwarnings("ignore")
     try:
         from transformers.utils import logging as hf_logging
+
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     except Exception:
@@ -203,6 +267,7 @@ def main() -> None:
     if world > 1:  # launched by torchrun for `gpus_per_run` > 1
         import torch
         import torch.distributed as dist
+
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -213,6 +278,7 @@ def main() -> None:
     faults.at_end(run_dir.name)
     if world > 1:
         import torch.distributed as dist
+
         dist.destroy_process_group()
     faulthandler.disable()
     crash.close()
