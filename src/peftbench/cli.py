@@ -44,86 +44,27 @@ def _size(text: str):
             ) from None
 
 
-def build_study(args) -> tuple[dict, Path]:  # noqa: C901  (28: to split next)
-    """The raw study dict from a file or preset, with command-line overrides applied, and its out dir."""
-    from . import config
-
-    if args.study and args.preset:
-        raise UserError("give a study file or --preset, not both")
-    if args.preset:
-        raw = config.load_preset(args.preset)
-    elif args.study:
-        raw = config.load_yaml(Path(args.study))
-        if not isinstance(raw, dict):
-            raise UserError(f"study file {args.study}: must be a YAML mapping with model, data and methods")
-    elif args.model or args.data:  # flags alone: the quick preset's protocol over all of the given data
-        raw = {**config.load_preset("quick"), "name": "cli", "data": {}}
-    else:
-        raise UserError(
-            "give a study file (peftbench run STUDY.yaml), a preset (peftbench run --preset quick) "
-            "or --model/--data"
-        )
-    raw = dict(raw)
-    data = dict(raw.get("data") or {}) if isinstance(raw.get("data", {}), dict) else raw.get("data")
-    if isinstance(data, dict):
-        if args.data:
-            data["path"], data["name"] = args.data, None
-        elif not data.get("path") and not data.get("name"):
-            data["path"] = config.default_data_path()
-            if data["path"] == config.sample_data_path():
-                print(
-                    "peftbench: data: the IMDb sample shipped with peftbench (2,000 train / 1,000 test "
-                    "reviews); "
-                    "--data DIR for the full copy or your own",
-                    file=sys.stderr,
-                )
-        for key, val in (
-            ("train_size", args.train_size),
-            ("test_size", args.test_size),
-            ("label_column", args.label_column),
-            ("text_column", _list(args.text_column, True)),
-            ("label_names", _list(args.label_names)),
-            ("columns", _list(args.columns)),
-        ):
-            if val is not None:
-                data[key] = val
-        raw["data"] = data
+def build_study(args) -> tuple[dict, Path]:
+    """The raw study dict from a file, a preset or flags alone, with command-line overrides applied, and its
+    output folder."""
+    raw = dict(_base_study(args))
+    if isinstance(raw.get("data", {}), dict):
+        raw["data"] = _data_overrides(dict(raw.get("data") or {}), args)
     if args.model:
         raw["model"] = args.model
-    if args.methods:  # a method the study already configures keeps its settings; others get the defaults
-        known = {}
-        for e in raw.get("methods") or []:
-            if isinstance(e, str):
-                known.setdefault(e, e)
-            elif isinstance(e, dict):
-                for key in ("label", "name"):
-                    if isinstance(e.get(key), str):
-                        known.setdefault(e[key], e)
-        raw["methods"] = [known.get(m.strip(), m.strip()) for m in args.methods.split(",") if m.strip()]
-    train = dict(raw.get("train") or {}) if isinstance(raw.get("train", {}), dict) else raw.get("train")
-    if isinstance(train, dict):
-        compile_ = {"off": False, "on": True, "cudagraphs": "cudagraphs"}.get(args.compile)
-        for key, val in (
-            ("epochs", args.epochs),
-            ("learning_rate", args.lr),
-            ("max_length", args.max_length),
-            ("compile", compile_),
-            ("cuda_graphs", {"on": True, "off": False}.get(args.cuda_graphs)),
-        ):
-            if val is not None:
-                train[key] = val
-        raw["train"] = train
+    if args.methods:
+        raw["methods"] = _methods_override(raw.get("methods"), args.methods)
+    if isinstance(raw.get("train", {}), dict):
+        raw["train"] = _train_overrides(dict(raw.get("train") or {}), args)
     if args.seeds is not None:
         raw["seeds"] = _parse_seeds(args.seeds)
     if args.lr_search:
         raw["lr_search"] = True
-    for key in ("device", "parallel", "isolation", "executor", "gpus_per_run"):
+    for key in ("device", "parallel", "isolation", "executor", "gpus_per_run", "gpu_memory"):
         if getattr(args, key) is not None:
             raw[key] = getattr(args, key)
     if args.address is not None:
         raw["ray_address"] = args.address
-    if args.gpu_memory is not None:
-        raw["gpu_memory"] = args.gpu_memory
     if getattr(args, "profile", False):
         raw["profile"] = True
     if args.concurrent_finals:
@@ -131,8 +72,75 @@ def build_study(args) -> tuple[dict, Path]:  # noqa: C901  (28: to split next)
     name = raw.get("name") or (args.preset or (Path(args.study).stem if args.study else "study"))
     from .methods import safe_label  # a study name never becomes a path unsanitised ("../../x" -> "x")
 
-    out = Path(args.out) if args.out else Path("runs") / safe_label(str(name))
-    return raw, out
+    return raw, Path(args.out) if args.out else Path("runs") / safe_label(str(name))
+
+
+def _base_study(args) -> dict:
+    from . import config
+
+    if args.study and args.preset:
+        raise UserError("give a study file or --preset, not both")
+    if args.preset:
+        return config.load_preset(args.preset)
+    if args.study:
+        raw = config.load_yaml(Path(args.study))
+        if not isinstance(raw, dict):
+            raise UserError(f"study file {args.study}: must be a YAML mapping with model, data and methods")
+        return raw
+    if args.model or args.data:  # flags alone: the quick preset's protocol over all of the given data
+        return {**config.load_preset("quick"), "name": "cli", "data": {}}
+    raise UserError(
+        "give a study file (peftbench run STUDY.yaml), a preset (peftbench run --preset quick) or "
+        "--model/--data"
+    )
+
+
+def _data_overrides(data: dict, args) -> dict:
+    from . import config
+
+    if args.data:
+        data["path"], data["name"] = args.data, None
+    elif not data.get("path") and not data.get("name"):
+        data["path"] = config.default_data_path()
+        if data["path"] == config.sample_data_path():
+            print(
+                "peftbench: data: the IMDb sample shipped with peftbench (2,000 train / 1,000 test reviews); "
+                "--data DIR for the full copy or your own",
+                file=sys.stderr,
+            )
+    flags = {
+        "train_size": args.train_size,
+        "test_size": args.test_size,
+        "label_column": args.label_column,
+        "text_column": _list(args.text_column, True),
+        "label_names": _list(args.label_names),
+        "columns": _list(args.columns),
+    }
+    return {**data, **{k: v for k, v in flags.items() if v is not None}}
+
+
+def _methods_override(entries, text: str) -> list:
+    """--methods: a method the study already configures keeps its settings; others get the defaults."""
+    known: dict = {}
+    for e in entries or []:
+        if isinstance(e, str):
+            known.setdefault(e, e)
+        elif isinstance(e, dict):
+            for key in ("label", "name"):
+                if isinstance(e.get(key), str):
+                    known.setdefault(e[key], e)
+    return [known.get(m.strip(), m.strip()) for m in text.split(",") if m.strip()]
+
+
+def _train_overrides(train: dict, args) -> dict:
+    flags = {
+        "epochs": args.epochs,
+        "learning_rate": args.lr,
+        "max_length": args.max_length,
+        "compile": {"off": False, "on": True, "cudagraphs": "cudagraphs"}.get(args.compile),
+        "cuda_graphs": {"on": True, "off": False}.get(args.cuda_graphs),
+    }
+    return {**train, **{k: v for k, v in flags.items() if v is not None}}
 
 
 def cmd_run(args) -> int:

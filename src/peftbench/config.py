@@ -174,59 +174,59 @@ def _check_size(key: str, v, problems: list[str], fraction_ok: bool = False) -> 
         problems.append(f"data.{key}: must be a positive integer{extra}, got {v!r}")
 
 
-def normalise_methods(raw, problems: list[str]) -> list[dict]:  # noqa: C901  (16: to split next)
+def normalise_methods(raw, problems: list[str]) -> list[dict]:
     """Method entries as dicts {name, label, options}; problems appended for bad entries."""
-    out: list[dict] = []
     if not isinstance(raw, list) or not raw:
         problems.append("methods: must be a non-empty list of method names or {name: ..., options} maps")
-        return out
-    for i, entry in enumerate(raw):
-        where = f"methods[{i}]"
-        if isinstance(entry, str):
-            entry = {"name": entry}
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            problems.append(f"{where}: must be a method name or a map with a `name`, got {entry!r}")
-            continue
-        opts = {k: v for k, v in entry.items() if k != "name"}
-        try:
-            method = registry.get(entry["name"])
-        except UserError as e:
-            problems.append(f"{where}: {e}")
-            continue
-        allowed = registry.allowed_options(method, opts)
-        for k in opts:
-            if k not in allowed:
-                problems.append(_unknown(f"{where}", k, allowed))
-        _check_train(where, {k: v for k, v in opts.items() if k in registry.TRAIN_OVERRIDES}, problems)
-        for key in ("targets", "feedforward"):
-            roles = opts.get(key)
-            if roles is not None and (
-                not isinstance(roles, list) or any(r not in registry.ROLES for r in roles)
-            ):
-                problems.append(f"{where}.{key}: must be a list of roles from {', '.join(registry.ROLES)}")
-        for key in ("r", "lora_alpha", "init_r", "target_r", "num_virtual_tokens"):
-            if key in opts and not (_is_int(opts[key]) and opts[key] > 0):
-                problems.append(f"{where}.{key}: must be a positive integer, got {opts[key]!r}")
-        label = opts.pop("label", None)
-        if label is not None and not isinstance(label, str):
-            problems.append(f"{where}.label: must be a string")
-            label = None
-        out.append({"name": method.name, "label": label, "options": opts})
-    # Labels name runs and report rows: make them unique and readable.
+        return []
+    out = [m for i, entry in enumerate(raw) if (m := _method_entry(f"methods[{i}]", entry, problems))]
+    _name_labels(out, problems)
+    return out
+
+
+def _method_entry(where: str, entry, problems: list[str]) -> dict | None:
+    """One method entry checked: its name, its options against the method's, their values."""
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        problems.append(f"{where}: must be a method name or a map with a `name`, got {entry!r}")
+        return None
+    opts = {k: v for k, v in entry.items() if k != "name"}
+    try:
+        method = registry.get(entry["name"])
+    except UserError as e:
+        problems.append(f"{where}: {e}")
+        return None
+    allowed = registry.allowed_options(method, opts)
+    problems += [_unknown(where, k, allowed) for k in opts if k not in allowed]
+    _check_train(where, {k: v for k, v in opts.items() if k in registry.TRAIN_OVERRIDES}, problems)
+    for key in ("targets", "feedforward"):
+        roles = opts.get(key)
+        if roles is not None and (not isinstance(roles, list) or any(r not in registry.ROLES for r in roles)):
+            problems.append(f"{where}.{key}: must be a list of roles from {', '.join(registry.ROLES)}")
+    for key in ("r", "lora_alpha", "init_r", "target_r", "num_virtual_tokens"):
+        if key in opts and not (_is_int(opts[key]) and opts[key] > 0):
+            problems.append(f"{where}.{key}: must be a positive integer, got {opts[key]!r}")
+    label = opts.pop("label", None)
+    if label is not None and not isinstance(label, str):
+        problems.append(f"{where}.label: must be a string")
+        label = None
+    return {"name": method.name, "label": label, "options": opts}
+
+
+def _name_labels(methods: list[dict], problems: list[str]) -> None:
+    """Labels name runs, run folders and report rows: unique and readable, and no two on one folder."""
     seen: dict[str, int] = {}
-    for m in out:
+    for m in methods:
         if m["label"] is None:
-            m["label"] = (
-                m["name"]
-                if not m["options"]
-                else m["name"] + "(" + ",".join(f"{k}={v}" for k, v in sorted(m["options"].items())) + ")"
-            )
+            opts = ",".join(f"{k}={v}" for k, v in sorted(m["options"].items()))
+            m["label"] = f"{m['name']}({opts})" if opts else m["name"]
         base = m["label"]
         seen[base] = seen.get(base, 0) + 1
         if seen[base] > 1:
             m["label"] = f"{base}#{seen[base]}"
-    folders: dict[str, str] = {}  # labels name run folders: two labels must not name one folder
-    for m in out:
+    folders: dict[str, str] = {}
+    for m in methods:
         other = folders.setdefault(registry.safe_label(m["label"]), m["label"])
         if other != m["label"]:
             problems.append(
@@ -234,7 +234,6 @@ def normalise_methods(raw, problems: list[str]) -> list[dict]:  # noqa: C901  (1
                 f"({registry.safe_label(m['label'])!r}); make them differ in letters, digits, '-', '_' "
                 "or '.'"
             )
-    return out
 
 
 MAX_SEED_COUNT = 20

@@ -290,28 +290,7 @@ def load(spec: dict) -> StudyData:
     labels = {s: np.array([to_id[v] for v in raw[s]], dtype=np.int64) for s in ("train", "test")}
 
     rng = np.random.default_rng(spec["seed"])
-    pool = len(texts["train"])
-    n_train = spec["train_size"] or None
-    vs = spec["validation_size"]
-    n_val = vs if isinstance(vs, int) else max(len(values), round(vs * (n_train or pool)))
-    if n_train is not None and n_train + n_val <= pool:
-        # Enough rows: the training subset keeps its full size and validation comes from the rest.
-        tr = stratified_sample(labels["train"], n_train, rng)
-        rest = np.setdiff1d(np.arange(pool), tr)
-        va = rest[stratified_sample(labels["train"][rest], n_val, rng)]
-        origin = "validation drawn from train-split rows outside the training subset"
-    else:
-        if n_train is not None and n_train > pool:
-            raise UserError(
-                f"data.train_size {n_train} is larger than the train split ({pool} rows); lower it"
-            )
-        base = stratified_sample(labels["train"], n_train or pool, rng)
-        if n_val >= len(base):
-            raise UserError(f"data.validation_size {n_val} leaves no training rows; lower it")
-        va_pos = stratified_sample(labels["train"][base], n_val, rng)
-        va = base[va_pos]
-        tr = np.setdiff1d(base, va)
-        origin = "validation carved out of the training subset"
+    tr, va, origin = _train_validation(labels["train"], spec, len(values), rng)
     n_test = spec["test_size"] if file_rows is None else None  # a carved test split has its size already
     if isinstance(n_test, float):
         n_test = max(len(values), round(n_test * len(texts["test"])))
@@ -342,6 +321,28 @@ def load(spec: dict) -> StudyData:
             "overlap": check_overlap(split_texts, spec.get("allow_overlap", False)),
         },
     )
+
+
+def _train_validation(labels: np.ndarray, spec: dict, n_classes: int, rng) -> tuple:
+    """The training subset and the validation subset (disjoint, stratified) of the train split's rows, and
+    how validation was drawn."""
+    pool = len(labels)
+    n_train = spec["train_size"] or None
+    vs = spec["validation_size"]
+    n_val = vs if isinstance(vs, int) else max(n_classes, round(vs * (n_train or pool)))
+    if n_train is not None and n_train + n_val <= pool:
+        # Enough rows: the training subset keeps its full size and validation comes from the rest.
+        tr = stratified_sample(labels, n_train, rng)
+        rest = np.setdiff1d(np.arange(pool), tr)
+        va = rest[stratified_sample(labels[rest], n_val, rng)]
+        return tr, va, "validation drawn from train-split rows outside the training subset"
+    if n_train is not None and n_train > pool:
+        raise UserError(f"data.train_size {n_train} is larger than the train split ({pool} rows); lower it")
+    base = stratified_sample(labels, n_train or pool, rng)
+    if n_val >= len(base):
+        raise UserError(f"data.validation_size {n_val} leaves no training rows; lower it")
+    va = base[stratified_sample(labels[base], n_val, rng)]
+    return np.setdiff1d(base, va), va, "validation carved out of the training subset"
 
 
 def _carve_test(df, spec: dict) -> tuple[dict, dict]:

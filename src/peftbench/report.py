@@ -477,95 +477,96 @@ def _plain(text: str) -> str:
 
 
 def _plots(study: dict, out_dir: Path) -> dict[str, Path]:
+    """Accuracy against memory, time and trainable parameters (with the Pareto front), and learning curves."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    rows = _ok_rows(study)
     gpu = study["gpu"]
-    files: dict[str, Path] = {}
     mem_label = "peak GPU memory, device figure (MB)" if gpu else "peak host memory (MB, CPU study)"
     specs = [
         ("accuracy_vs_memory", lambda r: memory_of(r, gpu), mem_label, False),
         ("accuracy_vs_time", lambda r: r["train_seconds"]["mean"], "training time (s)", False),
         ("accuracy_vs_params", lambda r: r["trainable_params"]["mean"], "trainable parameters", True),
     ]
+    files: dict[str, Path] = {}
     for name, xf, xlabel, logx in specs:
-        pts = [
-            (r["label"], xf(r), r["test_accuracy"]["mean"], r["test_accuracy"])
-            for r in rows
-            if xf(r) is not None
-        ]
-        if not pts:
-            continue
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        front = set(pareto_front([(n, x, y) for n, x, y, _ in pts]))
-        for i, (n, x, y, a) in enumerate(sorted(pts, key=lambda p: (p[2], p[1]))):
-            err = None if a["ci_low"] is None else [[y - a["ci_low"]], [a["ci_high"] - y]]
-            ax.errorbar(
-                [x], [y], yerr=err, fmt="o", ms=8, capsize=3, color="tab:red" if n in front else "tab:blue"
+        pts = [(r["label"], xf(r), _acc(r), r["test_accuracy"]) for r in _ok_rows(study) if xf(r) is not None]
+        if pts:
+            files[name] = _scatter(
+                pts,
+                xlabel,
+                logx,
+                f"{study['name']}: accuracy vs {xlabel.split(' (')[0]}",
+                out_dir / f"{name}.png",
             )
-            # Neighbours in accuracy get labels at staggered heights, so that crowded points stay readable.
-            ax.annotate(
-                _plain(n), (x, y), textcoords="offset points", xytext=(6, 4 + 9 * (i % 3) - 9), fontsize=8
-            )
-        fp = sorted([(x, y) for n, x, y, _ in pts if n in front])
-        if len(fp) > 1:
-            ax.step([p[0] for p in fp], [p[1] for p in fp], where="post", color="tab:red", alpha=0.5)
-        ax.plot([], [], "o", color="tab:red", label="on the Pareto front (nothing better on both axes)")
-        ax.plot([], [], "o", color="tab:blue", label="dominated")
-        ax.legend(loc="best", fontsize=8)
-        if logx:
-            ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy")
-        ax.set_title(_plain(f"{study['name']}: accuracy vs {xlabel.split(' (')[0]}"), fontsize=10)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files[name] = path
     curves = [r for r in study["finals"] if r["status"] == "success" and r.get("history")]
     if curves:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-        seen = set()
-        for r in sorted(curves, key=lambda r: (r["label"], r["seed"])):
-            h = r["history"]
-            lab = _plain(r["label"]) if r["label"] not in seen else None
-            seen.add(r["label"])
-            color = f"C{sorted({c['label'] for c in curves}).index(r['label']) % 10}"
-            a1.plot(
-                [x["epoch"] for x in h],
-                [x["validation_accuracy"] for x in h],
-                "o-",
-                color=color,
-                label=lab,
-                alpha=0.8,
-            )
-            if any(x.get("train_loss") is not None for x in h):
-                a2.plot(
-                    [x["epoch"] for x in h],
-                    [x["train_loss"] for x in h],
-                    "o-",
-                    color=color,
-                    label=lab,
-                    alpha=0.8,
-                )
-        a1.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy per epoch")
-        a2.set(xlabel="epoch", ylabel="mean train loss", title="train loss per epoch")
-        for a in (a1, a2):
-            a.grid(alpha=0.3)
-            a.legend(fontsize=8)
-            a.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
-        fig.tight_layout()
-        path = out_dir / "learning_curves.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files["learning_curves"] = path
+        files["learning_curves"] = _learning_curves(curves, out_dir / "learning_curves.png")
     return files
+
+
+def _scatter(pts: list[tuple], xlabel: str, logx: bool, title: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    front = set(pareto_front([(n, x, y) for n, x, y, _ in pts]))
+    for i, (n, x, y, a) in enumerate(sorted(pts, key=lambda p: (p[2], p[1]))):
+        err = None if a["ci_low"] is None else [[y - a["ci_low"]], [a["ci_high"] - y]]
+        ax.errorbar(
+            [x], [y], yerr=err, fmt="o", ms=8, capsize=3, color="tab:red" if n in front else "tab:blue"
+        )
+        # Neighbours in accuracy get labels at staggered heights, so that crowded points stay readable.
+        ax.annotate(
+            _plain(n), (x, y), textcoords="offset points", xytext=(6, 4 + 9 * (i % 3) - 9), fontsize=8
+        )
+    fp = sorted([(x, y) for n, x, y, _ in pts if n in front])
+    if len(fp) > 1:
+        ax.step([p[0] for p in fp], [p[1] for p in fp], where="post", color="tab:red", alpha=0.5)
+    ax.plot([], [], "o", color="tab:red", label="on the Pareto front (nothing better on both axes)")
+    ax.plot([], [], "o", color="tab:blue", label="dominated")
+    ax.legend(loc="best", fontsize=8)
+    if logx:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel="test accuracy")
+    ax.set_title(_plain(title), fontsize=10)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _learning_curves(curves: list[dict], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    labels = sorted({c["label"] for c in curves})
+    seen = set()
+    for r in sorted(curves, key=lambda r: (r["label"], r["seed"])):
+        epochs = [x["epoch"] for x in r["history"]]
+        style = {
+            "color": f"C{labels.index(r['label']) % 10}",
+            "alpha": 0.8,
+            "label": _plain(r["label"]) if r["label"] not in seen else None,
+        }
+        seen.add(r["label"])
+        a1.plot(epochs, [x["validation_accuracy"] for x in r["history"]], "o-", **style)
+        if any(x.get("train_loss") is not None for x in r["history"]):
+            a2.plot(epochs, [x["train_loss"] for x in r["history"]], "o-", **style)
+    a1.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy per epoch")
+    a2.set(xlabel="epoch", ylabel="mean train loss", title="train loss per epoch")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _problems(study: dict) -> list[str]:
