@@ -60,8 +60,7 @@ class StepGraphs:
             (world > 1, "data-parallel run"),
             (bool(compiled), "torch.compile'd run"),
             (micro < train["batch_size"], "gradient accumulation"),
-            (prefixed, "prefix tuning"),
-            (bool(method.step_hook), "per-step hook (AdaLoRA)"),
+            (prefixed or method.graph_blocker is not None, method.graph_blocker or "prefix tuning"),
             (checkpointing, "gradient checkpointing"),
             (
                 n_params >= GRAPHS_MAX_PARAMS,

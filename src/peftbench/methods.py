@@ -5,10 +5,13 @@ class, its default options and its default learning rate with the source of that
 modules are given as *roles* (q, k, v, o, ffn_in, ffn_out) that `ARCH_ROLES` translates per
 architecture, so one entry serves BERT, RoBERTa, DeBERTa, ModernBERT and Llama-style decoders.
 
-Methods that need special handling say so with `kind` (and are handled in `models.build_model`), or
-through their PEFT config, handled in `train.py` by what the config says rather than by name: prefix
-tuning (`model_forward`: transformers 5.2x renamed the cache argument PEFT's forward looks for) and
-PiSSA-style initialisations (`save_model`: saved as a plain LoRA adapter on the original base).
+What a method does differently is said on its entry: `kind` (how `models.build_model` applies it),
+`quantize` (QLoRA is LoRA with a 4-bit base), `prompt` (soft prompts and prefixes take context positions;
+prefixes also keep the run off CUDA graphs) and `after_step` (AdaLoRA's rank reallocation after each
+step). Two behaviours follow the PEFT config a model carries, so that evaluation and `predict` find them
+on any reloaded model too: prefix tuning's forward (`batches.model_forward`: transformers 5.2x renamed the
+cache argument PEFT's forward looks for) and PiSSA-style initialisations (`artefacts.save_model`: saved as
+a plain LoRA adapter on the original base).
   full       every weight trains
   peft       a PEFT adapter (+ `quantize=True`: QLoRA, a 4-bit NF4 base from bitsandbytes)
   head       frozen encoder, only the classifier (and newly initialised modules) train
@@ -19,6 +22,7 @@ PiSSA-style initialisations (`save_model`: saved as a plain LoRA adapter on the 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import UserError
@@ -112,8 +116,35 @@ class Method:
     description: str
     peft_config: str | None = None  # class name in `peft`, e.g. "LoraConfig"
     options: dict = field(default_factory=dict)  # default PEFT options; roles under "targets"
-    quantize: bool = False  # 4-bit NF4 base (QLoRA)
-    step_hook: bool = False  # needs `update_and_allocate(step)` after each step (AdaLoRA)
+    quantize: bool = False  # 4-bit NF4 base (QLoRA is LoRA with quantize=True)
+    prompt: str | None = (
+        None  # "soft": virtual tokens before the input; "prefix": key/value prefixes per layer
+    )
+    after_step: Callable | None = None  # called as after_step(model, step) after each optimizer step
+
+    @property
+    def takes_positions(self) -> bool:
+        """Soft prompts and prefixes take positions of the model's context."""
+        return self.prompt is not None
+
+    @property
+    def has_targets(self) -> bool:
+        """Whether the method adapts target modules (soft prompts adapt none)."""
+        return self.kind == "peft" and self.prompt != "soft"
+
+    @property
+    def graph_blocker(self) -> str | None:
+        """Why this method's training steps cannot be replayed from CUDA graphs (None: they can)."""
+        if self.prompt == "prefix":
+            return "prefix tuning"
+        if self.after_step is not None:
+            return f"per-step hook ({self.name})"
+        return None
+
+
+def _reallocate_ranks(model, step: int) -> None:
+    """AdaLoRA reads the gradients to reallocate ranks: after the optimizer step, before zero_grad."""
+    model.base_model.update_and_allocate(step)
 
 
 _LORA_SRC = "Hu et al. 2021 (LoRA), Table 9: roberta-base, r=8, alpha=8, lr 4e-4..5e-4, batch 16"
@@ -216,7 +247,7 @@ METHODS: dict[str, Method] = {
             "AdaLoRA: LoRA whose rank budget is reallocated during training",
             "AdaLoraConfig",
             {"init_r": 8, "target_r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "targets": ["q", "v"]},
-            step_hook=True,
+            after_step=_reallocate_ranks,
         ),
         Method(
             "vera",
@@ -264,6 +295,7 @@ METHODS: dict[str, Method] = {
             "prompt tuning: 20 trained soft-prompt tokens",
             "PromptTuningConfig",
             {"num_virtual_tokens": 20},
+            prompt="soft",
         ),
         Method(
             "p_tuning",
@@ -273,6 +305,7 @@ METHODS: dict[str, Method] = {
             "P-tuning: soft prompts produced by a small MLP encoder",
             "PromptEncoderConfig",
             {"num_virtual_tokens": 20, "encoder_hidden_size": 128},
+            prompt="soft",
         ),
         Method(
             "prefix_tuning",
@@ -284,6 +317,7 @@ METHODS: dict[str, Method] = {
             "prefix tuning: 20 trained key/value prefixes in every layer",
             "PrefixTuningConfig",
             {"num_virtual_tokens": 20},
+            prompt="prefix",
         ),
         Method(
             "ln_tuning",

@@ -81,7 +81,7 @@ class Study:
             )
         for m in cfg["methods"]:
             meth = registry.get(m["name"])
-            if meth.kind == "peft" and meth.peft_config not in ("PromptTuningConfig", "PromptEncoderConfig"):
+            if meth.has_targets:
                 opts = {**meth.options, **m["options"]}
                 if "target_modules" not in opts:
                     registry.targets_regex(mconf.model_type, opts.get("targets", []))
@@ -174,11 +174,7 @@ class Study:
         opts, overrides = registry.split_options(method, entry["options"])
         train = {**cfg["train"], **overrides}
         train["learning_rate"] = lr
-        virtual = (
-            opts.get("num_virtual_tokens", 0)
-            if method.peft_config in ("PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig")
-            else 0
-        )
+        virtual = opts.get("num_virtual_tokens", 0) if method.takes_positions else 0
         eff = None
         if virtual and self.max_positions and train["max_length"] + virtual > self.max_positions:
             eff = self.max_positions - virtual  # soft prompts and prefixes take positions too

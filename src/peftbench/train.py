@@ -483,8 +483,8 @@ class Recipe:
         self.optimizer.step()
         self.scheduler.step()
         self.global_step += 1
-        if self.method.step_hook:  # AdaLoRA reads the gradients to reallocate ranks: before zero_grad
-            self.model.base_model.update_and_allocate(self.global_step)
+        if self.method.after_step is not None:  # the method's own per-step work (AdaLoRA), before zero_grad
+            self.method.after_step(self.model, self.global_step)
         self.optimizer.zero_grad(
             set_to_none=self.graphs is None
         )  # graphs write into the same gradient tensors
