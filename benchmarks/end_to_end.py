@@ -196,9 +196,8 @@ def main() -> None:
     rows: dict = {"argv": sys.argv[1:], "torch": speed.torch.__version__}
 
     def save() -> None:  # after every part: a run cut off by a time limit keeps what it measured
-        side = (
-            "peftbench" if "peftbench" in rows else "peftbench_parallel"
-        )  # --no-sequential: the parallel one
+        # --no-sequential: the parallel one
+        side = "peftbench" if "peftbench" in rows else "peftbench_parallel"
         if len(seeds) > 1 and "trainer" in rows and side in rows:
             rows["accuracy_check"] = accuracy_check(
                 rows["trainer"]["per_method"], rows[side]["test_accuracy"], side
@@ -233,9 +232,8 @@ def main() -> None:
         per = {}
         for seed in seeds:
             for m in methods:
-                spec = speed.spec_for(
-                    study, m, study.model_path, None, "peftbench"
-                )  # the seed protocol's epochs
+                # the seed protocol's epochs
+                spec = speed.spec_for(study, m, study.model_path, None, "peftbench")
                 r = speed.run_trainer(
                     spec, tok, study.pad_token_id or 0, a.max_length, evaluate=True, seed=seed
                 )

@@ -296,9 +296,8 @@ def main() -> None:
                     json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
                     flush=True,
                 )
-                Path(a.out).parent.mkdir(
-                    parents=True, exist_ok=True
-                )  # after every row: a cut-off run keeps its rows
+                # after every row: a cut-off run keeps its rows
+                Path(a.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(a.out).write_text(
                     json.dumps({"rows": rows, "torch": torch.__version__, "argv": sys.argv[1:]}, indent=1)
                 )

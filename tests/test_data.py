@@ -41,6 +41,7 @@ def test_text_column_list_is_joined(tmp_path):
         pd.DataFrame(
             {"title": ["a", "b"] * 10, "body": ["good film", "bad film"] * 10, "y": [1, 0] * 10}
         ).to_parquet(folder / f"{split}.parquet")
+    # two texts, repeated: all overlap
     d = data_mod.load(
         spec(
             folder,
@@ -50,7 +51,7 @@ def test_text_column_list_is_joined(tmp_path):
             validation_size=4,
             allow_overlap=True,
         )
-    )  # two texts, repeated: all overlap
+    )
     assert all(t in ("a | good film", "b | bad film") for t in d.texts["train"])
 
 

@@ -44,9 +44,8 @@ def test_graphed_steps_train_like_eager_ones(no_dropout_encoder, tiny_data, tmp_
     for res in (graphed, eager):
         assert res["status"] == "success", res.get("error")
     g = graphed["metrics"]["cuda_graphs"]
-    assert g["failed"] is None and g["graphs"] >= 2 and g["eager_steps"] == 1, (
-        g
-    )  # one eager step, then graphs
+    # one eager step, then graphs
+    assert g["failed"] is None and g["graphs"] >= 2 and g["eager_steps"] == 1, g
     assert eager["metrics"]["cuda_graphs"] == "off (cuda_graphs: false)"
     for hg, he in zip(graphed["history"], eager["history"]):
         assert hg["train_loss"] == pytest.approx(he["train_loss"], rel=2e-3)

@@ -214,9 +214,8 @@ def test_ready_4d_mask_only_where_it_changes_nothing(family, attn, wrap, want):
     seqs = [np.arange(2, 2 + n) % 120 + 2 for n in (5, 9, 14, 20, 7)]
     mode = train.choose_mask_mode(model, seqs, pad_id=0, device="cpu", probe_on_cpu=True)
     assert mode == want
-    assert (
-        train.choose_mask_mode(model, seqs, pad_id=0, device="cpu") == "2d"
-    )  # no probe on the CPU by default
+    # no probe on the CPU by default
+    assert train.choose_mask_mode(model, seqs, pad_id=0, device="cpu") == "2d"
     ids, mask = train.collate(seqs[2:], 0)
     model.eval()
     with torch.no_grad():

@@ -320,9 +320,8 @@ def test_gpu_memory_is_the_figure_that_decides_an_oom_and_names_a_card():
 
 
 def test_wilson_interval_known_values():
-    low, high = stats.wilson(
-        0.9, 100
-    )  # the Wilson score interval, as statsmodels' proportion_confint gives it
+    # the Wilson score interval, as statsmodels' proportion_confint gives it
+    low, high = stats.wilson(0.9, 100)
     assert low == pytest.approx(0.8256, abs=1e-4) and high == pytest.approx(0.9448, abs=1e-4)
     assert stats.wilson(1.0, 20)[1] == 1.0 and stats.wilson(0.0, 20)[0] == 0.0
 

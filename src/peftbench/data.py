@@ -84,9 +84,8 @@ def _read_file(path: Path, label_column: str | None = None, columns: list[str] |
             # Labels as written: '01' and '1' are two classes, not one (ints are restored in _raw_labels).
             dtype = {label_column: str} if label_column else None
             sep = "\t" if path.suffix == ".tsv" else ","
-            header = (
-                {"header": None, "names": columns} if columns else {}
-            )  # data.columns: a file without header
+            # data.columns: a file without header
+            header = {"header": None, "names": columns} if columns else {}
             return pd.read_csv(
                 path, encoding="utf-8", keep_default_na=False, na_values=[""], dtype=dtype, sep=sep, **header
             )

@@ -26,9 +26,10 @@ def mean_ci(
     mean = float(vals.mean())
     if n < 2:
         return {"mean": mean, "std": None, "ci_low": None, "ci_high": None, "n": 1}
+    # Student's t quantile; scipy.stats would add ~1 s of imports to a report
     from scipy.special import (
         stdtrit,
-    )  # Student's t quantile; scipy.stats would add ~1 s of imports to a report
+    )
 
     std = float(vals.std(ddof=1))
     half = float(stdtrit(n - 1, 0.5 + conf / 2) * std / math.sqrt(n))

@@ -155,9 +155,8 @@ class Recipe:
             import torch
 
             t = time.perf_counter()
-            torch.zeros(
-                1, device=self.device
-            )  # the CUDA context: its cost is the run's, not the first step's
+            # the CUDA context: its cost is the run's, not the first step's
+            torch.zeros(1, device=self.device)
             self.phases["cuda_init"] = time.perf_counter() - t
             budget = self.run.get("gpu_memory_bytes")
             if budget:
@@ -485,23 +484,13 @@ class Recipe:
         self.global_step += 1
         if self.method.after_step is not None:  # the method's own per-step work (AdaLoRA), before zero_grad
             self.method.after_step(self.model, self.global_step)
-        self.optimizer.zero_grad(
-            set_to_none=self.graphs is None
-        )  # graphs write into the same gradient tensors
+        # The graphs write into the same gradient tensors: keep them, zeroed.
+        self.optimizer.zero_grad(set_to_none=self.graphs is None)
 
     def validate(self, epoch: int) -> None:
         """Validation accuracy after the epoch; a non-finite training loss ends the run as diverged."""
         t1 = time.perf_counter()
-        val_logits = predict_logits(
-            self.model,
-            self.tok.ids["validation"],
-            self.eval_batch_size(),
-            self.device,
-            self.amp,
-            self.pad_id,
-            self.max_len,
-            self.mask_mode,
-        )
+        val_logits = self.logits("validation")
         val_acc = float((val_logits.argmax(-1) == self.tok.labels["validation"]).mean())
         self.val_seconds += time.perf_counter() - t1
         loss = float(self.loss_sum.item() / len(self.batches))
@@ -530,6 +519,19 @@ class Recipe:
         if self.cfg["select_best_epoch"] and val_acc > self.best["acc"]:
             state = {k: v.cpu() for k, v in trainable_state(self.model).items()}
             self.best = {"acc": val_acc, "epoch": epoch + 1, "state": state}
+
+    def logits(self, split: str):
+        """The model's logits on a split, in the split's order (evaluation mode, length-sorted batches)."""
+        return predict_logits(
+            self.model,
+            self.tok.ids[split],
+            self.eval_batch_size(),
+            self.device,
+            self.amp,
+            self.pad_id,
+            self.max_len,
+            self.mask_mode,
+        )
 
     def eval_batch_size(self) -> int:
         """Rows per evaluation batch: eval_batch_size, but no more than a training micro-batch where memory
@@ -662,16 +664,7 @@ class Recipe:
             return {}
         sync(self.device)
         t = time.perf_counter()
-        logits = predict_logits(
-            self.model,
-            self.tok.ids["test"],
-            self.eval_batch_size(),
-            self.device,
-            self.amp,
-            self.pad_id,
-            self.max_len,
-            self.mask_mode,
-        )
+        logits = self.logits("test")
         sync(self.device)
         metrics["eval_seconds"] = time.perf_counter() - t
         preds = logits.argmax(-1)
