@@ -545,3 +545,22 @@ def test_progress_off_a_terminal_is_one_line_per_event(tiny_encoder, tiny_data, 
     lines = [ln for ln in proc.stderr.splitlines() if "epoch" in ln]
     assert [ln.split(",")[0].strip() for ln in lines] == ["ia3: epoch 1/2", "ia3: epoch 2/2"], proc.stderr
     assert any(ln.strip().startswith("ia3-final-") and "test acc" in ln for ln in proc.stdout.splitlines())
+
+
+def test_a_lock_held_by_a_live_process_is_refused_and_a_dead_ones_taken_over(tmp_path):
+    import subprocess
+
+    code = (
+        "import sys, time\nfrom peftbench.store import StudyLock\nStudyLock(sys.argv[1]).__enter__()\n"
+        "print('locked', flush=True)\ntime.sleep(120)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=f"another peftbench \\(pid {holder.pid}\\)"):
+            store.StudyLock(tmp_path).__enter__()
+    finally:
+        holder.kill()
+        holder.wait()
+    with store.StudyLock(tmp_path):  # the dead holder's lock is gone with it
+        assert (tmp_path / ".peftbench.lock").read_text() == str(os.getpid())
