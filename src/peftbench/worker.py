@@ -238,11 +238,12 @@ def die_with_parent() -> None:
     import ctypes
     import signal
 
+    parent = os.getppid()  # not "is it 1": the CLI itself may be PID 1 in a container
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the parent died before the line above: nobody is waiting for this run
+    if os.getppid() != parent:  # the parent died before the line above: nobody is waiting for this run
         os._exit(1)
 
 
