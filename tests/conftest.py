@@ -91,9 +91,10 @@ def _tokenizer(folder: Path):
     return tok
 
 
-def make_tiny_encoder(folder: Path) -> Path:
+def make_tiny_encoder(folder: Path, dropout: bool = True) -> Path:
     """A 2-layer BERT (hidden 64: bitsandbytes quantizes in blocks of 64) saved as a base model: the
-    classifier is newly initialised, as for a real one."""
+    classifier is newly initialised, as for a real one. Without dropout, two ways of running the same steps
+    (graphed and eager, one process and two) must compute the same numbers."""
     from transformers import BertConfig, BertModel
 
     tok = _tokenizer(folder)
@@ -104,6 +105,7 @@ def make_tiny_encoder(folder: Path) -> Path:
         num_attention_heads=2,
         intermediate_size=128,
         max_position_embeddings=128,
+        **({} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}),
     )
     import torch
 
@@ -139,6 +141,11 @@ def make_tiny_decoder(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory) -> Path:
     return make_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def no_dropout_encoder(tmp_path_factory) -> Path:
+    return make_tiny_encoder(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=False)
 
 
 @pytest.fixture(scope="session")

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
-from conftest import make_tiny_encoder, run_study, study
+from conftest import run_study, study
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ddp")]
-
-
-@pytest.fixture(scope="module")
-def no_dropout_encoder(tmp_path_factory):
-    """The tiny BERT without dropout, so one process and two must follow the same trajectory."""
-    folder = make_tiny_encoder(tmp_path_factory.mktemp("enc-nodrop"))
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    return folder
 
 
 @pytest.mark.parametrize("method", ["full", {"name": "lora", "label": "lora", "lora_dropout": 0.0}])

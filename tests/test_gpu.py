@@ -1,6 +1,6 @@
-"""CUDA-only behaviour: the graphed training step, the bf16 frozen base and the GPU memory budget. Marked
-`gpu`;
-skipped on machines without a CUDA GPU."""
+"""CUDA-only behaviour: the graphed training step, the bf16 frozen base and the GPU memory budget.
+
+Marked `gpu`; skipped on machines without a CUDA GPU."""
 
 from __future__ import annotations
 
@@ -9,30 +9,6 @@ from conftest import run_study, study
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-@pytest.fixture(scope="module")
-def no_dropout_encoder(tmp_path_factory):
-    """The tiny BERT without dropout, so that graphed and eager steps must compute the same numbers."""
-    from transformers import BertConfig, BertModel
-
-    from conftest import _tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-bert-nodrop")
-    tok = _tokenizer(folder)
-    cfg = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=128,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(0)
-    BertModel(cfg).save_pretrained(folder)
-    return folder
 
 
 @pytest.mark.parametrize("method", ["full", "ia3"])
