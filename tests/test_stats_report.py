@@ -345,3 +345,35 @@ def test_report_states_sizes_truncation_and_per_class_results(tiny_encoder, tiny
     assert "Confusion (rows: true, columns: predicted)" in md
     acc_cell = md.split("| ia3 | ")[1].split(" |")[0]
     assert acc_cell.count("[") == 1  # one seed: its Wilson interval
+
+
+def _correct(rng, accs_per_seed, n=400):
+    return np.array([rng.random(n) < a for a in accs_per_seed])
+
+
+def test_verdicts_clear_tied_and_unstable():
+    rng = np.random.default_rng(0)
+    base = _correct(rng, [0.8, 0.8, 0.8])
+    clear = _row("clear", 0.95, 1, 1, 1, base | _correct(rng, [0.9, 0.9, 0.9]))  # ~0.98 every seed
+    same = _row("same", 0.80, 1, 1, 1, base.copy())
+    same_too = base.copy()
+    flip = rng.choice(400, 6, replace=False)
+    same_too[:, flip] = ~same_too[:, flip]  # a handful of items differ: no real difference
+    tied = _row("tied", 0.80, 1, 1, 1, same_too)
+    lucky = base.copy()
+    wrong = [np.flatnonzero(~base[k]) for k in range(3)]
+    right = np.flatnonzero(base[2])
+    lucky[0, wrong[0][:20]] = lucky[1, wrong[1][:20]] = True  # two seeds 5 points better ...
+    lucky[2, wrong[2][:6]], lucky[2, right[:4]] = True, False  # ... the third about even: it decides
+    unstable = _row("unstable", 0.83, 1, 1, 1, lucky)
+    got = {(v["a"], v["b"]): v for v in stats.verdicts([clear, same, tied, unstable], n_boot=500)}
+    assert got[("clear", "same")]["verdict"] == "better" and got[("clear", "same")]["stable"]
+    assert got[("same", "tied")]["verdict"] == "tied" or got[("tied", "same")]["verdict"] == "tied"
+    v = got[("unstable", "same")]
+    assert v["verdict"] == "better" and not v["stable"] and v["stability"] < 1
+    one_seed = stats.verdicts([_row("x", 0.9, 1, 1, 1, base[:1] | True), _row("y", 0.8, 1, 1, 1, base[:1])])
+    assert one_seed[0]["stability"] is None and one_seed[0]["test"] == "mcnemar"
+    s = _study([clear, same, unstable])
+    s["verdicts"] = stats.verdicts(s["rows"], n_boot=500)
+    notes = report.recommend(s, None, None, None)["unsettled"]
+    assert any(n.startswith("unstable over same is unstable") for n in notes)

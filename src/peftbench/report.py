@@ -58,6 +58,7 @@ def load_study(study_dir: Path) -> dict:
         "finals": finals,
         "trials": trials,
         "rows": rows,
+        "verdicts": stats.verdicts(rows),
         "gpu": str(device).startswith("cuda"),
         "concurrent_runs": shared,
         "missing": missing,
@@ -369,7 +370,7 @@ def recommend(
     active = {k: f for k, (v, f) in checks.items() if v is not None}
     ok = [r for r in rows if all(f(r) for f in active.values())]
     ranked = sorted(ok, key=lambda r: -r["test_accuracy"]["mean"])
-    out = {"ranked": [], "binding": []}
+    out = {"ranked": [], "binding": [], "unsettled": _unsettled(study, [r["label"] for r in ranked])}
     for r in ranked:
         out["ranked"].append(
             {
@@ -413,7 +414,31 @@ def recommend_cli(
         return 1
     for i, r in enumerate(res["ranked"], 1):
         print(f"{i}. {r['method']}: {r['reason']}")
+    for line in res["unsettled"]:
+        print(f"  note: {line}")
     return 0
+
+
+def _unsettled(study: dict, order: list[str]) -> list[str]:
+    """Neighbours in a ranking whose order the data do not settle: tied, or a verdict that flips when a seed
+    is left out."""
+    found = {(v["a"], v["b"]): v for v in study.get("verdicts") or []}
+    lines = []
+    for a, b in zip(order, order[1:]):
+        v = found.get((a, b)) or found.get((b, a))
+        if v is None:
+            continue
+        if v["verdict"] == "tied":
+            lines.append(
+                f"{a} and {b} are tied on test accuracy (p = {v['p_value']:.3f}): their order is not a "
+                "ranking"
+            )
+        elif not v["stable"]:
+            lines.append(
+                f"{a} over {b} is unstable: leaving one seed out changes the verdict in "
+                f"{1 - v['stability']:.0%} of cases"
+            )
+    return lines
 
 
 def compare_cli(dirs: list[Path], out: Path | None) -> int:
@@ -736,11 +761,25 @@ def _write_report(study_dir: Path) -> dict[str, Path]:
     summary = {
         "study": study["name"],
         "rows": stats.public(study["rows"]),
+        "verdicts": study["verdicts"],
         "recommendations": recs,
         "problems": problems,
     }
     store.atomic_write_json(Path(study_dir) / "summary.json", summary)
     return {"html": out / "report.html", "markdown": out / "report.md", **plots}
+
+
+def verdict_table(study: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["method", "vs", "difference (points)", "p", "verdict", "stability"]
+    rows = []
+    for v in study.get("verdicts") or []:
+        stab = (
+            "-"
+            if v["stability"] is None
+            else f"{v['stability']:.2f}" + ("" if v["stable"] else " (unstable)")
+        )
+        rows.append([v["a"], v["b"], f"{v['diff_points']:+.2f}", f"{v['p_value']:.3f}", v["verdict"], stab])
+    return header, rows
 
 
 def _sections(study: dict, recs: list[dict], problems: list[str]) -> list[tuple[str, list]]:
@@ -750,6 +789,14 @@ def _sections(study: dict, recs: list[dict], problems: list[str]) -> list[tuple[
         ("Summary", [("table", table_header(study["gpu"]), table_rows(study))]),
         ("Recommendations", [("list", [(r["title"], r["reason"]) for r in recs])]),
     ]
+    vh, vr = verdict_table(study)
+    if vr:
+        note = (
+            "Stability: the share of leave-one-seed-out reruns of the paired test that give the same "
+            "verdict; "
+            "below 1 the verdict is not settled by these seeds. One seed: not assessed."
+        )
+        out.append(("Verdicts (test accuracy, every pair of methods)", [("table", vh, vr), ("text", note)]))
     bh, br, _ = budget_table(study)
     if br:
         out.append(("Budget view (validation, mean over seeds)", [("table", bh, br)]))

@@ -171,6 +171,54 @@ def mark_ties(rows: list[dict]) -> None:
         r["tied_with_best"] = test["p_value"] >= ALPHA
 
 
+def verdicts(rows: list[dict], n_boot: int = 1000) -> list[dict]:
+    """For every pair of methods scored on the same test items: better, tied or worse on test accuracy (the
+    paired test at ALPHA), and how stable that verdict is: the share of leave-one-seed-out reruns of the
+    test that give the same verdict (None with one seed: not assessed). A verdict below 1 is `unstable`."""
+    scored = sorted(
+        [r for r in rows if r.get("_correct") is not None], key=lambda r: -r["test_accuracy"]["mean"]
+    )
+    out = []
+    for i, a in enumerate(scored):
+        for b in scored[i + 1 :]:
+            if a["_correct"].shape[1] != b["_correct"].shape[1]:
+                continue
+            k = min(a["_correct"].shape[0], b["_correct"].shape[0])
+            ca, cb = a["_correct"][:k], b["_correct"][:k]
+            test = _paired(ca, cb, n_boot)
+            verdict = _verdict(test)
+            stability = None
+            if k > 1:
+                kept = [np.arange(k) != j for j in range(k)]
+                stability = float(np.mean([_verdict(_paired(ca[m], cb[m], n_boot)) == verdict for m in kept]))
+            out.append(
+                {
+                    "a": a["label"],
+                    "b": b["label"],
+                    "diff_points": 100 * test["diff"],
+                    "p_value": test["p_value"],
+                    "test": test["test"],
+                    "seeds": k,
+                    "verdict": verdict,
+                    "stability": stability,
+                    "stable": stability is None or stability == 1.0,
+                }
+            )
+    return out
+
+
+def _paired(ca: np.ndarray, cb: np.ndarray, n_boot: int) -> dict:
+    if ca.shape[0] == 1:
+        return paired_test(ca, cb)
+    return {"test": "paired bootstrap (items x seeds)", **paired_bootstrap(ca, cb, n_boot=n_boot)}
+
+
+def _verdict(test: dict) -> str:
+    if test["p_value"] >= ALPHA:
+        return "tied"
+    return "better" if test["diff"] > 0 else "worse"
+
+
 def public(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
 
