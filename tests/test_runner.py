@@ -101,6 +101,13 @@ def test_lr_search_selects_on_validation_and_scores_test_once(tiny_encoder, tiny
     assert {r["learning_rate"] for r in finals} == {best["learning_rate"]}
     plan = json.loads((tmp_path / "s" / "study.json").read_text())
     assert plan["chosen_learning_rates"] == {"lora": best["learning_rate"]}
+    from peftbench import report
+
+    (choice,) = report.lr_choice(report.load_study(tmp_path / "s"))
+    others = [r["metrics"]["validation_accuracy"] for r in trials if r is not best]
+    assert choice["gap_points"] == pytest.approx(100 * (best["metrics"]["validation_accuracy"] - max(others)))
+    assert choice["gap_items"] == round(choice["gap_points"] / 100 * 24)  # 24 validation items
+    assert "above the runner-up" in report.write_report(tmp_path / "s")["markdown"].read_text()
 
 
 def test_select_learning_rates_on_constructed_results():

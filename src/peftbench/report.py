@@ -624,6 +624,38 @@ def _trials_table(study: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def lr_choice(study: dict) -> list[dict]:
+    """How clear each method's learning-rate choice was: the chosen rate's validation accuracy against the
+    runner-up's, in points and in validation items (one item is 100/n points)."""
+    plan = study["plan"] or {}
+    n_val = ((plan.get("data") or {}).get("sizes") or {}).get("validation")
+    chosen = plan.get("chosen_learning_rates") or {}
+    out = []
+    for label, lr in chosen.items():
+        accs = {
+            r["learning_rate"]: r["metrics"]["validation_accuracy"]
+            for r in study["trials"]
+            if r["label"] == label and r["status"] == "success"
+        }
+        others = {k: v for k, v in accs.items() if k != lr}
+        if lr not in accs or not others:
+            continue
+        runner_up = max(others, key=lambda k: (others[k], -k))
+        gap = accs[lr] - others[runner_up]
+        out.append(
+            {
+                "method": label,
+                "learning_rate": lr,
+                "validation_accuracy": accs[lr],
+                "runner_up": runner_up,
+                "gap_points": 100 * gap,
+                "gap_items": round(gap * n_val) if n_val else None,
+                "validation_items": n_val,
+            }
+        )
+    return out
+
+
 def budget_table(study: dict) -> tuple[list[str], list[list[str]], float | None]:
     """Validation accuracy at equal epochs, and training seconds to first reach a common validation accuracy.
 
@@ -762,6 +794,7 @@ def _write_report(study_dir: Path) -> dict[str, Path]:
         "study": study["name"],
         "rows": stats.public(study["rows"]),
         "verdicts": study["verdicts"],
+        "learning_rate_choice": lr_choice(study),
         "recommendations": recs,
         "problems": problems,
     }
@@ -801,7 +834,23 @@ def _sections(study: dict, recs: list[dict], problems: list[str]) -> list[tuple[
     if br:
         out.append(("Budget view (validation, mean over seeds)", [("table", bh, br)]))
     if study["trials"]:
-        out.append(("Learning-rate search (validation)", [("table", *_trials_table(study))]))
+        clarity = [
+            (
+                c["method"],
+                f"{c['learning_rate']:.2e} chosen at validation accuracy {c['validation_accuracy']:.4f}, "
+                f"{c['gap_points']:.2f} points"
+                + (
+                    f" ({c['gap_items']} of {c['validation_items']} validation items)"
+                    if c["gap_items"] is not None
+                    else ""
+                )
+                + f" above the runner-up {c['runner_up']:.2e}",
+            )
+            for c in lr_choice(study)
+        ]
+        out.append(
+            ("Learning-rate search (validation)", [("table", *_trials_table(study)), ("list", clarity)])
+        )
     for label, (ph, pr, ch, cr) in per_class_tables(study).items():
         out.append(
             (
