@@ -118,6 +118,39 @@ def test_select_learning_rates_on_constructed_results():
         "m": 1e-3
     }
     assert runner.select_learning_rates([mk(1e-4, 0.9), mk(1e-3, 0.9)]) == {"m": 1e-4}
+    # Several trial seeds: the mean decides (1e-3 wins one seed by luck, 1e-4 wins on average); a rate with a
+    # failed seed is not chosen.
+    seeds = [
+        mk(1e-3, 0.95),
+        mk(1e-3, 0.80),
+        mk(1e-4, 0.90),
+        mk(1e-4, 0.89),
+        mk(1e-2, 0.99),
+        mk(1e-2, 0, "oom"),
+    ]
+    assert runner.select_learning_rates(seeds) == {"m": 1e-4}
+
+
+def test_lr_search_over_several_seeds_runs_each_rate_at_each(tiny_encoder, tiny_data, tmp_path):
+    raw = study(
+        tiny_encoder,
+        tiny_data,
+        ["ia3"],
+        lr_search={"points": 2, "decades": 1, "seeds": 2},
+        seeds=[5],
+        train={"epochs": 1},
+    )
+    res = run_study(raw, tmp_path / "s")
+    trials = [r for r in res if r["role"] == "trial"]
+    assert sorted((r["learning_rate"], r["seed"]) for r in trials) == sorted(
+        (lr, s) for lr in {r["learning_rate"] for r in trials} for s in (5, 6)
+    )
+    mean = {
+        lr: sum(r["metrics"]["validation_accuracy"] for r in trials if r["learning_rate"] == lr) / 2
+        for lr in {r["learning_rate"] for r in trials}
+    }
+    final = next(r for r in res if r["role"] == "final")
+    assert final["learning_rate"] == max(mean, key=lambda lr: (mean[lr], -lr))
 
 
 def test_crash_in_one_run_is_recorded_and_the_study_goes_on(tiny_encoder, tiny_data, tmp_path, monkeypatch):

@@ -99,7 +99,9 @@ TOP_DEFAULTS: dict[str, Any] = {
     "gpu_memory": None,  # a budget such as 24GB: each run is capped to it and picks its micro-batch to fit
     "profile": False,  # true: a torch.profiler step profile in each run's profile.json
 }
-LR_SEARCH_DEFAULTS = {"points": 5, "decades": 1.5, "seed": None}
+# seed: the trials' seed (default the study's first); seeds: how many seeds each trial rate runs (selection on
+# their mean validation accuracy, so that one seed's luck does not pick the rate).
+LR_SEARCH_DEFAULTS = {"points": 5, "decades": 1.5, "seed": None, "seeds": 1}
 MAX_DECADES = 6  # a grid wider than a million-fold round its default rounds to 0 or overflows
 MAX_LR_POINTS = 50
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -373,6 +375,12 @@ def _validate_lr_search(lrs, problems: list[str]) -> dict | bool:
         problems.append(f"lr_search.points: must be an integer >= 2, got {lrs['points']!r}")
     if not (_is_num(lrs["decades"]) and 0 < lrs["decades"] <= MAX_DECADES):
         problems.append(f"lr_search.decades: must be a number in (0, {MAX_DECADES}], got {lrs['decades']!r}")
+    if not (_is_int(lrs["seeds"]) and 1 <= lrs["seeds"] <= MAX_SEED_COUNT):
+        problems.append(
+            f"lr_search.seeds: must be an integer from 1 to {MAX_SEED_COUNT}, got {lrs['seeds']!r}"
+        )
+    if lrs["seed"] is not None and not _is_int(lrs["seed"]):
+        problems.append(f"lr_search.seed: must be an integer, got {lrs['seed']!r}")
     if _is_int(lrs["points"]) and lrs["points"] > MAX_LR_POINTS:
         problems.append(
             f"lr_search.points: at most {MAX_LR_POINTS} learning rates per method, got {lrs['points']}"

@@ -632,11 +632,11 @@ def lr_choice(study: dict) -> list[dict]:
     chosen = plan.get("chosen_learning_rates") or {}
     out = []
     for label, lr in chosen.items():
-        accs = {
-            r["learning_rate"]: r["metrics"]["validation_accuracy"]
-            for r in study["trials"]
-            if r["label"] == label and r["status"] == "success"
-        }
+        runs: dict[float, list] = {}
+        for r in study["trials"]:
+            if r["label"] == label and r["status"] == "success":
+                runs.setdefault(r["learning_rate"], []).append(r["metrics"]["validation_accuracy"])
+        accs = {k: float(np.mean(v)) for k, v in runs.items()}  # the mean over the trial seeds
         others = {k: v for k, v in accs.items() if k != lr}
         if lr not in accs or not others:
             continue

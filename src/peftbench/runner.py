@@ -248,7 +248,8 @@ class Study:
         s = self.cfg["lr_search"]
         if not s:
             return []
-        seed = s["seed"] if s["seed"] is not None else self.cfg["seeds"][0]
+        first = s["seed"] if s["seed"] is not None else self.cfg["seeds"][0]
+        seeds = [first + k for k in range(s.get("seeds", 1))]
         specs = []
         for entry in self.cfg["methods"]:
             lr0 = self.default_lr(entry)
@@ -260,7 +261,7 @@ class Study:
                     f"lr_search: {s['points']} points over {s['decades']} decades around {lr0:g} give "
                     f"{grid}: repeated or degenerate rates; use fewer points or more decades"
                 )
-            specs += [self.run_spec(entry, lr, seed, "trial") for lr in grid]
+            specs += [self.run_spec(entry, lr, seed, "trial") for lr in grid for seed in seeds]
         return specs
 
     def final_specs(self, chosen: dict[str, float | None]) -> list[dict]:
@@ -717,16 +718,18 @@ def record_failure(spec: dict, rdir: Path, error: str) -> dict:
 
 
 def select_learning_rates(trials: list[dict]) -> dict[str, float]:
-    """Per method label, the trial learning rate with the best validation accuracy (ties: the lower rate)."""
-    best: dict[str, tuple] = {}
+    """Per method label, the trial learning rate with the best mean validation accuracy over its trial seeds
+    (a rate with a failed seed is not chosen; ties: the lower rate)."""
+    accs: dict[str, dict[float, list]] = {}
     for r in trials:
-        if r.get("status") != "success":
-            continue
-        acc = r["metrics"]["validation_accuracy"]
-        key = (acc, -r["learning_rate"])
-        if r["label"] not in best or key > best[r["label"]][0]:
-            best[r["label"]] = (key, r["learning_rate"])
-    return {label: lr for label, (_, lr) in best.items()}
+        acc = r["metrics"]["validation_accuracy"] if r.get("status") == "success" else None
+        accs.setdefault(r["label"], {}).setdefault(r["learning_rate"], []).append(acc)
+    chosen = {}
+    for label, by_lr in accs.items():
+        scored = {lr: float(np.mean(a)) for lr, a in by_lr.items() if None not in a}
+        if scored:
+            chosen[label] = max(scored, key=lambda lr: (scored[lr], -lr))
+    return chosen
 
 
 def _one_line(r: dict) -> str:
