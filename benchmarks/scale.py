@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from peftbench import config, data as data_mod, train  # noqa: E402
+from peftbench.devices import is_oom  # noqa: E402
 from peftbench.runner import Study  # noqa: E402
 
 SHAPES = {
@@ -364,7 +365,7 @@ def main() -> None:
                         row["status"] = "success"
                     except Exception as e:  # an OOM is a result too
                         row.update(
-                            status="oom" if memory_error(e) else "failed",
+                            status="oom" if is_oom(e) else "failed",
                             error=f"{type(e).__name__}: {str(e)[:200]}",
                             **peaks(),
                         )
@@ -384,12 +385,6 @@ def main() -> None:
             save()
         if not a.keep:
             shutil.rmtree(folder, ignore_errors=True)  # 16 GB for the 8B shape
-
-
-def memory_error(e: BaseException) -> bool:
-    from peftbench.devices import is_oom
-
-    return is_oom(e)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,22 @@ def verify_reload(run, run_dir, tok, logits, device, amp, pad_id, max_len, batch
     }
 
 
+def text_sha1(text: str) -> str:
+    """The hash a predictions table keys each text by."""
+    import hashlib
+
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def predictions_frame(base, probs: np.ndarray, label_names: list[str]):
+    """`base` (one row per text) with the prediction and the probability of each class (`p_<class>`)."""
+    df = base.copy()
+    df["prediction"] = [label_names[i] for i in probs.argmax(-1)]
+    for j, name in enumerate(label_names):
+        df[f"p_{name}"] = probs[:, j]
+    return df
+
+
 def write_predictions(path: Path, rows_file: str | None, logits, label_names: list[str]) -> None:
     """predictions.parquet: one row per test item in the test split's order, with its source row number, the
     hash of its text, its label, the prediction and the probability of each class (columns `p_<class>`)."""
@@ -120,14 +136,11 @@ def write_predictions(path: Path, rows_file: str | None, logits, label_names: li
     import torch
 
     probs = torch.softmax(torch.as_tensor(np.asarray(logits, dtype=np.float32)), -1).numpy()
-    df = (
+    base = (
         pd.read_parquet(rows_file)
         if rows_file and Path(rows_file).exists()
         else pd.DataFrame({"row": np.arange(len(probs))})
     )
-    df["prediction"] = [label_names[i] for i in probs.argmax(-1)]
-    for j, name in enumerate(label_names):
-        df[f"p_{name}"] = probs[:, j]
     tmp = path.with_name(f".{path.name}.tmp")
-    df.to_parquet(tmp, index=False)
+    predictions_frame(base, probs, label_names).to_parquet(tmp, index=False)
     os.replace(tmp, path)

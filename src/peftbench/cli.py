@@ -291,23 +291,17 @@ def _quiet_loading() -> None:
 
 def _write_predictions(path: Path, rows: list[dict]) -> None:
     """The predictions as a run's predictions.parquet has them: row (the text's place in the input),
-    text_sha1,
-    prediction, p_<class>."""
-    import hashlib
-
+    text_sha1, prediction, p_<class>."""
+    import numpy as np
     import pandas as pd
 
-    df = pd.DataFrame(
-        {
-            "row": range(len(rows)),
-            "text_sha1": [hashlib.sha1(r["text"].encode("utf-8", "surrogatepass")).hexdigest() for r in rows],
-            "prediction": [r["label"] for r in rows],
-        }
-    )
-    for name in rows[0]["probabilities"]:
-        df[f"p_{name}"] = [r["probabilities"][name] for r in rows]
+    from .artefacts import predictions_frame, text_sha1
+
+    names = list(rows[0]["probabilities"])
+    base = pd.DataFrame({"row": range(len(rows)), "text_sha1": [text_sha1(r["text"]) for r in rows]})
+    probs = np.array([[r["probabilities"][n] for n in names] for r in rows])
     try:
-        df.to_parquet(path, index=False)
+        predictions_frame(base, probs, names).to_parquet(path, index=False)
     except OSError as e:
         raise UserError(f"--output {path}: cannot write there ({e.strerror or e})") from None
 

@@ -137,19 +137,16 @@ class Study:
         keyed by."""
         path = self.out / ".cache" / f"test-rows-{self.data.fingerprint}.parquet"
         if not path.exists():
-            import hashlib
-
             import pandas as pd
+
+            from .artefacts import text_sha1
 
             path.parent.mkdir(parents=True, exist_ok=True)
             names = self.data.label_names
             df = pd.DataFrame(
                 {
                     "row": self.data.rows["test"],
-                    "text_sha1": [
-                        hashlib.sha1(t.encode("utf-8", "surrogatepass")).hexdigest()
-                        for t in self.data.texts["test"]
-                    ],
+                    "text_sha1": [text_sha1(t) for t in self.data.texts["test"]],
                     "label": [names[i] for i in self.data.labels["test"]],
                 }
             )

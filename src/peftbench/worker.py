@@ -170,7 +170,7 @@ def execute_plan(run_dir: Path, spec: dict) -> dict:
         plan.update(plan_run(spec, Tokenized.load(Path(spec["tokens_file"])), run_dir))
     except SkipRun as e:
         plan.update(status="does not fit" if "does not fit" in str(e) else "skipped", error=str(e))
-    except (UserError, Exception) as e:
+    except Exception as e:  # a UserError too: the plan records it and the others go on
         plan.update(
             status="failed",
             error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
