@@ -58,7 +58,6 @@ def load_study(study_dir: Path) -> dict:
         "finals": finals,
         "trials": trials,
         "rows": rows,
-        "verdicts": stats.verdicts(rows),
         "gpu": str(device).startswith("cuda"),
         "concurrent_runs": shared,
         "missing": missing,
@@ -422,7 +421,7 @@ def recommend_cli(
 def _unsettled(study: dict, order: list[str]) -> list[str]:
     """Neighbours in a ranking whose order the data do not settle: tied, or a verdict that flips when a seed
     is left out."""
-    found = {(v["a"], v["b"]): v for v in study.get("verdicts") or []}
+    found = {(v["a"], v["b"]): v for v in verdicts(study)}
     lines = []
     for a, b in zip(order, order[1:]):
         v = found.get((a, b)) or found.get((b, a))
@@ -793,7 +792,7 @@ def _write_report(study_dir: Path) -> dict[str, Path]:
     summary = {
         "study": study["name"],
         "rows": stats.public(study["rows"]),
-        "verdicts": study["verdicts"],
+        "verdicts": verdicts(study),
         "learning_rate_choice": lr_choice(study),
         "recommendations": recs,
         "problems": problems,
@@ -802,10 +801,18 @@ def _write_report(study_dir: Path) -> dict[str, Path]:
     return {"html": out / "report.html", "markdown": out / "report.md", **plots}
 
 
+def verdicts(study: dict) -> list[dict]:
+    """The pairwise verdicts of a loaded study, computed once and only where a report or recommend needs them
+    (their bootstraps are the slowest part of a report; the printed summary does without)."""
+    if "verdicts" not in study:
+        study["verdicts"] = stats.verdicts(study["rows"])
+    return study["verdicts"]
+
+
 def verdict_table(study: dict) -> tuple[list[str], list[list[str]]]:
     header = ["method", "vs", "difference (points)", "p", "verdict", "stability"]
     rows = []
-    for v in study.get("verdicts") or []:
+    for v in verdicts(study):
         stab = (
             "-"
             if v["stability"] is None
