@@ -25,6 +25,7 @@ for peftbench, the device's figure (reserved + what the CUDA context holds).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import shutil
@@ -215,16 +216,15 @@ def run_peftbench(
 ) -> dict:
     reset()
     spec = study.run_spec(config.normalise_methods([METHODS[method]], [])[0], None, 42, "final")
-    spec["learning_rate"] = spec["train"]["learning_rate"] = 1e-4
-    spec.update(
+    spec = dataclasses.replace(
+        spec,
+        learning_rate=1e-4,
         model_path=str(folder),
         evaluate_test=False,
-        checkpoint=False,
-        verify_reload=False,
         gpu_memory_bytes=int(budget_gb * 2**30) if budget_gb else None,
     )
-    spec["train"]["micro_batch_size"] = micro
-    spec["config_hash"] = config.config_hash(spec)
+    spec = spec.with_train(learning_rate=1e-4, micro_batch_size=micro)
+    spec = spec.with_runtime(checkpoint=False, verify_reload=False).planned()
     with tempfile.TemporaryDirectory() as tmp:
         res = train.train_run(spec, tok, Path(tmp), progress=False)
     m, hist = res["metrics"], res["history"]

@@ -27,6 +27,7 @@ real tokens (6 x non-embedding params + attention) / time / the GPU's dense bf16
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -41,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from peftbench import config, data as data_mod, devices, metrics, models, train  # noqa: E402
 from peftbench.runner import Study  # noqa: E402
+from peftbench.spec import RunSpec  # noqa: E402
 
 # The starting study's method entries, as the `seed` preset defines them (by label).
 SEED_METHODS = {e["label"]: e for e in config.normalise_methods(config.load_preset("seed")["methods"], [])}
@@ -73,28 +75,22 @@ def roberta_shaped(folder: Path, tokenizer_from: Path | None = None) -> Path:
     return folder
 
 
-def spec_for(study: Study, method: str, model_path: str, epochs: int | None, recipe: str) -> dict:
+def spec_for(study: Study, method: str, model_path: str, epochs: int | None, recipe: str) -> RunSpec:
     """The run spec of `recipe`: "peftbench" plus options joined by "+": eager, compile, cudagraphs, padN,
     mask2d.
 
     `epochs` None keeps the seed protocol's own (5, 3 for LoRA)."""
     spec = study.run_spec(SEED_METHODS[method], 2e-5, 42, "final")
-    spec["model_path"] = model_path
     opts = recipe.split("+")[1:]
-    compile_ = "cudagraphs" if "cudagraphs" in opts else ("compile" in opts)
-    spec["train"] = {
-        **spec["train"],
-        "epochs": epochs or spec["train"]["epochs"],
-        "compile": compile_,
-        "learning_rate": 2e-5,
-    }
-    spec["train"]["cuda_graphs"] = "eager" not in opts
-    for o in opts:
-        if o.startswith("pad"):
-            spec["train"]["pad_to_multiple_of"] = int(o[3:])
-    spec["evaluate_test"] = False
-    spec["checkpoint"] = False
-    spec["config_hash"] = config.config_hash(spec)
+    pads = [int(o[3:]) for o in opts if o.startswith("pad")]
+    spec = dataclasses.replace(spec, model_path=model_path, evaluate_test=False).with_train(
+        epochs=epochs or spec.train.epochs,
+        compile="cudagraphs" if "cudagraphs" in opts else ("compile" in opts),
+        learning_rate=2e-5,
+        cuda_graphs="eager" not in opts,
+        pad_to_multiple_of=pads[-1] if pads else spec.train.pad_to_multiple_of,
+    )
+    return spec.with_runtime(checkpoint=False).planned()
     return spec
 
 
@@ -110,7 +106,7 @@ def reset() -> None:
 
 
 def run_trainer(
-    spec: dict, tok: data_mod.Tokenized, pad_id: int, max_len: int, evaluate: bool = False, seed: int = 42
+    spec: RunSpec, tok: data_mod.Tokenized, pad_id: int, max_len: int, evaluate: bool = False, seed: int = 42
 ) -> dict:
     """The Trainer recipe. With `evaluate`, also scores the test set (Trainer.predict, padded like training)
     and reports `total_seconds` from loading the model to the test predictions. `seed` seeds the new head's
@@ -120,7 +116,7 @@ def run_trainer(
     reset()
     t_start = time.perf_counter()
     torch.manual_seed(seed)
-    model, _ = models.build_model(spec, len(tok.label_names), tok.label_names, spec["device"], 1)
+    model, _ = models.build_model(spec, len(tok.label_names), tok.label_names, spec.runtime.device, 1)
 
     class Padded(torch.utils.data.Dataset):  # the study's recipe: every review padded to max_length
         def __init__(self, split):
@@ -147,7 +143,7 @@ def run_trainer(
             per_device_eval_batch_size=16,
             learning_rate=2e-5,
             weight_decay=0.01,
-            num_train_epochs=spec["train"]["epochs"],
+            num_train_epochs=spec.train.epochs,
             save_strategy="no",
             eval_strategy="no",
             logging_strategy="no",
@@ -170,12 +166,12 @@ def run_trainer(
     return out
 
 
-def run_peftbench(spec: dict, tok: data_mod.Tokenized, recipe: str, profile: Path | None) -> dict:
+def run_peftbench(spec: RunSpec, tok: data_mod.Tokenized, recipe: str, profile: Path | None) -> dict:
     """Train with train.train_run. `+mask2d` forces the plain 2D mask; `+profile` writes a step profile."""
     reset()
-    spec = {**spec, "profile": bool(profile), "train": {**spec["train"]}}
+    spec = spec.with_runtime(profile=bool(profile))
     if "+mask2d" in recipe:
-        spec["train"]["attention_mask"] = "2d"
+        spec = spec.with_train(attention_mask="2d")
     with tempfile.TemporaryDirectory() as tmp:
         res = train.train_run(spec, tok, Path(tmp), progress=False)
         if profile and (Path(tmp) / "profile.json").exists():
@@ -251,14 +247,15 @@ def main() -> None:
         for method in a.methods.split(","):
             for recipe in [r for r in a.recipes.split(",") if r]:
                 spec = spec_for(study, method, path, a.epochs, recipe.replace("+profile", ""))
-                spec["pad_token_id"] = 1 if model_name == "roberta" else study.pad_token_id
+                pad_id = 1 if model_name == "roberta" else study.pad_token_id
+                spec = dataclasses.replace(spec, pad_token_id=pad_id).planned()
                 profile = None
                 if "+profile" in recipe and a.profile_dir:
                     Path(a.profile_dir).mkdir(parents=True, exist_ok=True)
                     profile = Path(a.profile_dir) / f"{model_name}-{method}-{recipe.replace('+', '_')}.json"
                 try:
                     if recipe == "trainer":
-                        r = run_trainer(spec, tok, spec["pad_token_id"], a.max_length)
+                        r = run_trainer(spec, tok, spec.pad_token_id, a.max_length)
                     else:
                         r = run_peftbench(spec, tok, recipe, profile)
                     status = "success"

@@ -144,9 +144,10 @@ def test_bf16_base_gives_logits_close_to_fp32_and_trains_fp32_adapters(tiny_enco
     ids = torch.tensor([[2, 10, 11, 12, 13, 3]])
     out = {}
     for dtype in ("fp32", "bf16"):
-        run = {**spec, "train": {**spec["train"], "base_dtype": dtype}}
         torch.manual_seed(0)
-        model, _ = models.build_model(run, 2, ["0", "1"], "cpu", 10, torch.bfloat16)
+        model, _ = models.build_model(
+            spec.with_train(base_dtype=dtype), 2, ["0", "1"], "cpu", 10, torch.bfloat16
+        )
         frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
         assert frozen == {torch.float32 if dtype == "fp32" else torch.bfloat16}
         assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}

@@ -387,6 +387,7 @@ def test_which_runs_replay_cuda_graphs_and_why_not(case, why):
     metrics."""
     from peftbench import methods as registry
     from peftbench.graphs import StepGraphs
+    from peftbench.spec import TrainSettings
 
     a = {
         "device": "cuda",
@@ -401,7 +402,7 @@ def test_which_runs_replay_cuda_graphs_and_why_not(case, why):
         "n_params": 22_000_000,
         **case,
     }
-    train = {"cuda_graphs": a["cuda_graphs"], "batch_size": 16}
+    train = TrainSettings(cuda_graphs=a["cuda_graphs"], batch_size=16)
     got = StepGraphs.unsupported(
         train,
         registry.get(a["method"]),

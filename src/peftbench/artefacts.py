@@ -13,6 +13,7 @@ import numpy as np
 
 from . import methods as registry
 from .batches import active_peft_config, predict_logits
+from .spec import RunSpec
 
 
 def dir_size_mb(path: Path) -> float:
@@ -68,9 +69,9 @@ def mutated_init(model) -> bool:
     return isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda"))
 
 
-def save_model(model, run: dict, run_dir: Path) -> str:
+def save_model(model, spec: RunSpec, run_dir: Path) -> str:
     """Save the adapter (PEFT) or the model (others) with safetensors; returns the folder's name."""
-    name = "adapter" if registry.get(run["method"]).kind == "peft" else "model"
+    name = "adapter" if registry.get(spec.method).kind == "peft" else "model"
     final = run_dir / name
     tmp = run_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -100,11 +101,11 @@ def _restore_modules_to_save(model, path: Path) -> None:
     save_file({**converted, **extra}, path, metadata={"format": "pt"})
 
 
-def verify_reload(run, run_dir, tok, logits, device, amp, pad_id, max_len, batch_size: int) -> dict:
+def verify_reload(spec: RunSpec, run_dir, tok, logits, device, amp, pad_id, max_len, batch_size: int) -> dict:
     """Reload the saved artefact through the same path as `peftbench predict` and compare test predictions."""
     from .predict import load_trained
 
-    model = load_trained(run_dir, run=run, device=device)
+    model = load_trained(run_dir, spec=spec, device=device)
     again = predict_logits(model, tok.ids["test"], batch_size, device, amp, pad_id, max_len)
     same = bool((again.argmax(-1) == logits.argmax(-1)).all())
     return {

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
-import json
 import math
 import os
 import re
@@ -30,35 +28,11 @@ import yaml
 
 from . import methods as registry
 from .errors import UserError
+from .spec import TrainSettings
 
 DATA_ENV = "PEFTBENCH_DATA"
 
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "epochs": 3,
-    "batch_size": 16,
-    "learning_rate": None,  # None: each method's literature default (the fair protocol)
-    "head_learning_rate": None,  # None: same as learning_rate
-    "weight_decay": 0.01,
-    "max_length": 256,
-    "warmup_ratio": 0.0,
-    "scheduler": "linear",
-    "max_grad_norm": 1.0,
-    "eval_batch_size": 64,
-    "select_best_epoch": False,  # True: keep the epoch with the best validation accuracy
-    "precision": "auto",  # auto: bf16 autocast where supported (CUDA, and CPUs with bf16), else fp32
-    "group_by_length": True,  # length-bucketed batches (minimal padding); order is still random
-    "compile": False,  # torch.compile the model: true, or "cudagraphs" (compiled + CUDA graphs per shape)
-    "cuda_graphs": True,  # CUDA: each step's forward and backward replayed from a graph per batch shape
-    "micro_batch_size": None,  # None: = batch_size; smaller means gradient accumulation (same optimisation)
-    # None: 8 (64 on CUDA or compiling); = max_length pads every batch to one shape
-    "pad_to_multiple_of": None,
-    # frozen weights: auto = bf16 under bf16 autocast on CUDA, else fp32; fp32, bf16, fp16
-    "base_dtype": "auto",
-    "gradient_checkpointing": "auto",  # auto: on only where the GPU memory budget needs it; true; false
-    "optimizer": "adamw",  # adamw (torch, fused), adamw_8bit or paged_adamw_8bit (bitsandbytes)
-    # auto: a ready 4D mask where a probe shows equal logits; 2d, 4d-bidirectional, 4d-causal
-    "attention_mask": "auto",
-}
+TRAIN_DEFAULTS: dict[str, Any] = TrainSettings.defaults()  # the `train:` keys, documented in spec.py
 DATA_DEFAULTS: dict[str, Any] = {
     "path": None,
     "name": None,
@@ -503,7 +477,3 @@ def default_data_path() -> str:
     if os.environ.get(DATA_ENV):
         return os.environ[DATA_ENV]
     return SHARED_IMDB if Path(SHARED_IMDB, "train.parquet").exists() else sample_data_path()
-
-
-def config_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

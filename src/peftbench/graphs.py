@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from .batches import model_forward
+from .spec import TrainSettings
 
 # Graphs pay where the host's kernel launches bound the step (models of 22M-125M parameters here). On the 8B
 # shape at micro-batch 16 they doubled peak reserved memory (LoRA 125 GB against 59 GB) for 44 samples/s
@@ -41,7 +42,7 @@ class StepGraphs:
 
     @staticmethod
     def unsupported(
-        train: dict,
+        train: TrainSettings,
         method,
         device: str,
         world: int,
@@ -53,13 +54,13 @@ class StepGraphs:
         n_params: int = 0,
     ) -> str | None:
         """Why this run's steps cannot be graphed (None: they can)."""
-        if not train.get("cuda_graphs", True):
+        if not train.cuda_graphs:
             return "off (cuda_graphs: false)"
         reasons = [
             (not device.startswith("cuda"), "not a CUDA device"),
             (world > 1, "data-parallel run"),
             (bool(compiled), "torch.compile'd run"),
-            (micro < train["batch_size"], "gradient accumulation"),
+            (micro < train.batch_size, "gradient accumulation"),
             (prefixed or method.graph_blocker is not None, method.graph_blocker or "prefix tuning"),
             (checkpointing, "gradient checkpointing"),
             (

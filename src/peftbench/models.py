@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import methods as registry
 from .errors import SkipRun, UserError
+from .spec import RunSpec
 
 # The head stays out of 4-bit (a 4-bit head crashes bitsandbytes). transformers matches these names from the
 # start of a module's path, as a regex, or as a suffix depending on its version: give both plain and regex
@@ -162,16 +163,16 @@ def head_modules(model) -> list[str]:
     return sorted(set(found))
 
 
-def frozen_dtype(run: dict, device: str, amp):
+def frozen_dtype(spec: RunSpec, device: str, amp):
     """The dtype the base weights load in: train.base_dtype, where `auto` holds a frozen base in the autocast
     dtype on CUDA (bf16), as practitioners do, and keeps fp32 on the CPU, without autocast and for full
     fine-tuning (every weight trains: its weights are the fp32 master copy)."""
     import torch
 
-    setting = run["train"].get("base_dtype", "auto")
+    setting = spec.train.base_dtype
     if setting != "auto":
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[setting]
-    trains_all = registry.get(run["method"]).kind == "full"
+    trains_all = registry.get(spec.method).kind == "full"
     return amp if (amp is not None and device.startswith("cuda") and not trains_all) else torch.float32
 
 
@@ -193,18 +194,18 @@ def _quantization_kwargs(device: str) -> dict:
     }
 
 
-def load_base(run: dict, num_labels: int, label_names: list[str], device: str, amp=None):
+def load_base(spec: RunSpec, num_labels: int, label_names: list[str], device: str, amp=None):
     """The base classifier for `run` (quantized for QLoRA), loaded straight onto `device` in its frozen
     dtype (no fp32 copy in host memory on the way); returns (model, newly initialised modules)."""
     from transformers import AutoModelForSequenceClassification
 
-    method = registry.get(run["method"])
+    method = registry.get(spec.method)
     kwargs = dict(
         num_labels=num_labels,
         id2label=dict(enumerate(label_names)),
         label2id={n: i for i, n in enumerate(label_names)},
-        trust_remote_code=run["trust_remote_code"],
-        use_safetensors=not run["allow_pickle"] or None,
+        trust_remote_code=spec.trust_remote_code,
+        use_safetensors=not spec.allow_pickle or None,
     )
     if method.quantize:
         kwargs.update(_quantization_kwargs(device))
@@ -212,16 +213,16 @@ def load_base(run: dict, num_labels: int, label_names: list[str], device: str, a
         kwargs["device_map"] = {"": device}
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            run["model_path"], dtype=frozen_dtype(run, device, amp), output_loading_info=True, **kwargs
+            spec.model_path, dtype=frozen_dtype(spec, device, amp), output_loading_info=True, **kwargs
         )
     except OSError as e:
-        if "safetensors" in str(e).lower() and not run["allow_pickle"]:
+        if "safetensors" in str(e).lower() and not spec.allow_pickle:
             raise UserError(
-                f"model '{run['model']}' has no safetensors weights; set `allow_pickle: true` only if "
+                f"model '{spec.model}' has no safetensors weights; set `allow_pickle: true` only if "
                 f"you trust its pickle files"
             ) from None
         raise
-    tok_pad = run.get("pad_token_id")
+    tok_pad = spec.pad_token_id
     if model.config.pad_token_id is None and tok_pad is not None:
         model.config.pad_token_id = tok_pad
     if not method.quantize:
@@ -238,10 +239,12 @@ def load_base(run: dict, num_labels: int, label_names: list[str], device: str, a
     return model, _new_modules(info.get("missing_keys", []))
 
 
-def build_model(run: dict, num_labels: int, label_names: list[str], device: str, total_steps: int, amp=None):
+def build_model(
+    spec: RunSpec, num_labels: int, label_names: list[str], device: str, total_steps: int, amp=None
+):
     """The model to train for `run`, with exactly the method's parameters trainable, and those in fp32."""
-    method = registry.get(run["method"])
-    model, new = load_base(run, num_labels, label_names, device, amp)
+    method = registry.get(spec.method)
+    model, new = load_base(spec, num_labels, label_names, device, amp)
     head = sorted(set(head_modules(model)) | set(new))
     if method.kind == "full":
         for p in model.parameters():
@@ -251,7 +254,7 @@ def build_model(run: dict, num_labels: int, label_names: list[str], device: str,
             in_head = any(name == h or name.startswith(h + ".") for h in head)
             p.requires_grad_(in_head or (method.kind == "bitfit" and name.endswith(".bias")))
     elif method.kind == "peft":
-        model = _apply_peft(model, method, run, total_steps, head)
+        model = _apply_peft(model, method, spec, total_steps, head)
     else:
         raise ValueError(f"method kind {method.kind} is not a model method")
     _trainable_in_fp32(model)
@@ -272,14 +275,14 @@ def _trainable_in_fp32(model) -> None:
                     p.data = p.data.float()
 
 
-def _apply_peft(model, method, run: dict, total_steps: int, head: list[str]):
+def _apply_peft(model, method, spec: RunSpec, total_steps: int, head: list[str]):
     """The PEFT model of `method` over `model`. A QLoRA base is frozen as it loads: peft's
     prepare_model_for_kbit_training would also cast every non-4-bit weight to fp32 (embeddings and norms:
     memory a bf16 practitioner does not spend), and checkpointing here needs no input-gradient hooks."""
     from ._peft import without_bitsandbytes  # first: it imports peft without bitsandbytes
     from peft import get_peft_model  # noqa: I001
 
-    cfg = registry.build_peft_config(method, run["method_options"], model.config.model_type, total_steps)
+    cfg = registry.build_peft_config(method, spec.method_options, model.config.model_type, total_steps)
     if hasattr(cfg, "modules_to_save"):
         # The head (and anything the checkpoint lacked) must train and be saved with the adapter.
         cfg.modules_to_save = sorted(set(cfg.modules_to_save or []) | set(head))

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import methods as registry
 from .errors import UserError
+from .spec import RunSpec
 
 
 def _read_run(run_dir: Path) -> dict:
@@ -32,26 +33,26 @@ def _read_run(run_dir: Path) -> dict:
     return result
 
 
-def load_trained(run_dir: Path, run: dict | None = None, device: str = "cpu"):
+def load_trained(run_dir: Path, spec: RunSpec | None = None, device: str = "cpu"):
     """The trained classifier of `run_dir`: base + adapter through `peft`, or the saved model."""
     run_dir = Path(run_dir)
-    if run is None:
-        run = _read_run(run_dir)["config"]
-    method = registry.get(run["method"])
+    if spec is None:
+        spec = RunSpec.from_dict(_read_run(run_dir)["config"])
+    method = registry.get(spec.method)
     try:
-        return _load(run_dir, run, method, device)
+        return _load(run_dir, spec, method, device)
     except UserError:
         raise
     except Exception as e:  # a missing or damaged artefact, a base model that moved, ...
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         raise UserError(
             f"run {run_dir} cannot be reloaded ({type(e).__name__}: {first}); check that its "
-            f"adapter/ or model/ folder is intact and that the base model {run['model_path']} is "
+            f"adapter/ or model/ folder is intact and that the base model {spec.model_path} is "
             "still there"
         ) from None
 
 
-def _load(run_dir: Path, run: dict, method, device: str):
+def _load(run_dir: Path, spec: RunSpec, method, device: str):
     if method.kind == "peft":
         from ._peft import without_bitsandbytes  # first: it imports peft without bitsandbytes
         from peft import PeftModel  # noqa: I001
@@ -59,8 +60,8 @@ def _load(run_dir: Path, run: dict, method, device: str):
         from .devices import autocast_dtype
         from .models import load_base
 
-        amp = autocast_dtype(run["train"]["precision"], device)  # the base in the dtype it was trained over
-        base, _ = load_base(run, len(run["label_names"]), run["label_names"], device, amp)
+        amp = autocast_dtype(spec.train.precision, device)  # the base in the dtype it was trained over
+        base, _ = load_base(spec, len(spec.label_names), spec.label_names, device, amp)
         with without_bitsandbytes(hide=not method.quantize):
             model = PeftModel.from_pretrained(base, run_dir / "adapter", is_trainable=False)
         model.to(device) if not method.quantize else None
@@ -85,30 +86,29 @@ def predict_texts(run_dir: Path, texts: list[str], device: str = "cpu") -> list[
     from .devices import autocast_dtype
 
     result = _read_run(run_dir)
-    run = result["config"]
-    names = run["label_names"]
-    model = load_trained(run_dir, run=run, device=device)
-    if registry.get(run["method"]).kind == "tfidf":
+    spec = RunSpec.from_dict(result["config"])
+    names = spec.label_names
+    model = load_trained(run_dir, spec=spec, device=device)
+    if registry.get(spec.method).kind == "tfidf":
         probs = model.predict_proba(texts)
     else:
         import torch
 
         from .models import load_tokenizer
 
-        tok = load_tokenizer(run["model_path"], run["trust_remote_code"])
+        tok = load_tokenizer(spec.model_path, spec.trust_remote_code)
         ids = [
-            np.asarray(x)
-            for x in tok(texts, truncation=True, max_length=run["train"]["max_length"])["input_ids"]
+            np.asarray(x) for x in tok(texts, truncation=True, max_length=spec.train.max_length)["input_ids"]
         ]
-        amp = autocast_dtype(run["train"]["precision"], device)
+        amp = autocast_dtype(spec.train.precision, device)
         logits = predict_logits(
             model,
             ids,
-            run["train"]["eval_batch_size"],
+            spec.train.eval_batch_size,
             device,
             amp,
-            run.get("pad_token_id") or 0,
-            run.get("effective_max_length"),
+            spec.pad_token_id or 0,
+            spec.effective_max_length,
         )
         probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
     return [

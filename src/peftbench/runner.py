@@ -22,7 +22,7 @@ import numpy as np
 
 from . import methods as registry
 from . import store
-from .config import config_hash
+from .spec import Runtime, RunSpec, TrainSettings, config_hash
 from .errors import UserError
 
 
@@ -165,7 +165,7 @@ class Study:
         return path
 
     # ---------------------------------------------------------------- planning
-    def run_spec(self, entry: dict, lr: float | None, seed: int, role: str) -> dict:
+    def run_spec(self, entry: dict, lr: float | None, seed: int, role: str) -> RunSpec:
         cfg = self.cfg
         method = registry.get(entry["name"])
         opts, overrides = registry.split_options(method, entry["options"])
@@ -175,52 +175,47 @@ class Study:
         eff = None
         if virtual and self.max_positions and train["max_length"] + virtual > self.max_positions:
             eff = self.max_positions - virtual  # soft prompts and prefixes take positions too
-        spec = {
-            "study": cfg["name"],
-            "model": cfg["model"],
-            "model_path": self.model_path,
-            "method": method.name,
-            "label": entry["label"],
-            "method_options": opts,
-            "train": train,
-            "seed": seed,
-            "learning_rate": lr,
-            "role": role,
-            "evaluate_test": role == "final",
-            "data": {k: v for k, v in cfg["data"].items()},
-            "data_fingerprint": self.data.fingerprint,
-            "data_sizes": self.data.sizes(),
-            "data_origin": self.data.source.get("origin"),
-            "label_names": self.data.label_names,
-            "device_type": self.device.split(":")[0],
-            "model_fingerprint": self.model_fingerprint,
-            "pad_token_id": self.pad_token_id,
-            "effective_max_length": eff,
-            "trust_remote_code": cfg["trust_remote_code"],
-            "allow_pickle": cfg["allow_pickle"],
-            "world_size": cfg["gpus_per_run"],
-            "gpu_memory_bytes": self.gpu_memory_bytes(),
-            "results_version": RESULTS_VERSION,
-        }
-        spec["config_hash"] = config_hash(spec)
-        # Not part of the hash: where things are and how the run is executed.
-        spec.update(
-            run_id=run_id(entry["label"], role, lr, seed),
-            device=self.device,
-            tokens_file=str(self.tok_file) if self.tok_file else None,
-            texts_file=str(self._texts_file()) if method.kind == "tfidf" else None,
-            test_rows_file=str(self._test_rows_file()),
-            max_oom_retries=cfg["max_oom_retries"],
-            checkpoint=True,
-            verify_reload=True,
-            isolation=cfg["isolation"],
-            executor=cfg["executor"],
-            tracking=cfg["tracking"],
-            tracking_every=cfg["tracking_every"],
-            profile=cfg["profile"],
-            concurrent_runs=1 if role == "final" and cfg["exclusive_finals"] else cfg["parallel"],
-        )
-        return spec
+        return RunSpec(
+            study=cfg["name"],
+            model=cfg["model"],
+            model_path=self.model_path,
+            method=method.name,
+            label=entry["label"],
+            method_options=opts,
+            train=TrainSettings(**train),
+            seed=seed,
+            learning_rate=lr,
+            role=role,
+            evaluate_test=role == "final",
+            data=dict(cfg["data"]),
+            data_fingerprint=self.data.fingerprint,
+            data_sizes=self.data.sizes(),
+            data_origin=self.data.source.get("origin"),
+            label_names=self.data.label_names,
+            device_type=self.device.split(":")[0],
+            model_fingerprint=self.model_fingerprint,
+            pad_token_id=self.pad_token_id,
+            effective_max_length=eff,
+            trust_remote_code=cfg["trust_remote_code"],
+            allow_pickle=cfg["allow_pickle"],
+            world_size=cfg["gpus_per_run"],
+            gpu_memory_bytes=self.gpu_memory_bytes(),
+            results_version=RESULTS_VERSION,
+            runtime=Runtime(
+                run_id=run_id(entry["label"], role, lr, seed),
+                device=self.device,
+                tokens_file=str(self.tok_file) if self.tok_file else None,
+                texts_file=str(self._texts_file()) if method.kind == "tfidf" else None,
+                test_rows_file=str(self._test_rows_file()),
+                max_oom_retries=cfg["max_oom_retries"],
+                isolation=cfg["isolation"],
+                executor=cfg["executor"],
+                tracking=cfg["tracking"],
+                tracking_every=cfg["tracking_every"],
+                profile=cfg["profile"],
+                concurrent_runs=1 if role == "final" and cfg["exclusive_finals"] else cfg["parallel"],
+            ),
+        ).planned()
 
     def gpu_memory_bytes(self) -> int | None:
         """The study's GPU memory budget in bytes; None without one (and on the CPU, where it means
@@ -241,7 +236,7 @@ class Study:
             or method.learning_rate
         )
 
-    def trial_specs(self) -> list[dict]:
+    def trial_specs(self) -> list[RunSpec]:
         s = self.cfg["lr_search"]
         if not s:
             return []
@@ -261,7 +256,7 @@ class Study:
             specs += [self.run_spec(entry, lr, seed, "trial") for lr in grid for seed in seeds]
         return specs
 
-    def final_specs(self, chosen: dict[str, float | None]) -> list[dict]:
+    def final_specs(self, chosen: dict[str, float | None]) -> list[RunSpec]:
         return [
             self.run_spec(e, chosen.get(e["label"], self.default_lr(e)), seed, "final")
             for e in self.cfg["methods"]
@@ -269,14 +264,14 @@ class Study:
         ]
 
     # ---------------------------------------------------------------- execution
-    def execute(self, specs: list[dict], desc: str) -> list[dict]:
+    def execute(self, specs: list[RunSpec], desc: str) -> list[dict]:
         """Run every spec not already done; returns all their results (in spec order)."""
         todo, done = [], {}
         for spec in specs:
-            rdir = self.out / "runs" / spec["run_id"]
+            rdir = self.out / "runs" / spec.runtime.run_id
             old = store.read_result(rdir / "result.json")
-            if old and old.get("status") == "success" and old.get("config_hash") == spec["config_hash"]:
-                done[spec["run_id"]] = old
+            if old and old.get("status") == "success" and old.get("config_hash") == spec.config_hash:
+                done[spec.runtime.run_id] = old
             else:
                 todo.append(spec)
         if done:
@@ -314,14 +309,14 @@ class Study:
         finally:
             bar.close()
         done.update({r["run_id"]: r for r in new})
-        return [done[s["run_id"]] for s in specs]
+        return [done[s.runtime.run_id] for s in specs]
 
-    def concurrency(self, specs: list[dict]) -> int:
+    def concurrency(self, specs: list[RunSpec]) -> int:
         """Runs at once: `parallel`, except final runs when `exclusive_finals` asks for clean timings."""
-        finals = any(s["role"] == "final" for s in specs)
+        finals = any(s.role == "final" for s in specs)
         return 1 if finals and self.cfg["exclusive_finals"] else self.cfg["parallel"]
 
-    def _execute_one(self, spec: dict, progress: bool) -> dict:
+    def _execute_one(self, spec: RunSpec, progress: bool) -> dict:
         rdir = self._prepare_run_dir(spec)
         if self.cfg["isolation"] == "inline":
             from .worker import execute_run
@@ -330,13 +325,13 @@ class Study:
         launched = time.time()
         return collect(spec, rdir, launch_worker(str(rdir), progress, {}), launched)
 
-    def _prepare_run_dir(self, spec: dict) -> Path:
-        rdir = self.out / "runs" / spec["run_id"]
+    def _prepare_run_dir(self, spec: RunSpec) -> Path:
+        rdir = self.out / "runs" / spec.runtime.run_id
         rdir.mkdir(parents=True, exist_ok=True)
-        store.atomic_write_json(rdir / "spec.json", spec)
+        store.atomic_write_json(rdir / "spec.json", spec.to_dict())
         return rdir
 
-    def _execute_ray(self, todo: list[dict], on_done) -> list[dict]:
+    def _execute_ray(self, todo: list[RunSpec], on_done) -> list[dict]:
         """Every run goes to a Ray actor holding one run's resources (one GPU each on CUDA, `ray_cpus_per_run`
         CPUs otherwise), as many actors as the cluster has room for when the study starts.
 
@@ -387,7 +382,7 @@ class Study:
                 running[actor.run.remote(str(self._prepare_run_dir(spec)), env)] = (actor, spec)
             (ref,), _ = ray.wait(list(running), num_returns=1)
             actor, spec = running.pop(ref)
-            rdir = self.out / "runs" / spec["run_id"]
+            rdir = self.out / "runs" / spec.runtime.run_id
             try:
                 returncode, remote = ray.get(ref)
                 idle.append(actor)
@@ -400,8 +395,8 @@ class Study:
                     actor = slot.remote()
                     actors.append(actor)
                 idle.append(actor)
-                if dead and spec["run_id"] not in died:
-                    died.add(spec["run_id"])
+                if dead and spec.runtime.run_id not in died:
+                    died.add(spec.runtime.run_id)
                     queue.insert(0, spec)
                     continue
                 import re
@@ -409,11 +404,11 @@ class Study:
                 first = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0] if str(e) else "")[:200]
                 why = "its Ray actor died twice" if dead else "the Ray call failed"
                 result = record_failure(spec, rdir, f"{why}: {type(e).__name__}: {first}")
-            out[spec["run_id"]] = result
+            out[spec.runtime.run_id] = result
             on_done(result)
         for a in actors:
             ray.kill(a)
-        return [out[s["run_id"]] for s in todo]
+        return [out[s.runtime.run_id] for s in todo]
 
     # ---------------------------------------------------------------- the whole study
     def run(self, force: bool = False) -> list[dict]:
@@ -458,8 +453,8 @@ class Study:
 
     def write_plan(
         self,
-        trials: list[dict],
-        finals: list[dict],
+        trials: list[RunSpec],
+        finals: list[RunSpec],
         chosen: dict,
         complete: bool,
         wall_seconds: float | None = None,
@@ -468,8 +463,8 @@ class Study:
             "study": self.cfg,
             "identity": store.study_identity(self.cfg),
             "complete": complete,
-            "trial_runs": [s["run_id"] for s in trials],
-            "final_runs": [s["run_id"] for s in finals],
+            "trial_runs": [s.runtime.run_id for s in trials],
+            "final_runs": [s.runtime.run_id for s in finals],
             "chosen_learning_rates": chosen,
             "data": {
                 "sizes": self.data.sizes(),
@@ -494,12 +489,14 @@ class Study:
             self.claim_folder(force=False)
             t0 = time.perf_counter()
             self.prepare()
-            specs = [s for s in self.final_specs({}) if s["seed"] == self.cfg["seeds"][0]]
+            specs = [s for s in self.final_specs({}) if s.seed == self.cfg["seeds"][0]]
             rows = []
             for spec in specs:
-                if registry.get(spec["method"]).kind == "tfidf":
+                if registry.get(spec.method).kind == "tfidf":
                     continue
-                spec = {**spec, "run_id": f"plan-{spec['run_id']}", "plan_only": True, "checkpoint": False}
+                spec = spec.with_runtime(
+                    run_id=f"plan-{spec.runtime.run_id}", plan_only=True, checkpoint=False
+                )
                 rdir = self._prepare_run_dir(spec)
                 if self.cfg["isolation"] == "inline":
                     from .worker import execute_run
@@ -508,11 +505,11 @@ class Study:
                 else:
                     launch_worker(str(rdir), False, {})
                 plan = store.read_json(rdir / "plan.json") or {
-                    "label": spec["label"],
+                    "label": spec.label,
                     "status": "failed",
                     "error": "the planning process wrote no plan",
                 }
-                plan["study_seconds"] = self.study_seconds(spec["label"], plan.get("run_seconds"))
+                plan["study_seconds"] = self.study_seconds(spec.label, plan.get("run_seconds"))
                 rows.append(plan)
             store.atomic_write_json(
                 self.out / "plan.json",
@@ -530,7 +527,7 @@ class Study:
         estimate."""
         if run_seconds is None:
             return None
-        n = sum(s["label"] == label for s in self.trial_specs()) + len(self.cfg["seeds"])
+        n = sum(s.label == label for s in self.trial_specs()) + len(self.cfg["seeds"])
         return run_seconds * n
 
 
@@ -668,12 +665,12 @@ class RunSlot:
         return code, store.read_result(Path(run_dir) / "result.json")
 
 
-def collect(spec: dict, rdir: Path, returncode: int, launched_at: float = 0.0) -> dict:
+def collect(spec: RunSpec, rdir: Path, returncode: int, launched_at: float = 0.0) -> dict:
     """The run's result; if the worker died without writing one (segfault, kill, host OOM), record that."""
     result = store.read_result(rdir / "result.json")
     fresh = (
         result is not None
-        and result.get("config_hash") == spec["config_hash"]
+        and result.get("config_hash") == spec.config_hash
         and (result.get("started_at") or 0) >= launched_at
         and (result.get("finished_at") or 0) >= result["started_at"]
     )
@@ -705,7 +702,7 @@ def collect(spec: dict, rdir: Path, returncode: int, launched_at: float = 0.0) -
     )
 
 
-def record_failure(spec: dict, rdir: Path, error: str) -> dict:
+def record_failure(spec: RunSpec, rdir: Path, error: str) -> dict:
     """Write (and return) a `failed` result for a run whose worker could not write its own."""
     from .worker import base_result
 

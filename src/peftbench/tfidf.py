@@ -10,16 +10,17 @@ import numpy as np
 
 from .artefacts import dir_size_mb, write_predictions
 from .metrics import macro_f1
+from .spec import RunSpec
 
 
-def tfidf_run(run: dict, texts: dict, labels: dict, label_names: list[str], run_dir: Path) -> dict:
+def tfidf_run(spec: RunSpec, texts: dict, labels: dict, label_names: list[str], run_dir: Path) -> dict:
     """The classical floor: TF-IDF (1-2 grams) + logistic regression, measured like any other run."""
     import joblib
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    opts = run["method_options"]
+    opts = spec.method_options
     pipe = make_pipeline(
         TfidfVectorizer(
             ngram_range=(1, opts.get("ngram_max", 2)),
@@ -27,7 +28,7 @@ def tfidf_run(run: dict, texts: dict, labels: dict, label_names: list[str], run_
             sublinear_tf=True,
             max_features=opts.get("max_features", 200_000),
         ),
-        LogisticRegression(C=opts.get("C", 1.0), max_iter=2000, random_state=run["seed"]),
+        LogisticRegression(C=opts.get("C", 1.0), max_iter=2000, random_state=spec.seed),
     )
     t0 = time.perf_counter()
     pipe.fit(texts["train"], labels["train"])
@@ -47,7 +48,7 @@ def tfidf_run(run: dict, texts: dict, labels: dict, label_names: list[str], run_
         "peak_memory_reserved_mb": None,
     }
     preds = None
-    if run["evaluate_test"]:
+    if spec.evaluate_test:
         t1 = time.perf_counter()
         preds = pipe.predict(texts["test"])
         metrics["eval_seconds"] = time.perf_counter() - t1
@@ -55,7 +56,9 @@ def tfidf_run(run: dict, texts: dict, labels: dict, label_names: list[str], run_
         metrics["test_macro_f1"] = macro_f1(labels["test"], preds, len(label_names))
         metrics["eval_samples_per_second"] = len(preds) / metrics["eval_seconds"]
         log_probs = np.log(np.clip(pipe.predict_proba(texts["test"]), 1e-12, 1.0))  # softmax gives them back
-        write_predictions(run_dir / "predictions.parquet", run.get("test_rows_file"), log_probs, label_names)
+        write_predictions(
+            run_dir / "predictions.parquet", spec.runtime.test_rows_file, log_probs, label_names
+        )
     metrics["peak_host_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (run_dir / "model").mkdir(exist_ok=True)
     joblib.dump(pipe, run_dir / "model" / "tfidf_logreg.joblib")

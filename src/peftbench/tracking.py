@@ -9,6 +9,7 @@ import numpy as np
 
 from .devices import sync
 from .errors import UserError
+from .spec import RunSpec
 
 
 class Tracker:
@@ -21,12 +22,13 @@ class Tracker:
     real tokens/s and (on CUDA) allocated memory. Off by default: reading the loss costs a host sync.
     """
 
-    def __init__(self, run: dict, run_dir: Path, device: str):
-        self.every = run.get("tracking_every", 10)
+    def __init__(self, spec: RunSpec | None, run_dir: Path, device: str):
+        """`spec` None: no tracking (a data-parallel run tracks in its first process only)."""
+        self.every = spec.runtime.tracking_every if spec else 10
         self.device = device
-        self.writer = {"tensorboard": _TensorBoard, "mlflow": _MLflow}.get(run.get("tracking"))
+        self.writer = {"tensorboard": _TensorBoard, "mlflow": _MLflow}.get(spec and spec.runtime.tracking)
         if self.writer is not None:
-            self.writer = self.writer(run, Path(run_dir))
+            self.writer = self.writer(spec, Path(run_dir))
         self.last_loss = 0.0
         self.samples = self.tokens = self.n_steps = 0
         self.t0 = time.perf_counter()
@@ -66,7 +68,7 @@ class Tracker:
 
 
 class _TensorBoard:
-    def __init__(self, run: dict, run_dir: Path):
+    def __init__(self, spec: RunSpec, run_dir: Path):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -86,7 +88,7 @@ class _MLflow:
     """MLflow's client on the study's local file store (offline; MLflow keeps that store in maintenance
     mode and asks for MLFLOW_ALLOW_FILE_STORE to use it)."""
 
-    def __init__(self, run: dict, run_dir: Path):
+    def __init__(self, spec: RunSpec, run_dir: Path):
         import os
 
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -97,16 +99,16 @@ class _MLflow:
                 "tracking: mlflow needs the mlflow-skinny package; pip install 'peftbench[tracking]'"
             ) from None
         self.client = MlflowClient(tracking_uri=mlflow_uri(run_dir.parent.parent))
-        name = str(run.get("study") or "peftbench")
+        name = str(spec.study or "peftbench")
         exp = self.client.get_experiment_by_name(name)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
-        self.run_id = self.client.create_run(exp_id, run_name=run.get("run_id")).info.run_id
+        self.run_id = self.client.create_run(exp_id, run_name=spec.runtime.run_id).info.run_id
         params = {
-            "method": run.get("method"),
-            "label": run.get("label"),
-            "seed": run.get("seed"),
-            "learning_rate": run.get("learning_rate"),
-            "config_hash": run.get("config_hash"),
+            "method": spec.method,
+            "label": spec.label,
+            "seed": spec.seed,
+            "learning_rate": spec.learning_rate,
+            "config_hash": spec.config_hash,
         }
         for k, v in params.items():
             self.client.log_param(self.run_id, k, v)

@@ -37,28 +37,30 @@ from .devices import MemoryMeter, autocast_dtype, dist_info, is_oom, peak_flops,
 from .errors import Diverged, SkipRun, UserError
 from .graphs import GRAPHS_MAX_PARAMS, StepGraphs
 from .metrics import macro_f1, model_flops_per_token
+from .spec import RunSpec
 from .tracking import StepProfiler, Tracker
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 
 
-def train_run(run: dict, tok: Tokenized, run_dir: Path, progress: bool = True) -> dict:
+def train_run(spec: RunSpec, tok: Tokenized, run_dir: Path, progress: bool = True) -> dict:
     """Train and evaluate one run; returns the `metrics`, `history` and artefact info for result.json.
 
     A checkpoint after each epoch (`checkpoint.pt`) lets a killed run resume where it stopped.
     """
-    recipe = Recipe(run, tok, run_dir, progress)
+    recipe = Recipe(spec, tok, run_dir, progress)
     recipe.setup()
-    for epoch in range(recipe.start_epoch, recipe.cfg["epochs"]):
+    stop = min(spec.runtime.stop_after_epoch or recipe.train.epochs, recipe.train.epochs)
+    for epoch in range(recipe.start_epoch, stop):
         recipe.train_epoch(epoch)
         recipe.validate(epoch)
         recipe.checkpoint(epoch)
-    return recipe.finish()
+    return recipe.finish() if stop == recipe.train.epochs else recipe.pause(stop)
 
 
-def plan_run(run: dict, tok: Tokenized, run_dir: Path) -> dict:
+def plan_run(spec: RunSpec, tok: Tokenized, run_dir: Path) -> dict:
     """The memory plan alone (`peftbench plan`): set up the run, probe, and estimate its time; no training."""
-    recipe = Recipe(run, tok, run_dir, progress=False)
+    recipe = Recipe(spec, tok, run_dir, progress=False)
     recipe.setup()
     return recipe.plan_summary()
 
@@ -115,12 +117,12 @@ def set_checkpointing(model, on: bool) -> None:
 class Recipe:
     """The state of one run between its steps. Each step is a method; `train_run` calls them in order."""
 
-    def __init__(self, run: dict, tok: Tokenized, run_dir: Path, progress: bool):
-        self.run, self.tok, self.run_dir = run, tok, Path(run_dir)
-        self.cfg = run["train"]
-        self.device = run["device"]
+    def __init__(self, spec: RunSpec, tok: Tokenized, run_dir: Path, progress: bool):
+        self.spec, self.tok, self.run_dir = spec, tok, Path(run_dir)
+        self.train = spec.train
+        self.device = spec.runtime.device
         self.dev_type = self.device.split(":")[0]
-        self.method = registry.get(run["method"])
+        self.method = registry.get(spec.method)
         self.rank, self.world = dist_info()
         self.progress = progress and self.rank == 0 and os.environ.get("PEFTBENCH_PROGRESS", "1") != "0"
         self.phases: dict[str, float] = {}  # where the run's wall time goes, outside the timed training
@@ -129,7 +131,7 @@ class Recipe:
         self.train_seconds = self.val_seconds = 0.0
         self.start_epoch = 0
         self.memory_plan: dict | None = None
-        self.checkpointing = self.cfg.get("gradient_checkpointing") is True
+        self.checkpointing = self.train.gradient_checkpointing is True
         self.ckpt_path = self.run_dir / "checkpoint.pt"
 
     # ------------------------------------------------------------------------------------------ setup
@@ -137,8 +139,8 @@ class Recipe:
         """Everything before the first step: device, model, optimizer, scheduler, memory plan, resume."""
         import torch
 
-        torch.manual_seed(self.run["seed"])
-        np.random.seed(self.run["seed"] % 2**32)
+        torch.manual_seed(self.spec.seed)
+        np.random.seed(self.spec.seed % 2**32)
         self._setup_device()
         self._setup_data()
         self._setup_model()
@@ -158,20 +160,20 @@ class Recipe:
             # the CUDA context: its cost is the run's, not the first step's
             torch.zeros(1, device=self.device)
             self.phases["cuda_init"] = time.perf_counter() - t
-            budget = self.run.get("gpu_memory_bytes")
+            budget = self.spec.gpu_memory_bytes
             if budget:
                 self.memory_cap = memory.cap_allocator(budget, self.device)
         self.meter = MemoryMeter(self.device)
-        self.amp = autocast_dtype(self.cfg["precision"], self.device)
+        self.amp = autocast_dtype(self.train.precision, self.device)
 
     def _setup_data(self) -> None:
         self.lengths = self.tok.lengths("train")
-        self.batch_size = self.cfg["batch_size"]
-        self.micro = min(self.cfg.get("micro_batch_size") or self.batch_size, self.batch_size)
-        self.steps_per_epoch = count_steps(len(self.lengths), self.batch_size, self.cfg["group_by_length"])
-        self.total_steps = self.steps_per_epoch * self.cfg["epochs"]
-        self.pad_id = self.run.get("pad_token_id") or 0
-        self.max_len = self.run.get("effective_max_length")
+        self.batch_size = self.train.batch_size
+        self.micro = min(self.train.micro_batch_size or self.batch_size, self.batch_size)
+        self.steps_per_epoch = count_steps(len(self.lengths), self.batch_size, self.train.group_by_length)
+        self.total_steps = self.steps_per_epoch * self.train.epochs
+        self.pad_id = self.spec.pad_token_id or 0
+        self.max_len = self.spec.effective_max_length
         self.ids_train = self.tok.ids["train"]
         import torch
 
@@ -183,7 +185,7 @@ class Recipe:
         t = time.perf_counter()
         try:
             self.model, self.head = build_model(
-                self.run,
+                self.spec,
                 len(self.tok.label_names),
                 self.tok.label_names,
                 self.device,
@@ -191,7 +193,7 @@ class Recipe:
                 self.amp,
             )
         except Exception as e:
-            budget = self.run.get("gpu_memory_bytes")
+            budget = self.spec.gpu_memory_bytes
             if budget and is_oom(e):  # under the cap, the weights alone do not fit
                 raise SkipRun(
                     f"does not fit in {budget / 2**30:.1f} GB: loading the weights ran out of memory"
@@ -207,16 +209,14 @@ class Recipe:
     def _setup_optimizer(self) -> None:
         from transformers import get_scheduler
 
-        cfg = self.cfg
+        cfg = self.train
         self.params = param_groups(
-            self.model, cfg["learning_rate"], cfg.get("head_learning_rate"), cfg["weight_decay"], self.head
+            self.model, cfg.learning_rate, cfg.head_learning_rate, cfg.weight_decay, self.head
         )
-        self.optimizer = make_optimizer(
-            cfg.get("optimizer", "adamw"), self.params, cfg["learning_rate"], self.device
-        )
-        warmup = int(round(cfg["warmup_ratio"] * self.total_steps))
+        self.optimizer = make_optimizer(cfg.optimizer, self.params, cfg.learning_rate, self.device)
+        warmup = int(round(cfg.warmup_ratio * self.total_steps))
         self.scheduler = get_scheduler(
-            cfg["scheduler"], self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
+            cfg.scheduler, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
         )
         self.grad_params = [p for g in self.params for p in g["params"]]  # what gradient clipping rescales
 
@@ -225,7 +225,7 @@ class Recipe:
         import torch
 
         t = time.perf_counter()
-        forced = self.cfg.get("attention_mask", "auto")
+        forced = self.train.attention_mask
         if forced == "auto" and self.total >= GRAPHS_MAX_PARAMS:
             forced = "2d"  # a ready 4D mask serves CUDA graphs, which such a model is not given (graphs.py)
         self.mask_mode = choose_mask_mode(
@@ -250,7 +250,7 @@ class Recipe:
             ids = [torch.device(self.device).index] if self.dev_type == "cuda" else None
             self.fwd = DistributedDataParallel(self.fwd, device_ids=ids)
         self.compiled = False
-        if self.cfg.get("compile") and not self.prefixed:
+        if self.train.compile and not self.prefixed:
             self._compile()
         # Padding granularity. On the H200 (benchmarks/results/h200-padding.json) eager multiples of 8 - many
         # distinct shapes - ran 2.6-2.8x slower than multiples of 64 or fixed padding: there, each new shape
@@ -258,8 +258,8 @@ class Recipe:
         # more than the padding saves. With CUDA graphs too (h200-graphs-roberta-padding.json): each new shape
         # costs a recording, and later epochs were as fast with multiples of 64 as of 16.
         # On the CPU, compute-bound, fine buckets pay. max_length means fixed padding.
-        self.pad_multiple = self.cfg.get("pad_to_multiple_of") or (
-            64 if self.cfg.get("compile") or self.dev_type == "cuda" else 8
+        self.pad_multiple = self.train.pad_to_multiple_of or (
+            64 if self.train.compile or self.dev_type == "cuda" else 8
         )
 
     def _compile(self) -> None:
@@ -273,16 +273,16 @@ class Recipe:
         for knob in ("cache_size_limit", "recompile_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
-        graphs = self.cfg["compile"] == "cudagraphs" and self.world == 1 and self.dev_type == "cuda"
+        graphs = self.train.compile == "cudagraphs" and self.world == 1 and self.dev_type == "cuda"
         self.fwd = torch.compile(self.fwd, mode="reduce-overhead" if graphs else None)
         self.compiled = "cudagraphs" if graphs else True
 
     def _plan_memory(self) -> None:
         """Under a GPU memory budget, the largest micro-batch (and checkpointing if needed) that fits."""
-        budget = self.run.get("gpu_memory_bytes")
-        if not (budget and self.dev_type == "cuda") and not self.run.get("plan_only"):
+        budget = self.spec.gpu_memory_bytes
+        if not (budget and self.dev_type == "cuda") and not self.spec.runtime.plan_only:
             return
-        setting = self.cfg.get("gradient_checkpointing", False)
+        setting = self.train.gradient_checkpointing
         limit = int(self.memory_cap["allocator_cap_mb"] * 2**20) if budget else self._device_total()
         fit = memory.plan_micro_batch(self.probe, self.batch_size, setting, limit)
         self.memory_plan = {**fit.as_dict(), **getattr(self, "memory_cap", {})}
@@ -358,7 +358,7 @@ class Recipe:
 
         self.loss_sum = torch.zeros((), device=self.device)
         self.graphs_off = StepGraphs.unsupported(
-            self.cfg,
+            self.train,
             self.method,
             self.device,
             self.world,
@@ -377,14 +377,14 @@ class Recipe:
                 self.amp,
                 self.loss_sum,
                 self.grad_params,
-                self.cfg["max_grad_norm"],
+                self.train.max_grad_norm,
             )
 
     def _resume(self) -> None:
         """Continue from the last epoch checkpoint of this same config, if a killed run left one."""
         import torch
 
-        ck = load_checkpoint(self.ckpt_path, self.run["config_hash"], self.device)
+        ck = load_checkpoint(self.ckpt_path, self.spec.config_hash, self.device)
         if ck is None:
             return
         load_trainable(self.model, ck["trainable"])
@@ -409,28 +409,28 @@ class Recipe:
             self.bar = tqdm(
                 total=self.total_steps,
                 initial=self.global_step,
-                desc=f"  {self.run['label']}",
+                desc=f"  {self.spec.label}",
                 unit="step",
                 leave=False,
                 dynamic_ncols=True,
             )
-        self.tracker = Tracker(self.run if self.rank == 0 else {}, self.run_dir, self.device)
-        profile = self.run_dir / "profile.json" if self.run.get("profile") else None
+        self.tracker = Tracker(self.spec if self.rank == 0 else None, self.run_dir, self.device)
+        profile = self.run_dir / "profile.json" if self.spec.runtime.profile else None
         self.profiler = StepProfiler(self.device, self.steps_per_epoch, profile)
 
     # ------------------------------------------------------------------------------------------ train
     def train_epoch(self, epoch: int) -> None:
         """One pass over the training split; its loss sum stays on the device until the epoch ends."""
         self.model.train()
-        rng = np.random.default_rng([self.run["seed"], epoch])
-        self.batches = make_batches(self.lengths, self.batch_size, rng, self.cfg["group_by_length"])
+        rng = np.random.default_rng([self.spec.seed, epoch])
+        self.batches = make_batches(self.lengths, self.batch_size, rng, self.train.group_by_length)
         self.loss_sum.zero_()
         sync(self.device)
         t0 = time.perf_counter()
         for i, batch in enumerate(self.batches):
             if epoch == self.start_epoch:
                 self.profiler.tick(i)
-            faults.before_step(self.run["run_id"], self.micro)
+            faults.before_step(self.spec.runtime.run_id, self.micro)
             self.forward_backward(batch)
             self.optimizer_step()
             self.tracker.step(
@@ -475,8 +475,8 @@ class Recipe:
             loss = out.loss * (len(part) / len(batch) * self.world * weight)
             loss.backward()
             self.loss_sum += loss.detach()
-        if self.cfg["max_grad_norm"]:
-            torch.nn.utils.clip_grad_norm_(self.grad_params, self.cfg["max_grad_norm"])
+        if self.train.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.grad_params, self.train.max_grad_norm)
 
     def optimizer_step(self) -> None:
         self.optimizer.step()
@@ -511,12 +511,12 @@ class Recipe:
             self.bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_acc:.3f}")
         elif self.progress:
             print(
-                f"  {self.run['label']}: epoch {epoch + 1}/{self.cfg['epochs']}, train loss {loss:.4f}, "
+                f"  {self.spec.label}: epoch {epoch + 1}/{self.train.epochs}, train loss {loss:.4f}, "
                 f"validation accuracy {val_acc:.4f}",
                 file=sys.stderr,
                 flush=True,
             )
-        if self.cfg["select_best_epoch"] and val_acc > self.best["acc"]:
+        if self.train.select_best_epoch and val_acc > self.best["acc"]:
             state = {k: v.cpu() for k, v in trainable_state(self.model).items()}
             self.best = {"acc": val_acc, "epoch": epoch + 1, "state": state}
 
@@ -538,18 +538,18 @@ class Recipe:
         made the run split its batches (on the 8B shape at micro-batch 2, 64 rows of evaluation took more
         than the training step did: benchmarks/results/h200-scale-8b.json)."""
         if self.micro < self.batch_size:
-            return min(self.cfg["eval_batch_size"], self.micro)
-        return self.cfg["eval_batch_size"]
+            return min(self.train.eval_batch_size, self.micro)
+        return self.train.eval_batch_size
 
     def checkpoint(self, epoch: int) -> None:
         """After every epoch but the last: what a killed run resumes from."""
-        if self.run.get("checkpoint", True) and epoch + 1 < self.cfg["epochs"] and self.rank == 0:
+        if self.spec.runtime.checkpoint and epoch + 1 < self.train.epochs and self.rank == 0:
             import torch
 
             save_checkpoint(
                 self.ckpt_path,
                 {
-                    "config_hash": self.run["config_hash"],
+                    "config_hash": self.spec.config_hash,
                     "epoch": epoch,
                     "trainable": {k: v.cpu() for k, v in trainable_state(self.model).items()},
                     "optimizer": self.optimizer.state_dict(),
@@ -563,9 +563,31 @@ class Recipe:
                     "best_state": self.best["state"],
                 },
             )
-        faults.after_epoch(self.run["run_id"], epoch + 1)
+        faults.after_epoch(self.spec.runtime.run_id, epoch + 1)
 
     # ------------------------------------------------------------------------------------------ finish
+    def pause(self, epochs_done: int) -> dict:
+        """A run stopped at a halving search's rung: its validation accuracy so far (the best epoch's with
+        `select_best_epoch`, else the last's) and its history; the checkpoint lets it go on later."""
+        if self.bar is not None:
+            self.bar.close()
+        chosen = self.best["epoch"] if self.train.select_best_epoch and self.best["epoch"] else epochs_done
+        accs = {h["epoch"]: h["validation_accuracy"] for h in self.history}
+        return {
+            "paused": True,
+            "metrics": {
+                "validation_accuracy": accs[chosen],
+                "selected_epoch": chosen,
+                "epochs_done": epochs_done,
+                "train_seconds": self.train_seconds,
+                "validation_seconds": self.val_seconds,
+            },
+            "history": self.history,
+            "artefact": None,
+            "reload_check": None,
+            "test_predictions": None,
+        }
+
     def finish(self) -> dict:
         """Keep the chosen epoch, score the test split once, gather the measurements, save, reload-check."""
         if self.bar is not None:
@@ -605,13 +627,13 @@ class Recipe:
         }
 
     def _restore_best_epoch(self) -> int:
-        if self.cfg["select_best_epoch"] and self.best["state"] is not None:
+        if self.train.select_best_epoch and self.best["state"] is not None:
             load_trainable(self.model, {k: v.to(self.device) for k, v in self.best["state"].items()})
             return self.best["epoch"]
-        return self.cfg["epochs"]
+        return self.train.epochs
 
     def _train_metrics(self, chosen: int) -> dict:
-        epochs, secs = self.cfg["epochs"], self.train_seconds
+        epochs, secs = self.train.epochs, self.train_seconds
         lengths = self.lengths if self.max_len is None else np.minimum(self.lengths, self.max_len)
         real_tokens = int(lengths.sum())
         metrics = {
@@ -632,7 +654,7 @@ class Recipe:
             "resumed_from_epoch": self.start_epoch or None,
             "precision": "bf16-autocast" if self.amp is not None else "fp32",
             "base_dtype": self.base_dtype_name(),
-            "optimizer": self.cfg.get("optimizer", "adamw"),
+            "optimizer": self.train.optimizer,
             "gradient_checkpointing": self.checkpointing,
             "memory_plan": self.memory_plan,
             "attention_mask": self.mask_mode,
@@ -660,7 +682,7 @@ class Recipe:
 
     def _test(self, metrics: dict) -> dict:
         """Test predictions and metrics, once, on rank 0 of final runs only."""
-        if not (self.run["evaluate_test"] and self.rank == 0):
+        if not (self.spec.evaluate_test and self.rank == 0):
             return {}
         sync(self.device)
         t = time.perf_counter()
@@ -675,7 +697,10 @@ class Recipe:
             len(preds) / metrics["eval_seconds"] if metrics["eval_seconds"] else None
         )
         write_predictions(
-            self.run_dir / "predictions.parquet", self.run.get("test_rows_file"), logits, self.tok.label_names
+            self.run_dir / "predictions.parquet",
+            self.spec.runtime.test_rows_file,
+            logits,
+            self.tok.label_names,
         )
         return {"predictions": preds.tolist(), "logits": logits}
 
@@ -698,14 +723,14 @@ class Recipe:
 
     def _save(self, metrics: dict, test: dict) -> tuple[str, dict | None]:
         t = time.perf_counter()
-        artefact = save_model(self.model, self.run, self.run_dir)
+        artefact = save_model(self.model, self.spec, self.run_dir)
         self.phases["save"] = time.perf_counter() - t
         metrics["adapter_size_mb"] = dir_size_mb(self.run_dir / artefact)
-        if not (self.run["evaluate_test"] and self.run.get("verify_reload", True)):
+        if not (self.spec.evaluate_test and self.spec.runtime.verify_reload):
             return artefact, None
         t = time.perf_counter()
         reload = verify_reload(
-            self.run,
+            self.spec,
             self.run_dir,
             self.tok,
             test["logits"],
@@ -732,18 +757,18 @@ class Recipe:
             epoch_s = step_s / (micro * width) * widths
         plan.update(
             epoch_seconds=epoch_s,
-            run_seconds=epoch_s * self.cfg["epochs"] if epoch_s else None,
+            run_seconds=epoch_s * self.train.epochs if epoch_s else None,
             base_dtype=self.base_dtype_name(),
-            optimizer=self.cfg.get("optimizer", "adamw"),
+            optimizer=self.train.optimizer,
             model_load_seconds=self.load_seconds,
             trainable_params=int(self.trainable),
         )
         return plan
 
     def _padded_tokens_per_epoch(self) -> int:
-        rng = np.random.default_rng([self.run["seed"], 0])
+        rng = np.random.default_rng([self.spec.seed, 0])
         total = 0
-        for b in make_batches(self.lengths, self.batch_size, rng, self.cfg["group_by_length"]):
+        for b in make_batches(self.lengths, self.batch_size, rng, self.train.group_by_length):
             longest = min(int(self.lengths[b].max()), self.max_len or 1 << 30)
             total += len(b) * math.ceil(longest / self.pad_multiple) * self.pad_multiple
         return total

@@ -25,6 +25,7 @@ from pathlib import Path
 from . import faults, store
 from .devices import is_oom
 from .errors import Diverged, SkipRun, UserError
+from .spec import RunSpec
 
 PACKAGES = (
     "torch",
@@ -86,20 +87,20 @@ def environment(device: str) -> dict:
     return env
 
 
-def base_result(spec: dict) -> dict:
+def base_result(spec: RunSpec) -> dict:
     return {
         "schema": store.SCHEMA,
-        "run_id": spec["run_id"],
-        "study": spec["study"],
-        "method": spec["method"],
-        "label": spec["label"],
-        "role": spec["role"],
-        "seed": spec["seed"],
-        "learning_rate": spec["learning_rate"],
+        "run_id": spec.runtime.run_id,
+        "study": spec.study,
+        "method": spec.method,
+        "label": spec.label,
+        "role": spec.role,
+        "seed": spec.seed,
+        "learning_rate": spec.learning_rate,
         "status": None,
         "error": None,
-        "config_hash": spec["config_hash"],
-        "config": spec,
+        "config_hash": spec.config_hash,
+        "config": spec.to_dict(),
         "metrics": {},
         "history": [],
         "splits": {
@@ -116,31 +117,31 @@ def base_result(spec: dict) -> dict:
     }
 
 
-def _run_with_retries(spec: dict, run_dir: Path, progress: bool, attempts: list[dict]) -> dict:
+def _run_with_retries(spec: RunSpec, run_dir: Path, progress: bool, attempts: list[dict]) -> dict:
     import torch
 
     from .data import Tokenized
     from .tfidf import tfidf_run
     from .train import train_run
 
-    if spec["method"] == "tfidf":
+    if spec.method == "tfidf":
         import numpy as np
 
-        d = json.loads(Path(spec["texts_file"]).read_text())
+        d = json.loads(Path(spec.runtime.texts_file).read_text())
         return tfidf_run(
-            spec, d["texts"], {k: np.array(v) for k, v in d["labels"].items()}, spec["label_names"], run_dir
+            spec, d["texts"], {k: np.array(v) for k, v in d["labels"].items()}, spec.label_names, run_dir
         )
     t = time.perf_counter()
-    tok = Tokenized.load(Path(spec["tokens_file"]))
+    tok = Tokenized.load(Path(spec.runtime.tokens_file))
     data_seconds = time.perf_counter() - t
-    micro = spec["train"].get("micro_batch_size") or spec["train"]["batch_size"]
-    for attempt in range(spec["max_oom_retries"] + 1):
-        spec["train"]["micro_batch_size"] = micro
+    micro = spec.train.micro_batch_size or spec.train.batch_size
+    for attempt in range(spec.runtime.max_oom_retries + 1):
         try:
-            out = train_run(spec, tok, run_dir, progress=progress)
+            out = train_run(spec.with_train(micro_batch_size=micro), tok, run_dir, progress=progress)
             if "phase_seconds" in out["metrics"]:
                 out["metrics"]["phase_seconds"]["data_load"] = data_seconds
-            out["attempts"] = attempts + [{"micro_batch_size": micro, "outcome": "success"}]
+            attempts.append({"micro_batch_size": micro, "outcome": "success"})
+            out["attempts"] = list(attempts)
             return out
         except Exception as e:
             if not is_oom(e):
@@ -149,7 +150,7 @@ def _run_with_retries(spec: dict, run_dir: Path, progress: bool, attempts: list[
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            if micro == 1 or attempt == spec["max_oom_retries"]:
+            if micro == 1 or attempt == spec.runtime.max_oom_retries:
                 raise
             micro = max(1, micro // 2)
     raise AssertionError("unreachable")
@@ -160,14 +161,14 @@ def rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def execute_plan(run_dir: Path, spec: dict) -> dict:
+def execute_plan(run_dir: Path, spec: RunSpec) -> dict:
     """The memory plan of one run (`peftbench plan`), written to RUN_DIR/plan.json."""
     from .data import Tokenized
     from .train import plan_run
 
-    plan = {"run_id": spec["run_id"], "label": spec["label"], "method": spec["method"], "status": "planned"}
+    plan = {"run_id": spec.runtime.run_id, "label": spec.label, "method": spec.method, "status": "planned"}
     try:
-        plan.update(plan_run(spec, Tokenized.load(Path(spec["tokens_file"])), run_dir))
+        plan.update(plan_run(spec, Tokenized.load(Path(spec.runtime.tokens_file)), run_dir))
     except SkipRun as e:
         plan.update(status="does not fit" if "does not fit" in str(e) else "skipped", error=str(e))
     except Exception as e:  # a UserError too: the plan records it and the others go on
@@ -183,19 +184,19 @@ def execute_plan(run_dir: Path, spec: dict) -> dict:
 
 def execute_run(run_dir: Path, progress: bool = True) -> dict:
     run_dir = Path(run_dir)
-    spec = json.loads((run_dir / "spec.json").read_text())
-    if spec.get("plan_only"):
+    spec = RunSpec.from_dict(json.loads((run_dir / "spec.json").read_text()))
+    if spec.runtime.plan_only:
         return execute_plan(run_dir, spec)
     rank, world = rank_world()
-    if world > 1 and spec["device"].startswith("cuda"):
-        spec["device"] = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    if world > 1 and spec.runtime.device.startswith("cuda"):
+        spec = spec.with_runtime(device=f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
     result = base_result(spec)
     attempts: list[dict] = []
-    faults.at_start(spec["run_id"])
+    faults.at_start(spec.runtime.run_id)
     try:
         out = _run_with_retries(spec, run_dir, progress, attempts)
         result.update(
-            status="success",
+            status="paused" if out.get("paused") else "success",
             metrics=out["metrics"],
             history=out["history"],
             artefact=out["artefact"],
@@ -204,7 +205,7 @@ def execute_run(run_dir: Path, progress: bool = True) -> dict:
             test_predictions=out["test_predictions"],
         )
         if out["test_predictions"] is not None:
-            result["test_labels_fingerprint"] = spec["data_fingerprint"]
+            result["test_labels_fingerprint"] = spec.data_fingerprint
     except SkipRun as e:
         result.update(status="skipped", error=str(e))
     except Diverged as e:
@@ -219,8 +220,8 @@ def execute_run(run_dir: Path, progress: bool = True) -> dict:
             attempts=attempts or None,
         )
         (run_dir / "error.log").write_text(traceback.format_exc())
-    result["config"]["micro_batch_size_used"] = spec["train"].get("micro_batch_size")
-    result["environment"] = environment(spec["device"])
+    result["config"]["micro_batch_size_used"] = (attempts or [{}])[-1].get("micro_batch_size")
+    result["environment"] = environment(spec.runtime.device)
     result["finished_at"] = time.time()
     result["load"]["end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if rank == 0:

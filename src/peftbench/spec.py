@@ -1,0 +1,132 @@
+"""One run, typed: `RunSpec` is what decides its result (hashed into `config_hash`), its `runtime` is
+where and how it runs (device, files, executor; not hashed). `TrainSettings` is the study's `train:`
+section, the one place its keys and defaults are written.
+
+On disk (a run's spec.json and its result.json's "config") a spec is one flat JSON object, as in earlier
+versions of peftbench: `to_dict` and `from_dict` convert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    epochs: int = 3
+    batch_size: int = 16
+    learning_rate: float | None = None  # None: each method's literature default (the fair protocol)
+    head_learning_rate: float | None = None  # None: same as learning_rate
+    weight_decay: float = 0.01
+    max_length: int = 256
+    warmup_ratio: float = 0.0
+    scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    eval_batch_size: int = 64
+    select_best_epoch: bool = False  # True: keep the epoch with the best validation accuracy
+    precision: str = "auto"  # auto: bf16 autocast where supported (CUDA, and CPUs with bf16), else fp32
+    group_by_length: bool = True  # length-bucketed batches (minimal padding); order is still random
+    compile: bool | str = False  # torch.compile the model: true, or "cudagraphs" (compiled + graphs)
+    cuda_graphs: bool = True  # CUDA: each step's forward and backward replayed from a graph per shape
+    micro_batch_size: int | None = None  # None: = batch_size; smaller: gradient accumulation
+    pad_to_multiple_of: int | None = None  # None: 8 (64 on CUDA or compiling); max_length: one shape
+    base_dtype: str = "auto"  # frozen weights: auto = bf16 under bf16 autocast on CUDA, else fp32
+    gradient_checkpointing: bool | str = "auto"  # auto: on only where the GPU memory budget needs it
+    optimizer: str = "adamw"  # adamw (torch, fused), adamw_8bit or paged_adamw_8bit (bitsandbytes)
+    attention_mask: str = "auto"  # auto: a ready 4D mask where a probe shows equal logits; 2d, 4d-...
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default for f in fields(cls)}
+
+
+@dataclass(kw_only=True)
+class Runtime:
+    """Where and how a run executes; changing these never changes its result."""
+
+    run_id: str
+    device: str = "cpu"
+    tokens_file: str | None = None
+    texts_file: str | None = None  # TF-IDF runs read raw texts
+    test_rows_file: str | None = None
+    max_oom_retries: int = 2
+    checkpoint: bool = True  # a resumable checkpoint after every epoch but the last
+    verify_reload: bool = True  # reload the saved model and compare its test predictions
+    isolation: str = "process"
+    executor: str = "local"
+    tracking: str | None = None
+    tracking_every: int = 10
+    profile: bool = False
+    concurrent_runs: int = 1
+    plan_only: bool = False  # `peftbench plan`: probe memory and time, train nothing
+    stop_after_epoch: int | None = None  # a halving search's rung: pause there (resumable), no test
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSpec:
+    study: str
+    model: str
+    model_path: str
+    method: str
+    label: str
+    method_options: dict
+    train: TrainSettings
+    seed: int
+    learning_rate: float | None
+    role: str  # "trial" (lr search) or "final"
+    evaluate_test: bool
+    data: dict
+    data_fingerprint: str | None = None
+    data_sizes: dict | None = None
+    data_origin: str | None = None
+    label_names: list[str] | None = None
+    device_type: str = "cpu"
+    model_fingerprint: str | None = None
+    pad_token_id: int | None = None
+    effective_max_length: int | None = None  # max_length less the positions a soft prompt takes
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    world_size: int = 1
+    gpu_memory_bytes: int | None = None
+    results_version: int = 0
+    runtime: Runtime = field(compare=False)
+    config_hash: str = field(default="", compare=False)  # of the spec as planned (`planned`)
+
+    def hashed(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("runtime", "config_hash")}
+        d["train"] = asdict(self.train)
+        return d
+
+    def planned(self) -> RunSpec:
+        """This spec with its hash set; later changes (an OOM retry's micro-batch) keep the plan's hash."""
+        return dataclasses.replace(self, config_hash=config_hash(self.hashed()))
+
+    def with_train(self, **changes) -> RunSpec:
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, **changes))
+
+    def with_runtime(self, **changes) -> RunSpec:
+        return dataclasses.replace(self, runtime=dataclasses.replace(self.runtime, **changes))
+
+    def to_dict(self) -> dict:
+        return {**self.hashed(), "config_hash": self.config_hash, **asdict(self.runtime)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunSpec:
+        """A spec from its flat JSON form; keys this version does not know (from older or newer results)
+        are ignored, missing runtime keys take their defaults."""
+        own = {f.name for f in fields(cls)} - {"runtime", "train"}
+        rt = {f.name for f in fields(Runtime)}
+        train_known = {f.name for f in fields(TrainSettings)}
+        return cls(
+            **{k: v for k, v in d.items() if k in own},
+            train=TrainSettings(**{k: v for k, v in d["train"].items() if k in train_known}),
+            runtime=Runtime(**{k: v for k, v in d.items() if k in rt}),
+        )
+
+
+def config_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
