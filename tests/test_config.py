@@ -64,6 +64,12 @@ def test_valid_study_gets_defaults():
         ({**GOOD, "seeds": [1, 1]}, "seeds: must be a positive count or a list of distinct integers"),
         ({**GOOD, "seeds": 0}, "seeds: must be a positive count"),
         ({**GOOD, "lr_search": {"points": 1}}, "lr_search.points: must be an integer >= 2"),
+        ({**GOOD, "lr_search": {"schedule": "asha"}}, "lr_search.schedule: must be grid or halving"),
+        (
+            {**GOOD, "lr_search": {"reduction_factor": 1}},
+            "lr_search.reduction_factor: must be an integer >= 2",
+        ),
+        ({**GOOD, "lr_search": {"grace_epochs": 0}}, "lr_search.grace_epochs: must be a positive integer"),
         ({**GOOD, "device": "tpu"}, "device: must be auto, cpu, cuda"),
         ({**GOOD, "parallel": 0}, "parallel: must be a positive integer"),
         ({k: v for k, v in GOOD.items() if k != "model"}, "model: required"),

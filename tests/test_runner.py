@@ -110,6 +110,103 @@ def test_lr_search_selects_on_validation_and_scores_test_once(tiny_encoder, tiny
     assert "above the runner-up" in report.write_report(tmp_path / "s")["markdown"].read_text()
 
 
+def test_halving_schedule_on_a_fake_objective(tmp_path):
+    """Synchronous successive halving: every rate runs the grace epoch, the best half (ties: the lower rate)
+    go on to twice the epochs, and so on; pruned rates never run past their rung."""
+    from peftbench import config
+    from peftbench.runner import Study
+    from peftbench.spec import Runtime, RunSpec, TrainSettings
+
+    raw = {
+        "model": "x",
+        "data": {"path": str(tmp_path)},
+        "methods": ["lora"],
+        "seeds": [0, 1],
+        "train": {"epochs": 5},
+        "lr_search": {"points": 5, "seeds": 2, "schedule": "halving", "reduction_factor": 2},
+    }
+    st = Study(config.validate(raw), tmp_path / "s")
+    lrs = [1e-4, 2e-4, 3e-4, 4e-4, 5e-4]
+    # 4e-4 leads after 1 epoch, 3e-4 ties 2e-4 there (the lower, 2e-4, goes on), 3e-4 wins at 2 epochs
+    # only if it was kept, which it is not: the kept pair is 4e-4 and 2e-4.
+    at = {1: {1e-4: 0.50, 2e-4: 0.60, 3e-4: 0.60, 4e-4: 0.70, 5e-4: 0.40}, 2: {2e-4: 0.80, 4e-4: 0.75}}
+    ran = []
+
+    def fake_execute(specs, desc):
+        out = []
+        for s in specs:
+            stop = s.runtime.stop_after_epoch
+            ran.append((s.learning_rate, s.seed, stop))
+            acc = at[stop][s.learning_rate] + (0.01 if s.seed else -0.01)  # seeds differ; their mean is `at`
+            out.append(
+                {
+                    "run_id": s.runtime.run_id,
+                    "label": s.label,
+                    "learning_rate": s.learning_rate,
+                    "status": "paused",
+                    "metrics": {"validation_accuracy": acc, "epochs_done": stop, "train_seconds": 1.0},
+                }
+            )
+        return out
+
+    st.execute = fake_execute
+    trials = [
+        RunSpec(
+            study="t",
+            model="x",
+            model_path="x",
+            method="lora",
+            label="lora",
+            method_options={},
+            train=TrainSettings(epochs=5),
+            seed=seed,
+            learning_rate=lr,
+            role="trial",
+            evaluate_test=False,
+            data={},
+            runtime=Runtime(run_id=f"lora-{lr}-{seed}"),
+        ).planned()
+        for lr in lrs
+        for seed in (0, 1)
+    ]
+    results, chosen, rungs = st.halving(trials)
+    assert chosen == {"lora": 2e-4}
+    assert [r["epochs"] for r in rungs["lora"]] == [1, 2]
+    assert rungs["lora"][0]["kept"] == [4e-4, 2e-4] and rungs["lora"][1]["kept"] == [2e-4]
+    assert sorted({lr for lr, _, stop in ran if stop == 2}) == [2e-4, 4e-4]
+    assert len(ran) == 10 + 4 and len(results) == 10
+
+
+def test_a_halving_search_resumes_and_skips_what_is_done(tiny_encoder, tiny_data, tmp_path, capfd):
+    """A real halving search on a tiny model: trials pause at their rung, the chosen rate's final runs, the
+    search recorded in study.json; run again, every trial is skipped and nothing is retrained."""
+    import json
+
+    raw = study(
+        tiny_encoder,
+        tiny_data,
+        ["lora"],
+        train={"epochs": 4},
+        lr_search={"points": 4, "decades": 1, "schedule": "halving", "reduction_factor": 2},
+    )
+    out = tmp_path / "s"
+    results = run_study(raw, out)
+    trials = [r for r in results if r["role"] == "trial"]
+    assert {r["status"] for r in trials} == {"paused"}
+    assert sorted(r["metrics"]["epochs_done"] for r in trials) == [1, 1, 2, 2]
+    search = json.loads((out / "study.json").read_text())["lr_search"]["lora"]
+    assert search["epochs_run"] == 6 and search["grid_epochs"] == 16
+    assert [len(r["rates"]) for r in search["rungs"]] == [4, 2]
+    final = next(r for r in results if r["role"] == "final")
+    assert final["status"] == "success" and final["learning_rate"] == search["rungs"][-1]["kept"][0]
+    before = {r["run_id"]: r["started_at"] for r in trials}
+    capfd.readouterr()
+    again = run_study(raw, out)
+    assert {r["run_id"]: r["started_at"] for r in again if r["role"] == "trial"} == before
+    err = capfd.readouterr().err
+    assert "4 of 4 lr search, rung 1 runs already done" in err and "2 of 2 lr search, rung 2" in err
+
+
 def test_select_learning_rates_on_constructed_results():
     def mk(lr, acc, status="success"):
         return {"label": "m", "learning_rate": lr, "status": status, "metrics": {"validation_accuracy": acc}}

@@ -75,7 +75,17 @@ TOP_DEFAULTS: dict[str, Any] = {
 }
 # seed: the trials' seed (default the study's first); seeds: how many seeds each trial rate runs (selection on
 # their mean validation accuracy, so that one seed's luck does not pick the rate).
-LR_SEARCH_DEFAULTS = {"points": 5, "decades": 1.5, "seed": None, "seeds": 1}
+# schedule: grid (every rate, all epochs) or halving (successive halving: every rate for `grace_epochs`,
+# then the best 1/reduction_factor go on, at epochs grace x reduction_factor^k; see runner.halving)
+LR_SEARCH_DEFAULTS = {
+    "points": 5,
+    "decades": 1.5,
+    "seed": None,
+    "seeds": 1,
+    "schedule": "grid",
+    "reduction_factor": 2,
+    "grace_epochs": 1,
+}
 MAX_DECADES = 6  # a grid wider than a million-fold round its default rounds to 0 or overflows
 MAX_LR_POINTS = 50
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -353,6 +363,14 @@ def _validate_lr_search(lrs, problems: list[str]) -> dict | bool:
         problems.append(
             f"lr_search.seeds: must be an integer from 1 to {MAX_SEED_COUNT}, got {lrs['seeds']!r}"
         )
+    if lrs["schedule"] not in ("grid", "halving"):
+        problems.append(f"lr_search.schedule: must be grid or halving, got {lrs['schedule']!r}")
+    if not (_is_int(lrs["reduction_factor"]) and lrs["reduction_factor"] >= 2):
+        problems.append(
+            f"lr_search.reduction_factor: must be an integer >= 2, got {lrs['reduction_factor']!r}"
+        )
+    if not (_is_int(lrs["grace_epochs"]) and lrs["grace_epochs"] >= 1):
+        problems.append(f"lr_search.grace_epochs: must be a positive integer, got {lrs['grace_epochs']!r}")
     if lrs["seed"] is not None and not _is_int(lrs["seed"]):
         problems.append(f"lr_search.seed: must be an integer, got {lrs['seed']!r}")
     if _is_int(lrs["points"]) and lrs["points"] > MAX_LR_POINTS:

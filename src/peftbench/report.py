@@ -597,7 +597,7 @@ def _problems(study: dict) -> list[str]:
     failed = [
         f"{r['run_id']}: {r['status']} - {r.get('error')}"
         for r in study["finals"] + study["trials"]
-        if r["status"] != "success"
+        if r["status"] not in ("success", "paused")  # paused: a halving search stopped it at a rung
     ]
     return failed + [
         f"{r}: planned, no result (interrupted, or its folder was removed): rerun the study"
@@ -610,14 +610,17 @@ def _trials_table(study: dict) -> tuple[list[str], list[list[str]]]:
     chosen = (study["plan"] or {}).get("chosen_learning_rates", {})
     rows = []
     for r in sorted(study["trials"], key=lambda r: (r["label"], r["learning_rate"] or 0)):
-        acc = r["metrics"].get("validation_accuracy") if r["status"] == "success" else None
+        acc = r["metrics"].get("validation_accuracy") if r["status"] in ("success", "paused") else None
+        status = r["status"]
+        if status == "paused":
+            status = f"stopped after {r['metrics'].get('epochs_done')} epoch(s)"
         rows.append(
             [
                 r["label"],
                 f"{r['learning_rate']:.2e}",
                 _fmt_num(acc, 4),
                 "yes" if chosen.get(r["label"]) == r["learning_rate"] else "",
-                r["status"],
+                status,
             ]
         )
     return header, rows
@@ -629,13 +632,10 @@ def lr_choice(study: dict) -> list[dict]:
     plan = study["plan"] or {}
     n_val = ((plan.get("data") or {}).get("sizes") or {}).get("validation")
     chosen = plan.get("chosen_learning_rates") or {}
+    search = plan.get("lr_search") or {}
     out = []
     for label, lr in chosen.items():
-        runs: dict[float, list] = {}
-        for r in study["trials"]:
-            if r["label"] == label and r["status"] == "success":
-                runs.setdefault(r["learning_rate"], []).append(r["metrics"]["validation_accuracy"])
-        accs = {k: float(np.mean(v)) for k, v in runs.items()}  # the mean over the trial seeds
+        accs = _trial_means(study["trials"], label, (search.get(label) or {}).get("rungs"))
         others = {k: v for k, v in accs.items() if k != lr}
         if lr not in accs or not others:
             continue
@@ -653,6 +653,45 @@ def lr_choice(study: dict) -> list[dict]:
             }
         )
     return out
+
+
+def _trial_means(trials: list[dict], label: str, rungs: list[dict] | None) -> dict[float, float]:
+    """Each rate's mean validation accuracy over the trial seeds; after a halving search, at the last rung
+    that compared more than one rate (the rates it chose between, at equal epochs)."""
+    compared = [r for r in rungs or [] if len(r["rates"]) > 1]
+    if compared:
+        return {x["learning_rate"]: x["validation_accuracy"] for x in compared[-1]["rates"]}
+    runs: dict[float, list] = {}
+    for r in trials:
+        if r["label"] == label and r["status"] == "success":
+            runs.setdefault(r["learning_rate"], []).append(r["metrics"]["validation_accuracy"])
+    return {k: float(np.mean(v)) for k, v in runs.items()}
+
+
+def search_cost(study: dict) -> list[tuple[str, str]]:
+    """Per method, how its rate was searched and what that cost beside the full grid."""
+    lines = []
+    for label, s in ((study["plan"] or {}).get("lr_search") or {}).items():
+        grid = s.get("grid_run_seconds")
+        if s["schedule"] == "halving":
+            steps = " -> ".join(f"{len(r['rates'])} rates at {r['epochs']} epoch(s)" for r in s["rungs"])
+            ratio = (
+                f", {grid / s['run_seconds']:.1f}x less than the full grid's estimated {grid:,.0f} s"
+                if (grid and s["run_seconds"])
+                else ""
+            )
+            lines.append(
+                (
+                    label,
+                    f"successive halving ({steps}); {s['epochs_run']} of the grid's {s['grid_epochs']} "
+                    f"trial epochs, {s['run_seconds']:,.0f} s of training and validation{ratio}.",
+                )
+            )
+        else:
+            lines.append(
+                (label, f"full grid: {s['grid_epochs']} trial epochs, {s['run_seconds']:,.0f} s of training.")
+            )
+    return lines
 
 
 def budget_table(study: dict) -> tuple[list[str], list[list[str]], float | None]:
@@ -794,6 +833,7 @@ def _write_report(study_dir: Path) -> dict[str, Path]:
         "rows": stats.public(study["rows"]),
         "verdicts": verdicts(study),
         "learning_rate_choice": lr_choice(study),
+        "learning_rate_search": (study["plan"] or {}).get("lr_search") or {},
         "recommendations": recs,
         "problems": problems,
     }
@@ -856,7 +896,10 @@ def _sections(study: dict, recs: list[dict], problems: list[str]) -> list[tuple[
             for c in lr_choice(study)
         ]
         out.append(
-            ("Learning-rate search (validation)", [("table", *_trials_table(study)), ("list", clarity)])
+            (
+                "Learning-rate search (validation)",
+                [("table", *_trials_table(study)), ("list", clarity), ("list", search_cost(study))],
+            )
         )
     for label, (ph, pr, ch, cr) in per_class_tables(study).items():
         out.append(

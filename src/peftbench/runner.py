@@ -270,7 +270,7 @@ class Study:
         for spec in specs:
             rdir = self.out / "runs" / spec.runtime.run_id
             old = store.read_result(rdir / "result.json")
-            if old and old.get("status") == "success" and old.get("config_hash") == spec.config_hash:
+            if _already_done(old, spec):
                 done[spec.runtime.run_id] = old
             else:
                 todo.append(spec)
@@ -422,15 +422,87 @@ class Study:
             trials = self.trial_specs()
             self.write_plan(trials, self.final_specs({}) if not trials else [], {}, complete=False)
             chosen: dict[str, float | None] = {}
-            trial_results = []
+            trial_results, search = [], {}
             if trials:
-                trial_results = self.execute(trials, "lr search")
-                chosen = select_learning_rates(trial_results)
+                trial_results, chosen, search = self.search(trials)
             finals = self.final_specs(chosen)
-            self.write_plan(trials, finals, chosen, complete=False)
+            self.write_plan(trials, finals, chosen, complete=False, search=search)
             final_results = self.execute(finals, "study")
-            self.write_plan(trials, finals, chosen, complete=True, wall_seconds=time.perf_counter() - t0)
+            self.write_plan(
+                trials, finals, chosen, complete=True, wall_seconds=time.perf_counter() - t0, search=search
+            )
             return trial_results + final_results
+
+    def search(self, trials: list[RunSpec]) -> tuple[list[dict], dict, dict]:
+        """The learning-rate search: its trial results, the rate chosen per method label, and per label how
+        it was chosen (the halving rungs) and what it cost (seconds of training and validation, summed
+        over its runs) beside what the full grid cost or would have cost."""
+        if self.cfg["lr_search"]["schedule"] == "halving":
+            results, chosen, rungs = self.halving(trials)
+        else:
+            results, rungs = self.execute(trials, "lr search"), {}
+            chosen = select_learning_rates(results)
+        record = {}
+        for label in dict.fromkeys(t.label for t in trials):
+            mine = [r for r in results if r["label"] == label]
+            secs = [_run_seconds(r) for r in mine]
+            epochs_done = sum(_epochs_done(r) for r in mine if _run_seconds(r) is not None)
+            per_epoch = sum(s for s in secs if s is not None) / epochs_done if epochs_done else None
+            n_grid = sum(t.train.epochs for t in trials if t.label == label)
+            record[label] = {
+                "schedule": self.cfg["lr_search"]["schedule"],
+                "rungs": rungs.get(label, []),
+                "run_seconds": sum(s for s in secs if s is not None),
+                "epochs_run": epochs_done,
+                "grid_epochs": n_grid,
+                "grid_run_seconds": per_epoch * n_grid if per_epoch else None,
+            }
+        return results, chosen, record
+
+    def halving(self, trials: list[RunSpec]) -> tuple[list[dict], dict, dict]:
+        """Successive halving over each method's rates, in synchronous rungs. Every rate runs `grace_epochs`
+        epochs on every trial seed; the best 1/reduction_factor by mean validation accuracy (ties: the lower
+        rate) go on to grace x reduction_factor epochs, and so on while more than one rate is left (a rung
+        at the last epoch keeps one). A run pauses at its rung and resumes from its checkpoint at the next,
+        so a rerun of an interrupted search skips what is done.
+
+        Written here rather than taken from Optuna (SuccessiveHalvingPruner) or Ray Tune (ASHA): both judge
+        a trial against the trials that reached the rung before it, so with runs in parallel the chosen rate
+        would depend on which run finished first, the unreproducible choice this search must not make; Ray
+        Tune's synchronous HyperBand would need every run to be a Tune trial, not a peftbench worker.
+        """
+        rf, grace = self.cfg["lr_search"]["reduction_factor"], self.cfg["lr_search"]["grace_epochs"]
+        labels = dict.fromkeys(t.label for t in trials)
+        alive = {label: sorted({t.learning_rate for t in trials if t.label == label}) for label in labels}
+        epochs = {t.label: t.train.epochs for t in trials}
+        stop = {label: min(grace, epochs[label]) for label in alive}
+        rungs: dict[str, list[dict]] = {}
+        latest: dict[str, dict] = {}
+        while open_ := [label for label, lrs in alive.items() if len(lrs) > 1]:
+            batch = [
+                t.with_runtime(stop_after_epoch=stop[t.label] if stop[t.label] < epochs[t.label] else None)
+                for t in trials
+                if t.label in open_ and t.learning_rate in alive[t.label]
+            ]
+            rung = 1 + max(len(rungs.get(label, [])) for label in open_)
+            latest.update({r["run_id"]: r for r in self.execute(batch, f"lr search, rung {rung}")})
+            for label in open_:
+                means = select_learning_rates(
+                    [latest[t.runtime.run_id] for t in batch if t.label == label], True
+                )
+                ranked = sorted(means, key=lambda lr: (-means[lr], lr))
+                last = stop[label] >= epochs[label]
+                keep = ranked[: 1 if last else max(1, len(alive[label]) // rf)]
+                rungs.setdefault(label, []).append(
+                    {
+                        "epochs": stop[label],
+                        "rates": [{"learning_rate": lr, "validation_accuracy": means[lr]} for lr in ranked],
+                        "kept": keep,
+                    }
+                )
+                alive[label], stop[label] = keep, min(stop[label] * rf, epochs[label])
+        chosen = {label: lrs[0] for label, lrs in alive.items() if len(lrs) == 1}
+        return [latest[t.runtime.run_id] for t in trials], chosen, rungs
 
     def claim_folder(self, force: bool) -> None:
         """A study folder belongs to one study: another study's folder, or one holding files peftbench did not
@@ -458,6 +530,7 @@ class Study:
         chosen: dict,
         complete: bool,
         wall_seconds: float | None = None,
+        search: dict | None = None,
     ) -> None:
         plan = {
             "study": self.cfg,
@@ -466,6 +539,7 @@ class Study:
             "trial_runs": [s.runtime.run_id for s in trials],
             "final_runs": [s.runtime.run_id for s in finals],
             "chosen_learning_rates": chosen,
+            "lr_search": search or {},
             "data": {
                 "sizes": self.data.sizes(),
                 "origin": self.data.source.get("origin"),
@@ -711,23 +785,53 @@ def record_failure(spec: RunSpec, rdir: Path, error: str) -> dict:
     return result
 
 
-def select_learning_rates(trials: list[dict]) -> dict[str, float]:
+def select_learning_rates(trials: list[dict], means: bool = False) -> dict:
     """Per method label, the trial learning rate with the best mean validation accuracy over its trial seeds
-    (a rate with a failed seed is not chosen; ties: the lower rate)."""
+    (a rate with a failed seed is not chosen; ties: the lower rate). With `means`, the results are one
+    label's and the mean of each rate is returned instead."""
     accs: dict[str, dict[float, list]] = {}
     for r in trials:
-        acc = r["metrics"]["validation_accuracy"] if r.get("status") == "success" else None
-        accs.setdefault(r["label"], {}).setdefault(r["learning_rate"], []).append(acc)
+        ok = r.get("status") in ("success", "paused")
+        accs.setdefault(r["label"], {}).setdefault(r["learning_rate"], []).append(
+            r["metrics"]["validation_accuracy"] if ok else None
+        )
     chosen = {}
     for label, by_lr in accs.items():
-        scored = {lr: float(np.mean(a)) for lr, a in by_lr.items() if None not in a}
+        # rounded: two seeds' means that tie in items must tie in floats too (the tie rule: the lower rate)
+        scored = {lr: round(float(np.mean(a)), 12) for lr, a in by_lr.items() if None not in a}
+        if means:
+            return scored
         if scored:
             chosen[label] = max(scored, key=lambda lr: (scored[lr], -lr))
-    return chosen
+    return {} if means else chosen
+
+
+def _already_done(old: dict | None, spec: RunSpec) -> bool:
+    """A result that stands for `spec`: successful under the same hash, or paused at or past its rung."""
+    if not old or old.get("config_hash") != spec.config_hash:
+        return False
+    stop = spec.runtime.stop_after_epoch
+    return old.get("status") == "success" or (
+        bool(stop) and old.get("status") == "paused" and old["metrics"].get("epochs_done", 0) >= stop
+    )
+
+
+def _run_seconds(r: dict) -> float | None:
+    m = r.get("metrics") or {}
+    if m.get("train_seconds") is None:
+        return None
+    return m["train_seconds"] + (m.get("validation_seconds") or 0.0)
+
+
+def _epochs_done(r: dict) -> int:
+    m = r.get("metrics") or {}
+    return m.get("epochs_done") or (r.get("config") or {}).get("train", {}).get("epochs", 0)
 
 
 def _one_line(r: dict) -> str:
     m = r.get("metrics") or {}
+    if r["status"] == "paused":
+        return f"  {r['run_id']}: val acc {m['validation_accuracy']:.4f} after {m['epochs_done']} epoch(s)"
     if r["status"] != "success":
         return f"  {r['run_id']}: {r['status']} - {r.get('error')}"
     acc = m.get("test_accuracy", m.get("validation_accuracy"))

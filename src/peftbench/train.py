@@ -571,8 +571,9 @@ class Recipe:
         `select_best_epoch`, else the last's) and its history; the checkpoint lets it go on later."""
         if self.bar is not None:
             self.bar.close()
-        chosen = self.best["epoch"] if self.train.select_best_epoch and self.best["epoch"] else epochs_done
-        accs = {h["epoch"]: h["validation_accuracy"] for h in self.history}
+        # (a checkpoint from past the rung, when a rung is redone, adds nothing: the rung's epochs decide)
+        accs = {h["epoch"]: h["validation_accuracy"] for h in self.history if h["epoch"] <= epochs_done}
+        chosen = max(accs, key=lambda e: (accs[e], -e)) if self.train.select_best_epoch else epochs_done
         return {
             "paused": True,
             "metrics": {
