@@ -137,14 +137,19 @@ def test_halving_schedule_on_a_fake_objective(tmp_path):
         for s in specs:
             stop = s.runtime.stop_after_epoch
             ran.append((s.learning_rate, s.seed, stop))
-            acc = at[stop][s.learning_rate] + (0.01 if s.seed else -0.01)  # seeds differ; their mean is `at`
+            # seeds differ; their mean is `at`
+            hist = [
+                {"epoch": e, "validation_accuracy": at[e][s.learning_rate] + (0.01 if s.seed else -0.01)}
+                for e in range(1, stop + 1)
+            ]
             out.append(
                 {
                     "run_id": s.runtime.run_id,
                     "label": s.label,
                     "learning_rate": s.learning_rate,
                     "status": "paused",
-                    "metrics": {"validation_accuracy": acc, "epochs_done": stop, "train_seconds": 1.0},
+                    "history": hist,
+                    "metrics": {"validation_accuracy": hist[-1]["validation_accuracy"], "epochs_done": stop},
                 }
             )
         return out
@@ -203,6 +208,8 @@ def test_a_halving_search_resumes_and_skips_what_is_done(tiny_encoder, tiny_data
     capfd.readouterr()
     again = run_study(raw, out)
     assert {r["run_id"]: r["started_at"] for r in again if r["role"] == "trial"} == before
+    # the rerun finds the kept rates' results at 2 epochs; rung 1 still compares them at 1
+    assert json.loads((out / "study.json").read_text())["lr_search"]["lora"]["rungs"] == search["rungs"]
     err = capfd.readouterr().err
     assert "4 of 4 lr search, rung 1 runs already done" in err and "2 of 2 lr search, rung 2" in err
 

@@ -487,9 +487,12 @@ class Study:
             rung = 1 + max(len(rungs.get(label, [])) for label in open_)
             latest.update({r["run_id"]: r for r in self.execute(batch, f"lr search, rung {rung}")})
             for label in open_:
-                means = select_learning_rates(
-                    [latest[t.runtime.run_id] for t in batch if t.label == label], True
-                )
+                mine = [
+                    _at_epoch(latest[t.runtime.run_id], stop[label], t.train)
+                    for t in batch
+                    if t.label == label
+                ]
+                means = select_learning_rates(mine, True)
                 ranked = sorted(means, key=lambda lr: (-means[lr], lr))
                 last = stop[label] >= epochs[label]
                 keep = ranked[: 1 if last else max(1, len(alive[label]) // rf)]
@@ -804,6 +807,18 @@ def select_learning_rates(trials: list[dict], means: bool = False) -> dict:
         if scored:
             chosen[label] = max(scored, key=lambda lr: (scored[lr], -lr))
     return {} if means else chosen
+
+
+def _at_epoch(r: dict, epochs: int, train: TrainSettings) -> dict:
+    """A trial's result as it stood after `epochs` epochs: a rerun of an interrupted search finds trials
+    that went on to a later rung, and a rung compares its rates at its own epochs."""
+    if r.get("status") not in ("success", "paused"):
+        return r
+    accs = [h["validation_accuracy"] for h in r["history"] if h["epoch"] <= epochs]
+    if len(accs) < epochs:
+        return {**r, "status": "failed"}
+    acc = max(accs) if train.select_best_epoch else accs[-1]
+    return {**r, "metrics": {**r["metrics"], "validation_accuracy": acc}}
 
 
 def _already_done(old: dict | None, spec: RunSpec) -> bool:
