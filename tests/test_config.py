@@ -65,6 +65,21 @@ def test_valid_study_gets_defaults():
         ({**GOOD, "seeds": 0}, "seeds: must be a positive count"),
         ({**GOOD, "lr_search": {"points": 1}}, "lr_search.points: must be an integer >= 2"),
         ({**GOOD, "lr_search": {"schedule": "asha"}}, "lr_search.schedule: must be grid or halving"),
+        ({**GOOD, "train": {"sharding": "zero3"}}, "train.sharding: must be none or fsdp"),
+        (
+            {**GOOD, "train": {"sharding": "fsdp"}},
+            "train.sharding: fsdp shards a run over its GPUs; set gpus_per_run",
+        ),
+        (
+            {
+                **GOOD,
+                "gpus_per_run": 2,
+                "isolation": "process",
+                "methods": ["qlora"],
+                "train": {"sharding": "fsdp"},
+            },
+            "methods: qlora cannot run with train.sharding: fsdp here",
+        ),
         (
             {**GOOD, "lr_search": {"reduction_factor": 1}},
             "lr_search.reduction_factor: must be an integer >= 2",

@@ -48,3 +48,48 @@ def test_a_failing_data_parallel_run_is_recorded(tiny_encoder, tiny_data, tmp_pa
         tmp_path / "s",
     )
     assert res["status"] == "oom" and "out of memory" in res["error"]
+
+
+@pytest.mark.parametrize("method", ["full", {"name": "lora", "label": "lora", "lora_dropout": 0.0}])
+def test_a_sharded_run_follows_the_single_process_trajectory_and_reloads(
+    method, no_dropout_encoder, tiny_data, tmp_path
+):
+    """train.sharding: fsdp (FSDP2 over 2 gloo processes): the same losses as one process, and a saved
+    folder that plain transformers / peft reload to the same test predictions."""
+    raw = study(
+        no_dropout_encoder,
+        tiny_data,
+        [method],
+        isolation="process",
+        train={"epochs": 3, "learning_rate": 5e-3, "group_by_length": False, "precision": "fp32"},
+    )
+    (one,) = run_study(raw, tmp_path / "one")
+    sharded = {**raw, "gpus_per_run": 2, "train": {**raw["train"], "sharding": "fsdp"}}
+    (two,) = run_study(sharded, tmp_path / "two")
+    assert two["status"] == "success", two.get("error")
+    assert two["metrics"]["sharding"] == "fsdp" and len(two["metrics"]["per_process"]) == 2
+    assert one["history"][-1]["train_loss"] < one["history"][0]["train_loss"] - 0.01
+    for h1, h2 in zip(one["history"], two["history"]):
+        assert h2["train_loss"] == pytest.approx(h1["train_loss"], abs=2e-4)
+    assert two["reload_check"]["identical_predictions"]
+    saved = tmp_path / "two" / "runs" / two["run_id"] / two["artefact"]
+    assert (
+        saved / ("adapter_model.safetensors" if two["artefact"] == "adapter" else "model.safetensors")
+    ).exists()
+
+
+def test_a_failing_sharded_run_is_recorded(tiny_encoder, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "full:oom_above=1")
+    (res,) = run_study(
+        study(
+            tiny_encoder,
+            tiny_data,
+            ["full"],
+            isolation="process",
+            gpus_per_run=2,
+            max_oom_retries=0,
+            train={"epochs": 1, "sharding": "fsdp"},
+        ),
+        tmp_path / "s",
+    )
+    assert res["status"] == "oom" and "out of memory" in res["error"]

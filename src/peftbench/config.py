@@ -145,6 +145,7 @@ def _check_train(section: str, train: dict, problems: list[str]) -> None:
     need("gradient_checkpointing", lambda v: v in (True, False, "auto"), "true, false or auto")
     need("optimizer", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
     need("attention_mask", lambda v: v in MASK_MODES, f"one of {', '.join(MASK_MODES)}")
+    need("sharding", lambda v: v in ("none", "fsdp"), "none or fsdp")
     for key in ("select_best_epoch", "group_by_length", "cuda_graphs"):
         need(key, lambda v: isinstance(v, bool), "true or false")
     need("compile", lambda v: isinstance(v, bool) or v == "cudagraphs", 'true, false or "cudagraphs"')
@@ -247,12 +248,32 @@ def validate(raw: Any, base_dir: Path | None = None) -> dict:
     study["seeds"] = _validate_seeds(study["seeds"], problems)
     study["lr_search"] = _validate_lr_search(study["lr_search"], problems)
     _validate_execution(study, problems)
+    _check_sharding(study, train, meths, problems)
     if problems:
         raise UserError(problems)
     study.update(data=data, train=train, methods=meths)
     if study["name"] is None:
         study["name"] = "study"
     return study
+
+
+def _check_sharding(study: dict, train: dict, meths: list[dict], problems: list[str]) -> None:
+    """`train.sharding: fsdp` shards over a run's processes: it needs several, and methods it can shard."""
+    if train.get("sharding") != "fsdp":
+        return
+    if study["gpus_per_run"] < 2:
+        problems.append(
+            "train.sharding: fsdp shards a run over its GPUs; set gpus_per_run: 2 or more, or sharding: none"
+        )
+    for m in meths:
+        method = registry.METHODS.get(m.get("name"))
+        if method is not None and (method.quantize or method.takes_positions or method.kind == "tfidf"):
+            problems.append(
+                f"methods: {m['label']} cannot run with train.sharding: fsdp here (4-bit weights, soft "
+                "prompts and TF-IDF are not sharded); run it in a study with sharding: none"
+            )
+    if train.get("compile"):
+        problems.append("train.compile: not with train.sharding: fsdp; set compile: false")
 
 
 def _validate_data(data, base_dir: Path | None, problems: list[str]) -> dict:

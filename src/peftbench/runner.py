@@ -571,6 +571,16 @@ class Study:
             for spec in specs:
                 if registry.get(spec.method).kind == "tfidf":
                     continue
+                if spec.train.sharding == "fsdp":  # the probe runs in one process: it cannot see a shard
+                    rows.append(
+                        {
+                            "label": spec.label,
+                            "method": spec.method,
+                            "status": "not planned",
+                            "error": "sharded runs (train.sharding: fsdp) are not probed yet; run the study",
+                        }
+                    )
+                    continue
                 spec = spec.with_runtime(
                     run_id=f"plan-{spec.runtime.run_id}", plan_only=True, checkpoint=False
                 )

@@ -38,6 +38,7 @@ class TrainSettings:
     gradient_checkpointing: bool | str = "auto"  # auto: on only where the GPU memory budget needs it
     optimizer: str = "adamw"  # adamw (torch, fused), adamw_8bit or paged_adamw_8bit (bitsandbytes)
     attention_mask: str = "auto"  # auto: a ready 4D mask where a probe shows equal logits; 2d, 4d-...
+    sharding: str = "none"  # fsdp: weights, gradients, optimizer state sharded over gpus_per_run (FSDP2)
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

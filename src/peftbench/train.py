@@ -114,6 +114,21 @@ def set_checkpointing(model, on: bool) -> None:
         base.gradient_checkpointing_disable()
 
 
+def shard(model, amp) -> None:
+    """FSDP2 (`fully_shard`): each transformer block (the model's `_no_split_modules`) one unit, then the
+    rest; parameters kept and updated sharded in their own dtype (fp32 master weights for what trains),
+    computed in the autocast dtype, gradients reduced in fp32."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = set(getattr(base, "_no_split_modules", None) or [])
+    policy = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32)
+    for module in [m for m in model.modules() if type(m).__name__ in blocks]:
+        fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
 class Recipe:
     """The state of one run between its steps. Each step is a method; `train_run` calls them in order."""
 
@@ -132,6 +147,7 @@ class Recipe:
         self.start_epoch = 0
         self.memory_plan: dict | None = None
         self.checkpointing = self.train.gradient_checkpointing is True
+        self.sharded = self.train.sharding == "fsdp" and self.world > 1
         self.ckpt_path = self.run_dir / "checkpoint.pt"
 
     # ------------------------------------------------------------------------------------------ setup
@@ -205,6 +221,8 @@ class Recipe:
         ):  # PiSSA & co: keep the initial adapter to convert the final one
             self.model.save_pretrained(self.run_dir / "adapter-init", safe_serialization=True)
         self.trainable, self.total = count_params(self.model)
+        if self.sharded:
+            shard(self.model, self.amp)
 
     def _setup_optimizer(self) -> None:
         from transformers import get_scheduler
@@ -243,7 +261,7 @@ class Recipe:
             raise UserError("prefix_tuning runs on one device here; set gpus_per_run: 1 for it")
         self.fwd = self.model
         if (
-            self.world > 1
+            self.world > 1 and not self.sharded
         ):  # data parallel: each process takes every world-th item of each batch of `batch_size`
             from torch.nn.parallel import DistributedDataParallel
 
@@ -517,7 +535,8 @@ class Recipe:
                 flush=True,
             )
         if self.train.select_best_epoch and val_acc > self.best["acc"]:
-            state = {k: v.cpu() for k, v in trainable_state(self.model).items()}
+            # a sharded run keeps each process's shard where it is
+            state = {k: v if self.sharded else v.cpu() for k, v in trainable_state(self.model).items()}
             self.best = {"acc": val_acc, "epoch": epoch + 1, "state": state}
 
     def logits(self, split: str):
@@ -543,7 +562,8 @@ class Recipe:
 
     def checkpoint(self, epoch: int) -> None:
         """After every epoch but the last: what a killed run resumes from."""
-        if self.spec.runtime.checkpoint and epoch + 1 < self.train.epochs and self.rank == 0:
+        resumable = self.spec.runtime.checkpoint and not self.sharded  # a sharded run keeps no checkpoint
+        if resumable and epoch + 1 < self.train.epochs and self.rank == 0:
             import torch
 
             save_checkpoint(
@@ -596,9 +616,13 @@ class Recipe:
         self.tracker.close()
         chosen = self._restore_best_epoch()
         metrics = self._train_metrics(chosen)
+        peaks = self.meter.peaks() if self.sharded else None  # before rank 0 gathers the whole model
+        if self.sharded:
+            self._unshard()
         test = self._test(metrics)
-        metrics.update(self.meter.peaks())
+        metrics.update(peaks or self.meter.peaks())
         metrics["world_size"] = self.world
+        metrics["sharding"] = "fsdp" if self.sharded else None
         if self.world > 1:
             self._gather_memory(metrics)
             if self.rank != 0:  # rank 0 saves, verifies and reports
@@ -704,6 +728,22 @@ class Recipe:
             self.tok.label_names,
         )
         return {"predictions": preds.tolist(), "logits": logits}
+
+    def _unshard(self) -> None:
+        """A sharded run's trained weights gathered whole (every process joins) into a plain model on rank 0,
+        which scores the test split, saves a normal Hugging Face / PEFT folder and reload-checks it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from .models import build_model
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(self.model, options=opts)
+        if self.rank != 0:
+            return
+        names = self.tok.label_names
+        model, _ = build_model(self.spec, len(names), names, self.device, self.total_steps, self.amp)
+        model.load_state_dict(full)
+        self.model = model
 
     def _gather_memory(self, metrics: dict) -> None:
         """Memory is per device: keep each process's peaks, headline the largest."""
