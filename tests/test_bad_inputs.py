@@ -290,6 +290,25 @@ CASES = [
         "repeated or degenerate rates",
     ),
     (
+        "a sentence pair whose second column is missing",
+        lambda t, m: _run(t, m, _study(t, m, _data(t), data={"text_column": ["text", "hypothesis"]})),
+        "data.text_column: column 'hypothesis' not in the train file",
+    ),
+    (
+        "a sentence pair with an empty second text",
+        lambda t, m: _run(
+            t,
+            m,
+            _study(
+                t,
+                m,
+                _data(t, mutate=lambda df: df.assign(b=["" if i == 3 else "x" for i in range(len(df))])),
+                data={"text_column": ["text", "b"]},
+            ),
+        ),
+        "train rows have an empty 'b' (first at row 3); a sentence pair needs both texts",
+    ),
+    (
         "a negative data seed",
         lambda t, m: _run(t, m, _study(t, m, _data(t), data={"seed": -1})),
         "data.seed: must be an integer >= 0",

@@ -332,3 +332,67 @@ def test_a_study_from_command_line_flags_alone(tmp_path, tiny_encoder, capsys, m
     assert e.value.code == 0, capsys.readouterr().err[-800:]
     plan = json.loads((tmp_path / "out" / "study.json").read_text())
     assert plan["data"]["label_names"] == sorted(AG_CLASSES) and plan["data"]["sizes"]["test"] == 30
+
+
+def test_a_sentence_pair_is_encoded_as_the_tokenizer_encodes_pairs(tmp_path, tiny_encoder):
+    """text_column: [a, b] gives the tokenizer's own pair ids (its separator, the longer side truncated
+    first), and the model sees the tokenizer's token_type_ids (BERT's segments) without carrying them."""
+    import torch
+    from conftest import study
+    from transformers import AutoTokenizer
+
+    from peftbench import config, models
+    from peftbench.data import PAIR, Tokenized
+    from peftbench.runner import Study
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for split, n, seed in (("train", 120, 1), ("test", 60, 2)):
+        df = make_rows(n, seed)
+        df["b"] = [" ".join(t.split()[::-1] * 3) for t in df["text"]]  # long second texts: truncation bites
+        df.to_parquet(folder / f"{split}.parquet")
+    raw = study(tiny_encoder, folder, ["lora"], data={"text_column": ["text", "b"], "train_size": 100})
+    st = Study(config.validate(raw), tmp_path / "s")
+    st.out.mkdir()
+    st.prepare()
+    tok = Tokenized.load(st.tok_file)
+    ref = AutoTokenizer.from_pretrained(tiny_encoder)
+    max_len = raw["train"]["max_length"]
+    for s in ("train", "validation", "test"):
+        a, b = zip(*(t.split(PAIR) for t in st.data.texts[s]))
+        want = ref(list(a), list(b), truncation=True, max_length=max_len)["input_ids"]
+        assert [list(x) for x in tok.ids[s]] == want
+    assert tok.truncated["train"] > 0
+
+    spec = st.final_specs({})[0]
+    model, _ = models.build_model(spec, 2, ["0", "1"], "cpu", 10)
+    seen = {}
+    model.get_base_model().bert.register_forward_pre_hook(
+        lambda mod, args, kw: seen.update(tt=kw["token_type_ids"]), with_kwargs=True
+    )
+    enc = ref(
+        list(a[:4]), list(b[:4]), truncation=True, max_length=max_len, padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    real = enc["attention_mask"].bool()
+    assert torch.equal(seen["tt"][real], enc["token_type_ids"][real])
+    assert seen["tt"].sum() > 0
+
+
+def test_classification_metrics_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    from peftbench.metrics import score_predictions
+
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+    m = score_predictions(y, p, 2)
+    assert m["test_accuracy"] == pytest.approx(accuracy_score(y, p))
+    assert m["test_mcc"] == pytest.approx(matthews_corrcoef(y, p))
+    assert m["test_f1_positive"] == pytest.approx(f1_score(y, p))
+    assert m["test_macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
+    y3, p3 = rng.integers(0, 3, 200), np.zeros(200, dtype=int)  # classes 1 and 2 never predicted
+    m3 = score_predictions(y3, p3, 3)
+    assert "test_mcc" not in m3
+    assert m3["test_macro_f1"] == pytest.approx(f1_score(y3, p3, average="macro", zero_division=0))

@@ -24,6 +24,27 @@ SINGLE_FILE_TEST_SHARE = 0.2
 SPLITS = ("train", "validation", "test")
 
 
+# Joins the two texts of a sentence pair (`text_column: [a, b]`) into one text for the splits, the overlap
+# check and TF-IDF; `encode` hands the tokenizer the two parts, for its own pair encoding.
+PAIR = "\x1f"
+
+
+def is_pair(data_spec: dict) -> bool:
+    tc = data_spec.get("text_column")
+    return isinstance(tc, list) and len(tc) == 2
+
+
+def encode(tokenizer, texts: list[str], max_length: int, pair: bool) -> list[list[int]]:
+    """Token ids of each text; a pair as the tokenizer encodes `tokenizer(a, b)` (its separator, the longer
+    side truncated first)."""
+    if not pair:
+        return tokenizer(texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
+    a, b = zip(*(t.split(PAIR, 1) for t in texts)) if texts else ((), ())
+    return tokenizer(list(a), list(b), truncation="longest_first", max_length=max_length, padding=False)[
+        "input_ids"
+    ]
+
+
 @dataclass
 class StudyData:
     """The three splits of a study: texts, label ids and the row index each item came from."""
@@ -163,7 +184,15 @@ def _texts(df, spec: dict, split: str) -> list[str]:
                 f"fill or drop them"
             )
         parts.append(list(col))
-    texts = [spec["separator"].join(t) for t in zip(*parts)] if len(parts) > 1 else parts[0]
+    for c, part in zip(cols, parts if len(parts) == 2 else []):
+        empty = [i for i, t in enumerate(part) if not t.strip()]
+        if empty:
+            raise UserError(
+                f"data: {len(empty)} {split} rows have an empty {c!r} (first at row {empty[0]}); a sentence "
+                "pair needs both texts: fill or drop them"
+            )
+    sep = PAIR if len(parts) == 2 else spec["separator"]
+    texts = [sep.join(t) for t in zip(*parts)] if len(parts) > 1 else parts[0]
     empty = [i for i, t in enumerate(texts) if not t.strip()]
     if empty:
         raise UserError(
@@ -429,11 +458,11 @@ class Tokenized:
         return cls(ids, labels, [str(x) for x in z["label_names"]], trunc)
 
 
-def tokenize(data: StudyData, tokenizer, max_length: int) -> Tokenized:
+def tokenize(data: StudyData, tokenizer, max_length: int, pair: bool = False) -> Tokenized:
     """Tokenize every split once (no padding: batches are padded to their own longest item)."""
     ids, trunc = {}, {}
     for s in SPLITS:
-        enc = tokenizer(data.texts[s], truncation=True, max_length=max_length, padding=False)["input_ids"]
+        enc = encode(tokenizer, data.texts[s], max_length, pair)
         ids[s] = [np.asarray(x, dtype=np.int32) for x in enc]
         trunc[s] = int(sum(len(x) >= max_length for x in enc))
     return Tokenized(ids, {s: data.labels[s] for s in SPLITS}, list(data.label_names), trunc)

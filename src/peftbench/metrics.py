@@ -5,14 +5,21 @@ from __future__ import annotations
 import numpy as np
 
 
-def macro_f1(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> float:
-    f1s = []
-    for c in range(num_labels):
-        tp = np.sum((preds == c) & (labels == c))
-        fp = np.sum((preds == c) & (labels != c))
-        fn = np.sum((preds != c) & (labels == c))
-        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(f1s))
+def score_predictions(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict[str, float]:
+    """Accuracy and macro-F1 (over every class, a class never predicted counting 0); for two classes also
+    Matthews correlation and F1 of the positive class (the second label, as GLUE's MRPC reports it)."""
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    out = {
+        "test_accuracy": float((preds == labels).mean()),
+        "test_macro_f1": float(
+            f1_score(labels, preds, labels=list(range(num_labels)), average="macro", zero_division=0)
+        ),
+    }
+    if num_labels == 2:
+        out["test_mcc"] = float(matthews_corrcoef(labels, preds))
+        out["test_f1_positive"] = float(f1_score(labels, preds, pos_label=1, zero_division=0))
+    return out
 
 
 def model_flops_per_token(config, seq_len: float) -> float:

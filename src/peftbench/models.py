@@ -194,6 +194,31 @@ def _quantization_kwargs(device: str) -> dict:
     }
 
 
+def add_token_types(model, spec: RunSpec) -> None:
+    """Sentence pairs on a model with segment embeddings (BERT's token_type_ids): the tokens after the first
+    separator get type 1, as the tokenizer's pair encoding gives them. Computed from the ids inside the
+    forward (a hook on the backbone), so every path - training, CUDA graphs, evaluation, a reloaded model -
+    feeds them without carrying them."""
+    from .data import is_pair
+
+    if not (is_pair(spec.data) and getattr(model.config, "type_vocab_size", 1) > 1):
+        return
+    sep_id = load_tokenizer(spec.model_path, spec.trust_remote_code).sep_token_id
+    backbone = getattr(model, model.base_model_prefix, None)
+    if sep_id is None or backbone is None:
+        return
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None or kwargs.get("token_type_ids") is not None:
+            return None
+        sep = (ids == sep_id).int()
+        kwargs["token_type_ids"] = ((sep.cumsum(1) - sep) > 0).long()
+        return args, kwargs
+
+    backbone.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def load_base(spec: RunSpec, num_labels: int, label_names: list[str], device: str, amp=None):
     """The base classifier for `run` (quantized for QLoRA), loaded straight onto `device` in its frozen
     dtype (no fp32 copy in host memory on the way); returns (model, newly initialised modules)."""
@@ -222,6 +247,7 @@ def load_base(spec: RunSpec, num_labels: int, label_names: list[str], device: st
                 f"you trust its pickle files"
             ) from None
         raise
+    add_token_types(model, spec)
     tok_pad = spec.pad_token_id
     if model.config.pad_token_id is None and tok_pad is not None:
         model.config.pad_token_id = tok_pad

@@ -73,33 +73,42 @@ def _load(run_dir: Path, spec: RunSpec, method, device: str):
         import torch
         from transformers import AutoModelForSequenceClassification
 
+        from .models import add_token_types
+
         model = AutoModelForSequenceClassification.from_pretrained(
             run_dir / "model", dtype=torch.float32, use_safetensors=True
         ).to(device)
+        add_token_types(model, spec)
     model.eval()
     return model
 
 
 def predict_texts(run_dir: Path, texts: list[str], device: str = "cpu") -> list[dict]:
-    """Label and class probabilities for each text."""
+    """Label and class probabilities for each text (a sentence pair: FIRST<TAB>SECOND)."""
     from .batches import predict_logits
+    from .data import PAIR, encode, is_pair
     from .devices import autocast_dtype
 
     result = _read_run(run_dir)
     spec = RunSpec.from_dict(result["config"])
     names = spec.label_names
+    pair = is_pair(spec.data)
+    if pair and not all("\t" in t for t in texts):
+        raise UserError(
+            "this run was trained on sentence pairs; give each text as FIRST<TAB>SECOND "
+            "(e.g. $'a man sings\\ta person sings')"
+        )
+    inputs = [t.replace("\t", PAIR, 1) for t in texts] if pair else texts
     model = load_trained(run_dir, spec=spec, device=device)
     if registry.get(spec.method).kind == "tfidf":
-        probs = model.predict_proba(texts)
+        probs = model.predict_proba(inputs)
     else:
         import torch
 
         from .models import load_tokenizer
 
         tok = load_tokenizer(spec.model_path, spec.trust_remote_code)
-        ids = [
-            np.asarray(x) for x in tok(texts, truncation=True, max_length=spec.train.max_length)["input_ids"]
-        ]
+        ids = [np.asarray(x) for x in encode(tok, inputs, spec.train.max_length, pair)]
         amp = autocast_dtype(spec.train.precision, device)
         logits = predict_logits(
             model,

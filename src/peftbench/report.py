@@ -132,6 +132,7 @@ def table_rows(study: dict) -> list[list[str]]:
                 r["label"],
                 _fmt_acc(r["test_accuracy"], n_test),
                 _fmt_num(r["test_macro_f1"]["mean"], 4),
+                _fmt_num(r.get("test_mcc", {}).get("mean"), 4),
                 _fmt_num(r["train_seconds"]["mean"]),
                 _fmt_params(r["trainable_params"]["mean"]),
                 _fmt_num(memory_of(r, gpu), 0),
@@ -144,7 +145,7 @@ def table_rows(study: dict) -> list[list[str]]:
             ]
         )
         if gpu:
-            out[-1].insert(6, fits_on(memory_of(r, gpu)))
+            out[-1].insert(7, fits_on(memory_of(r, gpu)))
     return out
 
 
@@ -153,6 +154,7 @@ def table_header(gpu: bool) -> list[str]:
         "method",
         "accuracy (seeds: mean ± std [95% CI]; one seed: [95% Wilson CI])",
         "macro-F1",
+        "MCC (two classes)",
         "train s",
         "trainable",
         GPU_MEMORY_LABEL if gpu else "peak host MB",
@@ -164,7 +166,7 @@ def table_header(gpu: bool) -> list[str]:
         "status",
     ]
     if gpu:
-        head.insert(6, "fits on (card)")
+        head.insert(7, "fits on (card)")
     return head
 
 

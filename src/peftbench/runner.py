@@ -101,7 +101,7 @@ class Study:
         self.tok_file = self.out / ".cache" / f"tokens-{key}.npz"
         tok = self._cached_tokens()
         if tok is None:
-            tok = data_mod.tokenize(self.data, tokenizer, max_len)
+            tok = data_mod.tokenize(self.data, tokenizer, max_len, data_mod.is_pair(cfg["data"]))
             tok.save(self.tok_file)
         data_mod.check_unknown_tokens(tok, tokenizer, cfg["model"])
 

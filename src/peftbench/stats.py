@@ -102,6 +102,8 @@ def paired_test(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
 METRICS = (
     "test_accuracy",
     "test_macro_f1",
+    "test_mcc",  # two classes only (Matthews correlation), as is the positive class's F1
+    "test_f1_positive",
     "validation_accuracy",
     "train_seconds",
     "eval_seconds",
@@ -116,7 +118,8 @@ METRICS = (
     "adapter_size_mb",
     "mfu",
 )
-FRACTIONS = {"test_accuracy", "test_macro_f1", "validation_accuracy", "mfu"}  # in [0, 1]; the rest are >= 0
+FRACTIONS = {"test_accuracy", "test_macro_f1", "test_f1_positive", "validation_accuracy", "mfu"}  # in [0, 1]
+SIGNED = {"test_mcc"}  # in [-1, 1]; the rest are >= 0
 
 
 def summarize(final_results: list[dict], test_labels: np.ndarray | None = None) -> list[dict]:
@@ -139,9 +142,8 @@ def summarize(final_results: list[dict], test_labels: np.ndarray | None = None) 
             "seeds": [r["seed"] for r in ok],
         }
         for m in METRICS:
-            row[m] = mean_ci(
-                [r["metrics"].get(m) for r in ok], bounds=(0.0, 1.0 if m in FRACTIONS else math.inf)
-            )
+            bounds = (-1.0, 1.0) if m in SIGNED else (0.0, 1.0 if m in FRACTIONS else math.inf)
+            row[m] = mean_ci([r["metrics"].get(m) for r in ok], bounds=bounds)
         row["_correct"] = None
         if test_labels is not None and ok and all(r.get("test_predictions") is not None for r in ok):
             order = sorted(ok, key=lambda r: r["seed"])

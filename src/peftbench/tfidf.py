@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .artefacts import dir_size_mb, write_predictions
-from .metrics import macro_f1
+from .metrics import score_predictions
 from .spec import RunSpec
 
 
@@ -52,8 +52,7 @@ def tfidf_run(spec: RunSpec, texts: dict, labels: dict, label_names: list[str], 
         t1 = time.perf_counter()
         preds = pipe.predict(texts["test"])
         metrics["eval_seconds"] = time.perf_counter() - t1
-        metrics["test_accuracy"] = float((preds == labels["test"]).mean())
-        metrics["test_macro_f1"] = macro_f1(labels["test"], preds, len(label_names))
+        metrics.update(score_predictions(labels["test"], preds, len(label_names)))
         metrics["eval_samples_per_second"] = len(preds) / metrics["eval_seconds"]
         log_probs = np.log(np.clip(pipe.predict_proba(texts["test"]), 1e-12, 1.0))  # softmax gives them back
         write_predictions(

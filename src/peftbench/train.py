@@ -36,7 +36,7 @@ from .data import Tokenized
 from .devices import MemoryMeter, autocast_dtype, dist_info, is_oom, peak_flops, sync
 from .errors import Diverged, SkipRun, UserError
 from .graphs import GRAPHS_MAX_PARAMS, StepGraphs
-from .metrics import macro_f1, model_flops_per_token
+from .metrics import model_flops_per_token, score_predictions
 from .spec import RunSpec
 from .tracking import StepProfiler, Tracker
 
@@ -716,8 +716,7 @@ class Recipe:
         metrics["eval_seconds"] = time.perf_counter() - t
         preds = logits.argmax(-1)
         labels = self.tok.labels["test"]
-        metrics["test_accuracy"] = float((preds == labels).mean())
-        metrics["test_macro_f1"] = macro_f1(labels, preds, len(self.tok.label_names))
+        metrics.update(score_predictions(labels, preds, len(self.tok.label_names)))
         metrics["eval_samples_per_second"] = (
             len(preds) / metrics["eval_seconds"] if metrics["eval_seconds"] else None
         )

@@ -106,6 +106,8 @@ def base_result(spec: RunSpec) -> dict:
         "splits": {
             "test_accuracy": "test",
             "test_macro_f1": "test",
+            "test_mcc": "test",
+            "test_f1_positive": "test",
             "validation_accuracy": "validation",
             "history.validation_accuracy": "validation",
             "history.train_loss": "train",
