@@ -34,25 +34,25 @@ def test_string_labels_are_mapped_and_stored(tmp_path):
     assert set(np.unique(d.labels["train"])) == {0, 1, 2}
 
 
-def test_text_column_list_is_joined(tmp_path):
+def test_text_columns_are_joined_or_paired(tmp_path):
     folder = tmp_path / "multi"
     folder.mkdir()
     for split in ("train", "test"):
         pd.DataFrame(
-            {"title": ["a", "b"] * 10, "body": ["good film", "bad film"] * 10, "y": [1, 0] * 10}
+            {
+                "title": ["a", "b"] * 10,
+                "body": ["good film", "bad film"] * 10,
+                "tag": ["x", "y"] * 10,
+                "y": [1, 0] * 10,
+            }
         ).to_parquet(folder / f"{split}.parquet")
-    # two texts, repeated: all overlap
-    d = data_mod.load(
-        spec(
-            folder,
-            text_column=["title", "body"],
-            label_column="y",
-            separator=" | ",
-            validation_size=4,
-            allow_overlap=True,
-        )
-    )
-    assert all(t in ("a | good film", "b | bad film") for t in d.texts["train"])
+    # three texts, repeated (all overlap): joined with the separator
+    opts = dict(label_column="y", separator=" | ", validation_size=4, allow_overlap=True)
+    d = data_mod.load(spec(folder, text_column=["title", "body", "tag"], **opts))
+    assert all(t in ("a | good film | x", "b | bad film | y") for t in d.texts["train"])
+    # two texts: a sentence pair, kept apart for the tokenizer
+    d = data_mod.load(spec(folder, text_column=["title", "body"], **opts))
+    assert all(t in (f"a{data_mod.PAIR}good film", f"b{data_mod.PAIR}bad film") for t in d.texts["train"])
 
 
 def test_splits_are_disjoint_and_stratified(tmp_path):

@@ -228,8 +228,15 @@ def test_compare_and_recommend_commands(tiny_encoder, tiny_data, tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp.md")])
     assert e.value.code == 0
-    text = (tmp_path / "cmp.md").read_text()
+    text, pivot = (tmp_path / "cmp.md").read_text().split("Accuracy by method and study:")
     assert text.count("| one (") == 2 and text.count("| two (") == 1 and "1.00e-05" in text
+    cells = {
+        c[0]: c[1:]
+        for c in ([x.strip() for x in ln.strip().strip("|").split("|")] for ln in pivot.splitlines())
+        if len(c) == 3
+    }
+    assert all(v[:2] == "0." for v in cells["lora"]) and len(cells["lora"]) == 2  # a figure per study
+    assert cells["ia3"][0][:2] == "0." and cells["ia3"][1] == "-"  # ia3 was not in the second study
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         cli.main(["recommend", str(tmp_path / "a"), "--max-memory", "100TB"])

@@ -458,31 +458,33 @@ def compare_cli(dirs: list[Path], out: Path | None) -> int:
         "status",
     ]
     rows = []
+    by_method: dict[str, dict[str, str]] = {}
     for d in dirs:
         s = load_study(d)
         plan = s["plan"] or {}
         data = (plan.get("study") or {}).get("data") or {}
         data_name = str(data.get("path") or data.get("name") or "?")
         device = str(plan.get("device") or "?")
+        names = table_header(s["gpu"])
         for r, cells in zip(s["rows"], table_rows(s)):
+            cell = dict(zip(names, cells))
             mem = _fmt_num(memory_of(r, s["gpu"]), 0)  # GPU and host memory never share a column
             gpu_mb, host_mb = (mem, "-") if s["gpu"] else ("-", mem)
+            acc = cell[names[1]]
             rows.append(
-                [
-                    f"{s['name']} ({d})",
-                    data_name,
-                    device,
-                    cells[0],
-                    cells[1],
-                    cells[3],
-                    cells[4],
-                    gpu_mb,
-                    host_mb,
-                    cells[-4],
-                    cells[-1],
-                ]
+                [f"{s['name']} ({d})", data_name, device, cell["method"], acc, cell["train s"]]
+                + [cell["trainable"], gpu_mb, host_mb, cell["lr"], cell["status"]]
             )
+            by_method.setdefault(cell["method"], {})[f"{s['name']} ({d})"] = acc
     parts.append(markdown_table(header, rows))
+    if len(dirs) > 1:  # the same methods across studies (tasks, models, devices): one row per method
+        cols = list(dict.fromkeys(c for m in by_method.values() for c in m))
+        parts.append("\nAccuracy by method and study:\n")
+        parts.append(
+            markdown_table(
+                ["method", *cols], [[m, *(v.get(c, "-") for c in cols)] for m, v in by_method.items()]
+            )
+        )
     text = "\n".join(parts)
     print(text)
     if out:
