@@ -81,6 +81,16 @@ def test_valid_study_gets_defaults():
             "methods: qlora cannot run with train.sharding: fsdp here",
         ),
         (
+            {
+                **GOOD,
+                "gpus_per_run": 2,
+                "isolation": "process",
+                "methods": ["adalora"],
+                "train": {"sharding": "fsdp"},
+            },
+            "methods: adalora cannot run with train.sharding: fsdp here",
+        ),
+        (
             {**GOOD, "lr_search": {"reduction_factor": 1}},
             "lr_search.reduction_factor: must be an integer >= 2",
         ),

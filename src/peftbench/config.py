@@ -267,10 +267,14 @@ def _check_sharding(study: dict, train: dict, meths: list[dict], problems: list[
         )
     for m in meths:
         method = registry.METHODS.get(m.get("name"))
-        if method is not None and (method.quantize or method.takes_positions or method.kind == "tfidf"):
+        unshardable = method is not None and (
+            method.quantize or method.takes_positions or method.kind == "tfidf" or method.after_step
+        )
+        if unshardable:
             problems.append(
                 f"methods: {m['label']} cannot run with train.sharding: fsdp here (4-bit weights, soft "
-                "prompts and TF-IDF are not sharded); run it in a study with sharding: none"
+                "prompts, per-step hooks such as AdaLoRA's and TF-IDF are not sharded); run it in a study "
+                "with sharding: none"
             )
     if train.get("compile"):
         problems.append("train.compile: not with train.sharding: fsdp; set compile: false")
