@@ -93,3 +93,30 @@ def test_a_failing_sharded_run_is_recorded(tiny_encoder, tiny_data, tmp_path, mo
         tmp_path / "s",
     )
     assert res["status"] == "oom" and "out of memory" in res["error"]
+
+
+def test_accumulation_with_an_uneven_last_batch_keeps_the_processes_in_step(
+    no_dropout_encoder, tiny_data, tmp_path
+):
+    """117 training items in batches of 16: the last batch of 5 splits 3 / 2 over two processes, which at
+    micro-batch 2 need 2 and 1 micro-steps; the second process joins the extra gradient reduction with an
+    item at weight 0 instead of leaving the first waiting forever."""
+    raw = study(
+        no_dropout_encoder,
+        tiny_data,
+        [{"name": "lora", "label": "lora", "lora_dropout": 0.0}],
+        isolation="process",
+        data={"train_size": 117},
+        train={
+            "epochs": 2,
+            "learning_rate": 5e-3,
+            "group_by_length": False,
+            "precision": "fp32",
+            "micro_batch_size": 2,
+        },
+    )
+    (one,) = run_study(raw, tmp_path / "one")
+    (two,) = run_study({**raw, "gpus_per_run": 2, "max_oom_retries": 0}, tmp_path / "two")
+    assert two["status"] == "success", two.get("error")
+    for h1, h2 in zip(one["history"], two["history"]):
+        assert h2["train_loss"] == pytest.approx(h1["train_loss"], abs=2e-4)

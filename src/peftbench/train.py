@@ -475,11 +475,14 @@ class Recipe:
             )
             self.graphs.run(ids.pin_memory(), mask.pin_memory(), self.labels_train[batch].pin_memory())
             return
-        mine, weight = batch[self.rank :: self.world], 1.0
-        if not len(mine):  # every process must join each gradient all-reduce, even with no item
-            mine, weight = batch[:1], 0.0
-        for m0 in range(0, len(mine), self.micro):
-            part = mine[m0 : m0 + self.micro]
+        mine = batch[self.rank :: self.world]
+        # Every process runs as many micro-steps as the largest share needs (each joins every gradient
+        # reduction): a process whose share ran out, or never had one, runs an item at weight 0.
+        share = -(-len(batch) // self.world)
+        for m0 in range(0, share, self.micro):
+            part, weight = mine[m0 : m0 + self.micro], 1.0
+            if not len(part):
+                part, weight = batch[:1], 0.0
             ids, mask = collate(
                 [self.ids_train[j] for j in part], self.pad_id, self.pad_multiple, self.max_len
             )
