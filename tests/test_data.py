@@ -396,3 +396,32 @@ def test_classification_metrics_match_scikit_learn():
     m3 = score_predictions(y3, p3, 3)
     assert "test_mcc" not in m3
     assert m3["test_macro_f1"] == pytest.approx(f1_score(y3, p3, average="macro", zero_division=0))
+
+
+def test_a_run_on_sentence_pairs_predicts_pairs(tmp_path, tiny_encoder):
+    """predict on a run trained on pairs takes FIRST<TAB>SECOND and scores it as the run's own test pairs
+    were scored; a text without the tab is a one-line error."""
+    from conftest import run_study, study
+
+    from peftbench.errors import UserError
+    from peftbench.predict import predict_texts
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for split, n, seed in (("train", 120, 1), ("test", 60, 2)):
+        df = make_rows(n, seed)
+        df["b"] = ["and so on"] * n
+        df.to_parquet(folder / f"{split}.parquet")
+    raw = study(tiny_encoder, folder, ["lora"], data={"text_column": ["text", "b"]}, train={"epochs": 1})
+    (res,) = run_study(raw, tmp_path / "s")
+    assert res["status"] == "success" and res["reload_check"]["identical_predictions"]
+    run_dir = tmp_path / "s" / "runs" / res["run_id"]
+    test = pd.read_parquet(folder / "test.parquet")
+    preds = pd.read_parquet(run_dir / "predictions.parquet").head(5)
+    out = predict_texts(run_dir, [f"{test['text'][int(r)]}\tand so on" for r in preds["row"]])
+    assert [o["label"] for o in out] == [str(p) for p in preds["prediction"]]
+    assert [o["probabilities"][o["label"]] for o in out] == pytest.approx(
+        [max(a, b) for a, b in zip(preds["p_0"], preds["p_1"])], abs=1e-3
+    )
+    with pytest.raises(UserError, match="FIRST<TAB>SECOND"):
+        predict_texts(run_dir, ["no tab here"])
