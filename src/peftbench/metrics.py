@@ -22,6 +22,14 @@ def score_predictions(labels: np.ndarray, preds: np.ndarray, num_labels: int) ->
     return out
 
 
+def validation_at(history: list[dict], epochs: int, best: bool) -> tuple[int, float]:
+    """The epoch that counts after `epochs` epochs and its validation accuracy: the best so far with
+    `best` (the earliest of equals), else the last."""
+    accs = {h["epoch"]: h["validation_accuracy"] for h in history if h["epoch"] <= epochs}
+    chosen = max(accs, key=lambda e: (accs[e], -e)) if best else epochs
+    return chosen, accs[chosen]
+
+
 def model_flops_per_token(config, seq_len: float) -> float:
     """Training FLOPs per token: 6 x non-embedding parameters + attention (the usual MFU convention)."""
     h = getattr(config, "hidden_size", 0)

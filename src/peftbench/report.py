@@ -601,7 +601,7 @@ def _problems(study: dict) -> list[str]:
     failed = [
         f"{r['run_id']}: {r['status']} - {r.get('error')}"
         for r in study["finals"] + study["trials"]
-        if r["status"] not in ("success", "paused")  # paused: a halving search stopped it at a rung
+        if r["status"] not in store.VALIDATED
     ]
     return failed + [
         f"{r}: planned, no result (interrupted, or its folder was removed): rerun the study"
@@ -614,7 +614,7 @@ def _trials_table(study: dict) -> tuple[list[str], list[list[str]]]:
     chosen = (study["plan"] or {}).get("chosen_learning_rates", {})
     rows = []
     for r in sorted(study["trials"], key=lambda r: (r["label"], r["learning_rate"] or 0)):
-        acc = r["metrics"].get("validation_accuracy") if r["status"] in ("success", "paused") else None
+        acc = r["metrics"].get("validation_accuracy") if r["status"] in store.VALIDATED else None
         status = r["status"]
         if status == "paused":
             status = f"stopped after {r['metrics'].get('epochs_done')} epoch(s)"

@@ -24,6 +24,7 @@ from . import methods as registry
 from . import store
 from .spec import Runtime, RunSpec, TrainSettings, config_hash
 from .errors import UserError
+from .metrics import validation_at
 
 
 # Part of every run's identity: raised when a change to the training path changes what a run measures,
@@ -444,15 +445,19 @@ class Study:
             chosen = select_learning_rates(results)
         record = {}
         for label in dict.fromkeys(t.label for t in trials):
-            mine = [r for r in results if r["label"] == label]
-            secs = [_run_seconds(r) for r in mine]
-            epochs_done = sum(_epochs_done(r) for r in mine if _run_seconds(r) is not None)
-            per_epoch = sum(s for s in secs if s is not None) / epochs_done if epochs_done else None
+            timed = [
+                (s, _epochs_done(r))
+                for r in results
+                if r["label"] == label
+                if (s := _run_seconds(r)) is not None
+            ]
+            seconds, epochs_done = sum(s for s, _ in timed), sum(e for _, e in timed)
+            per_epoch = seconds / epochs_done if epochs_done else None
             n_grid = sum(t.train.epochs for t in trials if t.label == label)
             record[label] = {
                 "schedule": self.cfg["lr_search"]["schedule"],
                 "rungs": rungs.get(label, []),
-                "run_seconds": sum(s for s in secs if s is not None),
+                "run_seconds": seconds,
                 "epochs_run": epochs_done,
                 "grid_epochs": n_grid,
                 "grid_run_seconds": per_epoch * n_grid if per_epoch else None,
@@ -492,7 +497,7 @@ class Study:
                     for t in batch
                     if t.label == label
                 ]
-                means = select_learning_rates(mine, True)
+                means = mean_validation(mine).get(label, {})
                 ranked = sorted(means, key=lambda lr: (-means[lr], lr))
                 last = stop[label] >= epochs[label]
                 keep = ranked[: 1 if last else max(1, len(alive[label]) // rf)]
@@ -798,36 +803,40 @@ def record_failure(spec: RunSpec, rdir: Path, error: str) -> dict:
     return result
 
 
-def select_learning_rates(trials: list[dict], means: bool = False) -> dict:
-    """Per method label, the trial learning rate with the best mean validation accuracy over its trial seeds
-    (a rate with a failed seed is not chosen; ties: the lower rate). With `means`, the results are one
-    label's and the mean of each rate is returned instead."""
+def mean_validation(trials: list[dict]) -> dict[str, dict[float, float]]:
+    """Per method label and trial learning rate, the mean validation accuracy over its trial seeds; a rate
+    with a failed seed is left out."""
     accs: dict[str, dict[float, list]] = {}
     for r in trials:
-        ok = r.get("status") in ("success", "paused")
+        ok = r.get("status") in store.VALIDATED
         accs.setdefault(r["label"], {}).setdefault(r["learning_rate"], []).append(
             r["metrics"]["validation_accuracy"] if ok else None
         )
-    chosen = {}
-    for label, by_lr in accs.items():
-        # rounded: two seeds' means that tie in items must tie in floats too (the tie rule: the lower rate)
-        scored = {lr: round(float(np.mean(a)), 12) for lr, a in by_lr.items() if None not in a}
-        if means:
-            return scored
-        if scored:
-            chosen[label] = max(scored, key=lambda lr: (scored[lr], -lr))
-    return {} if means else chosen
+    # rounded: two seeds' means that tie in items must tie in floats too (the tie rule: the lower rate)
+    return {
+        label: {lr: round(float(np.mean(a)), 12) for lr, a in by_lr.items() if None not in a}
+        for label, by_lr in accs.items()
+    }
+
+
+def select_learning_rates(trials: list[dict]) -> dict[str, float]:
+    """Per method label, the trial learning rate with the best mean validation accuracy over its trial seeds
+    (a rate with a failed seed is not chosen; ties: the lower rate)."""
+    return {
+        label: max(scored, key=lambda lr: (scored[lr], -lr))
+        for label, scored in mean_validation(trials).items()
+        if scored
+    }
 
 
 def _at_epoch(r: dict, epochs: int, train: TrainSettings) -> dict:
     """A trial's result as it stood after `epochs` epochs: a rerun of an interrupted search finds trials
     that went on to a later rung, and a rung compares its rates at its own epochs."""
-    if r.get("status") not in ("success", "paused"):
+    if r.get("status") not in store.VALIDATED:
         return r
-    accs = [h["validation_accuracy"] for h in r["history"] if h["epoch"] <= epochs]
-    if len(accs) < epochs:
+    if sum(h["epoch"] <= epochs for h in r["history"]) < epochs:
         return {**r, "status": "failed"}
-    acc = max(accs) if train.select_best_epoch else accs[-1]
+    _, acc = validation_at(r["history"], epochs, train.select_best_epoch)
     return {**r, "metrics": {**r["metrics"], "validation_accuracy": acc}}
 
 

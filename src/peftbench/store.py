@@ -17,6 +17,8 @@ from pathlib import Path
 from .errors import UserError
 
 SCHEMA = 1
+# Run statuses whose result holds a validation accuracy (paused: stopped at a halving search's rung)
+VALIDATED = ("success", "paused")
 
 
 def _clean(obj):

@@ -36,7 +36,7 @@ from .data import Tokenized
 from .devices import MemoryMeter, autocast_dtype, dist_info, is_oom, peak_flops, sync
 from .errors import Diverged, SkipRun, UserError
 from .graphs import GRAPHS_MAX_PARAMS, StepGraphs
-from .metrics import model_flops_per_token, score_predictions
+from .metrics import model_flops_per_token, score_predictions, validation_at
 from .spec import RunSpec
 from .tracking import StepProfiler, Tracker
 
@@ -595,12 +595,11 @@ class Recipe:
         if self.bar is not None:
             self.bar.close()
         # (a checkpoint from past the rung, when a rung is redone, adds nothing: the rung's epochs decide)
-        accs = {h["epoch"]: h["validation_accuracy"] for h in self.history if h["epoch"] <= epochs_done}
-        chosen = max(accs, key=lambda e: (accs[e], -e)) if self.train.select_best_epoch else epochs_done
+        chosen, acc = validation_at(self.history, epochs_done, self.train.select_best_epoch)
         return {
             "paused": True,
             "metrics": {
-                "validation_accuracy": accs[chosen],
+                "validation_accuracy": acc,
                 "selected_epoch": chosen,
                 "epochs_done": epochs_done,
                 "train_seconds": self.train_seconds,
