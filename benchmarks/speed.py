@@ -116,7 +116,7 @@ def run_trainer(
     reset()
     t_start = time.perf_counter()
     torch.manual_seed(seed)
-    model, _ = models.build_model(spec, len(tok.label_names), tok.label_names, spec.runtime.device, 1)
+    model, _ = models.build_model(spec, tok.label_names, spec.runtime.device, 1)
 
     class Padded(torch.utils.data.Dataset):  # the study's recipe: every review padded to max_length
         def __init__(self, split):

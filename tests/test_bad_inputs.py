@@ -212,6 +212,55 @@ CASES = [
         lambda t, m: ["run", str(_write(t, _study(t, m, _data(t)))), "--out", str(_a_file(t) / "sub")],
         "is not writable",
     ),
+    (
+        "regression over string labels",
+        lambda t, m: _run(
+            t,
+            m,
+            _study(t, m, _data(t, mutate=lambda df: df.assign(label=["pos"] * len(df))), task="regression"),
+        ),
+        "is not a number; task: regression needs numeric scores",
+    ),
+    (
+        "multi-label with an empty label set",
+        lambda t, m: _run(
+            t,
+            m,
+            _study(t, m, _data(t, mutate=lambda df: df.assign(label=[""] * len(df))), task="multi_label"),
+        ),
+        "the label set is empty",
+    ),
+    (
+        "multi-label 0/1 columns holding a 2",
+        lambda t, m: _run(
+            t,
+            m,
+            _study(
+                t,
+                m,
+                _data(t, mutate=lambda df: df.assign(other=2)),
+                task="multi_label",
+                data={"label_column": ["label", "other"]},
+            ),
+        ),
+        "each label column of a multi_label task must hold 0 or 1",
+    ),
+    (
+        "several label columns for classification",
+        lambda t, m: _run(t, m, _study(t, m, _data(t), data={"label_column": ["label", "other"]})),
+        "a list of 0/1 columns is a multi-label task; set task: multi_label",
+    ),
+    ("unknown task", lambda t, m: _run(t, m, _study(t, m, _data(t), task="ranking")), "task: must be one of"),
+    (
+        "a metric of another task",
+        lambda t, m: _run(t, m, _study(t, m, _data(t), task="regression", metric="accuracy")),
+        "metric: 'accuracy' is not a regression metric",
+    ),
+    (
+        "MCC over three classes",
+        lambda t, m: _run(t, m, _study(t, m, write_dataset(t / "three", "jsonl", classes=3), metric="mcc")),
+        "metric: mcc needs two classes, the data have 3",
+    ),
     ("study file missing", lambda t, m: ["run", str(t / "missing.yaml")], "not found"),
     ("study file not YAML", lambda t, m: _run(t, m, "model: [unclosed"), "not valid YAML"),
     (
@@ -383,7 +432,7 @@ CASES = [
     (
         "recommend with an accuracy over 1",
         lambda t, m: ["recommend", str(_finished(t, m)), "--min-accuracy", "90"],
-        "--min-accuracy: give a fraction in [0, 1]",
+        "--min-score: the study's metric is accuracy, which lies in [0, 1]",
     ),
     (
         "a study.json of the wrong shape",

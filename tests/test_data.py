@@ -365,7 +365,7 @@ def test_a_sentence_pair_is_encoded_as_the_tokenizer_encodes_pairs(tmp_path, tin
     assert tok.truncated["train"] > 0
 
     spec = st.final_specs({})[0]
-    model, _ = models.build_model(spec, 2, ["0", "1"], "cpu", 10)
+    model, _ = models.build_model(spec, ["0", "1"], "cpu", 10)
     seen = {}
     model.get_base_model().bert.register_forward_pre_hook(
         lambda mod, args, kw: seen.update(tt=kw["token_type_ids"]), with_kwargs=True
@@ -378,24 +378,6 @@ def test_a_sentence_pair_is_encoded_as_the_tokenizer_encodes_pairs(tmp_path, tin
     real = enc["attention_mask"].bool()
     assert torch.equal(seen["tt"][real], enc["token_type_ids"][real])
     assert seen["tt"].sum() > 0
-
-
-def test_classification_metrics_match_scikit_learn():
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
-    from peftbench.metrics import score_predictions
-
-    rng = np.random.default_rng(0)
-    y, p = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
-    m = score_predictions(y, p, 2)
-    assert m["test_accuracy"] == pytest.approx(accuracy_score(y, p))
-    assert m["test_mcc"] == pytest.approx(matthews_corrcoef(y, p))
-    assert m["test_f1_positive"] == pytest.approx(f1_score(y, p))
-    assert m["test_macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
-    y3, p3 = rng.integers(0, 3, 200), np.zeros(200, dtype=int)  # classes 1 and 2 never predicted
-    m3 = score_predictions(y3, p3, 3)
-    assert "test_mcc" not in m3
-    assert m3["test_macro_f1"] == pytest.approx(f1_score(y3, p3, average="macro", zero_division=0))
 
 
 def test_a_run_on_sentence_pairs_predicts_pairs(tmp_path, tiny_encoder):

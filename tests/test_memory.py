@@ -146,7 +146,7 @@ def test_bf16_base_gives_logits_close_to_fp32_and_trains_fp32_adapters(tiny_enco
     for dtype in ("fp32", "bf16"):
         torch.manual_seed(0)
         model, _ = models.build_model(
-            spec.with_train(base_dtype=dtype), 2, ["0", "1"], "cpu", 10, torch.bfloat16
+            spec.with_train(base_dtype=dtype), ["0", "1"], "cpu", 10, torch.bfloat16
         )
         frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
         assert frozen == {torch.float32 if dtype == "fp32" else torch.bfloat16}
@@ -209,7 +209,7 @@ def test_the_mask_probe_runs_a_bf16_base_under_autocast(tiny_encoder, tiny_data,
     )
     st.out.mkdir(parents=True)
     st.prepare()
-    model, _ = models.build_model(st.final_specs({})[0], 2, ["0", "1"], "cpu", 10, torch.bfloat16)
+    model, _ = models.build_model(st.final_specs({})[0], ["0", "1"], "cpu", 10, torch.bfloat16)
     seqs = [np.array([2, 5, 6, 3]), np.array([2, 5, 6, 7, 8, 9, 3]), np.array([2] + [5] * 20 + [3])]
     assert (
         batches.choose_mask_mode(model, seqs, 0, "cpu", probe_on_cpu=True, amp=torch.bfloat16)

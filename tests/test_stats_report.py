@@ -12,6 +12,7 @@ import pytest
 from conftest import run_study, study
 
 from peftbench import report, stats, store
+from peftbench.metrics import TASK_METRICS
 
 
 # ----------------------------------------------------------------------------------------- statistics
@@ -60,11 +61,16 @@ def test_paired_bootstrap_detects_a_real_difference_and_not_a_null_one():
     base = rng.random((3, 400)) < 0.8
     better = base.copy()
     better[:, :60] = True  # strictly better on a block of items
-    res = stats.paired_bootstrap(better, base)
+    res = stats.paired_bootstrap(_acc_stats(better), _acc_stats(base))
     assert res["diff"] > 0 and res["ci_low"] > 0 and res["p_value"] < 0.01
     noise = rng.random((3, 400)) < 0.8
-    null = stats.paired_bootstrap(noise, noise[[1, 2, 0]])
+    null = stats.paired_bootstrap(_acc_stats(noise), _acc_stats(noise[[1, 2, 0]]))
     assert null["ci_low"] < 0 < null["ci_high"] and null["p_value"] > 0.05
+
+
+def _acc_stats(correct: np.ndarray) -> np.ndarray:
+    """[seeds, items] 0/1 correctness as accuracy's per-item statistics (metrics.item_stats)."""
+    return np.stack([np.ones(correct.shape), correct.astype(float)], -1)
 
 
 def _row(label, acc, secs, params, mem, correct=None, seeds=1):
@@ -75,11 +81,14 @@ def _row(label, acc, secs, params, mem, correct=None, seeds=1):
         "errors": [],
         "learning_rate": 1e-3,
         "seeds": list(range(seeds)),
-        "_correct": correct,
+        "metric": "accuracy",
+        "_stats": None if correct is None else _acc_stats(correct),
     }
-    for m in stats.METRICS:
+    for m in stats.COSTS + tuple(
+        f"{s}_{m}" for m in TASK_METRICS["classification"] for s in ("test", "validation")
+    ):
         r[m] = stats.mean_ci([])
-    r["test_accuracy"] = stats.mean_ci([acc])
+    r["test_accuracy"] = r["score"] = stats.mean_ci([acc])
     r["train_seconds"] = stats.mean_ci([secs])
     r["trainable_params"] = stats.mean_ci([params])
     r["peak_memory_allocated_mb"] = stats.mean_ci([mem])
@@ -111,7 +120,16 @@ def test_pareto_front():
 
 
 def _study(rows, gpu=True):
-    return {"rows": rows, "gpu": gpu, "name": "t", "finals": [], "trials": [], "plan": None}
+    return {
+        "rows": rows,
+        "gpu": gpu,
+        "name": "t",
+        "finals": [],
+        "trials": [],
+        "plan": None,
+        "task": "classification",
+        "metric": "accuracy",
+    }
 
 
 def test_recommendations_follow_the_numbers():
@@ -148,7 +166,7 @@ def test_recommend_constraints_and_binding_one():
     assert [r["method"] for r in res["ranked"]] == ["lora", "qlora"]
     res = report.recommend(s, report.parse_memory("5GB"), None, 0.9)
     assert res["ranked"] == []
-    assert any(line.startswith("--min-accuracy is binding: without it, qlora") for line in res["binding"])
+    assert any(line.startswith("--min-score is binding: without it, qlora") for line in res["binding"])
     assert any(line.startswith("--max-memory is binding: without it, full") for line in res["binding"])
     assert report.parse_memory("500MB") == 500 and report.parse_duration("1h") == 3600
     with pytest.raises(Exception, match="--max-memory"):
@@ -207,12 +225,15 @@ def test_budget_view_on_constructed_histories():
         ]
         return {"label": label, "seed": seed, "status": "success", "history": hist}
 
-    s = {"finals": [run("fast", 0, [0.80, 0.85], [1, 2]), run("slow", 0, [0.70, 0.90], [10, 20])]}
+    s = {
+        "finals": [run("fast", 0, [0.80, 0.85], [1, 2]), run("slow", 0, [0.70, 0.90], [10, 20])],
+        "metric": "accuracy",
+    }
     header, rows, target = report.budget_table(s)
     assert target == pytest.approx(0.85)  # the lower of the two best validation accuracies
     assert header[-1] == "train s to val acc 0.850"
     assert rows == [["fast", "0.8000", "0.8500", "2.0"], ["slow", "0.7000", "0.9000", "20.0"]]
-    assert stats.time_to_accuracy(s["finals"][0]["history"], 0.99) is None
+    assert stats.time_to_reach(s["finals"][0]["history"], "accuracy", 0.99) is None
 
 
 def test_compare_and_recommend_commands(tiny_encoder, tiny_data, tmp_path, capsys):
@@ -228,7 +249,7 @@ def test_compare_and_recommend_commands(tiny_encoder, tiny_data, tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp.md")])
     assert e.value.code == 0
-    text, pivot = (tmp_path / "cmp.md").read_text().split("Accuracy by method and study:")
+    text, pivot = (tmp_path / "cmp.md").read_text().split("Each study's primary metric by method:")
     assert text.count("| one (") == 2 and text.count("| two (") == 1 and "1.00e-05" in text
     cells = {
         c[0]: c[1:]
@@ -317,7 +338,7 @@ def test_gpu_memory_is_the_figure_that_decides_an_oom_and_names_a_card():
     old = _row("old", 0.89, 10, 1e6, 30_000)  # a result from before reserved and device were recorded
     s = _study([lora, old])
     assert report.memory_of(lora, True) == 23_000 and report.memory_of(old, True) == 30_000
-    header, (row_lora, row_old) = report.table_header(True), report.table_rows(s)
+    header, (row_lora, row_old) = report.table_header(s), report.table_rows(s)
     mem, fits = header.index(report.GPU_MEMORY_LABEL), header.index("fits on (card)")
     assert fits == mem + 1 and len(row_lora) == len(header)
     assert row_lora[mem] == "23,000" and row_lora[fits] == "24 GB" and row_old[fits] == "40 GB"

@@ -121,27 +121,39 @@ def text_sha1(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def predictions_frame(base, probs: np.ndarray, label_names: list[str]):
-    """`base` (one row per text) with the prediction and the probability of each class (`p_<class>`)."""
+def predictions_frame(base, logits: np.ndarray, label_names: list[str], task: str = "classification"):
+    """`base` (one row per text) with the prediction (the class; the score; the list of labels) and, for
+    classes and labels, the probability of each (`p_<name>`)."""
+    from .metrics import predict, probabilities
+
     df = base.copy()
-    df["prediction"] = [label_names[i] for i in probs.argmax(-1)]
-    for j, name in enumerate(label_names):
-        df[f"p_{name}"] = probs[:, j]
+    logits = np.asarray(logits, dtype=np.float32)
+    preds = predict(task, logits)
+    if task == "regression":
+        df["prediction"] = preds
+        return df
+    df["prediction"] = (
+        [[n for n, f in zip(label_names, row) if f] for row in preds]
+        if task == "multi_label"
+        else [label_names[i] for i in preds]
+    )
+    for name, p in zip(label_names, probabilities(task, logits).T):
+        df[f"p_{name}"] = p
     return df
 
 
-def write_predictions(path: Path, rows_file: str | None, logits, label_names: list[str]) -> None:
+def write_predictions(
+    path: Path, rows_file: str | None, logits, label_names: list[str], task: str = "classification"
+) -> None:
     """predictions.parquet: one row per test item in the test split's order, with its source row number, the
     hash of its text, its label, the prediction and the probability of each class (columns `p_<class>`)."""
     import pandas as pd
-    import torch
 
-    probs = torch.softmax(torch.as_tensor(np.asarray(logits, dtype=np.float32)), -1).numpy()
     base = (
         pd.read_parquet(rows_file)
         if rows_file and Path(rows_file).exists()
-        else pd.DataFrame({"row": np.arange(len(probs))})
+        else pd.DataFrame({"row": np.arange(len(logits))})
     )
     tmp = path.with_name(f".{path.name}.tmp")
-    predictions_frame(base, probs, label_names).to_parquet(tmp, index=False)
+    predictions_frame(base, logits, label_names, task).to_parquet(tmp, index=False)
     os.replace(tmp, path)

@@ -60,7 +60,16 @@ def build_study(args) -> tuple[dict, Path]:
         raw["seeds"] = _parse_seeds(args.seeds)
     if args.lr_search:
         raw["lr_search"] = True
-    for key in ("device", "parallel", "isolation", "executor", "gpus_per_run", "gpu_memory"):
+    for key in (
+        "task",
+        "metric",
+        "device",
+        "parallel",
+        "isolation",
+        "executor",
+        "gpus_per_run",
+        "gpu_memory",
+    ):
         if getattr(args, key) is not None:
             raw[key] = getattr(args, key)
     if args.address is not None:
@@ -111,7 +120,7 @@ def _data_overrides(data: dict, args) -> dict:
     flags = {
         "train_size": args.train_size,
         "test_size": args.test_size,
-        "label_column": args.label_column,
+        "label_column": _list(args.label_column, True),
         "text_column": _list(args.text_column, True),
         "label_names": _list(args.label_names),
         "columns": _list(args.columns),
@@ -273,8 +282,7 @@ def cmd_predict(args) -> int:
         if args.json:
             print(json.dumps(row))
         else:
-            probs = " ".join(f"{k}={v:.3f}" for k, v in row["probabilities"].items())
-            print(f"{row['label']}\t{probs}\t{row['text'][:80]}")
+            print(f"{_shown(row)}\t{row['text'][:80]}")
     return 0
 
 
@@ -289,19 +297,27 @@ def _quiet_loading() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _shown(row: dict) -> str:
+    """A prediction on one line: the class, the score or the labels, then the probabilities."""
+    if "score" in row:
+        return f"{row['score']:.4f}"
+    probs = " ".join(f"{k}={v:.3f}" for k, v in row["probabilities"].items())
+    return f"{row['label'] if 'label' in row else ','.join(row['labels']) or '(none)'}\t{probs}"
+
+
 def _write_predictions(path: Path, rows: list[dict]) -> None:
     """The predictions as a run's predictions.parquet has them: row (the text's place in the input),
     text_sha1, prediction, p_<class>."""
-    import numpy as np
     import pandas as pd
 
-    from .artefacts import predictions_frame, text_sha1
+    from .artefacts import text_sha1
 
-    names = list(rows[0]["probabilities"])
-    base = pd.DataFrame({"row": range(len(rows)), "text_sha1": [text_sha1(r["text"]) for r in rows]})
-    probs = np.array([[r["probabilities"][n] for n in names] for r in rows])
+    df = pd.DataFrame({"row": range(len(rows)), "text_sha1": [text_sha1(r["text"]) for r in rows]})
+    df["prediction"] = [r.get("label", r.get("labels", r.get("score"))) for r in rows]
+    for name in rows[0].get("probabilities", {}):
+        df[f"p_{name}"] = [r["probabilities"][name] for r in rows]
     try:
-        predictions_frame(base, probs, names).to_parquet(path, index=False)
+        df.to_parquet(path, index=False)
     except OSError as e:
         raise UserError(f"--output {path}: cannot write there ({e.strerror or e})") from None
 
@@ -319,7 +335,7 @@ def cmd_report(args) -> int:
 def cmd_recommend(args) -> int:
     from .report import recommend_cli
 
-    return recommend_cli(Path(args.study_dir), args.max_memory, args.max_train_time, args.min_accuracy)
+    return recommend_cli(Path(args.study_dir), args.max_memory, args.max_train_time, args.min_score)
 
 
 def cmd_compare(args) -> int:
@@ -360,7 +376,15 @@ def _study_arguments(r: argparse.ArgumentParser) -> None:
     )
     a("--methods", help="a comma list of methods (`peftbench methods`), e.g. --methods full,lora,qlora,ia3")
     a("--text-column", help="the text column, or two or more joined, e.g. --text-column title,description")
-    a("--label-column", help="the label column, e.g. --label-column label")
+    a(
+        "--label-column",
+        help="the label column (several 0/1 columns for multi_label), e.g. --label-column label",
+    )
+    a("--task", help="classification (default), regression or multi_label, e.g. --task regression")
+    a(
+        "--metric",
+        help="the primary metric (default per task: accuracy, pearson, micro_f1), e.g. --metric mcc",
+    )
     a("--label-names", help="class names in label order, e.g. --label-names World,Sports,Business,Sci/Tech")
     a(
         "--columns",
@@ -515,7 +539,12 @@ def parser() -> argparse.ArgumentParser:
         "--max-train-time", help="training time of a run, e.g. --max-train-time 10m (or 90s, 1h)"
     )
     rec.add_argument(
-        "--min-accuracy", type=float, help="test accuracy as a fraction, e.g. --min-accuracy 0.9"
+        "--min-score",
+        "--min-accuracy",  # the name before studies had other metrics
+        dest="min_score",
+        type=float,
+        help="the study's primary metric (accuracy unless the study names another; at most, for mse), "
+        "e.g. --min-score 0.9",
     )
     rec.set_defaults(func=cmd_recommend)
 

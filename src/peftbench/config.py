@@ -38,7 +38,8 @@ DATA_DEFAULTS: dict[str, Any] = {
     "name": None,
     "config": None,
     "text_column": "text",
-    "label_column": "label",
+    "label_column": "label",  # multi_label: a column of lists or delimited strings, or a list of 0/1 columns
+    "label_separator": ",",  # multi_label: what separates the labels in a delimited string
     "separator": " ",
     "train_split": "train",
     "test_split": "test",
@@ -54,6 +55,8 @@ TOP_DEFAULTS: dict[str, Any] = {
     "name": None,
     "description": None,
     "model": None,
+    "task": "classification",  # classification, regression or multi_label (metrics.TASK_METRICS)
+    "metric": None,  # the primary metric: lr selection, best epoch, verdicts, report; default per task
     "seeds": [42],
     "lr_search": False,
     "device": "auto",
@@ -247,6 +250,7 @@ def validate(raw: Any, base_dir: Path | None = None) -> dict:
     meths = normalise_methods(raw.get("methods"), problems)
     study["seeds"] = _validate_seeds(study["seeds"], problems)
     study["lr_search"] = _validate_lr_search(study["lr_search"], problems)
+    _validate_task(study, data, problems)
     _validate_execution(study, problems)
     _check_sharding(study, train, meths, problems)
     if problems:
@@ -255,6 +259,27 @@ def validate(raw: Any, base_dir: Path | None = None) -> dict:
     if study["name"] is None:
         study["name"] = "study"
     return study
+
+
+def _validate_task(study: dict, data: dict, problems: list[str]) -> None:
+    """`task` and its primary `metric` (default: the task's first); several label columns are multi-label."""
+    from .metrics import TASK_METRICS, default_metric
+
+    task = study["task"]
+    if task not in TASK_METRICS:
+        problems.append(f"task: must be one of {', '.join(TASK_METRICS)}, got {task!r}")
+        return
+    if study["metric"] is None:
+        study["metric"] = default_metric(task)
+    elif study["metric"] not in TASK_METRICS[task]:
+        problems.append(
+            f"metric: {study['metric']!r} is not a {task} metric; choose one of "
+            f"{', '.join(TASK_METRICS[task])}"
+        )
+    if isinstance(data.get("label_column"), list) and task != "multi_label":
+        problems.append(
+            "data.label_column: a list of 0/1 columns is a multi-label task; set task: multi_label"
+        )
 
 
 def _check_sharding(study: dict, train: dict, meths: list[dict], problems: list[str]) -> None:
@@ -300,8 +325,13 @@ def _validate_data(data, base_dir: Path | None, problems: list[str]) -> dict:
     tc = data["text_column"]
     if not (isinstance(tc, str) or (isinstance(tc, list) and tc and all(isinstance(c, str) for c in tc))):
         problems.append("data.text_column: must be a column name or a list of column names")
-    if not isinstance(data["label_column"], str):
-        problems.append("data.label_column: must be a column name")
+    lc = data["label_column"]
+    if not (isinstance(lc, str) or (isinstance(lc, list) and lc and all(isinstance(c, str) for c in lc))):
+        problems.append(
+            "data.label_column: must be a column name (or, for multi_label, a list of 0/1 columns)"
+        )
+    if not (isinstance(data["label_separator"], str) and data["label_separator"]):
+        problems.append(f"data.label_separator: must be a non-empty string, got {data['label_separator']!r}")
     if not isinstance(data["separator"], str):
         problems.append(
             f"data.separator: must be a string (what joins several text columns), got {data['separator']!r}"

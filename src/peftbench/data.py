@@ -64,7 +64,8 @@ class StudyData:
         for s in SPLITS:
             h.update(s.encode())
             h.update(np.asarray(self.rows[s], dtype=np.int64).tobytes())
-            h.update(np.asarray(self.labels[s], dtype=np.int64).tobytes())
+            lab = np.asarray(self.labels[s])
+            h.update((lab.astype(np.int64) if lab.dtype.kind in "iub" else lab.astype(np.float64)).tobytes())
             for t in self.texts[s]:
                 h.update(t.encode("utf-8", "surrogatepass"))
                 h.update(b"\x00")
@@ -214,14 +215,97 @@ def _headerless_hint(df) -> str:
     return ""
 
 
-def _raw_labels(df, spec: dict, split: str) -> list:
-    col = spec["label_column"]
-    if col not in df.columns:
-        raise UserError(
-            f"data.label_column: column {col!r} not in the {split} file (columns: "
-            f"{', '.join(map(str, df.columns))[:200]}); set data.label_column{_headerless_hint(df)}"
-        )
-    values = _ints_if_all_canonical(list(df[col]))
+def _raw_labels(df, spec: dict, split: str, task: str = "classification") -> list:
+    """The labels as written, checked for the task: classes (ints or strings), scores (floats) or label
+    sets (tuples)."""
+    cols = spec["label_column"] if isinstance(spec["label_column"], list) else [spec["label_column"]]
+    for col in cols:
+        if col not in df.columns:
+            raise UserError(
+                f"data.label_column: column {col!r} not in the {split} file (columns: "
+                f"{', '.join(map(str, df.columns))[:200]}); set data.label_column{_headerless_hint(df)}"
+            )
+    if task == "regression":
+        return _scores(list(df[cols[0]]), cols[0], split)
+    if task == "multi_label":
+        if len(cols) > 1:
+            return _sets_from_columns(df, cols, split)
+        return _label_sets(list(df[cols[0]]), cols[0], spec["label_separator"], split)
+    return _classes(list(df[cols[0]]), cols[0], split)
+
+
+def _scores(values: list, col: str, split: str) -> list[float]:
+    out = []
+    for i, v in enumerate(values):
+        try:
+            f = float(v) if not isinstance(v, (bool, np.bool_)) and v is not None else math.nan
+        except (TypeError, ValueError):
+            raise UserError(
+                f"data: {split} label {v!r} at row {i} is not a number; task: regression needs numeric "
+                f"scores in {col!r} (or use task: classification)"
+            ) from None
+        if not math.isfinite(f):
+            raise UserError(f"data: {split} row {i} has no finite score in {col!r} ({v!r}); fill or drop it")
+        out.append(f)
+    return out
+
+
+def _label_sets(values: list, col: str, sep: str, split: str) -> list[tuple]:
+    """Multi-label rows: lists (Parquet, JSON) or delimited strings ('sports,politics'; an empty cell is no
+    label)."""
+    out = []
+    for i, v in enumerate(values):
+        if v is None or (isinstance(v, float) and math.isnan(v)):  # an empty cell of a CSV: no label
+            items = []
+        elif isinstance(v, str):
+            items = [x.strip() for x in v.split(sep) if x.strip()]
+        elif isinstance(v, (list, tuple, np.ndarray)):
+            items = [x.item() if isinstance(x, np.generic) else x for x in v]
+        elif isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):
+            items = [int(v)]  # one label
+        else:
+            raise UserError(
+                f"data: {split} label {v!r} at row {i} is not a label set; task: multi_label needs a list or "
+                f"a {sep!r}-separated string in {col!r}, or several 0/1 columns"
+            )
+        bad = [x for x in items if not isinstance(x, (int, str)) or isinstance(x, bool)]
+        if bad:
+            raise UserError(
+                f"data: {split} row {i} has a label {bad[0]!r}; labels must be integers or strings"
+            )
+        out.append(tuple(sorted(set(items), key=str)))
+    return out
+
+
+def _sets_from_columns(df, cols: list[str], split: str) -> list[tuple]:
+    """Multi-label rows from several 0/1 columns: the set of columns holding 1."""
+    for c in cols:
+        vals = set(_zero_one(df[c]))
+        if not vals <= {0, 1}:
+            raise UserError(
+                f"data: {split} column {c!r} holds {sorted(vals - {0, 1}, key=str)[:3]}; each label column "
+                "of a multi_label task must hold 0 or 1"
+            )
+    flags = np.column_stack([_zero_one(df[c]) for c in cols]).astype(bool)
+    return [tuple(c for c, f in zip(cols, row) if f) for row in flags]
+
+
+def _zero_one(col) -> list:
+    """A column's values with 0/1 written as text, bools or floats read as ints where they are whole."""
+    out = []
+    for v in col:
+        if isinstance(v, str) and v.strip() in ("0", "1"):
+            v = int(v)
+        elif isinstance(v, (bool, np.bool_, np.integer)) or (
+            isinstance(v, (float, np.floating)) and v in (0, 1)
+        ):
+            v = int(v)
+        out.append(v)
+    return out
+
+
+def _classes(values: list, col: str, split: str) -> list:
+    values = _ints_if_all_canonical(values)
     out = []
     for i, v in enumerate(values):
         if isinstance(v, (bool, np.bool_)):
@@ -238,7 +322,7 @@ def _raw_labels(df, spec: dict, split: str) -> list:
             if v != int(v):
                 raise UserError(
                     f"data: {split} label {v} at row {i} is not a class (looks like regression); "
-                    f"peftbench classifies: use integer or string labels"
+                    f"set task: regression for scores, or use integer or string labels"
                 )
             v = int(v)
         if v is None:
@@ -288,8 +372,8 @@ def stratified_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> n
 MAX_OVERLAP = 0.05
 
 
-def load(spec: dict) -> StudyData:
-    """Load, check and split the data described by the study's `data` section."""
+def load(spec: dict, task: str = "classification") -> StudyData:
+    """Load, check and split the data described by the study's `data` section, labelled for `task`."""
     if spec["train_split"] == spec["test_split"] and not spec.get("allow_overlap"):
         raise UserError(
             f"data: train_split and test_split are both {spec['train_split']!r}: scores would be measured "
@@ -298,37 +382,27 @@ def load(spec: dict) -> StudyData:
     frames, hub_names = _load_hub(spec) if spec.get("name") else _load_local(spec)
     file_rows = None
     if frames["test"] is None:
-        frames, file_rows = _carve_test(frames["train"], spec)
+        frames, file_rows = _carve_test(frames["train"], spec, task)
     texts = {s: _texts(frames[s], spec, s) for s in ("train", "test")}
-    raw = {s: _raw_labels(frames[s], spec, s) for s in ("train", "test")}
+    raw = {s: _raw_labels(frames[s], spec, s, task) for s in ("train", "test")}
     for s in ("train", "test"):
         if not texts[s]:
             raise UserError(f"data: the {s} file has no rows")
-
-    values = sorted(set(raw["train"]))
-    if len(values) < 2:
-        raise UserError(
-            f"data: the train split has only one class ({values[0]!r}); a classifier needs at least two"
-        )
-    unseen = sorted(set(raw["test"]) - set(values), key=str)
-    if unseen:
-        raise UserError(f"data: test labels {unseen[:5]} never occur in train; fix the labels or the files")
-    names = _label_names(values, spec.get("label_names"), hub_names)
-    to_id = {v: i for i, v in enumerate(values)}
-    labels = {s: np.array([to_id[v] for v in raw[s]], dtype=np.int64) for s in ("train", "test")}
+    labels, names, values = _encode_labels(raw, task, spec, hub_names)
+    strata = {s: _strata(labels[s], task) for s in ("train", "test")}
 
     rng = np.random.default_rng(spec["seed"])
-    tr, va, origin = _train_validation(labels["train"], spec, len(values), rng)
+    n_strata = len(np.unique(strata["train"]))
+    tr, va, origin = _train_validation(strata["train"], spec, n_strata, rng)
     n_test = spec["test_size"] if file_rows is None else None  # a carved test split has its size already
     if isinstance(n_test, float):
-        n_test = max(len(values), round(n_test * len(texts["test"])))
+        n_test = max(n_strata, round(n_test * len(texts["test"])))
     if n_test is not None and n_test > len(texts["test"]):
         raise UserError(
             f"data.test_size {n_test} is larger than the test split ({len(texts['test'])} rows); lower it"
         )
-    te = stratified_sample(labels["test"], n_test, rng) if n_test else np.arange(len(texts["test"]))
-    if len(np.unique(labels["train"][tr])) < 2:
-        raise UserError("data: the training subset holds one class only; raise data.train_size")
+    te = stratified_sample(strata["test"], n_test, rng) if n_test else np.arange(len(texts["test"]))
+    _check_training_labels(labels["train"][tr], task)
 
     pick = {"train": ("train", tr), "validation": ("train", va), "test": ("test", te)}
     split_texts = {s: [texts[src][i] for i in idx] for s, (src, idx) in pick.items()}
@@ -345,10 +419,65 @@ def load(spec: dict) -> StudyData:
             "path": spec.get("path"),
             "name": spec.get("name"),
             "origin": origin,
-            "label_values": [v if isinstance(v, (int, str)) else str(v) for v in values],
+            "label_values": values,
             "overlap": check_overlap(split_texts, spec.get("allow_overlap", False)),
         },
     )
+
+
+def _encode_labels(raw: dict, task: str, spec: dict, hub_names) -> tuple[dict, list[str], list | None]:
+    """Label arrays per split (class ids; float scores; 0/1 rows over the label set), the names of the
+    classes, score or labels, and the values as written (classes and label sets)."""
+    if task == "regression":
+        labels = {s: np.asarray(v, dtype=np.float32) for s, v in raw.items()}
+        col = spec["label_column"]
+        return labels, [str(col)], None
+    if task == "multi_label":
+        values = sorted(set().union(*raw["train"]), key=str)
+        if not values:
+            raise UserError("data: no train row has a label: the label set is empty; fix the label column")
+        _refuse_unseen(raw["test"], values, lambda v: v)
+        names = _label_names(values, spec.get("label_names"), hub_names)
+        index = {v: j for j, v in enumerate(values)}
+        labels = {}
+        for s, sets in raw.items():
+            m = np.zeros((len(sets), len(values)), dtype=np.float32)
+            for i, row in enumerate(sets):
+                m[i, [index[v] for v in row]] = 1
+            labels[s] = m
+        return labels, names, values
+    values = sorted(set(raw["train"]))
+    if len(values) < 2:
+        raise UserError(
+            f"data: the train split has only one class ({values[0]!r}); a classifier needs at least two"
+        )
+    _refuse_unseen(raw["test"], values, lambda v: [v])
+    names = _label_names(values, spec.get("label_names"), hub_names)
+    to_id = {v: i for i, v in enumerate(values)}
+    labels = {s: np.array([to_id[v] for v in r], dtype=np.int64) for s, r in raw.items()}
+    return labels, names, values
+
+
+def _refuse_unseen(test_labels: list, values: list, members) -> None:
+    unseen = sorted({v for x in test_labels for v in members(x)} - set(values), key=str)
+    if unseen:
+        raise UserError(f"data: test labels {unseen[:5]} never occur in train; fix the labels or the files")
+
+
+def _strata(labels: np.ndarray, task: str) -> np.ndarray:
+    """What sampling keeps the shares of: the class; a score's quintile; none for label sets."""
+    if task == "classification":
+        return labels
+    if task == "regression":
+        return np.searchsorted(np.quantile(labels, [0.2, 0.4, 0.6, 0.8]), labels, side="right")
+    return np.zeros(len(labels), dtype=np.int64)
+
+
+def _check_training_labels(labels: np.ndarray, task: str) -> None:
+    if task == "classification" and len(np.unique(labels)) < 2:
+        raise UserError("data: the training subset holds one class only; raise data.train_size")
+    if task == "regression" and np.ptp(labels) == 0:
+        raise UserError(f"data: every training score is {labels[0]}; regression needs scores that vary")
 
 
 def _train_validation(labels: np.ndarray, spec: dict, n_classes: int, rng) -> tuple:
@@ -373,13 +502,18 @@ def _train_validation(labels: np.ndarray, spec: dict, n_classes: int, rng) -> tu
     return np.setdiff1d(base, va), va, "validation carved out of the training subset"
 
 
-def _carve_test(df, spec: dict) -> tuple[dict, dict]:
+def _carve_test(df, spec: dict, task: str) -> tuple[dict, dict]:
     """One data file: a seeded, stratified test split (data.test_size rows, or that fraction; a fifth when not
     given) and the rest for training; returns the frames and each one's row numbers in the file."""
-    raw = np.asarray([str(v) for v in _raw_labels(df, spec, "data")])
-    _, codes = np.unique(raw, return_inverse=True)
+    raw = _raw_labels(df, spec, "data", task)
+    if task == "classification":
+        codes = np.unique(np.asarray([str(v) for v in raw]), return_inverse=True)[1]
+    else:
+        codes = _strata(
+            np.asarray(raw, dtype=np.float64) if task == "regression" else np.zeros(len(raw)), task
+        )
     size = spec.get("test_size") or SINGLE_FILE_TEST_SHARE
-    n = size if isinstance(size, int) else max(len(set(raw)), round(size * len(raw)))
+    n = size if isinstance(size, int) else max(len(set(codes)), round(size * len(raw)))
     if n >= len(raw):
         raise UserError(f"data.test_size {size} leaves no training rows in the {len(raw)}-row file; lower it")
     te = stratified_sample(codes, n, np.random.default_rng([spec["seed"], 1]))
@@ -404,6 +538,15 @@ def _label_names(values: list, given, hub_names: list[str] | None) -> list[str]:
     if hub_names and all(isinstance(v, int) for v in values) and max(values) < len(hub_names):
         return [hub_names[v] for v in values]
     return [str(v) for v in values]
+
+
+def readable_labels(labels: np.ndarray, names: list[str]) -> list:
+    """Labels as a reader wants them: the class name, the score, or the list of label names."""
+    if labels.ndim == 2:
+        return [[names[j] for j in np.flatnonzero(row)] for row in labels]
+    if labels.dtype.kind == "f":
+        return [float(v) for v in labels]
+    return [names[i] for i in labels]
 
 
 def check_overlap(texts: dict[str, list[str]], allowed: bool) -> dict:

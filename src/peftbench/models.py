@@ -219,14 +219,19 @@ def add_token_types(model, spec: RunSpec) -> None:
     backbone.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def load_base(spec: RunSpec, num_labels: int, label_names: list[str], device: str, amp=None):
+def load_base(spec: RunSpec, label_names: list[str], device: str, amp=None):
     """The base classifier for `run` (quantized for QLoRA), loaded straight onto `device` in its frozen
-    dtype (no fp32 copy in host memory on the way); returns (model, newly initialised modules)."""
+    dtype (no fp32 copy in host memory on the way); returns (model, newly initialised modules). Its head
+    has one output per class or label, one for regression; `problem_type` gives the task's loss (cross
+    entropy, MSE, BCE) in the model's own forward."""
     from transformers import AutoModelForSequenceClassification
+
+    from .metrics import PROBLEM_TYPES, num_outputs
 
     method = registry.get(spec.method)
     kwargs = dict(
-        num_labels=num_labels,
+        num_labels=num_outputs(spec.task, label_names),
+        problem_type=PROBLEM_TYPES[spec.task],
         id2label=dict(enumerate(label_names)),
         label2id={n: i for i, n in enumerate(label_names)},
         trust_remote_code=spec.trust_remote_code,
@@ -265,12 +270,10 @@ def load_base(spec: RunSpec, num_labels: int, label_names: list[str], device: st
     return model, _new_modules(info.get("missing_keys", []))
 
 
-def build_model(
-    spec: RunSpec, num_labels: int, label_names: list[str], device: str, total_steps: int, amp=None
-):
+def build_model(spec: RunSpec, label_names: list[str], device: str, total_steps: int, amp=None):
     """The model to train for `run`, with exactly the method's parameters trainable, and those in fp32."""
     method = registry.get(spec.method)
-    model, new = load_base(spec, num_labels, label_names, device, amp)
+    model, new = load_base(spec, label_names, device, amp)
     head = sorted(set(head_modules(model)) | set(new))
     if method.kind == "full":
         for p in model.parameters():

@@ -61,7 +61,7 @@ def _load(run_dir: Path, spec: RunSpec, method, device: str):
         from .models import load_base
 
         amp = autocast_dtype(spec.train.precision, device)  # the base in the dtype it was trained over
-        base, _ = load_base(spec, len(spec.label_names), spec.label_names, device, amp)
+        base, _ = load_base(spec, spec.label_names, device, amp)
         with without_bitsandbytes(hide=not method.quantize):
             model = PeftModel.from_pretrained(base, run_dir / "adapter", is_trainable=False)
         model.to(device) if not method.quantize else None
@@ -84,14 +84,12 @@ def _load(run_dir: Path, spec: RunSpec, method, device: str):
 
 
 def predict_texts(run_dir: Path, texts: list[str], device: str = "cpu") -> list[dict]:
-    """Label and class probabilities for each text (a sentence pair: FIRST<TAB>SECOND)."""
-    from .batches import predict_logits
-    from .data import PAIR, encode, is_pair
-    from .devices import autocast_dtype
+    """Per text (a sentence pair: FIRST<TAB>SECOND) what the run predicts: the class and each class's
+    probability; the score; or the set of labels and each label's probability."""
+    from .data import PAIR, is_pair
 
     result = _read_run(run_dir)
     spec = RunSpec.from_dict(result["config"])
-    names = spec.label_names
     pair = is_pair(spec.data)
     if pair and not all("\t" in t for t in texts):
         raise UserError(
@@ -100,31 +98,43 @@ def predict_texts(run_dir: Path, texts: list[str], device: str = "cpu") -> list[
         )
     inputs = [t.replace("\t", PAIR, 1) for t in texts] if pair else texts
     model = load_trained(run_dir, spec=spec, device=device)
+    logits = _logits(model, spec, inputs, pair, device)
+    return [{"text": t, **row} for t, row in zip(texts, readable_outputs(spec, logits))]
+
+
+def _logits(model, spec: RunSpec, inputs: list[str], pair: bool, device: str) -> np.ndarray:
+    from .batches import predict_logits
+    from .data import encode
+    from .devices import autocast_dtype
+
     if registry.get(spec.method).kind == "tfidf":
-        probs = model.predict_proba(inputs)
-    else:
-        import torch
+        from .tfidf import tfidf_logits
 
-        from .models import load_tokenizer
+        return tfidf_logits(model, spec.task, inputs)
+    from .models import load_tokenizer
 
-        tok = load_tokenizer(spec.model_path, spec.trust_remote_code)
-        ids = [np.asarray(x) for x in encode(tok, inputs, spec.train.max_length, pair)]
-        amp = autocast_dtype(spec.train.precision, device)
-        logits = predict_logits(
-            model,
-            ids,
-            spec.train.eval_batch_size,
-            device,
-            amp,
-            spec.pad_token_id or 0,
-            spec.effective_max_length,
-        )
-        probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
-    return [
-        {
-            "text": t,
-            "label": names[int(p.argmax())],
-            "probabilities": {n: round(float(x), 4) for n, x in zip(names, p)},
-        }
-        for t, p in zip(texts, probs)
-    ]
+    tok = load_tokenizer(spec.model_path, spec.trust_remote_code)
+    ids = [np.asarray(x) for x in encode(tok, inputs, spec.train.max_length, pair)]
+    amp = autocast_dtype(spec.train.precision, device)
+    return predict_logits(
+        model, ids, spec.train.eval_batch_size, device, amp, spec.pad_token_id or 0, spec.effective_max_length
+    )
+
+
+def readable_outputs(spec: RunSpec, logits: np.ndarray) -> list[dict]:
+    """{label, probabilities} per text for classes, {score} for regression, {labels, probabilities} for
+    multi-label."""
+    from .metrics import predict, probabilities
+
+    names, task = spec.label_names, spec.task
+    if task == "regression":
+        return [{"score": round(float(v), 4)} for v in predict(task, logits)]
+    probs = probabilities(task, logits)
+    out = []
+    for pred, p in zip(predict(task, logits), probs):
+        shown = {n: round(float(x), 4) for n, x in zip(names, p)}
+        if task == "multi_label":
+            out.append({"labels": [n for n, f in zip(names, pred) if f], "probabilities": shown})
+        else:
+            out.append({"label": names[int(pred)], "probabilities": shown})
+    return out

@@ -16,6 +16,7 @@ import numpy as np
 from . import stats, store
 from .errors import UserError
 from .memory import fits_on
+from .metrics import TASK_METRICS, bounds, is_fraction, oriented
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -43,7 +44,10 @@ def load_study(study_dir: Path) -> dict:
     if not finals and not trials:
         raise UserError(f"{study_dir} holds no run results yet; run a study into it first")
     labels = _test_labels(study_dir, finals, plan)
-    rows = stats.summarize(finals, labels)
+    cfg = (plan or {}).get("study") or (finals or trials)[0].get("config") or {}
+    task, metric = cfg.get("task", "classification"), cfg.get("metric") or "accuracy"
+    names = ((plan or {}).get("data") or {}).get("label_names")
+    rows = stats.summarize(finals, labels, task, metric, len(names) if names else None)
     device = (plan or {}).get("device") or (finals or trials)[0]["config"].get("device", "cpu")
     name = (plan or {}).get("study", {}).get("name") or (finals or trials)[0].get("study", "study")
     shared = max([(r.get("config") or {}).get("concurrent_runs") or 1 for r in finals] or [1])
@@ -58,6 +62,8 @@ def load_study(study_dir: Path) -> dict:
         "finals": finals,
         "trials": trials,
         "rows": rows,
+        "task": task,
+        "metric": metric,
         "gpu": str(device).startswith("cuda"),
         "concurrent_runs": shared,
         "missing": missing,
@@ -95,9 +101,11 @@ def memory_of(row: dict, gpu: bool) -> float | None:
 
 # ----------------------------------------------------------------------------------------- formatting
 def _fmt_acc(m: dict, n_test: int | None = None) -> str:
+    """mean ± std [95% CI] over seeds; one seed: the binomial (Wilson) interval of a share of test items
+    (`n_test` given only for accuracy and exact match)."""
     if m["mean"] is None:
         return "-"
-    if m["ci_low"] is None:  # one seed: the binomial (Wilson) interval over the test items
+    if m["ci_low"] is None:
         if not n_test:
             return f"{m['mean']:.4f}"
         low, high = stats.wilson(m["mean"], n_test)
@@ -118,24 +126,45 @@ def _fmt_params(v) -> str:
     return f"{v / 1e6:.2f}M" if v >= 1e6 else (f"{v / 1e3:.1f}k" if v >= 1e3 else f"{v:.0f}")
 
 
+NAMES = {
+    "accuracy": "accuracy",
+    "macro_f1": "macro-F1",
+    "mcc": "MCC (two classes)",
+    "f1_positive": "F1 (positive class)",
+    "pearson": "Pearson",
+    "spearman": "Spearman",
+    "mse": "MSE",
+    "micro_f1": "micro-F1",
+    "exact_match": "exact match",
+}
+SHARES = {"accuracy", "exact_match"}  # shares of test items: one seed gets a Wilson interval
+
+
+def _others(study: dict) -> list[str]:
+    """The task's metrics beside the primary one, shown as means."""
+    return [m for m in TASK_METRICS[study["task"]] if m != study["metric"]]
+
+
 def table_rows(study: dict) -> list[list[str]]:
     gpu = study["gpu"]
+    n_test = ((study.get("plan") or {}).get("data") or {}).get("sizes", {}).get("test")
+    n_test = n_test if study["metric"] in SHARES else None
     out = []
     for r in study["rows"]:
         mark = "best" if r.get("best") else ("tied" if r.get("tied_with_best") else "")
         if r.get("vs_best"):
             mark = (mark + f" p={r['vs_best']['p_value']:.3f}").strip()
         status = r["status"] if r["status"] == "success" else f"{r['status']}: {'; '.join(r['errors'])[:120]}"
-        n_test = ((study.get("plan") or {}).get("data") or {}).get("sizes", {}).get("test")
         out.append(
-            [
-                r["label"],
-                _fmt_acc(r["test_accuracy"], n_test),
-                _fmt_num(r["test_macro_f1"]["mean"], 4),
-                _fmt_num(r.get("test_mcc", {}).get("mean"), 4),
+            [r["label"], _fmt_acc(r["score"], n_test)]
+            + [_fmt_num(r[f"test_{m}"]["mean"], 4) for m in _others(study)]
+            + [
                 _fmt_num(r["train_seconds"]["mean"]),
                 _fmt_params(r["trainable_params"]["mean"]),
                 _fmt_num(memory_of(r, gpu), 0),
+            ]
+            + ([fits_on(memory_of(r, gpu))] if gpu else [])
+            + [
                 _fmt_num(r["train_samples_per_second"]["mean"]),
                 _fmt_num(r["adapter_size_mb"]["mean"], 2),
                 f"{r['learning_rate']:.2e}" if r["learning_rate"] else "-",
@@ -144,30 +173,19 @@ def table_rows(study: dict) -> list[list[str]]:
                 status,
             ]
         )
-        if gpu:
-            out[-1].insert(7, fits_on(memory_of(r, gpu)))
     return out
 
 
-def table_header(gpu: bool) -> list[str]:
-    head = [
-        "method",
-        "accuracy (seeds: mean ± std [95% CI]; one seed: [95% Wilson CI])",
-        "macro-F1",
-        "MCC (two classes)",
-        "train s",
-        "trainable",
-        GPU_MEMORY_LABEL if gpu else "peak host MB",
-        "samples/s",
-        "saved MB",
-        "lr",
-        "seeds",
-        "vs best",
-        "status",
-    ]
-    if gpu:
-        head.insert(7, "fits on (card)")
-    return head
+def table_header(study: dict) -> list[str]:
+    gpu = study["gpu"]
+    one = "[95% Wilson CI]" if study["metric"] in SHARES else "no interval"
+    return (
+        ["method", f"{NAMES[study['metric']]} (seeds: mean ± std [95% CI]; one seed: {one})"]
+        + [NAMES[m] for m in _others(study)]
+        + ["train s", "trainable", GPU_MEMORY_LABEL if gpu else "peak host MB"]
+        + (["fits on (card)"] if gpu else [])
+        + ["samples/s", "saved MB", "lr", "seeds", "vs best", "status"]
+    )
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -180,11 +198,12 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def print_summary(study_dir: Path) -> None:
     study = load_study(study_dir)
     print(f"\n{study['name']}: {len(study['finals'])} final runs ({'GPU' if study['gpu'] else 'CPU'})")
-    print(
-        markdown_table(
-            table_header(study["gpu"])[:7] + ["status"], [r[:7] + [r[-1]] for r in table_rows(study)]
-        )
-    )
+    header = table_header(study)
+    keep = [
+        i for i, h in enumerate(header) if i < 2 or h in ("train s", "trainable", header[-1]) or "MB" in h
+    ]
+    keep = [i for i in keep if header[i] != "saved MB"]
+    print(markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in table_rows(study)]))
     if study["missing"]:
         print(
             f"{len(study['missing'])} planned runs have no result: {', '.join(study['missing'][:5])}"
@@ -194,8 +213,8 @@ def print_summary(study_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------------------- recommendations
 def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
-    """Names of points (name, cost, accuracy) not dominated by a cheaper-or-equal, more-or-equal accurate
-    one."""
+    """Names of points (name, cost, score; larger scores better) not dominated by a cheaper-or-equal,
+    better-or-equal one."""
     front = []
     for name, cost, acc in points:
         dominated = any((c2 <= cost and a2 >= acc) and (c2 < cost or a2 > acc) for _, c2, a2 in points)
@@ -205,7 +224,7 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
 
 
 def _ok_rows(study: dict) -> list[dict]:
-    return [r for r in study["rows"] if r["test_accuracy"]["mean"] is not None]
+    return [r for r in study["rows"] if r["score"]["mean"] is not None]
 
 
 TIME_NOISE = 1.2  # training times closer than 20% are not ranked
@@ -213,7 +232,18 @@ MEMORY_NOISE = 1.1  # memory budgets closer than 10% are not told apart
 
 
 def _acc(r: dict) -> float:
-    return r["test_accuracy"]["mean"]
+    """The primary metric's mean over seeds."""
+    return r["score"]["mean"]
+
+
+def _better(r: dict) -> float:
+    """The primary metric with larger meaning better (MSE negated)."""
+    return oriented(r["metric"], _acc(r))
+
+
+def _named(r: dict) -> str:
+    """'accuracy 0.8912': the primary metric's name and mean."""
+    return f"{NAMES[r['metric']]} {_acc(r):.4f}"
 
 
 def recommendations(study: dict, tolerance: float = 0.01) -> list[dict]:
@@ -223,17 +253,17 @@ def recommendations(study: dict, tolerance: float = 0.01) -> list[dict]:
     rows = _ok_rows(study)
     if not rows:
         return []
-    best = max(rows, key=_acc)
-    ci = best["test_accuracy"]
+    best = max(rows, key=_better)
+    ci, name = best["score"], NAMES[best["metric"]]
     interval = f" (95% CI {ci['ci_low']:.3f}-{ci['ci_high']:.3f})" if ci["ci_low"] is not None else ""
     recs = [
         {
-            "title": "Best accuracy",
+            "title": f"Best {name}",
             "method": best["label"],
-            "reason": f"{best['label']} reached the highest test accuracy, {_acc(best):.4f}{interval}.",
+            "reason": f"{best['label']} reached the best test {name}, {_acc(best):.4f}{interval}.",
         }
     ]
-    near = [r for r in rows if _acc(r) >= _acc(best) - tolerance or r.get("tied_with_best")]
+    near = [r for r in rows if _better(r) >= _better(best) - tolerance or r.get("tied_with_best")]
     recs.append(_fastest(best, near, tolerance, study.get("loaded")))
     recs.append(_fewest(best, near, tolerance))
     return recs + _memory_recs(rows, study["gpu"])
@@ -259,7 +289,7 @@ def _fastest(best: dict, near: list[dict], tolerance: float, loaded) -> dict:
         why = (
             f"{fastest['label']} trained in {t_fast:.1f} s ({t_best / t_fast:.1f}x faster than "
             f"{best['label']}) "
-            f"at accuracy {_acc(fastest):.4f} vs {_acc(best):.4f}."
+            f"at {_named(fastest)} vs {_acc(best):.4f}."
         )
     if loaded:
         why += " Timings were taken on a loaded machine: see the note above."
@@ -284,7 +314,7 @@ def _fewest(best: dict, near: list[dict], tolerance: float) -> dict:
     else:
         why = (
             f"{fewest['label']} trains {_fmt_params(n_few)} parameters ({n_few / n_best * 100:.2f}% of "
-            f"{best['label']}'s) at accuracy {_acc(fewest):.4f}."
+            f"{best['label']}'s) at {_named(fewest)}."
         )
     return {
         "title": f"Fewest trainable parameters within {pts} of the best",
@@ -309,14 +339,14 @@ def _memory_recs(rows: list[dict], gpu: bool) -> list[dict]:
     recs, last, last_budget = [], None, 0.0
     for budget_row in with_mem:
         budget = memory_of(budget_row, gpu)
-        win = max([r for r in with_mem if memory_of(r, gpu) <= budget], key=_acc)
+        win = max([r for r in with_mem if memory_of(r, gpu) <= budget], key=_better)
         if win is not last and budget >= MEMORY_NOISE * last_budget:
             recs.append(
                 {
                     "title": f"Best within {budget:,.0f} MB of peak GPU memory",
                     "method": win["label"],
-                    "reason": f"{win['label']} is the most accurate method that peaked at or below "
-                    f"{budget:,.0f} MB ({memory_of(win, gpu):,.0f} MB, accuracy {_acc(win):.4f}).",
+                    "reason": f"{win['label']} is the best-scoring method that peaked at or below "
+                    f"{budget:,.0f} MB ({memory_of(win, gpu):,.0f} MB, {_named(win)}).",
                 }
             )
             last, last_budget = win, budget
@@ -355,9 +385,10 @@ def parse_duration(text: str | None) -> float | None:
 
 
 def recommend(
-    study: dict, max_memory_mb: float | None, max_seconds: float | None, min_accuracy: float | None
+    study: dict, max_memory_mb: float | None, max_seconds: float | None, min_score: float | None
 ) -> dict:
-    """Rank the methods meeting the constraints; if none does, name the binding constraint."""
+    """Rank the methods meeting the constraints (`min_score`: the primary metric at least this, at most for
+    MSE); if none does, name the binding constraint."""
     gpu = study["gpu"]
     rows = _ok_rows(study)
     checks = {
@@ -366,18 +397,18 @@ def recommend(
             lambda r: memory_of(r, gpu) is not None and memory_of(r, gpu) <= max_memory_mb,
         ),
         "--max-train-time": (max_seconds, lambda r: r["train_seconds"]["mean"] <= max_seconds),
-        "--min-accuracy": (min_accuracy, lambda r: r["test_accuracy"]["mean"] >= min_accuracy),
+        "--min-score": (min_score, lambda r: _better(r) >= oriented(r["metric"], min_score)),
     }
     active = {k: f for k, (v, f) in checks.items() if v is not None}
     ok = [r for r in rows if all(f(r) for f in active.values())]
-    ranked = sorted(ok, key=lambda r: -r["test_accuracy"]["mean"])
+    ranked = sorted(ok, key=lambda r: -_better(r))
     out = {"ranked": [], "binding": [], "unsettled": _unsettled(study, [r["label"] for r in ranked])}
     for r in ranked:
         out["ranked"].append(
             {
                 "method": r["label"],
                 "reason": (
-                    f"accuracy {r['test_accuracy']['mean']:.4f}, {r['train_seconds']['mean']:.1f} s "
+                    f"{_named(r)}, {r['train_seconds']['mean']:.1f} s "
                     f"training, "
                     f"{_fmt_num(memory_of(r, gpu), 0)} MB peak {'GPU' if gpu else 'host'} memory, "
                     f"{_fmt_params(r['trainable_params']['mean'])} trainable"
@@ -389,10 +420,10 @@ def recommend(
             others = [f for k, f in active.items() if k != name]
             freed = [r for r in rows if all(f(r) for f in others)]
             if freed:
-                best = max(freed, key=lambda r: r["test_accuracy"]["mean"])
+                best = max(freed, key=_better)
                 out["binding"].append(
                     f"{name} is binding: without it, {best['label']} qualifies "
-                    f"(accuracy {best['test_accuracy']['mean']:.4f}, "
+                    f"({_named(best)}, "
                     f"{best['train_seconds']['mean']:.1f} s, "
                     f"{_fmt_num(memory_of(best, gpu), 0)} MB)"
                 )
@@ -402,12 +433,16 @@ def recommend(
 
 
 def recommend_cli(
-    study_dir: Path, max_memory: str | None, max_time: str | None, min_acc: float | None
+    study_dir: Path, max_memory: str | None, max_time: str | None, min_score: float | None
 ) -> int:
-    if min_acc is not None and not 0 <= min_acc <= 1:
-        raise UserError(f"--min-accuracy: give a fraction in [0, 1] (0.9 for 90%), got {min_acc}")
     study = load_study(study_dir)
-    res = recommend(study, parse_memory(max_memory), parse_duration(max_time), min_acc)
+    low, high = bounds(study["metric"])
+    if min_score is not None and not low <= min_score <= high:
+        raise UserError(
+            f"--min-score: the study's metric is {study['metric']}, which lies in [{low:g}, {high:g}] "
+            f"(0.9 for 90%); got {min_score}"
+        )
+    res = recommend(study, parse_memory(max_memory), parse_duration(max_time), min_score)
     if not res["ranked"]:
         print("No method satisfies all the constraints.")
         for line in res["binding"]:
@@ -431,8 +466,8 @@ def _unsettled(study: dict, order: list[str]) -> list[str]:
             continue
         if v["verdict"] == "tied":
             lines.append(
-                f"{a} and {b} are tied on test accuracy (p = {v['p_value']:.3f}): their order is not a "
-                "ranking"
+                f"{a} and {b} are tied on test {NAMES[study['metric']]} (p = {v['p_value']:.3f}): their "
+                "order is not a ranking"
             )
         elif not v["stable"]:
             lines.append(
@@ -449,7 +484,8 @@ def compare_cli(dirs: list[Path], out: Path | None) -> int:
         "data",
         "device",
         "method",
-        "accuracy",
+        "metric",
+        "test score (mean ± std [95% CI])",
         "train s",
         "trainable",
         GPU_MEMORY_LABEL,
@@ -465,21 +501,21 @@ def compare_cli(dirs: list[Path], out: Path | None) -> int:
         data = (plan.get("study") or {}).get("data") or {}
         data_name = str(data.get("path") or data.get("name") or "?")
         device = str(plan.get("device") or "?")
-        names = table_header(s["gpu"])
+        names = table_header(s)
         for r, cells in zip(s["rows"], table_rows(s)):
             cell = dict(zip(names, cells))
             mem = _fmt_num(memory_of(r, s["gpu"]), 0)  # GPU and host memory never share a column
             gpu_mb, host_mb = (mem, "-") if s["gpu"] else ("-", mem)
-            acc = cell[names[1]]
+            acc, metric = cell[names[1]], NAMES[s["metric"]]
             rows.append(
-                [f"{s['name']} ({d})", data_name, device, cell["method"], acc, cell["train s"]]
+                [f"{s['name']} ({d})", data_name, device, cell["method"], metric, acc, cell["train s"]]
                 + [cell["trainable"], gpu_mb, host_mb, cell["lr"], cell["status"]]
             )
-            by_method.setdefault(cell["method"], {})[f"{s['name']} ({d})"] = acc
+            by_method.setdefault(cell["method"], {})[f"{s['name']} ({d}): {metric}"] = acc
     parts.append(markdown_table(header, rows))
     if len(dirs) > 1:  # the same methods across studies (tasks, models, devices): one row per method
         cols = list(dict.fromkeys(c for m in by_method.values() for c in m))
-        parts.append("\nAccuracy by method and study:\n")
+        parts.append("\nEach study's primary metric by method:\n")
         parts.append(
             markdown_table(
                 ["method", *cols], [[m, *(v.get(c, "-") for c in cols)] for m, v in by_method.items()]
@@ -511,39 +547,41 @@ def _plots(study: dict, out_dir: Path) -> dict[str, Path]:
     matplotlib.use("Agg")
     gpu = study["gpu"]
     mem_label = "peak GPU memory, device figure (MB)" if gpu else "peak host memory (MB, CPU study)"
+    metric = study["metric"]
     specs = [
-        ("accuracy_vs_memory", lambda r: memory_of(r, gpu), mem_label, False),
-        ("accuracy_vs_time", lambda r: r["train_seconds"]["mean"], "training time (s)", False),
-        ("accuracy_vs_params", lambda r: r["trainable_params"]["mean"], "trainable parameters", True),
+        ("memory", lambda r: memory_of(r, gpu), mem_label, False),
+        ("time", lambda r: r["train_seconds"]["mean"], "training time (s)", False),
+        ("params", lambda r: r["trainable_params"]["mean"], "trainable parameters", True),
     ]
     files: dict[str, Path] = {}
     for name, xf, xlabel, logx in specs:
-        pts = [(r["label"], xf(r), _acc(r), r["test_accuracy"]) for r in _ok_rows(study) if xf(r) is not None]
+        pts = [(r["label"], xf(r), _acc(r), r["score"]) for r in _ok_rows(study) if xf(r) is not None]
         if pts:
-            files[name] = _scatter(
+            files[f"{metric}_vs_{name}"] = _scatter(
                 pts,
                 xlabel,
                 logx,
-                f"{study['name']}: accuracy vs {xlabel.split(' (')[0]}",
-                out_dir / f"{name}.png",
+                metric,
+                f"{study['name']}: {NAMES[metric]} vs {xlabel.split(' (')[0]}",
+                out_dir / f"{metric}_vs_{name}.png",
             )
     curves = [r for r in study["finals"] if r["status"] == "success" and r.get("history")]
     if curves:
-        files["learning_curves"] = _learning_curves(curves, out_dir / "learning_curves.png")
+        files["learning_curves"] = _learning_curves(curves, metric, out_dir / "learning_curves.png")
     return files
 
 
-def _scatter(pts: list[tuple], xlabel: str, logx: bool, title: str, path: Path) -> Path:
+def _scatter(pts: list[tuple], xlabel: str, logx: bool, metric: str, title: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    front = set(pareto_front([(n, x, y) for n, x, y, _ in pts]))
+    front = set(pareto_front([(n, x, oriented(metric, y)) for n, x, y, _ in pts]))
     for i, (n, x, y, a) in enumerate(sorted(pts, key=lambda p: (p[2], p[1]))):
         err = None if a["ci_low"] is None else [[y - a["ci_low"]], [a["ci_high"] - y]]
         ax.errorbar(
             [x], [y], yerr=err, fmt="o", ms=8, capsize=3, color="tab:red" if n in front else "tab:blue"
         )
-        # Neighbours in accuracy get labels at staggered heights, so that crowded points stay readable.
+        # Neighbours in score get labels at staggered heights, so that crowded points stay readable.
         ax.annotate(
             _plain(n), (x, y), textcoords="offset points", xytext=(6, 4 + 9 * (i % 3) - 9), fontsize=8
         )
@@ -555,13 +593,13 @@ def _scatter(pts: list[tuple], xlabel: str, logx: bool, title: str, path: Path) 
     ax.legend(loc="best", fontsize=8)
     if logx:
         ax.set_xscale("log")
-    ax.set(xlabel=xlabel, ylabel="test accuracy")
+    ax.set(xlabel=xlabel, ylabel=f"test {NAMES[metric]}")
     ax.set_title(_plain(title), fontsize=10)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
-def _learning_curves(curves: list[dict], path: Path) -> Path:
+def _learning_curves(curves: list[dict], metric: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
@@ -576,10 +614,12 @@ def _learning_curves(curves: list[dict], path: Path) -> Path:
             "label": _plain(r["label"]) if r["label"] not in seen else None,
         }
         seen.add(r["label"])
-        a1.plot(epochs, [x["validation_accuracy"] for x in r["history"]], "o-", **style)
+        a1.plot(epochs, [x[f"validation_{metric}"] for x in r["history"]], "o-", **style)
         if any(x.get("train_loss") is not None for x in r["history"]):
             a2.plot(epochs, [x["train_loss"] for x in r["history"]], "o-", **style)
-    a1.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy per epoch")
+    a1.set(
+        xlabel="epoch", ylabel=f"validation {NAMES[metric]}", title=f"validation {NAMES[metric]} per epoch"
+    )
     a2.set(xlabel="epoch", ylabel="mean train loss", title="train loss per epoch")
     for a in (a1, a2):
         a.grid(alpha=0.3)
@@ -610,11 +650,12 @@ def _problems(study: dict) -> list[str]:
 
 
 def _trials_table(study: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["method", "learning rate", "validation accuracy", "selected", "status"]
+    metric = study["metric"]
+    header = ["method", "learning rate", f"validation {NAMES[metric]}", "selected", "status"]
     chosen = (study["plan"] or {}).get("chosen_learning_rates", {})
     rows = []
     for r in sorted(study["trials"], key=lambda r: (r["label"], r["learning_rate"] or 0)):
-        acc = r["metrics"].get("validation_accuracy") if r["status"] in store.VALIDATED else None
+        acc = r["metrics"].get(f"validation_{metric}") if r["status"] in store.VALIDATED else None
         status = r["status"]
         if status == "paused":
             status = f"stopped after {r['metrics'].get('epochs_done')} epoch(s)"
@@ -631,44 +672,47 @@ def _trials_table(study: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def lr_choice(study: dict) -> list[dict]:
-    """How clear each method's learning-rate choice was: the chosen rate's validation accuracy against the
-    runner-up's, in points and in validation items (one item is 100/n points)."""
-    plan = study["plan"] or {}
+    """How clear each method's learning-rate choice was: the chosen rate's validation metric against the
+    runner-up's, in the metric's units (points for shares and correlations) and, for accuracy, in
+    validation items (one item is 100/n points)."""
+    plan, metric = study["plan"] or {}, study["metric"]
     n_val = ((plan.get("data") or {}).get("sizes") or {}).get("validation")
     chosen = plan.get("chosen_learning_rates") or {}
     search = plan.get("lr_search") or {}
     out = []
     for label, lr in chosen.items():
-        accs = _trial_means(study["trials"], label, (search.get(label) or {}).get("rungs"))
-        others = {k: v for k, v in accs.items() if k != lr}
-        if lr not in accs or not others:
+        means = _trial_means(study["trials"], label, (search.get(label) or {}).get("rungs"), metric)
+        others = {k: v for k, v in means.items() if k != lr}
+        if lr not in means or not others:
             continue
-        runner_up = max(others, key=lambda k: (others[k], -k))
-        gap = accs[lr] - others[runner_up]
+        runner_up = max(others, key=lambda k: (oriented(metric, others[k]), -k))
+        gap = oriented(metric, means[lr] - others[runner_up])
         out.append(
             {
                 "method": label,
                 "learning_rate": lr,
-                "validation_accuracy": accs[lr],
+                f"validation_{metric}": means[lr],
                 "runner_up": runner_up,
-                "gap_points": 100 * gap,
-                "gap_items": round(gap * n_val) if n_val else None,
+                "gap": gap,
+                "gap_points": 100 * gap if is_fraction(metric) else None,
+                "gap_items": round(gap * n_val) if n_val and metric == "accuracy" else None,
                 "validation_items": n_val,
             }
         )
     return out
 
 
-def _trial_means(trials: list[dict], label: str, rungs: list[dict] | None) -> dict[float, float]:
-    """Each rate's mean validation accuracy over the trial seeds; after a halving search, at the last rung
+def _trial_means(trials: list[dict], label: str, rungs: list[dict] | None, metric: str) -> dict[float, float]:
+    """Each rate's mean validation metric over the trial seeds; after a halving search, at the last rung
     that compared more than one rate (the rates it chose between, at equal epochs)."""
+    key = f"validation_{metric}"
     compared = [r for r in rungs or [] if len(r["rates"]) > 1]
     if compared:
-        return {x["learning_rate"]: x["validation_accuracy"] for x in compared[-1]["rates"]}
+        return {x["learning_rate"]: x[key] for x in compared[-1]["rates"]}
     runs: dict[float, list] = {}
     for r in trials:
         if r["label"] == label and r["status"] == "success":
-            runs.setdefault(r["learning_rate"], []).append(r["metrics"]["validation_accuracy"])
+            runs.setdefault(r["learning_rate"], []).append(r["metrics"][key])
     return {k: float(np.mean(v)) for k, v in runs.items()}
 
 
@@ -699,11 +743,13 @@ def search_cost(study: dict) -> list[tuple[str, str]]:
 
 
 def budget_table(study: dict) -> tuple[list[str], list[list[str]], float | None]:
-    """Validation accuracy at equal epochs, and training seconds to first reach a common validation accuracy.
+    """The validation metric at equal epochs, and training seconds to first reach a common validation level.
 
-    The common target is the lowest of the methods' best validation accuracies: a level every method reached,
+    The common target is the worst of the methods' best validation scores: a level every method reached,
     so "faster" compares time to the same quality rather than time to different end points.
     """
+    metric = study["metric"]
+    key = f"validation_{metric}"
     by_label: dict[str, list[dict]] = {}
     for r in study["finals"]:
         if r["status"] == "success" and r.get("history") and r["history"][0].get("train_loss") is not None:
@@ -712,22 +758,23 @@ def budget_table(study: dict) -> tuple[list[str], list[list[str]], float | None]
         return [], [], None
     epochs = max(len(r["history"]) for rs in by_label.values() for r in rs)
     best_val = {
-        k: np.mean([max(h["validation_accuracy"] for h in r["history"]) for r in rs])
+        k: np.mean([max(oriented(metric, h[key]) for h in r["history"]) for r in rs])
         for k, rs in by_label.items()
     }
-    target = float(min(best_val.values()))
+    target = oriented(metric, float(min(best_val.values())))
+    short = "val acc" if metric == "accuracy" else f"val {NAMES[metric]}"
     header = (
         ["method"]
-        + [f"val acc @ epoch {e}" for e in range(1, epochs + 1)]
-        + [f"train s to val acc {target:.3f}"]
+        + [f"{short} @ epoch {e}" for e in range(1, epochs + 1)]
+        + [f"train s to {short} {target:.3f}"]
     )
     rows = []
     for label, rs in by_label.items():
         cells = [label]
         for e in range(epochs):
-            vals = [r["history"][e]["validation_accuracy"] for r in rs if len(r["history"]) > e]
+            vals = [r["history"][e][key] for r in rs if len(r["history"]) > e]
             cells.append(_fmt_num(float(np.mean(vals)), 4) if vals else "-")
-        times = [stats.time_to_accuracy(r["history"], target - 1e-9) for r in rs]
+        times = [stats.time_to_reach(r["history"], metric, target - oriented(metric, 1e-9)) for r in rs]
         reached = [t for t in times if t is not None]
         cells.append(
             f"{np.mean(reached):.1f}"
@@ -762,9 +809,9 @@ def _intro(study: dict) -> str:
         f"{sizes.get('train', '?'):,} training, {sizes.get('validation', '?'):,} validation and "
         f"{sizes.get('test', '?'):,} test texts ({data.get('origin', '')}); {len(study['finals'])} final "
         f"runs and "
-        f"{len(study['trials'])} learning-rate trials. Accuracy and F1 are on the test split, scored once "
-        f"per "
-        "final run; learning rates and epochs were chosen on the validation split."
+        f"{len(study['trials'])} learning-rate trials. The task is {study['task']}; test scores are on the "
+        f"test split, scored once per final run; learning rates and epochs were chosen on the validation "
+        f"split by {NAMES[study['metric']]}."
     )
     cut = (data.get("truncated") or {}).get("train")
     if cut and sizes.get("train"):
@@ -790,6 +837,8 @@ def per_class_tables(study: dict) -> dict[str, tuple]:
     names = ((study.get("plan") or {}).get("data") or {}).get("label_names")
     labels = _test_labels(study["dir"], study["finals"], study["plan"])
     out = {}
+    if study["task"] != "classification":  # scores and label sets have no confusion matrix
+        return out
     for r in sorted(study["finals"], key=lambda r: (r["label"], r["seed"])):
         if (
             r["label"] in out
@@ -854,7 +903,8 @@ def verdicts(study: dict) -> list[dict]:
 
 
 def verdict_table(study: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["method", "vs", "difference (points)", "p", "verdict", "stability"]
+    points = is_fraction(study["metric"])
+    header = ["method", "vs", "difference (points)" if points else "difference", "p", "verdict", "stability"]
     rows = []
     for v in verdicts(study):
         stab = (
@@ -862,7 +912,8 @@ def verdict_table(study: dict) -> tuple[list[str], list[list[str]]]:
             if v["stability"] is None
             else f"{v['stability']:.2f}" + ("" if v["stable"] else " (unstable)")
         )
-        rows.append([v["a"], v["b"], f"{v['diff_points']:+.2f}", f"{v['p_value']:.3f}", v["verdict"], stab])
+        diff = f"{v['diff_points']:+.2f}" if points else f"{v['diff']:+.4f}"
+        rows.append([v["a"], v["b"], diff, f"{v['p_value']:.3f}", v["verdict"], stab])
     return header, rows
 
 
@@ -870,7 +921,7 @@ def _sections(study: dict, recs: list[dict], problems: list[str]) -> list[tuple[
     """The report after its intro, as (title, parts); a part is ("table", header, rows), ("list", [(bold,
     text)]) or ("text", line). Markdown and HTML render the same sections."""
     out = [
-        ("Summary", [("table", table_header(study["gpu"]), table_rows(study))]),
+        ("Summary", [("table", table_header(study), table_rows(study))]),
         ("Recommendations", [("list", [(r["title"], r["reason"]) for r in recs])]),
     ]
     vh, vr = verdict_table(study)
@@ -880,7 +931,12 @@ def _sections(study: dict, recs: list[dict], problems: list[str]) -> list[tuple[
             "verdict; "
             "below 1 the verdict is not settled by these seeds. One seed: not assessed."
         )
-        out.append(("Verdicts (test accuracy, every pair of methods)", [("table", vh, vr), ("text", note)]))
+        out.append(
+            (
+                f"Verdicts (test {NAMES[study['metric']]}, every pair of methods)",
+                [("table", vh, vr), ("text", note)],
+            )
+        )
     bh, br, _ = budget_table(study)
     if br:
         out.append(("Budget view (validation, mean over seeds)", [("table", bh, br)]))
@@ -888,8 +944,9 @@ def _sections(study: dict, recs: list[dict], problems: list[str]) -> list[tuple[
         clarity = [
             (
                 c["method"],
-                f"{c['learning_rate']:.2e} chosen at validation accuracy {c['validation_accuracy']:.4f}, "
-                f"{c['gap_points']:.2f} points"
+                f"{c['learning_rate']:.2e} chosen at validation {NAMES[study['metric']]} "
+                f"{c['validation_' + study['metric']]:.4f}, "
+                + (f"{c['gap_points']:.2f} points" if c["gap_points"] is not None else f"{c['gap']:.4f}")
                 + (
                     f" ({c['gap_items']} of {c['validation_items']} validation items)"
                     if c["gap_items"] is not None

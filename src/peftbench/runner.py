@@ -24,7 +24,7 @@ from . import methods as registry
 from . import store
 from .spec import Runtime, RunSpec, TrainSettings, config_hash
 from .errors import UserError
-from .metrics import validation_at
+from .metrics import oriented, validation_at
 
 
 # Part of every run's identity: raised when a change to the training path changes what a run measures,
@@ -68,7 +68,12 @@ class Study:
         self.device = resolve_device(cfg["device"])
         self.model_path = models.resolve(cfg["model"])
         needs_model = any(registry.get(m["name"]).kind != "tfidf" for m in cfg["methods"])
-        self.data = data_mod.load(cfg["data"])
+        self.data = data_mod.load(cfg["data"], cfg["task"])
+        if cfg["metric"] in ("mcc", "f1_positive") and len(self.data.label_names) != 2:
+            raise UserError(
+                f"metric: {cfg['metric']} needs two classes, the data have {len(self.data.label_names)}; "
+                "use accuracy or macro_f1"
+            )
         if not needs_model:
             return
         mconf = models.load_config(self.model_path, cfg["trust_remote_code"])
@@ -140,15 +145,15 @@ class Study:
         if not path.exists():
             import pandas as pd
 
+            from . import data as data_mod
             from .artefacts import text_sha1
 
             path.parent.mkdir(parents=True, exist_ok=True)
-            names = self.data.label_names
             df = pd.DataFrame(
                 {
                     "row": self.data.rows["test"],
                     "text_sha1": [text_sha1(t) for t in self.data.texts["test"]],
-                    "label": [names[i] for i in self.data.labels["test"]],
+                    "label": data_mod.readable_labels(self.data.labels["test"], self.data.label_names),
                 }
             )
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -193,6 +198,8 @@ class Study:
             data_sizes=self.data.sizes(),
             data_origin=self.data.source.get("origin"),
             label_names=self.data.label_names,
+            task=cfg["task"],
+            metric=cfg["metric"],
             device_type=self.device.split(":")[0],
             model_fingerprint=self.model_fingerprint,
             pad_token_id=self.pad_token_id,
@@ -442,7 +449,7 @@ class Study:
             results, chosen, rungs = self.halving(trials)
         else:
             results, rungs = self.execute(trials, "lr search"), {}
-            chosen = select_learning_rates(results)
+            chosen = select_learning_rates(results, self.cfg["metric"])
         record = {}
         for label in dict.fromkeys(t.label for t in trials):
             timed = [
@@ -466,7 +473,7 @@ class Study:
 
     def halving(self, trials: list[RunSpec]) -> tuple[list[dict], dict, dict]:
         """Successive halving over each method's rates, in synchronous rungs. Every rate runs `grace_epochs`
-        epochs on every trial seed; the best 1/reduction_factor by mean validation accuracy (ties: the lower
+        epochs on every trial seed; the best 1/reduction_factor by the mean validation metric (ties: the lower
         rate) go on to grace x reduction_factor epochs, and so on while more than one rate is left (a rung
         at the last epoch keeps one). A run pauses at its rung and resumes from its checkpoint at the next,
         so a rerun of an interrupted search skips what is done.
@@ -477,6 +484,7 @@ class Study:
         Tune's synchronous HyperBand would need every run to be a Tune trial, not a peftbench worker.
         """
         rf, grace = self.cfg["lr_search"]["reduction_factor"], self.cfg["lr_search"]["grace_epochs"]
+        metric = self.cfg["metric"]
         labels = dict.fromkeys(t.label for t in trials)
         alive = {label: sorted({t.learning_rate for t in trials if t.label == label}) for label in labels}
         epochs = {t.label: t.train.epochs for t in trials}
@@ -493,18 +501,18 @@ class Study:
             latest.update({r["run_id"]: r for r in self.execute(batch, f"lr search, rung {rung}")})
             for label in open_:
                 mine = [
-                    _at_epoch(latest[t.runtime.run_id], stop[label], t.train)
+                    _at_epoch(latest[t.runtime.run_id], stop[label], t.train, metric)
                     for t in batch
                     if t.label == label
                 ]
-                means = mean_validation(mine).get(label, {})
-                ranked = sorted(means, key=lambda lr: (-means[lr], lr))
+                means = mean_validation(mine, metric).get(label, {})
+                ranked = sorted(means, key=lambda lr: (-oriented(metric, means[lr]), lr))
                 last = stop[label] >= epochs[label]
                 keep = ranked[: 1 if last else max(1, len(alive[label]) // rf)]
                 rungs.setdefault(label, []).append(
                     {
                         "epochs": stop[label],
-                        "rates": [{"learning_rate": lr, "validation_accuracy": means[lr]} for lr in ranked],
+                        "rates": [{"learning_rate": lr, f"validation_{metric}": means[lr]} for lr in ranked],
                         "kept": keep,
                     }
                 )
@@ -803,14 +811,14 @@ def record_failure(spec: RunSpec, rdir: Path, error: str) -> dict:
     return result
 
 
-def mean_validation(trials: list[dict]) -> dict[str, dict[float, float]]:
-    """Per method label and trial learning rate, the mean validation accuracy over its trial seeds; a rate
+def mean_validation(trials: list[dict], metric: str = "accuracy") -> dict[str, dict[float, float]]:
+    """Per method label and trial learning rate, the mean validation `metric` over its trial seeds; a rate
     with a failed seed is left out."""
     accs: dict[str, dict[float, list]] = {}
     for r in trials:
         ok = r.get("status") in store.VALIDATED
         accs.setdefault(r["label"], {}).setdefault(r["learning_rate"], []).append(
-            r["metrics"]["validation_accuracy"] if ok else None
+            r["metrics"][f"validation_{metric}"] if ok else None
         )
     # rounded: two seeds' means that tie in items must tie in floats too (the tie rule: the lower rate)
     return {
@@ -819,25 +827,25 @@ def mean_validation(trials: list[dict]) -> dict[str, dict[float, float]]:
     }
 
 
-def select_learning_rates(trials: list[dict]) -> dict[str, float]:
-    """Per method label, the trial learning rate with the best mean validation accuracy over its trial seeds
+def select_learning_rates(trials: list[dict], metric: str = "accuracy") -> dict[str, float]:
+    """Per method label, the trial learning rate with the best mean validation `metric` over its trial seeds
     (a rate with a failed seed is not chosen; ties: the lower rate)."""
     return {
-        label: max(scored, key=lambda lr: (scored[lr], -lr))
-        for label, scored in mean_validation(trials).items()
+        label: max(scored, key=lambda lr: (oriented(metric, scored[lr]), -lr))
+        for label, scored in mean_validation(trials, metric).items()
         if scored
     }
 
 
-def _at_epoch(r: dict, epochs: int, train: TrainSettings) -> dict:
+def _at_epoch(r: dict, epochs: int, train: TrainSettings, metric: str) -> dict:
     """A trial's result as it stood after `epochs` epochs: a rerun of an interrupted search finds trials
     that went on to a later rung, and a rung compares its rates at its own epochs."""
     if r.get("status") not in store.VALIDATED:
         return r
     if sum(h["epoch"] <= epochs for h in r["history"]) < epochs:
         return {**r, "status": "failed"}
-    _, acc = validation_at(r["history"], epochs, train.select_best_epoch)
-    return {**r, "metrics": {**r["metrics"], "validation_accuracy": acc}}
+    _, value = validation_at(r["history"], epochs, train.select_best_epoch, metric)
+    return {**r, "metrics": {**r["metrics"], f"validation_{metric}": value}}
 
 
 def _already_done(old: dict | None, spec: RunSpec) -> bool:
@@ -864,10 +872,12 @@ def _epochs_done(r: dict) -> int:
 
 def _one_line(r: dict) -> str:
     m = r.get("metrics") or {}
+    metric = (r.get("config") or {}).get("metric", "accuracy")
     if r["status"] == "paused":
-        return f"  {r['run_id']}: val acc {m['validation_accuracy']:.4f} after {m['epochs_done']} epoch(s)"
+        return (
+            f"  {r['run_id']}: val {metric} {m[f'validation_{metric}']:.4f} after {m['epochs_done']} epoch(s)"
+        )
     if r["status"] != "success":
         return f"  {r['run_id']}: {r['status']} - {r.get('error')}"
-    acc = m.get("test_accuracy", m.get("validation_accuracy"))
-    split = "test" if "test_accuracy" in m else "val"
-    return f"  {r['run_id']}: {split} acc {acc:.4f}, train {m['train_seconds']:.1f}s"
+    split = "test" if f"test_{metric}" in m else "validation"
+    return f"  {r['run_id']}: {split} {metric} {m[f'{split}_{metric}']:.4f}, train {m['train_seconds']:.1f}s"

@@ -85,6 +85,8 @@ class RunSpec:
     data_sizes: dict | None = None
     data_origin: str | None = None
     label_names: list[str] | None = None
+    task: str = "classification"  # metrics.TASKS
+    metric: str = "accuracy"  # the primary metric: the best epoch is chosen on it
     device_type: str = "cpu"
     model_fingerprint: str | None = None
     pad_token_id: int | None = None
@@ -100,6 +102,9 @@ class RunSpec:
     def hashed(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("runtime", "config_hash")}
         d["train"] = asdict(self.train)
+        for key, default in (("task", "classification"), ("metric", "accuracy")):
+            if d[key] == default:  # hashes from before these keys stay, and so do their finished runs
+                del d[key]
         return d
 
     def planned(self) -> RunSpec:

@@ -1,8 +1,8 @@
 """Statistics over runs: mean, std and 95% t-intervals over seeds, and paired tests between methods.
 
-Two methods scored on the same test items are compared item by item: with one seed each by an exact
-McNemar test on the discordant items, with several seeds by a paired bootstrap that resamples both
-test items and seeds.
+Two methods scored on the same test items are compared item by item on the study's primary metric: on
+accuracy with one seed each by an exact McNemar test on the discordant items, otherwise by a paired
+bootstrap that resamples test items and seeds.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from .metrics import TASK_METRICS, bounds, from_stats, is_fraction, item_stats, oriented
 
 ALPHA = 0.05
 
@@ -64,23 +66,31 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
     return float(min(1.0, 2 * bdtr(min(only_a, only_b), n, 0.5)))
 
 
-def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, n_boot: int = 5000, seed: int = 0) -> dict:
-    """Bootstrap the accuracy difference a - b, resampling items and (paired) seeds.
+def paired_bootstrap(
+    stats_a: np.ndarray, stats_b: np.ndarray, metric: str = "accuracy", n_boot: int = 5000, seed: int = 0
+) -> dict:
+    """Bootstrap the difference a - b in `metric`, resampling test items and (paired) seeds.
 
-    `correct_a` and `correct_b` are [seeds, items] 0/1 arrays over the same items, seed rows paired.
+    `stats_a` and `stats_b` are [seeds, items, k] per-item statistics (`metrics.item_stats`) over the same
+    items, seed rows paired: a resample sums each seed's statistics over the drawn items and recomputes the
+    metric from the sums, so any metric resamples, not only a mean over items.
     """
-    a, b = np.asarray(correct_a, float), np.asarray(correct_b, float)
-    if a.ndim == 1:
+    a, b = np.asarray(stats_a, float), np.asarray(stats_b, float)
+    if a.ndim == 2:
         a, b = a[None], b[None]
     rng = np.random.default_rng(seed)
-    n_seeds, n_items = a.shape
+    n_seeds, n_items = a.shape[:2]
+    observed = float(np.mean(from_stats(metric, a.sum(1)) - from_stats(metric, b.sum(1))))
     diffs = np.empty(n_boot)
-    d = a - b
-    for i in range(n_boot):
-        s = rng.integers(0, n_seeds, n_seeds)
-        it = rng.integers(0, n_items, n_items)
-        diffs[i] = d[np.ix_(s, it)].mean()
-    observed = float(d.mean())
+    for start in range(0, n_boot, 500):
+        m = min(500, n_boot - start)
+        draws = rng.integers(0, n_items, (m, n_items)) + n_items * np.arange(m)[:, None]
+        counts = np.bincount(draws.ravel(), minlength=m * n_items).reshape(m, n_items).astype(float)
+        per_seed = from_stats(metric, np.tensordot(counts, a, ([1], [1]))) - from_stats(
+            metric, np.tensordot(counts, b, ([1], [1]))
+        )  # [m, seeds]
+        seeds = rng.integers(0, n_seeds, (m, n_seeds))
+        diffs[start : start + m] = np.take_along_axis(per_seed, seeds, 1).mean(1)
     p = 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0))
     return {
         "diff": observed,
@@ -90,21 +100,21 @@ def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, n_boot: int =
     }
 
 
-def paired_test(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
-    """McNemar with one seed per method, a paired bootstrap with several."""
-    a, b = np.atleast_2d(correct_a), np.atleast_2d(correct_b)
-    if a.shape[0] == 1 and b.shape[0] == 1:
-        return {"test": "mcnemar", "diff": float(a.mean() - b.mean()), "p_value": mcnemar(a[0], b[0])}
+def paired_test(
+    stats_a: np.ndarray, stats_b: np.ndarray, metric: str = "accuracy", n_boot: int = 5000
+) -> dict:
+    """McNemar for accuracy with one seed per method, a paired bootstrap otherwise."""
+    a, b = np.asarray(stats_a), np.asarray(stats_b)
+    a, b = (a[None], b[None]) if a.ndim == 2 else (a, b)
+    if a.shape[0] == 1 and b.shape[0] == 1 and metric == "accuracy":
+        ca, cb = a[0, :, 1], b[0, :, 1]
+        return {"test": "mcnemar", "diff": float(ca.mean() - cb.mean()), "p_value": mcnemar(ca, cb)}
     k = min(a.shape[0], b.shape[0])
-    return {"test": "paired bootstrap (items x seeds)", **paired_bootstrap(a[:k], b[:k])}
+    return {"test": "paired bootstrap (items x seeds)", **paired_bootstrap(a[:k], b[:k], metric, n_boot)}
 
 
-METRICS = (
-    "test_accuracy",
-    "test_macro_f1",
-    "test_mcc",  # two classes only (Matthews correlation), as is the positive class's F1
-    "test_f1_positive",
-    "validation_accuracy",
+# Costs and measurements aggregated for every task; each task adds its metrics (test_ and validation_).
+COSTS = (
     "train_seconds",
     "eval_seconds",
     "train_samples_per_second",
@@ -118,15 +128,24 @@ METRICS = (
     "adapter_size_mb",
     "mfu",
 )
-FRACTIONS = {"test_accuracy", "test_macro_f1", "test_f1_positive", "validation_accuracy", "mfu"}  # in [0, 1]
-SIGNED = {"test_mcc"}  # in [-1, 1]; the rest are >= 0
 
 
-def summarize(final_results: list[dict], test_labels: np.ndarray | None = None) -> list[dict]:
-    """One row per method label: status, aggregated metrics over seeds, and significance against the best."""
+def summarize(
+    final_results: list[dict],
+    test_labels: np.ndarray | None = None,
+    task: str = "classification",
+    metric: str = "accuracy",
+    n_labels: int | None = None,
+) -> list[dict]:
+    """One row per method label: status, aggregated metrics over seeds, the primary metric as `score`, and
+    significance against the best."""
     by_label: dict[str, list[dict]] = {}
     for r in final_results:
         by_label.setdefault(r["label"], []).append(r)
+    if test_labels is not None and n_labels is None and task == "classification":
+        n_labels = (
+            int(max([test_labels.max()] + [max(r.get("test_predictions") or [0]) for r in final_results])) + 1
+        )
     rows = []
     for label, runs in by_label.items():
         ok = [r for r in runs if r["status"] == "success"]
@@ -140,64 +159,85 @@ def summarize(final_results: list[dict], test_labels: np.ndarray | None = None) 
             "errors": sorted({r["error"] for r in runs if r.get("error")}),
             "learning_rate": runs[0].get("learning_rate"),
             "seeds": [r["seed"] for r in ok],
+            "metric": metric,
         }
-        for m in METRICS:
-            bounds = (-1.0, 1.0) if m in SIGNED else (0.0, 1.0 if m in FRACTIONS else math.inf)
-            row[m] = mean_ci([r["metrics"].get(m) for r in ok], bounds=bounds)
-        row["_correct"] = None
+        for m in TASK_METRICS[task]:
+            for split in ("test", "validation"):
+                row[f"{split}_{m}"] = mean_ci(
+                    [r["metrics"].get(f"{split}_{m}") for r in ok], bounds=bounds(m)
+                )
+        for m in COSTS:
+            row[m] = mean_ci([r["metrics"].get(m) for r in ok], bounds=(0.0, 1.0 if m == "mfu" else math.inf))
+        row["score"] = row[f"test_{metric}"]
+        row["_stats"] = None
         if test_labels is not None and ok and all(r.get("test_predictions") is not None for r in ok):
             order = sorted(ok, key=lambda r: r["seed"])
-            row["_correct"] = np.array([np.asarray(r["test_predictions"]) == test_labels for r in order])
+            row["_stats"] = np.array(
+                [
+                    item_stats(task, metric, test_labels, np.asarray(r["test_predictions"]), n_labels)
+                    for r in order
+                ]
+            )
             row["_seeds"] = [r["seed"] for r in order]
         rows.append(row)
     mark_ties(rows)
     return rows
 
 
+def _rank(r: dict) -> float:
+    return oriented(r["metric"], r["score"]["mean"])
+
+
 def mark_ties(rows: list[dict]) -> None:
-    """Mark rows statistically tied with the most accurate one (paired test, p >= 0.05)."""
-    scored = [r for r in rows if r["test_accuracy"]["mean"] is not None]
+    """Mark rows statistically tied with the best one on the primary metric (paired test, p >= 0.05)."""
+    scored = [r for r in rows if r["score"]["mean"] is not None]
     if not scored:
         return
-    best = max(scored, key=lambda r: r["test_accuracy"]["mean"])
+    best = max(scored, key=_rank)
     for r in rows:
         r["best"] = r is best
         r["vs_best"] = None
         r["tied_with_best"] = r is best
-        if r is best or r not in scored or r["_correct"] is None or best["_correct"] is None:
+        if r is best or r not in scored or r["_stats"] is None or best["_stats"] is None:
             continue
-        if r["_correct"].shape[1] != best["_correct"].shape[1]:
+        if r["_stats"].shape[1] != best["_stats"].shape[1]:
             continue
-        test = paired_test(best["_correct"], r["_correct"])
+        test = paired_test(best["_stats"], r["_stats"], r["metric"])
         r["vs_best"] = test
         r["tied_with_best"] = test["p_value"] >= ALPHA
 
 
 def verdicts(rows: list[dict], n_boot: int = 1000) -> list[dict]:
-    """For every pair of methods scored on the same test items: better, tied or worse on test accuracy (the
-    paired test at ALPHA), and how stable that verdict is: the share of leave-one-seed-out reruns of the
-    test that give the same verdict (None with one seed: not assessed). A verdict below 1 is `unstable`."""
-    scored = sorted(
-        [r for r in rows if r.get("_correct") is not None], key=lambda r: -r["test_accuracy"]["mean"]
-    )
+    """For every pair of methods scored on the same test items: better, tied or worse on the primary metric
+    (the paired test at ALPHA), and how stable that verdict is: the share of leave-one-seed-out reruns of
+    the test that give the same verdict (None with one seed: not assessed). A verdict below 1 is
+    `unstable`."""
+    scored = sorted([r for r in rows if r.get("_stats") is not None], key=lambda r: -_rank(r))
     out = []
     for i, a in enumerate(scored):
         for b in scored[i + 1 :]:
-            if a["_correct"].shape[1] != b["_correct"].shape[1]:
+            if a["_stats"].shape[1] != b["_stats"].shape[1]:
                 continue
-            k = min(a["_correct"].shape[0], b["_correct"].shape[0])
-            ca, cb = a["_correct"][:k], b["_correct"][:k]
-            test = _paired(ca, cb, n_boot)
-            verdict = _verdict(test)
+            metric = a["metric"]
+            k = min(a["_stats"].shape[0], b["_stats"].shape[0])
+            ca, cb = a["_stats"][:k], b["_stats"][:k]
+            test = paired_test(ca, cb, metric, n_boot)
+            verdict = _verdict(test, metric)
             stability = None
             if k > 1:
                 kept = [np.arange(k) != j for j in range(k)]
-                stability = float(np.mean([_verdict(_paired(ca[m], cb[m], n_boot)) == verdict for m in kept]))
+                stability = float(
+                    np.mean(
+                        [_verdict(paired_test(ca[m], cb[m], metric, n_boot), metric) == verdict for m in kept]
+                    )
+                )
             out.append(
                 {
                     "a": a["label"],
                     "b": b["label"],
-                    "diff_points": 100 * test["diff"],
+                    "metric": metric,
+                    "diff": test["diff"],
+                    "diff_points": 100 * test["diff"] if is_fraction(metric) else None,
                     "p_value": test["p_value"],
                     "test": test["test"],
                     "seeds": k,
@@ -209,25 +249,20 @@ def verdicts(rows: list[dict], n_boot: int = 1000) -> list[dict]:
     return out
 
 
-def _paired(ca: np.ndarray, cb: np.ndarray, n_boot: int) -> dict:
-    if ca.shape[0] == 1:
-        return paired_test(ca, cb)
-    return {"test": "paired bootstrap (items x seeds)", **paired_bootstrap(ca, cb, n_boot=n_boot)}
-
-
-def _verdict(test: dict) -> str:
+def _verdict(test: dict, metric: str = "accuracy") -> str:
     if test["p_value"] >= ALPHA:
         return "tied"
-    return "better" if test["diff"] > 0 else "worse"
+    return "better" if oriented(metric, test["diff"]) > 0 else "worse"
 
 
 def public(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
 
 
-def time_to_accuracy(history: list[dict], target: float) -> float | None:
-    """Training seconds until validation accuracy first reached `target` (None if never)."""
+def time_to_reach(history: list[dict], metric: str, target: float) -> float | None:
+    """Training seconds until the validation `metric` first reached `target` (None if never)."""
+    key = f"validation_{metric}"
     for h in history:
-        if h.get("validation_accuracy") is not None and h["validation_accuracy"] >= target:
+        if h.get(key) is not None and oriented(metric, h[key]) >= oriented(metric, target):
             return h.get("cumulative_train_seconds")
     return None

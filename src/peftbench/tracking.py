@@ -57,7 +57,9 @@ class Tracker:
 
     def epoch(self, epoch: int, record: dict) -> None:
         if self.writer is not None:
-            self.writer.add_scalar("validation/accuracy", record["validation_accuracy"], epoch)
+            for key, value in record.items():
+                if key.startswith("validation_"):  # the task's metrics, validation/accuracy and the like
+                    self.writer.add_scalar(f"validation/{key[len('validation_') :]}", value, epoch)
             self.writer.add_scalar("train/epoch_loss", record["train_loss"], epoch)
             self.last_loss = 0.0  # the loss accumulator restarts each epoch: steps before it were logged
             self.n_steps = 0

@@ -36,7 +36,7 @@ from .data import Tokenized
 from .devices import MemoryMeter, autocast_dtype, dist_info, is_oom, peak_flops, sync
 from .errors import Diverged, SkipRun, UserError
 from .graphs import GRAPHS_MAX_PARAMS, StepGraphs
-from .metrics import model_flops_per_token, score_predictions, validation_at
+from .metrics import model_flops_per_token, oriented, predict, score, validation_at
 from .spec import RunSpec
 from .tracking import StepProfiler, Tracker
 
@@ -142,7 +142,7 @@ class Recipe:
         self.progress = progress and self.rank == 0 and os.environ.get("PEFTBENCH_PROGRESS", "1") != "0"
         self.phases: dict[str, float] = {}  # where the run's wall time goes, outside the timed training
         self.history: list[dict] = []
-        self.best = {"acc": -1.0, "epoch": None, "state": None}
+        self.best = {"score": -math.inf, "epoch": None, "state": None}
         self.train_seconds = self.val_seconds = 0.0
         self.start_epoch = 0
         self.memory_plan: dict | None = None
@@ -194,6 +194,7 @@ class Recipe:
         import torch
 
         self.labels_train = torch.from_numpy(self.tok.labels["train"])
+        self.n_labels = len(self.tok.label_names)
 
     def _setup_model(self) -> None:
         from .models import build_model, count_params
@@ -202,7 +203,6 @@ class Recipe:
         try:
             self.model, self.head = build_model(
                 self.spec,
-                len(self.tok.label_names),
                 self.tok.label_names,
                 self.device,
                 self.total_steps,
@@ -416,7 +416,7 @@ class Recipe:
         )
         self.start_epoch = ck["epoch"] + 1
         if ck.get("best_state") is not None:
-            self.best = {"acc": ck["best_acc"], "epoch": ck["best_epoch"], "state": ck["best_state"]}
+            self.best = {"score": ck["best_score"], "epoch": ck["best_epoch"], "state": ck["best_state"]}
 
     def _setup_reporting(self) -> None:
         self.global_step = self.start_epoch * self.steps_per_epoch
@@ -509,17 +509,21 @@ class Recipe:
         self.optimizer.zero_grad(set_to_none=self.graphs is None)
 
     def validate(self, epoch: int) -> None:
-        """Validation accuracy after the epoch; a non-finite training loss ends the run as diverged."""
+        """The task's validation metrics after the epoch; a non-finite training loss ends the run as
+        diverged."""
         t1 = time.perf_counter()
-        val_logits = self.logits("validation")
-        val_acc = float((val_logits.argmax(-1) == self.tok.labels["validation"]).mean())
+        task = self.spec.task
+        val = score(
+            task, self.tok.labels["validation"], predict(task, self.logits("validation")), self.n_labels
+        )
+        val_score = val[self.spec.metric]
         self.val_seconds += time.perf_counter() - t1
         loss = float(self.loss_sum.item() / len(self.batches))
         self.history.append(
             {
                 "epoch": epoch + 1,
                 "train_loss": loss,
-                "validation_accuracy": val_acc,
+                **{f"validation_{k}": v for k, v in val.items()},
                 "epoch_seconds": self.epoch_seconds,
                 "cumulative_train_seconds": self.train_seconds,
                 "learning_rate": self.scheduler.get_last_lr()[0],
@@ -529,18 +533,18 @@ class Recipe:
             raise Diverged(f"the training loss became {loss} in epoch {epoch + 1}; lower the learning rate")
         self.tracker.epoch(epoch + 1, self.history[-1])
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_acc:.3f}")
+            self.bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_score:.3f}")
         elif self.progress:
             print(
                 f"  {self.spec.label}: epoch {epoch + 1}/{self.train.epochs}, train loss {loss:.4f}, "
-                f"validation accuracy {val_acc:.4f}",
+                f"validation {self.spec.metric} {val_score:.4f}",
                 file=sys.stderr,
                 flush=True,
             )
-        if self.train.select_best_epoch and val_acc > self.best["acc"]:
+        if self.train.select_best_epoch and oriented(self.spec.metric, val_score) > self.best["score"]:
             # a sharded run keeps each process's shard where it is
             state = {k: v if self.sharded else v.cpu() for k, v in trainable_state(self.model).items()}
-            self.best = {"acc": val_acc, "epoch": epoch + 1, "state": state}
+            self.best = {"score": oriented(self.spec.metric, val_score), "epoch": epoch + 1, "state": state}
 
     def logits(self, split: str):
         """The model's logits on a split, in the split's order (evaluation mode, length-sorted batches)."""
@@ -581,7 +585,7 @@ class Recipe:
                     "history": self.history,
                     "train_seconds": self.train_seconds,
                     "val_seconds": self.val_seconds,
-                    "best_acc": self.best["acc"],
+                    "best_score": self.best["score"],
                     "best_epoch": self.best["epoch"],
                     "best_state": self.best["state"],
                 },
@@ -590,16 +594,18 @@ class Recipe:
 
     # ------------------------------------------------------------------------------------------ finish
     def pause(self, epochs_done: int) -> dict:
-        """A run stopped at a halving search's rung: its validation accuracy so far (the best epoch's with
+        """A run stopped at a halving search's rung: its validation metric so far (the best epoch's with
         `select_best_epoch`, else the last's) and its history; the checkpoint lets it go on later."""
         if self.bar is not None:
             self.bar.close()
         # (a checkpoint from past the rung, when a rung is redone, adds nothing: the rung's epochs decide)
-        chosen, acc = validation_at(self.history, epochs_done, self.train.select_best_epoch)
+        chosen, value = validation_at(
+            self.history, epochs_done, self.train.select_best_epoch, self.spec.metric
+        )
         return {
             "paused": True,
             "metrics": {
-                "validation_accuracy": acc,
+                f"validation_{self.spec.metric}": value,
                 "selected_epoch": chosen,
                 "epochs_done": epochs_done,
                 "train_seconds": self.train_seconds,
@@ -663,10 +669,9 @@ class Recipe:
         epochs, secs = self.train.epochs, self.train_seconds
         lengths = self.lengths if self.max_len is None else np.minimum(self.lengths, self.max_len)
         real_tokens = int(lengths.sum())
+        epoch = next(h for h in self.history if h["epoch"] == chosen)
         metrics = {
-            "validation_accuracy": next(
-                h["validation_accuracy"] for h in self.history if h["epoch"] == chosen
-            ),
+            **{k: v for k, v in epoch.items() if k.startswith("validation_")},
             "selected_epoch": chosen,
             "train_seconds": secs,
             "validation_seconds": self.val_seconds,
@@ -716,9 +721,9 @@ class Recipe:
         logits = self.logits("test")
         sync(self.device)
         metrics["eval_seconds"] = time.perf_counter() - t
-        preds = logits.argmax(-1)
-        labels = self.tok.labels["test"]
-        metrics.update(score_predictions(labels, preds, len(self.tok.label_names)))
+        preds = predict(self.spec.task, logits)
+        scores = score(self.spec.task, self.tok.labels["test"], preds, self.n_labels)
+        metrics.update({f"test_{k}": v for k, v in scores.items()})
         metrics["eval_samples_per_second"] = (
             len(preds) / metrics["eval_seconds"] if metrics["eval_seconds"] else None
         )
@@ -727,6 +732,7 @@ class Recipe:
             self.spec.runtime.test_rows_file,
             logits,
             self.tok.label_names,
+            self.spec.task,
         )
         return {"predictions": preds.tolist(), "logits": logits}
 
@@ -742,7 +748,7 @@ class Recipe:
         if self.rank != 0:
             return
         names = self.tok.label_names
-        model, _ = build_model(self.spec, len(names), names, self.device, self.total_steps, self.amp)
+        model, _ = build_model(self.spec, names, self.device, self.total_steps, self.amp)
         model.load_state_dict(full)
         self.model = model
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from . import faults, store
 from .devices import is_oom
 from .errors import Diverged, SkipRun, UserError
+from .metrics import TASK_METRICS
 from .spec import RunSpec
 
 PACKAGES = (
@@ -103,13 +104,9 @@ def base_result(spec: RunSpec) -> dict:
         "config": spec.to_dict(),
         "metrics": {},
         "history": [],
-        "splits": {
-            "test_accuracy": "test",
-            "test_macro_f1": "test",
-            "test_mcc": "test",
-            "test_f1_positive": "test",
-            "validation_accuracy": "validation",
-            "history.validation_accuracy": "validation",
+        "splits": {  # which split each metric was measured on
+            **{f"{split}_{m}": split for m in TASK_METRICS[spec.task] for split in ("test", "validation")},
+            **{f"history.validation_{m}": "validation" for m in TASK_METRICS[spec.task]},
             "history.train_loss": "train",
         },
         "started_at": time.time(),

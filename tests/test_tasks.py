@@ -1,0 +1,220 @@
+"""Tasks beyond one class per text: regression and multi-label labels, their metrics (against scikit-learn
+and scipy), a paired bootstrap on any metric, tiny models learning planted scores and label sets, and
+prediction for every task."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import NEG, NEUTRAL, POS, run_study, study
+
+from peftbench import data, metrics, stats
+
+
+# ----------------------------------------------------------------------------------------- metrics
+def _cases():
+    rng = np.random.default_rng(0)
+    y_reg = rng.random(300) * 5
+    p_reg = np.round(y_reg + rng.normal(0, 1, 300), 1)  # rounded: ties, as Spearman's ranks must handle
+    return [
+        ("classification", rng.integers(0, 2, 300), rng.integers(0, 2, 300), 2),
+        ("classification", rng.integers(0, 3, 300), np.zeros(300, int), 3),  # two classes never predicted
+        ("regression", y_reg, p_reg, 1),
+        ("multi_label", rng.integers(0, 2, (300, 4)), rng.integers(0, 2, (300, 4)), 4),
+    ]
+
+
+def test_every_metric_matches_scikit_learn_and_scipy():
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, mean_squared_error
+
+    expected = {
+        "accuracy": accuracy_score,
+        "macro_f1": lambda y, p: f1_score(y, p, average="macro", zero_division=0),
+        "mcc": matthews_corrcoef,
+        "f1_positive": f1_score,
+        "pearson": lambda y, p: pearsonr(y, p).statistic,
+        "spearman": lambda y, p: spearmanr(y, p).statistic,
+        "mse": mean_squared_error,
+        "micro_f1": lambda y, p: f1_score(y, p, average="micro"),
+        "exact_match": accuracy_score,
+    }
+    seen = set()
+    for task, y, p, n in _cases():
+        got = metrics.score(task, y, p, n)
+        for m, value in got.items():
+            want = expected[m](y, p)
+            if task == "classification" and m == "macro_f1":  # every class counts, predicted or not
+                want = f1_score(y, p, labels=list(range(n)), average="macro", zero_division=0)
+            assert value == pytest.approx(want), (task, m)
+            # the bootstrap's per-item statistics give the same value back from their sums
+            summed = metrics.item_stats(task, m, y, p, n).sum(0)
+            assert float(metrics.from_stats(m, summed)) == pytest.approx(value), (task, m)
+            seen.add(m)
+    assert seen == {m for ms in metrics.TASK_METRICS.values() for m in ms}
+    assert "mcc" not in metrics.score("classification", np.array([0, 1, 2]), np.array([0, 1, 1]), 3)
+
+
+def test_predictions_from_logits_per_task():
+    logits = np.array([[0.3, -1.0, 2.0], [-0.5, 0.1, -3.0]])
+    assert metrics.predict("classification", logits).tolist() == [2, 1]
+    assert metrics.predict("multi_label", logits).tolist() == [[1, 0, 1], [0, 1, 0]]
+    assert metrics.predict("regression", logits[:, :1]).tolist() == [0.3, -0.5]
+    assert metrics.default_metric("regression") == "pearson" and not metrics.higher_is_better("mse")
+
+
+def test_paired_bootstrap_on_a_correlation_and_on_an_error():
+    rng = np.random.default_rng(1)
+    y = rng.random(400) * 5
+    good = [y + rng.normal(0, 0.5, 400) for _ in range(3)]
+    bad = [y + rng.normal(0, 2.0, 400) for _ in range(3)]
+    for metric in ("pearson", "spearman", "mse"):
+        a = np.array([metrics.item_stats("regression", metric, y, p, 1) for p in good])
+        b = np.array([metrics.item_stats("regression", metric, y, p, 1) for p in bad])
+        res = stats.paired_bootstrap(a, b, metric, n_boot=1000)
+        assert res["p_value"] < 0.01 and stats._verdict(res, metric) == "better", metric
+        null = stats.paired_bootstrap(a, a[[1, 2, 0]], metric, n_boot=1000)
+        assert null["p_value"] > 0.05, metric
+    assert (res["diff"] < 0) and stats._verdict(res, "mse") == "better"  # lower error is better
+
+
+# ----------------------------------------------------------------------------------------- data
+def _planted(n: int, seed: int, task: str) -> pd.DataFrame:
+    """Regression: the score is the number of positive words (0-4). Multi-label: `good` when positive words
+    are in the text, `bad` when negative ones are (either, both or neither)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = [rng.choice(NEUTRAL) for _ in range(rng.randint(4, 12))]
+        if task == "regression":
+            cues, label = [rng.choice(POS) for _ in range(i % 5)], float(i % 5)
+        else:
+            pos, neg = i % 2, (i // 2) % 2
+            cues = [rng.choice(POS) for _ in range(2 * pos)] + [rng.choice(NEG) for _ in range(2 * neg)]
+            label = [x for x, on in (("good", pos), ("bad", neg)) if on]
+        for c in cues:
+            words.insert(rng.randrange(len(words) + 1), c)
+        rows.append({"text": " ".join(words), "label": label})
+    rng.shuffle(rows)
+    return pd.DataFrame(rows)
+
+
+def _write(folder: Path, task: str, n_train: int = 200) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    _planted(n_train, 1, task).to_parquet(folder / "train.parquet")
+    _planted(80, 2, task).to_parquet(folder / "test.parquet")
+    return folder
+
+
+def _spec(path: Path, **over) -> dict:
+    from peftbench.config import DATA_DEFAULTS
+
+    return {**DATA_DEFAULTS, "path": str(path), "train_size": 100, "validation_size": 20, **over}
+
+
+def test_multi_label_reads_lists_delimited_strings_and_zero_one_columns(tmp_path):
+    df = _planted(60, 3, "multi_label")
+    lists = _write(tmp_path / "lists", "multi_label")
+    df.to_parquet(lists / "train.parquet")
+    text = tmp_path / "text"
+    text.mkdir()
+    df.assign(label=[";".join(x) for x in df["label"]]).to_csv(text / "train.csv", index=False)
+    cols = tmp_path / "cols"
+    cols.mkdir()
+    flags = df.assign(
+        good=[int("good" in x) for x in df["label"]], bad=[int("bad" in x) for x in df["label"]]
+    )
+    flags.drop(columns="label").to_csv(cols / "train.tsv", sep="\t", index=False)
+    for folder in (text, cols):
+        (folder / "test.parquet").write_bytes((lists / "test.parquet").read_bytes())
+    pd.read_parquet(lists / "test.parquet").assign(good=0, bad=0).drop(columns="label").to_csv(
+        cols / "test.tsv", sep="\t", index=False
+    )
+    (cols / "test.parquet").unlink()
+    a = data.load(_spec(lists, train_size=40, validation_size=10, test_size=None), "multi_label")
+    b = data.load(_spec(text, label_separator=";", train_size=40, validation_size=10), "multi_label")
+    c = data.load(_spec(cols, label_column=["bad", "good"], train_size=40, validation_size=10), "multi_label")
+    assert a.label_names == b.label_names == c.label_names == ["bad", "good"]
+    for s in ("train", "validation"):
+        assert a.texts[s] == b.texts[s] == c.texts[s]
+        assert np.array_equal(a.labels[s], b.labels[s]) and np.array_equal(a.labels[s], c.labels[s])
+    assert a.labels["train"].shape == (40, 2) and {0.0, 1.0} == set(np.unique(a.labels["train"]))
+    assert (a.labels["train"].sum(1) == 0).any() and (a.labels["train"].sum(1) == 2).any()  # none and both
+    assert data.readable_labels(a.labels["train"][:1], a.label_names)[0] in (
+        [],
+        ["bad"],
+        ["good"],
+        ["bad", "good"],
+    )
+
+
+def test_regression_labels_are_floats_and_splits_keep_the_score_spread(tmp_path):
+    d = data.load(_spec(_write(tmp_path / "r", "regression"), test_size=40), "regression")
+    assert d.labels["train"].dtype == np.float32 and d.label_names == ["label"]
+    for s in ("train", "validation", "test"):  # quintile strata: every score level in every split
+        assert set(np.unique(d.labels[s])) == {0.0, 1.0, 2.0, 3.0, 4.0}, s
+    fp = d.fingerprint
+    d2 = data.load(_spec(_write(tmp_path / "r", "regression"), test_size=40), "regression")
+    assert d2.fingerprint == fp
+
+
+# ----------------------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("task", ["regression", "multi_label"])
+def test_a_tiny_model_learns_the_planted_task_and_predict_agrees(task, tiny_encoder, tmp_path):
+    from peftbench.predict import predict_texts
+
+    folder = _write(tmp_path / "d", task, n_train=240)
+    raw = study(
+        tiny_encoder,
+        folder,
+        [{"name": "full", "learning_rate": 3e-3}, "tfidf"],
+        task=task,
+        train={"epochs": 8, "max_length": 24},
+        data={"train_size": 200, "validation_size": 40, "test_size": None},
+    )
+    full, tfidf = run_study(raw, tmp_path / "s")
+    metric = metrics.default_metric(task)
+    assert full["status"] == "success" and tfidf["status"] == "success"
+    assert full["metrics"][f"test_{metric}"] > 0.8, full["metrics"]
+    assert set(full["metrics"]) >= {f"test_{m}" for m in metrics.TASK_METRICS[task]}
+    assert all(f"validation_{metric}" in h for h in full["history"])
+    run_dir = tmp_path / "s" / "runs" / full["run_id"]
+    saved = pd.read_parquet(run_dir / "predictions.parquet")
+    texts = pd.read_parquet(folder / "test.parquet")["text"].tolist()[:5]
+    got = predict_texts(run_dir, texts)
+    rows = saved.head(5)  # the test split here is the whole test file, in its order
+    if task == "regression":
+        assert [r["score"] for r in got] == pytest.approx(rows["prediction"].tolist(), abs=1e-3)
+    else:
+        assert [r["labels"] for r in got] == [list(x) for x in rows["prediction"]]
+        assert set(got[0]["probabilities"]) == {"bad", "good"}
+    summary = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert summary["study"]["metric"] == metric
+
+
+def test_report_and_verdicts_on_a_regression_study(tiny_encoder, tmp_path):
+    from peftbench import report
+
+    raw = study(
+        tiny_encoder,
+        _write(tmp_path / "d", "regression"),
+        [{"name": "full", "learning_rate": 3e-3}, "tfidf"],
+        task="regression",
+        metric="mse",
+        seeds=[0, 1],
+        train={"epochs": 3, "max_length": 24},
+        data={"test_size": None},
+    )
+    run_study(raw, tmp_path / "s")
+    md = report.write_report(tmp_path / "s")["markdown"].read_text()
+    assert "| method | MSE (seeds" in md and "Pearson" in md and "Spearman" in md
+    assert "## Verdicts (test MSE" in md and "## Per class" not in md
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    best = next(r for r in summary["rows"] if r["best"])
+    assert best["score"]["mean"] == min(r["test_mse"]["mean"] for r in summary["rows"])  # lower is better
+    assert summary["verdicts"][0]["metric"] == "mse"
