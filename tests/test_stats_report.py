@@ -406,3 +406,14 @@ def test_verdicts_clear_tied_and_unstable():
     s["verdicts"] = stats.verdicts(s["rows"], n_boot=500)
     notes = report.recommend(s, None, None, None)["unsettled"]
     assert any(n.startswith("unstable over same is unstable") for n in notes)
+
+
+def test_replication_probability_known_values():
+    from scipy.special import ndtr
+
+    # a difference of 0: the rerun's z is N(0, 2), a tie while |z| < 1.96
+    assert stats.replication(0.0, 1.0) == pytest.approx(2 * ndtr(1.959964 / 2**0.5) - 1, abs=1e-6)
+    assert stats.replication(1.959964, 1.0) == pytest.approx(0.5, abs=1e-4)  # at p = 0.05: a coin toss
+    assert stats.replication(-3.0, 1.0) == stats.replication(3.0, 1.0) > stats.STABLE  # worse, as often
+    assert stats.replication(3.0, 1.0, "mse") == stats.replication(-3.0, 1.0, "mse")  # lower error: better
+    assert stats.replication(0.0, 0.0) == 1.0  # identical predictions: nothing to rerun differently

@@ -471,8 +471,8 @@ def _unsettled(study: dict, order: list[str]) -> list[str]:
             )
         elif not v["stable"]:
             lines.append(
-                f"{a} over {b} is unstable: leaving one seed out changes the verdict in "
-                f"{1 - v['stability']:.0%} of cases"
+                f"{a} over {b} is unstable: a rerun with new seeds would give another verdict with "
+                f"probability {1 - v['stability']:.0%}"
             )
     return lines
 
@@ -927,9 +927,10 @@ def _sections(study: dict, recs: list[dict], problems: list[str]) -> list[tuple[
     vh, vr = verdict_table(study)
     if vr:
         note = (
-            "Stability: the share of leave-one-seed-out reruns of the paired test that give the same "
-            "verdict; "
-            "below 1 the verdict is not settled by these seeds. One seed: not assessed."
+            "Stability: the probability that a rerun of the study with new seeds gives the same verdict, "
+            "from the bootstrap spread of the difference (a tie reruns as a tie at most 0.83 of the time, a "
+            f"difference at p = 0.05 about half the time); below {stats.STABLE} the verdict is not settled "
+            "by these seeds. One seed: not assessed."
         )
         out.append(
             (
