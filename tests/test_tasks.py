@@ -183,6 +183,7 @@ def test_a_tiny_model_learns_the_planted_task_and_predict_agrees(task, tiny_enco
     assert full["metrics"][f"test_{metric}"] > 0.8, full["metrics"]
     assert set(full["metrics"]) >= {f"test_{m}" for m in metrics.TASK_METRICS[task]}
     assert all(f"validation_{metric}" in h for h in full["history"])
+    assert full["reload_check"]["identical_predictions"] and full["reload_check"]["max_abs_logit_diff"] < 1e-3
     run_dir = tmp_path / "s" / "runs" / full["run_id"]
     saved = pd.read_parquet(run_dir / "predictions.parquet")
     texts = pd.read_parquet(folder / "test.parquet")["text"].tolist()[:5]
