@@ -202,6 +202,7 @@ def test_a_halving_search_resumes_and_skips_what_is_done(tiny_encoder, tiny_data
     search = json.loads((out / "study.json").read_text())["lr_search"]["lora"]
     assert search["epochs_run"] == 6 and search["grid_epochs"] == 16
     assert [len(r["rates"]) for r in search["rungs"]] == [4, 2]
+    assert not list((out / "runs").glob("*/checkpoint.pt"))  # decided: no trial keeps its checkpoint
     final = next(r for r in results if r["role"] == "final")
     assert final["status"] == "success" and final["learning_rate"] == search["rungs"][-1]["kept"][0]
     before = {r["run_id"]: r["started_at"] for r in trials}

@@ -518,6 +518,8 @@ class Study:
                 )
                 alive[label], stop[label] = keep, min(stop[label] * rf, epochs[label])
         chosen = {label: lrs[0] for label, lrs in alive.items() if len(lrs) == 1}
+        for t in trials:  # the search is decided: no paused trial resumes (a rerun finds them done)
+            (self.out / "runs" / t.runtime.run_id / "checkpoint.pt").unlink(missing_ok=True)
         return [latest[t.runtime.run_id] for t in trials], chosen, rungs
 
     def claim_folder(self, force: bool) -> None:
