@@ -216,3 +216,32 @@ def test_the_mask_probe_runs_a_bf16_base_under_autocast(tiny_encoder, tiny_data,
         == "4d-bidirectional"
     )
     assert batches.choose_mask_mode(model, seqs, 0, "cpu", probe_on_cpu=True, amp=None) == "2d"
+
+
+def test_fp16_autocast_trains_with_loss_scaling_over_an_fp16_base(tiny_encoder, tiny_data, tmp_path):
+    """fp16 (what GPUs without bf16 get under precision: auto): the loss is scaled, the frozen base is fp16,
+    the trainable weights fp32, and the run learns what fp32 learns."""
+    import torch
+
+    from peftbench import methods
+    from peftbench.devices import autocast_dtype
+    from peftbench.graphs import StepGraphs
+    from peftbench.spec import TrainSettings
+
+    assert autocast_dtype("fp16", "cpu") == torch.float16 and autocast_dtype("fp32", "cuda") is None
+    base = {"epochs": 8, "learning_rate": 3e-3}
+    runs = {}
+    for precision in ("fp32", "fp16"):
+        train = {**base, "precision": precision, "base_dtype": precision}
+        raw = study(tiny_encoder, tiny_data, ["lora_all"], train=train)
+        (runs[precision],) = run_study(raw, tmp_path / precision)
+    m = runs["fp16"]["metrics"]
+    assert runs["fp16"]["status"] == "success" and m["precision"] == "fp16-autocast, loss scaling"
+    assert m["base_dtype"] == "float16"
+    why = StepGraphs.unsupported(
+        TrainSettings(), methods.get("lora"), "cuda", 1, 16, "2d", False, False, scaled=True
+    )
+    assert why.startswith("fp16 loss scaling")  # the scaler's overflow check cannot sit inside a graph
+    losses = [h["train_loss"] for h in runs["fp16"]["history"]]
+    assert losses[-1] < losses[0] and all(np.isfinite(losses))
+    assert m["test_accuracy"] >= runs["fp32"]["metrics"]["test_accuracy"] - 0.05 and m["test_accuracy"] > 0.75

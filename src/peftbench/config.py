@@ -143,7 +143,7 @@ def _check_train(section: str, train: dict, problems: list[str]) -> None:
     need("warmup_ratio", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
     need("max_grad_norm", lambda v: _is_num(v) and v > 0, "a positive number (or null for no clipping)")
     need("scheduler", lambda v: v in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}")
-    need("precision", lambda v: v in ("auto", "fp32", "bf16"), "one of auto, fp32, bf16")
+    need("precision", lambda v: v in ("auto", "fp32", "bf16", "fp16"), "one of auto, fp32, bf16, fp16")
     need("base_dtype", lambda v: v in ("auto", "fp32", "bf16", "fp16"), "one of auto, fp32, bf16, fp16")
     need("gradient_checkpointing", lambda v: v in (True, False, "auto"), "true, false or auto")
     need("optimizer", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")

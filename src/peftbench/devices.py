@@ -23,15 +23,16 @@ def resolve_device(requested: str) -> str:
 
 
 def autocast_dtype(precision: str, device: str):
-    """The dtype matrix products run in (bf16 autocast), or None for fp32."""
+    """The dtype matrix products run in under autocast, or None for fp32. `auto` on a GPU: bf16, or fp16
+    (with loss scaling) on GPUs without bf16 (before Ampere: T4, V100)."""
     import torch
 
     if precision == "fp32":
         return None
+    if precision in ("bf16", "fp16"):
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if device.startswith("cuda"):
-        return torch.bfloat16 if (precision == "bf16" or torch.cuda.is_bf16_supported()) else None
-    if precision == "bf16":
-        return torch.bfloat16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     try:  # CPUs with native bf16 (AVX512-BF16 / AMX) gain ~1.5x from autocast; others lose.
         return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
     except Exception:

@@ -52,6 +52,7 @@ class StepGraphs:
         compiled,
         checkpointing: bool = False,
         n_params: int = 0,
+        scaled: bool = False,
     ) -> str | None:
         """Why this run's steps cannot be graphed (None: they can)."""
         if not train.cuda_graphs:
@@ -63,6 +64,7 @@ class StepGraphs:
             (micro < train.batch_size, "gradient accumulation"),
             (prefixed or method.graph_blocker is not None, method.graph_blocker or "prefix tuning"),
             (checkpointing, "gradient checkpointing"),
+            (scaled, "fp16 loss scaling (its overflow check reads the gradients on the host)"),
             (
                 n_params >= GRAPHS_MAX_PARAMS,
                 "a model of 1B+ parameters (each batch shape's graph holds its "

@@ -176,7 +176,7 @@ def frozen_dtype(spec: RunSpec, device: str, amp):
     return amp if (amp is not None and device.startswith("cuda") and not trains_all) else torch.float32
 
 
-def _quantization_kwargs(device: str) -> dict:
+def _quantization_kwargs(device: str, amp=None) -> dict:
     reason = quantization_supported(device)
     if reason:
         raise SkipRun(f"QLoRA needs bitsandbytes 4-bit support: {reason}")
@@ -188,7 +188,7 @@ def _quantization_kwargs(device: str) -> dict:
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=amp or torch.bfloat16,  # fp16 on GPUs without bf16
             llm_int8_skip_modules=QUANT_SKIP,
         )
     }
@@ -238,7 +238,7 @@ def load_base(spec: RunSpec, label_names: list[str], device: str, amp=None):
         use_safetensors=not spec.allow_pickle or None,
     )
     if method.quantize:
-        kwargs.update(_quantization_kwargs(device))
+        kwargs.update(_quantization_kwargs(device, amp))
     if method.quantize or device.startswith("cuda"):
         kwargs["device_map"] = {"": device}
     try:

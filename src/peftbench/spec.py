@@ -28,7 +28,8 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     eval_batch_size: int = 64
     select_best_epoch: bool = False  # True: keep the epoch with the best validation accuracy
-    precision: str = "auto"  # auto: bf16 autocast where supported (CUDA, and CPUs with bf16), else fp32
+    precision: str = "auto"  # auto: bf16 autocast where supported (CUDA, CPUs with bf16); fp16 with loss
+    # scaling on GPUs without bf16; else fp32. Or fp32, bf16, fp16
     group_by_length: bool = True  # length-bucketed batches (minimal padding); order is still random
     compile: bool | str = False  # torch.compile the model: true, or "cudagraphs" (compiled + graphs)
     cuda_graphs: bool = True  # CUDA: each step's forward and backward replayed from a graph per shape

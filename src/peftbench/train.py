@@ -222,9 +222,15 @@ class Recipe:
             self.model.save_pretrained(self.run_dir / "adapter-init", safe_serialization=True)
         self.trainable, self.total = count_params(self.model)
         if self.sharded:
+            if str(self.amp) == "torch.float16":
+                raise UserError(
+                    "train.sharding: fsdp with fp16 autocast needs sharded loss scaling, which is not built; "
+                    "set train.precision: fp32 (or bf16 on a GPU that has it)"
+                )
             shard(self.model, self.amp)
 
     def _setup_optimizer(self) -> None:
+        import torch
         from transformers import get_scheduler
 
         cfg = self.train
@@ -237,6 +243,9 @@ class Recipe:
             cfg.scheduler, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
         )
         self.grad_params = [p for g in self.params for p in g["params"]]  # what gradient clipping rescales
+        # fp16 autocast: the loss is scaled so that small gradients survive fp16, and a step whose gradients
+        # overflowed is skipped (torch's GradScaler); bf16 and fp32 need none.
+        self.scaler = torch.amp.GradScaler(self.dev_type) if self.amp == torch.float16 else None
 
     def _setup_forward(self) -> None:
         """The attention-mask form, data parallelism and compilation: how a batch reaches the model."""
@@ -386,6 +395,7 @@ class Recipe:
             self.compiled,
             self.checkpointing,
             self.total,
+            scaled=self.scaler is not None,
         )
         self.graphs = None
         if self.graphs_off is None:
@@ -408,6 +418,8 @@ class Recipe:
         load_trainable(self.model, ck["trainable"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
+        if self.scaler is not None and ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng"].cpu())
         self.history, self.train_seconds, self.val_seconds = (
             ck["history"],
@@ -494,13 +506,19 @@ class Recipe:
                 out = model_forward(self.fwd, ids, mask, self.mask_mode, labels=y)
             # Weighted so that DDP's mean over processes gives the mean over the whole batch.
             loss = out.loss * (len(part) / len(batch) * self.world * weight)
-            loss.backward()
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             self.loss_sum += loss.detach()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clipping sees the true gradients
         if self.train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.grad_params, self.train.max_grad_norm)
 
     def optimizer_step(self) -> None:
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # skips the step when the scaled gradients overflowed, and adjusts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         self.global_step += 1
         if self.method.after_step is not None:  # the method's own per-step work (AdaLoRA), before zero_grad
@@ -581,6 +599,7 @@ class Recipe:
                     "trainable": {k: v.cpu() for k, v in trainable_state(self.model).items()},
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                     "rng": torch.get_rng_state(),
                     "history": self.history,
                     "train_seconds": self.train_seconds,
@@ -684,7 +703,7 @@ class Recipe:
             "steps": self.total_steps,
             "micro_batch_size": self.micro,
             "resumed_from_epoch": self.start_epoch or None,
-            "precision": "bf16-autocast" if self.amp is not None else "fp32",
+            "precision": self.precision_name(),
             "base_dtype": self.base_dtype_name(),
             "optimizer": self.train.optimizer,
             "gradient_checkpointing": self.checkpointing,
@@ -705,6 +724,11 @@ class Recipe:
                 metrics["train_model_flops"] / secs / (peak * self.world) if peak and secs else None
             )
         return metrics
+
+    def precision_name(self) -> str:
+        if self.amp is None:
+            return "fp32"
+        return "fp16-autocast, loss scaling" if self.scaler is not None else f"{str(self.amp)[6:]}-autocast"
 
     def base_dtype_name(self) -> str:
         """The dtype of the frozen weights (all weights for full fine-tuning), as loaded."""
