@@ -170,19 +170,21 @@ def summarize(
         for m in COSTS:
             row[m] = mean_ci([r["metrics"].get(m) for r in ok], bounds=(0.0, 1.0 if m == "mfu" else math.inf))
         row["score"] = row[f"test_{metric}"]
-        row["_stats"] = None
-        if test_labels is not None and ok and all(r.get("test_predictions") is not None for r in ok):
-            order = sorted(ok, key=lambda r: r["seed"])
-            row["_stats"] = np.array(
-                [
-                    item_stats(task, metric, test_labels, np.asarray(r["test_predictions"]), n_labels)
-                    for r in order
-                ]
-            )
-            row["_seeds"] = [r["seed"] for r in order]
+        row["_stats"] = _per_item(ok, test_labels, task, metric, n_labels)
         rows.append(row)
     mark_ties(rows)
     return rows
+
+
+def _per_item(ok: list[dict], test_labels, task: str, metric: str, n_labels) -> np.ndarray | None:
+    """[seeds, items, k]: each successful seed's per-item statistics (seed order), what paired tests
+    resample; None without every seed's test predictions."""
+    if test_labels is None or not ok or any(r.get("test_predictions") is None for r in ok):
+        return None
+    order = sorted(ok, key=lambda r: r["seed"])
+    return np.array(
+        [item_stats(task, metric, test_labels, np.asarray(r["test_predictions"]), n_labels) for r in order]
+    )
 
 
 def _rank(r: dict) -> float:
