@@ -632,8 +632,10 @@ def test_a_killed_cli_leaves_no_worker_behind(how, tiny_encoder, tiny_data, tmp_
             os.killpg(cli.pid, sig)
         else:
             os.kill(cli.pid, sig)
-        cli.wait(30)
-        gone, alive = psutil.wait_procs(family, timeout=15)
+        # Generous: in the full suite beside another xdist worker the CLI twice took over 30 s to exit here
+        # (2 cores; it passed alone); what is asserted is that it exits and leaves no worker behind.
+        cli.wait(120)
+        gone, alive = psutil.wait_procs(family, timeout=30)
         assert not alive, [p.cmdline() for p in alive]
         text = (tmp_path / "stderr.txt").read_text()
         assert "Traceback" not in text, text[-2000:]
