@@ -279,14 +279,14 @@ def _label_sets(values: list, col: str, sep: str, split: str) -> list[tuple]:
 
 def _sets_from_columns(df, cols: list[str], split: str) -> list[tuple]:
     """Multi-label rows from several 0/1 columns: the set of columns holding 1."""
-    for c in cols:
-        vals = set(_zero_one(df[c]))
-        if not vals <= {0, 1}:
+    read = {c: _zero_one(df[c]) for c in cols}
+    for c, vals in read.items():
+        if not set(vals) <= {0, 1}:
             raise UserError(
-                f"data: {split} column {c!r} holds {sorted(vals - {0, 1}, key=str)[:3]}; each label column "
-                "of a multi_label task must hold 0 or 1"
+                f"data: {split} column {c!r} holds {sorted(set(vals) - {0, 1}, key=str)[:3]}; each label "
+                "column of a multi_label task must hold 0 or 1"
             )
-    flags = np.column_stack([_zero_one(df[c]) for c in cols]).astype(bool)
+    flags = np.column_stack(list(read.values())).astype(bool)
     return [tuple(c for c, f in zip(cols, row) if f) for row in flags]
 
 
