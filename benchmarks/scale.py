@@ -14,7 +14,8 @@ Per shape, method and micro-batch, two rows:
   with bf16 compute), peft LoRA r16/alpha 32 on q,v (QLoRA the same; IA3 peft's defaults for k, v and the
   FFN output), torch AdamW on the trainable parameters, bf16 autocast, every row padded to the max length,
   an optimizer step per micro-batch; timed over the steps after two warm-up steps.
-- "peftbench": `train.train_run` on the same model folder and method, batch 16 in micro-batches of the
+- "peftbench" (`+pack` / `+nopack`: packed / padded batches, default auto): `train.train_run` on the same
+  model folder and method, batch 16 in micro-batches of the
   same size (gradient accumulation), 2 epochs; speed is its second epoch (after warm-up).
 Peaks are from a clean baseline in this process: allocated, reserved (what an OOM is decided on) and,
 for peftbench, the device's figure (reserved + what the CUDA context holds).
@@ -213,6 +214,7 @@ def run_peftbench(
     micro: int,
     tok: data_mod.Tokenized,
     budget_gb: float | None = None,
+    packing: bool | str = "auto",
 ) -> dict:
     reset()
     spec = study.run_spec(config.normalise_methods([METHODS[method]], [])[0], None, 42, "final")
@@ -223,7 +225,7 @@ def run_peftbench(
         evaluate_test=False,
         gpu_memory_bytes=int(budget_gb * 2**30) if budget_gb else None,
     )
-    spec = spec.with_train(learning_rate=1e-4, micro_batch_size=micro)
+    spec = spec.with_train(learning_rate=1e-4, micro_batch_size=micro, packing=packing)
     spec = spec.with_runtime(checkpoint=False, verify_reload=False).planned()
     with tempfile.TemporaryDirectory() as tmp:
         res = train.train_run(spec, tok, Path(tmp), progress=False)
@@ -237,6 +239,8 @@ def run_peftbench(
         "base_dtype",
         "cuda_graphs",
         "attention_mask",
+        "packing",
+        "packing_token_saving",
         "model_load_seconds",
         "memory_plan",
         "train_samples_per_second",
@@ -361,7 +365,8 @@ def main() -> None:
                                 run_plain(folder, method, micro, tok, a.max_length, device, a.plain_steps)
                             )
                         else:
-                            row.update(run_peftbench(study, folder, method, micro, tok))
+                            pack = {"peftbench+pack": True, "peftbench+nopack": False}.get(recipe, "auto")
+                            row.update(run_peftbench(study, folder, method, micro, tok, packing=pack))
                         row["status"] = "success"
                     except Exception as e:  # an OOM is a result too
                         row.update(

@@ -13,7 +13,8 @@ batches padded to their longest item (rounded to 64 on GPU), fused AdamW, a read
 where it gives identical logits, and (CUDA) each step's forward and backward replayed from a CUDA graph per
 batch shape. Recipe options, joined with "+": eager (no CUDA graphs), compile (torch.compile per bucket
 shape), cudagraphs (compile + its CUDA graphs), padN (pad to multiples of N), mask2d (the plain 2D mask,
-i.e. transformers' per-step `mask.all()` sync), profile (a torch.profiler step profile into
+i.e. transformers' per-step `mask.all()` sync), nopack / pack (padded batches / packed ones; default: auto),
+nogroup (batches not grouped by length), profile (a torch.profiler step profile into
 --profile-dir). With --epochs > 1 rows also give the last epoch alone (after warm-up and compilation). The
 roberta-base-shaped model is built from
 RobertaConfig with roberta-base's values and random weights (no download): its accuracy means
@@ -88,6 +89,8 @@ def spec_for(study: Study, method: str, model_path: str, epochs: int | None, rec
         compile="cudagraphs" if "cudagraphs" in opts else ("compile" in opts),
         learning_rate=2e-5,
         cuda_graphs="eager" not in opts,
+        packing=False if "nopack" in opts else ("pack" in opts or "auto"),
+        group_by_length="nogroup" not in opts,
         pad_to_multiple_of=pads[-1] if pads else spec.train.pad_to_multiple_of,
     )
     return spec.with_runtime(checkpoint=False).planned()
@@ -182,6 +185,8 @@ def run_peftbench(spec: RunSpec, tok: data_mod.Tokenized, recipe: str, profile: 
         "peak_memory_allocated_mb": m["peak_memory_allocated_mb"],
         "validation_accuracy": m["validation_accuracy"],
         "attention_mask": m.get("attention_mask"),
+        "packing": m.get("packing"),
+        "train_loss": [h["train_loss"] for h in hist],
         "pad_to_multiple_of": m.get("pad_to_multiple_of"),
         "compile": m.get("compile"),
         "cuda_graphs": m.get("cuda_graphs"),

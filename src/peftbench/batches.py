@@ -137,9 +137,7 @@ def choose_mask_mode(
         return forced
     if (not device.startswith("cuda") and not probe_on_cpu) or len(seqs) < 2 or prefix_length(model):
         return "2d"
-    lengths = np.fromiter((len(x) for x in seqs), dtype=np.int64, count=len(seqs))
-    order = np.argsort(lengths, kind="stable")  # the shortest, the median and the longest of the whole split
-    pick = [seqs[order[0]], seqs[order[len(order) // 2]], seqs[order[-1]]]
+    pick = probe_items(seqs)
     if len({len(s) for s in pick}) == 1:
         return "2d"
     # Full length (local-attention windows must show up), within the run's limit (soft prompts take
@@ -156,6 +154,13 @@ def choose_mask_mode(
         return "2d"
     finally:
         model.train(was_training)
+
+
+def probe_items(seqs: list[np.ndarray]) -> list[np.ndarray]:
+    """The shortest, the median and the longest item of a split: what the forward-path probes check."""
+    lengths = np.fromiter((len(x) for x in seqs), dtype=np.int64, count=len(seqs))
+    order = np.argsort(lengths, kind="stable")
+    return [seqs[order[0]], seqs[order[len(order) // 2]], seqs[order[-1]]]
 
 
 def _first_equal_mask_mode(model, ids, mask) -> str:

@@ -148,6 +148,7 @@ def _train_overrides(train: dict, args) -> dict:
         "max_length": args.max_length,
         "compile": {"off": False, "on": True, "cudagraphs": "cudagraphs"}.get(args.compile),
         "cuda_graphs": {"on": True, "off": False}.get(args.cuda_graphs),
+        "packing": {"on": True, "off": False, "auto": "auto"}.get(args.packing),
     }
     return {**train, **{k: v for k, v in flags.items() if v is not None}}
 
@@ -428,6 +429,12 @@ def _study_arguments(r: argparse.ArgumentParser) -> None:
         choices=["on", "off"],
         help="replay each training step from a CUDA graph per batch shape "
         "(default on, CUDA, models under 1B parameters), e.g. --cuda-graphs off",
+    )
+    a(
+        "--packing",
+        choices=["auto", "on", "off"],
+        help="padding-free training batches: sequences packed back to back, attention within each "
+        "(default auto: on CUDA where a probe shows the padded logits), e.g. --packing off",
     )
     a(
         "--concurrent-finals",

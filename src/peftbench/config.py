@@ -146,6 +146,7 @@ def _check_train(section: str, train: dict, problems: list[str]) -> None:
     need("precision", lambda v: v in ("auto", "fp32", "bf16", "fp16"), "one of auto, fp32, bf16, fp16")
     need("base_dtype", lambda v: v in ("auto", "fp32", "bf16", "fp16"), "one of auto, fp32, bf16, fp16")
     need("gradient_checkpointing", lambda v: v in (True, False, "auto"), "true, false or auto")
+    need("packing", lambda v: v in (True, False, "auto"), "true, false or auto")
     need("optimizer", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
     need("attention_mask", lambda v: v in MASK_MODES, f"one of {', '.join(MASK_MODES)}")
     need("sharding", lambda v: v in ("none", "fsdp"), "none or fsdp")

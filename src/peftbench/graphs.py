@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-from .batches import model_forward
 from .spec import TrainSettings
 
 # Graphs pay where the host's kernel launches bound the step (models of 22M-125M parameters here). On the 8B
@@ -28,10 +27,10 @@ class StepGraphs:
     share one memory pool (they never run at the same time).
     """
 
-    def __init__(self, model, mask_mode: str, amp, loss_sum, params: list, max_grad_norm):
+    def __init__(self, loss_of, amp, loss_sum, params: list, max_grad_norm):
         import torch
 
-        self.model, self.mask_mode, self.amp, self.loss_sum = model, mask_mode, amp, loss_sum
+        self.loss_of, self.amp, self.loss_sum = loss_of, amp, loss_sum
         self.params, self.max_grad_norm = params, max_grad_norm
         self.stream = torch.cuda.Stream()
         self.graphs: dict[tuple, tuple] = {}
@@ -70,11 +69,11 @@ class StepGraphs:
                 "a model of 1B+ parameters (each batch shape's graph holds its "
                 "own activations: reserved memory doubled on the 8B shape, for no speed)",
             ),
-            (mask_mode == "2d", "2D attention mask (the model syncs on it)"),
+            (mask_mode == "2d", "2D attention mask (the model syncs on it)"),  # "packed": none
         ]
         return next((why for bad, why in reasons if bad), None)
 
-    def forward_backward(self, ids, mask, y) -> None:
+    def forward_backward(self, *batch) -> None:
         """The step's work, eager or under capture: loss, gradients, loss sum, clipping."""
         import torch
 
@@ -82,39 +81,39 @@ class StepGraphs:
         with torch.autocast(
             "cuda", dtype=self.amp or torch.float32, enabled=self.amp is not None, cache_enabled=False
         ):
-            loss = model_forward(self.model, ids, mask, self.mask_mode, labels=y).loss
+            loss = self.loss_of(*batch)
         loss.backward()
         self.loss_sum += loss.detach()
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
 
-    def step(self, ids, mask, y) -> bool:
+    def step(self, batch: tuple) -> bool:
         """Run the step from its shape's graph (recorded now if new). False: the caller runs it eagerly."""
         if self.failed or not self.eager_steps:
             return False
-        key = (tuple(ids.shape), tuple(y.shape))
-        entry = self.graphs.get(key) or self._capture(ids, mask, y, key)
+        key = tuple(tuple(x.shape) for x in batch)
+        entry = self.graphs.get(key) or self._capture(batch, key)
         if entry is None:
             return False
         graph, static = entry
-        for buf, new in zip(static, (ids, mask, y)):
+        for buf, new in zip(static, batch):
             buf.copy_(new, non_blocking=True)
         graph.replay()
         return True
 
-    def run(self, ids, mask, y) -> None:
+    def run(self, *batch) -> None:
         """One step's forward and backward on host tensors (pinned): from a graph, or eagerly."""
-        if not self.step(ids, mask, y):
+        if not self.step(batch):
             dev = self.loss_sum.device
-            self.forward_backward(*(x.to(dev, non_blocking=True) for x in (ids, mask, y)))
+            self.forward_backward(*(x.to(dev, non_blocking=True) for x in batch))
             self.eager_steps += 1
 
-    def _capture(self, ids, mask, y, key):
+    def _capture(self, batch: tuple, key: tuple):
         import torch
 
         t = time.perf_counter()
         dev = self.loss_sum.device
-        static = tuple(torch.zeros(x.shape, dtype=x.dtype, device=dev) for x in (ids, mask, y))
+        static = tuple(x.to(dev, copy=True) for x in batch)  # captured on this step's real batch
         graph = torch.cuda.CUDAGraph()
         self.stream.wait_stream(torch.cuda.current_stream())
         try:

@@ -39,6 +39,7 @@ class TrainSettings:
     gradient_checkpointing: bool | str = "auto"  # auto: on only where the GPU memory budget needs it
     optimizer: str = "adamw"  # adamw (torch, fused), adamw_8bit or paged_adamw_8bit (bitsandbytes)
     attention_mask: str = "auto"  # auto: a ready 4D mask where a probe shows equal logits; 2d, 4d-...
+    packing: bool | str = "auto"  # padding-free batches; auto: on CUDA where a probe shows equal logits
     sharding: str = "none"  # fsdp: weights, gradients, optimizer state sharded over gpus_per_run (FSDP2)
 
     @classmethod
@@ -106,6 +107,8 @@ class RunSpec:
         for key, default in (("task", "classification"), ("metric", "accuracy")):
             if d[key] == default:  # hashes from before these keys stay, and so do their finished runs
                 del d[key]
+        if d["train"]["packing"] == "auto":
+            del d["train"]["packing"]
         return d
 
     def planned(self) -> RunSpec:

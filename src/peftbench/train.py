@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import faults, memory
+from . import faults, memory, packing
 from . import methods as registry
 from .artefacts import (
     dir_size_mb,
@@ -30,7 +30,15 @@ from .artefacts import (
     verify_reload,
     write_predictions,
 )
-from .batches import choose_mask_mode, collate, make_batches, model_forward, predict_logits, prefix_length
+from .batches import (
+    active_peft_config,
+    choose_mask_mode,
+    collate,
+    make_batches,
+    model_forward,
+    predict_logits,
+    prefix_length,
+)
 from .batches import steps_per_epoch as count_steps
 from .data import Tokenized
 from .devices import MemoryMeter, autocast_dtype, dist_info, is_oom, peak_flops, sync
@@ -288,6 +296,72 @@ class Recipe:
         self.pad_multiple = self.train.pad_to_multiple_of or (
             64 if self.train.compile or self.dev_type == "cuda" else 8
         )
+        self._setup_packing()
+
+    def _setup_packing(self) -> None:
+        """Padding-free batches (packing.py) where the model supports them, they save enough tokens and
+        the logits are unchanged. Where steps may be graphed, a packed row is padded to 8 x the padding
+        multiple (few shapes: each costs a graph recording); elsewhere to the padding multiple."""
+        t = time.perf_counter()
+        blocker = next(
+            (
+                why
+                for bad, why in (
+                    (self.world > 1, "not built for data-parallel runs"),
+                    (bool(self.compiled), "not built for torch.compile'd runs"),
+                    (self._prompt_method(), "not built for prompt methods (PEFT's own forward adds them)"),
+                )
+                if bad
+            ),
+            None,
+        )
+        self.pack_multiple = self.pad_multiple * (8 if self.total < GRAPHS_MAX_PARAMS else 1)
+        longest = min(int(self.lengths.max()), self.max_len or 1 << 30)
+        lengths = np.minimum(self.lengths, longest)
+        rng = np.random.default_rng([self.spec.seed, 0])  # the first epoch's batches, as in train_epoch
+        parts = [
+            b[i : i + self.micro]
+            for b in make_batches(lengths, self.batch_size, rng, self.train.group_by_length)
+            for i in range(0, len(b), self.micro)
+        ]
+        self.packing_saving = packing.token_saving(lengths, parts, self.pad_multiple, self.pack_multiple)
+        self.arch, self.packing_off = packing.choose(
+            self.model,
+            self.ids_train,
+            self.pad_id,
+            self.device,
+            self.max_len,
+            self.train.packing,
+            self.amp,
+            blocker,
+            self.packing_saving,
+        )
+        self.max_seqlen = max(longest, self.pack_multiple)  # the padding tail is a sequence too
+        self.phases["packing_probe"] = time.perf_counter() - t
+
+    def _prompt_method(self) -> bool:
+        cfg = active_peft_config(self.model)
+        return bool(getattr(cfg, "is_prompt_learning", False))
+
+    def host_batch(self, items: np.ndarray) -> tuple:
+        """One (micro-)batch as host tensors: packed (ids, positions, offsets, segments, picks, labels) or
+        padded (ids, mask, labels); pinned on CUDA."""
+        seqs = [self.ids_train[j] for j in items]
+        if self.arch is not None:
+            x = packing.pack(seqs, self.pad_id, self.pack_multiple, self.max_len, last=self.arch[2])
+        else:
+            x = collate(seqs, self.pad_id, self.pad_multiple, self.max_len)
+        x = (*x, self.labels_train[items])
+        return tuple(t.pin_memory() for t in x) if self.dev_type == "cuda" else x
+
+    def batch_loss(self, *batch):
+        """The loss of one (micro-)batch of device tensors from `host_batch`, as the model computes it."""
+        if self.arch is not None:
+            return packing.packed_forward(
+                self.model, self.arch, *batch[:-1], max_seqlen=self.max_seqlen, labels=batch[-1]
+            )[0]
+        ids, mask, y = batch
+        return model_forward(self.fwd, ids, mask, self.mask_mode, labels=y).loss
 
     def _compile(self) -> None:
         """torch's default: the first shape compiles static, the first new shape recompiles with dynamic
@@ -337,10 +411,7 @@ class Recipe:
 
         set_checkpointing(self.model, checkpointing)
         longest = np.argsort(-self.lengths, kind="stable")[:micro]
-        ids, mask = collate(
-            [self.ids_train[j] for j in longest], self.pad_id, self.pad_multiple, self.max_len
-        )
-        batch = [x.to(self.device) for x in (ids, mask, self.labels_train[longest])]
+        batch = [x.to(self.device) for x in self.host_batch(longest)]
         rng = torch.random.get_rng_state(), (torch.cuda.get_rng_state() if self.dev_type == "cuda" else None)
         lrs = [g["lr"] for g in self.optimizer.param_groups]
         for g in self.optimizer.param_groups:
@@ -366,14 +437,14 @@ class Recipe:
                 torch.cuda.set_rng_state(rng[1])
                 torch.cuda.empty_cache()
 
-    def _probe_step(self, ids, mask, y) -> float:
+    def _probe_step(self, *batch) -> float:
         import torch
 
         sync(self.device)
         t = time.perf_counter()
         self.model.train()
         with torch.autocast(self.dev_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            loss = model_forward(self.fwd, ids, mask, self.mask_mode, labels=y).loss
+            loss = self.batch_loss(*batch)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -390,7 +461,7 @@ class Recipe:
             self.device,
             self.world,
             self.micro,
-            self.mask_mode,
+            "packed" if self.arch is not None else self.mask_mode,
             self.prefixed,
             self.compiled,
             self.checkpointing,
@@ -400,8 +471,7 @@ class Recipe:
         self.graphs = None
         if self.graphs_off is None:
             self.graphs = StepGraphs(
-                self.model,
-                self.mask_mode,
+                self.batch_loss,
                 self.amp,
                 self.loss_sum,
                 self.grad_params,
@@ -482,10 +552,7 @@ class Recipe:
         import torch
 
         if self.graphs is not None:  # one process, whole batch: forward, backward and clipping in one call
-            ids, mask = collate(
-                [self.ids_train[j] for j in batch], self.pad_id, self.pad_multiple, self.max_len
-            )
-            self.graphs.run(ids.pin_memory(), mask.pin_memory(), self.labels_train[batch].pin_memory())
+            self.graphs.run(*self.host_batch(batch))
             return
         mine = batch[self.rank :: self.world]
         # Every process runs as many micro-steps as the largest share needs (each joins every gradient
@@ -495,17 +562,11 @@ class Recipe:
             part, weight = mine[m0 : m0 + self.micro], 1.0
             if not len(part):
                 part, weight = batch[:1], 0.0
-            ids, mask = collate(
-                [self.ids_train[j] for j in part], self.pad_id, self.pad_multiple, self.max_len
-            )
-            y = self.labels_train[part]
-            if self.dev_type == "cuda":
-                ids, mask, y = ids.pin_memory(), mask.pin_memory(), y.pin_memory()
-            ids, mask, y = (x.to(self.device, non_blocking=True) for x in (ids, mask, y))
+            x = (t.to(self.device, non_blocking=True) for t in self.host_batch(part))
             with torch.autocast(self.dev_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                out = model_forward(self.fwd, ids, mask, self.mask_mode, labels=y)
+                loss = self.batch_loss(*x)
             # Weighted so that DDP's mean over processes gives the mean over the whole batch.
-            loss = out.loss * (len(part) / len(batch) * self.world * weight)
+            loss = loss * (len(part) / len(batch) * self.world * weight)
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             self.loss_sum += loss.detach()
         if self.scaler is not None:
@@ -709,6 +770,8 @@ class Recipe:
             "gradient_checkpointing": self.checkpointing,
             "memory_plan": self.memory_plan,
             "attention_mask": self.mask_mode,
+            "packing": "on" if self.arch is not None else self.packing_off,
+            "packing_token_saving": self.packing_saving,
             "pad_to_multiple_of": self.pad_multiple,
             "compile": self.compiled,
             "cuda_graphs": self.graphs.summary() if self.graphs is not None else self.graphs_off,
