@@ -151,3 +151,10 @@ def test_an_unsupported_model_does_not_pack_and_insisting_is_an_error():
     assert arch is None and why.startswith("not built for distilbert models")
     with pytest.raises(UserError, match="packing: true, but not built for distilbert"):
         packing.choose(model, items(), 0, "cuda", None, True, None, None, saving=0.5)
+
+
+def test_auto_packs_graphed_steps_only():
+    assert packing.eager_reason("auto", None) is None
+    assert packing.eager_reason(True, "gradient accumulation") is None
+    why = packing.eager_reason("auto", "gradient accumulation")
+    assert why == "auto packs graphed steps only; these are not (gradient accumulation)"

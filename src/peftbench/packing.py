@@ -143,6 +143,17 @@ def token_saving(lengths: np.ndarray, parts: list[np.ndarray], pad_multiple: int
     return 1.0 - packed / padded if padded else 0.0
 
 
+def eager_reason(setting, graphs_off: str | None) -> str | None:
+    """Why `auto` does not pack a run whose steps are not replayed from CUDA graphs (None: it packs).
+
+    Eager, the nested tensors' per-layer host work outweighs the padding saved: on the 8B shape packed LoRA
+    trained 26.0 samples/s against 42.1 padded at micro-batch 16, and 3.7 against 13.9 at micro-batch 2
+    (benchmarks/results/h200-packing-8b.json)."""
+    if setting == "auto" and graphs_off is not None:
+        return f"auto packs graphed steps only; these are not ({graphs_off})"
+    return None
+
+
 def choose(model, seqs, pad_id: int, device: str, max_len, setting, amp, blocker: str | None, saving: float):
     """(architecture, None) where this run trains on packed batches, else (None, why not).
 

@@ -300,8 +300,8 @@ class Recipe:
 
     def _setup_packing(self) -> None:
         """Padding-free batches (packing.py) where the model supports them, they save enough tokens and
-        the logits are unchanged. Where steps may be graphed, a packed row is padded to 8 x the padding
-        multiple (few shapes: each costs a graph recording); elsewhere to the padding multiple."""
+        the logits are unchanged (and, with `auto`, the steps are graphed: `_setup_graphs`). A packed row
+        is padded to 8 x the padding multiple: few shapes, each a graph recording."""
         t = time.perf_counter()
         blocker = next(
             (
@@ -315,7 +315,7 @@ class Recipe:
             ),
             None,
         )
-        self.pack_multiple = self.pad_multiple * (8 if self.total < GRAPHS_MAX_PARAMS else 1)
+        self.pack_multiple = self.pad_multiple * 8
         longest = min(int(self.lengths.max()), self.max_len or 1 << 30)
         lengths = np.minimum(self.lengths, longest)
         rng = np.random.default_rng([self.spec.seed, 0])  # the first epoch's batches, as in train_epoch
@@ -452,10 +452,27 @@ class Recipe:
         return time.perf_counter() - t
 
     def _setup_graphs(self) -> None:
+        """CUDA graphs where the run allows them; `packing: auto` packs graphed steps only."""
         import torch
 
         self.loss_sum = torch.zeros((), device=self.device)
-        self.graphs_off = StepGraphs.unsupported(
+        self.graphs_off = self._graphs_blocker()
+        why = packing.eager_reason(self.train.packing, self.graphs_off) if self.arch is not None else None
+        if why:
+            self.arch, self.packing_off = None, why
+            self.graphs_off = self._graphs_blocker()
+        self.graphs = None
+        if self.graphs_off is None:
+            self.graphs = StepGraphs(
+                self.batch_loss,
+                self.amp,
+                self.loss_sum,
+                self.grad_params,
+                self.train.max_grad_norm,
+            )
+
+    def _graphs_blocker(self) -> str | None:
+        return StepGraphs.unsupported(
             self.train,
             self.method,
             self.device,
@@ -468,15 +485,6 @@ class Recipe:
             self.total,
             scaled=self.scaler is not None,
         )
-        self.graphs = None
-        if self.graphs_off is None:
-            self.graphs = StepGraphs(
-                self.batch_loss,
-                self.amp,
-                self.loss_sum,
-                self.grad_params,
-                self.train.max_grad_norm,
-            )
 
     def _resume(self) -> None:
         """Continue from the last epoch checkpoint of this same config, if a killed run left one."""
