@@ -29,7 +29,7 @@ demo: $(VENV)/.installed-demo
 	$(VENV)/bin/peftbench run --preset quick $(DEMO_ARGS)
 
 # The fast suite (under 10 minutes on 2 CPU cores); `make test-all` adds the slow tests (real MiniLM,
-# Ray, data-parallel, torch.compile). GPU tests skip themselves without a CUDA GPU.
+# Ray, data-parallel, torch.compile, fp16 on the CPU). GPU tests skip themselves without a CUDA GPU.
 test: $(VENV)/.installed-test
 	$(PYTEST) -m "not slow" tests
 

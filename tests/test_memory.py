@@ -219,6 +219,7 @@ def test_the_mask_probe_runs_a_bf16_base_under_autocast(tiny_encoder, tiny_data,
     assert batches.choose_mask_mode(model, seqs, 0, "cpu", probe_on_cpu=True, amp=None) == "2d"
 
 
+@pytest.mark.slow  # fp16 on a CPU without native fp16: about 100 s on 2 cores
 def test_fp16_autocast_trains_with_loss_scaling_over_an_fp16_base(tiny_encoder, tiny_data, tmp_path):
     """fp16 (what GPUs without bf16 get under precision: auto): the loss is scaled, the frozen base is fp16,
     the trainable weights fp32, and the run learns what fp32 learns."""

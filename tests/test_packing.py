@@ -113,7 +113,7 @@ def test_packed_training_follows_the_padded_loss_trajectory(no_dropout_encoder, 
     """Forced on the CPU: the same steps as padded batches, the same losses and test accuracy."""
     got = {}
     for on in (True, False):
-        raw = study(no_dropout_encoder, tiny_data, ["full"], train={"packing": on, "epochs": 3})
+        raw = study(no_dropout_encoder, tiny_data, ["full"], train={"packing": on})
         (r,) = run_study(raw, tmp_path / str(on))
         assert r["status"] == "success"
         got[on] = r
