@@ -158,3 +158,17 @@ def test_auto_packs_graphed_steps_only():
     assert packing.eager_reason(True, "gradient accumulation") is None
     why = packing.eager_reason("auto", "gradient accumulation")
     assert why == "auto packs graphed steps only; these are not (gradient accumulation)"
+
+
+def test_plan_probes_and_times_packed_batches(tiny_encoder, tiny_data, tmp_path, capsys):
+    import json
+
+    from peftbench import cli
+
+    study_file = tmp_path / "s.yaml"
+    study_file.write_text(json.dumps(study(tiny_encoder, tiny_data, ["lora"], train={"packing": True})))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["plan", str(study_file), "--out", str(tmp_path / "out")])
+    assert e.value.code == 0
+    (row,) = json.loads((tmp_path / "out" / "plan.json").read_text())["rows"]
+    assert row["fits"] and 0 < row["epoch_seconds"] < 60

@@ -318,12 +318,7 @@ class Recipe:
         self.pack_multiple = self.pad_multiple * 8
         longest = min(int(self.lengths.max()), self.max_len or 1 << 30)
         lengths = np.minimum(self.lengths, longest)
-        rng = np.random.default_rng([self.spec.seed, 0])  # the first epoch's batches, as in train_epoch
-        parts = [
-            b[i : i + self.micro]
-            for b in make_batches(lengths, self.batch_size, rng, self.train.group_by_length)
-            for i in range(0, len(b), self.micro)
-        ]
+        parts = self._epoch_parts(self.micro)
         self.packing_saving = packing.token_saving(lengths, parts, self.pad_multiple, self.pack_multiple)
         self.arch, self.packing_off = packing.choose(
             self.model,
@@ -889,15 +884,14 @@ class Recipe:
     # ------------------------------------------------------------------------------------------ plan
     def plan_summary(self) -> dict:
         """What `peftbench plan` prints for this run: the fit and the time it would take (estimated from
-        the probe's seconds per token at the longest shape, over this run's padded tokens per epoch)."""
+        the probe's seconds per token at the longest shape, over this run's tokens per epoch as its
+        batches compute them, padded or packed)."""
         plan = dict(self.memory_plan or {})
         step_s, micro = plan.get("step_seconds"), plan.get("micro_batch_size")
         epoch_s = None
         if step_s and micro:
-            widths = self._padded_tokens_per_epoch()
-            longest = min(int(self.lengths.max()), self.max_len or 1 << 30)
-            width = math.ceil(longest / self.pad_multiple) * self.pad_multiple
-            epoch_s = step_s / (micro * width) * widths
+            longest = np.argsort(-self.lengths, kind="stable")[:micro]  # the probe's batch
+            epoch_s = step_s / self._tokens(longest) * sum(self._tokens(b) for b in self._epoch_parts(micro))
         plan.update(
             epoch_seconds=epoch_s,
             run_seconds=epoch_s * self.train.epochs if epoch_s else None,
@@ -908,13 +902,18 @@ class Recipe:
         )
         return plan
 
-    def _padded_tokens_per_epoch(self) -> int:
+    def _epoch_parts(self, micro: int) -> list[np.ndarray]:
+        """The first epoch's (micro-)batches, as train_epoch makes them."""
         rng = np.random.default_rng([self.spec.seed, 0])
-        total = 0
-        for b in make_batches(self.lengths, self.batch_size, rng, self.train.group_by_length):
-            longest = min(int(self.lengths[b].max()), self.max_len or 1 << 30)
-            total += len(b) * math.ceil(longest / self.pad_multiple) * self.pad_multiple
-        return total
+        batches = make_batches(self.lengths, self.batch_size, rng, self.train.group_by_length)
+        return [b[i : i + micro] for b in batches for i in range(0, len(b), micro)]
+
+    def _tokens(self, items: np.ndarray) -> int:
+        """Tokens a (micro-)batch of these items computes: padded to its longest, or one packed row."""
+        lengths = np.minimum(self.lengths[items], self.max_len or 1 << 30)
+        if self.arch is not None:
+            return math.ceil((lengths.sum() + 1) / self.pack_multiple) * self.pack_multiple
+        return len(items) * math.ceil(lengths.max() / self.pad_multiple) * self.pad_multiple
 
 
 def _base_config(model):
