@@ -172,3 +172,31 @@ def test_plan_probes_and_times_packed_batches(tiny_encoder, tiny_data, tmp_path,
     assert e.value.code == 0
     (row,) = json.loads((tmp_path / "out" / "plan.json").read_text())["rows"]
     assert row["fits"] and 0 < row["epoch_seconds"] < 60
+
+
+@pytest.mark.parametrize("task", ["regression", "multi_label"])
+def test_a_decoder_trains_packed_on_scores_and_label_sets(task, tiny_decoder, tmp_path):
+    """Llama's head at each sequence's last token, with transformers' MSE or BCE loss: the same losses as
+    padded batches (no dropout in this model), and the task's metrics."""
+    from test_tasks import _write
+
+    from peftbench import metrics
+
+    folder = _write(tmp_path / "d", task, n_train=120)
+    got = {}
+    for on in (True, False):
+        raw = study(
+            tiny_decoder,
+            folder,
+            [{"name": "full", "learning_rate": 3e-3}],
+            task=task,
+            train={"packing": on, "max_length": 24},
+            data={"train_size": 100, "validation_size": 20, "test_size": None},
+        )
+        (got[on],) = run_study(raw, tmp_path / str(on))
+        assert got[on]["status"] == "success", got[on].get("error")
+    assert got[True]["metrics"]["packing"] == "on"
+    losses = [[h["train_loss"] for h in got[on]["history"]] for on in (True, False)]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+    metric = f"test_{metrics.default_metric(task)}"
+    assert got[True]["metrics"][metric] == pytest.approx(got[False]["metrics"][metric], abs=1e-3)
