@@ -674,6 +674,11 @@ def test_each_run_stores_auditable_predictions(tiny_encoder, tiny_data, tmp_path
     assert e.value.code == 0
     got = pd.read_parquet(out)
     assert list(got["row"]) == [0, 1] and {"text_sha1", "prediction", "p_0", "p_1"} <= set(got.columns)
+    from peftbench.predict import predict_texts
+
+    shown = predict_texts(run_dir, ["good film", "awful plot"])  # what the command prints
+    assert list(got["prediction"]) == [r["label"] for r in shown]
+    assert got["p_1"].tolist() == pytest.approx([r["probabilities"]["1"] for r in shown], abs=1e-4)
 
 
 def test_progress_off_a_terminal_is_one_line_per_event(tiny_encoder, tiny_data, tmp_path):

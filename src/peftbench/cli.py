@@ -258,7 +258,7 @@ def cmd_methods(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import predict_texts
+    from .predict import readable_outputs, text_logits
 
     texts = list(args.text)
     if args.file:
@@ -276,9 +276,10 @@ def cmd_predict(args) -> int:
 
     device = resolve_device(args.device)  # cuda on a machine without one: a one-line error
     _quiet_loading()
-    rows = predict_texts(Path(args.run_dir), texts, device=device)
+    spec, logits = text_logits(Path(args.run_dir), texts, device=device)
+    rows = [{"text": t, **row} for t, row in zip(texts, readable_outputs(spec, logits))]
     if args.output:
-        _write_predictions(Path(args.output), rows)
+        _write_predictions(Path(args.output), texts, spec, logits)
     for row in rows:
         if args.json:
             print(json.dumps(row))
@@ -306,19 +307,16 @@ def _shown(row: dict) -> str:
     return f"{row['label'] if 'label' in row else ','.join(row['labels']) or '(none)'}\t{probs}"
 
 
-def _write_predictions(path: Path, rows: list[dict]) -> None:
+def _write_predictions(path: Path, texts: list[str], spec, logits) -> None:
     """The predictions as a run's predictions.parquet has them: row (the text's place in the input),
     text_sha1, prediction, p_<class>."""
     import pandas as pd
 
-    from .artefacts import text_sha1
+    from .artefacts import predictions_frame, text_sha1
 
-    df = pd.DataFrame({"row": range(len(rows)), "text_sha1": [text_sha1(r["text"]) for r in rows]})
-    df["prediction"] = [r.get("label", r.get("labels", r.get("score"))) for r in rows]
-    for name in rows[0].get("probabilities", {}):
-        df[f"p_{name}"] = [r["probabilities"][name] for r in rows]
+    base = pd.DataFrame({"row": range(len(texts)), "text_sha1": [text_sha1(t) for t in texts]})
     try:
-        df.to_parquet(path, index=False)
+        predictions_frame(base, logits, spec.label_names, spec.task).to_parquet(path, index=False)
     except OSError as e:
         raise UserError(f"--output {path}: cannot write there ({e.strerror or e})") from None
 

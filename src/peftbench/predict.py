@@ -86,6 +86,12 @@ def _load(run_dir: Path, spec: RunSpec, method, device: str):
 def predict_texts(run_dir: Path, texts: list[str], device: str = "cpu") -> list[dict]:
     """Per text (a sentence pair: FIRST<TAB>SECOND) what the run predicts: the class and each class's
     probability; the score; or the set of labels and each label's probability."""
+    spec, logits = text_logits(run_dir, texts, device)
+    return [{"text": t, **row} for t, row in zip(texts, readable_outputs(spec, logits))]
+
+
+def text_logits(run_dir: Path, texts: list[str], device: str = "cpu") -> tuple[RunSpec, np.ndarray]:
+    """The run's spec and its logits for `texts`, as `predict_texts` reads them."""
     from .data import PAIR, is_pair
 
     result = _read_run(run_dir)
@@ -98,8 +104,7 @@ def predict_texts(run_dir: Path, texts: list[str], device: str = "cpu") -> list[
         )
     inputs = [t.replace("\t", PAIR, 1) for t in texts] if pair else texts
     model = load_trained(run_dir, spec=spec, device=device)
-    logits = _logits(model, spec, inputs, pair, device)
-    return [{"text": t, **row} for t, row in zip(texts, readable_outputs(spec, logits))]
+    return spec, _logits(model, spec, inputs, pair, device)
 
 
 def _logits(model, spec: RunSpec, inputs: list[str], pair: bool, device: str) -> np.ndarray:
