@@ -219,3 +219,10 @@ def test_report_and_verdicts_on_a_regression_study(tiny_encoder, tmp_path):
     best = next(r for r in summary["rows"] if r["best"])
     assert best["score"]["mean"] == min(r["test_mse"]["mean"] for r in summary["rows"])  # lower is better
     assert summary["verdicts"][0]["metric"] == "mse"
+
+
+def test_one_tie_rule_ranks_rates_and_epochs_for_either_direction():
+    assert metrics.ranking("accuracy", {3e-4: 0.8, 1e-4: 0.9, 2e-4: 0.9}) == [1e-4, 2e-4, 3e-4]
+    assert metrics.ranking("mse", {3: 0.5, 1: 0.7, 2: 0.5}) == [2, 3, 1]  # lower is better; ties: smaller
+    history = [{"epoch": e, "validation_mse": v} for e, v in ((1, 0.9), (2, 0.4), (3, 0.4))]
+    assert metrics.validation_at(history, 3, True, "mse") == (2, 0.4)

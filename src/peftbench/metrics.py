@@ -39,6 +39,12 @@ def oriented(metric: str, value: float) -> float:
     return value if higher_is_better(metric) else -value
 
 
+def ranking(metric: str, values: dict) -> list:
+    """The keys of `values` best first by `metric`; among equals the smaller key first (the lower learning
+    rate, the earlier epoch): the one tie rule of every choice peftbench makes."""
+    return sorted(values, key=lambda k: (-oriented(metric, values[k]), k))
+
+
 def bounds(metric: str) -> tuple[float, float]:
     """The metric's possible range: intervals are cut to it."""
     if metric in SIGNED:
@@ -181,7 +187,7 @@ def validation_at(
     (the earliest of equals), else the last."""
     key = f"validation_{metric}"
     vals = {h["epoch"]: h[key] for h in history if h["epoch"] <= epochs}
-    chosen = max(vals, key=lambda e: (oriented(metric, vals[e]), -e)) if best else epochs
+    chosen = ranking(metric, vals)[0] if best else epochs
     return chosen, vals[chosen]
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from . import stats, store
 from .errors import UserError
 from .memory import fits_on
-from .metrics import TASK_METRICS, bounds, is_fraction, oriented
+from .metrics import TASK_METRICS, bounds, is_fraction, oriented, ranking
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -685,7 +685,7 @@ def lr_choice(study: dict) -> list[dict]:
         others = {k: v for k, v in means.items() if k != lr}
         if lr not in means or not others:
             continue
-        runner_up = max(others, key=lambda k: (oriented(metric, others[k]), -k))
+        runner_up = ranking(metric, others)[0]
         gap = oriented(metric, means[lr] - others[runner_up])
         out.append(
             {

@@ -24,7 +24,7 @@ from . import methods as registry
 from . import store
 from .spec import Runtime, RunSpec, TrainSettings, config_hash
 from .errors import UserError
-from .metrics import oriented, validation_at
+from .metrics import ranking, validation_at
 
 
 # Part of every run's identity: raised when a change to the training path changes what a run measures,
@@ -506,7 +506,7 @@ class Study:
                     if t.label == label
                 ]
                 means = mean_validation(mine, metric).get(label, {})
-                ranked = sorted(means, key=lambda lr: (-oriented(metric, means[lr]), lr))
+                ranked = ranking(metric, means)
                 last = stop[label] >= epochs[label]
                 keep = ranked[: 1 if last else max(1, len(alive[label]) // rf)]
                 rungs.setdefault(label, []).append(
@@ -833,7 +833,7 @@ def select_learning_rates(trials: list[dict], metric: str = "accuracy") -> dict[
     """Per method label, the trial learning rate with the best mean validation `metric` over its trial seeds
     (a rate with a failed seed is not chosen; ties: the lower rate)."""
     return {
-        label: max(scored, key=lambda lr: (oriented(metric, scored[lr]), -lr))
+        label: ranking(metric, scored)[0]
         for label, scored in mean_validation(trials, metric).items()
         if scored
     }
