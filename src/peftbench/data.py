@@ -465,12 +465,16 @@ def _refuse_unseen(test_labels: list, values: list, members) -> None:
 
 
 def _strata(labels: np.ndarray, task: str) -> np.ndarray:
-    """What sampling keeps the shares of: the class; a score's quintile; none for label sets."""
+    """What sampling keeps the shares of: the class; a score's quintile; the label set (as a code per
+    distinct set, or rows of 0/1 per label), where sets held by under 1% of the rows (or one row) share one
+    stratum."""
     if task == "classification":
         return labels
     if task == "regression":
         return np.searchsorted(np.quantile(labels, [0.2, 0.4, 0.6, 0.8]), labels, side="right")
-    return np.zeros(len(labels), dtype=np.int64)
+    sets = np.unique(labels, axis=0, return_inverse=True)[1].reshape(-1) if labels.ndim == 2 else labels
+    counts = np.bincount(sets)
+    return np.where(counts[sets] >= max(2, 0.01 * len(sets)), sets, -1)
 
 
 def _check_training_labels(labels: np.ndarray, task: str) -> None:
@@ -506,11 +510,12 @@ def _carve_test(df, spec: dict, task: str) -> tuple[dict, dict]:
     """One data file: a seeded, stratified test split (data.test_size rows, or that fraction; a fifth when not
     given) and the rest for training; returns the frames and each one's row numbers in the file."""
     raw = _raw_labels(df, spec, "data", task)
-    if task == "classification":
-        codes = np.unique(np.asarray([str(v) for v in raw]), return_inverse=True)[1]
-    else:
+    if task == "regression":
+        codes = _strata(np.asarray(raw, dtype=np.float64), task)
+    else:  # classes, or label sets
         codes = _strata(
-            np.asarray(raw, dtype=np.float64) if task == "regression" else np.zeros(len(raw)), task
+            np.unique([str(sorted(v) if task == "multi_label" else v) for v in raw], return_inverse=True)[1],
+            task,
         )
     size = spec.get("test_size") or SINGLE_FILE_TEST_SHARE
     n = size if isinstance(size, int) else max(len(set(codes)), round(size * len(raw)))
