@@ -17,8 +17,8 @@ import numpy as np
 
 ATTENTION = "peftbench_packed"
 
-# model_type -> (backbone attribute, head, causal, position offset). A head takes the gathered hidden states
-# as (sequences, 1, hidden), the shape its pooler or classifier reads position 0 of.
+# Encoders' heads by model_type. A head takes the gathered hidden states as (sequences, 1, hidden), the shape
+# whose position 0 its pooler or classifier reads. Decoders' head is their `score` layer.
 ENCODER_HEADS = {
     "bert": lambda m, h: m.classifier(m.dropout(m.bert.pooler(h))),
     "roberta": lambda m, h: m.classifier(h),
