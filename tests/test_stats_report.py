@@ -212,7 +212,12 @@ def test_report_with_failed_skipped_and_hostile_labels(tiny_encoder, tiny_data, 
 def test_report_for_a_single_method(tiny_encoder, tiny_data, tmp_path):
     run_study(study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1}), tmp_path / "s")
     paths = report.write_report(tmp_path / "s")
-    assert "Best accuracy" in paths["markdown"].read_text()
+    md = paths["markdown"].read_text()
+    assert "Best accuracy" in md
+    # how it ran, with the reasons the speed-ups were off on this CPU
+    assert "## How each method ran (its first seed)" in md
+    row = "| lora | fp32 | float32 | 16 | off | adamw | 2d | auto packs on CUDA only | not a CUDA device |"
+    assert row in md
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["rows"][0]["label"] == "lora" and summary["rows"][0]["best"]
 

@@ -786,6 +786,26 @@ def budget_table(study: dict) -> tuple[list[str], list[list[str]], float | None]
     return header, rows, target
 
 
+def execution_table(study: dict) -> tuple[list[str], list[list[str]]]:
+    """How each method's first successful final run trained: precision, frozen weights, micro-batch, the
+    memory levers, and the forward path chosen for it, with the reason where a speed-up was off."""
+    header = ["method", "precision", "frozen weights", "micro-batch", "checkpointing", "optimizer"]
+    header += ["attention mask", "packed batches", "CUDA graphs"]
+    rows, seen = [], set()
+    for r in study["finals"]:
+        m = r.get("metrics") or {}
+        if r["status"] != "success" or r["label"] in seen or "precision" not in m:  # TF-IDF trains no net
+            continue
+        seen.add(r["label"])
+        graphs = m.get("cuda_graphs")
+        cells = [m["precision"], m.get("base_dtype"), m.get("micro_batch_size")]
+        cells += ["on" if m.get("gradient_checkpointing") else "off", m.get("optimizer")]
+        cells += [m.get("attention_mask"), m.get("packing")]
+        cells += [f"{graphs['graphs']} recorded" if isinstance(graphs, dict) else graphs]
+        rows.append([r["label"]] + ["-" if c is None else str(c) for c in cells])
+    return header, rows
+
+
 def write_report(study_dir: Path) -> dict[str, Path]:
     """report.md, report.html (self-contained) and the plots, in STUDY/report/."""
     try:
@@ -941,6 +961,9 @@ def _sections(study: dict, recs: list[dict], problems: list[str]) -> list[tuple[
     bh, br, _ = budget_table(study)
     if br:
         out.append(("Budget view (validation, mean over seeds)", [("table", bh, br)]))
+    eh, er = execution_table(study)
+    if er:
+        out.append(("How each method ran (its first seed)", [("table", eh, er)]))
     if study["trials"]:
         clarity = [
             (
