@@ -798,7 +798,10 @@ def execution_table(study: dict) -> tuple[list[str], list[list[str]]]:
             continue
         seen.add(r["label"])
         graphs = m.get("cuda_graphs")
-        cells = [m["precision"], m.get("base_dtype"), m.get("micro_batch_size")]
+        frozen = m.get("base_dtype")
+        if m.get("layers_4bit"):  # the quantized layers' weights are not a float dtype
+            frozen = f"4-bit in {m['layers_4bit']} layers, else {frozen}"
+        cells = [m["precision"], frozen, m.get("micro_batch_size")]
         cells += ["on" if m.get("gradient_checkpointing") else "off", m.get("optimizer")]
         cells += [m.get("attention_mask"), m.get("packing")]
         cells += [f"{graphs['graphs']} recorded" if isinstance(graphs, dict) else graphs]

@@ -778,7 +778,7 @@ class Recipe:
             "pad_to_multiple_of": self.pad_multiple,
             "compile": self.compiled,
             "cuda_graphs": self.graphs.summary() if self.graphs is not None else self.graphs_off,
-            "layers_4bit": sum(type(m).__name__ == "Linear4bit" for m in self.model.modules()),
+            "layers_4bit": sum(type(m).__module__.startswith("bitsandbytes.") for m in self.model.modules()),
         }
         flops_tok = model_flops_per_token(_base_config(self.model), float(self.lengths.mean()))
         metrics["train_model_flops"] = flops_tok * real_tokens * epochs
