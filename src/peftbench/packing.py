@@ -136,10 +136,18 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out[0].transpose(0, 1)[None], None
 
 
+def batch_tokens(lengths: np.ndarray, multiple: int, packed: bool) -> int:
+    """Tokens one (micro-)batch of these lengths computes: one packed row (its padding tail included), or
+    every item padded to the longest, each rounded up to `multiple`."""
+    if packed:
+        return math.ceil((lengths.sum() + 1) / multiple) * multiple
+    return len(lengths) * math.ceil(lengths.max() / multiple) * multiple
+
+
 def token_saving(lengths: np.ndarray, parts: list[np.ndarray], pad_multiple: int, pack_multiple: int):
     """The share of the tokens of padded (micro-)batches `parts` that packing them would not compute."""
-    padded = sum(len(b) * math.ceil(lengths[b].max() / pad_multiple) * pad_multiple for b in parts)
-    packed = sum(math.ceil((lengths[b].sum() + 1) / pack_multiple) * pack_multiple for b in parts)
+    padded = sum(batch_tokens(lengths[b], pad_multiple, packed=False) for b in parts)
+    packed = sum(batch_tokens(lengths[b], pack_multiple, packed=True) for b in parts)
     return 1.0 - packed / padded if padded else 0.0
 
 

@@ -911,9 +911,8 @@ class Recipe:
     def _tokens(self, items: np.ndarray) -> int:
         """Tokens a (micro-)batch of these items computes: padded to its longest, or one packed row."""
         lengths = np.minimum(self.lengths[items], self.max_len or 1 << 30)
-        if self.arch is not None:
-            return math.ceil((lengths.sum() + 1) / self.pack_multiple) * self.pack_multiple
-        return len(items) * math.ceil(lengths.max() / self.pad_multiple) * self.pad_multiple
+        packed = self.arch is not None
+        return packing.batch_tokens(lengths, self.pack_multiple if packed else self.pad_multiple, packed)
 
 
 def _base_config(model):
