@@ -210,7 +210,9 @@ def test_report_with_failed_skipped_and_hostile_labels(tiny_encoder, tiny_data, 
 
 
 def test_report_for_a_single_method(tiny_encoder, tiny_data, tmp_path):
-    run_study(study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1}), tmp_path / "s")
+    # fp32 as asked (`auto` would autocast on a CPU with native bf16)
+    train = {"epochs": 1, "precision": "fp32"}
+    run_study(study(tiny_encoder, tiny_data, ["lora"], train=train), tmp_path / "s")
     paths = report.write_report(tmp_path / "s")
     md = paths["markdown"].read_text()
     assert "Best accuracy" in md
