@@ -244,6 +244,7 @@ def run_peftbench(
         "model_load_seconds",
         "memory_plan",
         "train_samples_per_second",
+        "phase_seconds",
     )
     out = {k: m.get(k) for k in keys}
     out["samples_per_second"] = len(tok.ids["train"]) / hist[-1]["epoch_seconds"]

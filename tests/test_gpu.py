@@ -84,3 +84,14 @@ def test_a_run_that_cannot_fit_its_budget_is_skipped_with_what_it_needed(
     raw = study(tiny_encoder, tiny_data, ["full"], device="cuda", gpu_memory="1MB")
     (r,) = run_study(raw, tmp_path / "s")
     assert r["status"] == "skipped" and "does not fit in" in r["error"], r["error"]
+
+
+def test_a_gpu_state_dict_reaches_host_memory_unchanged():
+    from peftbench.artefacts import host_state_dict
+
+    model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.LayerNorm(200)).cuda()
+    model[0].to(torch.bfloat16)
+    host = host_state_dict(model, bounce_bytes=1000)  # several trips through the pinned buffer per tensor
+    for name, t in model.state_dict().items():
+        assert host[name].device.type == "cpu" and host[name].dtype == t.dtype
+        assert torch.equal(host[name], t.cpu()), name

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import run_study, study
 
@@ -719,3 +720,30 @@ def test_a_lock_held_by_a_live_process_is_refused_and_a_dead_ones_taken_over(tmp
         holder.wait()
     with store.StudyLock(tmp_path):  # the dead holder's lock is gone with it
         assert (tmp_path / ".peftbench.lock").read_text() == str(os.getpid())
+
+
+def test_the_reload_check_scores_a_spread_of_test_items(monkeypatch):
+    from peftbench import artefacts
+
+    assert list(artefacts.reload_check_items(np.array([5, 1, 3]))) == [0, 1, 2]  # few items: all of them
+    monkeypatch.setattr(artefacts, "RELOAD_CHECK_ITEMS", 10)
+    lengths = np.arange(1000)[::-1]  # item 0 is the longest, item 999 the shortest
+    items = artefacts.reload_check_items(lengths)
+    assert len(set(items)) == 10 and list(items) == sorted(items) and {0, 999} <= set(items)
+
+
+def test_a_full_model_saves_in_shards_and_reloads_to_the_same_predictions(
+    tiny_encoder, tiny_data, tmp_path, monkeypatch
+):
+    from peftbench import artefacts
+
+    monkeypatch.setattr(artefacts, "SHARD_SIZE", "100KB")
+    monkeypatch.setattr(artefacts, "RELOAD_CHECK_ITEMS", 7)
+    (r,) = run_study(study(tiny_encoder, tiny_data, ["full"]), tmp_path / "s")
+    assert r["status"] == "success", r["error"]
+    folder = tmp_path / "s" / "runs" / r["run_id"] / "model"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
+    assert r["reload_check"]["identical_predictions"] and r["reload_check"]["items_checked"] == 7
+    assert r["metrics"]["phase_seconds"]["save"] > 0

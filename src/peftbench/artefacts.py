@@ -69,22 +69,56 @@ def mutated_init(model) -> bool:
     return isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda"))
 
 
+# A saved model's safetensors files: at most this size each, as models are published on the Hugging Face Hub
+# (transformers' own default, 50 GB, writes a fully fine-tuned 8B model as one 29 GB file).
+SHARD_SIZE = "5GB"
+# The reload check scores at most this many test items, spread over the split's lengths: an artefact that
+# predicts differently does so on any of them, and on an 8B model the whole test split took longer than
+# training a short run (benchmarks/results/h200-scale-8b.json).
+RELOAD_CHECK_ITEMS = 256
+
+
 def save_model(model, spec: RunSpec, run_dir: Path) -> str:
-    """Save the adapter (PEFT) or the model (others) with safetensors; returns the folder's name."""
+    """Save the adapter (PEFT) or the model (others, in SHARD_SIZE safetensors shards); returns the folder's
+    name."""
     name = "adapter" if registry.get(spec.method).kind == "peft" else "model"
     final = run_dir / name
     tmp = run_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     kw = {}
-    if mutated_init(model):  # PEFT subtracts the initial adapter: a plain LoRA adapter on the original base
+    if name == "model":
+        kw = {"max_shard_size": SHARD_SIZE, "state_dict": host_state_dict(model)}
+    converted = mutated_init(model)
+    if converted:  # PEFT subtracts the initial adapter: a plain LoRA adapter on the original base
         kw["path_initial_model_for_weight_conversion"] = str(run_dir / "adapter-init")
     model.save_pretrained(tmp, safe_serialization=True, **kw)
-    if kw:
+    if converted:
         _restore_modules_to_save(model, tmp / "adapter_model.safetensors")
     shutil.rmtree(run_dir / "adapter-init", ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return name
+
+
+def host_state_dict(model, bounce_bytes: int = 2**30) -> dict:
+    """The model's state dict in host memory. From a GPU each tensor goes through one reused pinned buffer:
+    on an H200 (2026-12-02, the 8B shape in fp32, 26.5 GB) that took 1.9 s, where `tensor.cpu()` took
+    17-20 s and pinning a whole copy 12 s; saving spent most of its 44 s there."""
+    import torch
+
+    state = model.state_dict()
+    if not any(t.is_cuda for t in state.values()):
+        return state
+    buf = torch.empty(bounce_bytes, dtype=torch.uint8, pin_memory=True)
+    out = {}
+    for name, t in state.items():
+        out[name] = host = torch.empty(t.shape, dtype=t.dtype)
+        src, dst = t.detach().contiguous().view(-1).view(torch.uint8), host.view(-1).view(torch.uint8)
+        for start in range(0, src.numel(), bounce_bytes):
+            end = min(src.numel(), start + bounce_bytes)
+            buf[: end - start].copy_(src[start:end])
+            dst[start:end].copy_(buf[: end - start])
+    return out
 
 
 def _restore_modules_to_save(model, path: Path) -> None:
@@ -101,14 +135,27 @@ def _restore_modules_to_save(model, path: Path) -> None:
     save_file({**converted, **extra}, path, metadata={"format": "pt"})
 
 
+def reload_check_items(lengths: np.ndarray) -> np.ndarray:
+    """The test items the reload check scores: all of them up to RELOAD_CHECK_ITEMS, else that many spread
+    evenly over the items sorted by length (the shortest and the longest included), in test order."""
+    limit = RELOAD_CHECK_ITEMS
+    if len(lengths) <= limit:
+        return np.arange(len(lengths))
+    by_length = np.argsort(lengths, kind="stable")
+    return np.sort(by_length[np.linspace(0, len(lengths) - 1, limit).round().astype(int)])
+
+
 def verify_reload(spec: RunSpec, run_dir, tok, logits, device, amp, pad_id, max_len, batch_size: int) -> dict:
-    """Reload the saved artefact through the same path as `peftbench predict` and compare test predictions
-    (classes and label sets equal; scores within 1e-3)."""
+    """Reload the saved artefact through the same path as `peftbench predict` and compare its predictions
+    with the trained model's on the reload-check items (classes and label sets equal; scores within 1e-3)."""
     from .metrics import predict
     from .predict import load_trained
 
+    items = reload_check_items(tok.lengths("test"))
+    logits = logits[items]
     model = load_trained(run_dir, spec=spec, device=device)
-    again = predict_logits(model, tok.ids["test"], batch_size, device, amp, pad_id, max_len)
+    ids = [tok.ids["test"][i] for i in items]
+    again = predict_logits(model, ids, batch_size, device, amp, pad_id, max_len)
     if spec.task == "regression":
         same = bool(np.allclose(again, logits, rtol=1e-3, atol=1e-3))
     else:
@@ -116,6 +163,7 @@ def verify_reload(spec: RunSpec, run_dir, tok, logits, device, amp, pad_id, max_
     return {
         "identical_predictions": same,
         "max_abs_logit_diff": float(np.abs(again - logits).max()) if len(again) else 0.0,
+        "items_checked": len(items),
     }
 
 

@@ -75,8 +75,10 @@ def _load(run_dir: Path, spec: RunSpec, method, device: str):
 
         from .models import add_token_types
 
+        # straight onto a GPU, shard by shard: no fp32 copy of the whole model in host memory on the way
+        where = {"device_map": {"": device}} if device.startswith("cuda") else {}
         model = AutoModelForSequenceClassification.from_pretrained(
-            run_dir / "model", dtype=torch.float32, use_safetensors=True
+            run_dir / "model", dtype=torch.float32, use_safetensors=True, **where
         ).to(device)
         add_token_types(model, spec)
     model.eval()

@@ -655,6 +655,7 @@ class Recipe:
         if resumable and epoch + 1 < self.train.epochs and self.rank == 0:
             import torch
 
+            t = time.perf_counter()
             save_checkpoint(
                 self.ckpt_path,
                 {
@@ -673,6 +674,7 @@ class Recipe:
                     "best_state": self.best["state"],
                 },
             )
+            self.phases["checkpoint"] = self.phases.get("checkpoint", 0.0) + time.perf_counter() - t
         faults.after_epoch(self.spec.runtime.run_id, epoch + 1)
 
     # ------------------------------------------------------------------------------------------ finish
@@ -867,6 +869,7 @@ class Recipe:
         if not (self.spec.evaluate_test and self.spec.runtime.verify_reload):
             return artefact, None
         t = time.perf_counter()
+        self._release_training_state()  # the reloaded copy needs the room: a full 8B model is 29 GB in fp32
         reload = verify_reload(
             self.spec,
             self.run_dir,
@@ -880,6 +883,21 @@ class Recipe:
         )
         self.phases["reload_check"] = time.perf_counter() - t
         return artefact, reload
+
+    def _release_training_state(self) -> None:
+        """Free what only training needed (optimizer state, gradients, graphs, the best epoch's copy) once
+        the trained model is saved."""
+        import gc
+
+        import torch
+
+        self.optimizer = self.scheduler = self.graphs = None
+        self.best["state"] = None
+        for p in self.model.parameters():
+            p.grad = None
+        gc.collect()
+        if self.dev_type == "cuda":
+            torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------------------------------ plan
     def plan_summary(self) -> dict:
