@@ -247,3 +247,18 @@ def test_fp16_autocast_trains_with_loss_scaling_over_an_fp16_base(tiny_encoder, 
     losses = [h["train_loss"] for h in runs["fp16"]["history"]]
     assert losses[-1] < losses[0] and all(np.isfinite(losses))
     assert m["test_accuracy"] >= runs["fp32"]["metrics"]["test_accuracy"] - 0.05 and m["test_accuracy"] > 0.75
+
+
+def test_nvml_figures_count_this_process_only():
+    """Under a parallel study several runs share a GPU: each run's device figure and budget cap count its
+    own memory, which NVML lists per process id."""
+    from collections import namedtuple
+
+    from peftbench import devices
+
+    proc = namedtuple("proc", "pid usedGpuMemory")
+    listed = [proc(11, 5 * 2**30), proc(12, 2**30)]
+    assert devices.process_memory(listed, 12) == 2**30
+    assert devices.process_memory(listed, 13) is None  # not listed: another pid namespace, fall back
+    assert devices.process_memory([proc(12, None)], 12) is None  # a figure NVML hides
+    assert devices.process_memory(None, 12) is None  # no NVML at all

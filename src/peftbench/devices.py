@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 
@@ -65,11 +66,52 @@ def peak_flops(device_name: str) -> float | None:
     return next((v for k, v in GPU_PEAK_BF16_FLOPS.items() if k in device_name), None)
 
 
+def outside_allocator(device: str = "cuda") -> tuple[int, str]:
+    """Bytes this process holds on its GPU beyond the caching allocator's reserve (the CUDA context, cuBLAS
+    and cuDNN workspaces), and whose figure that is: NVML's for this process ("this process") where NVML
+    lists it, so that other processes on the GPU (a study's parallel runs) do not count; otherwise the
+    device's whole use less this reserve ("whole device"), exact when the process is alone on the GPU."""
+    import torch
+
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    reserved = torch.cuda.memory_reserved(index)
+    mine = process_memory(processes_on(index), os.getpid())
+    if mine is not None:
+        return max(0, mine - reserved), "this process"
+    free, total = torch.cuda.mem_get_info(index)
+    return max(0, (total - free) - reserved), "whole device"
+
+
+def processes_on(index: int) -> list | None:
+    """NVML's list of the compute processes on the GPU of CUDA index `index`, or None where NVML cannot
+    tell (no nvidia-ml-py, no driver access, a GPU it cannot match)."""
+    try:
+        import pynvml
+        import torch
+
+        pynvml.nvmlInit()
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        return list(pynvml.nvmlDeviceGetComputeRunningProcesses(handle))
+    except Exception:  # NVML is a bonus: any failure falls back to the device's whole figure
+        return None
+
+
+def process_memory(processes: list | None, pid: int) -> int | None:
+    """The GPU memory NVML lists for `pid`, or None when it does not list it (a container's own process
+    ids differ from the host's NVML sees) or hides the figure."""
+    for p in processes or []:
+        if p.pid == pid and isinstance(p.usedGpuMemory, int):
+            return p.usedGpuMemory
+    return None
+
+
 class MemoryMeter:
     """Peak GPU memory of one run: allocated (tensors, above what the process held when the run started),
-    reserved (all the caching allocator held: what an OOM is decided on) and the device's own figure
-    (cudaMemGetInfo, as nvidia-smi
-    shows it: the CUDA context and libraries' workspaces included). On the CPU: the process's peak RSS."""
+    reserved (all the caching allocator held: what an OOM is decided on) and the device's figure for this
+    process (as nvidia-smi shows it: the CUDA context and libraries' workspaces included; see
+    `outside_allocator`). On the CPU: the process's peak RSS."""
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
@@ -93,13 +135,13 @@ class MemoryMeter:
             return out
         import torch
 
-        free, total = torch.cuda.mem_get_info()
-        # What the device holds beyond the allocator's reserve (context, cuBLAS workspaces), now: added to
+        # What the process holds beyond the allocator's reserve (context, cuBLAS workspaces), now: added to
         # the reserve's peak it is the device's figure at that peak.
-        outside = max(0, (total - free) - torch.cuda.memory_reserved())
+        outside, scope = outside_allocator()
         out.update(
             peak_memory_allocated_mb=(torch.cuda.max_memory_allocated() - self.base_allocated) / 2**20,
             peak_memory_reserved_mb=torch.cuda.max_memory_reserved() / 2**20,
             peak_device_memory_mb=(torch.cuda.max_memory_reserved() + outside) / 2**20,
+            device_memory_scope=scope,
         )
         return out

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from .devices import outside_allocator
 from .errors import UserError
 
 GiB = 2**30
@@ -120,20 +121,22 @@ def cap_allocator(budget_bytes: int, device: str) -> dict:
     device = torch.device(device)
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    free, total = torch.cuda.mem_get_info(device)
+    _, total = torch.cuda.mem_get_info(device)
     if budget_bytes > total:
         raise UserError(
             f"gpu_memory {budget_bytes / GiB:.1f} GB is more than this GPU has ({total / GiB:.1f} GB); "
             "lower it or leave it out"
         )
-    # The CUDA context, libraries and any other process on this GPU: all of it counts against the budget.
-    outside = max(0, (total - free) - torch.cuda.memory_reserved(device))
+    # This process's CUDA context and libraries count against the budget; other processes' memory does
+    # not where NVML can tell them apart (each run of a parallel study gets the whole budget).
+    outside, scope = outside_allocator(str(device))
     fraction = max(0.0, (budget_bytes - outside)) / total
     torch.cuda.set_per_process_memory_fraction(fraction, device)
     return {
         "budget_mb": budget_bytes / 2**20,
         "allocator_cap_mb": fraction * total / 2**20,
         "outside_allocator_mb": outside / 2**20,
+        "outside_allocator_scope": scope,
     }
 
 
