@@ -87,11 +87,12 @@ def test_a_run_that_cannot_fit_its_budget_is_skipped_with_what_it_needed(
 
 
 def test_a_gpu_state_dict_reaches_host_memory_unchanged():
-    from peftbench.artefacts import host_state_dict
+    from peftbench.artefacts import host_copy
 
     model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.LayerNorm(200)).cuda()
     model[0].to(torch.bfloat16)
-    host = host_state_dict(model, bounce_bytes=1000)  # several trips through the pinned buffer per tensor
-    for name, t in model.state_dict().items():
+    state = model.state_dict()
+    host = host_copy(state, bounce_bytes=1000)  # several trips through the pinned buffer per tensor
+    for name, t in state.items():
         assert host[name].device.type == "cpu" and host[name].dtype == t.dtype
         assert torch.equal(host[name], t.cpu()), name

@@ -20,11 +20,15 @@ def dir_size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
 
 
-def trainable_state(model) -> dict:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model, on_device: bool = False) -> dict:
+    """Copies of the trainable parameters: in host memory, or (a sharded run's own shards) on the device.
+    A full copy on the device first would need the weights' size again under a memory budget."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach().clone() for n, p in params.items()} if on_device else host_copy(params)
 
 
 def load_trainable(model, state: dict) -> None:
+    """Copy `state` into the model's parameters, from wherever it is held."""
     import torch
 
     params = dict(model.named_parameters())
@@ -100,25 +104,33 @@ def save_model(model, spec: RunSpec, run_dir: Path) -> str:
     return name
 
 
-def host_state_dict(model, bounce_bytes: int = 2**30) -> dict:
-    """The model's state dict in host memory. From a GPU each tensor goes through one reused pinned buffer:
-    on an H200 (2026-12-02, the 8B shape in fp32, 26.5 GB) that took 1.9 s, where `tensor.cpu()` took
-    17-20 s and pinning a whole copy 12 s; saving spent most of its 44 s there."""
+def host_copy(tensors: dict, bounce_bytes: int = 2**30) -> dict:
+    """Copies of `tensors` in host memory, made without a second copy on the GPU. From a GPU each goes
+    through one reused pinned buffer: on an H200 (2026-12-02, the 8B shape in fp32, 26.5 GB) that took
+    1.9 s, where `tensor.cpu()` took 17-20 s and pinning a whole copy 12 s."""
     import torch
 
-    state = model.state_dict()
-    if not any(t.is_cuda for t in state.values()):
-        return state
-    buf = torch.empty(bounce_bytes, dtype=torch.uint8, pin_memory=True)
-    out = {}
-    for name, t in state.items():
+    buf, out = None, {}
+    for name, t in tensors.items():
+        t = t.detach()
+        if not t.is_cuda:
+            out[name] = t.clone()
+            continue
+        if buf is None:
+            buf = torch.empty(bounce_bytes, dtype=torch.uint8, pin_memory=True)
         out[name] = host = torch.empty(t.shape, dtype=t.dtype)
-        src, dst = t.detach().contiguous().view(-1).view(torch.uint8), host.view(-1).view(torch.uint8)
+        src, dst = t.contiguous().view(-1).view(torch.uint8), host.view(-1).view(torch.uint8)
         for start in range(0, src.numel(), bounce_bytes):
             end = min(src.numel(), start + bounce_bytes)
             buf[: end - start].copy_(src[start:end])
             dst[start:end].copy_(buf[: end - start])
     return out
+
+
+def host_state_dict(model) -> dict:
+    """The model's state dict in host memory, for saving (a model on the CPU: its own tensors)."""
+    state = model.state_dict()
+    return host_copy(state) if any(t.is_cuda for t in state.values()) else state
 
 
 def _restore_modules_to_save(model, path: Path) -> None:

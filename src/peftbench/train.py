@@ -624,8 +624,7 @@ class Recipe:
                 flush=True,
             )
         if self.train.select_best_epoch and oriented(self.spec.metric, val_score) > self.best["score"]:
-            # a sharded run keeps each process's shard where it is
-            state = {k: v if self.sharded else v.cpu() for k, v in trainable_state(self.model).items()}
+            state = trainable_state(self.model, on_device=self.sharded)  # a shard stays where it is
             self.best = {"score": oriented(self.spec.metric, val_score), "epoch": epoch + 1, "state": state}
 
     def logits(self, split: str):
@@ -661,7 +660,7 @@ class Recipe:
                 {
                     "config_hash": self.spec.config_hash,
                     "epoch": epoch,
-                    "trainable": {k: v.cpu() for k, v in trainable_state(self.model).items()},
+                    "trainable": trainable_state(self.model),
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -746,7 +745,7 @@ class Recipe:
 
     def _restore_best_epoch(self) -> int:
         if self.train.select_best_epoch and self.best["state"] is not None:
-            load_trainable(self.model, {k: v.to(self.device) for k, v in self.best["state"].items()})
+            load_trainable(self.model, self.best["state"])
             return self.best["epoch"]
         return self.train.epochs
 
