@@ -747,3 +747,33 @@ def test_a_full_model_saves_in_shards_and_reloads_to_the_same_predictions(
     assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
     assert r["reload_check"]["identical_predictions"] and r["reload_check"]["items_checked"] == 7
     assert r["metrics"]["phase_seconds"]["save"] > 0
+
+
+def test_the_trained_model_is_freed_before_the_reload_check_loads_a_second_copy(
+    tiny_encoder, tiny_data, tmp_path, monkeypatch
+):
+    """Under a memory budget the trained model and its reloaded copy need not fit side by side."""
+    import gc
+    import weakref
+
+    from peftbench import models
+    from peftbench import train as train_mod
+
+    built, seen = [], []
+    real_build, real_verify = models.build_model, train_mod.verify_reload
+
+    def build(*a, **k):
+        model, head = real_build(*a, **k)
+        built.append(weakref.ref(model))
+        return model, head
+
+    def verify(*a, **k):
+        gc.collect()
+        seen.append(built[-1]() is None)
+        return real_verify(*a, **k)
+
+    monkeypatch.setattr(models, "build_model", build)
+    monkeypatch.setattr(train_mod, "verify_reload", verify)
+    (r,) = run_study(study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1}), tmp_path / "s")
+    assert r["status"] == "success" and r["reload_check"]["identical_predictions"], r.get("error")
+    assert seen == [True]

@@ -868,7 +868,7 @@ class Recipe:
         if not (self.spec.evaluate_test and self.spec.runtime.verify_reload):
             return artefact, None
         t = time.perf_counter()
-        self._release_training_state()  # the reloaded copy needs the room: a full 8B model is 29 GB in fp32
+        self._release_training()  # the reloaded copy needs the room (two 8B bases exceed a 24 GB budget)
         reload = verify_reload(
             self.spec,
             self.run_dir,
@@ -883,17 +883,15 @@ class Recipe:
         self.phases["reload_check"] = time.perf_counter() - t
         return artefact, reload
 
-    def _release_training_state(self) -> None:
-        """Free what only training needed (optimizer state, gradients, graphs, the best epoch's copy) once
-        the trained model is saved."""
+    def _release_training(self) -> None:
+        """Free the trained model and what only training needed (optimizer state, gradients, graphs, the best
+        epoch's copy) once the model is scored and saved."""
         import gc
 
         import torch
 
-        self.optimizer = self.scheduler = self.graphs = None
-        self.best["state"] = None
-        for p in self.model.parameters():
-            p.grad = None
+        self.optimizer = self.scheduler = self.graphs = self.model = self.fwd = self.arch = None
+        self.params, self.grad_params, self.best["state"] = [], [], None
         gc.collect()
         if self.dev_type == "cuda":
             torch.cuda.empty_cache()
