@@ -894,7 +894,7 @@ class Recipe:
 
         if self.graphs is not None:
             return
-        self.optimizer = self.scheduler = self.graphs = self.model = self.fwd = self.arch = None
+        self.optimizer = self.scheduler = self.model = self.fwd = self.arch = None
         self.params, self.grad_params, self.best["state"] = [], [], None
         gc.collect()
         if self.dev_type == "cuda":
