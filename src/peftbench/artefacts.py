@@ -110,18 +110,20 @@ def host_copy(tensors: dict, bounce_bytes: int = 2**30) -> dict:
     1.9 s, where `tensor.cpu()` took 17-20 s and pinning a whole copy 12 s."""
     import torch
 
-    buf, out = None, {}
+    on_gpu = [t.numel() * t.element_size() for t in tensors.values() if t.is_cuda]
+    # no larger than the largest tensor: a small model does not pin (and keep cached) a whole GiB
+    step = max(1, min(bounce_bytes, max(on_gpu, default=0)))
+    buf = torch.empty(step, dtype=torch.uint8, pin_memory=True) if on_gpu else None
+    out = {}
     for name, t in tensors.items():
         t = t.detach()
         if not t.is_cuda:
             out[name] = t.clone()
             continue
-        if buf is None:
-            buf = torch.empty(bounce_bytes, dtype=torch.uint8, pin_memory=True)
         out[name] = host = torch.empty(t.shape, dtype=t.dtype)
         src, dst = t.contiguous().view(-1).view(torch.uint8), host.view(-1).view(torch.uint8)
-        for start in range(0, src.numel(), bounce_bytes):
-            end = min(src.numel(), start + bounce_bytes)
+        for start in range(0, src.numel(), step):
+            end = min(src.numel(), start + step)
             buf[: end - start].copy_(src[start:end])
             dst[start:end].copy_(buf[: end - start])
     return out
