@@ -102,6 +102,22 @@ def test_the_packer_keeps_every_example_once_and_never_splits_one(last):
     assert sorted(seen) == list(range(len(seqs)))
 
 
+def test_a_long_padding_tail_stays_inside_the_position_table():
+    """A row padded far beyond its sequences (CUDA pads rows to multiples of 512): the tail is no sequence
+    and must not count positions past the model's table (512 here; on an H200 a tail counting past a
+    128-position table failed a CUDA index assertion)."""
+    model, seqs = tiny("bert"), items()
+    assert model.config.max_position_embeddings > max(len(s) for s in seqs)
+    ids, pos, offsets, segments, picks = packing.pack(seqs, 0, 1024, None, last=False)
+    assert ids.shape[1] == 1024 and int(pos.max()) == max(len(s) for s in seqs) - 1
+    assert (pos[0, offsets[-2] :] == 0).all()
+    _, logits = packing.packed_forward(
+        model, packing.architecture(model), ids, pos, offsets, segments, picks, 512
+    )
+    ref = model_forward(model, *collate(seqs, 0, 8)).logits
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_token_saving_counts_padding_against_packed_rows():
     lengths = np.array([10, 100, 50, 50])
     # padded to 64s: 2 x 128 + 2 x 64 = 384 tokens; packed to 64s: 128 + 128 = 256

@@ -49,9 +49,9 @@ def pack(seqs: list[np.ndarray], pad_id: int, multiple: int, max_len: int | None
     """(ids, positions, offsets, segments, picks) for one packed row of `seqs`, as int64 CPU tensors.
 
     The row is padded to a multiple of `multiple` (few shapes, few CUDA graphs) and always ends in at least
-    one padding token, its own segment that nobody attends to nor reads: every batch of n sequences has
-    n + 2 offsets. `picks` are the classification positions (each sequence's first token, or last with
-    `last`)."""
+    one padding token, its own segment that nobody attends to nor reads, at position 0: every batch of n
+    sequences has n + 2 offsets. `picks` are the classification positions (each sequence's first token, or
+    last with `last`)."""
     import torch
 
     if max_len is not None:
@@ -64,6 +64,7 @@ def pack(seqs: list[np.ndarray], pad_id: int, multiple: int, max_len: int | None
     offsets = np.concatenate([[0], np.cumsum(lengths), [width]])
     segments = np.repeat(np.arange(len(seqs) + 1), np.diff(offsets))
     positions = np.arange(width) - offsets[segments]
+    positions[total:] = 0  # the tail is no sequence: a long one would pass the model's position table
     picks = offsets[1:-1] - 1 if last else offsets[:-2]
     return tuple(torch.from_numpy(np.ascontiguousarray(x))[None] for x in (ids, positions)) + tuple(
         torch.from_numpy(np.ascontiguousarray(x)) for x in (offsets, segments, picks)
