@@ -108,7 +108,9 @@ def param_groups(model, lr: float, head_lr: float | None, weight_decay: float, h
 
 
 def set_checkpointing(model, on: bool) -> None:
-    """Gradient checkpointing through transformers (non-reentrant: frozen inputs need no grad hooks)."""
+    """Gradient checkpointing through transformers (non-reentrant: frozen inputs need no grad hooks).
+    transformers 5.2x calls it activation checkpointing and warns on the old names, which older 5.x has
+    alone."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, "supports_gradient_checkpointing", False):
         if on:
@@ -116,9 +118,14 @@ def set_checkpointing(model, on: bool) -> None:
                 f"gradient_checkpointing: {type(base).__name__} does not support it; set it to false"
             )
         return
-    if on:
+    new = hasattr(type(base), "activation_checkpointing_enable")
+    if on and new:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif on:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif getattr(base, "is_activation_checkpointing", getattr(base, "is_gradient_checkpointing", False)):
+    elif new and base.is_activation_checkpointing:
+        base.activation_checkpointing_disable()
+    elif not new and base.is_gradient_checkpointing:
         base.gradient_checkpointing_disable()
 
 
