@@ -892,16 +892,12 @@ class Recipe:
 
     def _release_training(self) -> None:
         """Free the trained model and what only training needed (optimizer state, gradients, the best epoch's
-        copy) once the model is scored and saved. Graphed runs (models under 1B parameters, where the room
-        does not matter) keep everything until the run ends: on an H200 the GPU tests aborted (SIGABRT) after
-        a graphed run freed its graphs here, and that path was not examined further."""
+        copy, the CUDA graphs) once the model is scored and saved."""
         import gc
 
         import torch
 
-        if self.graphs is not None:
-            return
-        self.optimizer = self.scheduler = self.model = self.fwd = self.arch = None
+        self.optimizer = self.scheduler = self.graphs = self.model = self.fwd = self.arch = None
         self.params, self.grad_params, self.best["state"] = [], [], None
         gc.collect()
         if self.dev_type == "cuda":
