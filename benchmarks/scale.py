@@ -26,6 +26,7 @@ for peftbench, the device's figure (reserved + what the CUDA context holds).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +141,23 @@ def peaks() -> dict:
     }
 
 
+def where() -> list[str]:
+    """The peftbench and benchmark frames of the exception being handled, innermost last."""
+    frames = traceback.extract_tb(sys.exc_info()[2])
+    return [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames if "peftbench" in f.filename]
+
+
+@contextlib.contextmanager
+def sdpa_cudnn(enabled: bool):
+    """SDPA with or without its cuDNN backend (torch's global switch), put back afterwards."""
+    saved = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(saved)
+
+
 def plain_model(folder: Path, method: str, device: str):
     """The practitioner's model: bf16 (or NF4) base straight onto the device, peft on top."""
     from peft import IA3Config, LoraConfig, TaskType, get_peft_model
@@ -215,6 +234,7 @@ def run_peftbench(
     tok: data_mod.Tokenized,
     budget_gb: float | None = None,
     packing: bool | str = "auto",
+    graphs: bool = True,
 ) -> dict:
     reset()
     spec = study.run_spec(config.normalise_methods([METHODS[method]], [])[0], None, 42, "final")
@@ -225,7 +245,7 @@ def run_peftbench(
         evaluate_test=False,
         gpu_memory_bytes=int(budget_gb * 2**30) if budget_gb else None,
     )
-    spec = spec.with_train(learning_rate=1e-4, micro_batch_size=micro, packing=packing)
+    spec = spec.with_train(learning_rate=1e-4, micro_batch_size=micro, packing=packing, cuda_graphs=graphs)
     spec = spec.with_runtime(checkpoint=False, verify_reload=False).planned()
     with tempfile.TemporaryDirectory() as tmp:
         res = train.train_run(spec, tok, Path(tmp), progress=False)
@@ -299,7 +319,13 @@ def main() -> None:
     ap.add_argument("--shapes", default="1.4b,8b")
     ap.add_argument("--methods", default="full,lora,qlora,ia3")
     ap.add_argument("--micro", default="2,16")
-    ap.add_argument("--recipes", default="plain,peftbench")
+    ap.add_argument(
+        "--recipes",
+        default="plain,peftbench",
+        help="plain, peftbench, peftbench+pack, peftbench+nopack; a -nocudnn suffix runs one with cuDNN "
+        "taken out of SDPA's backends, -eager runs peftbench without CUDA graphs",
+    )
+    ap.add_argument("--repeats", type=int, default=1, help="run the recipes this many times, interleaved")
     ap.add_argument("--budgets", default="", help="METHOD@GB pairs run under a budget, e.g. lora@24,full@48")
     ap.add_argument("--plan-budget", default=None, help="time `peftbench plan` at this budget, e.g. 24GB")
     ap.add_argument("--train-size", type=int, default=160)
@@ -358,21 +384,25 @@ def main() -> None:
         tok = data_mod.Tokenized.load(study.tok_file)
         for method in a.methods.split(","):
             for micro in [int(x) for x in a.micro.split(",") if x]:
-                for recipe in [r for r in a.recipes.split(",") if r]:
+                for recipe in [r for r in a.recipes.split(",") if r] * a.repeats:
                     row = {"shape": shape, "method": method, "micro_batch_size": micro, "recipe": recipe}
+                    base, _, variant = recipe.partition("-")
                     try:
-                        if recipe == "plain":
-                            row.update(
-                                run_plain(folder, method, micro, tok, a.max_length, device, a.plain_steps)
-                            )
-                        else:
-                            pack = {"peftbench+pack": True, "peftbench+nopack": False}.get(recipe, "auto")
-                            row.update(run_peftbench(study, folder, method, micro, tok, packing=pack))
+                        with sdpa_cudnn(variant != "nocudnn"):
+                            if base == "plain":
+                                row.update(
+                                    run_plain(folder, method, micro, tok, a.max_length, device, a.plain_steps)
+                                )
+                            else:
+                                pack = {"peftbench+pack": True, "peftbench+nopack": False}.get(base, "auto")
+                                kw = {"packing": pack, "graphs": variant != "eager"}
+                                row.update(run_peftbench(study, folder, method, micro, tok, **kw))
                         row["status"] = "success"
                     except Exception as e:  # an OOM is a result too
                         row.update(
                             status="oom" if is_oom(e) else "failed",
                             error=f"{type(e).__name__}: {str(e)[:200]}",
+                            where=where(),
                             **peaks(),
                         )
                     save(row)
@@ -382,7 +412,7 @@ def main() -> None:
             try:
                 row.update(run_peftbench(study, folder, method, 16, tok, float(gb)), status="success")
             except Exception as e:
-                row.update(status=type(e).__name__, error=str(e)[:300])
+                row.update(status=type(e).__name__, error=str(e)[:300], where=where())
             save(row)
         if a.plan_budget:
             result["plans"][shape] = timed_plan(

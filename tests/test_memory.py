@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -262,3 +263,32 @@ def test_nvml_figures_count_this_process_only():
     assert devices.process_memory(listed, 13) is None  # not listed: another pid namespace, fall back
     assert devices.process_memory([proc(12, None)], 12) is None  # a figure NVML hides
     assert devices.process_memory(None, 12) is None  # no NVML at all
+
+
+def test_the_probe_runs_accumulated_micro_steps_beside_the_gradients(tiny_encoder, tiny_data, tmp_path):
+    """Under gradient accumulation every micro-step after the first runs its forward beside the gradients
+    summed so far: the probe must too. Without it the plan for 1.36B full fine-tuning under 24 GB missed
+    that room, and the run ran out of memory (H200, benchmarks/results/h200-scale-1.4b.json)."""
+    from peftbench import data as data_mod, train
+    from peftbench.runner import Study
+
+    s = Study(config.validate(study(tiny_encoder, tiny_data, ["full"])), tmp_path / "s")
+    s.out.mkdir(parents=True)
+    s.prepare()
+    spec = s.run_spec(config.normalise_methods(["full"], [])[0], None, 0, "final")
+    spec = dataclasses.replace(spec, learning_rate=1e-3).with_train(learning_rate=1e-3)
+    (tmp_path / "run").mkdir()
+    recipe = train.Recipe(spec, data_mod.Tokenized.load(s.tok_file), tmp_path / "run", progress=False)
+    recipe.setup()
+    seen, real = [], recipe.batch_loss
+
+    def batch_loss(*batch):
+        seen.append(any(p.grad is not None for p in recipe.model.parameters()))
+        return real(*batch)
+
+    recipe.batch_loss = batch_loss
+    recipe.probe(4, False)  # 4 of a batch of 16: two micro-steps per optimizer step, probed twice
+    assert seen == [False, True, False, True]
+    seen.clear()
+    recipe.probe(16, False)  # the whole batch: one
+    assert seen == [False, False]

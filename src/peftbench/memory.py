@@ -2,7 +2,8 @@
 
 For a run with a budget (`gpu_memory: 24GB`), the allocator is capped to the budget (less what the CUDA
 context holds outside it), so "fits in 24 GB" is what happened; then a few training steps at the run's
-longest batch shape are probed at falling micro-batches, first without and then (`gradient_checkpointing:
+longest batch shape (two micro-steps each where the batch is accumulated: the second's forward runs beside
+the first's gradients) are probed at falling micro-batches, first without and then (`gradient_checkpointing:
 auto`) with gradient checkpointing, and the first that fits under the budget with a margin is kept. The
 effective batch stays `batch_size` through gradient accumulation. The search itself is `plan_micro_batch`,
 over any probe: the real one (`train.Recipe.probe`) measures peak reserved memory, the tests pass a fake.
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from .devices import outside_allocator
-from .errors import UserError
+from .errors import SkipRun, UserError
 
 GiB = 2**30
 # Share of the budget a probe's peak may use: the rest absorbs fragmentation over a run's other shapes.
@@ -130,8 +131,17 @@ def cap_allocator(budget_bytes: int, device: str) -> dict:
     # This process's CUDA context and libraries count against the budget; other processes' memory does
     # not where NVML can tell them apart (each run of a parallel study gets the whole budget).
     outside, scope = outside_allocator(str(device))
-    fraction = max(0.0, (budget_bytes - outside)) / total
+    if budget_bytes <= outside:
+        raise SkipRun(
+            f"does not fit in {budget_bytes / GiB:.1f} GB: the CUDA context and libraries alone hold "
+            f"{outside / GiB:.1f} GB"
+        )
+    fraction = (budget_bytes - outside) / total
     torch.cuda.set_per_process_memory_fraction(fraction, device)
+    # Segments that grow in place: under a cap, a run's many batch shapes otherwise fragment the cache
+    # past what the probe saw at the longest shape (1.36B full fine-tuning under 24 GB ran out of memory
+    # with 1.5 GB reserved but free, benchmarks/results/h200-scale-1.4b.json).
+    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     return {
         "budget_mb": budget_bytes / 2**20,
         "allocator_cap_mb": fraction * total / 2**20,

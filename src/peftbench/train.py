@@ -194,6 +194,11 @@ class Recipe:
             budget = self.spec.gpu_memory_bytes
             if budget:
                 self.memory_cap = memory.cap_allocator(budget, self.device)
+            else:  # an earlier run in this process may have left its cap
+                index = torch.device(self.device).index
+                torch.cuda.set_per_process_memory_fraction(
+                    1.0, torch.cuda.current_device() if index is None else index
+                )
         self.meter = MemoryMeter(self.device)
         self.amp = autocast_dtype(self.train.precision, self.device)
 
@@ -422,7 +427,7 @@ class Recipe:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
-            seconds = [self._probe_step(*batch) for _ in range(2)][-1]
+            seconds = [self._probe_step(batch, micro < self.batch_size) for _ in range(2)][-1]
             peak = torch.cuda.max_memory_reserved() if self.dev_type == "cuda" else 0
             return float(peak), seconds
         except Exception as e:
@@ -439,19 +444,22 @@ class Recipe:
                 torch.cuda.set_rng_state(rng[1])
                 torch.cuda.empty_cache()
 
-    def _probe_step(self, *batch) -> float:
+    def _probe_step(self, batch: list, accumulating: bool) -> float:
+        """Seconds per micro-step of one optimizer step: with gradient accumulation, two micro-steps, so
+        that the second's forward runs beside the first's gradients, as every later micro-step does."""
         import torch
 
         sync(self.device)
         t = time.perf_counter()
         self.model.train()
-        with torch.autocast(self.dev_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            loss = self.batch_loss(*batch)
-        loss.backward()
+        for _ in range(2 if accumulating else 1):
+            with torch.autocast(self.dev_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                loss = self.batch_loss(*batch)
+            loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         sync(self.device)
-        return time.perf_counter() - t
+        return (time.perf_counter() - t) / (2 if accumulating else 1)
 
     def _setup_graphs(self) -> None:
         """CUDA graphs where the run allows them; `packing: auto` packs graphed steps only."""
