@@ -11,17 +11,19 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("method", ["full", "ia3"])
-def test_graphed_steps_train_like_eager_ones(no_dropout_encoder, tiny_data, tmp_path, method):
-    over = {"device": "cuda", "train": {"epochs": 3, "max_length": 48}}
+@pytest.mark.parametrize("method, micro", [("full", None), ("ia3", None), ("full", 4)])
+def test_graphed_steps_train_like_eager_ones(no_dropout_encoder, tiny_data, tmp_path, method, micro):
+    """Graphed steps, and graphed micro-steps whose gradients add up (micro-batch 4 of 16), follow the
+    eager run's losses."""
+    over = {"device": "cuda", "train": {"epochs": 3, "max_length": 48, "micro_batch_size": micro}}
     (graphed,) = run_study(study(no_dropout_encoder, tiny_data, [method], **over), tmp_path / "graphs")
     over["train"]["cuda_graphs"] = False
     (eager,) = run_study(study(no_dropout_encoder, tiny_data, [method], **over), tmp_path / "eager")
     for res in (graphed, eager):
         assert res["status"] == "success", res.get("error")
     g = graphed["metrics"]["cuda_graphs"]
-    # one eager step, then graphs
-    assert g["failed"] is None and g["graphs"] >= 2 and g["eager_steps"] == 1, g
+    # one eager (micro-)step, then graphs: a shape per padded length (micro-batches of 4 pad to one)
+    assert g["failed"] is None and g["graphs"] >= (2 if micro is None else 1) and g["eager_steps"] == 1, g
     assert eager["metrics"]["cuda_graphs"] == "off (cuda_graphs: false)"
     for hg, he in zip(graphed["history"], eager["history"]):
         assert hg["train_loss"] == pytest.approx(he["train_loss"], rel=2e-3)

@@ -475,17 +475,18 @@ def test_compiled_run_trains_and_says_how_it_was_compiled(tiny_encoder, tiny_dat
         ({"device": "cpu"}, "not a CUDA device"),
         ({"cuda_graphs": False}, "off (cuda_graphs: false)"),
         ({"world": 2}, "data-parallel run"),
-        ({"micro": 8}, "gradient accumulation"),
+        ({"micro": 8}, None),  # a micro-step per graph replay, the gradients adding up
         ({"prefixed": True}, "prefix tuning"),
         ({"method": "adalora"}, "per-step hook (adalora)"),
         ({"method": "prefix_tuning"}, "prefix tuning"),
         ({"mask_mode": "2d"}, "2D attention mask (the model syncs on it)"),
         ({"compiled": "cudagraphs"}, "torch.compile'd run"),
         ({"checkpointing": True}, "gradient checkpointing"),
+        ({"work": 7.2e9 * 2 * 512}, None),  # the 8B shape at micro-batch 2: bound by the host
         (
-            {"n_params": 7_200_000_000},
-            "a model of 1B+ parameters (each batch shape's graph holds its own activations: "
-            "reserved memory doubled on the 8B shape, for no speed)",
+            {"work": 7.2e9 * 16 * 512},
+            "a micro-step of 5.9e+13 parameters x tokens (graphs pay up to 8e+12: beyond, the GPU bounds "
+            "the step, and the graphs' memory pool doubled reserved memory)",
         ),
     ],
 )
@@ -506,7 +507,7 @@ def test_which_runs_replay_cuda_graphs_and_why_not(case, why):
         "compiled": False,
         "cuda_graphs": True,
         "checkpointing": False,
-        "n_params": 22_000_000,
+        "work": 22e6 * 16 * 512,
         **case,
     }
     train = TrainSettings(cuda_graphs=a["cuda_graphs"], batch_size=16)
@@ -520,7 +521,7 @@ def test_which_runs_replay_cuda_graphs_and_why_not(case, why):
         a["prefixed"],
         a["compiled"],
         a["checkpointing"],
-        a["n_params"],
+        a["work"],
     )
     assert got == why
 

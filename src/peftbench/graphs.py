@@ -6,25 +6,30 @@ import time
 
 from .spec import TrainSettings
 
-# Graphs pay where the host's kernel launches bound the step (models of 22M-125M parameters here). On the 8B
-# shape at micro-batch 16 they doubled peak reserved memory (LoRA 125 GB against 59 GB) for 44 samples/s
-# against 43.6 without them (benchmarks/results/h200-scale-8b.json); at 1.36B full fine-tuning they added 27%.
-GRAPHS_MAX_PARAMS = 1_000_000_000
+# Graphs pay where the host's kernel launches bound a micro-step, and only there: where a micro-step's GPU
+# work is large they buy no speed and cost memory. Measured by parameters x tokens of a micro-step's longest
+# shape, on an H200 (benchmarks/results/h200-scale-8b.json): at 7.2e9 x 16 x 512 (the 8B shape at
+# micro-batch 16) graphs doubled peak reserved memory (LoRA 125 GB against 59 GB) for 44 samples/s against
+# 43.6 without them; at 7.2e9 x 2 x 512 graphed micro-steps trained LoRA at 39.8 samples/s against a plain
+# eager loop's 13.4-14.2, with 3% more reserved memory.
+GRAPHS_MAX_WORK = 8e12
 
 
 class StepGraphs:
-    """A training step's forward, backward, loss sum and gradient clipping as CUDA graphs, one per batch
-    shape.
+    """A training (micro-)step's forward, backward and loss sum as CUDA graphs, one per batch shape; with
+    the gradient clipping too where a step is one micro-step (without gradient accumulation).
 
     Small models at batch 16 are bound by the host launching kernels one at a time (the GPU idles most of
     each eager step: benchmarks/results/profiles). A graph replays a whole step's kernels in one launch.
     Shapes
     are few because batches are padded to multiples of `pad_multiple`; each is recorded the first time it
-    occurs (after one eager step, which creates the gradients and the optimizer state), with no compiler:
+    occurs (after one eager micro-step, which creates the gradients), with no compiler:
     0.1-0.2 s per shape in a fresh process on the H200 (benchmarks/results/h200-end-to-end.json). The
     optimizer and scheduler step stay eager (a few fused kernels), so the optimisation is unchanged.
     Gradients, the loss sum and each shape's input buffers live outside the graphs; the graphs' activations
-    share one memory pool (they never run at the same time).
+    share one memory pool (they never run at the same time). A micro-step's share of its batch is the
+    device scalar `weight`, set before each replay, so micro-steps of any share replay one graph; their
+    gradients add up in the gradient tensors, as eagerly.
     """
 
     def __init__(self, loss_of, amp, loss_sum, params: list, max_grad_norm):
@@ -32,6 +37,7 @@ class StepGraphs:
 
         self.loss_of, self.amp, self.loss_sum = loss_of, amp, loss_sum
         self.params, self.max_grad_norm = params, max_grad_norm
+        self.weight = torch.ones((), device=loss_sum.device)
         self.stream = torch.cuda.Stream()
         self.graphs: dict[tuple, tuple] = {}
         self.pool = None
@@ -50,7 +56,7 @@ class StepGraphs:
         prefixed: bool,
         compiled,
         checkpointing: bool = False,
-        n_params: int = 0,
+        work: float = 0.0,
         scaled: bool = False,
     ) -> str | None:
         """Why this run's steps cannot be graphed (None: they can)."""
@@ -60,28 +66,28 @@ class StepGraphs:
             (not device.startswith("cuda"), "not a CUDA device"),
             (world > 1, "data-parallel run"),
             (bool(compiled), "torch.compile'd run"),
-            (micro < train.batch_size, "gradient accumulation"),
             (prefixed or method.graph_blocker is not None, method.graph_blocker or "prefix tuning"),
             (checkpointing, "gradient checkpointing"),
             (scaled, "fp16 loss scaling (its overflow check reads the gradients on the host)"),
             (
-                n_params >= GRAPHS_MAX_PARAMS,
-                "a model of 1B+ parameters (each batch shape's graph holds its "
-                "own activations: reserved memory doubled on the 8B shape, for no speed)",
+                work > GRAPHS_MAX_WORK,
+                f"a micro-step of {work:.1e} parameters x tokens (graphs pay up to {GRAPHS_MAX_WORK:.0e}: "
+                "beyond, the GPU bounds the step, and the graphs' memory pool doubled reserved memory)",
             ),
             (mask_mode == "2d", "2D attention mask (the model syncs on it)"),  # "packed": none
         ]
         return next((why for bad, why in reasons if bad), None)
 
     def forward_backward(self, *batch) -> None:
-        """The step's work, eager or under capture: loss, gradients, loss sum, clipping."""
+        """The micro-step's work, eager or under capture: loss (times its share `weight`), gradients, loss
+        sum, and clipping where one micro-step is the whole step (`max_grad_norm` given)."""
         import torch
 
         # Autocast's weight-cast cache must not outlive a capture; each weight is cast once per step anyway.
         with torch.autocast(
             "cuda", dtype=self.amp or torch.float32, enabled=self.amp is not None, cache_enabled=False
         ):
-            loss = self.loss_of(*batch)
+            loss = self.loss_of(*batch) * self.weight
         loss.backward()
         self.loss_sum += loss.detach()
         if self.max_grad_norm:
@@ -101,8 +107,10 @@ class StepGraphs:
         graph.replay()
         return True
 
-    def run(self, *batch) -> None:
-        """One step's forward and backward on host tensors (pinned): from a graph, or eagerly."""
+    def run(self, *batch, weight: float = 1.0) -> None:
+        """One micro-step's forward and backward on host tensors (pinned), its loss weighted by its share
+        of the batch: from a graph, or eagerly."""
+        self.weight.fill_(weight)
         if not self.step(batch):
             dev = self.loss_sum.device
             self.forward_backward(*(x.to(dev, non_blocking=True) for x in batch))
@@ -115,6 +123,8 @@ class StepGraphs:
         dev = self.loss_sum.device
         static = tuple(x.to(dev, copy=True) for x in batch)  # captured on this step's real batch
         graph = torch.cuda.CUDAGraph()
+        if self.pool is None:  # the eager steps' cached activations go back, for the graphs' pool to take
+            torch.cuda.empty_cache()
         self.stream.wait_stream(torch.cuda.current_stream())
         try:
             with torch.cuda.stream(self.stream):

@@ -43,7 +43,7 @@ from .batches import steps_per_epoch as count_steps
 from .data import Tokenized
 from .devices import MemoryMeter, autocast_dtype, dist_info, is_oom, peak_flops, sync
 from .errors import Diverged, SkipRun, UserError
-from .graphs import GRAPHS_MAX_PARAMS, StepGraphs
+from .graphs import GRAPHS_MAX_WORK, StepGraphs
 from .metrics import model_flops_per_token, oriented, predict, score, validation_at
 from .spec import RunSpec
 from .tracking import StepProfiler, Tracker
@@ -273,8 +273,8 @@ class Recipe:
 
         t = time.perf_counter()
         forced = self.train.attention_mask
-        if forced == "auto" and self.total >= GRAPHS_MAX_PARAMS:
-            forced = "2d"  # a ready 4D mask serves CUDA graphs, which such a model is not given (graphs.py)
+        if forced == "auto" and self.step_work() > GRAPHS_MAX_WORK:
+            forced = "2d"  # a ready 4D mask serves CUDA graphs, which such a step is not given (graphs.py)
         self.mask_mode = choose_mask_mode(
             self.model,
             self.ids_train,
@@ -478,7 +478,7 @@ class Recipe:
                 self.amp,
                 self.loss_sum,
                 self.grad_params,
-                self.train.max_grad_norm,
+                self.train.max_grad_norm if self.micro >= self.batch_size else None,  # else after the last
             )
 
     def _graphs_blocker(self) -> str | None:
@@ -492,9 +492,13 @@ class Recipe:
             self.prefixed,
             self.compiled,
             self.checkpointing,
-            self.total,
+            self.step_work(),
             scaled=self.scaler is not None,
         )
+
+    def step_work(self) -> float:
+        """Parameters x tokens of a micro-step at the longest shape: what decides whether graphs pay."""
+        return float(self.total) * self.micro * min(int(self.lengths.max()), self.max_len or 1 << 30)
 
     def _resume(self) -> None:
         """Continue from the last epoch checkpoint of this same config, if a killed run left one."""
@@ -569,8 +573,12 @@ class Recipe:
         """Gradients of one batch: from a CUDA graph, or eagerly in micro-batches (each process its share)."""
         import torch
 
-        if self.graphs is not None:  # one process, whole batch: forward, backward and clipping in one call
-            self.graphs.run(*self.host_batch(batch))
+        if self.graphs is not None:  # one process: each micro-step from its shape's graph
+            for m0 in range(0, len(batch), self.micro):
+                part = batch[m0 : m0 + self.micro]
+                self.graphs.run(*self.host_batch(part), weight=len(part) / len(batch))
+            if self.graphs.max_grad_norm is None:
+                self._clip()
             return
         mine = batch[self.rank :: self.world]
         # Every process runs as many micro-steps as the largest share needs (each joins every gradient
@@ -589,6 +597,11 @@ class Recipe:
             self.loss_sum += loss.detach()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clipping sees the true gradients
+        self._clip()
+
+    def _clip(self) -> None:
+        import torch
+
         if self.train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.grad_params, self.train.max_grad_norm)
 
