@@ -426,7 +426,7 @@ def _study_arguments(r: argparse.ArgumentParser) -> None:
         "--cuda-graphs",
         choices=["on", "off"],
         help="replay each training step from a CUDA graph per batch shape "
-        "(default on, CUDA, models under 1B parameters), e.g. --cuda-graphs off",
+        "(default on, CUDA, where the host bounds a micro-step), e.g. --cuda-graphs off",
     )
     a(
         "--packing",
