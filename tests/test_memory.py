@@ -292,3 +292,11 @@ def test_the_probe_runs_accumulated_micro_steps_beside_the_gradients(tiny_encode
     seen.clear()
     recipe.probe(16, False)  # the whole batch: one
     assert seen == [False, False]
+
+
+def test_cuda_index_names_the_current_device_for_a_bare_cuda(monkeypatch):
+    """torch's per-device memory calls need an index: "cuda:1" gives 1, "cuda" the current device."""
+    from peftbench.devices import cuda_index
+
+    monkeypatch.setattr("torch.cuda.current_device", lambda: 3)
+    assert cuda_index("cuda:1") == 1 and cuda_index("cuda") == 3 and cuda_index() == 3

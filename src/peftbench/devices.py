@@ -66,6 +66,14 @@ def peak_flops(device_name: str) -> float | None:
     return next((v for k, v in GPU_PEAK_BF16_FLOPS.items() if k in device_name), None)
 
 
+def cuda_index(device: str = "cuda") -> int:
+    """The CUDA index of `device` ("cuda" alone: the current device), as torch's per-device calls need it."""
+    import torch
+
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
+
+
 def outside_allocator(device: str = "cuda") -> tuple[int, str]:
     """Bytes this process holds on its GPU beyond the caching allocator's reserve (the CUDA context, cuBLAS
     and cuDNN workspaces), and whose figure that is: NVML's for this process ("this process") where NVML
@@ -73,8 +81,7 @@ def outside_allocator(device: str = "cuda") -> tuple[int, str]:
     device's whole use less this reserve ("whole device"), exact when the process is alone on the GPU."""
     import torch
 
-    device = torch.device(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = cuda_index(device)
     reserved = torch.cuda.memory_reserved(index)
     mine = process_memory(processes_on(index), os.getpid())
     if mine is not None:

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from .devices import outside_allocator
+from .devices import cuda_index, outside_allocator
 from .errors import SkipRun, UserError
 
 GiB = 2**30
@@ -119,9 +119,7 @@ def cap_allocator(budget_bytes: int, device: str) -> dict:
     what was set. Raises UserError when the budget exceeds the card."""
     import torch
 
-    device = torch.device(device)
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device("cuda", cuda_index(device))
     _, total = torch.cuda.mem_get_info(device)
     if budget_bytes > total:
         raise UserError(

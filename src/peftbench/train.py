@@ -41,7 +41,7 @@ from .batches import (
 )
 from .batches import steps_per_epoch as count_steps
 from .data import Tokenized
-from .devices import MemoryMeter, autocast_dtype, dist_info, is_oom, peak_flops, sync
+from .devices import MemoryMeter, autocast_dtype, cuda_index, dist_info, is_oom, peak_flops, sync
 from .errors import Diverged, SkipRun, UserError
 from .graphs import GRAPHS_MAX_WORK, StepGraphs
 from .metrics import model_flops_per_token, oriented, predict, score, validation_at
@@ -195,10 +195,7 @@ class Recipe:
             if budget:
                 self.memory_cap = memory.cap_allocator(budget, self.device)
             else:  # an earlier run in this process may have left its cap
-                index = torch.device(self.device).index
-                torch.cuda.set_per_process_memory_fraction(
-                    1.0, torch.cuda.current_device() if index is None else index
-                )
+                torch.cuda.set_per_process_memory_fraction(1.0, cuda_index(self.device))
         self.meter = MemoryMeter(self.device)
         self.amp = autocast_dtype(self.train.precision, self.device)
 
@@ -577,7 +574,7 @@ class Recipe:
             for m0 in range(0, len(batch), self.micro):
                 part = batch[m0 : m0 + self.micro]
                 self.graphs.run(*self.host_batch(part), weight=len(part) / len(batch))
-            if self.graphs.max_grad_norm is None:
+            if self.micro < self.batch_size:  # accumulated: clipped after the last micro-step, not in a graph
                 self._clip()
             return
         mine = batch[self.rank :: self.world]
