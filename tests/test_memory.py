@@ -300,3 +300,37 @@ def test_cuda_index_names_the_current_device_for_a_bare_cuda(monkeypatch):
 
     monkeypatch.setattr("torch.cuda.current_device", lambda: 3)
     assert cuda_index("cuda:1") == 1 and cuda_index("cuda") == 3 and cuda_index() == 3
+
+
+def test_a_planned_smaller_micro_batch_chooses_its_mask_again(tiny_encoder, tiny_data, tmp_path, monkeypatch):
+    """Whether a micro-step is graphed (and so wants a ready 4D mask) depends on its size: a memory plan
+    that lowers the micro-batch below the graph threshold must decide the mask again, or a budgeted 8B run
+    trains eagerly at the micro-batch where graphs pay most."""
+    from peftbench import data as data_mod, train
+    from peftbench.runner import Study
+
+    s = Study(config.validate(study(tiny_encoder, tiny_data, ["lora"])), tmp_path / "s")
+    s.out.mkdir(parents=True)
+    s.prepare()
+    spec = s.run_spec(config.normalise_methods(["lora"], [])[0], None, 0, "final")
+    spec = dataclasses.replace(
+        spec, learning_rate=1e-3, runtime=dataclasses.replace(spec.runtime, plan_only=True)
+    ).with_train(learning_rate=1e-3)
+    seen, real = [], train.choose_mask_mode
+
+    def spy(*args, forced, **kw):
+        seen.append(forced)
+        return real(*args, forced=forced, **kw)
+
+    def plan(probe, batch_size, checkpointing, budget):  # what a budget that holds 2 of 16 plans
+        return memory.Fit(budget_mb=budget / 2**20, micro_batch_size=2, gradient_checkpointing=False)
+
+    monkeypatch.setattr(train, "choose_mask_mode", spy)
+    monkeypatch.setattr(memory, "plan_micro_batch", plan)
+    monkeypatch.setattr(train.Recipe, "step_work", lambda self: float(self.micro))
+    monkeypatch.setattr(train, "GRAPHS_MAX_WORK", 4.0)  # graphs pay at micro-batch 2, not at 16
+    (tmp_path / "run").mkdir()
+    recipe = train.Recipe(spec, data_mod.Tokenized.load(s.tok_file), tmp_path / "run", progress=False)
+    recipe.setup()
+    assert recipe.micro == 2 and seen == ["2d", "auto"]
+    assert recipe.phases["mask_probe"] >= 0 and recipe.phases["packing_probe"] >= 0

@@ -25,7 +25,7 @@ from .artefacts import (
     load_trainable,
     mutated_init,
     save_checkpoint,
-    save_model,
+    start_save,
     trainable_state,
     verify_reload,
     write_predictions,
@@ -177,7 +177,8 @@ class Recipe:
         self._setup_model()
         self._setup_optimizer()
         self._setup_forward()
-        self._plan_memory()
+        if self._plan_memory():  # a smaller micro-step may take the graphs a larger one was refused
+            self._choose_layout()
         set_checkpointing(self.model, self.checkpointing)
         self._setup_graphs()
         self._resume()
@@ -265,23 +266,9 @@ class Recipe:
         self.scaler = torch.amp.GradScaler(self.dev_type) if self.amp == torch.float16 else None
 
     def _setup_forward(self) -> None:
-        """The attention-mask form, data parallelism and compilation: how a batch reaches the model."""
+        """Data parallelism, compilation and the batch layout: how a batch reaches the model."""
         import torch
 
-        t = time.perf_counter()
-        forced = self.train.attention_mask
-        if forced == "auto" and self.step_work() > GRAPHS_MAX_WORK:
-            forced = "2d"  # a ready 4D mask serves CUDA graphs, which such a step is not given (graphs.py)
-        self.mask_mode = choose_mask_mode(
-            self.model,
-            self.ids_train,
-            self.pad_id,
-            self.device,
-            max_len=self.max_len,
-            forced=forced,
-            amp=self.amp,
-        )
-        self.phases["mask_probe"] = time.perf_counter() - t
         self.prefixed = prefix_length(self.model) > 0
         if self.prefixed and self.world > 1:
             raise UserError("prefix_tuning runs on one device here; set gpus_per_run: 1 for it")
@@ -305,6 +292,25 @@ class Recipe:
         self.pad_multiple = self.train.pad_to_multiple_of or (
             64 if self.train.compile or self.dev_type == "cuda" else 8
         )
+        self._choose_layout()
+
+    def _choose_layout(self) -> None:
+        """The attention-mask form and packing, for the run's micro-batch (again after a memory plan that
+        changes it: whether a micro-step is graphed, and so the mask it wants, depends on its size)."""
+        t = time.perf_counter()
+        forced = self.train.attention_mask
+        if forced == "auto" and self.step_work() > GRAPHS_MAX_WORK:
+            forced = "2d"  # a ready 4D mask serves CUDA graphs, which such a step is not given (graphs.py)
+        self.mask_mode = choose_mask_mode(
+            self.model,
+            self.ids_train,
+            self.pad_id,
+            self.device,
+            max_len=self.max_len,
+            forced=forced,
+            amp=self.amp,
+        )
+        self.phases["mask_probe"] = self.phases.get("mask_probe", 0.0) + time.perf_counter() - t
         self._setup_packing()
 
     def _setup_packing(self) -> None:
@@ -341,7 +347,7 @@ class Recipe:
             self.packing_saving,
         )
         self.max_seqlen = max(longest, self.pack_multiple)  # the padding tail is a sequence too
-        self.phases["packing_probe"] = time.perf_counter() - t
+        self.phases["packing_probe"] = self.phases.get("packing_probe", 0.0) + time.perf_counter() - t
 
     def _prompt_method(self) -> bool:
         cfg = active_peft_config(self.model)
@@ -382,11 +388,12 @@ class Recipe:
         self.fwd = torch.compile(self.fwd, mode="reduce-overhead" if graphs else None)
         self.compiled = "cudagraphs" if graphs else True
 
-    def _plan_memory(self) -> None:
-        """Under a GPU memory budget, the largest micro-batch (and checkpointing if needed) that fits."""
+    def _plan_memory(self) -> bool:
+        """Under a GPU memory budget, the largest micro-batch (and checkpointing if needed) that fits;
+        True where that changed the micro-batch."""
         budget = self.spec.gpu_memory_bytes
         if not (budget and self.dev_type == "cuda") and not self.spec.runtime.plan_only:
-            return
+            return False
         setting = self.train.gradient_checkpointing
         limit = int(self.memory_cap["allocator_cap_mb"] * 2**20) if budget else self._device_total()
         fit = memory.plan_micro_batch(self.probe, self.batch_size, setting, limit)
@@ -398,7 +405,9 @@ class Recipe:
                 f"does not fit in {(budget or limit) / 2**30:.1f} GB at micro-batch 1"
                 f"{' with gradient checkpointing' if setting else ''}: needs {fit.needed()}"
             )
+        changed = fit.micro_batch_size != self.micro
         self.micro, self.checkpointing = fit.micro_batch_size, fit.gradient_checkpointing
+        return changed
 
     def _device_total(self) -> int:
         if self.dev_type != "cuda":
@@ -736,6 +745,9 @@ class Recipe:
         peaks = self.meter.peaks() if self.sharded else None  # before rank 0 gathers the whole model
         if self.sharded:
             self._unshard()
+        t = time.perf_counter()
+        self.saving = start_save(self.model, self.spec, self.run_dir) if self.rank == 0 else None
+        self.phases["save"] = time.perf_counter() - t
         test = self._test(metrics)
         metrics.update(peaks or self.meter.peaks())
         metrics["world_size"] = self.world
@@ -886,9 +898,13 @@ class Recipe:
             metrics[k] = max(vals) if vals else None
 
     def _save(self, metrics: dict, test: dict) -> tuple[str, dict | None]:
+        """The artefact's files, once written (the save began before the test pass), and its reload check.
+        The save's phase is what the run waited for: the host copy, and the writing the test did not hide."""
         t = time.perf_counter()
-        artefact = save_model(self.model, self.spec, self.run_dir)
-        self.phases["save"] = time.perf_counter() - t
+        written, self.saving = self.saving, None  # it holds the model, which the reload check frees
+        artefact = written()
+        del written
+        self.phases["save"] += time.perf_counter() - t
         metrics["adapter_size_mb"] = dir_size_mb(self.run_dir / artefact)
         if not (self.spec.evaluate_test and self.spec.runtime.verify_reload):
             return artefact, None
