@@ -19,7 +19,8 @@ Per shape, method and micro-batch, two rows:
   same size (gradient accumulation), 2 epochs; speed is its second epoch (after warm-up).
 Peaks are from a clean baseline in this process: allocated, reserved (what an OOM is decided on) and,
 for peftbench, the device's figure (reserved + what the CUDA context holds).
-`--budgets METHOD@GB,...` runs peftbench under that budget (capped allocator, micro-batch planned);
+`--budgets METHOD@GB,...` runs peftbench under that budget (capped allocator, micro-batch planned;
+`METHOD@GB!`: under the cap without the plan, at micro-batch 1 with gradient checkpointing);
 `--plan-budget` times `peftbench plan` over the shape at that budget, in a fresh process.
 """
 
@@ -156,6 +157,23 @@ def sdpa_cudnn(enabled: bool):
         yield
     finally:
         torch.backends.cuda.enable_cudnn_sdp(saved)
+
+
+@contextlib.contextmanager
+def unplanned():
+    """Runs under their budget's cap without its plan, at the least memory peftbench trains in (micro-batch
+    1, gradient checkpointing): what shows that a method the plan refuses really runs out of memory."""
+    real = train.Recipe._plan_memory
+
+    def least(self) -> bool:
+        self.micro, self.checkpointing = 1, True
+        return True
+
+    train.Recipe._plan_memory = least
+    try:
+        yield
+    finally:
+        train.Recipe._plan_memory = real
 
 
 def plain_model(folder: Path, method: str, device: str):
@@ -326,7 +344,11 @@ def main() -> None:
         "taken out of SDPA's backends, -eager runs peftbench without CUDA graphs",
     )
     ap.add_argument("--repeats", type=int, default=1, help="run the recipes this many times, interleaved")
-    ap.add_argument("--budgets", default="", help="METHOD@GB pairs run under a budget, e.g. lora@24,full@48")
+    ap.add_argument(
+        "--budgets",
+        default="",
+        help="METHOD@GB pairs run under a budget, e.g. lora@24,full@48 (full@16!: unplanned)",
+    )
     ap.add_argument("--plan-budget", default=None, help="time `peftbench plan` at this budget, e.g. 24GB")
     ap.add_argument("--train-size", type=int, default=160)
     ap.add_argument("--plain-steps", type=int, default=8)
@@ -408,11 +430,15 @@ def main() -> None:
                     save(row)
         for pair in [p for p in a.budgets.split(",") if p]:
             method, gb = pair.split("@")
-            row = {"shape": shape, "method": method, "recipe": "peftbench", "budget_gb": float(gb)}
+            forced = gb.endswith("!")
+            gb = float(gb.rstrip("!"))
+            row = {"shape": shape, "method": method, "recipe": "peftbench", "budget_gb": gb}
+            row["plan"] = "skipped: micro-batch 1, checkpointing" if forced else "planned"
             try:
-                row.update(run_peftbench(study, folder, method, 16, tok, float(gb)), status="success")
+                with unplanned() if forced else contextlib.nullcontext():
+                    row.update(run_peftbench(study, folder, method, 16, tok, gb), status="success")
             except Exception as e:
-                row.update(status=type(e).__name__, error=str(e)[:300], where=where())
+                row.update(status="oom" if is_oom(e) else type(e).__name__, error=str(e)[:300], where=where())
             save(row)
         if a.plan_budget:
             result["plans"][shape] = timed_plan(

@@ -736,11 +736,32 @@ def test_the_reload_check_scores_a_spread_of_test_items(monkeypatch):
 def test_a_full_model_saves_in_shards_and_reloads_to_the_same_predictions(
     tiny_encoder, tiny_data, tmp_path, monkeypatch
 ):
-    from peftbench import artefacts
+    """... written on a thread while the test pass runs (writing an 8B model is bound by the disk)."""
+    import threading
 
+    from peftbench import artefacts
+    from peftbench import train as train_mod
+
+    events = tmp_path / "events"  # the run may be a forked process: its record comes back in a file
+    real_save, real_test = artefacts.save_model, train_mod.Recipe._test
+
+    def save_model(*a, **k):
+        with events.open("a") as f:
+            f.write(f"save begins on {threading.current_thread().name}\n")
+        return real_save(*a, **k)
+
+    def test_pass(self, metrics):
+        with events.open("a") as f:
+            f.write("test begins\n")
+        return real_test(self, metrics)
+
+    monkeypatch.setattr(artefacts, "save_model", save_model)
+    monkeypatch.setattr(train_mod.Recipe, "_test", test_pass)
     monkeypatch.setattr(artefacts, "SHARD_SIZE", "100KB")
     monkeypatch.setattr(artefacts, "RELOAD_CHECK_ITEMS", 7)
     (r,) = run_study(study(tiny_encoder, tiny_data, ["full"]), tmp_path / "s")
+    lines = sorted(events.read_text().splitlines())  # the two threads' order is the scheduler's
+    assert lines == ["save begins on peftbench-save_0", "test begins"], lines
     assert r["status"] == "success", r["error"]
     folder = tmp_path / "s" / "runs" / r["run_id"] / "model"
     index = json.loads((folder / "model.safetensors.index.json").read_text())

@@ -7,6 +7,8 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -82,16 +84,30 @@ SHARD_SIZE = "5GB"
 RELOAD_CHECK_ITEMS = 256
 
 
-def save_model(model, spec: RunSpec, run_dir: Path) -> str:
-    """Save the adapter (PEFT) or the model (others, in SHARD_SIZE safetensors shards); returns the folder's
-    name."""
+def start_save(model, spec: RunSpec, run_dir: Path) -> Callable[[], str]:
+    """Begin saving the trained model; returns the wait, which gives the folder's name. A whole model is
+    copied to host memory now and written on a thread, so that what follows on the GPU (the test pass) runs
+    while its shards go to disk: writing the 8B shape in fp32 (26.5 GB) is bound by the disk, and
+    safetensors writes without holding the GIL. An adapter (megabytes) is saved when waited for."""
+    if registry.get(spec.method).kind == "peft":
+        return lambda: save_model(model, spec, run_dir)
+    state = host_state_dict(model)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="peftbench-save")
+    future = pool.submit(save_model, model, spec, run_dir, state)
+    pool.shutdown(wait=False)
+    return future.result
+
+
+def save_model(model, spec: RunSpec, run_dir: Path, state: dict | None = None) -> str:
+    """Save the adapter (PEFT) or the model (others, in SHARD_SIZE safetensors shards, from `state` where
+    given: its weights in host memory); returns the folder's name."""
     name = "adapter" if registry.get(spec.method).kind == "peft" else "model"
     final = run_dir / name
     tmp = run_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     kw = {}
     if name == "model":
-        kw = {"max_shard_size": SHARD_SIZE, "state_dict": host_state_dict(model)}
+        kw = {"max_shard_size": SHARD_SIZE, "state_dict": host_state_dict(model) if state is None else state}
     converted = mutated_init(model)
     if converted:  # PEFT subtracts the initial adapter: a plain LoRA adapter on the original base
         kw["path_initial_model_for_weight_conversion"] = str(run_dir / "adapter-init")
