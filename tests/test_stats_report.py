@@ -174,7 +174,9 @@ def test_recommend_constraints_and_binding_one():
 
 
 # ----------------------------------------------------------------------------------------- the report
-def test_report_with_failed_skipped_and_hostile_labels(tiny_encoder, tiny_data, tmp_path, monkeypatch):
+def test_report_with_failed_skipped_and_hostile_labels(
+    tiny_encoder, tiny_data, tmp_path, monkeypatch, capsys
+):
     evil = "<script>alert(1)</script>"
     monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "ia3:segv")
     raw = study(
@@ -195,7 +197,16 @@ def test_report_with_failed_skipped_and_hostile_labels(tiny_encoder, tiny_data, 
         test_predictions=None,
     )
     store.atomic_write_json(next((tmp_path / "s" / "runs").glob("full-*/result.json")), res)
+    lora_file = next(
+        f for f in (tmp_path / "s" / "runs").glob("*/result.json") if '"method": "lora"' in f.read_text()
+    )
+    lora = json.loads(lora_file.read_text())  # a saved adapter that changed decided predictions
+    lora["reload_check"].update(identical_predictions=False, changed_predictions=3)
+    store.atomic_write_json(lora_file, lora)
     paths = report.write_report(tmp_path / "s")
+    report.print_summary(tmp_path / "s")
+    assert f"warning: {lora['run_id']}: its saved adapter does not" in capsys.readouterr().err
+    assert "does not reproduce its predictions (3 of" in paths["markdown"].read_text()
     page = paths["html"].read_text()
     assert evil not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<b>y</b>" not in page
@@ -207,6 +218,20 @@ def test_report_with_failed_skipped_and_hostile_labels(tiny_encoder, tiny_data, 
     assert "## Runs that did not succeed" in md and "| method |" in md
     for k in ("accuracy_vs_memory", "accuracy_vs_time", "accuracy_vs_params", "learning_curves"):
         assert paths[k].stat().st_size > 5000
+
+
+def test_the_reload_check_counts_changed_predictions():
+    from peftbench.artefacts import compare_predictions
+
+    logits = np.array([[2.0, -2.0], [0.50, 0.49], [-1.0, 3.0]])
+    out = compare_predictions("classification", logits, logits + 1e-4)
+    assert out["identical_predictions"] and out["changed_predictions"] == 0 and out["items_checked"] == 3
+    out = compare_predictions("classification", logits, logits + np.array([[0, 0], [-0.02, 0], [0, 0]]))
+    assert not out["identical_predictions"] and out["changed_predictions"] == 1  # even a near tie
+    labels = np.array([[3.0, -0.5], [2.0, -2.0]])  # multi-label: a row with any label changed counts once
+    assert compare_predictions("multi_label", labels, -labels)["changed_predictions"] == 2
+    scores = np.array([[0.5], [1.5]])
+    assert compare_predictions("regression", scores, scores + [[0.1], [1e-5]])["changed_predictions"] == 1
 
 
 def test_report_for_a_single_method(tiny_encoder, tiny_data, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import methods as registry
-from .batches import active_peft_config, predict_logits
+from .batches import active_peft_config, eval_batches, predict_logits
 from .spec import RunSpec
 
 
@@ -165,36 +165,60 @@ def _restore_modules_to_save(model, path: Path) -> None:
     save_file({**converted, **extra}, path, metadata={"format": "pt"})
 
 
-def reload_check_items(lengths: np.ndarray) -> np.ndarray:
-    """The test items the reload check scores: all of them up to RELOAD_CHECK_ITEMS, else that many spread
-    evenly over the items sorted by length (the shortest and the longest included), in test order."""
-    limit = RELOAD_CHECK_ITEMS
-    if len(lengths) <= limit:
-        return np.arange(len(lengths))
-    by_length = np.argsort(lengths, kind="stable")
-    return np.sort(by_length[np.linspace(0, len(lengths) - 1, limit).round().astype(int)])
+def reload_check_batches(batches: list[np.ndarray]) -> list[np.ndarray]:
+    """The test pass's batches the reload check scores again, whole (the same rows padded together, so the
+    same arithmetic: under bf16, rows padded with others round differently): all of them up to
+    RELOAD_CHECK_ITEMS items, else that many items' worth spread evenly over the lengths, the longest and
+    the shortest batch included."""
+    size = max(len(b) for b in batches) if batches else 1
+    keep = max(1, RELOAD_CHECK_ITEMS // size)
+    if keep >= len(batches):
+        return batches
+    return [batches[i] for i in np.unique(np.linspace(0, len(batches) - 1, keep).round().astype(int))]
 
 
-def verify_reload(spec: RunSpec, run_dir, tok, logits, device, amp, pad_id, max_len, batch_size: int) -> dict:
-    """Reload the saved artefact through the same path as `peftbench predict` and compare its predictions
-    with the trained model's on the reload-check items (classes and label sets equal; scores within 1e-3)."""
-    from .metrics import predict
+def verify_reload(
+    spec: RunSpec, run_dir, tok, logits, device, amp, pad_id, max_len, batch_size, mask_mode
+) -> dict:
+    """Reload the saved artefact through the same path as `peftbench predict`, score some of the test pass's
+    batches again as they were scored, and compare with the trained model's `logits` for them: predicted
+    classes and label sets equal, scores within 1e-3."""
     from .predict import load_trained
 
-    items = reload_check_items(tok.lengths("test"))
-    logits = logits[items]
+    ids = tok.ids["test"]
+    batches = reload_check_batches(eval_batches(ids, batch_size))
     model = load_trained(run_dir, spec=spec, device=device)
-    ids = [tok.ids["test"][i] for i in items]
-    again = predict_logits(model, ids, batch_size, device, amp, pad_id, max_len)
-    if spec.task == "regression":
-        same = bool(np.allclose(again, logits, rtol=1e-3, atol=1e-3))
+    again = predict_logits(model, ids, batch_size, device, amp, pad_id, max_len, mask_mode, batches=batches)
+    return compare_predictions(spec.task, logits[np.concatenate(batches)], again)
+
+
+def compare_predictions(task: str, logits: np.ndarray, again: np.ndarray) -> dict:
+    """The reload check's verdict on the trained model's `logits` and the reloaded model's `again`."""
+    from .metrics import predict
+
+    if task == "regression":
+        changed = int((~np.isclose(again[:, 0], logits[:, 0], rtol=1e-3, atol=1e-3)).sum())
     else:
-        same = bool(np.array_equal(predict(spec.task, again), predict(spec.task, logits)))
+        changed = int((predict(task, again) != predict(task, logits)).reshape(len(logits), -1).any(1).sum())
     return {
-        "identical_predictions": same,
+        "identical_predictions": changed == 0,
+        "changed_predictions": changed,
         "max_abs_logit_diff": float(np.abs(again - logits).max()) if len(again) else 0.0,
-        "items_checked": len(items),
+        "items_checked": len(logits),
     }
+
+
+def reload_warning(result: dict) -> str | None:
+    """The loud line for a run whose saved artefact does not predict what the trained model did."""
+    check = result.get("reload_check") or {}
+    if check.get("identical_predictions", True):
+        return None
+    changed = check.get("changed_predictions", "some")
+    return (
+        f"{result['run_id']}: its saved {result.get('artefact') or 'artefact'} does not reproduce its "
+        f"predictions ({changed} of {check['items_checked']} reload-check items changed): do not use it; "
+        "rerun the run, and report it if it happens again"
+    )
 
 
 def text_sha1(text: str) -> str:

@@ -180,6 +180,12 @@ def _first_equal_mask_mode(model, ids, mask) -> str:
     return "2d"
 
 
+def eval_batches(seqs: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
+    """The evaluation batches: item indices sorted by length (longest first), `batch_size` at a time."""
+    order = np.argsort([-len(s) for s in seqs], kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def predict_logits(
     model,
     seqs: list[np.ndarray],
@@ -189,23 +195,24 @@ def predict_logits(
     pad_id: int,
     max_len: int | None = None,
     mask_mode: str = "2d",
+    batches: list[np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Logits for `seqs`, evaluated in length-sorted batches (little padding), returned in input order.
+    """Logits for `seqs`, evaluated in length-sorted batches (little padding), returned in input order; with
+    `batches` (some of `eval_batches`), those batches only, as they were evaluated, in their order.
 
     On CUDA, widths are rounded to multiples of 64: every new shape costs kernel selection, more than the
     padding saves (benchmarks/results/h200-padding.json)."""
     import torch
 
     multiple = 64 if device.startswith("cuda") else 8
-    order = np.argsort([-len(s) for s in seqs], kind="stable")
+    chosen = eval_batches(seqs, batch_size) if batches is None else batches
     model.eval()
     chunks = []
     with (
         torch.inference_mode(),
         torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None),
     ):
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
+        for idx in chosen:
             ids, mask = collate([seqs[j] for j in idx], pad_id, multiple=multiple, max_len=max_len)
             logits = model_forward(
                 model, ids.to(device, non_blocking=True), mask.to(device, non_blocking=True), mask_mode
@@ -213,6 +220,8 @@ def predict_logits(
             chunks.append((idx, logits.float()))
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
+    if batches is not None:
+        return torch.cat([lg for _, lg in chunks]).cpu().numpy()
     out = np.empty((len(seqs), chunks[0][1].shape[-1]), dtype=np.float32)
     for idx, logits in chunks:
         out[idx] = logits.cpu().numpy()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import stats, store
+from .artefacts import reload_warning
 from .errors import UserError
 from .memory import fits_on
 from .metrics import TASK_METRICS, bounds, is_fraction, oriented, ranking
@@ -204,6 +205,8 @@ def print_summary(study_dir: Path) -> None:
     ]
     keep = [i for i in keep if header[i] != "saved MB"]
     print(markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in table_rows(study)]))
+    for line in filter(None, map(reload_warning, study["finals"])):
+        print(f"peftbench: warning: {line}", file=sys.stderr)
     if study["missing"]:
         print(
             f"{len(study['missing'])} planned runs have no result: {', '.join(study['missing'][:5])}"
@@ -643,10 +646,15 @@ def _problems(study: dict) -> list[str]:
         for r in study["finals"] + study["trials"]
         if r["status"] not in store.VALIDATED
     ]
-    return failed + [
-        f"{r}: planned, no result (interrupted, or its folder was removed): rerun the study"
-        for r in study.get("missing", [])
-    ]
+    unsaved = [w for w in map(reload_warning, study["finals"]) if w]
+    return (
+        failed
+        + unsaved
+        + [
+            f"{r}: planned, no result (interrupted, or its folder was removed): rerun the study"
+            for r in study.get("missing", [])
+        ]
+    )
 
 
 def _trials_table(study: dict) -> tuple[list[str], list[list[str]]]:

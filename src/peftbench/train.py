@@ -920,6 +920,7 @@ class Recipe:
             self.pad_id,
             self.max_len,
             self.eval_batch_size(),
+            self.mask_mode,
         )
         self.phases["reload_check"] = time.perf_counter() - t
         return artefact, reload
