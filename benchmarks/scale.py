@@ -125,18 +125,23 @@ def build_shape(shape: str, tokenizer: Path, folder: Path, device: str) -> Path:
     return folder
 
 
+BASELINE = {"reserved": 0}
+
+
 def reset() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        BASELINE["reserved"] = torch.cuda.memory_reserved()
 
 
 def peaks() -> dict:
     if not torch.cuda.is_available():
         return {}
     return {
+        "baseline_reserved_mb": BASELINE["reserved"] / 2**20,  # what the peaks start from
         "peak_memory_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
         "peak_memory_reserved_mb": torch.cuda.max_memory_reserved() / 2**20,
     }
@@ -285,6 +290,7 @@ def run_peftbench(
         "phase_seconds",
     )
     out = {k: m.get(k) for k in keys}
+    out["baseline_reserved_mb"] = BASELINE["reserved"] / 2**20
     out["samples_per_second"] = len(tok.ids["train"]) / hist[-1]["epoch_seconds"]
     if budget_gb and m["peak_device_memory_mb"] is not None:
         out["within_budget"] = m["peak_device_memory_mb"] <= budget_gb * 1024
