@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from peftbench import config, data as data_mod, train  # noqa: E402
 from peftbench.devices import is_oom  # noqa: E402
+from peftbench.errors import SkipRun  # noqa: E402
 from peftbench.runner import Study  # noqa: E402
 
 SHAPES = {
@@ -444,7 +445,8 @@ def main() -> None:
                 with unplanned() if forced else contextlib.nullcontext():
                     row.update(run_peftbench(study, folder, method, 16, tok, gb), status="success")
             except Exception as e:
-                row.update(status="oom" if is_oom(e) else type(e).__name__, error=str(e)[:300], where=where())
+                status = "skipped" if isinstance(e, SkipRun) else "oom" if is_oom(e) else type(e).__name__
+                row.update(status=status, error=str(e)[:300], where=where())
             save(row)
         if a.plan_budget:
             result["plans"][shape] = timed_plan(
