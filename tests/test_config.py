@@ -180,6 +180,29 @@ def test_seed_preset_is_the_starting_study():
     assert lora["options"]["r"] == 16 and lora["options"]["epochs"] == 3
     assert lora["options"]["targets"] == ["q", "k", "v"]
     assert (s["data"]["train_size"], s["data"]["test_size"]) == (3000, 2000)
+    assert s["train"]["base_dtype"] == "fp32"  # the published study held its frozen weights in fp32
+
+
+def test_frozen_weights_are_bf16_on_a_gpu_unless_fp32_is_asked_for():
+    """A GPU run holds a frozen base in the autocast dtype, as practitioners do; full fine-tuning's weights
+    are its fp32 master copy; the CPU and `base_dtype: fp32` (the seed preset) keep fp32."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from peftbench.models import frozen_dtype
+
+    def spec(method, base_dtype="auto"):
+        return SimpleNamespace(method=method, train=SimpleNamespace(base_dtype=base_dtype))
+
+    bf16 = torch.bfloat16
+    assert frozen_dtype(spec("lora"), "cuda", bf16) == bf16
+    assert frozen_dtype(spec("qlora"), "cuda:1", bf16) == bf16
+    assert frozen_dtype(spec("full"), "cuda", bf16) == torch.float32
+    assert frozen_dtype(spec("lora"), "cpu", bf16) == torch.float32
+    assert frozen_dtype(spec("lora"), "cuda", None) == torch.float32
+    seed = config.validate(config.load_preset("seed"))["train"]["base_dtype"]
+    assert frozen_dtype(spec("lora", seed), "cuda", bf16) == torch.float32
 
 
 _scalars = st.one_of(
