@@ -90,24 +90,22 @@ def start_save(model, spec: RunSpec, run_dir: Path) -> Callable[[], str]:
     while its shards go to disk: writing the 8B shape in fp32 (26.5 GB) is bound by the disk, and
     safetensors writes without holding the GIL. An adapter (megabytes) is saved when waited for."""
     if registry.get(spec.method).kind == "peft":
-        return lambda: save_model(model, spec, run_dir)
+        return lambda: save_model(model, run_dir)
     state = host_state_dict(model)
     pool = ThreadPoolExecutor(1, thread_name_prefix="peftbench-save")
-    future = pool.submit(save_model, model, spec, run_dir, state)
+    future = pool.submit(save_model, model, run_dir, state)
     pool.shutdown(wait=False)
     return future.result
 
 
-def save_model(model, spec: RunSpec, run_dir: Path, state: dict | None = None) -> str:
-    """Save the adapter (PEFT) or the model (others, in SHARD_SIZE safetensors shards, from `state` where
-    given: its weights in host memory); returns the folder's name."""
-    name = "adapter" if registry.get(spec.method).kind == "peft" else "model"
+def save_model(model, run_dir: Path, state: dict | None = None) -> str:
+    """Save the adapter (PEFT: no `state`) or the whole model from `state`, its weights in host memory (in
+    SHARD_SIZE safetensors shards); returns the folder's name. `start_save` decides which."""
+    name = "adapter" if state is None else "model"
     final = run_dir / name
     tmp = run_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    kw = {}
-    if name == "model":
-        kw = {"max_shard_size": SHARD_SIZE, "state_dict": host_state_dict(model) if state is None else state}
+    kw = {} if state is None else {"max_shard_size": SHARD_SIZE, "state_dict": state}
     converted = mutated_init(model)
     if converted:  # PEFT subtracts the initial adapter: a plain LoRA adapter on the original base
         kw["path_initial_model_for_weight_conversion"] = str(run_dir / "adapter-init")
