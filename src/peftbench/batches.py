@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 
+from .devices import autocast
+
 # Batches within a window of this many batches are sorted by length (transformers' length-grouped sampler).
 GROUP_WINDOW = 50
 
@@ -145,10 +147,9 @@ def choose_mask_mode(
     ids, mask = collate(pick, pad_id, multiple=8, max_len=max_len)
     was_training = model.training
     model.eval()
-    import torch
 
     try:  # any failure here only means: keep the 2D mask
-        with torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast(device, amp):
             return _first_equal_mask_mode(model, ids.to(device), mask.to(device))
     except Exception:
         return "2d"
@@ -210,7 +211,7 @@ def predict_logits(
     chunks = []
     with (
         torch.inference_mode(),
-        torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None),
+        autocast(device, amp),
     ):
         for idx in chosen:
             ids, mask = collate([seqs[j] for j in idx], pad_id, multiple=multiple, max_len=max_len)

@@ -40,6 +40,13 @@ def autocast_dtype(precision: str, device: str):
         return None
 
 
+def autocast(device: str, amp):
+    """torch's autocast on `device`'s type to `amp` (`autocast_dtype`), off where `amp` is None."""
+    import torch
+
+    return torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None)
+
+
 def is_oom(e: BaseException) -> bool:
     import torch
 

@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from .devices import autocast
+
 ATTENTION = "peftbench_packed"
 
 # Encoders' heads by model_type. A head takes the gathered hidden states as (sequences, 1, hidden), the shape
@@ -207,7 +209,7 @@ def _probe(model, arch, seqs, pad_id, device, max_len, amp) -> str | None:
     try:
         with (
             torch.inference_mode(),
-            torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None),
+            autocast(device, amp),
         ):
 
             def padded(items):

@@ -41,7 +41,7 @@ from .batches import (
 )
 from .batches import steps_per_epoch as count_steps
 from .data import Tokenized
-from .devices import MemoryMeter, autocast_dtype, cuda_index, dist_info, is_oom, peak_flops, sync
+from .devices import MemoryMeter, autocast, autocast_dtype, cuda_index, dist_info, is_oom, peak_flops, sync
 from .errors import Diverged, SkipRun, UserError
 from .graphs import GRAPHS_MAX_WORK, StepGraphs
 from .metrics import model_flops_per_token, oriented, predict, score, validation_at
@@ -453,13 +453,12 @@ class Recipe:
     def _probe_step(self, batch: list, accumulating: bool) -> float:
         """Seconds per micro-step of one optimizer step: with gradient accumulation, two micro-steps, so
         that the second's forward runs beside the first's gradients, as every later micro-step does."""
-        import torch
 
         sync(self.device)
         t = time.perf_counter()
         self.model.train()
         for _ in range(2 if accumulating else 1):
-            with torch.autocast(self.dev_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            with autocast(self.device, self.amp):
                 loss = self.batch_loss(*batch)
             loss.backward()
         self.optimizer.step()
@@ -577,7 +576,6 @@ class Recipe:
 
     def forward_backward(self, batch: np.ndarray) -> None:
         """Gradients of one batch: from a CUDA graph, or eagerly in micro-batches (each process its share)."""
-        import torch
 
         if self.graphs is not None:  # one process: each micro-step from its shape's graph
             for m0 in range(0, len(batch), self.micro):
@@ -595,7 +593,7 @@ class Recipe:
             if not len(part):
                 part, weight = batch[:1], 0.0
             x = (t.to(self.device, non_blocking=True) for t in self.host_batch(part))
-            with torch.autocast(self.dev_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            with autocast(self.device, self.amp):
                 loss = self.batch_loss(*x)
             # Weighted so that DDP's mean over processes gives the mean over the whole batch.
             loss = loss * (len(part) / len(batch) * self.world * weight)
