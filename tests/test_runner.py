@@ -741,7 +741,8 @@ def test_the_reload_check_scores_whole_test_batches_spread_over_the_lengths(monk
 def test_a_full_model_saves_in_shards_and_reloads_to_the_same_predictions(
     tiny_encoder, tiny_data, tmp_path, monkeypatch
 ):
-    """... written on a thread while the test pass runs (writing an 8B model is bound by the disk)."""
+    """A full model's shards are written on a thread while the test pass runs (writing an 8B model is
+    bound by the disk), and reload to the same predictions."""
     import threading
 
     from peftbench import artefacts

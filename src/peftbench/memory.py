@@ -116,7 +116,8 @@ def plan_micro_batch(
 
 def cap_allocator(budget_bytes: int, device: str) -> dict:
     """Cap this process's CUDA allocator so that the device's own figure stays within the budget; returns
-    what was set. Raises UserError when the budget exceeds the card."""
+    what was set. Raises UserError when the budget exceeds the card, SkipRun when the CUDA context and
+    libraries alone fill it."""
     import torch
 
     device = torch.device("cuda", cuda_index(device))
