@@ -14,7 +14,8 @@ where it gives identical logits, and (CUDA) each step's forward and backward rep
 batch shape. Recipe options, joined with "+": eager (no CUDA graphs), compile (torch.compile per bucket
 shape), cudagraphs (compile + its CUDA graphs), padN (pad to multiples of N), mask2d (the plain 2D mask,
 i.e. transformers' per-step `mask.all()` sync), nopack / pack (padded batches / packed ones; default: auto),
-nogroup (batches not grouped by length), profile (a torch.profiler step profile into
+nogroup (batches not grouped by length), adamw_bf16 (trained weights in bf16 under optimi's Kahan-summed
+AdamW, `train.optimizer: adamw_bf16`), profile (a torch.profiler step profile into
 --profile-dir). With --epochs > 1 rows also give the last epoch alone (after warm-up and compilation). The
 roberta-base-shaped model is built from
 RobertaConfig with roberta-base's values and random weights (no download): its accuracy means
@@ -78,7 +79,7 @@ def roberta_shaped(folder: Path, tokenizer_from: Path | None = None) -> Path:
 
 def spec_for(study: Study, method: str, model_path: str, epochs: int | None, recipe: str) -> RunSpec:
     """The run spec of `recipe`: "peftbench" plus options joined by "+": eager, compile, cudagraphs, padN,
-    mask2d.
+    mask2d, nopack, pack, nogroup, adamw_bf16.
 
     `epochs` None keeps the seed protocol's own (5, 3 for LoRA)."""
     spec = study.run_spec(SEED_METHODS[method], 2e-5, 42, "final")
@@ -92,9 +93,9 @@ def spec_for(study: Study, method: str, model_path: str, epochs: int | None, rec
         packing=False if "nopack" in opts else ("pack" in opts or "auto"),
         group_by_length="nogroup" not in opts,
         pad_to_multiple_of=pads[-1] if pads else spec.train.pad_to_multiple_of,
+        optimizer="adamw_bf16" if "adamw_bf16" in opts else spec.train.optimizer,
     )
     return spec.with_runtime(checkpoint=False).planned()
-    return spec
 
 
 def peak_mb() -> float:

@@ -98,3 +98,29 @@ def test_a_gpu_state_dict_reaches_host_memory_unchanged():
     for name, t in state.items():
         assert host[name].device.type == "cpu" and host[name].dtype == t.dtype
         assert torch.equal(host[name], t.cpu()), name
+
+
+def test_bf16_weights_train_graphed_and_follow_the_fp32_master_losses(
+    no_dropout_encoder, tiny_data, tmp_path
+):
+    """`optimizer: adamw_bf16` on CUDA: bf16 weights under optimi's fused (Triton) AdamW with Kahan
+    summation, steps replayed from graphs; its losses follow fused AdamW's over fp32 weights."""
+    methods = [
+        {"name": "full", "label": "fp32", "learning_rate": 1e-3},
+        {"name": "full", "label": "bf16", "learning_rate": 1e-3, "optimizer": "adamw_bf16"},
+    ]
+    over = {"device": "cuda", "train": {"epochs": 4, "max_length": 48}}
+    runs = {
+        r["label"]: r
+        for r in run_study(study(no_dropout_encoder, tiny_data, methods, **over), tmp_path / "s")
+    }
+    for r in runs.values():
+        assert r["status"] == "success", r["error"]
+        assert r["metrics"]["cuda_graphs"]["failed"] is None and r["metrics"]["cuda_graphs"]["graphs"] >= 1
+    assert (
+        runs["bf16"]["metrics"]["base_dtype"] == "bfloat16"
+        and runs["bf16"]["metrics"]["optimizer"] == "adamw_bf16"
+    )
+    for h32, h16 in zip(runs["fp32"]["history"], runs["bf16"]["history"]):
+        assert h16["train_loss"] == pytest.approx(h32["train_loss"], rel=0.02)
+    assert runs["bf16"]["reload_check"]["identical_predictions"], runs["bf16"]["reload_check"]

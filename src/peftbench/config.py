@@ -92,7 +92,7 @@ LR_SEARCH_DEFAULTS = {
 MAX_DECADES = 6  # a grid wider than a million-fold round its default rounds to 0 or overflows
 MAX_LR_POINTS = 50
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+OPTIMIZERS = ("adamw", "adamw_bf16", "adamw_8bit", "paged_adamw_8bit")
 MASK_MODES = ("auto", "2d", "4d-bidirectional", "4d-causal")
 # Keys whose values YAML reads as strings when written as 2e-5 (YAML 1.1 wants 2.0e-5): read as numbers.
 NUMERIC_TRAIN_KEYS = ("learning_rate", "head_learning_rate", "weight_decay", "warmup_ratio", "max_grad_norm")
@@ -148,6 +148,11 @@ def _check_train(section: str, train: dict, problems: list[str]) -> None:
     need("gradient_checkpointing", lambda v: v in (True, False, "auto"), "true, false or auto")
     need("packing", lambda v: v in (True, False, "auto"), "true, false or auto")
     need("optimizer", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
+    if train.get("optimizer") == "adamw_bf16" and train.get("precision") in ("fp32", "fp16"):
+        problems.append(
+            f"{section}.optimizer: adamw_bf16 trains bf16 weights under bf16 autocast, not with precision "
+            f"{train['precision']}; set precision: bf16 (or auto), or optimizer: adamw"
+        )
     need("attention_mask", lambda v: v in MASK_MODES, f"one of {', '.join(MASK_MODES)}")
     need("sharding", lambda v: v in ("none", "fsdp"), "none or fsdp")
     for key in ("select_best_epoch", "group_by_length", "cuda_graphs"):
@@ -304,6 +309,8 @@ def _check_sharding(study: dict, train: dict, meths: list[dict], problems: list[
             )
     if train.get("compile"):
         problems.append("train.compile: not with train.sharding: fsdp; set compile: false")
+    if train.get("optimizer") == "adamw_bf16":
+        problems.append("train.optimizer: adamw_bf16 is not built for train.sharding: fsdp; use adamw")
 
 
 def _validate_data(data, base_dir: Path | None, problems: list[str]) -> dict:

@@ -166,14 +166,23 @@ def head_modules(model) -> list[str]:
 def frozen_dtype(spec: RunSpec, device: str, amp):
     """The dtype the base weights load in: train.base_dtype, where `auto` holds a frozen base in the autocast
     dtype on CUDA (bf16), as practitioners do, and keeps fp32 on the CPU, without autocast and for full
-    fine-tuning (every weight trains: its weights are the fp32 master copy)."""
+    fine-tuning (every weight trains: its weights are the optimizer's, `trained_dtype`)."""
     import torch
 
     setting = spec.train.base_dtype
     if setting != "auto":
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[setting]
-    trains_all = registry.get(spec.method).kind == "full"
-    return amp if (amp is not None and device.startswith("cuda") and not trains_all) else torch.float32
+    if registry.get(spec.method).kind == "full":
+        return trained_dtype(spec)
+    return amp if (amp is not None and device.startswith("cuda")) else torch.float32
+
+
+def trained_dtype(spec: RunSpec):
+    """The dtype of the trained weights: bf16 under `optimizer: adamw_bf16` (its Kahan-summed updates keep
+    the precision an fp32 copy would), else fp32, the master copy that autocast casts from."""
+    import torch
+
+    return torch.bfloat16 if spec.train.optimizer == "adamw_bf16" else torch.float32
 
 
 def _quantization_kwargs(device: str, amp=None) -> dict:
@@ -273,7 +282,7 @@ def load_base(spec: RunSpec, label_names: list[str], device: str, amp=None):
 
 
 def build_model(spec: RunSpec, label_names: list[str], device: str, total_steps: int, amp=None):
-    """The model to train for `run`, with exactly the method's parameters trainable, and those in fp32."""
+    """The model to train for `run`, with exactly the method's parameters trainable, in `trained_dtype`."""
     method = registry.get(spec.method)
     model, new = load_base(spec, label_names, device, amp)
     head = sorted(set(head_modules(model)) | set(new))
@@ -288,22 +297,20 @@ def build_model(spec: RunSpec, label_names: list[str], device: str, total_steps:
         model = _apply_peft(model, method, spec, total_steps, head)
     else:
         raise ValueError(f"method kind {method.kind} is not a model method")
-    _trainable_in_fp32(model)
+    _set_trainable_dtype(model, trained_dtype(spec))
     return model, head
 
 
-def _trainable_in_fp32(model) -> None:
-    """Trainable weights (and so their optimizer state) in fp32 over a bf16 base. A module that trains some
-    of its own weights keeps all of them in fp32 (BitFit's biases beside their weights: LayerNorm takes one
-    dtype), so only wholly frozen modules stay in the base dtype."""
-    import torch
-
+def _set_trainable_dtype(model, dtype) -> None:
+    """Trainable weights (and so their optimizer state) in `dtype` over the base. A module that trains some
+    of its own weights holds all of them in `dtype` (BitFit's biases beside their weights: LayerNorm takes
+    one dtype), so only wholly frozen modules stay in the base dtype."""
     for module in model.modules():
         own = list(module.parameters(recurse=False))
         if any(p.requires_grad for p in own):
             for p in own:
-                if p.is_floating_point() and p.dtype != torch.float32:
-                    p.data = p.data.float()
+                if p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
 
 
 def _apply_peft(model, method, spec: RunSpec, total_steps: int, head: list[str]):

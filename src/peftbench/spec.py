@@ -37,7 +37,8 @@ class TrainSettings:
     pad_to_multiple_of: int | None = None  # None: 8 (64 on CUDA or compiling); max_length: one shape
     base_dtype: str = "auto"  # frozen weights: auto = bf16 under bf16 autocast on CUDA, else fp32
     gradient_checkpointing: bool | str = "auto"  # auto: on only where the GPU memory budget needs it
-    optimizer: str = "adamw"  # adamw (torch, fused), adamw_8bit or paged_adamw_8bit (bitsandbytes)
+    optimizer: str = "adamw"  # adamw (torch, fused; trained weights in fp32), adamw_bf16 (trained weights in
+    # bf16, optimi's AdamW with Kahan summation), adamw_8bit or paged_adamw_8bit (bitsandbytes)
     attention_mask: str = "auto"  # auto: a ready 4D mask where a probe shows equal logits; 2d, 4d-...
     packing: bool | str = "auto"  # padding-free batches; auto: on CUDA where a probe shows equal logits
     sharding: str = "none"  # fsdp: weights, gradients, optimizer state sharded over gpus_per_run (FSDP2)

@@ -73,12 +73,22 @@ def plan_run(spec: RunSpec, tok: Tokenized, run_dir: Path) -> dict:
     return recipe.plan_summary()
 
 
-def make_optimizer(name: str, groups: list[dict], lr: float, device: str):
-    """torch's fused AdamW, or bitsandbytes' 8-bit AdamW (paged: its state pages out to host memory)."""
+def make_optimizer(name: str, groups: list[dict], lr: float, device: str, amp=None):
+    """torch's fused AdamW; optimi's AdamW over bf16 weights, with Kahan summation and torch's defaults; or
+    bitsandbytes' 8-bit AdamW (paged: its state pages out to host memory)."""
     import torch
 
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, fused=device.split(":")[0] in ("cuda", "cpu"))
+    if name == "adamw_bf16":
+        if amp != torch.bfloat16:
+            raise SkipRun(
+                "optimizer adamw_bf16 trains bf16 weights: it needs bf16 autocast (train.precision: bf16 or "
+                "auto on a device with bf16)"
+            )
+        import optimi
+
+        return optimi.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, kahan_sum=True)
     from .models import quantization_supported
 
     reason = quantization_supported(device)
@@ -255,7 +265,7 @@ class Recipe:
         self.params = param_groups(
             self.model, cfg.learning_rate, cfg.head_learning_rate, cfg.weight_decay, self.head
         )
-        self.optimizer = make_optimizer(cfg.optimizer, self.params, cfg.learning_rate, self.device)
+        self.optimizer = make_optimizer(cfg.optimizer, self.params, cfg.learning_rate, self.device, self.amp)
         warmup = int(round(cfg.warmup_ratio * self.total_steps))
         self.scheduler = get_scheduler(
             cfg.scheduler, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
