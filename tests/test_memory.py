@@ -104,7 +104,7 @@ def test_fits_on_names_the_smallest_card():
     [
         ("base_dtype", "int8", "train.base_dtype: must be one of auto, fp32, bf16, fp16"),
         ("gradient_checkpointing", "sometimes", "train.gradient_checkpointing: must be true, false or auto"),
-        ("optimizer", "sgd", "train.optimizer: must be one of adamw, adamw_bf16, adamw_8bit, paged_adamw_8bit"),
+        ("optimizer", "sgd", "train.optimizer: must be one of adamw, adamw_bf16, adamw_8bit"),
         ("attention_mask", "3d", "train.attention_mask: must be one of auto, 2d"),
         ("packing", "yes", "train.packing: must be true, false or auto"),
     ],
