@@ -88,7 +88,12 @@ def make_optimizer(name: str, groups: list[dict], lr: float, device: str, amp=No
             )
         import optimi
 
-        return optimi.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, kahan_sum=True)
+        # foreach, not optimi's Triton kernels: those launch one kernel per tensor, each with a host sync;
+        # they trained roberta-base at half the fp32 path's samples/s on an H200
+        # (benchmarks/results/h200-bf16-weights.json)
+        return optimi.AdamW(
+            groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, kahan_sum=True, foreach=True, triton=False
+        )
     from .models import quantization_supported
 
     reason = quantization_supported(device)
