@@ -175,6 +175,53 @@ def test_bf16_base_and_8bit_optimizer_train_on_the_cpu(tiny_encoder, tiny_data, 
     assert res["lora-paged"]["status"] == "skipped" and "needs a CUDA GPU" in res["lora-paged"]["error"]
 
 
+def test_bf16_weights_follow_the_fp32_master_losses_on_the_cpu(no_dropout_encoder, tiny_data, tmp_path):
+    """`optimizer: adamw_bf16`: every trained weight in bf16 (full fine-tuning: the whole model; LoRA: its
+    adapters and head over the fp32 CPU base), and the losses of fused AdamW over fp32 weights."""
+    import torch
+
+    from peftbench import models
+    from peftbench.runner import Study
+
+    methods = [
+        {"name": name, "label": f"{name}-{opt}", "learning_rate": lr, "optimizer": opt}
+        for name, lr in (("full", 1e-3), ("lora", 3e-3))
+        for opt in ("adamw", "adamw_bf16")
+    ]
+    raw = study(no_dropout_encoder, tiny_data, methods, train={"precision": "bf16", "epochs": 4})
+    runs = {r["label"]: r for r in run_study(raw, tmp_path / "s")}
+    for name in ("full", "lora"):
+        fp32, bf16 = runs[f"{name}-adamw"], runs[f"{name}-adamw_bf16"]
+        assert bf16["status"] == "success", bf16["error"]
+        assert bf16["metrics"]["optimizer"] == "adamw_bf16"
+        for a, b in zip(fp32["history"], bf16["history"]):
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.01)
+    st = Study(config.validate(raw), tmp_path / "t")
+    st.out.mkdir(parents=True)
+    st.prepare()
+    specs = {s.label: s for s in st.final_specs({})}
+    for label, frozen in (("full-adamw_bf16", set()), ("lora-adamw_bf16", {torch.float32})):
+        model, _ = models.build_model(specs[label], ["0", "1"], "cpu", 10, torch.bfloat16)
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+        assert {p.dtype for p in model.parameters() if not p.requires_grad} == frozen
+
+
+def test_bf16_weights_need_bf16_autocast():
+    with pytest.raises(UserError) as e:
+        config.validate(
+            {
+                "model": "m",
+                "data": {"path": "d"},
+                "methods": ["full"],
+                "train": {"optimizer": "adamw_bf16", "precision": "fp32"},
+            }
+        )
+    assert e.value.problems == [
+        "train.optimizer: adamw_bf16 trains bf16 weights under bf16 autocast, not with precision fp32; set "
+        "precision: bf16 (or auto), or optimizer: adamw"
+    ]
+
+
 def test_a_loss_that_goes_nan_ends_the_run_as_diverged(tiny_encoder, tiny_data, tmp_path):
     raw = study(tiny_encoder, tiny_data, [{"name": "full", "learning_rate": 1e10}])
     (r,) = run_study(raw, tmp_path / "s")

@@ -86,14 +86,19 @@ def make_optimizer(name: str, groups: list[dict], lr: float, device: str, amp=No
                 "optimizer adamw_bf16 trains bf16 weights: it needs bf16 autocast (train.precision: bf16 or "
                 "auto on a device with bf16)"
             )
+        import warnings
+
         import optimi
 
         # foreach, not optimi's Triton kernels: those launch one kernel per tensor, each with a host sync;
         # they trained roberta-base at half the fp32 path's samples/s on an H200
-        # (benchmarks/results/h200-bf16-weights.json)
-        return optimi.AdamW(
-            groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, kahan_sum=True, foreach=True, triton=False
-        )
+        # (benchmarks/results/h200-bf16-weights.json). optimi 0.3 warns that foreach is deprecated: the
+        # dependency stays below 0.4 until its Triton step is measured again.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Parameter `foreach` is deprecated", DeprecationWarning)
+            return optimi.AdamW(
+                groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, kahan_sum=True, foreach=True, triton=False
+            )
     from .models import quantization_supported
 
     reason = quantization_supported(device)
