@@ -217,3 +217,28 @@ def test_a_decoder_trains_packed_on_scores_and_label_sets(task, tiny_decoder, tm
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
     metric = f"test_{metrics.default_metric(task)}"
     assert got[True]["metrics"][metric] == pytest.approx(got[False]["metrics"][metric], abs=1e-3)
+
+
+def test_a_checkpointed_probe_or_run_uses_padded_batches(tiny_encoder, tiny_data, tmp_path, monkeypatch):
+    """Packed batches are not built for gradient checkpointing: the memory plan's checkpointed probes run
+    padded batches, and insisting on both is a one-line error."""
+    from peftbench import config, data as data_mod, train
+    from peftbench.runner import Study
+
+    raw = study(tiny_encoder, tiny_data, ["full"], train={"packing": True, "epochs": 1})
+    s = Study(config.validate(raw), tmp_path / "s")
+    s.out.mkdir(parents=True)
+    s.prepare()
+    spec = s.final_specs({})[0]
+    (tmp_path / "run").mkdir()
+    recipe = train.Recipe(spec, data_mod.Tokenized.load(s.tok_file), tmp_path / "run", progress=False)
+    recipe.setup()
+    calls, real = [], packing.packed_forward
+    monkeypatch.setattr(packing, "packed_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    recipe.probe(16, True)
+    assert calls == [] and recipe.arch is not None
+    recipe.probe(16, False)
+    assert calls
+    raw["train"]["gradient_checkpointing"] = True
+    (r,) = run_study(raw, tmp_path / "both")
+    assert r["status"] == "failed" and r["error"].startswith("packing: true, but not built for gradient")

@@ -197,8 +197,8 @@ class Recipe:
         self._setup_model()
         self._setup_optimizer()
         self._setup_forward()
-        if self._plan_memory():  # a smaller micro-step may take the graphs a larger one was refused
-            self._choose_layout()
+        if self._plan_memory():  # a smaller micro-step may take the graphs a larger one was refused;
+            self._choose_layout()  # a checkpointed one packs no batches
         set_checkpointing(self.model, self.checkpointing)
         self._setup_graphs()
         self._resume()
@@ -345,6 +345,7 @@ class Recipe:
                     (self.world > 1, "not built for data-parallel runs"),
                     (bool(self.compiled), "not built for torch.compile'd runs"),
                     (self._prompt_method(), "not built for prompt methods (PEFT's own forward adds them)"),
+                    (self.checkpointing, "not built for gradient checkpointing"),
                 )
                 if bad
             ),
@@ -410,7 +411,7 @@ class Recipe:
 
     def _plan_memory(self) -> bool:
         """Under a GPU memory budget, the largest micro-batch (and checkpointing if needed) that fits;
-        True where that changed the micro-batch."""
+        True where that changed the micro-batch or checkpointing."""
         budget = self.spec.gpu_memory_bytes
         if not (budget and self.dev_type == "cuda") and not self.spec.runtime.plan_only:
             return False
@@ -425,7 +426,7 @@ class Recipe:
                 f"does not fit in {(budget or limit) / 2**30:.1f} GB at micro-batch 1"
                 f"{' with gradient checkpointing' if setting else ''}: needs {fit.needed()}"
             )
-        changed = fit.micro_batch_size != self.micro
+        changed = (fit.micro_batch_size, fit.gradient_checkpointing) != (self.micro, self.checkpointing)
         self.micro, self.checkpointing = fit.micro_batch_size, fit.gradient_checkpointing
         return changed
 
@@ -439,10 +440,12 @@ class Recipe:
     def probe(self, micro: int, checkpointing: bool) -> tuple[float | None, float | None]:
         """Peak reserved bytes and seconds of a micro-step (forward, backward, optimizer step) at the run's
         longest shape; (None, None) when it runs out of memory. The weights do not move (lr 0), and the
-        optimizer state, gradients and random state are put back: training afterwards is unchanged."""
+        optimizer state, gradients and random state are put back: training afterwards is unchanged.
+        Checkpointed, it probes padded batches: a checkpointed run trains on those (`_setup_packing`)."""
         import torch
 
         set_checkpointing(self.model, checkpointing)
+        packed, self.arch = self.arch, None if checkpointing else self.arch
         longest = np.argsort(-self.lengths, kind="stable")[:micro]
         batch = [x.to(self.device) for x in self.host_batch(longest)]
         rng = torch.random.get_rng_state(), (torch.cuda.get_rng_state() if self.dev_type == "cuda" else None)
@@ -461,6 +464,7 @@ class Recipe:
                 raise
             return None, None
         finally:
+            self.arch = packed
             self.optimizer.zero_grad(set_to_none=True)
             self.optimizer.state.clear()
             for g, lr in zip(self.optimizer.param_groups, lrs):
