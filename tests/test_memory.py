@@ -94,6 +94,30 @@ def test_bad_sizes_are_one_line_errors(bad):
         memory.parse_size(bad, "gpu_memory")
 
 
+def test_a_refusal_says_what_bf16_weights_would_save():
+    """8B-shaped full fine-tuning (7.1e9 trained weights) under fused AdamW: 6 bytes a weight less."""
+    assert memory.bf16_weights_hint("adamw", 7_104_614_400) == (
+        "; train.optimizer: adamw_bf16 would hold its trained weights in 39.7 GB less"
+    )
+    assert memory.bf16_weights_hint("adamw", 3_416_064) == ""  # LoRA's adapters: not worth a word
+    assert memory.bf16_weights_hint("adamw_8bit", 7_104_614_400) == ""
+
+
+def test_the_plan_table_gives_a_refusal_whole_and_cuts_a_failure_short():
+    long = "does not fit in 80.0 GB at micro-batch 1 with gradient checkpointing: needs more than 79.4 GB" + (
+        memory.bf16_weights_hint("adamw", 7_104_614_400)
+    )
+    table = cli.plan_table(
+        [
+            {"label": "full", "status": "does not fit", "error": long},
+            {"label": "lora", "status": "failed", "error": "RuntimeError: " + "x" * 200},
+        ],
+        "80GB",
+    )
+    assert long in table and "| no |" in table
+    assert "x" * 76 in table and "x" * 77 not in table  # 90 characters with "RuntimeError: "
+
+
 def test_fits_on_names_the_smallest_card():
     assert memory.fits_on(15_000) == "16 GB" and memory.fits_on(16 * 1024) == "24 GB"
     assert memory.fits_on(200 * 1024) == "> 141 GB" and memory.fits_on(None) == "-"

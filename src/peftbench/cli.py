@@ -234,7 +234,7 @@ def plan_table(rows: list[dict], budget) -> str:
                 num(peak / 1024 if peak is not None else None, ".1f"),
                 num(r.get("epoch_seconds"), ".1f"),
                 num(r.get("study_seconds"), ".0f"),
-                (r.get("error") or "")[:90],
+                (r.get("error") or "")[: None if fits == "no" else 90],  # "no": peftbench's own words
             ]
         )
     return markdown_table(header, table)

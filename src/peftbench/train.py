@@ -425,6 +425,7 @@ class Recipe:
             raise SkipRun(
                 f"does not fit in {(budget or limit) / 2**30:.1f} GB at micro-batch 1"
                 f"{' with gradient checkpointing' if setting else ''}: needs {fit.needed()}"
+                + memory.bf16_weights_hint(self.train.optimizer, self.trainable)
             )
         changed = (fit.micro_batch_size, fit.gradient_checkpointing) != (self.micro, self.checkpointing)
         self.micro, self.checkpointing = fit.micro_batch_size, fit.gradient_checkpointing
