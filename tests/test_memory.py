@@ -220,6 +220,8 @@ def test_bf16_weights_follow_the_fp32_master_losses_on_the_cpu(no_dropout_encode
         assert bf16["metrics"]["optimizer"] == "adamw_bf16"
         for a, b in zip(fp32["history"], bf16["history"]):
             assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.01)
+        # reloaded in the dtype it trained in, the saved model computes the same logits
+        assert bf16["reload_check"]["max_abs_logit_diff"] == 0.0, bf16["reload_check"]
     st = Study(config.validate(raw), tmp_path / "t")
     st.out.mkdir(parents=True)
     st.prepare()

@@ -53,6 +53,8 @@ def load_trained(run_dir: Path, spec: RunSpec | None = None, device: str = "cpu"
 
 
 def _load(run_dir: Path, spec: RunSpec, method, device: str):
+    from .models import trained_dtype
+
     if method.kind == "peft":
         from ._peft import without_bitsandbytes  # first: it imports peft without bitsandbytes
         from peft import PeftModel  # noqa: I001
@@ -65,12 +67,12 @@ def _load(run_dir: Path, spec: RunSpec, method, device: str):
         with without_bitsandbytes(hide=not method.quantize):
             model = PeftModel.from_pretrained(base, run_dir / "adapter", is_trainable=False)
         model.to(device) if not method.quantize else None
+        _adapter_in(model, trained_dtype(spec))
     elif method.kind == "tfidf":
         import joblib
 
         return joblib.load(run_dir / "model" / "tfidf_logreg.joblib")
     else:
-        import torch
         from transformers import AutoModelForSequenceClassification
 
         from .models import add_token_types
@@ -78,11 +80,24 @@ def _load(run_dir: Path, spec: RunSpec, method, device: str):
         # straight onto a GPU, shard by shard: no fp32 copy of the whole model in host memory on the way
         where = {"device_map": {"": device}} if device.startswith("cuda") else {}
         model = AutoModelForSequenceClassification.from_pretrained(
-            run_dir / "model", dtype=torch.float32, use_safetensors=True, **where
+            run_dir / "model", dtype=trained_dtype(spec), use_safetensors=True, **where
         ).to(device)
         add_token_types(model, spec)
     model.eval()
     return model
+
+
+def _adapter_in(model, dtype) -> None:
+    """The adapter's weights (and its head, `modules_to_save`) in the dtype they trained in: PEFT loads them
+    in fp32 over a bf16 base, and bf16-trained weights (`optimizer: adamw_bf16`) must compute as trained."""
+    import torch
+
+    if dtype == torch.float32:
+        return
+    name = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
+    for pname, p in model.named_parameters():
+        if f".{name}." in pname or pname.endswith(f".{name}"):
+            p.data = p.data.to(dtype)
 
 
 def predict_texts(run_dir: Path, texts: list[str], device: str = "cpu") -> list[dict]:
