@@ -185,20 +185,24 @@ def test_seed_preset_is_the_starting_study():
 
 def test_frozen_weights_are_bf16_on_a_gpu_unless_fp32_is_asked_for():
     """A GPU run holds a frozen base in the autocast dtype, as practitioners do; full fine-tuning's weights
-    are its fp32 master copy; the CPU and `base_dtype: fp32` (the seed preset) keep fp32."""
+    are its fp32 master copy (bf16 under `optimizer: adamw_bf16`); the CPU and `base_dtype: fp32` (the seed
+    preset) keep fp32."""
     from types import SimpleNamespace
 
     import torch
 
     from peftbench.models import frozen_dtype
 
-    def spec(method, base_dtype="auto"):
-        return SimpleNamespace(method=method, train=SimpleNamespace(base_dtype=base_dtype))
+    def spec(method, base_dtype="auto", optimizer="adamw"):
+        return SimpleNamespace(
+            method=method, train=SimpleNamespace(base_dtype=base_dtype, optimizer=optimizer)
+        )
 
     bf16 = torch.bfloat16
     assert frozen_dtype(spec("lora"), "cuda", bf16) == bf16
     assert frozen_dtype(spec("qlora"), "cuda:1", bf16) == bf16
     assert frozen_dtype(spec("full"), "cuda", bf16) == torch.float32
+    assert frozen_dtype(spec("full", optimizer="adamw_bf16"), "cuda", bf16) == bf16
     assert frozen_dtype(spec("lora"), "cpu", bf16) == torch.float32
     assert frozen_dtype(spec("lora"), "cuda", None) == torch.float32
     seed = config.validate(config.load_preset("seed"))["train"]["base_dtype"]
