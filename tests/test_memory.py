@@ -367,6 +367,34 @@ def test_the_probe_runs_accumulated_micro_steps_beside_the_gradients(tiny_encode
     assert seen == [False, False]
 
 
+def test_the_probe_leaves_the_bf16_optimizer_as_it_found_it(tiny_encoder, tiny_data, tmp_path):
+    """optimi counts steps per parameter group, outside the per-weight state the probe clears: a probe that
+    left its two steps there would shift every later step's bias correction."""
+    import torch
+
+    from peftbench import data as data_mod, train
+    from peftbench.runner import Study
+
+    raw = study(
+        tiny_encoder, tiny_data, [{"name": "full", "optimizer": "adamw_bf16"}], train={"precision": "bf16"}
+    )
+    s = Study(config.validate(raw), tmp_path / "s")
+    s.out.mkdir(parents=True)
+    s.prepare()
+    spec = s.final_specs({})[0]
+    (tmp_path / "run").mkdir()
+    recipe = train.Recipe(spec, data_mod.Tokenized.load(s.tok_file), tmp_path / "run", progress=False)
+    recipe.setup()
+    before = [(g["lr"], g.get("step")) for g in recipe.optimizer.param_groups]
+    recipe.probe(16, False)
+    after = [(g["lr"], g.get("step")) for g in recipe.optimizer.param_groups]
+    assert [lr for lr, _ in after] == [lr for lr, _ in before] and not recipe.optimizer.state
+    assert all(
+        (a is None and b is None) or (torch.is_tensor(a) and int(a) == int(b))
+        for (_, a), (_, b) in zip(after, before)
+    ), (before, after)
+
+
 def test_cuda_index_names_the_current_device_for_a_bare_cuda(monkeypatch):
     """torch's per-device memory calls need an index: "cuda:1" gives 1, "cuda" the current device."""
     from peftbench.devices import cuda_index

@@ -450,7 +450,11 @@ class Recipe:
         longest = np.argsort(-self.lengths, kind="stable")[:micro]
         batch = [x.to(self.device) for x in self.host_batch(longest)]
         rng = torch.random.get_rng_state(), (torch.cuda.get_rng_state() if self.dev_type == "cuda" else None)
-        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        # each group's settings and counters (optimi counts steps per group, not per weight), then lr 0
+        groups = [
+            {k: v.clone() if torch.is_tensor(v) else v for k, v in g.items() if k != "params"}
+            for g in self.optimizer.param_groups
+        ]
         for g in self.optimizer.param_groups:
             g["lr"] = 0.0
         if self.dev_type == "cuda":
@@ -468,8 +472,10 @@ class Recipe:
             self.arch = packed
             self.optimizer.zero_grad(set_to_none=True)
             self.optimizer.state.clear()
-            for g, lr in zip(self.optimizer.param_groups, lrs):
-                g["lr"] = lr
+            for g, saved in zip(self.optimizer.param_groups, groups):
+                params = g["params"]
+                g.clear()  # what the probe's steps added goes too
+                g.update(saved, params=params)
             torch.random.set_rng_state(rng[0])
             if rng[1] is not None:
                 torch.cuda.set_rng_state(rng[1])
