@@ -317,8 +317,12 @@ def test_run_that_dies_after_writing_its_result_keeps_it(tiny_encoder, tiny_data
     assert lora["status"] == "success" and "worker_exit_status" not in lora
 
 
-def test_killed_run_resumes_from_its_last_epoch(tiny_encoder, tiny_data, tmp_path, monkeypatch):
-    raw = study(tiny_encoder, tiny_data, ["full"], isolation="process", train={"epochs": 3})
+@pytest.mark.parametrize(
+    "train", [{}, {"optimizer": "adamw_bf16", "precision": "bf16"}], ids=["adamw", "bf16"]
+)
+def test_killed_run_resumes_from_its_last_epoch(tiny_encoder, tiny_data, tmp_path, monkeypatch, train):
+    """The checkpoint holds the weights and optimizer state (optimi's Kahan buffers and step counts too)."""
+    raw = study(tiny_encoder, tiny_data, ["full"], isolation="process", train={"epochs": 3, **train})
     (clean,) = run_study(raw, tmp_path / "clean")
     monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "full:exit_after_epoch=2")
     (killed,) = run_study(raw, tmp_path / "s")
