@@ -182,3 +182,19 @@ def run_study(raw: dict, out: Path) -> list[dict]:
     from peftbench.runner import Study
 
     return Study(config.validate(raw), out).run()
+
+
+def set_up_recipe(raw: dict, tmp_path: Path, pick=None):
+    """A run's Recipe set up (model, optimizer, memory plan, layout) and not trained: the study's first final
+    run, or the spec `pick(study)` returns."""
+    from peftbench import config, data as data_mod, train
+    from peftbench.runner import Study
+
+    s = Study(config.validate(raw), tmp_path / "s")
+    s.out.mkdir(parents=True)
+    s.prepare()
+    spec = pick(s) if pick else s.final_specs({})[0]
+    (tmp_path / "run").mkdir()
+    recipe = train.Recipe(spec, data_mod.Tokenized.load(s.tok_file), tmp_path / "run", progress=False)
+    recipe.setup()
+    return recipe

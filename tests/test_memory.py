@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_study, study
+from conftest import run_study, set_up_recipe, study
 
 from peftbench import cli, config, memory
 from peftbench.errors import UserError
@@ -342,17 +342,12 @@ def test_the_probe_runs_accumulated_micro_steps_beside_the_gradients(tiny_encode
     """Under gradient accumulation every micro-step after the first runs its forward beside the gradients
     summed so far: the probe must too. Without it the plan for 1.36B full fine-tuning under 24 GB missed
     that room, and the run ran out of memory (H200, benchmarks/results/h200-scale-1.4b.json)."""
-    from peftbench import data as data_mod, train
-    from peftbench.runner import Study
 
-    s = Study(config.validate(study(tiny_encoder, tiny_data, ["full"])), tmp_path / "s")
-    s.out.mkdir(parents=True)
-    s.prepare()
-    spec = s.run_spec(config.normalise_methods(["full"], [])[0], None, 0, "final")
-    spec = dataclasses.replace(spec, learning_rate=1e-3).with_train(learning_rate=1e-3)
-    (tmp_path / "run").mkdir()
-    recipe = train.Recipe(spec, data_mod.Tokenized.load(s.tok_file), tmp_path / "run", progress=False)
-    recipe.setup()
+    def pick(s):
+        spec = s.run_spec(config.normalise_methods(["full"], [])[0], None, 0, "final")
+        return dataclasses.replace(spec, learning_rate=1e-3).with_train(learning_rate=1e-3)
+
+    recipe = set_up_recipe(study(tiny_encoder, tiny_data, ["full"]), tmp_path, pick)
     seen, real = [], recipe.batch_loss
 
     def batch_loss(*batch):
@@ -372,19 +367,10 @@ def test_the_probe_leaves_the_bf16_optimizer_as_it_found_it(tiny_encoder, tiny_d
     left its two steps there would shift every later step's bias correction."""
     import torch
 
-    from peftbench import data as data_mod, train
-    from peftbench.runner import Study
-
     raw = study(
         tiny_encoder, tiny_data, [{"name": "full", "optimizer": "adamw_bf16"}], train={"precision": "bf16"}
     )
-    s = Study(config.validate(raw), tmp_path / "s")
-    s.out.mkdir(parents=True)
-    s.prepare()
-    spec = s.final_specs({})[0]
-    (tmp_path / "run").mkdir()
-    recipe = train.Recipe(spec, data_mod.Tokenized.load(s.tok_file), tmp_path / "run", progress=False)
-    recipe.setup()
+    recipe = set_up_recipe(raw, tmp_path)
     before = [(g["lr"], g.get("step")) for g in recipe.optimizer.param_groups]
     recipe.probe(16, False)
     after = [(g["lr"], g.get("step")) for g in recipe.optimizer.param_groups]
@@ -407,16 +393,14 @@ def test_a_planned_smaller_micro_batch_chooses_its_mask_again(tiny_encoder, tiny
     """Whether a micro-step is graphed (and so wants a ready 4D mask) depends on its size: a memory plan
     that lowers the micro-batch below the graph threshold must decide the mask again, or a budgeted 8B run
     trains eagerly at the micro-batch where graphs pay most."""
-    from peftbench import data as data_mod, train
-    from peftbench.runner import Study
+    from peftbench import train
 
-    s = Study(config.validate(study(tiny_encoder, tiny_data, ["lora"])), tmp_path / "s")
-    s.out.mkdir(parents=True)
-    s.prepare()
-    spec = s.run_spec(config.normalise_methods(["lora"], [])[0], None, 0, "final")
-    spec = dataclasses.replace(
-        spec, learning_rate=1e-3, runtime=dataclasses.replace(spec.runtime, plan_only=True)
-    ).with_train(learning_rate=1e-3)
+    def pick(s):
+        spec = s.run_spec(config.normalise_methods(["lora"], [])[0], None, 0, "final")
+        return dataclasses.replace(
+            spec, learning_rate=1e-3, runtime=dataclasses.replace(spec.runtime, plan_only=True)
+        ).with_train(learning_rate=1e-3)
+
     seen, real = [], train.choose_mask_mode
 
     def spy(*args, forced, **kw):
@@ -430,8 +414,6 @@ def test_a_planned_smaller_micro_batch_chooses_its_mask_again(tiny_encoder, tiny
     monkeypatch.setattr(memory, "plan_micro_batch", plan)
     monkeypatch.setattr(train.Recipe, "step_work", lambda self: float(self.micro))
     monkeypatch.setattr(train, "GRAPHS_MAX_WORK", 4.0)  # graphs pay at micro-batch 2, not at 16
-    (tmp_path / "run").mkdir()
-    recipe = train.Recipe(spec, data_mod.Tokenized.load(s.tok_file), tmp_path / "run", progress=False)
-    recipe.setup()
+    recipe = set_up_recipe(study(tiny_encoder, tiny_data, ["lora"]), tmp_path, pick)
     assert recipe.micro == 2 and seen == ["2d", "auto"]
     assert recipe.phases["mask_probe"] >= 0 and recipe.phases["packing_probe"] >= 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import run_study, study
+from conftest import run_study, set_up_recipe, study
 
 from peftbench import packing
 from peftbench.batches import collate, make_batches, model_forward
@@ -222,17 +222,8 @@ def test_a_decoder_trains_packed_on_scores_and_label_sets(task, tiny_decoder, tm
 def test_a_checkpointed_probe_or_run_uses_padded_batches(tiny_encoder, tiny_data, tmp_path, monkeypatch):
     """Packed batches are not built for gradient checkpointing: the memory plan's checkpointed probes run
     padded batches, and insisting on both is a one-line error."""
-    from peftbench import config, data as data_mod, train
-    from peftbench.runner import Study
-
     raw = study(tiny_encoder, tiny_data, ["full"], train={"packing": True, "epochs": 1})
-    s = Study(config.validate(raw), tmp_path / "s")
-    s.out.mkdir(parents=True)
-    s.prepare()
-    spec = s.final_specs({})[0]
-    (tmp_path / "run").mkdir()
-    recipe = train.Recipe(spec, data_mod.Tokenized.load(s.tok_file), tmp_path / "run", progress=False)
-    recipe.setup()
+    recipe = set_up_recipe(raw, tmp_path)
     calls, real = [], packing.packed_forward
     monkeypatch.setattr(packing, "packed_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     recipe.probe(16, True)
