@@ -103,7 +103,7 @@ def test_a_gpu_state_dict_reaches_host_memory_unchanged():
 def test_bf16_weights_train_graphed_and_follow_the_fp32_master_losses(
     no_dropout_encoder, tiny_data, tmp_path
 ):
-    """`optimizer: adamw_bf16` on CUDA: bf16 weights under optimi's fused (Triton) AdamW with Kahan
+    """`optimizer: adamw_bf16` on CUDA: bf16 weights under optimi's foreach AdamW with Kahan
     summation, steps replayed from graphs; its losses follow fused AdamW's over fp32 weights."""
     methods = [
         {"name": "full", "label": "fp32", "learning_rate": 1e-3},
