@@ -91,6 +91,26 @@ def test_valid_study_gets_defaults():
             "methods: adalora cannot run with train.sharding: fsdp here",
         ),
         (
+            {
+                **GOOD,
+                "gpus_per_run": 2,
+                "isolation": "process",
+                "methods": ["lora", {"name": "full", "label": "full-bf16", "optimizer": "adamw_bf16"}],
+                "train": {"sharding": "fsdp"},
+            },
+            "train.optimizer: adamw_bf16 is not built for train.sharding: fsdp (full-bf16); use adamw",
+        ),
+        (
+            {
+                **GOOD,
+                "gpus_per_run": 2,
+                "isolation": "process",
+                "methods": ["lora"],
+                "train": {"sharding": "fsdp", "optimizer": "adamw_bf16"},
+            },
+            "train.optimizer: adamw_bf16 is not built for train.sharding: fsdp (lora); use adamw",
+        ),
+        (
             {**GOOD, "lr_search": {"reduction_factor": 1}},
             "lr_search.reduction_factor: must be an integer >= 2",
         ),

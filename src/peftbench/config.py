@@ -309,8 +309,16 @@ def _check_sharding(study: dict, train: dict, meths: list[dict], problems: list[
             )
     if train.get("compile"):
         problems.append("train.compile: not with train.sharding: fsdp; set compile: false")
-    if train.get("optimizer") == "adamw_bf16":
-        problems.append("train.optimizer: adamw_bf16 is not built for train.sharding: fsdp; use adamw")
+    bf16 = [
+        m["label"]
+        for m in meths
+        if (m.get("options") or {}).get("optimizer", train.get("optimizer")) == "adamw_bf16"
+    ]
+    if bf16:
+        problems.append(
+            "train.optimizer: adamw_bf16 is not built for train.sharding: fsdp "
+            f"({', '.join(bf16)}); use adamw"
+        )
 
 
 def _validate_data(data, base_dir: Path | None, problems: list[str]) -> dict:
