@@ -80,6 +80,27 @@ def test_a_budget_caps_the_run_and_the_plan_fits_under_it(tiny_encoder, tiny_dat
         assert plan["allocator_cap_mb"] < budget_mb and r["metrics"]["peak_device_memory_mb"] <= budget_mb
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_bf16"])
+def test_the_memory_probe_leaves_training_as_it_was(
+    no_dropout_encoder, tiny_data, tmp_path, uncapped, optimizer
+):
+    """A budgeted run probes micro-steps before it trains, then puts the weights, optimizer state and step
+    counters back: its losses are those of the same run without a budget."""
+    free, total = torch.cuda.mem_get_info()
+    methods = [{"name": "full", "learning_rate": 1e-3, "optimizer": optimizer}]
+    over = {"device": "cuda", "isolation": "process", "train": {"epochs": 3, "max_length": 48}}
+    (free_run,) = run_study(study(no_dropout_encoder, tiny_data, methods, **over), tmp_path / "free")
+    budget = f"{(total - free) / 2**20 + 1024:.0f}MB"
+    (capped,) = run_study(
+        study(no_dropout_encoder, tiny_data, methods, gpu_memory=budget, **over), tmp_path / "cap"
+    )
+    for r in (free_run, capped):
+        assert r["status"] == "success", r["error"]
+    assert capped["metrics"]["memory_plan"]["fits"] and free_run["metrics"]["memory_plan"] is None
+    for a, b in zip(free_run["history"], capped["history"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+
+
 def test_a_run_that_cannot_fit_its_budget_is_skipped_with_what_it_needed(
     tiny_encoder, tiny_data, tmp_path, uncapped
 ):
