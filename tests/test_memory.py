@@ -252,6 +252,8 @@ def test_a_loss_that_goes_nan_ends_the_run_as_diverged(tiny_encoder, tiny_data, 
     raw = study(tiny_encoder, tiny_data, [{"name": "full", "learning_rate": 1e10}])
     (r,) = run_study(raw, tmp_path / "s")
     assert r["status"] == "diverged" and "lower the learning rate" in r["error"]
+    # what it measured until then is kept: the epoch whose loss went NaN, and its seconds
+    assert len(r["history"]) == r["metrics"]["epochs_done"] == 1 and r["metrics"]["train_seconds"] > 0
 
 
 def test_plan_on_a_tiny_model_prints_a_row_per_method(tiny_encoder, tiny_data, tmp_path, capsys):

@@ -27,4 +27,9 @@ class SkipRun(Exception):
 
 
 class Diverged(Exception):
-    """A run whose training loss stopped being a finite number; recorded as `diverged`, never as a success."""
+    """A run whose training loss stopped being a finite number; recorded as `diverged`, never as a success,
+    with what it measured until then (its epochs' history and seconds)."""
+
+    def __init__(self, message: str, history: list | None = None, metrics: dict | None = None):
+        super().__init__(message)
+        self.history, self.metrics = list(history or []), dict(metrics or {})

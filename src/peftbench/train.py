@@ -675,7 +675,15 @@ class Recipe:
             }
         )
         if not math.isfinite(loss):
-            raise Diverged(f"the training loss became {loss} in epoch {epoch + 1}; lower the learning rate")
+            raise Diverged(
+                f"the training loss became {loss} in epoch {epoch + 1}; lower the learning rate",
+                self.history,
+                {
+                    "train_seconds": self.train_seconds,
+                    "validation_seconds": self.val_seconds,
+                    "epochs_done": epoch + 1,
+                },
+            )
         self.tracker.epoch(epoch + 1, self.history[-1])
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_score:.3f}")

@@ -208,7 +208,7 @@ def execute_run(run_dir: Path, progress: bool = True) -> dict:
     except SkipRun as e:
         result.update(status="skipped", error=str(e))
     except Diverged as e:
-        result.update(status="diverged", error=str(e))
+        result.update(status="diverged", error=str(e), history=e.history, metrics=e.metrics)
     except UserError as e:
         result.update(status="failed", error=str(e))
     except Exception as e:
