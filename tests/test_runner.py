@@ -183,6 +183,34 @@ def test_halving_schedule_on_a_fake_objective(tmp_path):
     assert len(ran) == 10 + 4 and len(results) == 10
 
 
+def test_the_grid_estimate_leaves_out_the_graph_start_up_a_process_pays_once():
+    """A halving trial's seconds, extended to the grid's epochs: its steady epochs scale, the CUDA graphs'
+    start-up (paid by each process, so twice by a resumed trial) is counted once; a diverged trial counts
+    as it ran. Scaling the seconds by epochs instead would give 11.7 s / 4 x 15 = 43.9 s."""
+    from peftbench import report
+
+    def trial(status, epochs, train, val, warm):
+        history = [{"epoch": e + 1, "graph_start_seconds": w} for e, w in enumerate(warm)]
+        config = {"train": {"epochs": 5}}
+        metrics = {"train_seconds": train, "validation_seconds": val}
+        return {"status": status, "history": history, "metrics": metrics, "config": config}
+
+    stopped = trial("paused", 1, 3.0, 0.5, [2.0])  # 1 s of training, 0.5 of validation, 2 s start-up
+    resumed = trial("paused", 2, 6.0, 1.0, [2.0, 2.0])  # its second epoch in a new process
+    diverged = trial("diverged", 1, 1.0, 0.2, [2.0])
+    est = runner._grid_estimate([stopped, resumed, diverged])
+    assert est["grid_run_seconds"] == pytest.approx((2.0 + 5 * 1.5) * 2 + 1.2)
+    assert est["graph_start_seconds"] == pytest.approx(6.0)
+    del resumed["history"][1]["graph_start_seconds"]  # a result written before the start-up was recorded
+    assert runner._grid_estimate([stopped, resumed]) == {}
+
+    record = {"schedule": "halving", "rungs": [], "run_seconds": 10.5, "epochs_run": 3, "grid_epochs": 10}
+    study_ = {"plan": {"lr_search": {"new": {**record, **est}, "old": {**record, "grid_run_seconds": 40.0}}}}
+    (_, new), (_, old) = report.search_cost(study_)
+    assert "6 s of it starting CUDA graphs; 1.9x less than the full grid's estimated 20 s" in new
+    assert "estimated" not in old  # a record without the start-up time: no estimate shown
+
+
 def test_a_halving_search_resumes_and_skips_what_is_done(tiny_encoder, tiny_data, tmp_path, capfd):
     """A real halving search on a tiny model: trials pause at their rung, the chosen rate's final runs, the
     search recorded in study.json; run again, every trial is skipped and nothing is retrained."""
@@ -202,6 +230,8 @@ def test_a_halving_search_resumes_and_skips_what_is_done(tiny_encoder, tiny_data
     assert sorted(r["metrics"]["epochs_done"] for r in trials) == [1, 1, 2, 2]
     search = json.loads((out / "study.json").read_text())["lr_search"]["lora"]
     assert search["epochs_run"] == 6 and search["grid_epochs"] == 16
+    # on the CPU no graphs start: the grid's estimate is the trials' seconds per epoch, at 16 epochs
+    assert search["graph_start_seconds"] == 0 and search["grid_run_seconds"] > search["run_seconds"]
     assert [len(r["rates"]) for r in search["rungs"]] == [4, 2]
     assert not list((out / "runs").glob("*/checkpoint.pt"))  # decided: no trial keeps its checkpoint
     final = next(r for r in results if r["role"] == "final")

@@ -44,6 +44,9 @@ class StepGraphs:
         self.eager_steps = 0
         self.failed: str | None = None
         self.capture_seconds = 0.0
+        # Starting the graphs: the first eager micro-step and the captures. Paid once per process: a run
+        # resumed in a new process pays it again, a run trained on in one process does not.
+        self.start_seconds = 0.0
 
     @staticmethod
     def unsupported(
@@ -110,11 +113,19 @@ class StepGraphs:
     def run(self, *batch, weight: float = 1.0) -> None:
         """One micro-step's forward and backward on host tensors (pinned), its loss weighted by its share
         of the batch: from a graph, or eagerly."""
+        import torch
+
         self.weight.fill_(weight)
-        if not self.step(batch):
-            dev = self.loss_sum.device
-            self.forward_backward(*(x.to(dev, non_blocking=True) for x in batch))
-            self.eager_steps += 1
+        if self.step(batch):
+            return
+        first = not (self.eager_steps or self.failed)  # the step before any capture (timed: it syncs)
+        t = time.perf_counter()
+        dev = self.loss_sum.device
+        self.forward_backward(*(x.to(dev, non_blocking=True) for x in batch))
+        self.eager_steps += 1
+        if first:
+            torch.cuda.synchronize(dev)
+            self.start_seconds += time.perf_counter() - t
 
     def _capture(self, batch: tuple, key: tuple):
         import torch
@@ -142,7 +153,9 @@ class StepGraphs:
         torch.cuda.current_stream().wait_stream(self.stream)
         self.pool = graph.pool() if self.pool is None else self.pool
         self.graphs[key] = (graph, static)
-        self.capture_seconds += time.perf_counter() - t
+        took = time.perf_counter() - t
+        self.capture_seconds += took
+        self.start_seconds += took
         return self.graphs[key]
 
     def summary(self) -> dict:

@@ -452,22 +452,15 @@ class Study:
             chosen = select_learning_rates(results, self.cfg["metric"])
         record = {}
         for label in dict.fromkeys(t.label for t in trials):
-            timed = [
-                (s, _epochs_done(r))
-                for r in results
-                if r["label"] == label
-                if (s := _run_seconds(r)) is not None
-            ]
-            seconds, epochs_done = sum(s for s, _ in timed), sum(e for _, e in timed)
-            per_epoch = seconds / epochs_done if epochs_done else None
-            n_grid = sum(t.train.epochs for t in trials if t.label == label)
+            mine = [r for r in results if r["label"] == label]
+            timed = [(s, _epochs_done(r)) for r in mine if (s := _run_seconds(r)) is not None]
             record[label] = {
                 "schedule": self.cfg["lr_search"]["schedule"],
                 "rungs": rungs.get(label, []),
-                "run_seconds": seconds,
-                "epochs_run": epochs_done,
-                "grid_epochs": n_grid,
-                "grid_run_seconds": per_epoch * n_grid if per_epoch else None,
+                "run_seconds": sum(s for s, _ in timed),
+                "epochs_run": sum(e for _, e in timed),
+                "grid_epochs": sum(t.train.epochs for t in trials if t.label == label),
+                **_grid_estimate(mine),
             }
         return results, chosen, record
 
@@ -865,6 +858,32 @@ def _run_seconds(r: dict) -> float | None:
     if m.get("train_seconds") is None:
         return None
     return m["train_seconds"] + (m.get("validation_seconds") or 0.0)
+
+
+def _grid_estimate(results: list[dict]) -> dict:
+    """What the full grid would have spent training and validating these trials, each for all its epochs,
+    and the seconds spent starting CUDA graphs. A trial that stopped early is extended by its epochs' time
+    without the graph start-up, which a process pays once (a halving trial resumed at a later rung pays it
+    again; the grid's trial would not have): scaling its seconds by epochs would overstate the grid's cost.
+    A trial that failed or diverged counts as it ran. Empty where a trial's history lacks the start-up time
+    (results written before it was recorded)."""
+    grid = start = 0.0
+    for r in results:
+        m, history = r.get("metrics") or {}, r.get("history") or []
+        if r["status"] not in ("success", "paused"):  # it would have ended as early in the grid
+            grid += _run_seconds(r) or 0.0
+            continue
+        if (
+            not history
+            or any("graph_start_seconds" not in h for h in history)
+            or m.get("train_seconds") is None
+        ):
+            return {}
+        spent = sum(h["graph_start_seconds"] for h in history)
+        per_epoch = (m["train_seconds"] - spent + (m.get("validation_seconds") or 0.0)) / len(history)
+        grid += history[0]["graph_start_seconds"] + per_epoch * r["config"]["train"]["epochs"]
+        start += spent
+    return {"grid_run_seconds": grid, "graph_start_seconds": start}
 
 
 def _epochs_done(r: dict) -> int:

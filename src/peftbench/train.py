@@ -584,6 +584,7 @@ class Recipe:
         self.batches = make_batches(self.lengths, self.batch_size, rng, self.train.group_by_length)
         self.loss_sum.zero_()
         sync(self.device)
+        start0 = self.graphs.start_seconds if self.graphs is not None else 0.0
         t0 = time.perf_counter()
         for i, batch in enumerate(self.batches):
             if epoch == self.start_epoch:
@@ -598,6 +599,7 @@ class Recipe:
                 self.bar.update(1)
         sync(self.device)
         self.epoch_seconds = time.perf_counter() - t0
+        self.epoch_graph_start = (self.graphs.start_seconds if self.graphs is not None else 0.0) - start0
         self.train_seconds += self.epoch_seconds
         if self.world > 1:
             import torch.distributed as dist
@@ -670,6 +672,7 @@ class Recipe:
                 "train_loss": loss,
                 **{f"validation_{k}": v for k, v in val.items()},
                 "epoch_seconds": self.epoch_seconds,
+                "graph_start_seconds": self.epoch_graph_start,  # of epoch_seconds: CUDA graphs starting
                 "cumulative_train_seconds": self.train_seconds,
                 "learning_rate": self.scheduler.get_last_lr()[0],
             }
