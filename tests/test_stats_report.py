@@ -449,3 +449,12 @@ def test_replication_probability_known_values():
     assert stats.replication(-3.0, 1.0) == stats.replication(3.0, 1.0) > stats.STABLE  # worse, as often
     assert stats.replication(3.0, 1.0, "mse") == stats.replication(-3.0, 1.0, "mse")  # lower error: better
     assert stats.replication(0.0, 0.0) == 1.0  # identical predictions: nothing to rerun differently
+
+
+def test_a_reload_warning_from_a_result_written_before_the_check_counted_its_items():
+    from peftbench.artefacts import reload_warning
+
+    old = {"run_id": "full-s1", "artefact": "model", "reload_check": {"identical_predictions": False}}
+    assert "model does not reproduce its predictions (reload-check items changed)" in reload_warning(old)
+    old["reload_check"] = {"identical_predictions": True, "max_abs_logit_diff": 0.03}
+    assert reload_warning(old) is None

@@ -211,11 +211,14 @@ def reload_warning(result: dict) -> str | None:
     check = result.get("reload_check") or {}
     if check.get("identical_predictions", True):
         return None
-    changed = check.get("changed_predictions", "some")
+    changed, n = check.get("changed_predictions"), check.get("items_checked")
+    # results written before the check counted its items say only that predictions changed
+    counted = (
+        f"{changed} of {n} reload-check items changed" if n is not None else "reload-check items changed"
+    )
     return (
         f"{result['run_id']}: its saved {result.get('artefact') or 'artefact'} does not reproduce its "
-        f"predictions ({changed} of {check['items_checked']} reload-check items changed): do not use it; "
-        "rerun the run, and report it if it happens again"
+        f"predictions ({counted}): do not use it; rerun the run, and report it if it happens again"
     )
 
 
