@@ -726,17 +726,19 @@ def _trial_means(trials: list[dict], label: str, rungs: list[dict] | None, metri
 
 def search_cost(study: dict) -> list[tuple[str, str]]:
     """Per method, how its rate was searched and what that cost beside the full grid. The grid's estimate
-    is shown only from records that hold the CUDA graphs' start-up time (the estimate leaves it out of the
-    epochs the grid would have added); an older record scaled seconds by epochs, which overstates it."""
+    (a range: see runner._grid_estimate) is shown only from records that hold the CUDA graphs' start-up
+    time; an older record scaled seconds by epochs, which overstates it."""
     lines = []
     for label, s in ((study["plan"] or {}).get("lr_search") or {}).items():
         grid, warm = s.get("grid_run_seconds"), s.get("graph_start_seconds")
         start = f", {warm:,.0f} s of it starting CUDA graphs" if warm else ""
         if s["schedule"] == "halving":
             steps = " -> ".join(f"{len(r['rates'])} rates at {r['epochs']} epoch(s)" for r in s["rungs"])
+            low, run = s.get("grid_run_seconds_low"), s["run_seconds"]
             ratio = (
-                f"; {grid / s['run_seconds']:.1f}x less than the full grid's estimated {grid:,.0f} s"
-                if (grid and warm is not None and s["run_seconds"])
+                f"; {low / run:.1f}-{grid / run:.1f}x less than the full grid's estimated "
+                f"{low:,.0f}-{grid:,.0f} s"
+                if (grid and low and warm is not None and run)
                 else ""
             )
             text = (

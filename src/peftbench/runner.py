@@ -868,25 +868,24 @@ def _grid_estimate(results: list[dict]) -> dict:
     and the seconds spent starting CUDA graphs. A trial that stopped early is extended by its epochs' time
     without the graph start-up, which a process pays once (a halving trial resumed at a later rung pays it
     again; the grid's trial would not have): scaling its seconds by epochs would overstate the grid's cost.
-    A trial that failed or diverged counts as it ran. Empty where a trial's history lacks the start-up time
-    (results written before it was recorded)."""
-    grid = start = 0.0
+    Validation's first pass in a process is slower too, by an amount the trial cannot tell apart, so the
+    estimate is a range: validation extended at the trial's own seconds per epoch (high), or not extended
+    (low). A trial that failed or diverged counts as it ran. Empty where a trial's history lacks the
+    start-up time (results written before it was recorded)."""
+    low = high = start = 0.0
     for r in results:
         m, history = r.get("metrics") or {}, r.get("history") or []
         if r["status"] not in ("success", "paused"):  # it would have ended as early in the grid
-            grid += _run_seconds(r) or 0.0
+            low, high = low + (_run_seconds(r) or 0.0), high + (_run_seconds(r) or 0.0)
             continue
-        if (
-            not history
-            or any("graph_start_seconds" not in h for h in history)
-            or m.get("train_seconds") is None
-        ):
+        timed = m.get("train_seconds") is not None and all("graph_start_seconds" in h for h in history)
+        if not (history and timed):
             return {}
         spent = sum(h["graph_start_seconds"] for h in history)
-        per_epoch = (m["train_seconds"] - spent + (m.get("validation_seconds") or 0.0)) / len(history)
-        grid += history[0]["graph_start_seconds"] + per_epoch * r["config"]["train"]["epochs"]
-        start += spent
-    return {"grid_run_seconds": grid, "graph_start_seconds": start}
+        val, share = m.get("validation_seconds") or 0.0, r["config"]["train"]["epochs"] / len(history)
+        trained = history[0]["graph_start_seconds"] + (m["train_seconds"] - spent) * share
+        low, high, start = low + trained + val, high + trained + val * share, start + spent
+    return {"grid_run_seconds": high, "grid_run_seconds_low": low, "graph_start_seconds": start}
 
 
 def _epochs_done(r: dict) -> int:
