@@ -446,9 +446,6 @@ class Recipe:
         import torch
 
         set_checkpointing(self.model, checkpointing)
-        packed, self.arch = self.arch, None if checkpointing else self.arch
-        longest = np.argsort(-self.lengths, kind="stable")[:micro]
-        batch = [x.to(self.device) for x in self.host_batch(longest)]
         rng = torch.random.get_rng_state(), (torch.cuda.get_rng_state() if self.dev_type == "cuda" else None)
         # each group's settings and counters (optimi counts steps per group, not per weight), then lr 0
         groups = [
@@ -460,7 +457,10 @@ class Recipe:
         if self.dev_type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        packed, self.arch = self.arch, None if checkpointing else self.arch
         try:
+            longest = np.argsort(-self.lengths, kind="stable")[:micro]
+            batch = [x.to(self.device) for x in self.host_batch(longest)]
             seconds = [self._probe_step(batch, micro < self.batch_size) for _ in range(2)][-1]
             peak = torch.cuda.max_memory_reserved() if self.dev_type == "cuda" else 0
             return float(peak), seconds
