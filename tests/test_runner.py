@@ -189,15 +189,15 @@ def test_the_grid_estimate_leaves_out_the_graph_start_up_a_process_pays_once():
     as it ran. Scaling the seconds by epochs instead would give 11.7 s / 4 x 15 = 43.9 s."""
     from peftbench import report
 
-    def trial(status, epochs, train, val, warm):
+    def trial(status, train, val, warm):
         history = [{"epoch": e + 1, "graph_start_seconds": w} for e, w in enumerate(warm)]
         config = {"train": {"epochs": 5}}
         metrics = {"train_seconds": train, "validation_seconds": val}
         return {"status": status, "history": history, "metrics": metrics, "config": config}
 
-    stopped = trial("paused", 1, 3.0, 0.5, [2.0])  # 1 s of training, 0.5 of validation, 2 s start-up
-    resumed = trial("paused", 2, 6.0, 1.0, [2.0, 2.0])  # its second epoch in a new process
-    diverged = trial("diverged", 1, 1.0, 0.2, [2.0])
+    stopped = trial("paused", 3.0, 0.5, [2.0])  # 1 s of training, 0.5 of validation, 2 s start-up
+    resumed = trial("paused", 6.0, 1.0, [2.0, 2.0])  # its second epoch in a new process
+    diverged = trial("diverged", 1.0, 0.2, [2.0])
     est = runner._grid_estimate([stopped, resumed, diverged])
     # validation extended at each trial's seconds per epoch, or not extended
     assert est["grid_run_seconds"] == pytest.approx((2.0 + 5 * 1.5) * 2 + 1.2)

@@ -113,8 +113,6 @@ class StepGraphs:
     def run(self, *batch, weight: float = 1.0) -> None:
         """One micro-step's forward and backward on host tensors (pinned), its loss weighted by its share
         of the batch: from a graph, or eagerly."""
-        import torch
-
         self.weight.fill_(weight)
         if self.step(batch):
             return
@@ -124,6 +122,8 @@ class StepGraphs:
         self.forward_backward(*(x.to(dev, non_blocking=True) for x in batch))
         self.eager_steps += 1
         if first:
+            import torch
+
             torch.cuda.synchronize(dev)
             self.start_seconds += time.perf_counter() - t
 
