@@ -730,15 +730,15 @@ def search_cost(study: dict) -> list[tuple[str, str]]:
     time; an older record scaled seconds by epochs, which overstates it."""
     lines = []
     for label, s in ((study["plan"] or {}).get("lr_search") or {}).items():
-        grid, warm = s.get("grid_run_seconds"), s.get("graph_start_seconds")
-        start = f", {warm:,.0f} s of it starting CUDA graphs" if warm else ""
+        grid, started = s.get("grid_run_seconds"), s.get("graph_start_seconds")
+        start = f", {started:,.0f} s of it starting CUDA graphs" if started else ""
         if s["schedule"] == "halving":
             steps = " -> ".join(f"{len(r['rates'])} rates at {r['epochs']} epoch(s)" for r in s["rungs"])
             low, run = s.get("grid_run_seconds_low"), s["run_seconds"]
             ratio = (
                 f"; {low / run:.1f}-{grid / run:.1f}x less than the full grid's estimated "
                 f"{low:,.0f}-{grid:,.0f} s"
-                if (grid and low and warm is not None and run)
+                if (low and run)  # written with the start-up time, as grid_run_seconds then is
                 else ""
             )
             text = (

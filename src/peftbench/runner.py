@@ -875,8 +875,9 @@ def _grid_estimate(results: list[dict]) -> dict:
     low = high = start = 0.0
     for r in results:
         m, history = r.get("metrics") or {}, r.get("history") or []
-        if r["status"] not in ("success", "paused"):  # it would have ended as early in the grid
-            low, high = low + (_run_seconds(r) or 0.0), high + (_run_seconds(r) or 0.0)
+        if r["status"] not in store.VALIDATED:  # it would have ended as early in the grid
+            ran = _run_seconds(r) or 0.0
+            low, high = low + ran, high + ran
             continue
         timed = m.get("train_seconds") is not None and all("graph_start_seconds" in h for h in history)
         if not (history and timed):

@@ -584,7 +584,7 @@ class Recipe:
         self.batches = make_batches(self.lengths, self.batch_size, rng, self.train.group_by_length)
         self.loss_sum.zero_()
         sync(self.device)
-        start0 = self.graphs.start_seconds if self.graphs is not None else 0.0
+        start0 = self._graph_start_seconds()
         t0 = time.perf_counter()
         for i, batch in enumerate(self.batches):
             if epoch == self.start_epoch:
@@ -599,13 +599,25 @@ class Recipe:
                 self.bar.update(1)
         sync(self.device)
         self.epoch_seconds = time.perf_counter() - t0
-        self.epoch_graph_start = (self.graphs.start_seconds if self.graphs is not None else 0.0) - start0
+        self.epoch_graph_start = self._graph_start_seconds() - start0
         self.train_seconds += self.epoch_seconds
         if self.world > 1:
             import torch.distributed as dist
 
             dist.all_reduce(self.loss_sum)
             self.loss_sum /= self.world
+
+    def _graph_start_seconds(self) -> float:
+        """Seconds this process has spent starting CUDA graphs (0 without graphs)."""
+        return self.graphs.start_seconds if self.graphs is not None else 0.0
+
+    def _seconds_so_far(self, epochs_done: int) -> dict:
+        """What a run that stops before its last epoch (paused at a rung, or diverged) keeps of its timing."""
+        return {
+            "epochs_done": epochs_done,
+            "train_seconds": self.train_seconds,
+            "validation_seconds": self.val_seconds,
+        }
 
     def forward_backward(self, batch: np.ndarray) -> None:
         """Gradients of one batch: from a CUDA graph, or eagerly in micro-batches (each process its share)."""
@@ -681,11 +693,7 @@ class Recipe:
             raise Diverged(
                 f"the training loss became {loss} in epoch {epoch + 1}; lower the learning rate",
                 self.history,
-                {
-                    "train_seconds": self.train_seconds,
-                    "validation_seconds": self.val_seconds,
-                    "epochs_done": epoch + 1,
-                },
+                self._seconds_so_far(epoch + 1),
             )
         self.tracker.epoch(epoch + 1, self.history[-1])
         if self.bar is not None:
@@ -765,9 +773,7 @@ class Recipe:
             "metrics": {
                 f"validation_{self.spec.metric}": value,
                 "selected_epoch": chosen,
-                "epochs_done": epochs_done,
-                "train_seconds": self.train_seconds,
-                "validation_seconds": self.val_seconds,
+                **self._seconds_so_far(epochs_done),
             },
             "history": self.history,
             "artefact": None,
