@@ -101,6 +101,38 @@ def test_the_memory_probe_leaves_training_as_it_was(
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_warm_trials_replay_the_first_trials_graphs_and_train_as_fresh_ones(
+    method, tiny_encoder, tiny_data, tmp_path
+):
+    """Warm trials (one process, one model) replay the graphs the first trial recorded, reseeded for their
+    dropout, and train as trials set up from scratch in a process each do."""
+    raw = study(
+        tiny_encoder,
+        tiny_data,
+        [method],
+        device="cuda",
+        isolation="process",
+        lr_search={"points": 2, "decades": 1, "seeds": 2},
+        train={"epochs": 2, "max_length": 48},
+    )
+    runs = {}
+    for warm in (True, False):
+        res = run_study({**raw, "warm_trials": warm}, tmp_path / str(warm))
+        runs[warm] = [r for r in res if r["role"] == "trial"]
+    for r in runs[True] + runs[False]:
+        assert r["status"] == "success" and r["metrics"]["cuda_graphs"]["graphs"] >= 1, r["error"]
+    started = [(r["metrics"]["warm_start"], r["history"][0]["graph_start_seconds"] > 0) for r in runs[True]]
+    assert started == [(False, True)] + [(True, False)] * 3  # no eager first step, no capture
+    for a, b in zip(runs[True], runs[False]):
+        assert [h["train_loss"] for h in a["history"]] == pytest.approx(
+            [h["train_loss"] for h in b["history"]], rel=1e-6, abs=0
+        )
+        assert [h["validation_accuracy"] for h in a["history"]] == [
+            h["validation_accuracy"] for h in b["history"]
+        ]
+
+
 def test_a_run_that_cannot_fit_its_budget_is_skipped_with_what_it_needed(
     tiny_encoder, tiny_data, tmp_path, uncapped
 ):

@@ -211,6 +211,11 @@ def test_the_grid_estimate_leaves_out_the_graph_start_up_a_process_pays_once():
     (_, new), (_, old) = report.search_cost(study_)
     assert "6 s of it starting CUDA graphs; 1.6-1.9x less than the full grid's estimated 17-20 s" in new
     assert "estimated" not in old  # a record without the start-up time: no estimate shown
+    study_["plan"]["lr_search_wall_seconds"] = 30.4
+    assert report.search_cost(study_)[-1] == (
+        None,
+        "The search took 30 s from its first trial to its choice (all methods).",
+    )
 
 
 def test_a_halving_search_resumes_and_skips_what_is_done(tiny_encoder, tiny_data, tmp_path, capfd):
@@ -305,6 +310,74 @@ def test_crash_in_one_run_is_recorded_and_the_study_goes_on(tiny_encoder, tiny_d
         tmp_path / "s",
     )
     assert again[0]["status"] == "success" and again[1]["started_at"] == res[1]["started_at"]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_warm_trials_train_as_fresh_ones_do(method, tiny_encoder, tiny_data, tmp_path):
+    """Trials that take over the model the last trial left (warm_trials) train exactly as trials set up from
+    scratch: each seed's initial weights, its random state (dropout), a new optimizer."""
+    lr_search = {"points": 2, "decades": 1, "seeds": 2}
+    raw = study(tiny_encoder, tiny_data, [method], lr_search=lr_search, train={"epochs": 2})
+    runs = {}
+    for warm in (True, False):
+        res = run_study({**raw, "warm_trials": warm}, tmp_path / str(warm))
+        runs[warm] = [r for r in res if r["role"] == "trial"]
+    assert [r["metrics"]["warm_start"] for r in runs[True]] == [False, True, True, True]
+    assert not any(r["metrics"]["warm_start"] for r in runs[False])
+    for a, b in zip(runs[True], runs[False]):
+        assert a["run_id"] == b["run_id"]
+        assert [(h["train_loss"], h["validation_accuracy"]) for h in a["history"]] == [
+            (h["train_loss"], h["validation_accuracy"]) for h in b["history"]
+        ]
+    finals = [[r["test_accuracy"] for r in (x["metrics"],)] for x in res if x["role"] == "final"]
+    assert finals  # the finals ran after the warm model was let go
+
+
+def test_warm_trials_share_a_process_and_a_crash_costs_only_its_run(
+    tiny_encoder, tiny_data, tmp_path, monkeypatch
+):
+    from peftbench import methods
+
+    lrs = runner.lr_grid(methods.get("lora").learning_rate, 2, 1)
+    monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", f"lr{lrs[0]:.2e}-s1:segv")
+    raw = study(
+        tiny_encoder,
+        tiny_data,
+        ["lora"],
+        isolation="process",
+        lr_search={"points": 2, "decades": 1, "seeds": 3},
+        train={"epochs": 1},
+    )
+    s = runner.Study(config.validate(raw), tmp_path / "plan")
+    s.out.mkdir()
+    s.prepare()
+    trials = s.trial_specs()
+    key = trials[0].warm_key()
+    assert [(k, len(c)) for k, c in s.chains(trials, 1)] == [(f"{key}-0", 6)]
+    assert [(k, len(c)) for k, c in s.chains(trials, 2)] == [(f"{key}-0", 3), (f"{key}-1", 3)]
+    assert [k for k, _ in s.chains([t.with_runtime(warm=False) for t in trials], 1)] == [None] * 6
+    res = [r for r in run_study(raw, tmp_path / "s") if r["role"] == "trial"]
+    status = {r["run_id"].split("trial-")[1]: r["status"] for r in res}
+    crashed = f"lr{lrs[0]:.2e}-s1"
+    assert status.pop(crashed) == "failed" and set(status.values()) == {"success"}
+    assert "Segmentation" in next(r["error"] for r in res if crashed in r["run_id"])
+    # one process ran the first two trials and died in the second; a new one ran the other four
+    assert [r["metrics"].get("warm_start") for r in res] == [False, None, False, True, True, True]
+
+
+def test_a_halving_rung_goes_on_in_the_process_that_ran_the_last(tiny_encoder, tiny_data, tmp_path):
+    raw = study(
+        tiny_encoder,
+        tiny_data,
+        ["lora"],
+        isolation="process",
+        lr_search={"points": 4, "decades": 1, "schedule": "halving"},
+        train={"epochs": 2},
+    )
+    trials = [r for r in run_study(raw, tmp_path / "s") if r["role"] == "trial"]
+    resumed = [r for r in trials if len(r["history"]) == 2]
+    assert len(resumed) == 2 and all(r["metrics"]["resumed_from_epoch"] == 1 for r in resumed)
+    assert all(r["metrics"]["warm_start"] for r in resumed)  # no process started for rung 2
 
 
 def test_oom_retries_with_smaller_micro_batches(tiny_encoder, tiny_data, tmp_path, monkeypatch):

@@ -30,10 +30,10 @@ def trainable_state(model, on_device: bool = False) -> dict:
 
 
 def load_trainable(model, state: dict) -> None:
-    """Copy `state` into the model's parameters, from wherever it is held."""
+    """Copy `state` into the model's parameters (and buffers), from wherever it is held."""
     import torch
 
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t)

@@ -63,6 +63,7 @@ TOP_DEFAULTS: dict[str, Any] = {
     "isolation": "process",
     "parallel": 1,
     "exclusive_finals": True,
+    "warm_trials": True,  # lr-search trials of one method share a worker process, model and CUDA graphs
     "executor": "local",
     "ray_address": None,
     "ray_cpus_per_run": 1,
@@ -482,7 +483,7 @@ def _validate_execution(study: dict, problems: list[str]) -> None:
     need("tracking", lambda v: v in (None, "tensorboard", "mlflow"), "null, tensorboard or mlflow")
     need("tracking_every", lambda v: _is_int(v) and v > 0, "a positive integer")
     need("max_oom_retries", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
-    for key in ("trust_remote_code", "allow_pickle", "report", "exclusive_finals", "profile"):
+    for key in ("trust_remote_code", "allow_pickle", "report", "exclusive_finals", "warm_trials", "profile"):
         need(key, lambda v: isinstance(v, bool), "true or false")
     if study["gpu_memory"] is not None:
         from .memory import parse_size

@@ -749,6 +749,11 @@ def search_cost(study: dict) -> list[tuple[str, str]]:
             seconds = f"{s['run_seconds']:,.0f} s of training and validation{start}"
             text = f"full grid: {s['grid_epochs']} trial epochs, {seconds}."
         lines.append((label, text))
+    wall = (study["plan"] or {}).get("lr_search_wall_seconds")
+    if lines and wall:
+        lines.append(
+            (None, f"The search took {wall:,.0f} s from its first trial to its choice (all methods).")
+        )
     return lines
 
 

@@ -56,6 +56,8 @@ class Study:
         self.pad_token_id = None
         self.max_positions = None
         self.model_fingerprint = None
+        self.search_wall_seconds = None
+        self.warm_workers: dict[str, WarmWorker] = {}  # by chain name: they live on from rung to rung
 
     # ---------------------------------------------------------------- preparation (no model loaded)
     def prepare(self) -> None:
@@ -178,6 +180,7 @@ class Study:
         train = {**cfg["train"], **overrides}
         train["learning_rate"] = lr
         virtual = opts.get("num_virtual_tokens", 0) if method.takes_positions else 0
+        world = cfg["gpus_per_run"]
         eff = None
         if virtual and self.max_positions and train["max_length"] + virtual > self.max_positions:
             eff = self.max_positions - virtual  # soft prompts and prefixes take positions too
@@ -206,7 +209,7 @@ class Study:
             effective_max_length=eff,
             trust_remote_code=cfg["trust_remote_code"],
             allow_pickle=cfg["allow_pickle"],
-            world_size=cfg["gpus_per_run"],
+            world_size=world,
             gpu_memory_bytes=self.gpu_memory_bytes(),
             results_version=RESULTS_VERSION,
             runtime=Runtime(
@@ -222,6 +225,7 @@ class Study:
                 tracking_every=cfg["tracking_every"],
                 profile=cfg["profile"],
                 concurrent_runs=1 if role == "final" and cfg["exclusive_finals"] else cfg["parallel"],
+                warm=role == "trial" and cfg["warm_trials"] and cfg["executor"] == "local" and world == 1,
             ),
         ).planned()
 
@@ -303,17 +307,22 @@ class Study:
             bar.write(_one_line(res))
             return res
 
-        def one(spec):
-            return finished(self._execute_one(spec, progress=parallel == 1))
+        def chain(named):
+            key, specs = named
+            if key is not None:
+                return self._execute_chain(key, specs, parallel == 1, finished)
+            return [finished(self._execute_one(specs[0], progress=parallel == 1))]
 
         try:  # the bar is closed (its line ended) before any error is printed
             if self.cfg["executor"] == "ray" and todo:
                 new = self._execute_ray(todo, finished)
-            elif parallel > 1 and len(todo) > 1:
-                with ThreadPoolExecutor(parallel) as pool:
-                    new = list(pool.map(one, todo))
             else:
-                new = [one(s) for s in todo]
+                chains = self.chains(todo, parallel)
+                if parallel > 1 and len(chains) > 1:
+                    with ThreadPoolExecutor(parallel) as pool:
+                        new = [r for rs in pool.map(chain, chains) for r in rs]
+                else:
+                    new = [r for c in chains for r in chain(c)]
         finally:
             bar.close()
         done.update({r["run_id"]: r for r in new})
@@ -323,6 +332,43 @@ class Study:
         """Runs at once: `parallel`, except final runs when `exclusive_finals` asks for clean timings."""
         finals = any(s.role == "final" for s in specs)
         return 1 if finals and self.cfg["exclusive_finals"] else self.cfg["parallel"]
+
+    def chains(self, todo: list[RunSpec], parallel: int) -> list[tuple[str | None, list[RunSpec]]]:
+        """The runs each worker process runs, in order, with the name of its warm worker: warm trials of one
+        method together (halved while there are fewer chains than runs at once), every other run alone
+        in a process of its own (None)."""
+        warm: dict[str, list[RunSpec]] = {}
+        alone: list[tuple[str | None, list[RunSpec]]] = []
+        for spec in todo:
+            if spec.runtime.warm and self.cfg["isolation"] == "process":
+                warm.setdefault(spec.warm_key(), []).append(spec)
+            else:
+                alone.append((None, [spec]))
+        chains = list(warm.items())
+        while len(chains) + len(alone) < parallel and max((len(c) for _, c in chains), default=1) > 1:
+            key, longest = max(chains, key=lambda kc: len(kc[1]))
+            chains.remove((key, longest))
+            chains += [(key, longest[: len(longest) // 2]), (key, longest[len(longest) // 2 :])]
+        named = []
+        for key, chain in chains:
+            named.append((f"{key}-{sum(n.startswith(key) for n, _ in named)}", chain))
+        return named + alone
+
+    def _execute_chain(self, key: str, chain: list[RunSpec], progress: bool, on_done) -> list[dict]:
+        """Warm trials, one after another in the warm worker process of `key` (kept for the next rung)."""
+        worker = self.warm_workers.setdefault(key, WarmWorker(progress))
+        results = []
+        for spec in chain:
+            rdir = self._prepare_run_dir(spec)
+            launched = time.time()
+            code = worker.run(rdir, spec.runtime.device.startswith("cuda"))
+            results.append(on_done(collect(spec, rdir, code, launched)))
+        return results
+
+    def close_warm_workers(self) -> None:
+        for worker in self.warm_workers.values():
+            worker.close()
+        self.warm_workers.clear()
 
     def _execute_one(self, spec: RunSpec, progress: bool) -> dict:
         rdir = self._prepare_run_dir(spec)
@@ -432,7 +478,9 @@ class Study:
             chosen: dict[str, float | None] = {}
             trial_results, search = [], {}
             if trials:
+                t = time.perf_counter()
                 trial_results, chosen, search = self.search(trials)
+                self.search_wall_seconds = time.perf_counter() - t
             finals = self.final_specs(chosen)
             self.write_plan(trials, finals, chosen, complete=False, search=search)
             final_results = self.execute(finals, "study")
@@ -445,11 +493,14 @@ class Study:
         """The learning-rate search: its trial results, the rate chosen per method label, and per label how
         it was chosen (the halving rungs) and what it cost (seconds of training and validation, summed
         over its runs) beside what the full grid cost or would have cost."""
-        if self.cfg["lr_search"]["schedule"] == "halving":
-            results, chosen, rungs = self.halving(trials)
-        else:
-            results, rungs = self.execute(trials, "lr search"), {}
-            chosen = select_learning_rates(results, self.cfg["metric"])
+        try:
+            if self.cfg["lr_search"]["schedule"] == "halving":
+                results, chosen, rungs = self.halving(trials)
+            else:
+                results, rungs = self.execute(trials, "lr search"), {}
+                chosen = select_learning_rates(results, self.cfg["metric"])
+        finally:
+            self.close_warm_workers()
         record = {}
         for label in dict.fromkeys(t.label for t in trials):
             mine = [r for r in results if r["label"] == label]
@@ -562,6 +613,9 @@ class Study:
             },
             "device": self.device,
             "wall_seconds": wall_seconds,
+            # the lr search from its first trial to its choice, all methods (with `parallel: 1` and one
+            # device, the device time it held)
+            "lr_search_wall_seconds": self.search_wall_seconds,
         }
         store.atomic_write_json(self.out / "study.json", plan)
 
@@ -590,7 +644,7 @@ class Study:
                     )
                     continue
                 spec = spec.with_runtime(
-                    run_id=f"plan-{spec.runtime.run_id}", plan_only=True, checkpoint=False
+                    run_id=f"plan-{spec.runtime.run_id}", plan_only=True, checkpoint=False, warm=False
                 )
                 rdir = self._prepare_run_dir(spec)
                 if self.cfg["isolation"] == "inline":
@@ -692,6 +746,66 @@ def _forked_worker(run_dir: str, env: dict, cuda: bool) -> None:
     from .worker import main
 
     main()
+
+
+def _warm_worker(conn, env: dict, cuda: bool) -> None:
+    os.environ.clear()
+    os.environ.update(env, PEFTBENCH_WORKER="warm")
+    import torch
+
+    if cuda and torch.cuda._is_in_bad_fork():
+        os._exit(BAD_FORK_EXIT)
+    from .worker import serve
+
+    serve(conn)
+
+
+class WarmWorker:
+    """A worker process for warm trials (`warm_trials`): it runs each run folder it is sent, one after
+    another, and lives on between them (from one halving rung to the next) until closed. Forked from the
+    preloaded server (spawned where forking is off); started at its first run."""
+
+    def __init__(self, progress: bool):
+        self.env = worker_env(progress, {})
+        self.proc = self.conn = None
+
+    def run(self, rdir: Path, cuda: bool) -> int:
+        """One run: 0 once its result is written, else the exit status of the process, which died in it."""
+        if self.proc is None:
+            self._start(cuda)
+        self.conn.send(str(rdir))
+        while not self.conn.poll(0.2):
+            if not self.proc.is_alive():
+                break
+        try:
+            self.conn.recv()
+            return 0
+        except (EOFError, OSError):  # the process died in this run
+            pass
+        self.proc.join()
+        code, self.proc, self.conn = self.proc.exitcode, None, None
+        if code == BAD_FORK_EXIT and _FORK["usable"]:
+            _FORK["usable"] = False
+            return self.run(rdir, cuda)
+        return code
+
+    def _start(self, cuda: bool) -> None:
+        import multiprocessing as mp
+
+        ctx = _fork_context() if _FORK["usable"] else mp.get_context("spawn")
+        self.conn, theirs = ctx.Pipe()
+        self.proc = ctx.Process(target=_warm_worker, args=(theirs, self.env, cuda), daemon=False)
+        self.proc.start()
+        theirs.close()
+
+    def close(self) -> None:
+        if self.proc is not None:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.proc.join()
+            self.proc = self.conn = None
 
 
 def launch_worker(run_dir: str, progress: bool, extra_env: dict) -> int:

@@ -68,6 +68,7 @@ class Runtime:
     concurrent_runs: int = 1
     plan_only: bool = False  # `peftbench plan`: probe memory and time, train nothing
     stop_after_epoch: int | None = None  # a halving search's rung: pause there (resumable), no test
+    warm: bool = False  # an lr-search trial that may take over the model the last one left (train._WARM)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +116,12 @@ class RunSpec:
     def planned(self) -> RunSpec:
         """This spec with its hash set; later changes (an OOM retry's micro-batch) keep the plan's hash."""
         return dataclasses.replace(self, config_hash=config_hash(self.hashed()))
+
+    def warm_key(self) -> str:
+        """What a warm trial shares with the trial before it in its process: all but its seed and rate."""
+        d = self.hashed()
+        d.update(seed=None, learning_rate=None, train={**d["train"], "learning_rate": None})
+        return config_hash({**d, "device": self.runtime.device})
 
     def with_train(self, **changes) -> RunSpec:
         return dataclasses.replace(self, train=dataclasses.replace(self.train, **changes))

@@ -50,6 +50,39 @@ from .tracking import StepProfiler, Tracker
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 
+# Warm trials (the study's `warm_trials`): lr-search trials of one method run one after another in one worker
+# process, and each takes over the last one's model, layout and CUDA graphs instead of building and recording
+# them again (on an H200, ~2 s a process against a 0.8 s epoch: a halving search's trials are mostly that).
+# What a trial's seed and rate decide is its own: the trainable weights and buffers its seed builds (kept per
+# seed), the random state after that build, a new optimizer and scheduler.
+_WARM: dict = {}
+WARM_SHARED = (
+    "model", "head", "trainable", "total", "prefixed", "fwd", "compiled", "pad_multiple", "mask_mode",
+    "arch", "packing_off", "packing_saving", "pack_multiple", "max_seqlen", "memory_plan", "micro",
+    "checkpointing", "graphs_off", "graphs", "loss_sum",
+)  # fmt: skip
+
+
+def forget_warm() -> None:
+    """Drop the model a warm trial left in this process (before a run that is not a warm trial)."""
+    if _WARM:
+        import gc
+
+        import torch
+
+        _WARM.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _set_rng(cpu, cuda, device: str) -> None:
+    import torch
+
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
 
 def train_run(spec: RunSpec, tok: Tokenized, run_dir: Path, progress: bool = True) -> dict:
     """Train and evaluate one run; returns the `metrics`, `history` and artefact info for result.json.
@@ -57,13 +90,19 @@ def train_run(spec: RunSpec, tok: Tokenized, run_dir: Path, progress: bool = Tru
     A checkpoint after each epoch (`checkpoint.pt`) lets a killed run resume where it stopped.
     """
     recipe = Recipe(spec, tok, run_dir, progress)
-    recipe.setup()
-    stop = min(spec.runtime.stop_after_epoch or recipe.train.epochs, recipe.train.epochs)
-    for epoch in range(recipe.start_epoch, stop):
-        recipe.train_epoch(epoch)
-        recipe.validate(epoch)
-        recipe.checkpoint(epoch)
-    return recipe.finish() if stop == recipe.train.epochs else recipe.pause(stop)
+    try:
+        recipe.setup()
+        stop = min(spec.runtime.stop_after_epoch or recipe.train.epochs, recipe.train.epochs)
+        for epoch in range(recipe.start_epoch, stop):
+            recipe.train_epoch(epoch)
+            recipe.validate(epoch)
+            recipe.checkpoint(epoch)
+        return recipe.finish() if stop == recipe.train.epochs else recipe.pause(stop)
+    except Diverged:
+        raise  # the next warm trial puts back every weight this one changed
+    except BaseException:  # what it leaves behind (a failed capture, an OOM mid-step) is not taken over
+        forget_warm()
+        raise
 
 
 def plan_run(spec: RunSpec, tok: Tokenized, run_dir: Path) -> dict:
@@ -184,6 +223,7 @@ class Recipe:
         self.checkpointing = self.train.gradient_checkpointing is True
         self.sharded = self.train.sharding == "fsdp" and self.world > 1
         self.ckpt_path = self.run_dir / "checkpoint.pt"
+        self.warm = False  # set up by taking over an earlier trial's model (`_adopt_warm`)
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -194,15 +234,90 @@ class Recipe:
         np.random.seed(self.spec.seed % 2**32)
         self._setup_device()
         self._setup_data()
-        self._setup_model()
-        self._setup_optimizer()
-        self._setup_forward()
-        if self._plan_memory():  # a smaller micro-step may take the graphs a larger one was refused;
-            self._choose_layout()  # a checkpointed one packs no batches
-        set_checkpointing(self.model, self.checkpointing)
-        self._setup_graphs()
+        if not self._adopt_warm():
+            self._setup_model()
+            self._setup_optimizer()
+            self._setup_forward()
+            if self._plan_memory():  # a smaller micro-step may take the graphs a larger one was refused;
+                self._choose_layout()  # a checkpointed one packs no batches
+            set_checkpointing(self.model, self.checkpointing)
+            self._setup_graphs()
+            self._keep_warm()
         self._resume()
         self._setup_reporting()
+
+    # ------------------------------------------------------------------------------------------ warm trials
+    def _adopt_warm(self) -> bool:
+        """Take over the model, its layout and its CUDA graphs from the last trial this process ran of the
+        same method and settings (`warm_trials`): the weights become the ones this run's seed builds, with
+        their random state after the build, and the optimizer and scheduler are new. False: set up from
+        scratch."""
+        if not (self.spec.runtime.warm and _WARM.get("key") == self.spec.warm_key()):
+            forget_warm()
+            return False
+        self.__dict__.update(_WARM["shared"])
+        self.load_seconds = 0.0
+        if self.spec.seed not in _WARM["inits"]:
+            _WARM["inits"][self.spec.seed] = self._initial_state(self._build_initial())
+        weights, cpu_rng, cuda_rng = _WARM["inits"][self.spec.seed]
+        load_trainable(self.model, weights)
+        self._setup_optimizer()
+        if self.graphs is not None:
+            self.graphs.loss_of = self.batch_loss
+        _set_rng(cpu_rng, cuda_rng, self.device)
+        self.warm = True
+        return True
+
+    def _keep_warm(self) -> None:
+        """Keep this trial's model, layout and graphs for the next trial of the same settings in this process,
+        where nothing but the seed's weights and the optimizer would differ (see `_warm_blocker`)."""
+        if not self.spec.runtime.warm or self._warm_blocker():
+            return
+        _WARM.update(
+            key=self.spec.warm_key(),
+            shared={k: getattr(self, k) for k in WARM_SHARED},
+            inits={self.spec.seed: self._initial_state(self.model)},
+        )
+
+    def _warm_blocker(self) -> str | None:
+        """Why the next trial cannot take this run's model over (None: it can)."""
+        reasons = (
+            (self.graphs is None and self.dev_type == "cuda", "no CUDA graphs to keep"),
+            (self.world > 1, "data-parallel run"),
+            (bool(self.compiled), "torch.compile'd run"),
+            (self.spec.gpu_memory_bytes is not None, "a GPU memory budget (a second build would count)"),
+            (not self._room_for_a_second_build(), "no room on the device to build a seed's weights beside"),
+            (self.method.after_step is not None, "the method keeps state outside its weights"),
+            (mutated_init(self.model), "the initialisation changes the base weights"),
+        )
+        return next((why for bad, why in reasons if bad), None)
+
+    def _room_for_a_second_build(self) -> bool:
+        """A warm trial of a new seed builds its model beside the one it takes over: free device memory for
+        twice the weights, as they are before training."""
+        if self.dev_type != "cuda":
+            return True
+        import torch
+
+        held = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+        return torch.cuda.mem_get_info(self.device)[0] >= 2 * held
+
+    def _build_initial(self):
+        """The model this run's seed builds (the random state as a fresh process has it after the build)."""
+        from .models import build_model
+
+        t = time.perf_counter()
+        model, _ = build_model(self.spec, self.tok.label_names, self.device, self.total_steps, self.amp)
+        self.load_seconds = time.perf_counter() - t
+        return model
+
+    def _initial_state(self, model) -> tuple:
+        """A model's trainable weights and buffers, and the random state, as training starts."""
+        import torch
+
+        weights = {**trainable_state(model), **{n: b.detach().clone() for n, b in model.named_buffers()}}
+        cuda = torch.cuda.get_rng_state(self.device) if self.dev_type == "cuda" else None
+        return weights, torch.get_rng_state(), cuda
 
     def _setup_device(self) -> None:
         if self.dev_type == "cuda":
@@ -617,6 +732,7 @@ class Recipe:
             "epochs_done": epochs_done,
             "train_seconds": self.train_seconds,
             "validation_seconds": self.val_seconds,
+            "warm_start": self.warm,
         }
 
     def forward_backward(self, batch: np.ndarray) -> None:
@@ -843,6 +959,7 @@ class Recipe:
             "train_seconds": secs,
             "validation_seconds": self.val_seconds,
             "model_load_seconds": self.load_seconds,
+            "warm_start": self.warm,
             "train_samples_per_second": len(self.lengths) * epochs / secs if secs else None,
             "train_tokens_per_second": real_tokens * epochs / secs if secs else None,
             "trainable_params": int(self.trainable),

@@ -11,6 +11,7 @@ same effective batch), down to a floor.
 from __future__ import annotations
 
 import faulthandler
+import functools
 import gc
 import json
 import os
@@ -41,6 +42,14 @@ PACKAGES = (
 
 
 def environment(device: str) -> dict:
+    """The machine, packages and commit a run ran on (read once per process: a warm worker runs many)."""
+    import copy
+
+    return copy.deepcopy(_environment(device))
+
+
+@functools.cache
+def _environment(device: str) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     env = {
@@ -247,13 +256,7 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def main() -> None:
-    die_with_parent()
-    run_dir = Path(sys.argv[1])
-    rank, world = rank_world()
-    log_name = "crash.log" if rank == 0 else f"crash-rank{rank}.log"
-    crash = open(run_dir / log_name, "w")
-    faulthandler.enable(file=crash)  # a segfault leaves its stack here for the parent to report
+def _quiet() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import warnings
 
@@ -265,6 +268,12 @@ def main() -> None:
         hf_logging.disable_progress_bar()
     except Exception:
         pass
+
+
+def main() -> None:
+    die_with_parent()
+    rank, world = rank_world()
+    _quiet()
     if world > 1:  # launched by torchrun for `gpus_per_run` > 1
         import torch
         import torch.distributed as dist
@@ -272,19 +281,36 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
-        execute_run(run_dir, progress=os.environ.get("PEFTBENCH_PROGRESS", "1") == "1")
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the CLI says so, once
-        os._exit(130)
-    faults.at_end(run_dir.name)
+    _execute_logged(Path(sys.argv[1]), rank)
     if world > 1:
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    faulthandler.disable()
-    crash.close()
-    if (run_dir / log_name).stat().st_size == 0:
-        (run_dir / log_name).unlink()
+
+
+def serve(conn) -> None:
+    """A warm-trial worker (runner.WarmWorker): each run folder received on `conn`, run in turn and answered
+    once its result is written; None ends it."""
+    die_with_parent()
+    _quiet()
+    while (run_dir := conn.recv()) is not None:
+        _execute_logged(Path(run_dir), 0)
+        conn.send(run_dir)
+
+
+def _execute_logged(run_dir: Path, rank: int) -> None:
+    """One run, a segmentation fault's stack left in its crash.log for the parent to report."""
+    log = run_dir / ("crash.log" if rank == 0 else f"crash-rank{rank}.log")
+    with open(log, "w") as crash:
+        faulthandler.enable(file=crash)
+        try:
+            execute_run(run_dir, progress=os.environ.get("PEFTBENCH_PROGRESS", "1") == "1")
+        except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the CLI says so, once
+            os._exit(130)
+        faults.at_end(run_dir.name)
+        faulthandler.disable()
+    if log.stat().st_size == 0:
+        log.unlink()
 
 
 if __name__ == "__main__":
