@@ -980,8 +980,9 @@ def _run_seconds(r: dict) -> float | None:
 def _grid_estimate(results: list[dict]) -> dict:
     """What the full grid would have spent training and validating these trials, each for all its epochs,
     and the seconds spent starting CUDA graphs. A trial that stopped early is extended by its epochs' time
-    without the graph start-up, which a process pays once (a halving trial resumed at a later rung pays it
-    again; the grid's trial would not have): scaling its seconds by epochs would overstate the grid's cost.
+    without the graph start-up, which a process pays once (with `warm_trials`, only its first trial; with
+    a process per trial, a halving trial resumed at a later rung pays it again, where the grid's trial
+    would not have): scaling its seconds by epochs would overstate the grid's cost.
     Validation's first pass in a process is slower too, by an amount the trial cannot tell apart, so the
     estimate is a range: validation extended at the trial's own seconds per epoch (high), or not extended
     (low). A trial that failed or diverged counts as it ran. Empty where a trial's history lacks the
