@@ -4,7 +4,8 @@ summarise.
 Runs are planned as data (one `spec.json` each) and executed by `worker.execute_run`, by default in a
 fresh process per run: a crash, CUDA error or out-of-memory in one run is recorded and the study goes
 on, and no run's memory is polluted by the one before it. With `lr_search`, trial runs (validation
-only) pick each method's learning rate; final runs (every seed) are the only ones scored on test.
+only) pick each method's learning rate; final runs (every seed) are the only ones scored on test. A
+method's trials share one process that keeps its model and CUDA graphs (`warm_trials`, `WarmWorker`).
 """
 
 from __future__ import annotations
