@@ -350,14 +350,18 @@ class Study:
             key, longest = max(chains, key=lambda kc: len(kc[1]))
             chains.remove((key, longest))
             chains += [(key, longest[: len(longest) // 2]), (key, longest[len(longest) // 2 :])]
+        count: dict[str, int] = {}
         named = []
         for key, chain in chains:
-            named.append((f"{key}-{sum(n.startswith(key) for n, _ in named)}", chain))
+            count[key] = count.get(key, -1) + 1
+            named.append((f"{key}-{count[key]}", chain))
         return named + alone
 
     def _execute_chain(self, key: str, chain: list[RunSpec], progress: bool, on_done) -> list[dict]:
         """Warm trials, one after another in the warm worker process of `key` (kept for the next rung)."""
-        worker = self.warm_workers.setdefault(key, WarmWorker(progress))
+        if key not in self.warm_workers:
+            self.warm_workers[key] = WarmWorker(progress)
+        worker = self.warm_workers[key]
         results = []
         for spec in chain:
             rdir = self._prepare_run_dir(spec)
@@ -736,13 +740,18 @@ def start_forkserver() -> None:
         forkserver.ensure_running()
 
 
-def _forked_worker(run_dir: str, env: dict, cuda: bool) -> None:
+def _enter_worker(env: dict, cuda: bool, kind: str) -> None:
+    """A forked or spawned worker's first step: the run's environment, and out if CUDA cannot be used."""
     os.environ.clear()
-    os.environ.update(env, PEFTBENCH_WORKER="forked")
+    os.environ.update(env, PEFTBENCH_WORKER=kind)
     import torch
 
     if cuda and torch.cuda._is_in_bad_fork():
         os._exit(BAD_FORK_EXIT)
+
+
+def _forked_worker(run_dir: str, env: dict, cuda: bool) -> None:
+    _enter_worker(env, cuda, "forked")
     sys.argv = ["peftbench.worker", run_dir]
     from .worker import main
 
@@ -750,12 +759,7 @@ def _forked_worker(run_dir: str, env: dict, cuda: bool) -> None:
 
 
 def _warm_worker(conn, env: dict, cuda: bool) -> None:
-    os.environ.clear()
-    os.environ.update(env, PEFTBENCH_WORKER="warm")
-    import torch
-
-    if cuda and torch.cuda._is_in_bad_fork():
-        os._exit(BAD_FORK_EXIT)
+    _enter_worker(env, cuda, "warm")
     from .worker import serve
 
     serve(conn)
