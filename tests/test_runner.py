@@ -369,6 +369,25 @@ def test_warm_trials_share_a_process_and_a_crash_costs_only_its_run(
     assert [r["metrics"].get("warm_start") for r in res] == [False, None, False, True, True, True]
 
 
+def test_a_warm_worker_that_died_between_runs_is_replaced(tiny_encoder, tiny_data, tmp_path):
+    import signal
+
+    raw = study(tiny_encoder, tiny_data, ["lora"], isolation="process", lr_search={"points": 2, "decades": 1})
+    s = runner.Study(config.validate(raw), tmp_path / "s")
+    s.out.mkdir()
+    s.prepare()
+    first, second = (s._prepare_run_dir(t) for t in s.trial_specs())
+    worker = runner.WarmWorker(False)
+    try:
+        assert worker.run(first, False) == 0
+        os.kill(worker.proc.pid, signal.SIGKILL)  # e.g. the host's OOM killer, while the worker waits
+        worker.proc.join()
+        assert worker.run(second, False) == 0
+        assert store.read_result(second / "result.json")["status"] == "success"
+    finally:
+        worker.close()
+
+
 def test_a_halving_rung_goes_on_in_the_process_that_ran_the_last(tiny_encoder, tiny_data, tmp_path):
     raw = study(
         tiny_encoder,

@@ -776,6 +776,9 @@ class WarmWorker:
 
     def run(self, rdir: Path, cuda: bool) -> int:
         """One run: 0 once its result is written, else the exit status of the process, which died in it."""
+        if self.proc is not None and not self.proc.is_alive():  # it died between runs: a new one takes over
+            self.proc.join()
+            self.proc = self.conn = None
         if self.proc is None:
             self._start(cuda)
         self.conn.send(str(rdir))
