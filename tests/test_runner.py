@@ -98,6 +98,10 @@ def test_lr_search_selects_on_validation_and_scores_test_once(tiny_encoder, tiny
     finals = [r for r in res if r["role"] == "final"]
     assert len(trials) == 3 and len(finals) == 2
     assert all("test_accuracy" not in r["metrics"] and r["test_predictions"] is None for r in trials)
+    # a trial keeps no model (nothing reads it); a final keeps its adapter
+    runs = tmp_path / "s" / "runs"
+    assert all(r["artefact"] is None and not (runs / r["run_id"] / "adapter").exists() for r in trials)
+    assert all(r["artefact"] == "adapter" and (runs / r["run_id"] / "adapter").is_dir() for r in finals)
     best = max(trials, key=lambda r: (r["metrics"]["validation_accuracy"], -r["learning_rate"]))
     assert {r["learning_rate"] for r in finals} == {best["learning_rate"]}
     plan = json.loads((tmp_path / "s" / "study.json").read_text())

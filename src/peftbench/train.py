@@ -908,7 +908,9 @@ class Recipe:
         if self.sharded:
             self._unshard()
         t = time.perf_counter()
-        self.saving = start_save(self.model, self.spec, self.run_dir) if self.rank == 0 else None
+        # An lr-search trial keeps no model: only its validation scores are read.
+        keeps = self.rank == 0 and self.spec.role == "final"
+        self.saving = start_save(self.model, self.spec, self.run_dir) if keeps else None
         self.phases["save"] = time.perf_counter() - t
         test = self._test(metrics)
         metrics.update(peaks or self.meter.peaks())
@@ -1060,9 +1062,11 @@ class Recipe:
             vals = [p[k] for p in per if p[k] is not None]
             metrics[k] = max(vals) if vals else None
 
-    def _save(self, metrics: dict, test: dict) -> tuple[str, dict | None]:
+    def _save(self, metrics: dict, test: dict) -> tuple[str | None, dict | None]:
         """The artefact's files, once written (the save began before the test pass), and its reload check.
         The save's phase is what the run waited for: the host copy, and the writing the test did not hide."""
+        if self.saving is None:  # a trial
+            return None, None
         t = time.perf_counter()
         written, self.saving = self.saving, None  # it holds the model, which the reload check frees
         artefact = written()
