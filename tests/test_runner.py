@@ -470,6 +470,27 @@ def test_killed_run_resumes_from_its_last_epoch(tiny_encoder, tiny_data, tmp_pat
     assert resumed["test_predictions"] == clean["test_predictions"]
 
 
+def test_a_run_killed_at_its_best_epoch_resumes_to_the_same_choice(
+    tiny_encoder, tiny_data, tmp_path, monkeypatch
+):
+    """With `select_best_epoch`, a checkpoint taken at the best epoch so far holds the weights once (not again
+    as the best epoch's); the resumed run still keeps that epoch's weights when no later one beats it."""
+    import torch
+
+    train = {"epochs": 3, "select_best_epoch": True, "learning_rate": 1e-6}
+    raw = study(tiny_encoder, tiny_data, ["full"], isolation="process", train=train)
+    (clean,) = run_study(raw, tmp_path / "clean")
+    monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "full:exit_after_epoch=1")
+    (killed,) = run_study(raw, tmp_path / "s")
+    ck = torch.load(tmp_path / "s" / "runs" / killed["run_id"] / "checkpoint.pt", weights_only=True)
+    assert ck["best_epoch"] == 1 and ck["best_state"] is None and ck["trainable"]
+    monkeypatch.delenv("PEFTBENCH_INJECT_FAULT")
+    (resumed,) = run_study(raw, tmp_path / "s")
+    assert resumed["metrics"]["resumed_from_epoch"] == 1
+    assert resumed["metrics"]["selected_epoch"] == clean["metrics"]["selected_epoch"]
+    assert resumed["test_predictions"] == clean["test_predictions"]
+
+
 def test_corrupt_result_is_moved_aside_and_redone(tiny_encoder, tiny_data, tmp_path, capsys):
     raw = study(tiny_encoder, tiny_data, ["ia3"], train={"epochs": 1})
     (first,) = run_study(raw, tmp_path / "s")

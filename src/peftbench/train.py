@@ -670,8 +670,11 @@ class Recipe:
             ck["val_seconds"],
         )
         self.start_epoch = ck["epoch"] + 1
-        if ck.get("best_state") is not None:
-            self.best = {"score": ck["best_score"], "epoch": ck["best_epoch"], "state": ck["best_state"]}
+        best = ck.get("best_state")
+        if best is None and ck.get("best_epoch") == self.start_epoch:  # the checkpointed epoch was the best
+            best = trainable_state(self.model, on_device=self.sharded)
+        if best is not None:
+            self.best = {"score": ck["best_score"], "epoch": ck["best_epoch"], "state": best}
 
     def _setup_reporting(self) -> None:
         self.global_step = self.start_epoch * self.steps_per_epoch
@@ -868,7 +871,8 @@ class Recipe:
                     "val_seconds": self.val_seconds,
                     "best_score": self.best["score"],
                     "best_epoch": self.best["epoch"],
-                    "best_state": self.best["state"],
+                    # the trained weights again, unless this epoch is the best (a full model's is large)
+                    "best_state": None if self.best["epoch"] == epoch + 1 else self.best["state"],
                 },
             )
             self.phases["checkpoint"] = self.phases.get("checkpoint", 0.0) + time.perf_counter() - t
