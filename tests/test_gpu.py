@@ -101,7 +101,7 @@ def test_the_memory_probe_leaves_training_as_it_was(
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "qlora"])
 def test_warm_trials_replay_the_first_trials_graphs_and_train_as_fresh_ones(
     method, tiny_encoder, tiny_data, tmp_path
 ):
