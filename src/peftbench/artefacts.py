@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import methods as registry
-from .batches import active_peft_config, eval_batches, predict_logits
+from .batches import active_peft_config
 from .spec import RunSpec
 
 
@@ -175,19 +175,14 @@ def reload_check_batches(batches: list[np.ndarray]) -> list[np.ndarray]:
     return [batches[i] for i in np.unique(np.linspace(0, len(batches) - 1, keep).round().astype(int))]
 
 
-def verify_reload(
-    spec: RunSpec, run_dir, tok, logits, device, amp, pad_id, max_len, batch_size, mask_mode
-) -> dict:
-    """Reload the saved artefact through the same path as `peftbench predict`, score some of the test pass's
-    batches again as they were scored, and compare with the trained model's `logits` for them: predicted
-    classes and label sets equal, scores within 1e-3."""
+def verify_reload(spec: RunSpec, run_dir, device: str, logits: np.ndarray, rescore: Callable) -> dict:
+    """Reload the saved artefact through the same path as `peftbench predict` and compare it with the trained
+    model's test `logits`: `rescore(model)` gives some test items and the reloaded model's logits for them,
+    scored as the trained model's were. Predicted classes and label sets must be equal, scores within 1e-3."""
     from .predict import load_trained
 
-    ids = tok.ids["test"]
-    batches = reload_check_batches(eval_batches(ids, batch_size))
-    model = load_trained(run_dir, spec=spec, device=device)
-    again = predict_logits(model, ids, batch_size, device, amp, pad_id, max_len, mask_mode, batches=batches)
-    return compare_predictions(spec.task, logits[np.concatenate(batches)], again)
+    items, again = rescore(load_trained(run_dir, spec=spec, device=device))
+    return compare_predictions(spec.task, logits[items], again)
 
 
 def compare_predictions(task: str, logits: np.ndarray, again: np.ndarray) -> dict:

@@ -24,6 +24,7 @@ from .artefacts import (
     load_checkpoint,
     load_trainable,
     mutated_init,
+    reload_check_batches,
     save_checkpoint,
     start_save,
     trainable_state,
@@ -34,6 +35,7 @@ from .batches import (
     active_peft_config,
     choose_mask_mode,
     collate,
+    eval_batches,
     make_batches,
     model_forward,
     predict_logits,
@@ -828,18 +830,17 @@ class Recipe:
             state = trainable_state(self.model, on_device=self.sharded)  # a shard stays where it is
             self.best = {"score": oriented(self.spec.metric, val_score), "epoch": epoch + 1, "state": state}
 
-    def logits(self, split: str):
-        """The model's logits on a split, in the split's order (evaluation mode, length-sorted batches)."""
-        return predict_logits(
-            self.model,
-            self.tok.ids[split],
-            self.eval_batch_size(),
-            self.device,
-            self.amp,
-            self.pad_id,
-            self.max_len,
-            self.mask_mode,
-        )
+    def logits(self, split: str, model=None, batches: list[np.ndarray] | None = None):
+        """The trained model's (or `model`'s) logits on a split, in the split's order (evaluation mode,
+        length-sorted batches); with `batches`, on those batches only, in their order."""
+        size = self.eval_batch_size()
+        args = (self.device, self.amp, self.pad_id, self.max_len, self.mask_mode)
+        return predict_logits(model or self.model, self.tok.ids[split], size, *args, batches=batches)
+
+    def rescore(self, model) -> tuple[np.ndarray, np.ndarray]:
+        """The reload check's test items, and `model`'s logits for them, batched as the test pass was."""
+        batches = reload_check_batches(eval_batches(self.tok.ids["test"], self.eval_batch_size()))
+        return np.concatenate(batches), self.logits("test", model, batches)
 
     def eval_batch_size(self) -> int:
         """Rows per evaluation batch: eval_batch_size, but no more than a training micro-batch where memory
@@ -1081,18 +1082,7 @@ class Recipe:
             return artefact, None
         t = time.perf_counter()
         self._release_training()  # the reloaded copy needs the room (two 8B bases exceed a 24 GB budget)
-        reload = verify_reload(
-            self.spec,
-            self.run_dir,
-            self.tok,
-            test["logits"],
-            self.device,
-            self.amp,
-            self.pad_id,
-            self.max_len,
-            self.eval_batch_size(),
-            self.mask_mode,
-        )
+        reload = verify_reload(self.spec, self.run_dir, self.device, test["logits"], self.rescore)
         self.phases["reload_check"] = time.perf_counter() - t
         return artefact, reload
 
