@@ -154,6 +154,12 @@ def where() -> list[str]:
     return [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames if "peftbench" in f.filename]
 
 
+def failure(e: Exception) -> dict:
+    """A row that did not finish: why (an OOM is a result too), where in peftbench, and the peaks so far."""
+    status = "skipped" if isinstance(e, SkipRun) else "oom" if is_oom(e) else "failed"
+    return {"status": status, "error": f"{type(e).__name__}: {str(e)[:300]}", "where": where(), **peaks()}
+
+
 @contextlib.contextmanager
 def sdpa_cudnn(enabled: bool):
     """SDPA with or without its cuDNN backend (torch's global switch), put back afterwards."""
@@ -427,13 +433,8 @@ def main() -> None:
                                 kw = {"packing": pack, "graphs": variant != "eager"}
                                 row.update(run_peftbench(study, folder, method, micro, tok, **kw))
                         row["status"] = "success"
-                    except Exception as e:  # an OOM is a result too
-                        row.update(
-                            status="oom" if is_oom(e) else "failed",
-                            error=f"{type(e).__name__}: {str(e)[:200]}",
-                            where=where(),
-                            **peaks(),
-                        )
+                    except Exception as e:
+                        row.update(failure(e))
                     save(row)
         for pair in [p for p in a.budgets.split(",") if p]:
             method, gb = pair.split("@")
@@ -445,8 +446,7 @@ def main() -> None:
                 with unplanned() if forced else contextlib.nullcontext():
                     row.update(run_peftbench(study, folder, method, 16, tok, gb), status="success")
             except Exception as e:
-                status = "skipped" if isinstance(e, SkipRun) else "oom" if is_oom(e) else type(e).__name__
-                row.update(status=status, error=str(e)[:300], where=where())
+                row.update(failure(e))
             save(row)
         if a.plan_budget:
             result["plans"][shape] = timed_plan(
