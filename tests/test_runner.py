@@ -222,10 +222,22 @@ def test_the_grid_estimate_leaves_out_the_graph_start_up_a_process_pays_once():
     )
 
 
-def test_a_halving_search_resumes_and_skips_what_is_done(tiny_encoder, tiny_data, tmp_path, capfd):
+def test_a_halving_search_resumes_and_skips_what_is_done(
+    tiny_encoder, tiny_data, tmp_path, capfd, monkeypatch
+):
     """A real halving search on a tiny model: trials pause at their rung, the chosen rate's final runs, the
     search recorded in study.json; run again, every trial is skipped and nothing is retrained."""
     import json
+
+    from peftbench import train
+
+    saved, save = [], train.save_checkpoint
+
+    def counted(path, state):
+        saved.append((path.parent.name.split("-")[1], state["epoch"] + 1))
+        save(path, state)
+
+    monkeypatch.setattr(train, "save_checkpoint", counted)
 
     raw = study(
         tiny_encoder,
@@ -245,6 +257,8 @@ def test_a_halving_search_resumes_and_skips_what_is_done(tiny_encoder, tiny_data
     assert search["graph_start_seconds"] == 0 and search["grid_run_seconds"] > search["run_seconds"]
     assert [len(r["rates"]) for r in search["rungs"]] == [4, 2]
     assert not list((out / "runs").glob("*/checkpoint.pt"))  # decided: no trial keeps its checkpoint
+    # trials checkpoint at rung 1's pause, not at the pause of rung 2, which decides (the final: every epoch)
+    assert saved == [("trial", 1)] * 4 + [("final", 1), ("final", 2), ("final", 3)]
     final = next(r for r in results if r["role"] == "final")
     assert final["status"] == "success" and final["learning_rate"] == search["rungs"][-1]["kept"][0]
     before = {r["run_id"]: r["started_at"] for r in trials}

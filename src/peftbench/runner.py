@@ -542,7 +542,10 @@ class Study:
         latest: dict[str, dict] = {}
         while open_ := [label for label, lrs in alive.items() if len(lrs) > 1]:
             batch = [
-                t.with_runtime(stop_after_epoch=stop[t.label] if stop[t.label] < epochs[t.label] else None)
+                t.with_runtime(
+                    stop_after_epoch=stop[t.label] if stop[t.label] < epochs[t.label] else None,
+                    deciding_rung=len(alive[t.label]) // rf <= 1,  # one rate is kept: nothing resumes
+                )
                 for t in trials
                 if t.label in open_ and t.learning_rate in alive[t.label]
             ]

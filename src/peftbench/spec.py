@@ -68,6 +68,7 @@ class Runtime:
     concurrent_runs: int = 1
     plan_only: bool = False  # `peftbench plan`: probe memory and time, train nothing
     stop_after_epoch: int | None = None  # a halving search's rung: pause there (resumable), no test
+    deciding_rung: bool = False  # the search is decided at this rung: its pause leaves no checkpoint
     warm: bool = False  # an lr-search trial that may take over the model the last one left (train._WARM)
 
 

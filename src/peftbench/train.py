@@ -851,9 +851,12 @@ class Recipe:
         return self.train.eval_batch_size
 
     def checkpoint(self, epoch: int) -> None:
-        """After every epoch but the last: what a killed run resumes from."""
-        resumable = self.spec.runtime.checkpoint and not self.sharded  # a sharded run keeps no checkpoint
-        if resumable and epoch + 1 < self.train.epochs and self.rank == 0:
+        """After every epoch but the last: what a killed run resumes from (and a paused trial goes on from,
+        but for the pause at the rung that decides its search)."""
+        rt = self.spec.runtime
+        resumable = rt.checkpoint and not self.sharded  # a sharded run keeps no checkpoint
+        decided = rt.deciding_rung and epoch + 1 == rt.stop_after_epoch
+        if resumable and epoch + 1 < self.train.epochs and not decided and self.rank == 0:
             import torch
 
             t = time.perf_counter()
