@@ -835,7 +835,8 @@ class Recipe:
         length-sorted batches); with `batches`, on those batches only, in their order."""
         size = self.eval_batch_size()
         args = (self.device, self.amp, self.pad_id, self.max_len, self.mask_mode)
-        return predict_logits(model or self.model, self.tok.ids[split], size, *args, batches=batches)
+        model = self.model if model is None else model
+        return predict_logits(model, self.tok.ids[split], size, *args, batches=batches)
 
     def rescore(self, model) -> tuple[np.ndarray, np.ndarray]:
         """The reload check's test items, and `model`'s logits for them, batched as the test pass was."""
