@@ -541,10 +541,12 @@ class Study:
         rungs: dict[str, list[dict]] = {}
         latest: dict[str, dict] = {}
         while open_ := [label for label, lrs in alive.items() if len(lrs) > 1]:
+            # how many rates each rung keeps: one at the last epoch (the search is decided there too)
+            kept = {m: 1 if stop[m] >= epochs[m] else max(1, len(alive[m]) // rf) for m in open_}
             batch = [
                 t.with_runtime(
                     stop_after_epoch=stop[t.label] if stop[t.label] < epochs[t.label] else None,
-                    deciding_rung=len(alive[t.label]) // rf <= 1,  # one rate is kept: nothing resumes
+                    deciding_rung=kept[t.label] == 1,  # nothing resumes from this rung's pause
                 )
                 for t in trials
                 if t.label in open_ and t.learning_rate in alive[t.label]
@@ -559,8 +561,7 @@ class Study:
                 ]
                 means = mean_validation(mine, metric).get(label, {})
                 ranked = ranking(metric, means)
-                last = stop[label] >= epochs[label]
-                keep = ranked[: 1 if last else max(1, len(alive[label]) // rf)]
+                keep = ranked[: kept[label]]
                 rungs.setdefault(label, []).append(
                     {
                         "epochs": stop[label],
