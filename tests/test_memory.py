@@ -183,6 +183,10 @@ def test_bf16_base_gives_logits_close_to_fp32_and_trains_fp32_adapters(tiny_enco
 
 
 def test_bf16_base_and_8bit_optimizer_train_on_the_cpu(tiny_encoder, tiny_data, tmp_path):
+    import torch
+
+    from peftbench.predict import load_trained
+
     raw = study(
         tiny_encoder,
         tiny_data,
@@ -196,6 +200,12 @@ def test_bf16_base_and_8bit_optimizer_train_on_the_cpu(tiny_encoder, tiny_data, 
     assert m["base_dtype"] == "bfloat16" and m["optimizer"] == "adamw_8bit"
     losses = [h["train_loss"] for h in res["bitfit"]["history"]]
     assert all(np.isfinite(losses))
+    # reloaded as trained: the bf16 base, the trained modules (biases beside their weights) in fp32
+    assert res["bitfit"]["reload_check"]["max_abs_logit_diff"] == 0.0, res["bitfit"]["reload_check"]
+    model = load_trained(tmp_path / "s" / "runs" / res["bitfit"]["run_id"])
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["bert.embeddings.word_embeddings.weight"] == torch.bfloat16
+    assert {dtypes[n] for n in dtypes if n.endswith(".bias")} == {torch.float32}
     assert res["lora-paged"]["status"] == "skipped" and "needs a CUDA GPU" in res["lora-paged"]["error"]
 
 

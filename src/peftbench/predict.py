@@ -75,16 +75,34 @@ def _load(run_dir: Path, spec: RunSpec, method, device: str):
     else:
         from transformers import AutoModelForSequenceClassification
 
-        from .models import add_token_types
+        from .devices import autocast_dtype
+        from .models import add_token_types, frozen_dtype
 
         # straight onto a GPU, shard by shard: no fp32 copy of the whole model in host memory on the way
         where = {"device_map": {"": device}} if device.startswith("cuda") else {}
+        amp = autocast_dtype(spec.train.precision, device)
         model = AutoModelForSequenceClassification.from_pretrained(
-            run_dir / "model", dtype=trained_dtype(spec), use_safetensors=True, **where
+            run_dir / "model", dtype=frozen_dtype(spec, device, amp), use_safetensors=True, **where
         ).to(device)
+        _widen_as_saved(model, run_dir / "model", device)
         add_token_types(model, spec)
     model.eval()
     return model
+
+
+def _widen_as_saved(model, folder: Path, device: str) -> None:
+    """The weights saved in a wider dtype than the model loaded in, as saved: BitFit's and a head-only run's
+    trained modules (fp32) over a frozen bf16 base. The model then computes as it did in training."""
+    from safetensors import safe_open
+
+    width = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
+    params = dict(model.named_parameters())
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                p = params.get(key)
+                if p is not None and width.get(f.get_slice(key).get_dtype(), 0) > p.element_size():
+                    p.data = f.get_tensor(key)
 
 
 def _adapter_in(model, dtype) -> None:
