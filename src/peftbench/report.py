@@ -748,6 +748,11 @@ def search_cost(study: dict) -> list[tuple[str, str]]:
         else:
             seconds = f"{s['run_seconds']:,.0f} s of training and validation{start}"
             text = f"full grid: {s['grid_epochs']} trial epochs, {seconds}."
+        if (s.get("concurrent_runs") or 1) > 1:
+            text += (
+                f" Runs went {s['concurrent_runs']} at a time: where they shared a device, each run's "
+                "seconds include the others' work, so the search's wall time below is its cost."
+            )
         lines.append((label, text))
     wall = (study["plan"] or {}).get("lr_search_wall_seconds")
     if lines and wall:
