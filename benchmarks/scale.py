@@ -150,8 +150,13 @@ def peaks() -> dict:
 
 def where() -> list[str]:
     """The peftbench and benchmark frames of the exception being handled, innermost last."""
+    ours = (str(Path(__file__).resolve().parent), str(Path(train.__file__).resolve().parent))
     frames = traceback.extract_tb(sys.exc_info()[2])
-    return [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames if "peftbench" in f.filename]
+    return [
+        f"{Path(f.filename).name}:{f.lineno} {f.name}"
+        for f in frames
+        if str(Path(f.filename).resolve()).startswith(ours)
+    ]
 
 
 def failure(e: Exception) -> dict:
@@ -193,6 +198,8 @@ def plain_model(folder: Path, method: str, device: str):
     from peft import IA3Config, LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
 
+    if method not in ("full", "lora", "qlora", "ia3"):
+        raise ValueError(f"the plain loop has no recipe for {method!r} (it has full, lora, qlora, ia3)")
     kw = {"dtype": torch.bfloat16, "num_labels": 2, "device_map": {"": device}}
     if method == "qlora":
         kw["quantization_config"] = BitsAndBytesConfig(
