@@ -42,6 +42,7 @@ def test_result_file_has_every_field(tiny_encoder, tiny_data, tmp_path):
     assert on_disk["metrics"]["peak_host_rss_mb"] > 50
     assert [h["epoch"] for h in on_disk["history"]] == [1, 2]
     assert all(0 <= h["validation_accuracy"] <= 1 and h["train_loss"] > 0 for h in on_disk["history"])
+    assert all(0 < h["validation_loss"] < 5 for h in on_disk["history"])  # cross entropy of 2 classes
     assert (
         on_disk["splits"]["test_accuracy"] == "test"
         and on_disk["splits"]["validation_accuracy"] == "validation"

@@ -68,6 +68,28 @@ def test_predictions_from_logits_per_task():
     assert metrics.default_metric("regression") == "pearson" and not metrics.higher_is_better("mse")
 
 
+def test_the_validation_loss_is_the_loss_the_model_trains_on():
+    """Per task, the loss of the model's own forward (`problem_type`): cross entropy, MSE, BCE with logits."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, (50, 3))
+    cases = [
+        ("classification", rng.integers(0, 3, 50), lambda t, y: F.cross_entropy(t, torch.tensor(y))),
+        ("regression", rng.random(50) * 5, lambda t, y: F.mse_loss(t[:, 0], torch.tensor(y))),
+        (
+            "multi_label",
+            rng.integers(0, 2, (50, 3)),
+            lambda t, y: F.binary_cross_entropy_with_logits(t, torch.tensor(y, dtype=t.dtype)),
+        ),
+    ]
+    for task, y, torch_loss in cases:
+        assert metrics.loss(task, y, z) == pytest.approx(float(torch_loss(torch.tensor(z), y)), rel=1e-9), (
+            task
+        )
+
+
 def test_paired_bootstrap_on_a_correlation_and_on_an_error():
     rng = np.random.default_rng(1)
     y = rng.random(400) * 5

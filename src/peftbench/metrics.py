@@ -81,6 +81,20 @@ def probabilities(task: str, logits: np.ndarray) -> np.ndarray | None:
     return expit(logits) if task == "multi_label" else softmax(np.asarray(logits, np.float64), axis=-1)
 
 
+def loss(task: str, labels: np.ndarray, logits: np.ndarray) -> float:
+    """The mean of the loss the model trains on (`PROBLEM_TYPES`): cross entropy over the classes, mean
+    squared error of the score, binary cross entropy per label."""
+    from scipy.special import log_expit, log_softmax
+
+    z = np.asarray(logits, np.float64)
+    if task == "regression":
+        return float(((z[:, 0] - np.asarray(labels, np.float64)) ** 2).mean())
+    if task == "multi_label":
+        y = np.asarray(labels, np.float64)
+        return float(-(y * log_expit(z) + (1 - y) * log_expit(-z)).mean())
+    return float(-log_softmax(z, axis=-1)[np.arange(len(z)), np.asarray(labels, int)].mean())
+
+
 def score(task: str, labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict[str, float]:
     """Every metric of the task (names without the split prefix)."""
     if task == "regression":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import faults, memory, packing
+from . import faults, memory, metrics, packing
 from . import methods as registry
 from .artefacts import (
     dir_size_mb,
@@ -792,10 +792,8 @@ class Recipe:
         """The task's validation metrics after the epoch; a non-finite training loss ends the run as
         diverged."""
         t1 = time.perf_counter()
-        task = self.spec.task
-        val = score(
-            task, self.tok.labels["validation"], predict(task, self.logits("validation")), self.n_labels
-        )
+        task, labels, logits = self.spec.task, self.tok.labels["validation"], self.logits("validation")
+        val = score(task, labels, predict(task, logits), self.n_labels)
         val_score = val[self.spec.metric]
         self.val_seconds += time.perf_counter() - t1
         loss = float(self.loss_sum.item() / len(self.batches))
@@ -803,6 +801,7 @@ class Recipe:
             {
                 "epoch": epoch + 1,
                 "train_loss": loss,
+                "validation_loss": metrics.loss(task, labels, logits),
                 **{f"validation_{k}": v for k, v in val.items()},
                 "epoch_seconds": self.epoch_seconds,
                 "graph_start_seconds": self.epoch_graph_start,  # of epoch_seconds: CUDA graphs starting
