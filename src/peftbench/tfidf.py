@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .artefacts import dir_size_mb, write_predictions
-from .metrics import predict, score
+from .metrics import loss, predict, score
 from .spec import RunSpec
 
 
@@ -61,8 +61,10 @@ def tfidf_run(spec: RunSpec, texts: dict, labels: dict, label_names: list[str], 
     t0 = time.perf_counter()
     pipe.fit(texts["train"], labels["train"])
     train_s = time.perf_counter() - t0
-    val = score(task, labels["validation"], predict(task, tfidf_logits(pipe, task, texts["validation"])), n)
+    logits = tfidf_logits(pipe, task, texts["validation"])
+    val = score(task, labels["validation"], predict(task, logits), n)
     val = {f"validation_{k}": v for k, v in val.items()}
+    val["validation_loss"] = loss(task, labels["validation"], logits)
     metrics = {
         **val,
         "selected_epoch": None,
