@@ -216,14 +216,15 @@ def test_the_grid_estimate_leaves_out_the_graph_start_up_a_process_pays_once():
     (_, new), (_, old) = report.search_cost(study_)
     assert "6 s of it starting CUDA graphs; 1.6-1.9x less than the full grid's estimated 17-20 s" in new
     assert "estimated" not in old  # a record without the start-up time: no estimate shown
-    assert "at a time" not in new  # one run at a time: each run's seconds are its own
     study_["plan"]["lr_search_wall_seconds"] = 30.4
     assert report.search_cost(study_)[-1] == (
         None,
         "The search took 30 s from its first trial to its choice (all methods).",
     )
-    study_["plan"]["lr_search"]["new"]["concurrent_runs"] = 4  # --parallel 4: the runs' seconds overlap
-    assert "Runs went 4 at a time" in report.search_cost(study_)[0][1]
+    study_["trials"] = [{"config": {"concurrent_runs": 1}}]  # one run at a time: each run's seconds its own
+    assert not any("at a time" in text for _, text in report.search_cost(study_))
+    study_["trials"].append({"config": {"concurrent_runs": 4}})  # --parallel 4: the trials' seconds overlap
+    assert report.search_cost(study_)[-1][1].startswith("Trials went 4 at a time")
 
 
 def test_a_halving_search_resumes_and_skips_what_is_done(

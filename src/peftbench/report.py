@@ -51,7 +51,7 @@ def load_study(study_dir: Path) -> dict:
     rows = stats.summarize(finals, labels, task, metric, len(names) if names else None)
     device = (plan or {}).get("device") or (finals or trials)[0]["config"].get("device", "cpu")
     name = (plan or {}).get("study", {}).get("name") or (finals or trials)[0].get("study", "study")
-    shared = max([(r.get("config") or {}).get("concurrent_runs") or 1 for r in finals] or [1])
+    shared = most_at_once(finals)
     loads = [(r.get("load") or {}) for r in finals if r.get("status") == "success"]
     loaded = max(
         [ld["start"] / ld["cpus"] for ld in loads if ld.get("start") is not None and ld.get("cpus")] or [0]
@@ -70,6 +70,11 @@ def load_study(study_dir: Path) -> dict:
         "missing": missing,
         "loaded": loaded if loaded > 1.0 else None,
     }
+
+
+def most_at_once(runs: list[dict]) -> int:
+    """The most runs that went at a time (sharing the device, where there was one) among `runs`."""
+    return max([(r.get("config") or {}).get("concurrent_runs") or 1 for r in runs] or [1])
 
 
 def _test_labels(study_dir: Path, finals: list[dict], plan: dict | None = None) -> np.ndarray | None:
@@ -748,16 +753,20 @@ def search_cost(study: dict) -> list[tuple[str, str]]:
         else:
             seconds = f"{s['run_seconds']:,.0f} s of training and validation{start}"
             text = f"full grid: {s['grid_epochs']} trial epochs, {seconds}."
-        if (s.get("concurrent_runs") or 1) > 1:
-            text += (
-                f" Runs went {s['concurrent_runs']} at a time: where they shared a device, each run's "
-                "seconds include the others' work, so the search's wall time below is its cost."
-            )
         lines.append((label, text))
     wall = (study["plan"] or {}).get("lr_search_wall_seconds")
     if lines and wall:
         lines.append(
             (None, f"The search took {wall:,.0f} s from its first trial to its choice (all methods).")
+        )
+    at_once = most_at_once(study.get("trials") or [])
+    if lines and at_once > 1:
+        lines.append(
+            (
+                None,
+                f"Trials went {at_once} at a time: where they shared a device, each one's seconds include "
+                "the others' work, so the search's wall time is its cost.",
+            )
         )
     return lines
 

@@ -516,7 +516,6 @@ class Study:
                 "run_seconds": sum(s for s, _ in timed),
                 "epochs_run": sum(e for _, e in timed),
                 "grid_epochs": sum(t.train.epochs for t in trials if t.label == label),
-                "concurrent_runs": self.cfg["parallel"],  # > 1: runs sharing a device count shared time
                 **_grid_estimate(mine),
             }
         return results, chosen, record
