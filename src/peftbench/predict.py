@@ -53,34 +53,31 @@ def load_trained(run_dir: Path, spec: RunSpec | None = None, device: str = "cpu"
 
 
 def _load(run_dir: Path, spec: RunSpec, method, device: str):
-    from .models import trained_dtype
+    if method.kind == "tfidf":
+        import joblib
 
+        return joblib.load(run_dir / "model" / "tfidf_logreg.joblib")
+    from .devices import autocast_dtype
+
+    amp = autocast_dtype(spec.train.precision, device)  # the base in the dtype it was trained over
     if method.kind == "peft":
         from ._peft import without_bitsandbytes  # first: it imports peft without bitsandbytes
         from peft import PeftModel  # noqa: I001
 
-        from .devices import autocast_dtype
-        from .models import load_base
+        from .models import load_base, trained_dtype
 
-        amp = autocast_dtype(spec.train.precision, device)  # the base in the dtype it was trained over
         base, _ = load_base(spec, spec.label_names, device, amp)
         with without_bitsandbytes(hide=not method.quantize):
             model = PeftModel.from_pretrained(base, run_dir / "adapter", is_trainable=False)
         model.to(device) if not method.quantize else None
         _adapter_in(model, trained_dtype(spec))
-    elif method.kind == "tfidf":
-        import joblib
-
-        return joblib.load(run_dir / "model" / "tfidf_logreg.joblib")
     else:
         from transformers import AutoModelForSequenceClassification
 
-        from .devices import autocast_dtype
         from .models import add_token_types, frozen_dtype
 
         # straight onto a GPU, shard by shard: no fp32 copy of the whole model in host memory on the way
         where = {"device_map": {"": device}} if device.startswith("cuda") else {}
-        amp = autocast_dtype(spec.train.precision, device)
         model = AutoModelForSequenceClassification.from_pretrained(
             run_dir / "model", dtype=frozen_dtype(spec, device, amp), use_safetensors=True, **where
         ).to(device)
