@@ -182,10 +182,26 @@ def test_halving_schedule_on_a_fake_objective(tmp_path):
     ]
     results, chosen, rungs = st.halving(trials)
     assert chosen == {"lora": 2e-4}
+    planned = runner.halving_rungs(st.cfg["lr_search"], 5)
+    assert [(r["epochs"], len(r["kept"])) for r in rungs["lora"]] == planned
     assert [r["epochs"] for r in rungs["lora"]] == [1, 2]
     assert rungs["lora"][0]["kept"] == [4e-4, 2e-4] and rungs["lora"][1]["kept"] == [2e-4]
     assert sorted({lr for lr, _, stop in ran if stop == 2}) == [2e-4, 4e-4]
     assert len(ran) == 10 + 4 and len(results) == 10
+
+
+def test_halving_rungs_and_the_span_of_a_trials_schedule():
+    """The rungs a halving search runs, and so the epochs its trials' learning-rate schedule spans: the
+    deciding rung's, capped at the study's epochs."""
+
+    def rungs(points, rf, grace, epochs):
+        return runner.halving_rungs({"points": points, "reduction_factor": rf, "grace_epochs": grace}, epochs)
+
+    assert rungs(5, 2, 1, 5) == [(1, 2), (2, 1)]  # the fair preset: trials span 2 epochs
+    assert rungs(16, 2, 1, 5) == [(1, 8), (2, 4), (4, 2), (5, 1)]
+    assert rungs(9, 3, 1, 5) == [(1, 3), (3, 1)]
+    assert rungs(5, 3, 1, 5) == [(1, 1)]  # one rung decides: a 1-epoch schedule
+    assert rungs(4, 2, 3, 2) == [(2, 1)]  # grace past the epochs: one rung at the last epoch
 
 
 def test_the_grid_estimate_leaves_out_the_graph_start_up_a_process_pays_once():
@@ -203,19 +219,25 @@ def test_the_grid_estimate_leaves_out_the_graph_start_up_a_process_pays_once():
     stopped = trial("paused", 3.0, 0.5, [2.0])  # 1 s of training, 0.5 of validation, 2 s start-up
     resumed = trial("paused", 6.0, 1.0, [2.0, 2.0])  # its second epoch in a new process
     diverged = trial("diverged", 1.0, 0.2, [2.0])
-    est = runner._grid_estimate([stopped, resumed, diverged])
+    est = runner._grid_estimate([stopped, resumed, diverged], 5)
     # validation extended at each trial's seconds per epoch, or not extended
     assert est["grid_run_seconds"] == pytest.approx((2.0 + 5 * 1.5) * 2 + 1.2)
     assert est["grid_run_seconds_low"] == pytest.approx((2.0 + 5 * 1.0 + 0.5) + (2.0 + 5 * 1.0 + 1.0) + 1.2)
     assert est["graph_start_seconds"] == pytest.approx(6.0)
     del resumed["history"][1]["graph_start_seconds"]  # a result written before the start-up was recorded
-    assert runner._grid_estimate([stopped, resumed]) == {}
+    assert runner._grid_estimate([stopped, resumed], 5) == {}
 
     record = {"schedule": "halving", "rungs": [], "run_seconds": 10.5, "epochs_run": 3, "grid_epochs": 10}
     study_ = {"plan": {"lr_search": {"new": {**record, **est}, "old": {**record, "grid_run_seconds": 40.0}}}}
     (_, new), (_, old) = report.search_cost(study_)
     assert "6 s of it starting CUDA graphs; 1.6-1.9x less than the full grid's estimated 17-20 s" in new
     assert "estimated" not in old  # a record without the start-up time: no estimate shown
+    assert "schedule" not in new  # nor, without it, the span of the trials' schedule
+    study_["plan"]["lr_search"]["new"]["trial_epochs"] = 2
+    assert (
+        ", each trial's learning-rate schedule over 2 epoch(s)); 3 of the grid's 10"
+        in (report.search_cost(study_)[0][1])
+    )
     study_["plan"]["lr_search_wall_seconds"] = 30.4
     assert report.search_cost(study_)[-1] == (
         None,
@@ -254,18 +276,22 @@ def test_a_halving_search_resumes_and_skips_what_is_done(
     out = tmp_path / "s"
     results = run_study(raw, out)
     trials = [r for r in results if r["role"] == "trial"]
-    assert {r["status"] for r in trials} == {"paused"}
-    assert sorted(r["metrics"]["epochs_done"] for r in trials) == [1, 1, 2, 2]
+    # the trials' learning-rate schedule spans the deciding rung's 2 epochs, the finals' all 4: the pruned
+    # rates pause after 1, the kept ones end their schedule at 2
+    assert {r["config"]["train"]["epochs"] for r in trials} == {2}
+    ended = sorted((r["status"], len(r["history"])) for r in trials)
+    assert ended == [("paused", 1)] * 2 + [("success", 2)] * 2
     search = json.loads((out / "study.json").read_text())["lr_search"]["lora"]
-    assert search["epochs_run"] == 6 and search["grid_epochs"] == 16
+    assert search["epochs_run"] == 6 and search["grid_epochs"] == 16 and search["trial_epochs"] == 2
     # on the CPU no graphs start: the grid's estimate is the trials' seconds per epoch, at 16 epochs
     assert search["graph_start_seconds"] == 0 and search["grid_run_seconds"] > search["run_seconds"]
     assert [len(r["rates"]) for r in search["rungs"]] == [4, 2]
     assert not list((out / "runs").glob("*/checkpoint.pt"))  # decided: no trial keeps its checkpoint
-    # trials checkpoint at rung 1's pause, not at the pause of rung 2, which decides (the final: every epoch)
+    # trials checkpoint at rung 1's pause; rung 2 ends their schedule (the final: every epoch but its last)
     assert saved == [("trial", 1)] * 4 + [("final", 1), ("final", 2), ("final", 3)]
     final = next(r for r in results if r["role"] == "final")
     assert final["status"] == "success" and final["learning_rate"] == search["rungs"][-1]["kept"][0]
+    assert final["config"]["train"]["epochs"] == 4 and len(final["history"]) == 4
     before = {r["run_id"]: r["started_at"] for r in trials}
     capfd.readouterr()
     again = run_study(raw, out)

@@ -80,7 +80,8 @@ TOP_DEFAULTS: dict[str, Any] = {
 # seed: the trials' seed (default the study's first); seeds: how many seeds each trial rate runs (selection on
 # their mean validation accuracy, so that one seed's luck does not pick the rate).
 # schedule: grid (every rate, all epochs) or halving (successive halving: every rate for `grace_epochs`,
-# then the best 1/reduction_factor go on, at epochs grace x reduction_factor^k; see runner.halving)
+# then the best 1/reduction_factor go on, at epochs grace x reduction_factor^k, the trials' lr schedule
+# spanning the deciding rung's epochs; see runner.halving_rungs)
 LR_SEARCH_DEFAULTS = {
     "points": 5,
     "decades": 1.5,

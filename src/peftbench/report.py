@@ -746,8 +746,10 @@ def search_cost(study: dict) -> list[tuple[str, str]]:
                 if (low and run)  # written with the start-up time, as grid_run_seconds then is
                 else ""
             )
+            span = s.get("trial_epochs")  # not in records written before trials' schedules were shortened
+            span = f", each trial's learning-rate schedule over {span} epoch(s)" if span else ""
             text = (
-                f"successive halving ({steps}); {s['epochs_run']} of the grid's {s['grid_epochs']} "
+                f"successive halving ({steps}{span}); {s['epochs_run']} of the grid's {s['grid_epochs']} "
                 f"trial epochs, {s['run_seconds']:,.0f} s of training and validation{start}{ratio}."
             )
         else:
