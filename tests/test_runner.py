@@ -63,6 +63,8 @@ def test_rerun_skips_done_runs_and_redoes_changed_ones(tiny_encoder, tiny_data, 
     changed = run_study(
         {**raw, "methods": ["lora", {"name": "ia3", "label": "ia3", "epochs": 1}]}, tmp_path / "s"
     )
+    err = capsys.readouterr().err
+    assert "1 of 2 study runs already done" in err and "1 study run(s) hold results made under other" in err
     assert changed[0]["started_at"] == first[0]["started_at"]
     assert changed[1]["started_at"] > first[1]["started_at"] and len(changed[1]["history"]) == 1
 
@@ -742,7 +744,8 @@ def test_changed_data_content_is_a_new_run_not_a_reused_one(tiny_encoder, tmp_pa
     df.to_parquet(data / "train.parquet")
     capsys.readouterr()
     (b,) = run_study(raw, tmp_path / "s")
-    assert "already done" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already done" not in err and "1 study run(s) hold results made under other settings" in err
     assert b["config_hash"] != a["config_hash"] and b["started_at"] > a["finished_at"]
 
 
