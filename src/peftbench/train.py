@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import faults, memory, metrics, packing
+from . import faults, memory, packing
 from . import methods as registry
 from .artefacts import (
     dir_size_mb,
@@ -46,6 +46,7 @@ from .data import Tokenized
 from .devices import MemoryMeter, autocast, autocast_dtype, cuda_index, dist_info, is_oom, peak_flops, sync
 from .errors import Diverged, SkipRun, UserError
 from .graphs import GRAPHS_MAX_WORK, StepGraphs
+from .metrics import loss as task_loss
 from .metrics import model_flops_per_token, oriented, predict, score, validation_at
 from .spec import RunSpec
 from .tracking import StepProfiler, Tracker
@@ -801,7 +802,7 @@ class Recipe:
             {
                 "epoch": epoch + 1,
                 "train_loss": loss,
-                "validation_loss": metrics.loss(task, labels, logits),
+                "validation_loss": task_loss(task, labels, logits),
                 **{f"validation_{k}": v for k, v in val.items()},
                 "epoch_seconds": self.epoch_seconds,
                 "graph_start_seconds": self.epoch_graph_start,  # of epoch_seconds: CUDA graphs starting
