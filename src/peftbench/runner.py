@@ -558,8 +558,8 @@ class Study:
         rungs: dict[str, list[dict]] = {}
         latest: dict[str, dict] = {}
         while open_ := [label for label, lrs in alive.items() if len(lrs) > 1]:
-            # how many rates each rung keeps: one at the last epoch (the search is decided there too)
-            kept = {m: 1 if stop[m] >= epochs[m] else max(1, len(alive[m]) // rf) for m in open_}
+            step = {m: _rung(len(alive[m]), stop[m], epochs[m], rf) for m in open_}  # kept, next epochs
+            kept = {m: step[m][0] for m in open_}
             batch = [
                 t.with_runtime(
                     stop_after_epoch=stop[t.label] if stop[t.label] < epochs[t.label] else None,
@@ -586,7 +586,7 @@ class Study:
                         "kept": keep,
                     }
                 )
-                alive[label], stop[label] = keep, min(stop[label] * rf, epochs[label])
+                alive[label], stop[label] = keep, step[label][1]
         chosen = {label: lrs[0] for label, lrs in alive.items() if len(lrs) == 1}
         for t in trials:  # the search is decided: no paused trial resumes (a rerun finds them done)
             (self.out / "runs" / t.runtime.run_id / "checkpoint.pt").unlink(missing_ok=True)
@@ -991,10 +991,16 @@ def halving_rungs(search: dict, epochs: int) -> list[tuple[int, int]]:
     a 2-epoch schedule 7.1e-3 led at 2."""
     rates, stop, rungs = search["points"], min(search["grace_epochs"], epochs), []
     while rates > 1:
-        rates = 1 if stop >= epochs else max(1, rates // search["reduction_factor"])
+        rates, after = _rung(rates, stop, epochs, search["reduction_factor"])
         rungs.append((stop, rates))
-        stop = min(stop * search["reduction_factor"], epochs)
+        stop = after
     return rungs
+
+
+def _rung(rates: int, stop: int, epochs: int, rf: int) -> tuple[int, int]:
+    """A halving rung over `rates` rates at `stop` of `epochs` epochs: how many rates it keeps (one at the
+    last epoch, where the search is decided too; else 1/rf of them) and the next rung's epochs."""
+    return (1 if stop >= epochs else max(1, rates // rf)), min(stop * rf, epochs)
 
 
 def _at_epoch(r: dict, epochs: int, train: TrainSettings, metric: str) -> dict:
