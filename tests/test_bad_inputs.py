@@ -257,6 +257,11 @@ CASES = [
         "metric: 'accuracy' is not a regression metric",
     ),
     (
+        "a tie margin in percent",
+        lambda t, m: _run(t, m, _study(t, m, _data(t), tie_margin="1%")),
+        "tie_margin: must be a positive number in the metric's units (0.01 = 1 point), got '1%'",
+    ),
+    (
         "MCC over three classes",
         lambda t, m: _run(t, m, _study(t, m, write_dataset(t / "three", "jsonl", classes=3), metric="mcc")),
         "metric: mcc needs two classes, the data have 3",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import run_study, study
 
-from peftbench import config, runner, store
+from peftbench import config, report, runner, store
 from peftbench.errors import UserError
 
 REQUIRED_METRICS = [
@@ -57,9 +57,10 @@ def test_result_file_has_every_field(tiny_encoder, tiny_data, tmp_path):
 def test_rerun_skips_done_runs_and_redoes_changed_ones(tiny_encoder, tiny_data, tmp_path, capsys):
     raw = study(tiny_encoder, tiny_data, ["lora", "ia3"])
     first = run_study(raw, tmp_path / "s")
-    again = run_study(raw, tmp_path / "s")
+    again = run_study({**raw, "tie_margin": 0.05}, tmp_path / "s")  # a report setting: nothing retrains
     assert [r["started_at"] for r in first] == [r["started_at"] for r in again]
     assert "2 of 2 study runs already done" in capsys.readouterr().err
+    assert report.load_study(tmp_path / "s")["tie_margin"] == 0.05
     changed = run_study(
         {**raw, "methods": ["lora", {"name": "ia3", "label": "ia3", "epochs": 1}]}, tmp_path / "s"
     )

@@ -57,6 +57,7 @@ TOP_DEFAULTS: dict[str, Any] = {
     "model": None,
     "task": "classification",  # classification, regression or multi_label (metrics.TASK_METRICS)
     "metric": None,  # the primary metric: lr selection, best epoch, verdicts, report; default per task
+    "tie_margin": None,  # verdicts: a difference shown within +-this is a tie; metric units, default 0.01
     "seeds": [42],
     "lr_search": False,
     "device": "auto",
@@ -270,7 +271,8 @@ def validate(raw: Any, base_dir: Path | None = None) -> dict:
 
 
 def _validate_task(study: dict, data: dict, problems: list[str]) -> None:
-    """`task` and its primary `metric` (default: the task's first); several label columns are multi-label."""
+    """`task`, its primary `metric` (default: the task's first) and the verdicts' `tie_margin`; several label
+    columns are multi-label."""
     from .metrics import TASK_METRICS, default_metric
 
     task = study["task"]
@@ -283,6 +285,15 @@ def _validate_task(study: dict, data: dict, problems: list[str]) -> None:
         problems.append(
             f"metric: {study['metric']!r} is not a {task} metric; choose one of "
             f"{', '.join(TASK_METRICS[task])}"
+        )
+    if study["tie_margin"] is None:
+        from .stats import TIE_MARGIN
+
+        study["tie_margin"] = TIE_MARGIN
+    margin = study["tie_margin"]
+    if not _is_num(margin) or margin <= 0:
+        problems.append(
+            f"tie_margin: must be a positive number in the metric's units (0.01 = 1 point), got {margin!r}"
         )
     if isinstance(data.get("label_column"), list) and task != "multi_label":
         problems.append(

@@ -65,6 +65,7 @@ def load_study(study_dir: Path) -> dict:
         "rows": rows,
         "task": task,
         "metric": metric,
+        "tie_margin": cfg.get("tie_margin") or stats.TIE_MARGIN,
         "gpu": str(device).startswith("cuda"),
         "concurrent_runs": shared,
         "missing": missing,
@@ -157,9 +158,9 @@ def table_rows(study: dict) -> list[list[str]]:
     n_test = n_test if study["metric"] in SHARES else None
     out = []
     for r in study["rows"]:
-        mark = "best" if r.get("best") else ("tied" if r.get("tied_with_best") else "")
+        mark = "best" if r.get("best") else ""
         if r.get("vs_best"):
-            mark = (mark + f" p={r['vs_best']['p_value']:.3f}").strip()
+            mark = f"p={r['vs_best']['p_value']:.3f}" + (" (n.s.)" if r.get("indistinct_from_best") else "")
         status = r["status"] if r["status"] == "success" else f"{r['status']}: {'; '.join(r['errors'])[:120]}"
         out.append(
             [r["label"], _fmt_acc(r["score"], n_test)]
@@ -254,10 +255,12 @@ def _named(r: dict) -> str:
     return f"{NAMES[r['metric']]} {_acc(r):.4f}"
 
 
-def recommendations(study: dict, tolerance: float = 0.01) -> list[dict]:
+def recommendations(study: dict) -> list[dict]:
     """Advice computed from the measurements: each item has a title, the method and a one-sentence reason.
-    Time is ranked only beyond the noise (TIME_NOISE); memory only on a GPU, between budgets MEMORY_NOISE
-    apart; a CPU study's host memory is not ranked at all."""
+    Methods within the study's tie margin of the best, or not significantly different from it, count as near
+    it. Time is ranked only beyond the noise (TIME_NOISE); memory only on a GPU, between budgets
+    MEMORY_NOISE apart; a CPU study's host memory is not ranked at all."""
+    tolerance = study["tie_margin"]
     rows = _ok_rows(study)
     if not rows:
         return []
@@ -271,14 +274,14 @@ def recommendations(study: dict, tolerance: float = 0.01) -> list[dict]:
             "reason": f"{best['label']} reached the best test {name}, {_acc(best):.4f}{interval}.",
         }
     ]
-    near = [r for r in rows if _better(r) >= _better(best) - tolerance or r.get("tied_with_best")]
-    recs.append(_fastest(best, near, tolerance, study.get("loaded")))
-    recs.append(_fewest(best, near, tolerance))
+    near = [r for r in rows if _better(r) >= _better(best) - tolerance or r.get("indistinct_from_best")]
+    pts = _amount(best["metric"], tolerance)
+    recs.append(_fastest(best, near, pts, study.get("loaded")))
+    recs.append(_fewest(best, near, pts))
     return recs + _memory_recs(rows, study["gpu"])
 
 
-def _fastest(best: dict, near: list[dict], tolerance: float, loaded) -> dict:
-    pts = f"{tolerance * 100:.0f} point"
+def _fastest(best: dict, near: list[dict], pts: str, loaded) -> dict:
     others = f"{len(near) - 1} other method(s)" if len(near) > 1 else "no other method"
     fastest = min(near, key=lambda r: r["train_seconds"]["mean"])
     t_best, t_fast = best["train_seconds"]["mean"], fastest["train_seconds"]["mean"]
@@ -302,14 +305,13 @@ def _fastest(best: dict, near: list[dict], tolerance: float, loaded) -> dict:
     if loaded:
         why += " Timings were taken on a loaded machine: see the note above."
     return {
-        "title": f"Fastest within {pts} of the best (or statistically tied)",
+        "title": f"Fastest within {pts} of the best (or not significantly different)",
         "method": fastest["label"],
         "reason": why,
     }
 
 
-def _fewest(best: dict, near: list[dict], tolerance: float) -> dict:
-    pts = f"{tolerance * 100:.0f} point"
+def _fewest(best: dict, near: list[dict], pts: str) -> dict:
     others = f"{len(near) - 1} other method(s)" if len(near) > 1 else "no other method"
     fewest = min(near, key=lambda r: r["trainable_params"]["mean"])
     n_few, n_best = fewest["trainable_params"]["mean"], best["trainable_params"]["mean"]
@@ -464,18 +466,22 @@ def recommend_cli(
 
 
 def _unsettled(study: dict, order: list[str]) -> list[str]:
-    """Neighbours in a ranking whose order the data do not settle: tied, or a verdict that flips when a seed
-    is left out."""
+    """Neighbours in a ranking whose order the data do not settle: tied, unsettled, or a verdict a rerun
+    would likely not repeat."""
     found = {(v["a"], v["b"]): v for v in verdicts(study)}
+    name = NAMES[study["metric"]]
     lines = []
     for a, b in zip(order, order[1:]):
         v = found.get((a, b)) or found.get((b, a))
         if v is None:
             continue
+        within = _margin(v["metric"], v["margin"])
         if v["verdict"] == "tied":
+            lines.append(f"{a} and {b} are tied on test {name} (within {within}): their order is no ranking")
+        elif v["verdict"] == "unsettled":
             lines.append(
-                f"{a} and {b} are tied on test {NAMES[study['metric']]} (p = {v['p_value']:.3f}): their "
-                "order is not a ranking"
+                f"{a} over {b} is unsettled: these results show neither a difference in test {name} (p = "
+                f"{v['p_value']:.3f}) nor a tie within {within}; more seeds or test items would settle it"
             )
         elif not v["stable"]:
             lines.append(
@@ -952,8 +958,20 @@ def verdicts(study: dict) -> list[dict]:
     """The pairwise verdicts of a loaded study, computed once and only where a report or recommend needs them
     (their bootstraps are the slowest part of a report; the printed summary does without)."""
     if "verdicts" not in study:
-        study["verdicts"] = stats.verdicts(study["rows"])
+        study["verdicts"] = stats.verdicts(study["rows"], study["tie_margin"])
     return study["verdicts"]
+
+
+def _amount(metric: str, margin: float) -> str:
+    """A difference in a metric in words: 1 point, 0.5 points, or 0.05 for a metric not read in points."""
+    if not is_fraction(metric):
+        return f"{margin:g}"
+    points = 100 * margin
+    return f"{points:g} point" + ("" if points == 1 else "s")
+
+
+def _margin(metric: str, margin: float) -> str:
+    return "±" + _amount(metric, margin)
 
 
 def verdict_table(study: dict) -> tuple[list[str], list[list[str]]]:
@@ -981,10 +999,13 @@ def _sections(study: dict, recs: list[dict], problems: list[str]) -> list[tuple[
     vh, vr = verdict_table(study)
     if vr:
         note = (
-            "Stability: the probability that a rerun of the study with new seeds gives the same verdict, "
-            "from the bootstrap spread of the difference (a tie reruns as a tie at most 0.83 of the time, a "
-            f"difference at p = 0.05 about half the time); below {stats.STABLE} the verdict is not settled "
-            "by these seeds. One seed: not assessed."
+            f"Verdicts: tied when the difference's 90% interval lies within "
+            f"{_margin(study['metric'], study['tie_margin'])} "
+            "(the study's tie_margin), better or worse when the paired test finds a difference (p < 0.05), "
+            "unsettled when these results show neither. Stability: the probability that a rerun of the "
+            "study with new seeds gives the same verdict, from the bootstrap spread of the difference (a "
+            f"difference at p = 0.05 reruns as one about half the time); below {stats.STABLE} the verdict is "
+            "unstable. One seed: not assessed."
         )
         out.append(
             (

@@ -172,7 +172,7 @@ def summarize(
         row["score"] = row[f"test_{metric}"]
         row["_stats"] = _per_item(ok, test_labels, task, metric, n_labels)
         rows.append(row)
-    mark_ties(rows)
+    mark_best(rows)
     return rows
 
 
@@ -191,8 +191,9 @@ def _rank(r: dict) -> float:
     return oriented(r["metric"], r["score"]["mean"])
 
 
-def mark_ties(rows: list[dict]) -> None:
-    """Mark rows statistically tied with the best one on the primary metric (paired test, p >= 0.05)."""
+def mark_best(rows: list[dict]) -> None:
+    """Mark the best row on the primary metric, and the rows the paired test cannot tell from it (p >=
+    ALPHA: not significantly different, which is not a tie; see `verdict`)."""
     scored = [r for r in rows if r["score"]["mean"] is not None]
     if not scored:
         return
@@ -200,74 +201,97 @@ def mark_ties(rows: list[dict]) -> None:
     for r in rows:
         r["best"] = r is best
         r["vs_best"] = None
-        r["tied_with_best"] = r is best
+        r["indistinct_from_best"] = r is best
         if r is best or r not in scored or r["_stats"] is None or best["_stats"] is None:
             continue
         if r["_stats"].shape[1] != best["_stats"].shape[1]:
             continue
         test = paired_test(best["_stats"], r["_stats"], r["metric"])
         r["vs_best"] = test
-        r["tied_with_best"] = test["p_value"] >= ALPHA
+        r["indistinct_from_best"] = test["p_value"] >= ALPHA
 
 
 # A verdict is stable when a rerun would give it again with at least this probability (three in four).
 STABLE = 0.75
+# The default tie margin: differences that cannot matter to a practitioner, in the metric's units (1 point).
+TIE_MARGIN = 0.01
 
 
-def replication(diff: float, se: float, metric: str = "accuracy") -> float:
+def verdict(diff: float, se: float, p_value: float, metric: str, margin: float) -> str:
+    """`tied` when the difference's 90% interval lies within +-margin (two one-sided tests at ALPHA: an
+    equivalence shown, not a difference missed), else `better` or `worse` when the paired test finds one
+    (p < ALPHA), else `unsettled`: these results can tell neither a difference nor a tie."""
+    from scipy.special import ndtri
+
+    if abs(diff) + float(ndtri(1 - ALPHA)) * se < margin:
+        return "tied"
+    if p_value < ALPHA:
+        return "better" if oriented(metric, diff) > 0 else "worse"
+    return "unsettled"
+
+
+def replication(said: str, diff: float, se: float, metric: str, margin: float) -> float | None:
     """The probability that a rerun of the study (new seeds, new test items from the same source) gives the
-    verdict this one gave. Under a flat prior on the true difference, the rerun's estimate is normal around
-    this one's with twice its variance (this run's noise and the rerun's own); its verdict follows from its
-    z against the critical value at ALPHA. A tie far from significance reruns as a tie at most 0.83 of the
-    time; a difference at p = 0.05 reruns as significant half the time."""
+    verdict this one gave (`said`); None for `unsettled`, which claims nothing to repeat. Under a flat prior
+    on the true difference, the rerun's estimate is normal around this one's with twice its variance (this
+    run's noise and the rerun's own, taken to be as large); the rerun's verdict follows from its estimate
+    as `verdict` rules. A difference at p = 0.05 reruns as one about half the time; a tie reruns as a tie only
+    when the interval sits well inside the margin."""
     from scipy.special import ndtr, ndtri
 
+    if said == "unsettled":
+        return None
     if se <= 0:
         return 1.0
-    z, crit = oriented(metric, diff) / se, float(ndtri(1 - ALPHA / 2))
-    better, worse = 1 - ndtr((crit - z) / math.sqrt(2)), ndtr((-crit - z) / math.sqrt(2))
-    verdict = "tied" if abs(z) < crit else ("better" if z > 0 else "worse")
-    return float({"better": better, "worse": worse, "tied": 1 - better - worse}[verdict])
+    d, spread = oriented(metric, diff), math.sqrt(2) * se
+    room = margin - float(ndtri(1 - ALPHA)) * se  # a rerun's |estimate| below this is a tie
+    edge = max(float(ndtri(1 - ALPHA / 2)) * se, room)  # beyond this, better or worse
+    chance = {
+        "tied": float(ndtr((room - d) / spread) - ndtr((-room - d) / spread)) if room > 0 else 0.0,
+        "better": float(1 - ndtr((edge - d) / spread)),
+        "worse": float(ndtr((-edge - d) / spread)),
+    }
+    return chance[said]
 
 
-def verdicts(rows: list[dict], n_boot: int = 4000) -> list[dict]:
-    """For every pair of methods scored on the same test items: better, tied or worse on the primary metric
-    (the paired test at ALPHA), and how stable that verdict is: the probability that a rerun gives it again
-    (`replication`; None with one seed: not assessed). Below STABLE a verdict is `unstable`."""
+def verdicts(rows: list[dict], margin: float = TIE_MARGIN, n_boot: int = 4000) -> list[dict]:
+    """For every pair of methods scored on the same test items: better, worse, tied (within +-margin) or
+    unsettled on the primary metric (`verdict`), and how stable that verdict is: the probability that a
+    rerun gives it again (`replication`; None with one seed: not assessed). An unsettled verdict, or one
+    below STABLE, is not `stable`."""
     scored = sorted([r for r in rows if r.get("_stats") is not None], key=lambda r: -_rank(r))
     out = []
     for i, a in enumerate(scored):
         for b in scored[i + 1 :]:
             if a["_stats"].shape[1] != b["_stats"].shape[1]:
                 continue
-            metric = a["metric"]
-            k = min(a["_stats"].shape[0], b["_stats"].shape[0])
-            ca, cb = a["_stats"][:k], b["_stats"][:k]
-            test = paired_test(ca, cb, metric, n_boot)
-            verdict = _verdict(test, metric)
-            stability = replication(test["diff"], test["se"], metric) if k > 1 else None
-            out.append(
-                {
-                    "a": a["label"],
-                    "b": b["label"],
-                    "metric": metric,
-                    "diff": test["diff"],
-                    "diff_points": 100 * test["diff"] if is_fraction(metric) else None,
-                    "p_value": test["p_value"],
-                    "test": test["test"],
-                    "seeds": k,
-                    "verdict": verdict,
-                    "stability": stability,
-                    "stable": stability is None or stability >= STABLE,
-                }
-            )
+            out.append(_pair(a, b, margin, n_boot))
     return out
 
 
-def _verdict(test: dict, metric: str = "accuracy") -> str:
-    if test["p_value"] >= ALPHA:
-        return "tied"
-    return "better" if oriented(metric, test["diff"]) > 0 else "worse"
+def _pair(a: dict, b: dict, margin: float, n_boot: int) -> dict:
+    metric = a["metric"]
+    k = min(a["_stats"].shape[0], b["_stats"].shape[0])
+    ca, cb = a["_stats"][:k], b["_stats"][:k]
+    test = paired_test(ca, cb, metric, n_boot)
+    se = test["se"] if "se" in test else paired_bootstrap(ca, cb, metric, n_boot)["se"]
+    said = verdict(test["diff"], se, test["p_value"], metric, margin)
+    stability = replication(said, test["diff"], se, metric, margin) if k > 1 else None
+    return {
+        "a": a["label"],
+        "b": b["label"],
+        "metric": metric,
+        "diff": test["diff"],
+        "diff_points": 100 * test["diff"] if is_fraction(metric) else None,
+        "se": se,
+        "p_value": test["p_value"],
+        "test": test["test"],
+        "seeds": k,
+        "margin": margin,
+        "verdict": said,
+        "stability": stability,
+        "stable": said != "unsettled" and (stability is None or stability >= STABLE),
+    }
 
 
 def public(rows: list[dict]) -> list[dict]:
