@@ -2,7 +2,8 @@
 
 Two methods scored on the same test items are compared item by item on the study's primary metric: on
 accuracy with one seed each by an exact McNemar test on the discordant items, otherwise by a paired
-bootstrap that resamples test items and seeds.
+bootstrap that resamples test items and seeds. Each pair's verdict (better, worse, tied within the study's
+tie margin, or unsettled) comes with the probability that a rerun repeats it.
 """
 
 from __future__ import annotations
