@@ -68,6 +68,10 @@ def test_rerun_skips_done_runs_and_redoes_changed_ones(tiny_encoder, tiny_data, 
     assert "1 of 2 study runs already done" in err and "1 study run(s) hold results made under other" in err
     assert changed[0]["started_at"] == first[0]["started_at"]
     assert changed[1]["started_at"] > first[1]["started_at"] and len(changed[1]["history"]) == 1
+    (kept,) = (tmp_path / "s").glob("archive-*/runs/*/result.json")  # the replaced result, as it was
+    assert kept.parent.name == first[1]["run_id"] and json.loads(kept.read_text()) == first[1]
+    assert f"their earlier results move to {kept.parents[2]}" in err.replace("\n", "")
+    assert len(report.load_study(tmp_path / "s")["finals"]) == 2  # the archive is not read as a run
 
 
 def test_same_seed_gives_identical_metrics(tiny_encoder, tiny_data, tmp_path):

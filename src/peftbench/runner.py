@@ -285,7 +285,7 @@ class Study:
     # ---------------------------------------------------------------- execution
     def execute(self, specs: list[RunSpec], desc: str) -> list[dict]:
         """Run every spec not already done; returns all their results (in spec order)."""
-        todo, done, other = [], {}, 0
+        todo, done, other = [], {}, []
         for spec in specs:
             rdir = self.out / "runs" / spec.runtime.run_id
             old = store.read_result(rdir / "result.json")
@@ -293,15 +293,18 @@ class Study:
                 done[spec.runtime.run_id] = old
             else:
                 todo.append(spec)
-                other += bool(old) and old.get("config_hash") != spec.config_hash
+                if old and old.get("config_hash") != spec.config_hash:
+                    other.append(rdir)
         if done:
             print(
                 f"peftbench: {len(done)} of {len(specs)} {desc} runs already done, skipped", file=sys.stderr
             )
         if other:
+            kept = store.archive_runs(self.out, other)
             print(
-                f"peftbench: {other} {desc} run(s) hold results made under other settings (a changed study "
-                "file, data or peftbench version); they run again, replacing those results",
+                f"peftbench: {len(other)} {desc} run(s) hold results made under other settings (a changed "
+                f"study file, data or peftbench version); they run again, and their earlier results move to "
+                f"{kept}",
                 file=sys.stderr,
             )
         from tqdm.auto import tqdm

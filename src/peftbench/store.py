@@ -2,7 +2,7 @@
 
 A study folder is locked while a study writes to it, a corrupt result file is moved aside (never
 silently trusted or deleted), and a rerun skips every run whose result says `success` for the same
-config hash.
+config hash; a run made under another config hash moves to STUDY/archive-TIME/runs/ before it runs again.
 """
 
 from __future__ import annotations
@@ -202,4 +202,14 @@ def archive(study_dir: Path) -> Path:
     for p in Path(study_dir).iterdir():
         if p.name != ".peftbench.lock" and not p.name.startswith(ARCHIVE_PREFIX):
             os.replace(p, dest / p.name)
+    return dest
+
+
+def archive_runs(study_dir: Path, run_dirs: list[Path]) -> Path:
+    """Move runs whose results a rerun replaces (made under other settings) into STUDY/archive-TIME/runs/:
+    what they measured is kept, and they start again in an empty folder."""
+    dest = Path(study_dir) / f"{ARCHIVE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
+    (dest / "runs").mkdir(parents=True, exist_ok=True)
+    for d in run_dirs:
+        os.replace(d, dest / "runs" / d.name)
     return dest
