@@ -299,7 +299,9 @@ def test_compare_and_recommend_commands(tiny_encoder, tiny_data, tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         cli.main(["recommend", str(tmp_path / "a"), "--max-memory", "100TB"])
     out = capsys.readouterr().out
-    assert e.value.code == 0 and out.startswith("1. ") and "2. " in out
+    placed = [ln.split(":")[0] for ln in out.splitlines() if not ln.startswith("  note:")]
+    assert e.value.code == 0 and sorted(p[3:] for p in placed) == ["ia3", "lora"], out
+    assert placed[0][:2] in ("1.", "1=") and all(p[0] in "12" and p[1] in ".=" for p in placed), out
     with pytest.raises(SystemExit) as e:
         cli.main(["recommend", str(tmp_path / "a"), "--max-memory", "1MB"])
     out = capsys.readouterr().out
@@ -447,12 +449,18 @@ def test_verdicts_clear_tied_unsettled_and_unstable():
     one_seed = stats.verdicts([_row("x", 0.9, 1, 1, 1, base[:1] | True), _row("y", 0.8, 1, 1, 1, base[:1])])
     assert one_seed[0]["stability"] is None and one_seed[0]["test"] == "mcnemar"
     assert one_seed[0]["verdict"] == "better" and one_seed[0]["stable"]
-    notes = report.recommend(_study([clear, same, unstable]), None, None, None)["unsettled"]
-    assert any(n.startswith("unstable over same is unstable: a rerun") for n in notes), notes
+    three = _study([clear, same, unstable])
+    res = report.recommend(three, None, None, None)
+    assert any(n.startswith("unstable over same is unstable: a rerun") for n in res["unsettled"]), res
+    # places: only settled verdicts separate methods; an unstable lead shares a place
+    assert [(r["method"], r["place"]) for r in res["ranked"]] == [("clear", 1), ("unstable", 2), ("same", 2)]
+    assert "share first place" not in report.recommendations(three)[0]["reason"]
     narrow = _study([same, tied])
     narrow["tie_margin"] = 0.001  # 0.1 point: the 0.07-point difference's interval is wider than that
-    notes = report.recommend(narrow, None, None, None)["unsettled"]
-    assert len(notes) == 1 and "is unsettled: these results show neither" in notes[0], notes
+    res = report.recommend(narrow, None, None, None)
+    assert len(res["unsettled"]) == 1 and "is unsettled: these results show neither" in res["unsettled"][0]
+    assert [r["place"] for r in res["ranked"]] == [1, 1]
+    assert "1 other method(s) share first place" in report.recommendations(narrow)[0]["reason"]
 
 
 def test_a_verdict_is_settled_only_when_a_rerun_would_repeat_it():

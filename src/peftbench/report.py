@@ -267,11 +267,18 @@ def recommendations(study: dict) -> list[dict]:
     best = max(rows, key=_better)
     ci, name = best["score"], NAMES[best["metric"]]
     interval = f" (95% CI {ci['ci_low']:.3f}-{ci['ci_high']:.3f})" if ci["ci_low"] is not None else ""
+    order = [r["label"] for r in sorted(rows, key=lambda r: -_better(r))]
+    sharing = _places(study, order).count(1) - 1
+    shared = (
+        f" {sharing} other method(s) share first place: no settled verdict puts it ahead of them (Verdicts)."
+        if sharing
+        else ""
+    )
     recs = [
         {
             "title": f"Best {name}",
             "method": best["label"],
-            "reason": f"{best['label']} reached the best test {name}, {_acc(best):.4f}{interval}.",
+            "reason": f"{best['label']} reached the best test {name}, {_acc(best):.4f}{interval}.{shared}",
         }
     ]
     near = [r for r in rows if _better(r) >= _better(best) - tolerance or r.get("indistinct_from_best")]
@@ -412,11 +419,13 @@ def recommend(
     active = {k: f for k, (v, f) in checks.items() if v is not None}
     ok = [r for r in rows if all(f(r) for f in active.values())]
     ranked = sorted(ok, key=lambda r: -_better(r))
-    out = {"ranked": [], "binding": [], "unsettled": _unsettled(study, [r["label"] for r in ranked])}
-    for r in ranked:
+    order = [r["label"] for r in ranked]
+    out = {"ranked": [], "binding": [], "unsettled": _unsettled(study, order)}
+    for r, place in zip(ranked, _places(study, order)):
         out["ranked"].append(
             {
                 "method": r["label"],
+                "place": place,
                 "reason": (
                     f"{_named(r)}, {r['train_seconds']['mean']:.1f} s "
                     f"training, "
@@ -458,11 +467,29 @@ def recommend_cli(
         for line in res["binding"]:
             print(f"  {line}")
         return 1
-    for i, r in enumerate(res["ranked"], 1):
-        print(f"{i}. {r['method']}: {r['reason']}")
+    places = [r["place"] for r in res["ranked"]]
+    for r in res["ranked"]:
+        mark = "=" if places.count(r["place"]) > 1 else "."
+        print(f"{r['place']}{mark} {r['method']}: {r['reason']}")
     for line in res["unsettled"]:
         print(f"  note: {line}")
     return 0
+
+
+def _places(study: dict, order: list[str]) -> list[int]:
+    """Each method's place in `order` (best first): 1 + the number of methods a settled verdict (better, and
+    stable) puts ahead of it. Methods no such verdict separates share a place, so no place states an order
+    the data do not support."""
+    found = {(v["a"], v["b"]): v for v in verdicts(study)}
+    ahead = [
+        sum(
+            1
+            for above in order[:i]
+            if (v := found.get((above, m))) is not None and v["verdict"] == "better" and v["stable"]
+        )
+        for i, m in enumerate(order)
+    ]
+    return [1 + n for n in ahead]
 
 
 def _unsettled(study: dict, order: list[str]) -> list[str]:
@@ -477,7 +504,8 @@ def _unsettled(study: dict, order: list[str]) -> list[str]:
             continue
         within = _margin(v["metric"], v["margin"])
         if v["verdict"] == "tied":
-            lines.append(f"{a} and {b} are tied on test {name} (within {within}): their order is no ranking")
+            again = "" if v["stable"] else f"; a rerun shows it again with probability {v['stability']:.0%}"
+            lines.append(f"{a} and {b} are tied on test {name} (within {within}){again}")
         elif v["verdict"] == "unsettled":
             lines.append(
                 f"{a} over {b} is unsettled: these results show neither a difference in test {name} (p = "
