@@ -444,6 +444,82 @@ def test_a_warm_worker_that_died_between_runs_is_replaced(tiny_encoder, tiny_dat
         worker.close()
 
 
+def test_a_warm_worker_interrupted_while_it_starts_closes_cleanly(tmp_path, monkeypatch):
+    """Ctrl-C while a warm worker's process starts: closing the workers must not fail on the process that
+    never started (it did, with "can only join a started process", over the interrupt's own message)."""
+    from multiprocessing.process import BaseProcess
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BaseProcess, "start", interrupted)
+    worker = runner.WarmWorker(False)
+    with pytest.raises(KeyboardInterrupt):
+        worker.run(tmp_path, False)
+    worker.close()
+    assert worker.proc is None and worker.conn is None
+
+
+def test_an_interrupted_search_stops_its_warm_workers_instead_of_waiting(tmp_path):
+    """The search closes its warm workers on the way out; interrupted, it must not wait for a worker's run in
+    progress (minutes on a GPU) to end before the CLI can stop."""
+    events = []
+
+    class Busy:  # a worker process in the middle of a run: join() returns only once it is killed
+        pid = 1
+
+        def kill(self):
+            events.append("kill")
+
+        def join(self):
+            assert "kill" in events, "joined a busy worker without stopping it"
+            events.append("join")
+
+    class Pipe:
+        def send(self, msg):
+            raise BrokenPipeError  # a killed worker's pipe: an OSError
+
+    s = runner.Study.__new__(runner.Study)
+    s.warm_workers = {"lora": runner.WarmWorker(False)}
+    s.warm_workers["lora"].proc, s.warm_workers["lora"].conn = Busy(), Pipe()
+    s.cfg = {"lr_search": {"schedule": "grid"}}
+
+    def interrupted(specs, desc):
+        raise KeyboardInterrupt
+
+    s.execute = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        s.search([])
+    assert events == ["kill", "join"] and not s.warm_workers
+
+
+def test_an_interrupt_starts_no_further_run_and_returns_at_once():
+    """Ctrl-C with runs going several at a time: the queued ones must not start, and the running ones must
+    start no further run (each would be a new process the CLI then waits for: minutes on a GPU)."""
+    import threading
+
+    s = runner.Study.__new__(runner.Study)
+    s.stopping = threading.Event()
+    started = []
+
+    def chain(i):
+        if s.stopping.is_set():  # as the study's chains check before each run
+            return []
+        started.append(i)
+        if i == 0:
+            time.sleep(0.2)
+            raise KeyboardInterrupt
+        s.stopping.wait(10)  # a run in progress, until the CLI kills it
+        return []
+
+    t0 = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        s._in_threads(chain, list(range(8)), 2)
+    assert s.stopping.is_set() and time.time() - t0 < 5
+    time.sleep(0.3)
+    assert started[:2] in ([0, 1], [1, 0]) and len(started) <= 3, started  # at most one in the race
+
+
 def test_a_halving_rung_goes_on_in_the_process_that_ran_the_last(tiny_encoder, tiny_data, tmp_path):
     raw = study(
         tiny_encoder,
@@ -814,7 +890,16 @@ def test_report_names_missing_runs_and_refuses_a_damaged_plan(tiny_encoder, tiny
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
-@pytest.mark.parametrize("how", ["SIGKILL to the CLI", "SIGTERM to the CLI", "SIGINT to the process group"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "SIGKILL to the CLI",
+        "SIGTERM to the CLI",
+        "SIGINT to the process group",
+        "SIGINT to the CLI, trials two at a time",
+        "SIGINT to the process group, trials two at a time",
+    ],
+)
 def test_a_killed_cli_leaves_no_worker_behind(how, tiny_encoder, tiny_data, tmp_path):
     import signal
     import subprocess
@@ -824,6 +909,8 @@ def test_a_killed_cli_leaves_no_worker_behind(how, tiny_encoder, tiny_data, tmp_
     f = tmp_path / "s.yaml"
     raw = study(tiny_encoder, tiny_data, ["ia3"], train={"epochs": 1})
     raw["isolation"] = "process"
+    if "two at a time" in how:  # warm trial workers, run from threads: none may keep the CLI waiting
+        raw.update(lr_search={"points": 4, "decades": 1}, parallel=2)
     f.write_text(json.dumps(raw))
     env = dict(os.environ, PEFTBENCH_INJECT_FAULT="ia3:hang", PEFTBENCH_PROGRESS="0")
     err = open(tmp_path / "stderr.txt", "w")

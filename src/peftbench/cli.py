@@ -598,5 +598,10 @@ def main(argv: list[str] | None = None) -> None:
             "peftbench: interrupted; finished runs are kept, rerun the same command to continue",
             file=sys.stderr,
         )
-        sys.exit(130)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Not sys.exit: it would wait for the threads that ran runs side by side, and a thread may still be
+        # starting a worker. Results are written as runs end and the study lock is released by now; workers
+        # and the forkserver die with this process (worker.die_with_parent).
+        os._exit(130)
     sys.exit(code)

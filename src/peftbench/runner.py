@@ -59,6 +59,7 @@ class Study:
         self.model_fingerprint = None
         self.search_wall_seconds = None
         self.warm_workers: dict[str, WarmWorker] = {}  # by chain name: they live on from rung to rung
+        self.stopping = threading.Event()  # set when the study is interrupted: no run starts after it
 
     # ---------------------------------------------------------------- preparation (no model loaded)
     def prepare(self) -> None:
@@ -328,6 +329,8 @@ class Study:
             key, specs = named
             if key is not None:
                 return self._execute_chain(key, specs, parallel == 1, finished)
+            if self.stopping.is_set():
+                return []
             return [finished(self._execute_one(specs[0], progress=parallel == 1))]
 
         try:  # the bar is closed (its line ended) before any error is printed
@@ -336,14 +339,27 @@ class Study:
             else:
                 chains = self.chains(todo, parallel)
                 if parallel > 1 and len(chains) > 1:
-                    with ThreadPoolExecutor(parallel) as pool:
-                        new = [r for rs in pool.map(chain, chains) for r in rs]
+                    new = self._in_threads(chain, chains, parallel)
                 else:
                     new = [r for c in chains for r in chain(c)]
         finally:
             bar.close()
         done.update({r["run_id"]: r for r in new})
         return [done[s.runtime.run_id] for s in specs]
+
+    def _in_threads(self, chain, chains: list, parallel: int) -> list[dict]:
+        """`chain` over `chains`, `parallel` at a time. Interrupted (or failed), it returns at once: queued
+        chains are cancelled and running ones start no further run (`stopping`); the CLI kills the runs in
+        progress."""
+        pool = ThreadPoolExecutor(parallel)
+        try:
+            new = [r for rs in pool.map(chain, chains) for r in rs]
+        except BaseException:
+            self.stopping.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+        return new
 
     def concurrency(self, specs: list[RunSpec]) -> int:
         """Runs at once: `parallel`, except final runs when `exclusive_finals` asks for clean timings."""
@@ -380,15 +396,17 @@ class Study:
         worker = self.warm_workers[key]
         results = []
         for spec in chain:
+            if self.stopping.is_set():
+                break
             rdir = self._prepare_run_dir(spec)
             launched = time.time()
             code = worker.run(rdir, spec.runtime.device.startswith("cuda"))
             results.append(on_done(collect(spec, rdir, code, launched)))
         return results
 
-    def close_warm_workers(self) -> None:
+    def close_warm_workers(self, wait: bool = True) -> None:
         for worker in self.warm_workers.values():
-            worker.close()
+            worker.close(wait)
         self.warm_workers.clear()
 
     def _execute_one(self, spec: RunSpec, progress: bool) -> dict:
@@ -520,8 +538,10 @@ class Study:
             else:
                 results, rungs = self.execute(trials, "lr search"), {}
                 chosen = select_learning_rates(results, self.cfg["metric"])
-        finally:
-            self.close_warm_workers()
+        except BaseException:  # interrupted, or failed: a worker's run in progress stops with the CLI
+            self.close_warm_workers(wait=False)
+            raise
+        self.close_warm_workers()
         record, trials_of = {}, {t.label: t for t in trials}
         epochs = {e["label"]: self.train_settings(e)["epochs"] for e in self.cfg["methods"]}
         for label in trials_of:
@@ -825,13 +845,18 @@ class WarmWorker:
         import multiprocessing as mp
 
         ctx = _fork_context() if _FORK["usable"] else mp.get_context("spawn")
-        self.conn, theirs = ctx.Pipe()
-        self.proc = ctx.Process(target=_warm_worker, args=(theirs, self.env, cuda), daemon=False)
-        self.proc.start()
+        mine, theirs = ctx.Pipe()
+        proc = ctx.Process(target=_warm_worker, args=(theirs, self.env, cuda), daemon=False)
+        proc.start()  # only a started process is kept: Ctrl-C can land in here; close() joins what is kept
         theirs.close()
+        self.proc, self.conn = proc, mine
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """End the worker: after its run in progress (`wait`), or now, killing that run (it resumes from its
+        last checkpoint when the study is rerun)."""
         if self.proc is not None:
+            if not wait:
+                self.proc.kill()
             try:
                 self.conn.send(None)
             except OSError:
