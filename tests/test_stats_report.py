@@ -220,7 +220,7 @@ def test_report_with_failed_skipped_and_hostile_labels(
     assert "http://" not in page and "https://" not in page, "the report must open offline"
     assert len(re.findall(r'src="data:image/png;base64,', page)) == 4
     md = paths["markdown"].read_text()
-    assert "## Runs that did not succeed" in md and "| method |" in md
+    assert "## Problems: failed runs, and results not to trust" in md and "| method |" in md
     for k in ("accuracy_vs_memory", "accuracy_vs_time", "accuracy_vs_params", "learning_curves"):
         assert paths[k].stat().st_size > 5000
 
@@ -477,6 +477,21 @@ def test_a_verdict_is_settled_only_when_a_rerun_would_repeat_it():
     wide = stats.verdict(0.0040, se, 0.40, "accuracy", 0.01)  # +-0.77 around 0.4 points: past +1
     assert wide == "unsettled" and stats.replication(wide, 0.0040, se, "accuracy", 0.01) is None
     assert stats.replication("tied", 0.0012, 0.0015, "accuracy", 0.01) > stats.STABLE  # +-0.25: well inside
+
+
+def test_a_classifier_that_answers_one_class_for_every_test_item_is_flagged():
+    def final(run_id, preds, status="success"):
+        return {"run_id": run_id, "status": status, "test_predictions": preds}
+
+    plan = {"data": {"label_names": ["negative", "positive"]}}
+    s = {"task": "classification", "plan": plan, "missing": [], "trials": []}
+    s["finals"] = [final("lora-s0", [1] * 40), final("lora-s1", [0, 1] * 20)]
+    s["finals"].append(final("ia3-s0", [1] * 40, "oom"))
+    problems = report._problems(s)
+    assert len(problems) == 2 and problems[0].startswith("ia3-s0: oom")
+    assert problems[1].startswith("lora-s0: predicts class positive for all 40 test items")
+    s["task"] = "regression"  # a constant score is a regression's own failure, told by its correlation
+    assert len(report._problems(s)) == 1
 
 
 def test_replication_probability_known_values():

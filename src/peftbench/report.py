@@ -211,7 +211,7 @@ def print_summary(study_dir: Path) -> None:
     ]
     keep = [i for i in keep if header[i] != "saved MB"]
     print(markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in table_rows(study)]))
-    for line in filter(None, map(reload_warning, study["finals"])):
+    for line in _distrusted(study):
         print(f"peftbench: warning: {line}", file=sys.stderr)
     if study["missing"]:
         print(
@@ -685,14 +685,33 @@ def _problems(study: dict) -> list[str]:
         for r in study["finals"] + study["trials"]
         if r["status"] not in store.VALIDATED
     ]
-    unsaved = [w for w in map(reload_warning, study["finals"]) if w]
     return (
         failed
-        + unsaved
+        + _distrusted(study)
         + [
             f"{r}: planned, no result (interrupted, or its folder was removed): rerun the study"
             for r in study.get("missing", [])
         ]
+    )
+
+
+def _distrusted(study: dict) -> list[str]:
+    """Successful final runs whose results are not to be trusted: a saved artefact that does not reproduce
+    its predictions, or a classifier that gave every test item the same class."""
+    return [w for r in study["finals"] for w in (reload_warning(r), _one_class(study, r)) if w]
+
+
+def _one_class(study: dict, r: dict) -> str | None:
+    """A classifier that answers one class for every test item learned nothing a constant answer does not
+    give: its score is that class's share of the test set, not a measure of the method."""
+    preds = r.get("test_predictions")
+    if study["task"] != "classification" or r["status"] != "success" or not preds or len(set(preds)) > 1:
+        return None
+    names = ((study.get("plan") or {}).get("data") or {}).get("label_names") or []
+    name = names[preds[0]] if preds[0] < len(names) else preds[0]
+    return (
+        f"{r['run_id']}: predicts class {name} for all {len(preds)} test items, as a constant answer would: "
+        "it learned nothing the test can show; try a lower learning rate or more epochs"
     )
 
 
@@ -1081,7 +1100,9 @@ def _sections(study: dict, recs: list[dict], problems: list[str]) -> list[tuple[
             )
         )
     if problems:
-        out.append(("Runs that did not succeed", [("list", [(None, p) for p in problems])]))
+        out.append(
+            ("Problems: failed runs, and results not to trust", [("list", [(None, p) for p in problems])])
+        )
     return out
 
 
