@@ -444,6 +444,28 @@ def test_a_warm_worker_that_died_between_runs_is_replaced(tiny_encoder, tiny_dat
         worker.close()
 
 
+def test_a_warm_worker_waiting_between_runs_ends_quietly_on_ctrl_c(tiny_encoder, tiny_data, tmp_path, capfd):
+    """Ctrl-C reaches every worker of the process group, an idle warm worker too: it exits with 130 and no
+    traceback (the CLI prints the one line)."""
+    import signal
+
+    raw = study(tiny_encoder, tiny_data, ["lora"], isolation="process", lr_search={"points": 2, "decades": 1})
+    s = runner.Study(config.validate(raw), tmp_path / "s")
+    s.out.mkdir()
+    s.prepare()
+    first = s._prepare_run_dir(s.trial_specs()[0])
+    worker = runner.WarmWorker(False)
+    try:
+        assert worker.run(first, False) == 0  # now it waits for the next run folder
+        capfd.readouterr()
+        os.kill(worker.proc.pid, signal.SIGINT)
+        worker.proc.join(30)
+        assert worker.proc.exitcode == 130
+        assert "Traceback" not in capfd.readouterr().err
+    finally:
+        worker.close(wait=False)
+
+
 def test_a_warm_worker_interrupted_while_it_starts_closes_cleanly(tmp_path, monkeypatch):
     """Ctrl-C while a warm worker's process starts: closing the workers must not fail on the process that
     never started (it did, with "can only join a started process", over the interrupt's own message)."""

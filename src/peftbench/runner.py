@@ -795,18 +795,24 @@ def _enter_worker(env: dict, cuda: bool, kind: str) -> None:
 
 
 def _forked_worker(run_dir: str, env: dict, cuda: bool) -> None:
-    _enter_worker(env, cuda, "forked")
-    sys.argv = ["peftbench.worker", run_dir]
-    from .worker import main
+    try:
+        _enter_worker(env, cuda, "forked")
+        sys.argv = ["peftbench.worker", run_dir]
+        from .worker import main
 
-    main()
+        main()
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the CLI says so, once
+        os._exit(130)
 
 
 def _warm_worker(conn, env: dict, cuda: bool) -> None:
-    _enter_worker(env, cuda, "warm")
-    from .worker import serve
+    try:  # as above, while it starts or waits between runs too
+        _enter_worker(env, cuda, "warm")
+        from .worker import serve
 
-    serve(conn)
+        serve(conn)
+    except KeyboardInterrupt:
+        os._exit(130)
 
 
 class WarmWorker:
