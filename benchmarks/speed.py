@@ -14,7 +14,8 @@ where it gives identical logits, and (CUDA) each step's forward and backward rep
 batch shape. Recipe options, joined with "+": eager (no CUDA graphs), compile (torch.compile per bucket
 shape), cudagraphs (compile + its CUDA graphs), padN (pad to multiples of N), mask2d (the plain 2D mask,
 i.e. transformers' per-step `mask.all()` sync), nopack / pack (padded batches / packed ones; default: auto),
-nogroup (batches not grouped by length), adamw_bf16 (trained weights in bf16 under optimi's Kahan-summed
+nogroup (batches not grouped by length), peradd (graphed steps add gradients one parameter at a time,
+as autograd does: the code before 2026-12-04), adamw_bf16 (trained weights in bf16 under optimi's Kahan-summed
 AdamW, `train.optimizer: adamw_bf16`), profile (a torch.profiler step profile into
 --profile-dir). With --epochs > 1 rows also give the last epoch alone (after warm-up and compilation). The
 roberta-base-shaped model is built from
@@ -29,6 +30,7 @@ real tokens (6 x non-embedding params + attention) / time / the GPU's dense bf16
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -37,12 +39,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from peftbench import config, data as data_mod, devices, metrics, models, train  # noqa: E402
+from peftbench import config, data as data_mod, devices, graphs, metrics, models, train  # noqa: E402
 from peftbench.runner import Study  # noqa: E402
 from peftbench.spec import RunSpec  # noqa: E402
 
@@ -176,7 +179,10 @@ def run_peftbench(spec: RunSpec, tok: data_mod.Tokenized, recipe: str, profile: 
     spec = spec.with_runtime(profile=bool(profile))
     if "+mask2d" in recipe:
         spec = spec.with_train(attention_mask="2d")
-    with tempfile.TemporaryDirectory() as tmp:
+    adds = contextlib.nullcontext()
+    if "+peradd" in recipe:  # the graphed step as before 2026-12-04: autograd adds gradients one by one
+        adds = mock.patch.object(graphs, "backward_adding_in_few_kernels", lambda loss, _: loss.backward())
+    with tempfile.TemporaryDirectory() as tmp, adds:
         res = train.train_run(spec, tok, Path(tmp), progress=False)
         if profile and (Path(tmp) / "profile.json").exists():
             profile.write_text((Path(tmp) / "profile.json").read_text())

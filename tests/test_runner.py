@@ -843,6 +843,55 @@ def test_which_runs_replay_cuda_graphs_and_why_not(case, why):
     assert got == why
 
 
+def test_graphed_micro_steps_add_gradients_in_multi_tensor_kernels_not_one_per_weight():
+    """The graphed step's backward adds its gradients into the existing ones with `_foreach_add_`: the same
+    sums, in the same tensors, without autograd's one add per parameter."""
+    import torch
+    from torch.profiler import profile
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from peftbench.graphs import backward_adding_in_few_kernels
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
+    models = [BertForSequenceClassification(cfg).eval() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x, y = torch.randint(0, 50, (4, 9)), torch.tensor([0, 1, 1, 0])
+    params = [list(m.parameters()) for m in models]
+
+    def steps(backward, m, n):
+        for _ in range(n):
+            backward(m(input_ids=x, labels=y).loss)
+
+    def adds_outside_foreach(fn) -> int:
+        with profile() as prof:
+            fn()
+        under = {"aten::_foreach_add_"}
+        return sum(
+            e.name == "aten::add_" and not any(a in under for a in _ancestors(e)) for e in prof.events()
+        )
+
+    steps(lambda loss: loss.backward(), models[1], 1)
+    steps(lambda loss: backward_adding_in_few_kernels(loss, params[0]), models[0], 1)
+    held = [p.grad for p in params[0]]
+    few = adds_outside_foreach(
+        lambda: steps(lambda loss: backward_adding_in_few_kernels(loss, params[0]), models[0], 2)
+    )
+    many = adds_outside_foreach(lambda: steps(lambda loss: loss.backward(), models[1], 2))
+    assert many - few == 2 * len(params[0])  # autograd's per-parameter adds, gone
+    assert all(p.grad is g for p, g in zip(params[0], held))  # what CUDA graphs and the optimizer hold
+    for a, b in zip(*params):
+        assert torch.equal(a.grad, b.grad)
+
+
+def _ancestors(event):
+    while event.cpu_parent is not None:
+        event = event.cpu_parent
+        yield event.name
+
+
 # ----------------------------------------------------------------------------------------- stale results,
 # folders
 def test_changed_data_content_is_a_new_run_not_a_reused_one(tiny_encoder, tmp_path, capsys):
