@@ -262,6 +262,11 @@ CASES = [
         "tie_margin: must be a positive number in the metric's units (0.01 = 1 point), got '1%'",
     ),
     (
+        "a negative tie margin for a report",
+        lambda t, m: ["recommend", str(t), "--tie-margin", "-0.01"],
+        "--tie-margin: must be a positive number in the metric's units (0.01 = 1 point), got -0.01",
+    ),
+    (
         "MCC over three classes",
         lambda t, m: _run(t, m, _study(t, m, write_dataset(t / "three", "jsonl", classes=3), metric="mcc")),
         "metric: mcc needs two classes, the data have 3",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import run_study, study
 
-from peftbench import config, report, runner, store
+from peftbench import cli, config, report, runner, store
 from peftbench.errors import UserError
 
 REQUIRED_METRICS = [
@@ -61,6 +61,13 @@ def test_rerun_skips_done_runs_and_redoes_changed_ones(tiny_encoder, tiny_data, 
     assert [r["started_at"] for r in first] == [r["started_at"] for r in again]
     assert "2 of 2 study runs already done" in capsys.readouterr().err
     assert report.load_study(tmp_path / "s")["tie_margin"] == 0.05
+    with pytest.raises(SystemExit) as done:  # one report at another margin
+        cli.main(["report", str(tmp_path / "s"), "--tie-margin", "0.5"])
+    assert done.value.code == 0
+    assert {v["margin"] for v in json.loads((tmp_path / "s" / "summary.json").read_text())["verdicts"]} == {
+        0.5
+    }
+    assert "within ±50 points (--tie-margin)" in (tmp_path / "s" / "report" / "report.md").read_text()
     changed = run_study(
         {**raw, "methods": ["lora", {"name": "ia3", "label": "ia3", "epochs": 1}]}, tmp_path / "s"
     )

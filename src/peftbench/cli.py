@@ -13,6 +13,11 @@ from pathlib import Path
 
 from .errors import UserError
 
+TIE_MARGIN_HELP = (
+    "the verdicts' tie margin in the metric's units, in place of the study's tie_margin, e.g. --tie-margin "
+    "0.02 (2 points; nothing retrains)"
+)
+
 
 def _parse_seeds(text: str):
     try:
@@ -324,7 +329,7 @@ def _write_predictions(path: Path, texts: list[str], spec, logits) -> None:
 def cmd_report(args) -> int:
     from .report import print_summary, write_report
 
-    paths = write_report(Path(args.study_dir))
+    paths = write_report(Path(args.study_dir), _tie_margin(args.tie_margin))
     print_summary(Path(args.study_dir))
     for k, v in paths.items():
         print(f"{k}: {v}")
@@ -334,7 +339,28 @@ def cmd_report(args) -> int:
 def cmd_recommend(args) -> int:
     from .report import recommend_cli
 
-    return recommend_cli(Path(args.study_dir), args.max_memory, args.max_train_time, args.min_score)
+    return recommend_cli(
+        Path(args.study_dir),
+        args.max_memory,
+        args.max_train_time,
+        args.min_score,
+        _tie_margin(args.tie_margin),
+    )
+
+
+def _tie_margin(text: str | None) -> float | None:
+    from .config import tie_margin_problem
+
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = text
+    problem = tie_margin_problem(value, "--tie-margin")
+    if problem:
+        raise UserError(problem)
+    return value
 
 
 def cmd_compare(args) -> int:
@@ -532,6 +558,7 @@ def parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="write report.md, report.html and plots for a study folder")
     rep.add_argument("study_dir", help="a study folder, e.g. runs/quick")
+    rep.add_argument("--tie-margin", help=TIE_MARGIN_HELP)
     rep.set_defaults(func=cmd_report)
 
     rec = sub.add_parser("recommend", help="rank methods under constraints, from a study's measurements")
@@ -551,6 +578,7 @@ def parser() -> argparse.ArgumentParser:
         help="the study's primary metric (accuracy unless the study names another; at most, for mse), "
         "e.g. --min-score 0.9",
     )
+    rec.add_argument("--tie-margin", help=TIE_MARGIN_HELP)
     rec.set_defaults(func=cmd_recommend)
 
     cmp_ = sub.add_parser("compare", help="put studies side by side")

@@ -270,6 +270,13 @@ def validate(raw: Any, base_dir: Path | None = None) -> dict:
     return study
 
 
+def tie_margin_problem(margin, name: str = "tie_margin") -> str | None:
+    """What is wrong with a tie margin (None: nothing)."""
+    if not _is_num(margin) or margin <= 0:
+        return f"{name}: must be a positive number in the metric's units (0.01 = 1 point), got {margin!r}"
+    return None
+
+
 def _validate_task(study: dict, data: dict, problems: list[str]) -> None:
     """`task`, its primary `metric` (default: the task's first) and the verdicts' `tie_margin`; several label
     columns are multi-label."""
@@ -290,11 +297,9 @@ def _validate_task(study: dict, data: dict, problems: list[str]) -> None:
         from .stats import TIE_MARGIN
 
         study["tie_margin"] = TIE_MARGIN
-    margin = study["tie_margin"]
-    if not _is_num(margin) or margin <= 0:
-        problems.append(
-            f"tie_margin: must be a positive number in the metric's units (0.01 = 1 point), got {margin!r}"
-        )
+    problem = tie_margin_problem(study["tie_margin"])
+    if problem:
+        problems.append(problem)
     if isinstance(data.get("label_column"), list) and task != "multi_label":
         problems.append(
             "data.label_column: a list of 0/1 columns is a multi-label task; set task: multi_label"

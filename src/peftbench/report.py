@@ -21,8 +21,9 @@ from .metrics import TASK_METRICS, bounds, is_fraction, oriented, ranking
 
 
 # ----------------------------------------------------------------------------------------- loading
-def load_study(study_dir: Path) -> dict:
-    """Final and trial results of a study folder, its plan, and the summary rows."""
+def load_study(study_dir: Path, tie_margin: float | None = None) -> dict:
+    """Final and trial results of a study folder, its plan, and the summary rows; `tie_margin` in place of
+    the study's own (`report` and `recommend --tie-margin`)."""
     study_dir = Path(study_dir)
     if not study_dir.is_dir():
         raise UserError(f"{study_dir} is not a study folder; give the --out folder of `peftbench run`")
@@ -65,7 +66,8 @@ def load_study(study_dir: Path) -> dict:
         "rows": rows,
         "task": task,
         "metric": metric,
-        "tie_margin": cfg.get("tie_margin") or stats.TIE_MARGIN,
+        "tie_margin": tie_margin or cfg.get("tie_margin") or stats.TIE_MARGIN,
+        "tie_margin_from": "--tie-margin" if tie_margin else "the study's tie_margin",
         "gpu": str(device).startswith("cuda"),
         "concurrent_runs": shared,
         "missing": missing,
@@ -452,9 +454,13 @@ def recommend(
 
 
 def recommend_cli(
-    study_dir: Path, max_memory: str | None, max_time: str | None, min_score: float | None
+    study_dir: Path,
+    max_memory: str | None,
+    max_time: str | None,
+    min_score: float | None,
+    tie_margin: float | None = None,
 ) -> int:
-    study = load_study(study_dir)
+    study = load_study(study_dir, tie_margin)
     low, high = bounds(study["metric"])
     if min_score is not None and not low <= min_score <= high:
         raise UserError(
@@ -893,10 +899,10 @@ def execution_table(study: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def write_report(study_dir: Path) -> dict[str, Path]:
+def write_report(study_dir: Path, tie_margin: float | None = None) -> dict[str, Path]:
     """report.md, report.html (self-contained) and the plots, in STUDY/report/."""
     try:
-        return _write_report(study_dir)
+        return _write_report(study_dir, tie_margin)
     except OSError as e:
         raise UserError(
             f"cannot write the report into {Path(study_dir) / 'report'} ({e.strerror or e}); make the "
@@ -970,9 +976,9 @@ def per_class_tables(study: dict) -> dict[str, tuple]:
     return out
 
 
-def _write_report(study_dir: Path) -> dict[str, Path]:
+def _write_report(study_dir: Path, tie_margin: float | None = None) -> dict[str, Path]:
     """Write report.md, report.html (self-contained: plots embedded) and the plots as PNG files."""
-    study = load_study(study_dir)
+    study = load_study(study_dir, tie_margin)
     out = Path(study_dir) / "report"
     out.mkdir(exist_ok=True)
     plots = _plots(study, out)
@@ -1045,14 +1051,14 @@ def _sections(study: dict, recs: list[dict], problems: list[str]) -> list[tuple[
     ]
     vh, vr = verdict_table(study)
     if vr:
+        source = study.get("tie_margin_from", "the study's tie_margin")
         note = (
             f"Verdicts: tied when the difference's 90% interval lies within "
-            f"{_margin(study['metric'], study['tie_margin'])} "
-            "(the study's tie_margin), better or worse when the paired test finds a difference (p < 0.05), "
-            "unsettled when these results show neither. Stability: the probability that a rerun of the "
-            "study with new seeds gives the same verdict, from the bootstrap spread of the difference (a "
-            f"difference at p = 0.05 reruns as one about half the time); below {stats.STABLE} the verdict is "
-            "unstable. One seed: not assessed."
+            f"{_margin(study['metric'], study['tie_margin'])} ({source}), better or "
+            "worse when the paired test finds a difference (p < 0.05), unsettled when these results show "
+            "neither. Stability: the probability that a rerun of the study with new seeds gives the same "
+            "verdict, from the bootstrap spread of the difference (a difference at p = 0.05 reruns as one "
+            f"about half the time); below {stats.STABLE} the verdict is unstable. One seed: not assessed."
         )
         out.append(
             (
