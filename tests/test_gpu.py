@@ -24,6 +24,7 @@ def test_graphed_steps_train_like_eager_ones(no_dropout_encoder, tiny_data, tmp_
     g = graphed["metrics"]["cuda_graphs"]
     # one eager (micro-)step, then graphs: a shape per padded length (micro-batches of 4 pad to one)
     assert g["failed"] is None and g["graphs"] >= (2 if micro is None else 1) and g["eager_steps"] == 1, g
+    assert g["gradient_adds"] == "multi-tensor"
     assert eager["metrics"]["cuda_graphs"] == "off (cuda_graphs: false)"
     for hg, he in zip(graphed["history"], eager["history"]):
         assert hg["train_loss"] == pytest.approx(he["train_loss"], rel=2e-3)
@@ -85,6 +86,8 @@ def test_a_budget_caps_the_run_and_the_plan_fits_under_it(tiny_encoder, tiny_dat
         plan = r["metrics"]["memory_plan"]
         assert plan["fits"] and plan["micro_batch_size"] == 16 and plan["gradient_checkpointing"] is False
         assert plan["allocator_cap_mb"] < budget_mb and r["metrics"]["peak_device_memory_mb"] <= budget_mb
+        graphs = r["metrics"]["cuda_graphs"]
+        assert graphs["gradient_adds"] == "per parameter: under a GPU memory budget", graphs
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_bf16"])

@@ -893,6 +893,18 @@ def test_graphed_micro_steps_add_gradients_in_multi_tensor_kernels_not_one_per_w
         assert torch.equal(a.grad, b.grad)
 
 
+def test_graphed_steps_add_large_or_budgeted_gradients_one_parameter_at_a_time():
+    """Multi-tensor adds hold every fresh gradient until the backward pass ends: not for gradients over
+    2 GB (where adds are large kernels anyway), nor under a memory budget the plan made without them."""
+    from peftbench.graphs import gradient_adds
+
+    assert gradient_adds(125_000_000 * 4, budgeted=False) == "multi-tensor"  # roberta-base, fp32
+    assert gradient_adds(7_200_000_000 * 2, budgeted=False) == (
+        "per parameter: 13.4 GB of gradients (multi-tensor up to 2 GB)"  # the 8B shape, bf16 weights
+    )
+    assert gradient_adds(1000, budgeted=True) == "per parameter: under a GPU memory budget"
+
+
 def _ancestors(event):
     while event.cpu_parent is not None:
         event = event.cpu_parent

@@ -13,6 +13,13 @@ from .spec import TrainSettings
 # 43.6 without them; at 7.2e9 x 2 x 512 graphed micro-steps trained LoRA at 39.8 samples/s against a plain
 # eager loop's 13.4-14.2, with 3% more reserved memory.
 GRAPHS_MAX_WORK = 8e12
+# Multi-tensor gradient adds (`backward_adding_in_few_kernels`) hold every fresh gradient until the backward
+# pass ends: up to the gradients' size more memory at its peak. On roberta-base (0.5 GB of fp32 gradients)
+# the activations freed during the backward pass made room for them: the same peak, 5,319 MB
+# (benchmarks/results/h200-grad-adds.json). Their gain is in kernel count, which matters where kernels are
+# small; large gradients are added by large kernels either way. So: up to this many bytes of gradients, and
+# not under a GPU memory budget, whose plan did not count them.
+FEW_ADDS_MAX_BYTES = 2 * 2**30
 
 
 class StepGraphs:
@@ -32,11 +39,12 @@ class StepGraphs:
     gradients add up in the gradient tensors, as eagerly.
     """
 
-    def __init__(self, loss_of, amp, loss_sum, params: list, max_grad_norm):
+    def __init__(self, loss_of, amp, loss_sum, params: list, max_grad_norm, budgeted: bool = False):
         import torch
 
         self.loss_of, self.amp, self.loss_sum = loss_of, amp, loss_sum
         self.params, self.max_grad_norm = params, max_grad_norm
+        self.gradient_adds = gradient_adds(sum(p.numel() * p.element_size() for p in params), budgeted)
         self.weight = torch.ones((), device=loss_sum.device)
         self.stream = torch.cuda.Stream()
         self.graphs: dict[tuple, tuple] = {}
@@ -91,7 +99,10 @@ class StepGraphs:
             "cuda", dtype=self.amp or torch.float32, enabled=self.amp is not None, cache_enabled=False
         ):
             loss = self.loss_of(*batch) * self.weight
-        backward_adding_in_few_kernels(loss, self.params)
+        if self.gradient_adds == "multi-tensor":
+            backward_adding_in_few_kernels(loss, self.params)
+        else:
+            loss.backward()
         self.loss_sum += loss.detach()
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
@@ -164,7 +175,18 @@ class StepGraphs:
             "capture_seconds": self.capture_seconds,
             "eager_steps": self.eager_steps,
             "failed": self.failed,
+            "gradient_adds": self.gradient_adds,
         }
+
+
+def gradient_adds(grad_bytes: int, budgeted: bool) -> str:
+    """How a graphed step adds its gradients into the kept ones: "multi-tensor" (a few kernels), or one add
+    per parameter, with the reason (FEW_ADDS_MAX_BYTES)."""
+    if budgeted:
+        return "per parameter: under a GPU memory budget"
+    if grad_bytes > FEW_ADDS_MAX_BYTES:
+        return f"per parameter: {grad_bytes / 2**30:.1f} GB of gradients (multi-tensor up to 2 GB)"
+    return "multi-tensor"
 
 
 def backward_adding_in_few_kernels(loss, params: list) -> None:

@@ -633,6 +633,7 @@ class Recipe:
                 self.loss_sum,
                 self.grad_params,
                 self.train.max_grad_norm if self.micro >= self.batch_size else None,  # else after the last
+                budgeted=bool(self.spec.gpu_memory_bytes),
             )
 
     def _graphs_blocker(self) -> str | None:
