@@ -185,7 +185,10 @@ def gradient_adds(grad_bytes: int, budgeted: bool) -> str:
     if budgeted:
         return "per parameter: under a GPU memory budget"
     if grad_bytes > FEW_ADDS_MAX_BYTES:
-        return f"per parameter: {grad_bytes / 2**30:.1f} GB of gradients (multi-tensor up to 2 GB)"
+        return (
+            f"per parameter: {grad_bytes / 2**30:.1f} GB of gradients "
+            f"(multi-tensor up to {FEW_ADDS_MAX_BYTES / 2**30:.0f} GB)"
+        )
     return "multi-tensor"
 
 
