@@ -891,6 +891,10 @@ def test_graphed_micro_steps_add_gradients_in_multi_tensor_kernels_not_one_per_w
     assert all(p.grad is g for p, g in zip(params[0], held))  # what CUDA graphs and the optimizer hold
     for a, b in zip(*params):
         assert torch.equal(a.grad, b.grad)
+    steps(lambda loss: backward_adding_in_few_kernels(loss, params[0] * 2), models[0], 1)  # each one twice
+    steps(lambda loss: loss.backward(), models[1], 1)
+    for a, b in zip(*params):
+        assert torch.equal(a.grad, b.grad)  # added once
 
 
 def test_graphed_steps_add_large_or_budgeted_gradients_one_parameter_at_a_time():

@@ -204,7 +204,7 @@ def backward_adding_in_few_kernels(loss, params: list) -> None:
     temporaries, in a graph's memory pool under capture."""
     import torch
 
-    kept = [(p, p.grad) for p in params if p.grad is not None]
+    kept = list({id(p): (p, p.grad) for p in params if p.grad is not None}.values())  # a tied one once
     for p, _ in kept:
         p.grad = None
     try:
