@@ -195,9 +195,14 @@ def folder_owner(study_dir: Path) -> str | None:
     return "other" if plan is None else plan.get("identity") or study_identity(plan.get("study") or {})
 
 
+def _archive_folder(study_dir: Path) -> Path:
+    """STUDY/archive-TIME/: where what a study replaces is kept (never read as the study's own)."""
+    return Path(study_dir) / f"{ARCHIVE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def archive(study_dir: Path) -> Path:
     """Move a folder's previous study (or other contents) into STUDY/archive-TIME/ (`--force`)."""
-    dest = Path(study_dir) / f"{ARCHIVE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
+    dest = _archive_folder(study_dir)
     dest.mkdir()
     for p in Path(study_dir).iterdir():
         if p.name != ".peftbench.lock" and not p.name.startswith(ARCHIVE_PREFIX):
@@ -208,7 +213,7 @@ def archive(study_dir: Path) -> Path:
 def archive_runs(study_dir: Path, run_dirs: list[Path]) -> Path:
     """Move runs whose results a rerun replaces (made under other settings) into STUDY/archive-TIME/runs/:
     what they measured is kept, and they start again in an empty folder."""
-    dest = Path(study_dir) / f"{ARCHIVE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
+    dest = _archive_folder(study_dir)
     (dest / "runs").mkdir(parents=True, exist_ok=True)
     for d in run_dirs:
         os.replace(d, dest / "runs" / d.name)
