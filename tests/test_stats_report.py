@@ -432,6 +432,32 @@ def test_report_states_sizes_truncation_and_per_class_results(tiny_encoder, tiny
     assert acc_cell.count("[") == 1  # one seed: its Wilson interval
 
 
+def test_a_test_split_one_class_dominates_is_named_with_what_a_constant_answer_scores(tmp_path, capsys):
+    """Accuracy on a test split that is 80% one class: a constant answer scores 0.800. The run warns at the
+    start and the report says so, with the metric to rank by instead; a balanced split, or macro-F1,
+    gets no note."""
+    import pandas as pd
+    from conftest import make_rows
+
+    from peftbench.data import constant_answer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    make_rows(160, 1, string_labels=True).to_parquet(data / "train.parquet")
+    test = make_rows(100, 2, string_labels=True)
+    skewed = pd.concat([test[test.label == "pos"], test[test.label == "neg"].head(12)])
+    skewed.to_parquet(data / "test.parquet")
+    raw = {"model": "unused", "data": {"path": str(data)}, "methods": ["tfidf"], "isolation": "inline"}
+    run_study(raw, tmp_path / "s")
+    said = "the test split is 81% class pos: answering pos for every text scores 0.806 accuracy"
+    assert f"peftbench: warning: {said}" in capsys.readouterr().err
+    md = report.write_report(tmp_path / "s")["markdown"].read_text()
+    assert f"**Note: {said}; read accuracies against that, or rank by macro_f1" in md
+    labels = [0] * 50 + [1] * 50
+    assert constant_answer("classification", "accuracy", labels, ["neg", "pos"]) is None
+    assert constant_answer("classification", "macro_f1", [1] * 81 + [0] * 19, ["neg", "pos"]) is None
+
+
 def _correct(rng, accs_per_seed, n=400):
     return np.array([rng.random(n) < a for a in accs_per_seed])
 

@@ -554,6 +554,28 @@ def readable_labels(labels: np.ndarray, names: list[str]) -> list:
     return [names[i] for i in labels]
 
 
+# A test split where one class makes up at least this share lets a constant answer score that much
+# accuracy: a study ranked by accuracy says so, at the start and in its report.
+CONSTANT_ANSWER_NOTE = 0.6
+
+
+def constant_answer(task: str, metric: str, test_labels, label_names: list) -> str | None:
+    """Where accuracy ranks a classification study whose test split one class dominates: what a constant
+    answer would score, and what to rank by instead (None otherwise)."""
+    if task != "classification" or metric != "accuracy" or not len(test_labels):
+        return None
+    counts = np.bincount(np.asarray(test_labels, dtype=np.int64))
+    share = counts.max() / counts.sum()
+    if share < CONSTANT_ANSWER_NOTE:
+        return None
+    top = int(counts.argmax())
+    name = label_names[top] if top < len(label_names) else top
+    return (
+        f"the test split is {share:.0%} class {name}: answering {name} for every text scores "
+        f"{share:.3f} accuracy; read accuracies against that, or rank by macro_f1 (`metric: macro_f1`)"
+    )
+
+
 def check_overlap(texts: dict[str, list[str]], allowed: bool) -> dict:
     """Test texts that are also training or validation texts (exact duplicates): counted always, and over
     MAX_OVERLAP of the test set a one-line error unless the study allows it."""

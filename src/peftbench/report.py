@@ -15,6 +15,7 @@ import numpy as np
 
 from . import stats, store
 from .artefacts import reload_warning
+from .data import constant_answer
 from .errors import UserError
 from .memory import fits_on
 from .metrics import TASK_METRICS, bounds, is_fraction, oriented, ranking
@@ -671,7 +672,8 @@ def _learning_curves(curves: list[dict], metric: str, path: Path) -> Path:
     a2.set(xlabel="epoch", ylabel="mean train loss", title="train loss per epoch")
     for a in (a1, a2):
         a.grid(alpha=0.3)
-        a.legend(fontsize=8)
+        if a.get_legend_handles_labels()[0]:  # a TF-IDF baseline alone has no training loss to draw
+            a.legend(fontsize=8)
         a.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     return _save(fig, path)
 
@@ -932,6 +934,10 @@ def _intro(study: dict) -> str:
             f" {cut:,} of the {sizes['train']:,} training texts ({cut / sizes['train']:.0%}) were cut at "
             f"{(cfg.get('train') or {}).get('max_length')} tokens."
         )
+    labels = data.get("test_labels")
+    note = constant_answer(study["task"], study["metric"], labels or [], data.get("label_names") or [])
+    if note:
+        text += f" **Note: {note}.**"
     overlap = data.get("overlap") or {}
     if overlap.get("test_texts_also_in_train"):
         text += f" {overlap['test_texts_also_in_train']} test texts are also training texts."

@@ -78,6 +78,11 @@ class Study:
                 f"metric: {cfg['metric']} needs two classes, the data have {len(self.data.label_names)}; "
                 "use accuracy or macro_f1"
             )
+        note = data_mod.constant_answer(
+            cfg["task"], cfg["metric"], self.data.labels["test"], self.data.label_names
+        )
+        if note:
+            print(f"peftbench: warning: {note}", file=sys.stderr)
         if not needs_model:
             return
         mconf = models.load_config(self.model_path, cfg["trust_remote_code"])
