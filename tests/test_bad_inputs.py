@@ -222,6 +222,15 @@ CASES = [
         "is not a number; task: regression needs numeric scores",
     ),
     (
+        "regression test scores that never vary",
+        lambda t, m: _run(
+            t,
+            m,
+            _study(t, m, _data(t, mutate=lambda df: df.assign(label=2.5), split="test"), task="regression"),
+        ),
+        "every test score is 2.5: a correlation with constant scores is undefined",
+    ),
+    (
         "multi-label with an empty label set",
         lambda t, m: _run(
             t,

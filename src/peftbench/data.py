@@ -403,6 +403,7 @@ def load(spec: dict, task: str = "classification") -> StudyData:
         )
     te = stratified_sample(strata["test"], n_test, rng) if n_test else np.arange(len(texts["test"]))
     _check_training_labels(labels["train"][tr], task)
+    _check_scored_labels({"validation": labels["train"][va], "test": labels["test"][te]}, task)
 
     pick = {"train": ("train", tr), "validation": ("train", va), "test": ("test", te)}
     split_texts = {s: [texts[src][i] for i in idx] for s, (src, idx) in pick.items()}
@@ -482,6 +483,18 @@ def _check_training_labels(labels: np.ndarray, task: str) -> None:
         raise UserError("data: the training subset holds one class only; raise data.train_size")
     if task == "regression" and np.ptp(labels) == 0:
         raise UserError(f"data: every training score is {labels[0]}; regression needs scores that vary")
+
+
+def _check_scored_labels(labels: dict[str, np.ndarray], task: str) -> None:
+    """A regression split that scores runs needs scores that vary: a correlation with a constant is
+    undefined (it would read as 0 for every method)."""
+    for split, y in labels.items():
+        if task == "regression" and len(y) and np.ptp(y) == 0:
+            fix = "raise data.validation_size" if split == "validation" else "use a test split that varies"
+            raise UserError(
+                f"data: every {split} score is {y[0]:g}: a correlation with constant scores is undefined; "
+                + fix
+            )
 
 
 def _train_validation(labels: np.ndarray, spec: dict, n_classes: int, rng) -> tuple:
