@@ -219,7 +219,8 @@ def test_test_texts_that_are_training_texts_are_counted_and_refused_over_five_pe
     test = pd.read_parquet(folder / "test.parquet")
     d = data_mod.load(spec(folder))
     base = d.source["overlap"]["test_texts_also_in_train"]
-    test.loc[:9, "text"] = train["text"][:10].values  # 10 of 100 test texts copied from train
+    test.loc[:4, "text"] = train["text"][:5].values  # 10 of 100 test texts copied from train: 5 as they are,
+    test.loc[5:9, "text"] = [f"  {t.upper()}\n" for t in train["text"][5:10]]  # 5 re-cased and re-spaced
     test.to_parquet(folder / "test.parquet")
     with pytest.raises(UserError, match=r"test texts \(1[0-9]%\) are also training texts"):
         data_mod.load(spec(folder))
