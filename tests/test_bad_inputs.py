@@ -222,6 +222,11 @@ CASES = [
         "is not a number; task: regression needs numeric scores",
     ),
     (
+        "the label column given as a text column",
+        lambda t, m: _run(t, m, _study(t, m, _data(t), data={"text_column": ["text", "label"]})),
+        "data.text_column: 'label' is also the label column: the model would read the answer",
+    ),
+    (
         "regression test scores that never vary",
         lambda t, m: _run(
             t,

@@ -339,6 +339,27 @@ def _check_sharding(study: dict, train: dict, meths: list[dict], problems: list[
         )
 
 
+def _check_columns(tc, lc, problems: list[str]) -> None:
+    """Text and label columns: names (or lists of names), and no column both (the model would read the
+    answer)."""
+    names = {}
+    for key, cols, what in (
+        ("text_column", tc, "a column name or a list of column names"),
+        ("label_column", lc, "a column name (or, for multi_label, a list of 0/1 columns)"),
+    ):
+        listed = [cols] if isinstance(cols, str) else cols
+        ok = isinstance(listed, list) and bool(listed) and all(isinstance(c, str) for c in listed)
+        if not ok:
+            problems.append(f"data.{key}: must be {what}")
+        names[key] = set(listed) if ok else set()
+    both = names["text_column"] & names["label_column"]
+    if both:
+        problems.append(
+            f"data.text_column: {', '.join(map(repr, sorted(both)))} is also the label column: the model "
+            "would read the answer; name the text column(s) in data.text_column"
+        )
+
+
 def _validate_data(data, base_dir: Path | None, problems: list[str]) -> dict:
     if not isinstance(data, dict):
         problems.append(
@@ -356,14 +377,7 @@ def _validate_data(data, base_dir: Path | None, problems: list[str]) -> dict:
         )
     if data["path"] is not None and not isinstance(data["path"], str):
         problems.append(f"data.path: must be a folder path, got {data['path']!r}")
-    tc = data["text_column"]
-    if not (isinstance(tc, str) or (isinstance(tc, list) and tc and all(isinstance(c, str) for c in tc))):
-        problems.append("data.text_column: must be a column name or a list of column names")
-    lc = data["label_column"]
-    if not (isinstance(lc, str) or (isinstance(lc, list) and lc and all(isinstance(c, str) for c in lc))):
-        problems.append(
-            "data.label_column: must be a column name (or, for multi_label, a list of 0/1 columns)"
-        )
+    _check_columns(data["text_column"], data["label_column"], problems)
     if not (isinstance(data["label_separator"], str) and data["label_separator"]):
         problems.append(f"data.label_separator: must be a non-empty string, got {data['label_separator']!r}")
     if not isinstance(data["separator"], str):
