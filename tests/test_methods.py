@@ -117,6 +117,40 @@ def test_three_classes_with_string_labels_on_a_decoder(method, tiny_decoder, tmp
     assert set(out[0]["probabilities"]) == {"mixed", "neg", "pos"}
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_classifier_fine_tuned_for_other_labels_gets_a_new_head(method, tiny_encoder, tmp_path):
+    """A checkpoint with a 2-class head, trained on 3 classes: the head is replaced (as a missing one would
+    be), trained and saved with the run, which reloads to its predictions. A checkpoint whose body does not
+    fit its own config is an error."""
+    from conftest import write_dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from peftbench import models
+    from peftbench.errors import UserError
+
+    two = tmp_path / "two-labels"
+    AutoModelForSequenceClassification.from_pretrained(tiny_encoder, num_labels=2).save_pretrained(two)
+    AutoTokenizer.from_pretrained(tiny_encoder).save_pretrained(two)
+    data = write_dataset(tmp_path / "d3", n_train=180, n_test=90, classes=3)
+    raw = study(two, data, [method], data={"train_size": 150, "validation_size": 30, "test_size": 90})
+    (res,) = run_study(raw, tmp_path / "s")
+    assert res["status"] == "success", res.get("error")
+    assert set(res["test_predictions"]) <= {0, 1, 2} and res["reload_check"]["identical_predictions"]
+    out = predict_texts(tmp_path / "s" / "runs" / res["run_id"], ["good great film"])
+    assert len(out[0]["probabilities"]) == 3
+    cfg = json.loads((two / "config.json").read_text())
+    (two / "config.json").write_text(json.dumps({**cfg, "intermediate_size": cfg["intermediate_size"] * 2}))
+    with pytest.raises(UserError, match=r"do not have the shapes its config.json gives"):
+        models.load_base(_spec_of(tmp_path / "s", res), ["0", "1", "2"], "cpu")
+
+
+def _spec_of(study_dir, res):
+    """The RunSpec a run's folder recorded."""
+    from peftbench.spec import RunSpec
+
+    return RunSpec.from_dict(json.loads((study_dir / "runs" / res["run_id"] / "spec.json").read_text()))
+
+
 def _tiny(kind: str):
     """A tiny *ForSequenceClassification of each family, built from its config (no download)."""
     import transformers as T

@@ -247,6 +247,7 @@ def load_base(spec: RunSpec, label_names: list[str], device: str, amp=None):
         label2id={n: i for i, n in enumerate(label_names)},
         trust_remote_code=spec.trust_remote_code,
         use_safetensors=not spec.allow_pickle or None,
+        ignore_mismatched_sizes=True,  # a classifier's head for other labels is replaced (`_replaced_head`)
     )
     if method.quantize:
         kwargs.update(_quantization_kwargs(device, amp))
@@ -278,7 +279,22 @@ def load_base(spec: RunSpec, label_names: list[str], device: str, amp=None):
         for m in model.modules():
             if hasattr(m, "support_avx512bf16_for_cpu"):
                 m.support_avx512bf16_for_cpu = False
-    return model, _new_modules(info.get("missing_keys", []))
+    return model, _new_modules([*info.get("missing_keys", []), *_replaced_head(model, info, spec)])
+
+
+def _replaced_head(model, info: dict, spec: RunSpec) -> list[str]:
+    """Weights newly initialised because the checkpoint's have other shapes: a classifier's head for
+    another number of labels (a model fine-tuned on one task, trained on another), which is replaced as
+    a missing head would be. Anywhere else the checkpoint and its config disagree: an error."""
+    keys = sorted(k for k, *_ in info.get("mismatched_keys") or [])
+    heads = set(head_modules(model))
+    body = [k for k in keys if not any(k == h or k.startswith(h + ".") for h in heads)]
+    if body:
+        raise UserError(
+            f"model '{spec.model}': its weights {', '.join(body[:3])} do not have the shapes its config.json "
+            "gives; the checkpoint and its config disagree: fix or replace the model folder"
+        )
+    return keys
 
 
 def build_model(spec: RunSpec, label_names: list[str], device: str, total_steps: int, amp=None):
