@@ -227,6 +227,11 @@ CASES = [
         "data.text_column: 'label' is also the label column: the model would read the answer",
     ),
     (
+        "a label written with a trailing space",
+        lambda t, m: _run(t, m, _study(t, m, _data(t, mutate=_spaced_label))),
+        "the labels 'pos' and 'pos ' differ only in spaces around them",
+    ),
+    (
         "regression test scores that never vary",
         lambda t, m: _run(
             t,
@@ -522,6 +527,10 @@ def _no_tokenizer(t: Path, m: Path) -> bool:
             if f.is_file() and not f.name.startswith(("tokenizer", "vocab", "special_tokens")):
                 (dst / f.name).write_bytes(f.read_bytes())
     return True
+
+
+def _spaced_label(df):
+    return df.assign(label=[["neg", "pos", "pos "][i % 3] for i in range(len(df))])
 
 
 def _leaky(t: Path) -> Path:

@@ -434,6 +434,7 @@ def _encode_labels(raw: dict, task: str, spec: dict, hub_names) -> tuple[dict, l
         col = spec["label_column"]
         return labels, [str(col)], None
     if task == "multi_label":
+        _refuse_twins(set().union(*raw["train"], *raw["test"]))
         values = sorted(set().union(*raw["train"]), key=str)
         if not values:
             raise UserError("data: no train row has a label: the label set is empty; fix the label column")
@@ -447,6 +448,7 @@ def _encode_labels(raw: dict, task: str, spec: dict, hub_names) -> tuple[dict, l
                 m[i, [index[v] for v in row]] = 1
             labels[s] = m
         return labels, names, values
+    _refuse_twins(set(raw["train"]) | set(raw["test"]))
     values = sorted(set(raw["train"]))
     if len(values) < 2:
         raise UserError(
@@ -457,6 +459,19 @@ def _encode_labels(raw: dict, task: str, spec: dict, hub_names) -> tuple[dict, l
     to_id = {v: i for i, v in enumerate(values)}
     labels = {s: np.array([to_id[v] for v in r], dtype=np.int64) for s, r in raw.items()}
     return labels, names, values
+
+
+def _refuse_twins(values: set) -> None:
+    """Labels written two ways, differing only in the spaces around them ('pos' and 'pos '), would train as
+    two classes: an error, not a silent extra class."""
+    seen: dict = {}
+    for v in sorted((v for v in values if isinstance(v, str)), key=str):
+        if v.strip() in seen:
+            raise UserError(
+                f"data: the labels {seen[v.strip()]!r} and {v!r} differ only in spaces around them, so they "
+                "would be two classes; strip the spaces in the label column"
+            )
+        seen[v.strip()] = v
 
 
 def _refuse_unseen(test_labels: list, values: list, members) -> None:
