@@ -408,3 +408,17 @@ def test_a_run_on_sentence_pairs_predicts_pairs(tmp_path, tiny_encoder):
     )
     with pytest.raises(UserError, match="FIRST<TAB>SECOND"):
         predict_texts(run_dir, ["no tab here"])
+
+
+def test_a_tokenizer_that_misses_a_notable_share_of_the_words_is_warned_of(tiny_encoder, tmp_path):
+    """Over 5% of the training tokens unknown: a warning naming the share (over 50%: an error, in the
+    bad-input catalogue); the data as the tokenizer knows it: no warning."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    folder = write_dataset(tmp_path / "d")
+    d = data_mod.load(spec(folder))
+    assert data_mod.check_unknown_tokens(data_mod.tokenize(d, tokenizer, 64), tokenizer, "tiny") is None
+    d.texts = {s: [t + " zqx vlorp" for t in texts] for s, texts in d.texts.items()}  # words it lacks
+    said = data_mod.check_unknown_tokens(data_mod.tokenize(d, tokenizer, 64), tokenizer, "tiny")
+    assert said and said.startswith("model 'tiny': its tokenizer maps 1") and "[UNK]" in said, said

@@ -118,7 +118,9 @@ class Study:
         if tok is None:
             tok = data_mod.tokenize(self.data, tokenizer, max_len, data_mod.is_pair(cfg["data"]))
             tok.save(self.tok_file)
-        data_mod.check_unknown_tokens(tok, tokenizer, cfg["model"])
+        note = data_mod.check_unknown_tokens(tok, tokenizer, cfg["model"])
+        if note:
+            print(f"peftbench: warning: {note}", file=sys.stderr)
 
     def _cached_tokens(self):
         """The token cache if it is there and readable; a damaged one is moved aside (and rebuilt)."""
