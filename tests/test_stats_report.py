@@ -458,6 +458,24 @@ def test_a_test_split_one_class_dominates_is_named_with_what_a_constant_answer_s
     assert constant_answer("classification", "macro_f1", [1] * 81 + [0] * 19, ["neg", "pos"]) is None
 
 
+def test_a_tokenizer_missing_words_is_warned_of_at_the_start_and_in_the_report(
+    tiny_encoder, tmp_path, capsys
+):
+    import pandas as pd
+    from conftest import write_dataset
+
+    data = write_dataset(tmp_path / "d")
+    for split in ("train", "test"):
+        df = pd.read_parquet(data / f"{split}.parquet")
+        df.assign(text=df.text + " zqx vlorp").to_parquet(data / f"{split}.parquet")  # words it lacks
+    run_study(study(tiny_encoder, data, ["head"], train={"epochs": 1}), tmp_path / "s")
+    assert "peftbench: warning: model '" in capsys.readouterr().err
+    md = report.write_report(tmp_path / "s")["markdown"].read_text()
+    assert re.search(
+        r"\*\*Note: model '[^']+': its tokenizer maps 1\d% of the training text to the unknown", md
+    )
+
+
 def _correct(rng, accs_per_seed, n=400):
     return np.array([rng.random(n) < a for a in accs_per_seed])
 

@@ -936,8 +936,9 @@ def _intro(study: dict) -> str:
         )
     labels = data.get("test_labels")
     note = constant_answer(study["task"], study["metric"], labels or [], data.get("label_names") or [])
-    if note:
-        text += f" **Note: {note}.**"
+    for said in (note, data.get("tokenizer_note")):
+        if said:
+            text += f" **Note: {said}.**"
     overlap = data.get("overlap") or {}
     if overlap.get("test_texts_also_in_train"):
         text += f" {overlap['test_texts_also_in_train']} test texts are also training texts."

@@ -56,6 +56,7 @@ class Study:
         self.model_path = None
         self.pad_token_id = None
         self.max_positions = None
+        self.tokenizer_note = None  # a warning about the tokenizer's unknown tokens, for the report too
         self.model_fingerprint = None
         self.search_wall_seconds = None
         self.warm_workers: dict[str, WarmWorker] = {}  # by chain name: they live on from rung to rung
@@ -118,9 +119,9 @@ class Study:
         if tok is None:
             tok = data_mod.tokenize(self.data, tokenizer, max_len, data_mod.is_pair(cfg["data"]))
             tok.save(self.tok_file)
-        note = data_mod.check_unknown_tokens(tok, tokenizer, cfg["model"])
-        if note:
-            print(f"peftbench: warning: {note}", file=sys.stderr)
+        self.tokenizer_note = data_mod.check_unknown_tokens(tok, tokenizer, cfg["model"])
+        if self.tokenizer_note:
+            print(f"peftbench: warning: {self.tokenizer_note}", file=sys.stderr)
 
     def _cached_tokens(self):
         """The token cache if it is there and readable; a damaged one is moved aside (and rebuilt)."""
@@ -666,6 +667,7 @@ class Study:
                 "overlap": self.data.source.get("overlap"),
                 "test_labels": self.data.labels["test"].tolist(),
                 "truncated": self.truncated_counts(),
+                "tokenizer_note": self.tokenizer_note,
             },
             "device": self.device,
             "wall_seconds": wall_seconds,
