@@ -476,6 +476,31 @@ def test_a_tokenizer_missing_words_is_warned_of_at_the_start_and_in_the_report(
     )
 
 
+def test_a_study_says_what_it_will_train_before_it_starts(tmp_path):
+    """One line before the runs: how many, on how many texts, for how many epochs, where; on a CPU, past
+    half an hour at the CPU's best pace, a lower bound on the hours and how to make the study quicker."""
+    from conftest import write_dataset
+
+    from peftbench import config
+    from peftbench.runner import Study
+
+    data = write_dataset(tmp_path / "d", n_train=400, n_test=100)
+    raw = {"name": "big", "model": "unused", "data": {"path": str(data)}, "methods": ["tfidf"]}
+    few = Study(config.validate({**raw, "seeds": [0, 1]}), tmp_path / "few")
+    few.prepare()
+    assert few.workload(0) == (
+        "big: 2 final runs (tfidf; 2 seed(s)), each training on 360 texts for 3 epoch(s), validating on 40 "
+        "and testing on 100, on the CPU"
+    )
+    many = Study(config.validate({**raw, "seeds": list(range(30)), "train": {"epochs": 20}}), tmp_path / "m")
+    many.prepare()
+    said = many.workload(5)
+    assert said.startswith("big: 5 learning-rate trial runs, then 30 final runs (tfidf; 30 seed(s))"), said
+    assert said.endswith(
+        "; that is 3.0 hours or more of training on a CPU (--train-size and --test-size make a quicker study)"
+    ), said
+
+
 def _correct(rng, accs_per_seed, n=400):
     return np.array([rng.random(n) < a for a in accs_per_seed])
 

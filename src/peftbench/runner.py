@@ -32,6 +32,11 @@ from .metrics import ranking, validation_at
 # so that results of the older code are redone, never reused (2: bf16 frozen bases, the memory planner).
 RESULTS_VERSION = 2
 
+# Training texts a second on a CPU, at best: all-MiniLM-L6-v2 (22.7M parameters) at 128 tokens trained
+# its 600 x 2 epochs in 49-58 s a run on a 2-core machine (`make demo`, 2026-12-04, commit 32749aa);
+# longer texts and larger models are slower.
+CPU_TEXTS_PER_SECOND = 20
+
 
 def lr_grid(center: float, points: int, decades: float) -> list[float]:
     """`points` log-spaced learning rates spanning `decades` decades centred on `center`."""
@@ -522,6 +527,7 @@ class Study:
             self.prepare()
             trials = self.trial_specs()
             self.write_plan(trials, self.final_specs({}) if not trials else [], {}, complete=False)
+            print(f"peftbench: {self.workload(len(trials))}", file=sys.stderr)
             chosen: dict[str, float | None] = {}
             trial_results, search = [], {}
             if trials:
@@ -535,6 +541,28 @@ class Study:
                 trials, finals, chosen, complete=True, wall_seconds=time.perf_counter() - t0, search=search
             )
             return trial_results + final_results
+
+    def workload(self, n_trials: int) -> str:
+        """What the study is about to train, in one line, before it starts: runs, texts, epochs, device; on
+        the CPU, where that is half an hour or more at CPU_TEXTS_PER_SECOND, a lower bound on the time."""
+        sizes, labels = self.data.sizes(), [e["label"] for e in self.cfg["methods"]]
+        epochs = sorted({self.train_settings(e)["epochs"] for e in self.cfg["methods"]})
+        finals = len(labels) * len(self.cfg["seeds"])
+        where = "the CPU" if self.device == "cpu" else self.device
+        search = f"{n_trials} learning-rate trial runs, then " if n_trials else ""
+        text = (
+            f"{self.cfg['name']}: {search}{finals} final runs ({', '.join(labels)}; "
+            f"{len(self.cfg['seeds'])} seed(s)), each training on "
+            f"{sizes['train']:,} texts for {'/'.join(map(str, epochs))} epoch(s), validating on "
+            f"{sizes['validation']:,} and testing on {sizes['test']:,}, on {where}"
+        )
+        hours = finals * sizes["train"] * max(epochs) / CPU_TEXTS_PER_SECOND / 3600
+        if self.device == "cpu" and hours >= 0.5:
+            text += (
+                f"; that is {hours:.1f} hours or more of training on a CPU (--train-size and --test-size "
+                "make a quicker study)"
+            )
+        return text
 
     def search(self, trials: list[RunSpec]) -> tuple[list[dict], dict, dict]:
         """The learning-rate search: its trial results, the rate chosen per method label, and per label how
