@@ -32,9 +32,9 @@ from .metrics import ranking, validation_at
 # so that results of the older code are redone, never reused (2: bf16 frozen bases, the memory planner).
 RESULTS_VERSION = 2
 
-# Training texts a second on a CPU, at best: all-MiniLM-L6-v2 (22.7M parameters) at 128 tokens trained
-# its 600 x 2 epochs in 49-58 s a run on a 2-core machine (`make demo`, 2026-12-04, commit 32749aa);
-# longer texts and larger models are slower.
+# Training texts a second on a CPU: all-MiniLM-L6-v2 (22.7M parameters) at 128 tokens trained its
+# 600 x 2 epochs in 49-58 s a run on a 2-core machine (`make demo`, 2026-12-04, commit 32749aa). More
+# cores are faster; longer texts and larger models slower.
 CPU_TEXTS_PER_SECOND = 20
 
 
@@ -544,7 +544,7 @@ class Study:
 
     def workload(self, n_trials: int) -> str:
         """What the study is about to train, in one line, before it starts: runs, texts, epochs, device; on
-        the CPU, where that is half an hour or more at CPU_TEXTS_PER_SECOND, a lower bound on the time."""
+        the CPU, where that is half an hour or more at CPU_TEXTS_PER_SECOND, how long, and the assumption."""
         sizes, labels = self.data.sizes(), [e["label"] for e in self.cfg["methods"]]
         epochs = sorted({self.train_settings(e)["epochs"] for e in self.cfg["methods"]})
         finals = len(labels) * len(self.cfg["seeds"])
@@ -559,8 +559,8 @@ class Study:
         hours = finals * sizes["train"] * max(epochs) / CPU_TEXTS_PER_SECOND / 3600
         if self.device == "cpu" and hours >= 0.5:
             text += (
-                f"; that is {hours:.1f} hours or more of training on a CPU (--train-size and --test-size "
-                "make a quicker study)"
+                f"; at {CPU_TEXTS_PER_SECOND} texts a second (MiniLM at 128 tokens on 2 CPU cores) that is "
+                f"{hours:.1f} hours of training (--train-size and --test-size make a quicker study)"
             )
         return text
 
