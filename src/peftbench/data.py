@@ -402,8 +402,9 @@ def load(spec: dict, task: str = "classification") -> StudyData:
             f"data.test_size {n_test} is larger than the test split ({len(texts['test'])} rows); lower it"
         )
     te = stratified_sample(strata["test"], n_test, rng) if n_test else np.arange(len(texts["test"]))
-    _check_training_labels(labels["train"][tr], task)
-    _check_scored_labels({"validation": labels["train"][va], "test": labels["test"][te]}, task)
+    _check_labels(
+        {"train": labels["train"][tr], "validation": labels["train"][va], "test": labels["test"][te]}, task
+    )
 
     pick = {"train": ("train", tr), "validation": ("train", va), "test": ("test", te)}
     split_texts = {s: [texts[src][i] for i in idx] for s, (src, idx) in pick.items()}
@@ -493,23 +494,20 @@ def _strata(labels: np.ndarray, task: str) -> np.ndarray:
     return np.where(counts[sets] >= max(2, 0.01 * len(sets)), sets, -1)
 
 
-def _check_training_labels(labels: np.ndarray, task: str) -> None:
-    if task == "classification" and len(np.unique(labels)) < 2:
+def _check_labels(splits: dict[str, np.ndarray], task: str) -> None:
+    """Labels each split needs: two classes to train on; scores that vary, to train on and to score with (a
+    correlation with constant scores is undefined: it would read as 0 for every method)."""
+    if task == "classification" and len(np.unique(splits["train"])) < 2:
         raise UserError("data: the training subset holds one class only; raise data.train_size")
-    if task == "regression" and np.ptp(labels) == 0:
-        raise UserError(f"data: every training score is {labels[0]}; regression needs scores that vary")
-
-
-def _check_scored_labels(labels: dict[str, np.ndarray], task: str) -> None:
-    """A regression split that scores runs needs scores that vary: a correlation with a constant is
-    undefined (it would read as 0 for every method)."""
-    for split, y in labels.items():
-        if task == "regression" and len(y) and np.ptp(y) == 0:
-            fix = "raise data.validation_size" if split == "validation" else "use a test split that varies"
-            raise UserError(
-                f"data: every {split} score is {y[0]:g}: a correlation with constant scores is undefined; "
-                + fix
-            )
+    for split, y in splits.items():
+        if task != "regression" or not len(y) or np.ptp(y) > 0:
+            continue
+        if split == "train":
+            raise UserError(f"data: every training score is {y[0]}; regression needs scores that vary")
+        fix = "raise data.validation_size" if split == "validation" else "use a test split that varies"
+        raise UserError(
+            f"data: every {split} score is {y[0]:g}: a correlation with constant scores is undefined; " + fix
+        )
 
 
 def _train_validation(labels: np.ndarray, spec: dict, n_classes: int, rng) -> tuple:
