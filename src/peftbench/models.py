@@ -163,6 +163,11 @@ def head_modules(model) -> list[str]:
     return sorted(set(found))
 
 
+def in_modules(name: str, modules: list[str]) -> bool:
+    """Whether parameter `name` belongs to one of `modules` (dotted module names)."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
 def frozen_dtype(spec: RunSpec, device: str, amp):
     """The dtype the base weights load in: train.base_dtype, where `auto` holds a frozen base in the autocast
     dtype on CUDA (bf16), as practitioners do, and keeps fp32 on the CPU, without autocast and for full
@@ -287,8 +292,8 @@ def _replaced_head(model, info: dict, spec: RunSpec) -> list[str]:
     another number of labels (a model fine-tuned on one task, trained on another), which is replaced as
     a missing head would be. Anywhere else the checkpoint and its config disagree: an error."""
     keys = sorted(k for k, *_ in info.get("mismatched_keys") or [])
-    heads = set(head_modules(model))
-    body = [k for k in keys if not any(k == h or k.startswith(h + ".") for h in heads)]
+    heads = head_modules(model)
+    body = [k for k in keys if not in_modules(k, heads)]
     if body:
         raise UserError(
             f"model '{spec.model}': its weights {', '.join(body[:3])} do not have the shapes its config.json "
@@ -307,7 +312,7 @@ def build_model(spec: RunSpec, label_names: list[str], device: str, total_steps:
             p.requires_grad_(True)
     elif method.kind in ("head", "bitfit"):
         for name, p in model.named_parameters():
-            in_head = any(name == h or name.startswith(h + ".") for h in head)
+            in_head = in_modules(name, head)
             p.requires_grad_(in_head or (method.kind == "bitfit" and name.endswith(".bias")))
     elif method.kind == "peft":
         model = _apply_peft(model, method, spec, total_steps, head)
