@@ -571,14 +571,50 @@ def test_a_classifier_that_answers_one_class_for_every_test_item_is_flagged():
         return {"run_id": run_id, "status": status, "test_predictions": preds}
 
     plan = {"data": {"label_names": ["negative", "positive"]}}
-    s = {"task": "classification", "plan": plan, "missing": [], "trials": []}
+    s = {"task": "classification", "plan": plan, "missing": [], "trials": [], "test_labels": [0, 1] * 20}
     s["finals"] = [final("lora-s0", [1] * 40), final("lora-s1", [0, 1] * 20)]
     s["finals"].append(final("ia3-s0", [1] * 40, "oom"))
     problems = report._problems(s)
     assert len(problems) == 2 and problems[0].startswith("ia3-s0: oom")
     assert problems[1].startswith("lora-s0: predicts class positive for all 40 test items")
-    s["task"] = "regression"  # a constant score is a regression's own failure, told by its correlation
-    assert len(report._problems(s)) == 1
+    assert report.nothing_learned(s) is None  # lora-s1 answers every item right
+
+
+def test_predictions_no_better_than_guessing_are_flagged_and_a_study_of_them_is_named():
+    """Labels that do not follow from the texts (here: shuffled apart from them) leave every method at
+    chance with mixed answers, which no one-class check sees: each run's accuracy is tested against what
+    random answers in its own answer shares would score, and a study where no run beats that says so."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    learned = np.where(rng.random(400) < 0.8, labels, 1 - labels)  # 80% right
+    guessed = rng.permutation(learned)  # the same answer shares, no tie to the labels
+    s = {"task": "classification", "plan": {}, "missing": [], "trials": [], "test_labels": labels}
+    s["finals"] = [
+        {"run_id": f"{m}-s0", "status": "success", "test_predictions": p.tolist()}
+        for m, p in (("lora", guessed), ("ia3", rng.permutation(guessed)))
+    ]
+    problems = report._problems(s)
+    assert len(problems) == 2 and all("is no better than guessing" in p for p in problems), problems
+    assert "(2 of 2 final runs)" in report.nothing_learned(s)
+    s["finals"].append({"run_id": "full-s0", "status": "success", "test_predictions": learned.tolist()})
+    assert len(report._problems(s)) == 2 and report.nothing_learned(s) is None
+
+
+def test_against_guessing_for_classes_and_scores():
+    labels = np.array([0, 1, 2, 0] * 50)
+    right = stats.against_guessing("classification", labels, labels)
+    assert right["accuracy"] == 1.0 and right["guess"] == pytest.approx(0.5**2 + 2 * 0.25**2)
+    assert right["p_value"] < 1e-10
+    assert stats.against_guessing("classification", np.zeros(200), labels)["p_value"] == 1.0  # constant
+    wrong = stats.against_guessing("classification", (labels + 1) % 3, labels)
+    assert wrong["accuracy"] == 0.0 and wrong["p_value"] == 1.0
+    scores = np.linspace(0, 5, 100)
+    assert stats.against_guessing("regression", scores + 0.1, scores)["p_value"] < 1e-10
+    assert stats.against_guessing("regression", np.full(100, 2.5), scores)["p_value"] == 1.0
+    shuffled = stats.against_guessing("regression", np.random.default_rng(1).permutation(scores), scores)
+    assert shuffled["p_value"] > stats.ALPHA
+    assert stats.against_guessing("multi_label", labels, labels) is None
+    assert stats.against_guessing("classification", labels[:10], labels) is None  # other test items
 
 
 def test_replication_probability_known_values():

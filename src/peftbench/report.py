@@ -61,6 +61,7 @@ def load_study(study_dir: Path, tie_margin: float | None = None) -> dict:
     return {
         "dir": study_dir,
         "name": name,
+        "test_labels": labels,
         "plan": plan,
         "finals": finals,
         "trials": trials,
@@ -214,8 +215,9 @@ def print_summary(study_dir: Path) -> None:
     ]
     keep = [i for i in keep if header[i] != "saved MB"]
     print(markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in table_rows(study)]))
-    for line in _distrusted(study):
-        print(f"peftbench: warning: {line}", file=sys.stderr)
+    for line in _distrusted(study) + [nothing_learned(study) or ""]:
+        if line:
+            print(f"peftbench: warning: {line}", file=sys.stderr)
     if study["missing"]:
         print(
             f"{len(study['missing'])} planned runs have no result: {', '.join(study['missing'][:5])}"
@@ -478,8 +480,9 @@ def recommend_cli(
     for r in res["ranked"]:
         mark = "=" if places.count(r["place"]) > 1 else "."
         print(f"{r['place']}{mark} {r['method']}: {r['reason']}")
-    for line in res["unsettled"]:
-        print(f"  note: {line}")
+    for line in res["unsettled"] + [nothing_learned(study) or ""]:
+        if line:
+            print(f"  note: {line}")
     return 0
 
 
@@ -705,21 +708,49 @@ def _problems(study: dict) -> list[str]:
 
 def _distrusted(study: dict) -> list[str]:
     """Successful final runs whose results are not to be trusted: a saved artefact that does not reproduce
-    its predictions, or a classifier that gave every test item the same class."""
-    return [w for r in study["finals"] for w in (reload_warning(r), _one_class(study, r)) if w]
+    its predictions, or test predictions that tell nothing about the labels."""
+    return [w for r in study["finals"] for w in (reload_warning(r), _learned_nothing(study, r)) if w]
 
 
-def _one_class(study: dict, r: dict) -> str | None:
-    """A classifier that answers one class for every test item learned nothing a constant answer does not
-    give: its score is that class's share of the test set, not a measure of the method."""
+def _learned_nothing(study: dict, r: dict) -> str | None:
+    """A run whose test predictions tell nothing about the labels (a constant answer, or accuracy or
+    correlation no better than guessing) learned nothing the test can show: its score measures the test
+    set, not the method."""
     preds = r.get("test_predictions")
-    if study["task"] != "classification" or r["status"] != "success" or not preds or len(set(preds)) > 1:
+    if r["status"] != "success" or not preds:
         return None
-    names = ((study.get("plan") or {}).get("data") or {}).get("label_names") or []
-    name = names[preds[0]] if preds[0] < len(names) else preds[0]
+    fix = "it learned nothing the test can show"
+    if study["task"] == "classification" and len(set(preds)) == 1:
+        names = ((study.get("plan") or {}).get("data") or {}).get("label_names") or []
+        name = names[preds[0]] if preds[0] < len(names) else preds[0]
+        said = f"predicts class {name} for all {len(preds)} test items, as a constant answer would"
+        return f"{r['run_id']}: {said}: {fix}; try a lower learning rate or more epochs"
+    fix += "; try more epochs, other learning rates or a larger model"
+    test = stats.against_guessing(study["task"], preds, study.get("test_labels"))
+    if test is None or test["p_value"] < stats.ALPHA:
+        return None
+    if "pearson" in test:
+        return (
+            f"{r['run_id']}: its test predictions do not correlate with the scores (Pearson "
+            f"{test['pearson']:.3f}, one-sided p = {test['p_value']:.2f}): {fix}"
+        )
     return (
-        f"{r['run_id']}: predicts class {name} for all {len(preds)} test items, as a constant answer would: "
-        "it learned nothing the test can show; try a lower learning rate or more epochs"
+        f"{r['run_id']}: test accuracy {test['accuracy']:.3f} is no better than guessing (answers drawn at "
+        f"random in the shares it gave them would score {test['guess']:.3f}; one-sided p = "
+        f"{test['p_value']:.2f}): {fix}"
+    )
+
+
+def nothing_learned(study: dict) -> str | None:
+    """Where no successful final run's test predictions beat guessing: the labels may not follow from the
+    texts (a wrong label column, or texts and labels shuffled apart), or nothing trained at these settings."""
+    ok = [r for r in study["finals"] if r["status"] == "success" and r.get("test_predictions")]
+    if not ok or study.get("test_labels") is None or not all(_learned_nothing(study, r) for r in ok):
+        return None
+    return (
+        f"no run's test predictions beat guessing ({len(ok)} of {len(ok)} final runs): either nothing was "
+        "learned at these settings, or the labels do not follow from the texts; check data.label_column "
+        "and data.text_column, and that texts and labels were not shuffled apart"
     )
 
 
@@ -936,7 +967,7 @@ def _intro(study: dict) -> str:
         )
     labels = data.get("test_labels")
     note = constant_answer(study["task"], study["metric"], labels or [], data.get("label_names") or [])
-    for said in (note, data.get("tokenizer_note")):
+    for said in (note, data.get("tokenizer_note"), nothing_learned(study)):
         if said:
             text += f" **Note: {said}.**"
     overlap = data.get("overlap") or {}
