@@ -230,6 +230,23 @@ def test_test_texts_that_are_training_texts_are_counted_and_refused_over_five_pe
         data_mod.load(spec(folder, test_split="train"))
 
 
+def test_validation_texts_repeated_in_training_are_counted_and_warned_of(tmp_path):
+    """Validation is carved out of the training data, so a training file that repeats texts puts copies on
+    both sides, where they inflate the validation scores that choose learning rates and epochs."""
+    folder = write_dataset(tmp_path / "d", n_train=200, n_test=100)
+    d = data_mod.load(spec(folder))
+    assert d.source["overlap"]["validation_texts_also_in_train"] == 0
+    assert data_mod.validation_overlap_note(d.source["overlap"], len(d.texts["validation"])) is None
+    train = pd.read_parquet(folder / "train.parquet")
+    pd.concat([train, train]).to_parquet(folder / "train.parquet")  # every text twice
+    d = data_mod.load(spec(folder))
+    n_val = len(d.texts["validation"])
+    n = d.source["overlap"]["validation_texts_also_in_train"]
+    assert n > 0.5 * n_val  # a copy of most validation texts stays in training
+    note = data_mod.validation_overlap_note(d.source["overlap"], n_val)
+    assert f"{n} of the {n_val} validation texts" in note
+
+
 def test_labels_that_differ_as_written_stay_distinct(tmp_path):
     folder = tmp_path / "d"
     folder.mkdir()

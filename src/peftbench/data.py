@@ -603,10 +603,12 @@ def constant_answer(task: str, metric: str, test_labels, label_names: list) -> s
 
 
 def check_overlap(texts: dict[str, list[str]], allowed: bool) -> dict:
-    """Test texts that are also training or validation texts (duplicates up to case and whitespace, which
-    an uncased tokenizer does not see and a copy often gains): counted always, and over MAX_OVERLAP of the
-    test set a one-line error unless the study allows it."""
-    seen = {_dedup_key(t) for s in ("train", "validation") for t in texts[s]}
+    """Test texts that are also training or validation texts, and validation texts that are also training
+    texts (duplicates up to case and whitespace, which an uncased tokenizer does not see and a copy often
+    gains): counted always, and over MAX_OVERLAP of the test set a one-line error unless the study allows
+    it (the validation count is warned of: `validation_overlap_note`)."""
+    train = {_dedup_key(t) for t in texts["train"]}
+    seen = train | {_dedup_key(t) for t in texts["validation"]}
     n = sum(_dedup_key(t) in seen for t in texts["test"])
     share = n / len(texts["test"]) if texts["test"] else 0.0
     if share > MAX_OVERLAP and not allowed:
@@ -614,7 +616,21 @@ def check_overlap(texts: dict[str, list[str]], allowed: bool) -> dict:
             f"data: {n} of the {len(texts['test'])} test texts ({share:.0%}) are also training texts: "
             "scores would be inflated; remove the duplicates, or set data.allow_overlap: true"
         )
-    return {"test_texts_also_in_train": n, "share_of_test": share}
+    n_val = sum(_dedup_key(t) in train for t in texts["validation"])
+    return {"test_texts_also_in_train": n, "share_of_test": share, "validation_texts_also_in_train": n_val}
+
+
+def validation_overlap_note(overlap: dict, n_validation: int) -> str | None:
+    """Validation texts that are also training texts (a training file that repeats texts): over MAX_OVERLAP
+    of the validation split, a warning, since validation scores choose the learning rates and epochs."""
+    n = overlap.get("validation_texts_also_in_train") or 0
+    if not n_validation or n / n_validation <= MAX_OVERLAP:
+        return None
+    return (
+        f"{n} of the {n_validation} validation texts ({n / n_validation:.0%}) are also training texts (the "
+        "training data repeats texts): validation scores, which choose learning rates and epochs, favour "
+        "memorising; remove the repeats from the training data"
+    )
 
 
 def _dedup_key(text: str) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import stats, store
 from .artefacts import reload_warning
-from .data import constant_answer
+from .data import constant_answer, validation_overlap_note
 from .errors import UserError
 from .memory import fits_on
 from .metrics import TASK_METRICS, bounds, is_fraction, oriented, ranking
@@ -966,11 +966,15 @@ def _intro(study: dict) -> str:
             f"{(cfg.get('train') or {}).get('max_length')} tokens."
         )
     labels = data.get("test_labels")
-    note = constant_answer(study["task"], study["metric"], labels or [], data.get("label_names") or [])
-    for said in (note, data.get("tokenizer_note"), nothing_learned(study)):
-        if said:
-            text += f" **Note: {said}.**"
     overlap = data.get("overlap") or {}
+    notes = (
+        constant_answer(study["task"], study["metric"], labels or [], data.get("label_names") or []),
+        data.get("tokenizer_note"),
+        validation_overlap_note(overlap, sizes.get("validation") or 0),
+        nothing_learned(study),
+    )
+    for said in filter(None, notes):
+        text += f" **Note: {said}.**"
     if overlap.get("test_texts_also_in_train"):
         text += f" {overlap['test_texts_also_in_train']} test texts are also training texts."
     if study.get("loaded"):

@@ -84,10 +84,13 @@ class Study:
                 f"metric: {cfg['metric']} needs two classes, the data have {len(self.data.label_names)}; "
                 "use accuracy or macro_f1"
             )
-        note = data_mod.constant_answer(
-            cfg["task"], cfg["metric"], self.data.labels["test"], self.data.label_names
+        notes = (
+            data_mod.constant_answer(
+                cfg["task"], cfg["metric"], self.data.labels["test"], self.data.label_names
+            ),
+            data_mod.validation_overlap_note(self.data.source["overlap"], len(self.data.texts["validation"])),
         )
-        if note:
+        for note in filter(None, notes):
             print(f"peftbench: warning: {note}", file=sys.stderr)
         if not needs_model:
             return
