@@ -177,6 +177,28 @@ def test_recommendations_follow_the_numbers():
     assert recs["Fastest within 0.2 points of the best (or not significantly different)"]["method"] == "full"
 
 
+def test_memory_budgets_are_named_by_the_winners_own_peaks():
+    """LoRA on all layers peaked 4% above full fine-tuning and scored better: closer than peaks are told
+    apart, so one line names it, at its own peak (not at the next method's, as "Best within 2,388 MB")."""
+    rows = [  # the all-methods study's peaks and accuracies (results/all-methods-minilm-h200)
+        _row("head", 0.733, 10, 1e5, 792),
+        _row("bitfit", 0.8765, 10, 1e5, 1246),
+        _row("ln_tuning", 0.877, 10, 1e5, 1302),
+        _row("oft", 0.892, 10, 1e5, 1372),  # 10.1% above bitfit: a line of its own
+        _row("full", 0.896, 10, 1e5, 1758),
+        _row("lora_all", 0.898, 10, 1e5, 1836),
+        _row("lora", 0.89, 10, 1e5, 2388),
+    ]
+    recs = [r for r in report.recommendations(_study(rows)) if r["title"].startswith("Best within")]
+    assert [(r["title"].split(" MB")[0], r["method"]) for r in recs] == [
+        ("Best within 792", "head"),
+        ("Best within 1,302", "ln_tuning"),
+        ("Best within 1,372", "oft"),
+        ("Best within 1,836", "lora_all"),
+    ]
+    assert "full peaked within 10% of that, at 1,758 MB (accuracy 0.8960)" in recs[-1]["reason"]
+
+
 def test_recommend_constraints_and_binding_one():
     rows = [
         _row("full", 0.93, 1755, 124.6e6, 11559),

@@ -346,7 +346,8 @@ def _fewest(best: dict, near: list[dict], pts: str) -> dict:
 
 
 def _memory_recs(rows: list[dict], gpu: bool) -> list[dict]:
-    """The most accurate method within each method's peak (GPU studies), for budgets 10% apart or more."""
+    """The best-scoring method within each method's peak (GPU studies), at the winner's own peak; a winner
+    that peaked within MEMORY_NOISE of the line before it replaces that line."""
     if not gpu:
         return [
             {
@@ -358,20 +359,29 @@ def _memory_recs(rows: list[dict], gpu: bool) -> list[dict]:
             }
         ]
     with_mem = sorted([r for r in rows if memory_of(r, gpu) is not None], key=lambda r: memory_of(r, gpu))
-    recs, last, last_budget = [], None, 0.0
+    recs, last, floor = [], None, 0.0  # floor: the lowest peak the last line stands for
     for budget_row in with_mem:
-        budget = memory_of(budget_row, gpu)
-        win = max([r for r in with_mem if memory_of(r, gpu) <= budget], key=_better)
-        if win is not last and budget >= MEMORY_NOISE * last_budget:
-            recs.append(
-                {
-                    "title": f"Best within {budget:,.0f} MB of peak GPU memory",
-                    "method": win["label"],
-                    "reason": f"{win['label']} is the best-scoring method that peaked at or below "
-                    f"{budget:,.0f} MB ({memory_of(win, gpu):,.0f} MB, {_named(win)}).",
-                }
+        win = max([r for r in with_mem if memory_of(r, gpu) <= memory_of(budget_row, gpu)], key=_better)
+        if win is last:
+            continue
+        peak, merged = memory_of(win, gpu), ""
+        if last is None or peak >= MEMORY_NOISE * floor:
+            floor = peak
+        else:  # peaks closer than memory varies: the better-scoring method stands for both
+            recs.pop()
+            merged = (
+                f" {last['label']} peaked within {MEMORY_NOISE - 1:.0%} of that, at "
+                f"{memory_of(last, gpu):,.0f} MB ({_named(last)}): closer than peaks are told apart."
             )
-            last, last_budget = win, budget
+        recs.append(
+            {
+                "title": f"Best within {peak:,.0f} MB of peak GPU memory",
+                "method": win["label"],
+                "reason": f"{win['label']} is the best-scoring method that peaked at or below {peak:,.0f} MB "
+                f"({_named(win)}).{merged}",
+            }
+        )
+        last = win
     return recs
 
 
