@@ -248,6 +248,26 @@ def test_report_and_verdicts_on_a_regression_study(tiny_encoder, tmp_path):
     assert summary["verdicts"][0]["metric"] == "mse"
 
 
+def test_regression_scores_far_from_unit_size_are_warned_of_at_the_start_and_in_the_report(tmp_path, capsys):
+    """Scores in the tens (here 0-100) train poorly from a head that starts near 0; 0-5 scores pass."""
+    import pandas as pd
+
+    from peftbench import report
+
+    folder = _write(tmp_path / "d", "regression")
+    assert data.score_scale_note("regression", pd.read_parquet(folder / "train.parquet")["label"]) is None
+    for split in ("train", "test"):
+        df = pd.read_parquet(folder / f"{split}.parquet")
+        df.assign(label=df["label"] * 20).to_parquet(folder / f"{split}.parquet")
+    raw = study("unused", folder, ["tfidf"], task="regression", seeds=[0], data={"test_size": None})
+    run_study(raw, tmp_path / "s")
+    err = capsys.readouterr().err
+    assert "peftbench: warning: the training scores have mean" in err and "rescale them" in err
+    md = report.write_report(tmp_path / "s")["markdown"].read_text()
+    assert "**Note: the training scores have mean" in md
+    assert data.score_scale_note("classification", np.arange(100)) is None
+
+
 def test_one_tie_rule_ranks_rates_and_epochs_for_either_direction():
     assert metrics.ranking("accuracy", {3e-4: 0.8, 1e-4: 0.9, 2e-4: 0.9}) == [1e-4, 2e-4, 3e-4]
     assert metrics.ranking("mse", {3: 0.5, 1: 0.7, 2: 0.5}) == [2, 3, 1]  # lower is better; ties: smaller

@@ -980,6 +980,7 @@ def _intro(study: dict) -> str:
     notes = (
         constant_answer(study["task"], study["metric"], labels or [], data.get("label_names") or []),
         data.get("tokenizer_note"),
+        data.get("score_note"),
         validation_overlap_note(overlap, sizes.get("validation") or 0),
         nothing_learned(study),
     )

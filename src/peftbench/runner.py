@@ -62,6 +62,7 @@ class Study:
         self.pad_token_id = None
         self.max_positions = None
         self.tokenizer_note = None  # a warning about the tokenizer's unknown tokens, for the report too
+        self.score_note = None  # a warning about regression scores far from unit size, likewise
         self.model_fingerprint = None
         self.search_wall_seconds = None
         self.warm_workers: dict[str, WarmWorker] = {}  # by chain name: they live on from rung to rung
@@ -84,11 +85,13 @@ class Study:
                 f"metric: {cfg['metric']} needs two classes, the data have {len(self.data.label_names)}; "
                 "use accuracy or macro_f1"
             )
+        self.score_note = data_mod.score_scale_note(cfg["task"], self.data.labels["train"])
         notes = (
             data_mod.constant_answer(
                 cfg["task"], cfg["metric"], self.data.labels["test"], self.data.label_names
             ),
             data_mod.validation_overlap_note(self.data.source["overlap"], len(self.data.texts["validation"])),
+            self.score_note,
         )
         for note in filter(None, notes):
             print(f"peftbench: warning: {note}", file=sys.stderr)
@@ -699,6 +702,7 @@ class Study:
                 "test_labels": self.data.labels["test"].tolist(),
                 "truncated": self.truncated_counts(),
                 "tokenizer_note": self.tokenizer_note,
+                "score_note": self.score_note,
             },
             "device": self.device,
             "wall_seconds": wall_seconds,
