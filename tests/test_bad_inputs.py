@@ -227,6 +227,11 @@ CASES = [
         "data.text_column: 'label' is also the label column: the model would read the answer",
     ),
     (
+        "a sentence pair that names one column twice",
+        lambda t, m: _run(t, m, _study(t, m, _data(t), data={"text_column": ["text", "text"]})),
+        "data.text_column: 'text' is named twice; name each column once",
+    ),
+    (
         "a label written with a trailing space",
         lambda t, m: _run(t, m, _study(t, m, _data(t, mutate=_spaced_label))),
         "the labels 'pos' and 'pos ' differ only in spaces around them",

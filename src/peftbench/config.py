@@ -340,8 +340,8 @@ def _check_sharding(study: dict, train: dict, meths: list[dict], problems: list[
 
 
 def _check_columns(tc, lc, problems: list[str]) -> None:
-    """Text and label columns: names (or lists of names), and no column both (the model would read the
-    answer)."""
+    """Text and label columns: names (or lists of names), each once, and no column both (the model would
+    read the answer)."""
     names = {}
     for key, cols, what in (
         ("text_column", tc, "a column name or a list of column names"),
@@ -351,6 +351,11 @@ def _check_columns(tc, lc, problems: list[str]) -> None:
         ok = isinstance(listed, list) and bool(listed) and all(isinstance(c, str) for c in listed)
         if not ok:
             problems.append(f"data.{key}: must be {what}")
+        elif len(set(listed)) < len(listed):
+            twice = sorted({c for c in listed if listed.count(c) > 1})
+            problems.append(
+                f"data.{key}: {', '.join(map(repr, twice))} is named twice; name each column once"
+            )
         names[key] = set(listed) if ok else set()
     both = names["text_column"] & names["label_column"]
     if both:
