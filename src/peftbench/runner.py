@@ -79,22 +79,7 @@ class Study:
         self.device = resolve_device(cfg["device"])
         self.model_path = models.resolve(cfg["model"])
         needs_model = any(registry.get(m["name"]).kind != "tfidf" for m in cfg["methods"])
-        self.data = data_mod.load(cfg["data"], cfg["task"])
-        if cfg["metric"] in ("mcc", "f1_positive") and len(self.data.label_names) != 2:
-            raise UserError(
-                f"metric: {cfg['metric']} needs two classes, the data have {len(self.data.label_names)}; "
-                "use accuracy or macro_f1"
-            )
-        self.score_note = data_mod.score_scale_note(cfg["task"], self.data.labels["train"])
-        notes = (
-            data_mod.constant_answer(
-                cfg["task"], cfg["metric"], self.data.labels["test"], self.data.label_names
-            ),
-            data_mod.validation_overlap_note(self.data.source["overlap"], len(self.data.texts["validation"])),
-            self.score_note,
-        )
-        for note in filter(None, notes):
-            print(f"peftbench: warning: {note}", file=sys.stderr)
+        self._load_data()
         if not needs_model:
             return
         mconf = models.load_config(self.model_path, cfg["trust_remote_code"])
@@ -133,6 +118,26 @@ class Study:
         self.tokenizer_note = data_mod.check_unknown_tokens(tok, tokenizer, cfg["model"])
         if self.tokenizer_note:
             print(f"peftbench: warning: {self.tokenizer_note}", file=sys.stderr)
+
+    def _load_data(self) -> None:
+        """Load and check the data, and warn of what would make its scores misleading."""
+        from . import data as data_mod
+
+        cfg, data = self.cfg, data_mod.load(self.cfg["data"], self.cfg["task"])
+        if cfg["metric"] in ("mcc", "f1_positive") and len(data.label_names) != 2:
+            raise UserError(
+                f"metric: {cfg['metric']} needs two classes, the data have {len(data.label_names)}; "
+                "use accuracy or macro_f1"
+            )
+        self.data = data
+        self.score_note = data_mod.score_scale_note(cfg["task"], data.labels["train"])
+        notes = (
+            data_mod.constant_answer(cfg["task"], cfg["metric"], data.labels["test"], data.label_names),
+            data_mod.validation_overlap_note(data.source["overlap"], len(data.texts["validation"])),
+            self.score_note,
+        )
+        for note in filter(None, notes):
+            print(f"peftbench: warning: {note}", file=sys.stderr)
 
     def _cached_tokens(self):
         """The token cache if it is there and readable; a damaged one is moved aside (and rebuilt)."""
