@@ -618,6 +618,15 @@ def test_predictions_no_better_than_guessing_are_flagged_and_a_study_of_them_is_
     problems = report._problems(s)
     assert len(problems) == 2 and all("is no better than guessing" in p for p in problems), problems
     assert "(2 of 2 final runs)" in report.nothing_learned(s)
+    s["rows"], s["tie_margin"], s["metric"], s["gpu"] = (
+        [_row("lora", 0.5, 1, 1e5, 1)],
+        0.01,
+        "accuracy",
+        False,
+    )
+    assert report.recommendations(s)[0]["reason"].endswith(
+        "No run beat guessing, though (see the note above): this ranks noise."
+    )
     s["finals"].append({"run_id": "full-s0", "status": "success", "test_predictions": learned.tolist()})
     assert len(report._problems(s)) == 2 and report.nothing_learned(s) is None
 

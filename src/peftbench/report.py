@@ -279,6 +279,8 @@ def recommendations(study: dict) -> list[dict]:
         if sharing
         else ""
     )
+    if nothing_learned(study):
+        shared += " No run beat guessing, though (see the note above): this ranks noise."
     recs = [
         {
             "title": f"Best {name}",
