@@ -631,6 +631,24 @@ def test_predictions_no_better_than_guessing_are_flagged_and_a_study_of_them_is_
     assert len(report._problems(s)) == 2 and report.nothing_learned(s) is None
 
 
+def test_test_labels_coded_otherwise_than_training_labels_are_named(tmp_path, capsys):
+    """A test file whose 0 and 1 mean the other way round (two sources put together): the model learned,
+    so its accuracy falls far below guessing, which names the coding, not the model."""
+    import pandas as pd
+    from conftest import write_dataset
+
+    data = write_dataset(tmp_path / "d")
+    test = pd.read_parquet(data / "test.parquet")
+    test.assign(label=1 - test["label"]).to_parquet(data / "test.parquet")
+    raw = {"name": "swap", "model": "unused", "data": {"path": str(data)}, "methods": ["tfidf"], "seeds": [0]}
+    run_study(raw, tmp_path / "s")
+    report.print_summary(tmp_path / "s")  # what `peftbench run` prints after the runs
+    err = capsys.readouterr().err
+    assert "is far below guessing" in err and "the test labels seem coded otherwise" in err, err
+    md = report.write_report(tmp_path / "s")["markdown"].read_text()
+    assert "check the test file's label column" in md
+
+
 def test_against_guessing_for_classes_and_scores():
     labels = np.array([0, 1, 2, 0] * 50)
     right = stats.against_guessing("classification", labels, labels)
@@ -638,10 +656,12 @@ def test_against_guessing_for_classes_and_scores():
     assert right["p_value"] < 1e-10
     assert stats.against_guessing("classification", np.zeros(200), labels)["p_value"] == 1.0  # constant
     wrong = stats.against_guessing("classification", (labels + 1) % 3, labels)
-    assert wrong["accuracy"] == 0.0 and wrong["p_value"] == 1.0
+    assert wrong["accuracy"] == 0.0 and wrong["p_value"] == 1.0 and wrong["p_below"] < 1e-10
+    assert right["p_below"] == 1.0
     scores = np.linspace(0, 5, 100)
     assert stats.against_guessing("regression", scores + 0.1, scores)["p_value"] < 1e-10
     assert stats.against_guessing("regression", np.full(100, 2.5), scores)["p_value"] == 1.0
+    assert stats.against_guessing("regression", -scores, scores)["p_below"] < 1e-10
     shuffled = stats.against_guessing("regression", np.random.default_rng(1).permutation(scores), scores)
     assert shuffled["p_value"] > stats.ALPHA
     assert stats.against_guessing("multi_label", labels, labels) is None

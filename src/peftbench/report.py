@@ -738,9 +738,11 @@ def _learned_nothing(study: dict, r: dict) -> str | None:
         said = f"predicts class {name} for all {len(preds)} test items, as a constant answer would"
         return f"{r['run_id']}: {said}: {fix}; try a lower learning rate or more epochs"
     fix += "; try more epochs, other learning rates or a larger model"
-    test = stats.against_guessing(study["task"], preds, study.get("test_labels"))
+    test = _guess_test(study, r)
     if test is None or test["p_value"] < stats.ALPHA:
         return None
+    if test["p_below"] < REVERSED:
+        return _reversed(r["run_id"], test)
     if "pearson" in test:
         return (
             f"{r['run_id']}: its test predictions do not correlate with the scores (Pearson "
@@ -753,16 +755,47 @@ def _learned_nothing(study: dict, r: dict) -> str | None:
     )
 
 
+# Test predictions worse than guessing at this p-value: the model learned something, and the test split's
+# labels seem to mean something else (swapped or shifted between the files).
+REVERSED = 0.001
+
+
+def _reversed(run_id: str, test: dict) -> str:
+    if "pearson" in test:
+        said = f"its test predictions correlate negatively with the scores (Pearson {test['pearson']:.3f})"
+    else:
+        said = (
+            f"test accuracy {test['accuracy']:.3f} is far below guessing ({test['guess']:.3f} for random "
+            "answers in its own shares)"
+        )
+    return (
+        f"{run_id}: {said}, one-sided p = {test['p_below']:.1e}: it learned the training labels, and the "
+        "test labels seem to mean something else; check that the test file's labels are coded as the "
+        "training file's (not swapped or shifted)"
+    )
+
+
+def _guess_test(study: dict, r: dict) -> dict | None:
+    return stats.against_guessing(study["task"], r.get("test_predictions"), study.get("test_labels"))
+
+
 def nothing_learned(study: dict) -> str | None:
     """Where no successful final run's test predictions beat guessing: the labels may not follow from the
     texts (a wrong label column, or texts and labels shuffled apart), or nothing trained at these settings."""
     ok = [r for r in study["finals"] if r["status"] == "success" and r.get("test_predictions")]
     if not ok or study.get("test_labels") is None or not all(_learned_nothing(study, r) for r in ok):
         return None
+    said = f"no run's test predictions beat guessing ({len(ok)} of {len(ok)} final runs)"
+    below = sum(1 for r in ok if (t := _guess_test(study, r)) and t["p_below"] < REVERSED)
+    if below:
+        return (
+            f"{said}, and {below} fall far below it: the test labels seem coded otherwise than the training "
+            "labels (swapped or shifted); check the test file's label column"
+        )
     return (
-        f"no run's test predictions beat guessing ({len(ok)} of {len(ok)} final runs): either nothing was "
-        "learned at these settings, or the labels do not follow from the texts; check data.label_column "
-        "and data.text_column, and that texts and labels were not shuffled apart"
+        f"{said}: either nothing was learned at these settings, or the labels do not follow from the "
+        "texts; check data.label_column and data.text_column, and that texts and labels were not shuffled "
+        "apart"
     )
 
 

@@ -223,9 +223,10 @@ def mark_best(rows: list[dict]) -> None:
 def against_guessing(task: str, preds, labels) -> dict | None:
     """Whether a run's test predictions tell anything about the labels. Classification: its accuracy
     against `guess`, what answers drawn at random in the shares it gave them would score (the sum over
-    classes of its answer share times the class's test share), by a one-sided binomial test (conservative:
+    classes of its answer share times the class's test share), by one-sided binomial tests (conservative:
     with both shares fixed the count varies less). Regression: Pearson's r against 0, one-sided. `p_value`
-    1.0 for a constant answer, which tells nothing; None for multi-label tasks and missing data."""
+    tests for better than guessing (1.0 for a constant answer, which tells nothing), `p_below` for worse;
+    None for multi-label tasks and missing data."""
     from scipy.stats import binomtest, pearsonr
 
     if task not in ("classification", "regression") or preds is None or labels is None:
@@ -235,15 +236,16 @@ def against_guessing(task: str, preds, labels) -> dict | None:
         return None
     if task == "regression":
         if np.ptp(preds) == 0 or np.ptp(labels) == 0:
-            return {"pearson": 0.0, "p_value": 1.0}
-        res = pearsonr(preds, labels, alternative="greater")
-        return {"pearson": float(res.statistic), "p_value": float(res.pvalue)}
+            return {"pearson": 0.0, "p_value": 1.0, "p_below": 1.0}
+        up, down = (pearsonr(preds, labels, alternative=a) for a in ("greater", "less"))
+        return {"pearson": float(up.statistic), "p_value": float(up.pvalue), "p_below": float(down.pvalue)}
     classes = np.union1d(preds, labels)
     guess = float(sum(np.mean(preds == c) * np.mean(labels == c) for c in classes))
-    hits = int(np.sum(preds == labels))
-    constant = len(np.unique(preds)) == 1
-    p = 1.0 if constant else float(binomtest(hits, len(preds), guess, alternative="greater").pvalue)
-    return {"accuracy": hits / len(preds), "guess": guess, "p_value": p}
+    hits, n = int(np.sum(preds == labels)), len(preds)
+    if len(np.unique(preds)) == 1:
+        return {"accuracy": hits / n, "guess": guess, "p_value": 1.0, "p_below": 1.0}
+    p, below = (float(binomtest(hits, n, guess, alternative=a).pvalue) for a in ("greater", "less"))
+    return {"accuracy": hits / n, "guess": guess, "p_value": p, "p_below": below}
 
 
 # A verdict is stable when a rerun would give it again with at least this probability (three in four).
