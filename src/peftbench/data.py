@@ -602,28 +602,6 @@ def constant_answer(task: str, metric: str, test_labels, label_names: list) -> s
     )
 
 
-# Regression scores whose mean or standard deviation is beyond this are warned of: a regression head starts
-# near 0 and moves little at fine-tuning learning rates. On all-MiniLM-L6-v2 and 1,500 STS-B pairs (2 epochs,
-# CPU, 2026-12-05) test Pearson for full fine-tuning at lr 2e-5 and LoRA at 5e-4 was 0.41 and 0.48 on the
-# 0-5 scores (mean 2.4, std 1.5), 0.19 and 0.47 on scores x4 (mean 9.5) and 0.21 and 0.20 on scores x20.
-SCORE_SCALE_NOTE = 5.0
-
-
-def score_scale_note(task: str, train_scores) -> str | None:
-    """Where a regression study's training scores are far from unit size: what they are, and how to rescale
-    them (None otherwise)."""
-    if task != "regression" or not len(train_scores):
-        return None
-    mean, std = float(np.mean(train_scores)), float(np.std(train_scores))
-    if max(abs(mean), std) <= SCORE_SCALE_NOTE:
-        return None
-    return (
-        f"the training scores have mean {mean:.3g} and standard deviation {std:.3g}: a regression head "
-        "starts near 0 and moves little at fine-tuning learning rates, so scores this large train poorly; "
-        f"rescale them to about unit size, e.g. (score - {mean:.3g}) / {std:.3g}"
-    )
-
-
 def check_overlap(texts: dict[str, list[str]], allowed: bool) -> dict:
     """Test texts that are also training or validation texts, and validation texts that are also training
     texts (duplicates up to case and whitespace, which an uncased tokenizer does not see and a copy often

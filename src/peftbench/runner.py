@@ -62,7 +62,6 @@ class Study:
         self.pad_token_id = None
         self.max_positions = None
         self.tokenizer_note = None  # a warning about the tokenizer's unknown tokens, for the report too
-        self.score_note = None  # a warning about regression scores far from unit size, likewise
         self.model_fingerprint = None
         self.search_wall_seconds = None
         self.warm_workers: dict[str, WarmWorker] = {}  # by chain name: they live on from rung to rung
@@ -130,11 +129,9 @@ class Study:
                 "use accuracy or macro_f1"
             )
         self.data = data
-        self.score_note = data_mod.score_scale_note(cfg["task"], data.labels["train"])
         notes = (
             data_mod.constant_answer(cfg["task"], cfg["metric"], data.labels["test"], data.label_names),
             data_mod.validation_overlap_note(data.source["overlap"], len(data.texts["validation"])),
-            self.score_note,
         )
         for note in filter(None, notes):
             print(f"peftbench: warning: {note}", file=sys.stderr)
@@ -707,7 +704,6 @@ class Study:
                 "test_labels": self.data.labels["test"].tolist(),
                 "truncated": self.truncated_counts(),
                 "tokenizer_note": self.tokenizer_note,
-                "score_note": self.score_note,
             },
             "device": self.device,
             "wall_seconds": wall_seconds,

@@ -62,7 +62,7 @@ _WARM: dict = {}
 WARM_SHARED = (
     "model", "head", "trainable", "total", "prefixed", "fwd", "compiled", "pad_multiple", "mask_mode",
     "arch", "packing_off", "packing_saving", "pack_multiple", "max_seqlen", "memory_plan", "micro",
-    "checkpointing", "graphs_off", "graphs", "loss_sum",
+    "checkpointing", "graphs_off", "graphs", "loss_sum", "score_scale", "score_scale_off", "loss_unit",
 )  # fmt: skip
 
 
@@ -167,6 +167,37 @@ def param_groups(model, lr: float, head_lr: float | None, weight_decay: float, h
         {"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": head_lr if is_head else lr}
         for (decay, is_head), ps in groups.items()
     ]
+
+
+def score_outputs(model, head: list[str]) -> list:
+    """A regression head's output layers: the trained one-output `nn.Linear` modules in the head (under
+    PEFT the trained copy of `modules_to_save`, not the frozen original)."""
+    import torch.nn as nn
+
+    return [
+        m
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear
+        and m.out_features == 1
+        and m.weight.requires_grad
+        and any(name == h or name.startswith(h + ".") or f".{h}." in f".{name}." for h in head)
+    ]
+
+
+def scaled_score_groups(groups: list[dict], outputs: list, std: float) -> list[dict]:
+    """Optimizer groups where the score head's output layers step `std` times further, with weight decay
+    divided by `std` (so lr x decay is unchanged): with the layer scaled by `std` at the start
+    (`Recipe._scale_score_head`), this is training on standardized scores (Adam's steps do not depend on a
+    gradient's scale)."""
+    ids = {id(p) for m in outputs for p in m.parameters()}
+    out = []
+    for g in groups:
+        mine = [p for p in g["params"] if id(p) in ids]
+        rest = [p for p in g["params"] if id(p) not in ids]
+        out += [{**g, "params": rest}] if rest else []
+        if mine:
+            out.append({**g, "params": mine, "lr": g["lr"] * std, "weight_decay": g["weight_decay"] / std})
+    return out
 
 
 def set_checkpointing(model, on: bool) -> None:
@@ -311,8 +342,48 @@ class Recipe:
 
         t = time.perf_counter()
         model, _ = build_model(self.spec, self.tok.label_names, self.device, self.total_steps, self.amp)
+        self._scale_score_head(model)
         self.load_seconds = time.perf_counter() - t
         return model
+
+    def _scale_score_head(self, model) -> None:
+        """Regression: train as on standardized scores, with predictions on the scores' own scale. The head's
+        output layer starts scaled by the training scores' std, its bias shifted by their mean, and steps
+        std times further (`scaled_score_groups`); the loss is divided by std^2. A head that starts near 0
+        and moves a learning rate's worth a step could not otherwise reach scores of tens or hundreds; the
+        saved model needs nothing to undo."""
+        if self.spec.task != "regression":
+            return
+        outputs = score_outputs(model, self.head)
+        y = self.tok.labels["train"]
+        mean, std = float(y.mean()), float(y.std())
+        why = self._score_scale_blocker(outputs)
+        if why:
+            self.score_scale, self.loss_unit = None, 1.0
+            self.score_scale_off = {"mean": mean, "std": std, "standardized": f"off: {why}"}
+            return
+        import torch
+
+        with torch.no_grad():
+            for m in outputs:
+                m.weight.mul_(std)
+                m.bias.mul_(std).add_(mean)
+        self.score_scale = {"mean": mean, "std": std, "standardized": "on"}
+        self.loss_unit = 1.0 / std**2
+
+    def _score_scale_blocker(self, outputs: list) -> str | None:
+        from .models import load_config
+
+        base = load_config(self.spec.model_path, self.spec.trust_remote_code)
+        reasons = (
+            (not outputs, "no trained one-output linear layer in the head"),
+            (any(m.bias is None for m in outputs), "the head's output layer has no bias to hold the mean"),
+            (
+                base.num_labels == 1 or getattr(base, "problem_type", None) == "regression",
+                "the checkpoint's head already predicts scores",
+            ),
+        )
+        return next((why for bad, why in reasons if bad), None)
 
     def _initial_state(self, model) -> tuple:
         """A model's trainable weights and buffers, and the random state, as training starts."""
@@ -351,6 +422,7 @@ class Recipe:
 
         self.labels_train = torch.from_numpy(self.tok.labels["train"])
         self.n_labels = len(self.tok.label_names)
+        self.score_scale, self.score_scale_off, self.loss_unit = None, None, 1.0  # `_scale_score_head`
 
     def _setup_model(self) -> None:
         from .models import build_model, count_params
@@ -371,6 +443,7 @@ class Recipe:
                     f"does not fit in {budget / 2**30:.1f} GB: loading the weights ran out of memory"
                 ) from None
             raise
+        self._scale_score_head(self.model)
         self.load_seconds = time.perf_counter() - t
         if (
             mutated_init(self.model) and self.rank == 0
@@ -393,6 +466,9 @@ class Recipe:
         self.params = param_groups(
             self.model, cfg.learning_rate, cfg.head_learning_rate, cfg.weight_decay, self.head
         )
+        if self.score_scale:
+            outputs = score_outputs(self.model, self.head)
+            self.params = scaled_score_groups(self.params, outputs, self.score_scale["std"])
         self.optimizer = make_optimizer(cfg.optimizer, self.params, cfg.learning_rate, self.device, self.amp)
         warmup = int(round(cfg.warmup_ratio * self.total_steps))
         self.scheduler = get_scheduler(
@@ -506,11 +582,13 @@ class Recipe:
     def batch_loss(self, *batch):
         """The loss of one (micro-)batch of device tensors from `host_batch`, as the model computes it."""
         if self.arch is not None:
-            return packing.packed_forward(
+            loss = packing.packed_forward(
                 self.model, self.arch, *batch[:-1], max_seqlen=self.max_seqlen, labels=batch[-1]
             )[0]
-        ids, mask, y = batch
-        return model_forward(self.fwd, ids, mask, self.mask_mode, labels=y).loss
+        else:
+            ids, mask, y = batch
+            loss = model_forward(self.fwd, ids, mask, self.mask_mode, labels=y).loss
+        return loss if self.loss_unit == 1.0 else loss * self.loss_unit  # no kernel where there is no scale
 
     def _compile(self) -> None:
         """torch's default: the first shape compiles static, the first new shape recompiles with dynamic
@@ -798,7 +876,7 @@ class Recipe:
         val = score(task, labels, predict(task, logits), self.n_labels)
         val_score = val[self.spec.metric]
         self.val_seconds += time.perf_counter() - t1
-        loss = float(self.loss_sum.item() / len(self.batches))
+        loss = float(self.loss_sum.item() / len(self.batches)) / self.loss_unit  # on the scores' scale
         self.history.append(
             {
                 "epoch": epoch + 1,
@@ -987,6 +1065,7 @@ class Recipe:
             "memory_plan": self.memory_plan,
             "attention_mask": self.mask_mode,
             "packing": "on" if self.arch is not None else self.packing_off,
+            "score_scale": self.score_scale or self.score_scale_off,
             "packing_token_saving": self.packing_saving,
             "pad_to_multiple_of": self.pad_multiple,
             "compile": self.compiled,
