@@ -617,6 +617,14 @@ def test_predictions_no_better_than_guessing_are_flagged_and_a_study_of_them_is_
     ]
     problems = report._problems(s)
     assert len(problems) == 2 and all("is no better than guessing" in p for p in problems), problems
+    assert "other learning rates" in problems[0]  # 400 items: the model, not the test, is the question
+    s["test_labels"] = labels[:100]
+    for r in s["finals"]:
+        r["test_predictions"] = r["test_predictions"][:100]
+    assert "the test split is small (100 items): a larger one" in report._problems(s)[0]
+    s["test_labels"] = labels
+    for r, p in zip(s["finals"], (guessed, rng.permutation(guessed))):
+        r["test_predictions"] = p.tolist()
     assert "(2 of 2 final runs)" in report.nothing_learned(s)
     s["rows"], s["tie_margin"], s["metric"], s["gpu"] = (
         [_row("lora", 0.5, 1, 1e5, 1)],
