@@ -608,7 +608,8 @@ def check_overlap(texts: dict[str, list[str]], allowed: bool) -> dict:
     gains): counted always, and over MAX_OVERLAP of the test set a one-line error unless the study allows
     it (the validation count is warned of: `validation_overlap_note`)."""
     train = {_dedup_key(t) for t in texts["train"]}
-    seen = train | {_dedup_key(t) for t in texts["validation"]}
+    val = [_dedup_key(t) for t in texts["validation"]]
+    seen = train | set(val)
     n = sum(_dedup_key(t) in seen for t in texts["test"])
     share = n / len(texts["test"]) if texts["test"] else 0.0
     if share > MAX_OVERLAP and not allowed:
@@ -616,7 +617,7 @@ def check_overlap(texts: dict[str, list[str]], allowed: bool) -> dict:
             f"data: {n} of the {len(texts['test'])} test texts ({share:.0%}) are also training texts: "
             "scores would be inflated; remove the duplicates, or set data.allow_overlap: true"
         )
-    n_val = sum(_dedup_key(t) in train for t in texts["validation"])
+    n_val = sum(k in train for k in val)
     return {"test_texts_also_in_train": n, "share_of_test": share, "validation_texts_also_in_train": n_val}
 
 

@@ -767,17 +767,17 @@ def _learned_nothing(study: dict, r: dict) -> str | None:
         name = names[preds[0]] if preds[0] < len(names) else preds[0]
         said = f"predicts class {name} for all {len(preds)} test items, as a constant answer would"
         return f"{r['run_id']}: {said}: {fix}; try a lower learning rate or more epochs"
+    test = _guess_test(study, r)
+    if test is None or test["p_value"] < stats.ALPHA:
+        return None
+    if test["p_below"] < REVERSED:
+        return _reversed(r["run_id"], test)
     if len(preds) < SMALL_TEST:
         fix += (
             f"; the test split is small ({len(preds)} items): a larger one (data.test_size) would show more"
         )
     else:
         fix += "; try more epochs, other learning rates or a larger model"
-    test = _guess_test(study, r)
-    if test is None or test["p_value"] < stats.ALPHA:
-        return None
-    if test["p_below"] < REVERSED:
-        return _reversed(r["run_id"], test)
     if "pearson" in test:
         return (
             f"{r['run_id']}: its test predictions do not correlate with the scores (Pearson "

@@ -62,7 +62,7 @@ _WARM: dict = {}
 WARM_SHARED = (
     "model", "head", "trainable", "total", "prefixed", "fwd", "compiled", "pad_multiple", "mask_mode",
     "arch", "packing_off", "packing_saving", "pack_multiple", "max_seqlen", "memory_plan", "micro",
-    "checkpointing", "graphs_off", "graphs", "loss_sum", "score_scale", "score_scale_off", "loss_unit",
+    "checkpointing", "graphs_off", "graphs", "loss_sum", "score_scale", "loss_unit",
 )  # fmt: skip
 
 
@@ -180,7 +180,7 @@ def score_outputs(model, head: list[str]) -> list:
         if type(m) is nn.Linear
         and m.out_features == 1
         and m.weight.requires_grad
-        and any(name == h or name.startswith(h + ".") or f".{h}." in f".{name}." for h in head)
+        and any(f".{h}." in f".{name}." for h in head)  # the module or one inside it, behind any prefix
     ]
 
 
@@ -358,9 +358,9 @@ class Recipe:
         y = self.tok.labels["train"]
         mean, std = float(y.mean()), float(y.std())
         why = self._score_scale_blocker(outputs)
+        self.score_scale = {"mean": mean, "std": std, "standardized": f"off: {why}" if why else "on"}
+        self.loss_unit = 1.0
         if why:
-            self.score_scale, self.loss_unit = None, 1.0
-            self.score_scale_off = {"mean": mean, "std": std, "standardized": f"off: {why}"}
             return
         import torch
 
@@ -368,7 +368,6 @@ class Recipe:
             for m in outputs:
                 m.weight.mul_(std)
                 m.bias.mul_(std).add_(mean)
-        self.score_scale = {"mean": mean, "std": std, "standardized": "on"}
         self.loss_unit = 1.0 / std**2
 
     def _score_scale_blocker(self, outputs: list) -> str | None:
@@ -422,7 +421,7 @@ class Recipe:
 
         self.labels_train = torch.from_numpy(self.tok.labels["train"])
         self.n_labels = len(self.tok.label_names)
-        self.score_scale, self.score_scale_off, self.loss_unit = None, None, 1.0  # `_scale_score_head`
+        self.score_scale, self.loss_unit = None, 1.0  # regression: `_scale_score_head`
 
     def _setup_model(self) -> None:
         from .models import build_model, count_params
@@ -466,7 +465,7 @@ class Recipe:
         self.params = param_groups(
             self.model, cfg.learning_rate, cfg.head_learning_rate, cfg.weight_decay, self.head
         )
-        if self.score_scale:
+        if self.score_scale and self.score_scale["standardized"] == "on":
             outputs = score_outputs(self.model, self.head)
             self.params = scaled_score_groups(self.params, outputs, self.score_scale["std"])
         self.optimizer = make_optimizer(cfg.optimizer, self.params, cfg.learning_rate, self.device, self.amp)
@@ -1065,7 +1064,7 @@ class Recipe:
             "memory_plan": self.memory_plan,
             "attention_mask": self.mask_mode,
             "packing": "on" if self.arch is not None else self.packing_off,
-            "score_scale": self.score_scale or self.score_scale_off,
+            "score_scale": self.score_scale,
             "packing_token_saving": self.packing_saving,
             "pad_to_multiple_of": self.pad_multiple,
             "compile": self.compiled,
