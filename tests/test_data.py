@@ -236,15 +236,35 @@ def test_validation_texts_repeated_in_training_are_counted_and_warned_of(tmp_pat
     folder = write_dataset(tmp_path / "d", n_train=200, n_test=100)
     d = data_mod.load(spec(folder))
     assert d.source["overlap"]["validation_texts_also_in_train"] == 0
-    assert data_mod.validation_overlap_note(d.source["overlap"], len(d.texts["validation"])) is None
+    assert data_mod.repeated_text_notes(d.source["overlap"], d.sizes()) == []
     train = pd.read_parquet(folder / "train.parquet")
     pd.concat([train, train]).to_parquet(folder / "train.parquet")  # every text twice
     d = data_mod.load(spec(folder))
     n_val = len(d.texts["validation"])
     n = d.source["overlap"]["validation_texts_also_in_train"]
     assert n > 0.5 * n_val  # a copy of most validation texts stays in training
-    note = data_mod.validation_overlap_note(d.source["overlap"], n_val)
+    (note,) = data_mod.repeated_text_notes(d.source["overlap"], d.sizes())  # the labels agree: one note
     assert f"{n} of the {n_val} validation texts" in note
+
+
+def test_texts_given_two_labels_are_counted_and_warned_of(tmp_path):
+    """A training file joined from two sources that code the labels otherwise repeats texts with the other
+    label: no model can answer both copies, and the scores are capped where nothing says why."""
+    folder = write_dataset(tmp_path / "d", n_train=200, n_test=100)
+    d = data_mod.load(spec(folder))
+    assert d.source["overlap"]["texts_labelled_twice"] == 0
+    train = pd.read_parquet(folder / "train.parquet")
+    flipped = train[:20].assign(label=1 - train["label"][:20], text=train["text"][:20].str.upper())
+    pd.concat([train, flipped]).to_parquet(folder / "train.parquet")
+    d = data_mod.load(spec(folder))
+    twice = d.source["overlap"]["texts_labelled_twice"]
+    assert 0 < twice <= 20  # counted once per text, wherever its copies fell
+    notes = data_mod.repeated_text_notes(d.source["overlap"], d.sizes())
+    assert any(f"{twice} texts appear with two or more different labels" in n for n in notes)
+    train[:20].assign(text=train["text"][:20] + " again").pipe(lambda x: pd.concat([train, x])).to_parquet(
+        folder / "train.parquet"
+    )  # new texts: nothing labelled twice
+    assert data_mod.load(spec(folder)).source["overlap"]["texts_labelled_twice"] == 0
 
 
 def test_labels_that_differ_as_written_stay_distinct(tmp_path):

@@ -370,6 +370,8 @@ def stratified_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> n
 
 # Share of test texts that may also be training texts before a study is refused (data.allow_overlap).
 MAX_OVERLAP = 0.05
+# Share of all texts that may carry two labels before a warning.
+MAX_LABELLED_TWICE = 0.01
 
 
 def load(spec: dict, task: str = "classification") -> StudyData:
@@ -408,13 +410,14 @@ def load(spec: dict, task: str = "classification") -> StudyData:
 
     pick = {"train": ("train", tr), "validation": ("train", va), "test": ("test", te)}
     split_texts = {s: [texts[src][i] for i in idx] for s, (src, idx) in pick.items()}
+    split_labels = {s: labels[src][idx] for s, (src, idx) in pick.items()}
     rows = {s: np.asarray(idx, dtype=np.int64) for s, (_, idx) in pick.items()}
     if file_rows is not None:  # rows of the one file, for every split
         rows = {s: file_rows[src][rows[s]] for s, (src, _) in pick.items()}
         origin += f"; test split carved out of the one data file ({len(file_rows['test'])} rows)"
     return StudyData(
         texts=split_texts,
-        labels={s: labels[src][idx] for s, (src, idx) in pick.items()},
+        labels=split_labels,
         rows=rows,
         label_names=names,
         source={
@@ -422,7 +425,7 @@ def load(spec: dict, task: str = "classification") -> StudyData:
             "name": spec.get("name"),
             "origin": origin,
             "label_values": values,
-            "overlap": check_overlap(split_texts, spec.get("allow_overlap", False)),
+            "overlap": check_overlap(split_texts, split_labels, task, spec.get("allow_overlap", False)),
         },
     )
 
@@ -602,36 +605,59 @@ def constant_answer(task: str, metric: str, test_labels, label_names: list) -> s
     )
 
 
-def check_overlap(texts: dict[str, list[str]], allowed: bool) -> dict:
-    """Test texts that are also training or validation texts, and validation texts that are also training
+def check_overlap(texts: dict[str, list[str]], labels: dict, task: str, allowed: bool) -> dict:
+    """Test texts that are also training or validation texts, validation texts that are also training
     texts (duplicates up to case and whitespace, which an uncased tokenizer does not see and a copy often
-    gains): counted always, and over MAX_OVERLAP of the test set a one-line error unless the study allows
-    it (the validation count is warned of: `validation_overlap_note`)."""
-    train = {_dedup_key(t) for t in texts["train"]}
-    val = [_dedup_key(t) for t in texts["validation"]]
-    seen = train | set(val)
-    n = sum(_dedup_key(t) in seen for t in texts["test"])
+    gains), and texts given two labels: counted always, and test overlap over MAX_OVERLAP of the test set a
+    one-line error unless the study allows it (the rest are warned of: `repeated_text_notes`)."""
+    keys = {s: [_dedup_key(t) for t in texts[s]] for s in ("train", "validation", "test")}
+    train = set(keys["train"])
+    seen = train | set(keys["validation"])
+    n = sum(k in seen for k in keys["test"])
     share = n / len(texts["test"]) if texts["test"] else 0.0
     if share > MAX_OVERLAP and not allowed:
         raise UserError(
             f"data: {n} of the {len(texts['test'])} test texts ({share:.0%}) are also training texts: "
             "scores would be inflated; remove the duplicates, or set data.allow_overlap: true"
         )
-    n_val = sum(k in train for k in val)
-    return {"test_texts_also_in_train": n, "share_of_test": share, "validation_texts_also_in_train": n_val}
+    return {
+        "test_texts_also_in_train": n,
+        "share_of_test": share,
+        "validation_texts_also_in_train": sum(k in train for k in keys["validation"]),
+        "texts_labelled_twice": 0 if task == "regression" else _labelled_twice(keys, labels),
+    }
 
 
-def validation_overlap_note(overlap: dict, n_validation: int) -> str | None:
-    """Validation texts that are also training texts (a training file that repeats texts): over MAX_OVERLAP
-    of the validation split, a warning, since validation scores choose the learning rates and epochs."""
-    n = overlap.get("validation_texts_also_in_train") or 0
-    if not n_validation or n / n_validation <= MAX_OVERLAP:
-        return None
-    return (
-        f"{n} of the {n_validation} validation texts ({n / n_validation:.0%}) are also training texts (the "
-        "training data repeats texts): validation scores, which choose learning rates and epochs, favour "
-        "memorising; remove the repeats from the training data"
-    )
+def _labelled_twice(keys: dict[str, list[str]], labels: dict) -> int:
+    """Distinct texts (over all splits) that carry more than one label: no model can answer them all."""
+    seen: dict[str, set] = {}
+    for s, split_keys in keys.items():
+        for k, y in zip(split_keys, labels[s]):
+            seen.setdefault(k, set()).add(np.asarray(y).tobytes())
+    return sum(len(v) > 1 for v in seen.values())
+
+
+def repeated_text_notes(overlap: dict, sizes: dict) -> list[str]:
+    """Warnings about repeated texts: validation texts that are also training texts, over MAX_OVERLAP of
+    the validation split (validation scores choose the learning rates and epochs), and texts given two
+    labels, over MAX_LABELLED_TWICE of all texts (a label column that is not the one meant, or files joined
+    from sources that code labels otherwise)."""
+    notes = []
+    n, n_val = overlap.get("validation_texts_also_in_train") or 0, sizes.get("validation") or 0
+    if n_val and n / n_val > MAX_OVERLAP:
+        notes.append(
+            f"{n} of the {n_val} validation texts ({n / n_val:.0%}) are also training texts (the training "
+            "data repeats texts): validation scores, which choose learning rates and epochs, favour "
+            "memorising; remove the repeats from the training data"
+        )
+    twice, total = overlap.get("texts_labelled_twice") or 0, sum(sizes.values())
+    if total and twice / total > MAX_LABELLED_TWICE:
+        notes.append(
+            f"{twice} texts appear with two or more different labels ({twice / total:.0%} of the "
+            f"{total:,} texts): no method can answer them all; check that data.label_column is the one "
+            "meant, and that files joined from several sources code their labels alike"
+        )
+    return notes
 
 
 def _dedup_key(text: str) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import stats, store
 from .artefacts import reload_warning
-from .data import constant_answer, validation_overlap_note
+from .data import constant_answer, repeated_text_notes
 from .errors import UserError
 from .memory import fits_on
 from .metrics import TASK_METRICS, bounds, is_fraction, oriented, ranking
@@ -1050,7 +1050,7 @@ def _intro(study: dict) -> str:
     notes = (
         constant_answer(study["task"], study["metric"], labels or [], data.get("label_names") or []),
         data.get("tokenizer_note"),
-        validation_overlap_note(overlap, sizes.get("validation") or 0),
+        *repeated_text_notes(overlap, sizes),
         nothing_learned(study),
     )
     for said in filter(None, notes):

@@ -131,7 +131,7 @@ class Study:
         self.data = data
         notes = (
             data_mod.constant_answer(cfg["task"], cfg["metric"], data.labels["test"], data.label_names),
-            data_mod.validation_overlap_note(data.source["overlap"], len(data.texts["validation"])),
+            *data_mod.repeated_text_notes(data.source["overlap"], data.sizes()),
         )
         for note in filter(None, notes):
             print(f"peftbench: warning: {note}", file=sys.stderr)
