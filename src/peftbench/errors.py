@@ -1,5 +1,7 @@
 """Errors that end a command with a one-line message and exit status 2 (never a traceback)."""
 
+import contextlib
+import os
 import re
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -33,3 +35,13 @@ class Diverged(Exception):
     def __init__(self, message: str, history: list | None = None, metrics: dict | None = None):
         super().__init__(message)
         self.history, self.metrics = list(history or []), dict(metrics or {})
+
+
+@contextlib.contextmanager
+def silent_interrupt():
+    """In a worker process: Ctrl-C reaches the whole process group and the CLI says so, once; the worker
+    leaves at once, with status 130 and no traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        os._exit(130)

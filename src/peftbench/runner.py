@@ -24,7 +24,7 @@ import numpy as np
 from . import methods as registry
 from . import store
 from .spec import Runtime, RunSpec, TrainSettings, config_hash
-from .errors import UserError
+from .errors import UserError, silent_interrupt
 from .metrics import ranking, validation_at
 
 
@@ -840,24 +840,20 @@ def _enter_worker(env: dict, cuda: bool, kind: str) -> None:
 
 
 def _forked_worker(run_dir: str, env: dict, cuda: bool) -> None:
-    try:
+    with silent_interrupt():
         _enter_worker(env, cuda, "forked")
         sys.argv = ["peftbench.worker", run_dir]
         from .worker import main
 
         main()
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the CLI says so, once
-        os._exit(130)
 
 
 def _warm_worker(conn, env: dict, cuda: bool) -> None:
-    try:  # as above, while it starts or waits between runs too
+    with silent_interrupt():  # while it starts or waits between runs too
         _enter_worker(env, cuda, "warm")
         from .worker import serve
 
         serve(conn)
-    except KeyboardInterrupt:
-        os._exit(130)
 
 
 class WarmWorker:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import faults, store
 from .devices import is_oom
-from .errors import Diverged, SkipRun, UserError
+from .errors import Diverged, SkipRun, UserError, silent_interrupt
 from .metrics import TASK_METRICS
 from .spec import RunSpec
 
@@ -303,10 +303,8 @@ def _execute_logged(run_dir: Path, rank: int) -> None:
     log = run_dir / ("crash.log" if rank == 0 else f"crash-rank{rank}.log")
     with open(log, "w") as crash:
         faulthandler.enable(file=crash)
-        try:
+        with silent_interrupt():
             execute_run(run_dir, progress=os.environ.get("PEFTBENCH_PROGRESS", "1") == "1")
-        except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the CLI says so, once
-            os._exit(130)
         faults.at_end(run_dir.name)
         faulthandler.disable()
     if log.stat().st_size == 0:
