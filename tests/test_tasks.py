@@ -14,6 +14,7 @@ import pytest
 from conftest import NEG, NEUTRAL, POS, run_study, study
 
 from peftbench import data, metrics, stats
+from peftbench.train import NO_BIAS
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -250,12 +251,17 @@ def test_report_and_verdicts_on_a_regression_study(tiny_encoder, tmp_path):
 
 # Full fine-tuning learns the planted scores in 8 epochs; LoRA on this tiny model barely moves at 1e-2 and
 # at higher rates turns chaotic (rounding differences between the two runs grow without bound): 2 epochs.
+# Llama's score head has no bias: scaled only, so scores x20 (and no shift).
 @pytest.mark.parametrize(
-    "method, epochs",
-    [({"name": "full", "learning_rate": 3e-3}, 8), ({"name": "lora", "learning_rate": 1e-2}, 2)],
+    "model, method, epochs, shift",
+    [
+        ("tiny_encoder", {"name": "full", "learning_rate": 3e-3}, 8, 7.0),
+        ("tiny_encoder", {"name": "lora", "learning_rate": 1e-2}, 2, 7.0),
+        ("tiny_decoder", {"name": "full", "learning_rate": 3e-3}, 4, 0.0),
+    ],
 )
 def test_regression_trains_as_on_standardized_scores_whatever_their_scale(
-    tiny_encoder, tmp_path, method, epochs
+    request, tmp_path, model, method, epochs, shift
 ):
     """Scores x20 + 7 train to predictions x20 + 7: the head starts scaled to the training scores and steps
     in proportion, so the scale of the scores changes nothing but the scale of the predictions (a head
@@ -263,19 +269,19 @@ def test_regression_trains_as_on_standardized_scores_whatever_their_scale(
     import pandas as pd
 
     preds = {}
-    for name, (a, b) in {"unit": (1.0, 0.0), "wide": (20.0, 7.0)}.items():
+    for name, (a, b) in {"unit": (1.0, 0.0), "wide": (20.0, shift)}.items():
         folder = _write(tmp_path / name, "regression", n_train=240)
         for split in ("train", "test"):
             df = pd.read_parquet(folder / f"{split}.parquet")
             df.assign(label=df["label"] * a + b).to_parquet(folder / f"{split}.parquet")
         raw = study(
-            tiny_encoder,
+            request.getfixturevalue(model),
             folder,
             [method],
             task="regression",
             seeds=[0],
             train={
-                "epochs": 8,
+                "epochs": epochs,
                 "max_length": 24,
                 "precision": "fp32",
                 "max_grad_norm": 1e6,
@@ -290,32 +296,36 @@ def test_regression_trains_as_on_standardized_scores_whatever_their_scale(
             ys = np.asarray(
                 json.loads((tmp_path / "s-unit" / "study.json").read_text())["data"]["test_labels"]
             )
-    gap = np.abs((preds["wide"] - 7) / 20 - preds["unit"])  # rounding, compounded over the epochs
+    gap = np.abs((preds["wide"] - shift) / 20 - preds["unit"])  # rounding, compounded over the epochs
     assert gap.max() < 5e-3 and np.median(gap) < 5e-4, (gap.max(), np.median(gap))
     if method["name"] == "full":  # it learned the scores, not just their mean
         assert np.corrcoef(preds["unit"], ys)[0, 1] > 0.5
 
 
-def test_a_head_without_bias_trains_scores_unstandardized_and_large_ones_are_named(tiny_decoder, tmp_path):
-    """Llama's score head has no bias to hold the scores' mean: no standardization, said in the result, and
-    scores far from unit size named after the run and in the report."""
+def test_a_head_without_bias_is_scaled_only_and_a_mean_far_from_zero_is_named(tiny_decoder, tmp_path):
+    """Llama's score head has no bias to hold the scores' mean: scaled only, said in the result, and a mean
+    many standard deviations from 0 (which it must learn in those units) named after the run and in the
+    report."""
     from peftbench import report
 
     folder = _write(tmp_path / "d", "regression")
     for split in ("train", "test"):
         df = pd.read_parquet(folder / f"{split}.parquet")
-        df.assign(label=df["label"] * 20).to_parquet(folder / f"{split}.parquet")
+        df.assign(label=df["label"] + 100).to_parquet(folder / f"{split}.parquet")
     raw = study(tiny_decoder, folder, ["full"], task="regression", seeds=[0], train={"epochs": 1})
     (run,) = [r for r in run_study(raw, tmp_path / "s") if r["role"] == "final"]
     scale = run["metrics"]["score_scale"]
-    assert scale["standardized"] == "off: the head's output layer has no bias to hold the mean"
-    assert scale["std"] > 5
+    assert scale["standardized"] == f"scale only: {NO_BIAS}"
+    assert scale["mean"] / scale["std"] > 5
     problems = report._problems(report.load_study(tmp_path / "s"))
-    assert any("trained unstandardized (off: the head's output layer has no bias" in p for p in problems)
-    on = {**run, "metrics": {"score_scale": {**scale, "standardized": "on"}}}
-    assert report._unstandardized(on) is None
-    small = {**run, "metrics": {"score_scale": {**scale, "mean": 2.0, "std": 1.5}}}
-    assert report._unstandardized(small) is None
+    assert any(
+        "trained unstandardized (scale only: the head's output layer has no bias" in p for p in problems
+    )
+    centred = {**run, "metrics": {"score_scale": {**scale, "mean": 2.0 * scale["std"]}}}
+    assert report._unstandardized(centred) is None  # a mean 2 std from 0 is learned
+    off = {**run, "metrics": {"score_scale": {**scale, "standardized": "off: why", "mean": 2.0, "std": 1.5}}}
+    assert report._unstandardized(off) is None
+    assert report._unstandardized({**off, "metrics": {"score_scale": {**scale, "standardized": "off: why"}}})
 
 
 def test_one_tie_rule_ranks_rates_and_epochs_for_either_direction():

@@ -734,18 +734,21 @@ UNSTANDARDIZED_NOTE = 5.0
 
 
 def _unstandardized(r: dict) -> str | None:
-    """A regression run whose scores are far from unit size and were not standardized (`train.py`,
-    `Recipe._scale_score_head`, says why not)."""
+    """A regression run whose scores were not standardized (`train.py`, `Recipe._scale_score_head`, says why
+    not) and are far from unit size; or were only scaled (a head without a bias) and have a mean far from 0
+    in standard deviations."""
     scale = (r.get("metrics") or {}).get("score_scale") or {}
-    if r["status"] != "success" or scale.get("standardized", "on") == "on":
+    state = scale.get("standardized", "on")
+    if r["status"] != "success" or state == "on":
         return None
     mean, std = scale["mean"], scale["std"]
-    if max(abs(mean), std) <= UNSTANDARDIZED_NOTE:
+    size = abs(mean) / std if state.startswith("scale only") and std else max(abs(mean), std)
+    if size <= UNSTANDARDIZED_NOTE:
         return None
     return (
         f"{r['run_id']}: its training scores (mean {mean:.3g}, standard deviation {std:.3g}) trained "
-        f"unstandardized ({scale['standardized']}): a head that starts near 0 moves little at fine-tuning "
-        f"learning rates; rescale the scores to about unit size, e.g. (score - {mean:.3g}) / {std:.3g}"
+        f"unstandardized ({state}): a head that starts near 0 moves little at fine-tuning learning rates; "
+        f"rescale the scores to about unit size, e.g. (score - {mean:.3g}) / {std:.3g}"
     )
 
 

@@ -169,6 +169,9 @@ def param_groups(model, lr: float, head_lr: float | None, weight_decay: float, h
     ]
 
 
+NO_BIAS = "the head's output layer has no bias"
+
+
 def score_outputs(model, head: list[str]) -> list:
     """A regression head's output layers: the trained one-output `nn.Linear` modules in the head (under
     PEFT the trained copy of `modules_to_save`, not the frozen original)."""
@@ -351,14 +354,19 @@ class Recipe:
         output layer starts scaled by the training scores' std, its bias shifted by their mean, and steps
         std times further (`scaled_score_groups`); the loss is divided by std^2. A head that starts near 0
         and moves a learning rate's worth a step could not otherwise reach scores of tens or hundreds; the
-        saved model needs nothing to undo."""
+        saved model needs nothing to undo. A head without a bias (Llama's) is scaled only: it trains as on
+        scores divided by their std, and learns their mean in std units."""
         if self.spec.task != "regression":
             return
         outputs = score_outputs(model, self.head)
         y = self.tok.labels["train"]
         mean, std = float(y.mean()), float(y.std())
         why = self._score_scale_blocker(outputs)
-        self.score_scale = {"mean": mean, "std": std, "standardized": f"off: {why}" if why else "on"}
+        no_bias = any(m.bias is None for m in outputs)
+        state = (
+            f"off: {why}" if why else "scale only: the head's output layer has no bias" if no_bias else "on"
+        )
+        self.score_scale = {"mean": mean, "std": std, "standardized": state}
         self.loss_unit = 1.0
         if why:
             return
@@ -367,7 +375,8 @@ class Recipe:
         with torch.no_grad():
             for m in outputs:
                 m.weight.mul_(std)
-                m.bias.mul_(std).add_(mean)
+                if m.bias is not None:
+                    m.bias.mul_(std).add_(mean)
         self.loss_unit = 1.0 / std**2
 
     def _score_scale_blocker(self, outputs: list) -> str | None:
@@ -376,7 +385,6 @@ class Recipe:
         base = load_config(self.spec.model_path, self.spec.trust_remote_code)
         reasons = (
             (not outputs, "no trained one-output linear layer in the head"),
-            (any(m.bias is None for m in outputs), "the head's output layer has no bias to hold the mean"),
             (
                 base.num_labels == 1 or getattr(base, "problem_type", None) == "regression",
                 "the checkpoint's head already predicts scores",
@@ -465,7 +473,7 @@ class Recipe:
         self.params = param_groups(
             self.model, cfg.learning_rate, cfg.head_learning_rate, cfg.weight_decay, self.head
         )
-        if self.score_scale and self.score_scale["standardized"] == "on":
+        if self.score_scale and not self.score_scale["standardized"].startswith("off"):
             outputs = score_outputs(self.model, self.head)
             self.params = scaled_score_groups(self.params, outputs, self.score_scale["std"])
         self.optimizer = make_optimizer(cfg.optimizer, self.params, cfg.learning_rate, self.device, self.amp)
