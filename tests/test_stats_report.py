@@ -657,7 +657,7 @@ def test_test_labels_coded_otherwise_than_training_labels_are_named(tmp_path, ca
     assert "check the test file's label column" in md
 
 
-def test_against_guessing_for_classes_and_scores():
+def test_against_guessing_for_classes_scores_and_label_sets():
     labels = np.array([0, 1, 2, 0] * 50)
     right = stats.against_guessing("classification", labels, labels)
     assert right["accuracy"] == 1.0 and right["guess"] == pytest.approx(0.5**2 + 2 * 0.25**2)
@@ -672,7 +672,12 @@ def test_against_guessing_for_classes_and_scores():
     assert stats.against_guessing("regression", -scores, scores)["p_below"] < 1e-10
     shuffled = stats.against_guessing("regression", np.random.default_rng(1).permutation(scores), scores)
     assert shuffled["p_value"] > stats.ALPHA
-    assert stats.against_guessing("multi_label", labels, labels) is None
+    rows = np.random.default_rng(2).random((300, 4)) < [0.5, 0.3, 0.1, 0.05]  # texts x labels, some sparse
+    assert stats.against_guessing("multi_label", rows, rows)["p_value"] < 1e-10
+    shuffled = stats.against_guessing("multi_label", np.random.default_rng(3).permutation(rows), rows)
+    assert shuffled["p_value"] > 0.01 and abs(shuffled["accuracy"] - shuffled["guess"]) < 0.05
+    assert stats.against_guessing("multi_label", np.zeros_like(rows), rows)["p_value"] == 1.0  # constant
+    assert stats.against_guessing("multi_label", ~rows, rows)["p_below"] < 1e-10
     assert stats.against_guessing("classification", labels[:10], labels) is None  # other test items
 
 

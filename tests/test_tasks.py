@@ -224,6 +224,15 @@ def test_a_tiny_model_learns_the_planted_task_and_predict_agrees(task, tiny_enco
         assert set(got[0]["probabilities"]) == {"bad", "good"}
     summary = json.loads((tmp_path / "s" / "study.json").read_text())
     assert summary["study"]["metric"] == metric
+    from peftbench import report  # predictions that tell something pass the guessing test, shuffled ones not
+
+    loaded = report.load_study(tmp_path / "s")
+    run = next(r for r in loaded["finals"] if r["run_id"] == full["run_id"])
+    assert report._learned_nothing(loaded, run) is None
+    shuffled = list(np.random.default_rng(0).permutation(np.asarray(run["test_predictions"])).tolist())
+    assert "learned nothing the test can show" in report._learned_nothing(
+        loaded, {**run, "test_predictions": shuffled}
+    )
 
 
 def test_report_and_verdicts_on_a_regression_study(tiny_encoder, tmp_path):

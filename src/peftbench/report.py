@@ -774,7 +774,7 @@ def _learned_nothing(study: dict, r: dict) -> str | None:
     if test is None or test["p_value"] < stats.ALPHA:
         return None
     if test["p_below"] < REVERSED:
-        return _reversed(r["run_id"], test)
+        return _reversed(r["run_id"], test, study["task"])
     if len(preds) < SMALL_TEST:
         fix += (
             f"; the test split is small ({len(preds)} items): a larger one (data.test_size) would show more"
@@ -787,10 +787,16 @@ def _learned_nothing(study: dict, r: dict) -> str | None:
             f"{test['pearson']:.3f}, one-sided p = {test['p_value']:.2f}): {fix}"
         )
     return (
-        f"{r['run_id']}: test accuracy {test['accuracy']:.3f} is no better than guessing (answers drawn at "
-        f"random in the shares it gave them would score {test['guess']:.3f}; one-sided p = "
-        f"{test['p_value']:.2f}): {fix}"
+        f"{r['run_id']}: {_right(study['task'], test)} is no better than guessing (answers drawn at random "
+        f"in the shares it gave them would score {test['guess']:.3f}; one-sided p = {test['p_value']:.2f}): "
+        f"{fix}"
     )
+
+
+def _right(task: str, test: dict) -> str:
+    if task == "multi_label":
+        return f"the share of its (text, label) answers that are right, {test['accuracy']:.3f},"
+    return f"test accuracy {test['accuracy']:.3f}"
 
 
 # Test predictions worse than guessing at this p-value: the model learned something, and the test split's
@@ -798,13 +804,13 @@ def _learned_nothing(study: dict, r: dict) -> str | None:
 REVERSED = 0.001
 
 
-def _reversed(run_id: str, test: dict) -> str:
+def _reversed(run_id: str, test: dict, task: str) -> str:
     if "pearson" in test:
         said = f"its test predictions correlate negatively with the scores (Pearson {test['pearson']:.3f})"
     else:
         said = (
-            f"test accuracy {test['accuracy']:.3f} is far below guessing ({test['guess']:.3f} for random "
-            "answers in its own shares)"
+            f"{_right(task, test)} is far below guessing ({test['guess']:.3f} for random answers in its own "
+            "shares)"
         )
     return (
         f"{run_id}: {said}, one-sided p = {test['p_below']:.1e}: it learned the training labels, and the "

@@ -224,25 +224,34 @@ def against_guessing(task: str, preds, labels) -> dict | None:
     """Whether a run's test predictions tell anything about the labels. Classification: its accuracy
     against `guess`, what answers drawn at random in the shares it gave them would score (the sum over
     classes of its answer share times the class's test share), by one-sided binomial tests (conservative:
-    with both shares fixed the count varies less). Regression: Pearson's r against 0, one-sided. `p_value`
-    tests for better than guessing (1.0 for a constant answer, which tells nothing), `p_below` for worse;
-    None for multi-label tasks and missing data."""
-    from scipy.stats import binomtest, pearsonr
+    with both shares fixed the count varies less). Multi-label: the same over the (text, label) cells, its
+    share of cells answered right against random answers in its own share per label. Regression: Pearson's
+    r against 0, one-sided. `p_value` tests for better than guessing (1.0 for a constant answer, which tells
+    nothing), `p_below` for worse; None for missing data."""
+    from scipy.stats import pearsonr
 
-    if task not in ("classification", "regression") or preds is None or labels is None:
+    if preds is None or labels is None:
         return None
     preds, labels = np.asarray(preds), np.asarray(labels)
-    if len(preds) != len(labels) or len(preds) < 2:
+    if preds.shape != labels.shape or len(preds) < 2:
         return None
     if task == "regression":
         if np.ptp(preds) == 0 or np.ptp(labels) == 0:
             return {"pearson": 0.0, "p_value": 1.0, "p_below": 1.0}
         up, down = (pearsonr(preds, labels, alternative=a) for a in ("greater", "less"))
         return {"pearson": float(up.statistic), "p_value": float(up.pvalue), "p_below": float(down.pvalue)}
-    classes = np.union1d(preds, labels)
-    guess = float(sum(np.mean(preds == c) * np.mean(labels == c) for c in classes))
-    hits, n = int(np.sum(preds == labels)), len(preds)
-    if len(np.unique(preds)) == 1:
+    if task == "multi_label":
+        p, y = preds.astype(bool).mean(0), labels.astype(bool).mean(0)
+        guess = float(np.mean(p * y + (1 - p) * (1 - y)))
+    else:
+        guess = float(sum(np.mean(preds == c) * np.mean(labels == c) for c in np.union1d(preds, labels)))
+    return _binomial_against(int(np.sum(preds == labels)), preds.size, guess, (preds == preds[0]).all())
+
+
+def _binomial_against(hits: int, n: int, guess: float, constant: bool) -> dict:
+    from scipy.stats import binomtest
+
+    if constant:
         return {"accuracy": hits / n, "guess": guess, "p_value": 1.0, "p_below": 1.0}
     p, below = (float(binomtest(hits, n, guess, alternative=a).pvalue) for a in ("greater", "less"))
     return {"accuracy": hits / n, "guess": guess, "p_value": p, "p_below": below}
