@@ -311,6 +311,27 @@ def test_regression_trains_as_on_standardized_scores_whatever_their_scale(
         assert np.corrcoef(preds["unit"], ys)[0, 1] > 0.5
 
 
+def test_a_regression_checkpoint_from_before_score_scaling_is_not_resumed(
+    tiny_encoder, tmp_path, monkeypatch, capfd
+):
+    """A checkpoint written before regression heads were scaled holds weights and optimizer groups of the
+    unscaled head: the run starts over rather than mixing the two (or failing on the groups)."""
+    import torch
+
+    folder = _write(tmp_path / "d", "regression")
+    raw = study(tiny_encoder, folder, ["full"], task="regression", isolation="process", train={"epochs": 2})
+    monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "full:exit_after_epoch=1")
+    (killed,) = run_study(raw, tmp_path / "s")
+    path = tmp_path / "s" / "runs" / killed["run_id"] / "checkpoint.pt"
+    ck = torch.load(path, weights_only=True)
+    assert ck["score_scale"]["standardized"] == "on"
+    monkeypatch.delenv("PEFTBENCH_INJECT_FAULT")
+    torch.save({k: v for k, v in ck.items() if k != "score_scale"}, path)  # as the older version wrote it
+    (again,) = run_study(raw, tmp_path / "s")
+    assert again["status"] == "success" and again["metrics"]["resumed_from_epoch"] is None
+    assert "trained its scores otherwise" in capfd.readouterr().err
+
+
 def test_a_head_without_bias_is_scaled_only_and_a_mean_far_from_zero_is_named(tiny_decoder, tmp_path):
     """Llama's score head has no bias to hold the scores' mean: scaled only, said in the result, and a mean
     many standard deviations from 0 (which it must learn in those units) named after the run and in the

@@ -747,6 +747,13 @@ class Recipe:
         ck = load_checkpoint(self.ckpt_path, self.spec.config_hash, self.device)
         if ck is None:
             return
+        if ck.get("score_scale") != self.score_scale:  # regression heads unscaled (before 2026-12-05)
+            print(
+                f"peftbench: warning: the checkpoint {self.ckpt_path} trained its scores otherwise (an older "
+                "peftbench); the run starts from scratch",
+                file=sys.stderr,
+            )
+            return
         load_trainable(self.model, ck["trainable"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
@@ -951,6 +958,7 @@ class Recipe:
                 self.ckpt_path,
                 {
                     "config_hash": self.spec.config_hash,
+                    "score_scale": self.score_scale,
                     "epoch": epoch,
                     "trainable": trainable_state(self.model),
                     "optimizer": self.optimizer.state_dict(),
