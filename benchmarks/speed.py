@@ -15,10 +15,11 @@ batch shape. Recipe options, joined with "+": eager (no CUDA graphs), compile (t
 shape), cudagraphs (compile + its CUDA graphs), padN (pad to multiples of N), mask2d (the plain 2D mask,
 i.e. transformers' per-step `mask.all()` sync), nopack / pack (padded batches / packed ones; default: auto),
 nogroup (batches not grouped by length), peradd (graphed steps add gradients one parameter at a time,
-as autograd does: the code before 2026-12-04), adamw_bf16 (trained weights in bf16 under optimi's Kahan-summed
-AdamW, `train.optimizer: adamw_bf16`), profile (a torch.profiler step profile into
---profile-dir). With --epochs > 1 rows also give the last epoch alone (after warm-up and compilation). The
-roberta-base-shaped model is built from
+as autograd does: the code before 2026-12-04), castweights (graphed steps let autocast cast every linear
+weight and gradient, without bf16 weight copies: the code before 2026-12-04 22:00 UTC), adamw_bf16
+(trained weights in bf16 under optimi's Kahan-summed AdamW, `train.optimizer: adamw_bf16`), profile (a
+torch.profiler step profile into --profile-dir). With --epochs > 1 rows also give the last epoch alone
+(after warm-up and compilation). The roberta-base-shaped model is built from
 RobertaConfig with roberta-base's values and random weights (no download): its accuracy means
 nothing, its time and memory are roberta-base's. It is fed the MiniLM tokenizer's ids (all < 30522),
 so lengths follow the real IMDb distribution up to the tokenizer difference.
@@ -179,10 +180,12 @@ def run_peftbench(spec: RunSpec, tok: data_mod.Tokenized, recipe: str, profile: 
     spec = spec.with_runtime(profile=bool(profile))
     if "+mask2d" in recipe:
         spec = spec.with_train(attention_mask="2d")
-    adds = contextlib.nullcontext()
+    adds, casts = contextlib.nullcontext(), contextlib.nullcontext()
     if "+peradd" in recipe:  # the graphed step as before 2026-12-04: autograd adds gradients one by one
         adds = mock.patch.object(graphs, "backward_adding_in_few_kernels", lambda loss, _: loss.backward())
-    with tempfile.TemporaryDirectory() as tmp, adds:
+    if "+castweights" in recipe:  # autocast casts each weight and gradient, as before bf16 weight copies
+        casts = mock.patch.object(graphs, "weight_copies", lambda *_: (None, "off: +castweights"))
+    with tempfile.TemporaryDirectory() as tmp, adds, casts:
         res = train.train_run(spec, tok, Path(tmp), progress=False)
         if profile and (Path(tmp) / "profile.json").exists():
             profile.write_text((Path(tmp) / "profile.json").read_text())

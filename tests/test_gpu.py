@@ -24,7 +24,7 @@ def test_graphed_steps_train_like_eager_ones(no_dropout_encoder, tiny_data, tmp_
     g = graphed["metrics"]["cuda_graphs"]
     # one eager (micro-)step, then graphs: a shape per padded length (micro-batches of 4 pad to one)
     assert g["failed"] is None and g["graphs"] >= (2 if micro is None else 1) and g["eager_steps"] == 1, g
-    assert g["gradient_adds"] == "multi-tensor"
+    assert g["gradient_adds"] == "multi-tensor" and g["weight_copies"].startswith("on: "), g
     assert eager["metrics"]["cuda_graphs"] == "off (cuda_graphs: false)"
     for hg, he in zip(graphed["history"], eager["history"]):
         assert hg["train_loss"] == pytest.approx(he["train_loss"], rel=2e-3)
@@ -88,6 +88,7 @@ def test_a_budget_caps_the_run_and_the_plan_fits_under_it(tiny_encoder, tiny_dat
         assert plan["allocator_cap_mb"] < budget_mb and r["metrics"]["peak_device_memory_mb"] <= budget_mb
         graphs = r["metrics"]["cuda_graphs"]
         assert graphs["gradient_adds"] == "per parameter: under a GPU memory budget", graphs
+        assert graphs["weight_copies"] == "off: gradients added per parameter: under a GPU memory budget"
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_bf16"])

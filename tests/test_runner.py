@@ -897,6 +897,105 @@ def test_graphed_micro_steps_add_gradients_in_multi_tensor_kernels_not_one_per_w
         assert torch.equal(a.grad, b.grad)  # added once
 
 
+@pytest.mark.parametrize("arch", ["bert", "llama-lora"])
+def test_bf16_weight_copies_give_autocasts_losses_and_gradients_bit_for_bit(arch):
+    """A graphed step computes with bf16 copies of the trained linear weights in their places, refreshed by
+    one multi-tensor copy, and puts their gradients into the fp32 ones: the same loss and the same fp32
+    gradients, bit for bit, as bf16 autocast casting every weight, over micro-steps that add up too."""
+    import torch
+
+    from peftbench.graphs import WeightCopies
+
+    models = [_tiny_model(arch) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x, y = torch.randint(0, 50, (4, 9)), torch.tensor([0, 1, 1, 0])
+    copies = WeightCopies(models[1])
+    linear = [
+        p
+        for m in models[1].modules()
+        if type(m) is torch.nn.Linear
+        for p in m.parameters(recurse=False)
+        if p.requires_grad
+    ]
+    assert len(copies) == len(linear) > 0 and all(c.dtype == torch.bfloat16 for c in copies.copies)
+    before = dict(models[1].named_parameters())
+    for add in (False, True):  # one micro-step, then a second one adding up
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = models[0](input_ids=x, labels=y).loss
+        plain.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16), copies.in_place():
+            copied = models[1](input_ids=x, labels=y).loss
+        copied.backward()
+        assert all(c.grad is not None and c.grad.dtype == torch.bfloat16 for c in copies.copies)  # used
+        copies.gradients_into_weights(add=add)
+        assert torch.equal(plain, copied)
+        assert all(c.grad is None for c in copies.copies)
+        for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+            assert (a.grad is None) == (b.grad is None), name
+            assert a.grad is None or torch.equal(a.grad, b.grad), name
+    after = dict(models[1].named_parameters())
+    assert all(after[n] is p and p.dtype == torch.float32 for n, p in before.items())  # the weights are back
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    assert copies.same_loss(lambda *b: models[1](input_ids=b[0], labels=b[1]).loss, (x, y), bf16)
+
+
+def test_a_model_casting_by_its_weights_dtype_trains_without_weight_copies():
+    """Where a model casts activations to a linear weight's dtype (as T5's feed-forward does), bf16 copies
+    would change what it computes: the check on the first batch finds the loss changed."""
+    import torch
+
+    from peftbench.graphs import WeightCopies, weight_copies
+
+    class Casting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.lin(x.to(self.lin.weight.dtype) * 1.001 + 0.3).float().pow(2).mean()
+
+    torch.manual_seed(0)
+    model = Casting()
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    assert not WeightCopies(model).same_loss(model, (torch.randn(16, 8),), bf16)
+    assert weight_copies(model, None, "multi-tensor") == (None, "off: no bf16 autocast")
+    assert weight_copies(model, torch.bfloat16, "per parameter: under a GPU memory budget")[1] == (
+        "off: gradients added per parameter: under a GPU memory budget"
+    )
+    model.lin.requires_grad_(False)
+    off = weight_copies(model, torch.bfloat16, "multi-tensor")
+    assert off == (None, "off: no trained fp32 linear weights")
+
+
+def _tiny_model(arch: str):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    if arch == "bert":
+        cfg = BertConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+        )
+        return BertForSequenceClassification(cfg).eval()
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=32,
+        pad_token_id=0,
+    )
+    lora = LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(LlamaForSequenceClassification(cfg), lora)
+    for n, p in model.named_parameters():  # LoRA's B starts at zero: random, so that gradients reach A
+        if "lora_B" in n:
+            torch.nn.init.normal_(p)
+    return model.eval()
+
+
 def test_graphed_steps_add_large_or_budgeted_gradients_one_parameter_at_a_time():
     """Multi-tensor adds hold every fresh gradient until the backward pass ends: not for gradients over
     2 GB (where adds are large kernels anyway), nor under a memory budget the plan made without them."""

@@ -719,6 +719,8 @@ class Recipe:
                 self.grad_params,
                 self.train.max_grad_norm if self.micro >= self.batch_size else None,  # else after the last
                 budgeted=bool(self.spec.gpu_memory_bytes),
+                model=self.model,
+                accumulating=self.micro < self.batch_size,
             )
 
     def _graphs_blocker(self) -> str | None:
