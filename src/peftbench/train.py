@@ -363,9 +363,7 @@ class Recipe:
         mean, std = float(y.mean()), float(y.std())
         why = self._score_scale_blocker(outputs)
         no_bias = any(m.bias is None for m in outputs)
-        state = (
-            f"off: {why}" if why else "scale only: the head's output layer has no bias" if no_bias else "on"
-        )
+        state = f"off: {why}" if why else f"scale only: {NO_BIAS}" if no_bias else "on"
         self.score_scale = {"mean": mean, "std": std, "standardized": state}
         self.loss_unit = 1.0
         if why:
