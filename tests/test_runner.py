@@ -855,17 +855,10 @@ def test_graphed_micro_steps_add_gradients_in_multi_tensor_kernels_not_one_per_w
     sums, in the same tensors, without autograd's one add per parameter."""
     import torch
     from torch.profiler import profile
-    from transformers import BertConfig, BertForSequenceClassification
 
     from peftbench.graphs import backward_adding_in_few_kernels
 
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
-    )
-    models = [BertForSequenceClassification(cfg).eval() for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    x, y = torch.randint(0, 50, (4, 9)), torch.tensor([0, 1, 1, 0])
+    models, x, y = _twin_models("bert")
     params = [list(m.parameters()) for m in models]
 
     def steps(backward, m, n):
@@ -906,9 +899,7 @@ def test_bf16_weight_copies_give_autocasts_losses_and_gradients_bit_for_bit(arch
 
     from peftbench.graphs import WeightCopies
 
-    models = [_tiny_model(arch) for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    x, y = torch.randint(0, 50, (4, 9)), torch.tensor([0, 1, 1, 0])
+    models, x, y = _twin_models(arch)
     copies = WeightCopies(models[1])
     linear = [
         p
@@ -965,6 +956,15 @@ def test_a_model_casting_by_its_weights_dtype_trains_without_weight_copies():
     model.lin.requires_grad_(False)
     off = weight_copies(model, torch.bfloat16, "multi-tensor")
     assert off == (None, "off: no trained fp32 linear weights")
+
+
+def _twin_models(arch: str) -> tuple[list, object, object]:
+    """Two identical tiny models (BERT, or Llama under LoRA with random B), and a batch of ids and labels."""
+    import torch
+
+    models = [_tiny_model(arch) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    return models, torch.randint(0, 50, (4, 9)), torch.tensor([0, 1, 1, 0])
 
 
 def _tiny_model(arch: str):
