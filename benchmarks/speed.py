@@ -16,7 +16,7 @@ shape), cudagraphs (compile + its CUDA graphs), padN (pad to multiples of N), ma
 i.e. transformers' per-step `mask.all()` sync), nopack / pack (padded batches / packed ones; default: auto),
 nogroup (batches not grouped by length), peradd (graphed steps add gradients one parameter at a time,
 as autograd does: the code before 2026-12-04), castweights (graphed steps let autocast cast every linear
-weight and gradient, without bf16 weight copies: the code before 2026-12-04 22:00 UTC), adamw_bf16
+weight and gradient, without bf16 weight copies: the code before commit 778e6f7, 2026-12-05), adamw_bf16
 (trained weights in bf16 under optimi's Kahan-summed AdamW, `train.optimizer: adamw_bf16`), profile (a
 torch.profiler step profile into --profile-dir). With --epochs > 1 rows also give the last epoch alone
 (after warm-up and compilation). The roberta-base-shaped model is built from
