@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_rows, write_dataset
+from conftest import make_rows, run_study, write_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peftbench import config
 from peftbench import data as data_mod
+from peftbench import report
 from peftbench.errors import UserError
 
 
@@ -265,6 +266,30 @@ def test_texts_given_two_labels_are_counted_and_warned_of(tmp_path):
         folder / "train.parquet"
     )  # new texts: nothing labelled twice
     assert data_mod.load(spec(folder)).source["overlap"]["texts_labelled_twice"] == 0
+
+
+def test_a_label_written_into_the_texts_is_warned_of(tmp_path, capsys):
+    """Texts that carry their own label (a template's "Label: positive", a rating, a source tag) let any
+    classifier read the answer off: a study warns, and a study of the same texts without it does not."""
+    folder = write_dataset(tmp_path / "d", n_train=200, n_test=100)
+    assert data_mod.load(spec(folder)).source["label_words"] == []
+    for split in ("train", "test"):
+        df = pd.read_parquet(folder / f"{split}.parquet")
+        df["text"] = np.where(df["label"] == 1, "Verdict: thumbs ", "Verdict: down ") + df["text"]
+        df.loc[df.index[:3], "text"] = "thumbs " + df["text"][:3]  # a few of the others have it too
+        df.to_parquet(folder / f"{split}.parquet")
+    d = data_mod.load(spec(folder))
+    words = {w["word"]: w for w in d.source["label_words"]}
+    assert set(words) == {"thumbs", "down"} and words["thumbs"]["share"] == 1.0
+    assert 0 < words["thumbs"]["elsewhere"] <= data_mod.LABEL_WORD_ELSEWHERE
+    assert "verdict" not in words  # in every text: tells nothing
+    note = data_mod.label_word_note(d.source["label_words"])
+    assert note.startswith("single words tell the classes apart: 'down' is in 100% of class ")
+    assert data_mod.label_word_note([]) is None
+    raw = {"model": "unused", "data": {"path": str(folder)}, "methods": ["tfidf"], "isolation": "inline"}
+    run_study(raw, tmp_path / "s")  # at the start, and in the report
+    assert f"peftbench: warning: {note}" in capsys.readouterr().err
+    assert f"**Note: {note}.**" in report.write_report(tmp_path / "s")["markdown"].read_text()
 
 
 def test_labels_that_differ_as_written_stay_distinct(tmp_path):

@@ -132,6 +132,7 @@ class Study:
         notes = (
             data_mod.constant_answer(cfg["task"], cfg["metric"], data.labels["test"], data.label_names),
             *data_mod.repeated_text_notes(data.source["overlap"], data.sizes()),
+            data_mod.label_word_note(data.source.get("label_words")),
         )
         for note in filter(None, notes):
             print(f"peftbench: warning: {note}", file=sys.stderr)
@@ -701,6 +702,7 @@ class Study:
                 "label_names": self.data.label_names,
                 "fingerprint": self.data.fingerprint,
                 "overlap": self.data.source.get("overlap"),
+                "label_words": self.data.source.get("label_words"),
                 "test_labels": self.data.labels["test"].tolist(),
                 "truncated": self.truncated_counts(),
                 "tokenizer_note": self.tokenizer_note,
