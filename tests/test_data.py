@@ -292,6 +292,15 @@ def test_a_label_written_into_the_texts_is_warned_of(tmp_path, capsys):
     assert f"**Note: {note}.**" in report.write_report(tmp_path / "s")["markdown"].read_text()
 
 
+def test_class_names_alike_but_for_case_or_spacing_are_warned_of():
+    note = data_mod.label_name_note(["Pos", "neg", "pos ", "NEG", "other"])
+    assert note == (
+        "class names that differ only in case or spacing are different classes as written: 'Pos' and "
+        "'pos '; 'neg' and 'NEG'; if each group is one class, write its labels alike in the data"
+    )
+    assert data_mod.label_name_note(["01", "1", "2"]) is None  # distinct as written, and alike in no way
+
+
 def test_labels_that_differ_as_written_stay_distinct(tmp_path):
     folder = tmp_path / "d"
     folder.mkdir()

@@ -711,6 +711,22 @@ def label_word_note(words: list[dict] | None) -> str | None:
     )
 
 
+def label_name_note(names: list[str]) -> str | None:
+    """A warning where class names differ only in case or spacing ('Pos' and 'pos '): as written they are
+    different classes, which is rarely what was meant."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(_dedup_key(str(name)), []).append(str(name))
+    alike = [g for g in groups.values() if len(g) > 1]
+    if not alike:
+        return None
+    said = "; ".join(" and ".join(f"'{n}'" for n in g) for g in alike)
+    return (
+        f"class names that differ only in case or spacing are different classes as written: {said}; if "
+        "each group is one class, write its labels alike in the data"
+    )
+
+
 def _dedup_key(text: str) -> str:
     return " ".join(text.casefold().split())
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import stats, store
 from .artefacts import reload_warning
-from .data import constant_answer, label_word_note, repeated_text_notes
+from .data import constant_answer, label_name_note, label_word_note, repeated_text_notes
 from .errors import UserError
 from .memory import fits_on
 from .metrics import TASK_METRICS, bounds, is_fraction, oriented, ranking
@@ -1061,6 +1061,7 @@ def _intro(study: dict) -> str:
         data.get("tokenizer_note"),
         *repeated_text_notes(overlap, sizes),
         label_word_note(data.get("label_words")),
+        label_name_note(data.get("label_names") or []),
         nothing_learned(study),
     )
     for said in filter(None, notes):

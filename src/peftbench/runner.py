@@ -133,6 +133,7 @@ class Study:
             data_mod.constant_answer(cfg["task"], cfg["metric"], data.labels["test"], data.label_names),
             *data_mod.repeated_text_notes(data.source["overlap"], data.sizes()),
             data_mod.label_word_note(data.source.get("label_words")),
+            data_mod.label_name_note(data.label_names),
         )
         for note in filter(None, notes):
             print(f"peftbench: warning: {note}", file=sys.stderr)
