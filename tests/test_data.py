@@ -301,6 +301,17 @@ def test_class_names_alike_but_for_case_or_spacing_are_warned_of():
     assert data_mod.label_name_note(["01", "1", "2"]) is None  # distinct as written, and alike in no way
 
 
+def test_a_label_column_of_ids_is_refused(tmp_path):
+    folder = write_dataset(tmp_path / "d", n_train=200, n_test=100)
+    for split in ("train", "test"):
+        df = pd.read_parquet(folder / f"{split}.parquet")
+        df.assign(label=[f"row-{i}" for i in range(len(df))]).to_parquet(folder / f"{split}.parquet")
+    with pytest.raises(
+        UserError, match="'label' has 200 distinct values in 200 training rows: that is an id"
+    ):
+        data_mod.load(spec(folder))
+
+
 def test_labels_that_differ_as_written_stay_distinct(tmp_path):
     folder = tmp_path / "d"
     folder.mkdir()

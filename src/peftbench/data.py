@@ -465,6 +465,12 @@ def _encode_labels(raw: dict, task: str, spec: dict, hub_names) -> tuple[dict, l
         raise UserError(
             f"data: the train split has only one class ({values[0]!r}); a classifier needs at least two"
         )
+    if len(values) > max(50, len(raw["train"]) // 2):
+        raise UserError(
+            f"data: '{spec['label_column']}' has {len(values):,} distinct values in {len(raw['train']):,} "
+            "training rows: that is an id, a text or a score, not classes; set data.label_column to the "
+            "column of classes (or task: regression for scores)"
+        )
     _refuse_unseen(raw["test"], values, lambda v: [v])
     names = _label_names(values, spec.get("label_names"), hub_names)
     to_id = {v: i for i, v in enumerate(values)}
@@ -712,7 +718,7 @@ def label_word_note(words: list[dict] | None) -> str | None:
 
 
 def label_name_note(names: list[str]) -> str | None:
-    """A warning where class names differ only in case or spacing ('Pos' and 'pos '): as written they are
+    """A warning where class names differ only in case or spacing ('Pos' and 'pos'): as written they are
     different classes, which is rarely what was meant."""
     groups: dict[str, list[str]] = {}
     for name in names:
