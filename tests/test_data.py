@@ -259,9 +259,12 @@ def test_texts_given_two_labels_are_counted_and_warned_of(tmp_path):
     pd.concat([train, flipped]).to_parquet(folder / "train.parquet")
     d = data_mod.load(spec(folder))
     twice = d.source["overlap"]["texts_labelled_twice"]
-    assert 0 < twice <= 20  # counted once per text, wherever its copies fell
+    assert twice == 20  # counted once per text
     notes = data_mod.repeated_text_notes(d.source["overlap"], d.sizes())
     assert any(f"{twice} texts appear with two or more different labels" in n for n in notes)
+    small = data_mod.load(spec(folder, train_size=40, validation_size=10, test_size=20))
+    assert small.source["overlap"]["texts_labelled_twice"] == twice == 20  # over the files, not the sample
+    assert small.source["overlap"]["texts_in_files"] == 200 + 20 + 100
     train[:20].assign(text=train["text"][:20] + " again").pipe(lambda x: pd.concat([train, x])).to_parquet(
         folder / "train.parquet"
     )  # new texts: nothing labelled twice

@@ -417,6 +417,8 @@ def load(spec: dict, task: str = "classification") -> StudyData:
 
     pick = {"train": ("train", tr), "validation": ("train", va), "test": ("test", te)}
     split_texts = {s: [texts[src][i] for i in idx] for s, (src, idx) in pick.items()}
+    keys = {s: [_dedup_key(t) for t in texts[s]] for s in ("train", "test")}  # the whole files
+    split_keys = {s: [keys[src][i] for i in idx] for s, (src, idx) in pick.items()}
     split_labels = {s: labels[src][idx] for s, (src, idx) in pick.items()}
     rows = {s: np.asarray(idx, dtype=np.int64) for s, (_, idx) in pick.items()}
     if file_rows is not None:  # rows of the one file, for every split
@@ -432,7 +434,7 @@ def load(spec: dict, task: str = "classification") -> StudyData:
             "name": spec.get("name"),
             "origin": origin,
             "label_values": values,
-            "overlap": check_overlap(split_texts, split_labels, task, spec.get("allow_overlap", False)),
+            "overlap": check_overlap(split_keys, (keys, labels), task, spec.get("allow_overlap", False)),
             "label_words": label_words(split_texts["train"], split_labels["train"], task, names),
         },
     )
@@ -619,31 +621,34 @@ def constant_answer(task: str, metric: str, test_labels, label_names: list) -> s
     )
 
 
-def check_overlap(texts: dict[str, list[str]], labels: dict, task: str, allowed: bool) -> dict:
-    """Test texts that are also training or validation texts, validation texts that are also training
-    texts (duplicates up to case and whitespace, which an uncased tokenizer does not see and a copy often
-    gains), and texts given two labels: counted always, and test overlap over MAX_OVERLAP of the test set a
+def check_overlap(keys: dict[str, list[str]], files: tuple[dict, dict], task: str, allowed: bool) -> dict:
+    """From the splits' texts as `_dedup_key`s (duplicates up to case and whitespace, which an uncased
+    tokenizer does not see and a copy often gains): test texts that are also training or validation texts,
+    and validation texts that are also training texts; from the whole data files (their keys and labels,
+    `files`), texts given two labels. Counted always; test overlap over MAX_OVERLAP of the test set is a
     one-line error unless the study allows it (the rest are warned of: `repeated_text_notes`)."""
-    keys = {s: [_dedup_key(t) for t in texts[s]] for s in ("train", "validation", "test")}
     train = set(keys["train"])
     seen = train | set(keys["validation"])
     n = sum(k in seen for k in keys["test"])
-    share = n / len(texts["test"]) if texts["test"] else 0.0
+    share = n / len(keys["test"]) if keys["test"] else 0.0
     if share > MAX_OVERLAP and not allowed:
         raise UserError(
-            f"data: {n} of the {len(texts['test'])} test texts ({share:.0%}) are also training texts: "
+            f"data: {n} of the {len(keys['test'])} test texts ({share:.0%}) are also training texts: "
             "scores would be inflated; remove the duplicates, or set data.allow_overlap: true"
         )
+    file_keys, file_labels = files
     return {
         "test_texts_also_in_train": n,
         "share_of_test": share,
         "validation_texts_also_in_train": sum(k in train for k in keys["validation"]),
-        "texts_labelled_twice": 0 if task == "regression" else _labelled_twice(keys, labels),
+        "texts_labelled_twice": 0 if task == "regression" else _labelled_twice(file_keys, file_labels),
+        "texts_in_files": sum(len(k) for k in file_keys.values()),
     }
 
 
 def _labelled_twice(keys: dict[str, list[str]], labels: dict) -> int:
-    """Distinct texts (over all splits) that carry more than one label: no model can answer them all."""
+    """Distinct texts (over the splits or files of `keys`) that carry more than one label: no model can
+    answer them all."""
     seen: dict[str, set] = {}
     for s, split_keys in keys.items():
         for k, y in zip(split_keys, labels[s]):
@@ -654,7 +659,7 @@ def _labelled_twice(keys: dict[str, list[str]], labels: dict) -> int:
 def repeated_text_notes(overlap: dict, sizes: dict) -> list[str]:
     """Warnings about repeated texts: validation texts that are also training texts, over MAX_OVERLAP of
     the validation split (validation scores choose the learning rates and epochs), and texts given two
-    labels, over MAX_LABELLED_TWICE of all texts (a label column that is not the one meant, or files joined
+    labels, over MAX_LABELLED_TWICE of the data files' texts (a label column that is not the one meant, or files joined
     from sources that code labels otherwise)."""
     notes = []
     n, n_val = overlap.get("validation_texts_also_in_train") or 0, sizes.get("validation") or 0
@@ -664,12 +669,16 @@ def repeated_text_notes(overlap: dict, sizes: dict) -> list[str]:
             "data repeats texts): validation scores, which choose learning rates and epochs, favour "
             "memorising; remove the repeats from the training data"
         )
-    twice, total = overlap.get("texts_labelled_twice") or 0, sum(sizes.values())
+    # over the data files (`texts_in_files`); in studies written before 2026-12-05, over the splits
+    twice, total = (
+        overlap.get("texts_labelled_twice") or 0,
+        overlap.get("texts_in_files") or sum(sizes.values()),
+    )
     if total and twice / total > MAX_LABELLED_TWICE:
         notes.append(
             f"{twice} texts appear with two or more different labels ({twice / total:.0%} of the "
-            f"{total:,} texts): no method can answer them all; check that data.label_column is the one "
-            "meant, and that files joined from several sources code their labels alike"
+            f"{total:,} texts in the data): no method can answer them all; check that data.label_column is "
+            "the one meant, and that files joined from several sources code their labels alike"
         )
     return notes
 
