@@ -248,7 +248,7 @@ def test_validation_texts_repeated_in_training_are_counted_and_warned_of(tmp_pat
     assert f"{n} of the {n_val} validation texts" in note
 
 
-def test_texts_given_two_labels_are_counted_and_warned_of(tmp_path):
+def test_texts_given_two_labels_are_counted_and_warned_of(tmp_path, monkeypatch):
     """A training file joined from two sources that code the labels otherwise repeats texts with the other
     label: no model can answer both copies, and the scores are capped where nothing says why."""
     folder = write_dataset(tmp_path / "d", n_train=200, n_test=100)
@@ -264,7 +264,10 @@ def test_texts_given_two_labels_are_counted_and_warned_of(tmp_path):
     assert any(f"{twice} texts appear with two or more different labels" in n for n in notes)
     small = data_mod.load(spec(folder, train_size=40, validation_size=10, test_size=20))
     assert small.source["overlap"]["texts_labelled_twice"] == twice == 20  # over the files, not the sample
-    assert small.source["overlap"]["texts_in_files"] == 200 + 20 + 100
+    assert small.source["overlap"]["texts_checked_for_labels"] == 200 + 20 + 100
+    monkeypatch.setattr(data_mod, "MAX_KEYED_TEXTS", 300)  # larger files: the sampled splits alone
+    sampled = data_mod.load(spec(folder, train_size=40, validation_size=10, test_size=20)).source["overlap"]
+    assert sampled["texts_checked_for_labels"] == 70 and sampled["texts_labelled_twice"] < twice
     train[:20].assign(text=train["text"][:20] + " again").pipe(lambda x: pd.concat([train, x])).to_parquet(
         folder / "train.parquet"
     )  # new texts: nothing labelled twice
