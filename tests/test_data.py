@@ -299,10 +299,11 @@ def test_a_label_written_into_the_texts_is_warned_of(tmp_path, capsys):
 
 
 def test_class_names_alike_but_for_case_or_spacing_are_warned_of():
-    note = data_mod.label_name_note(["Pos", "neg", "pos ", "NEG", "other"])
+    note = data_mod.label_name_note(["Pos", "neg", "pos", "NEG", "very  good", "Very good", "other"])
     assert note == (
         "class names that differ only in case or spacing are different classes as written: 'Pos' and "
-        "'pos '; 'neg' and 'NEG'; if each group is one class, write its labels alike in the data"
+        "'pos'; 'neg' and 'NEG'; 'very  good' and 'Very good'; if each group is one class, write its labels "
+        "alike in the data"
     )
     assert data_mod.label_name_note(["01", "1", "2"]) is None  # distinct as written, and alike in no way
 
