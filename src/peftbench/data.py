@@ -696,14 +696,26 @@ def repeated_text_notes(overlap: dict, sizes: dict) -> list[str]:
     return notes
 
 
+def data_notes(task: str, metric: str, test_labels, label_names, overlap: dict, sizes: dict, words) -> list:
+    """The warnings about a study's data, which its start and its report both give: a test split one class
+    dominates, repeated texts, words that give the label away, class names alike."""
+    notes = (
+        constant_answer(task, metric, test_labels, label_names),
+        *repeated_text_notes(overlap, sizes),
+        label_word_note(words),
+        label_name_note(label_names),
+    )
+    return [n for n in notes if n]
+
+
 def label_words(texts: list[str], labels, task: str, names: list[str]) -> list[dict]:
     """Words that tell one class's training texts from the others' by themselves (LABEL_WORD_SHARE), the
     most common first, at most 3 per class; classification only."""
-    from sklearn.feature_extraction.text import CountVectorizer
-
     y = np.asarray(labels[:LABEL_WORD_TEXTS])
     if task != "classification" or len(np.unique(y)) < 2:
         return []
+    from sklearn.feature_extraction.text import CountVectorizer  # 0.6 s: only where it is used
+
     vectorizer = CountVectorizer(binary=True, dtype=np.int32)
     try:
         counts = vectorizer.fit_transform(texts[:LABEL_WORD_TEXTS]).tocsc()

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import stats, store
 from .artefacts import reload_warning
-from .data import constant_answer, label_name_note, label_word_note, repeated_text_notes
+from .data import data_notes
 from .errors import UserError
 from .memory import fits_on
 from .metrics import TASK_METRICS, bounds, is_fraction, oriented, ranking
@@ -1056,12 +1056,12 @@ def _intro(study: dict) -> str:
         )
     labels = data.get("test_labels")
     overlap = data.get("overlap") or {}
+    names = data.get("label_names") or []
     notes = (
-        constant_answer(study["task"], study["metric"], labels or [], data.get("label_names") or []),
+        *data_notes(
+            study["task"], study["metric"], labels or [], names, overlap, sizes, data.get("label_words")
+        ),
         data.get("tokenizer_note"),
-        *repeated_text_notes(overlap, sizes),
-        label_word_note(data.get("label_words")),
-        label_name_note(data.get("label_names") or []),
         nothing_learned(study),
     )
     for said in filter(None, notes):

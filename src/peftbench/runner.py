@@ -129,13 +129,16 @@ class Study:
                 "use accuracy or macro_f1"
             )
         self.data = data
-        notes = (
-            data_mod.constant_answer(cfg["task"], cfg["metric"], data.labels["test"], data.label_names),
-            *data_mod.repeated_text_notes(data.source["overlap"], data.sizes()),
-            data_mod.label_word_note(data.source.get("label_words")),
-            data_mod.label_name_note(data.label_names),
+        notes = data_mod.data_notes(
+            cfg["task"],
+            cfg["metric"],
+            data.labels["test"],
+            data.label_names,
+            data.source["overlap"],
+            data.sizes(),
+            data.source.get("label_words"),
         )
-        for note in filter(None, notes):
+        for note in notes:
             print(f"peftbench: warning: {note}", file=sys.stderr)
 
     def _cached_tokens(self):
