@@ -54,14 +54,11 @@ from peftbench.spec import RunSpec  # noqa: E402
 SEED_METHODS = {e["label"]: e for e in config.normalise_methods(config.load_preset("seed")["methods"], [])}
 
 
-def roberta_shaped(folder: Path, tokenizer_from: Path | None = None) -> Path:
-    """roberta-base's shape with random weights. With `tokenizer_from` (the MiniLM folder) the folder also
-    gets that tokenizer, and its pad id, so that `peftbench run --model FOLDER` can use it."""
-    from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+def roberta_config(pad: int):
+    """roberta-base's config, with `pad` as its padding id."""
+    from transformers import RobertaConfig
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_from) if tokenizer_from else None
-    pad = tok.pad_token_id if tok else 1
-    cfg = RobertaConfig(
+    return RobertaConfig(
         vocab_size=50265,
         hidden_size=768,
         num_hidden_layers=12,
@@ -74,8 +71,16 @@ def roberta_shaped(folder: Path, tokenizer_from: Path | None = None) -> Path:
         eos_token_id=2,
         layer_norm_eps=1e-5,
     )
+
+
+def roberta_shaped(folder: Path, tokenizer_from: Path | None = None) -> Path:
+    """roberta-base's shape with random weights. With `tokenizer_from` (the MiniLM folder) the folder also
+    gets that tokenizer, and its pad id, so that `peftbench run --model FOLDER` can use it."""
+    from transformers import AutoTokenizer, RobertaModel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_from) if tokenizer_from else None
     torch.manual_seed(0)
-    RobertaModel(cfg).save_pretrained(folder)
+    RobertaModel(roberta_config(tok.pad_token_id if tok else 1)).save_pretrained(folder)
     if tok:
         tok.save_pretrained(folder)
     return folder

@@ -206,6 +206,11 @@ def cmd_plan(args) -> int:
     study = config.validate(raw, base_dir=Path.cwd())
     rows = Study(study, out).plan()
     print(plan_table(rows, study["gpu_memory"]))
+    if any(r.get("estimated") for r in rows):
+        print(
+            "no GPU here: peak GB estimated from each model's config (no weights read) and the longest "
+            "training texts, time not estimated; on a GPU, plan measures both (README: Memory)"
+        )
     return 0 if all(r.get("status") in ("planned", "does not fit") for r in rows) else 1
 
 
@@ -229,6 +234,7 @@ def plan_table(rows: list[dict], budget) -> str:
     table = []
     for r in rows:
         fits = {"planned": "yes", "does not fit": "no"}.get(r.get("status"), r.get("status"))
+        fits += " (est.)" if r.get("estimated") else ""
         peak = r.get("peak_reserved_mb")
         table.append(
             [
@@ -239,7 +245,9 @@ def plan_table(rows: list[dict], budget) -> str:
                 num(peak / 1024 if peak is not None else None, ".1f"),
                 num(r.get("epoch_seconds"), ".1f"),
                 num(r.get("study_seconds"), ".0f"),
-                (r.get("error") or "")[: None if fits == "no" else 90],  # "no": peftbench's own words
+                (r.get("error") or "")[
+                    : None if fits.startswith("no") else 90
+                ],  # "no": peftbench's own words
             ]
         )
     return markdown_table(header, table)

@@ -8,6 +8,7 @@ unless the study sets `allow_pickle: true`; remote code runs only with `trust_re
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from . import methods as registry
@@ -304,8 +305,39 @@ def _replaced_head(model, info: dict, spec: RunSpec) -> list[str]:
 
 def build_model(spec: RunSpec, label_names: list[str], device: str, total_steps: int, amp=None):
     """The model to train for `run`, with exactly the method's parameters trainable, in `trained_dtype`."""
-    method = registry.get(spec.method)
     model, new = load_base(spec, label_names, device, amp)
+    return make_trainable(model, new, spec, total_steps)
+
+
+def meta_model(spec: RunSpec, label_names: list[str], amp):
+    """The model `build_model` makes for a CUDA run, on the meta device: its config alone (no weights read),
+    every weight's shape and dtype, the method applied; a QLoRA base left unquantized
+    (`estimate.state_bytes` counts its 4-bit weights). Returns it and its head's module names."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from .metrics import PROBLEM_TYPES, num_outputs
+
+    config = AutoConfig.from_pretrained(
+        spec.model_path,
+        num_labels=num_outputs(spec.task, label_names),
+        problem_type=PROBLEM_TYPES[spec.task],
+        trust_remote_code=spec.trust_remote_code,
+    )
+    if config.pad_token_id is None:
+        config.pad_token_id = spec.pad_token_id
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(
+            config, dtype=frozen_dtype(spec, "cuda", amp), trust_remote_code=spec.trust_remote_code
+        )
+    return make_trainable(model, [], spec, total_steps=1, quantized=False)
+
+
+def make_trainable(model, new: list[str], spec: RunSpec, total_steps: int, quantized: bool | None = None):
+    """`model` with exactly the method's parameters trainable (`new`: modules the checkpoint lacked, which
+    train with the head), in `trained_dtype`; returns it and its head's module names. `quantized`: whether
+    the base holds 4-bit layers (default: the method's)."""
+    method = registry.get(spec.method)
     head = sorted(set(head_modules(model)) | set(new))
     if method.kind == "full":
         for p in model.parameters():
@@ -315,7 +347,8 @@ def build_model(spec: RunSpec, label_names: list[str], device: str, total_steps:
             in_head = in_modules(name, head)
             p.requires_grad_(in_head or (method.kind == "bitfit" and name.endswith(".bias")))
     elif method.kind == "peft":
-        model = _apply_peft(model, method, spec, total_steps, head)
+        quantized = method.quantize if quantized is None else quantized
+        model = _apply_peft(model, method, spec, total_steps, head, quantized)
     else:
         raise ValueError(f"method kind {method.kind} is not a model method")
     _set_trainable_dtype(model, trained_dtype(spec))
@@ -334,7 +367,7 @@ def _set_trainable_dtype(model, dtype) -> None:
                     p.data = p.data.to(dtype)
 
 
-def _apply_peft(model, method, spec: RunSpec, total_steps: int, head: list[str]):
+def _apply_peft(model, method, spec: RunSpec, total_steps: int, head: list[str], quantized: bool):
     """The PEFT model of `method` over `model`. A QLoRA base is frozen as it loads: peft's
     prepare_model_for_kbit_training would also cast every non-4-bit weight to fp32 (embeddings and norms:
     memory a bf16 practitioner does not spend), and checkpointing here needs no input-gradient hooks."""
@@ -345,5 +378,7 @@ def _apply_peft(model, method, spec: RunSpec, total_steps: int, head: list[str])
     if hasattr(cfg, "modules_to_save"):
         # The head (and anything the checkpoint lacked) must train and be saved with the adapter.
         cfg.modules_to_save = sorted(set(cfg.modules_to_save or []) | set(head))
-    with without_bitsandbytes(hide=not method.quantize):
+    with without_bitsandbytes(hide=not quantized), warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`: noise a user cannot act on
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         return get_peft_model(model, cfg)

@@ -538,6 +538,12 @@ class Study:
             self.claim_folder(force)
             t0 = time.perf_counter()
             self.prepare()
+            if self.cfg["gpu_memory"] is not None and not self.device.startswith("cuda"):
+                print(
+                    f"peftbench: note: gpu_memory {self.cfg['gpu_memory']} is a GPU budget and this study "
+                    f"runs on {self.device}: it is not applied (`peftbench plan` estimates what fits in it)",
+                    file=sys.stderr,
+                )
             trials = self.trial_specs()
             self.write_plan(trials, self.final_specs({}) if not trials else [], {}, complete=False)
             print(f"peftbench: {self.workload(len(trials))}", file=sys.stderr)
@@ -729,9 +735,13 @@ class Study:
             t0 = time.perf_counter()
             self.prepare()
             specs = [s for s in self.final_specs({}) if s.seed == self.cfg["seeds"][0]]
+            estimated = self.cfg["gpu_memory"] is not None and not self.device.startswith("cuda")
             rows = []
             for spec in specs:
                 if registry.get(spec.method).kind == "tfidf":
+                    continue
+                if estimated:  # no GPU to probe: the same search over an estimate
+                    rows.append(self._estimated_plan(spec))
                     continue
                 if spec.train.sharding == "fsdp":  # the probe runs in one process: it cannot see a shard
                     rows.append(
@@ -766,10 +776,21 @@ class Study:
                     "rows": rows,
                     "device": self.device,
                     "gpu_memory": self.cfg["gpu_memory"],
+                    "estimated": estimated,
                     "wall_seconds": time.perf_counter() - t0,
                 },
             )
             return rows
+
+    def _estimated_plan(self, spec: RunSpec) -> dict:
+        """A plan row from `estimate` (no GPU here): the probe's shape is the longest training sequences,
+        padded to a multiple of 64 as on CUDA."""
+        from .estimate import plan_row
+        from .memory import parse_size
+
+        longest = int(self._cached_tokens().lengths("train").max())
+        width = min(-(-longest // 64) * 64, spec.effective_max_length or longest)
+        return plan_row(spec, width, parse_size(self.cfg["gpu_memory"], "gpu_memory"))
 
     def study_seconds(self, label: str, run_seconds: float | None) -> float | None:
         """Training time of every run of a method in the study (trials and finals), from one run's

@@ -1,0 +1,224 @@
+"""GPU memory without a GPU: what `peftbench plan --gpu-memory 24GB` answers on a machine that has none.
+
+The model is built from its config on the meta device (every weight's shape and dtype, none read), its
+forward pass runs there at the probe's shape, and every tensor autograd keeps for the backward pass is
+counted. The micro-batch search is the probe's own (`memory.plan_micro_batch`) over this estimate. Checked
+against the peaks measured on an H200 (README, "Memory: what fits on which card").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .memory import GiB, bf16_weights_hint, plan_micro_batch
+from . import methods as registry
+from .models import meta_model
+from .spec import RunSpec
+
+CONTEXT_BYTES = GiB  # the CUDA context and libraries, outside the allocator (0.61 GB on an H200, torch 2.11)
+# The backward pass's activation gradients and temporaries, as a share of the saved activations: what the
+# measured peaks held beyond weights, optimizer state and saved activations (8-22%: README)
+BACKWARD_SHARE = 0.10
+# What the caching allocator reserves beyond the allocated peak: 2-7% in the same runs (more where CUDA
+# graphs' memory pools are added at small micro-batches: not estimated)
+RESERVE_SHARE = 0.05
+# Optimizer state per trained weight, as `train.make_optimizer`'s optimizers hold it: two fp32 moments; two
+# bf16 moments and a bf16 Kahan buffer (optimi); two 8-bit moments (bitsandbytes).
+STATE_BYTES = {"adamw": 8, "adamw_bf16": 6, "adamw_8bit": 2, "paged_adamw_8bit": 2}
+# NF4 with double quantization: 4 bits a weight, an 8-bit scale per block of 64, an fp32 one per 256 blocks
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+
+@dataclass
+class Estimate:
+    """A run's memory in bytes: weights (4-bit ones at NF4's size) with the trained ones' gradients and
+    optimizer state (`state`); what the forward pass keeps for the backward pass, per sequence (`saved`) and
+    once whatever the batch (`saved_once`: the autocast copies of fp32 weights, position tables); of the
+    per-sequence part, each transformer block's input (`block_input`, all that checkpointing keeps of a
+    block)."""
+
+    state: int
+    saved: int
+    saved_once: int
+    block_input: int
+    blocks: int
+
+    def allocated(self, micro: int, checkpointing: bool) -> float:
+        """The estimated peak of allocated bytes at `micro` sequences a micro-step."""
+        saved = self.saved * micro
+        if checkpointing:  # every block's input, and one block's activations while it is recomputed
+            saved = self.blocks * self.block_input * micro + saved / self.blocks
+        return self.state + (self.saved_once + saved) * (1 + BACKWARD_SHARE)
+
+    def reserved(self, micro: int, checkpointing: bool) -> float:
+        """The estimated peak of reserved bytes, what an out-of-memory error is decided on."""
+        return self.allocated(micro, checkpointing) * (1 + RESERVE_SHARE)
+
+    def probe(self, micro: int, checkpointing: bool) -> tuple[float, None]:
+        """`memory.plan_micro_batch`'s probe: the estimated peak reserved, and no time."""
+        return self.reserved(micro, checkpointing), None
+
+
+def plan_row(spec: RunSpec, longest: int, budget_bytes: int) -> dict:
+    """`peftbench plan`'s row for `spec` where no GPU can be probed: the micro-batch search over the
+    Estimate at the probe's shape (the micro-batch's longest sequences, padded as on CUDA to `longest`)."""
+    row = {"run_id": spec.runtime.run_id, "label": spec.label, "method": spec.method, "estimated": True}
+    if budget_bytes <= CONTEXT_BYTES:
+        return {
+            **row,
+            "status": "does not fit",
+            "error": f"does not fit in {budget_bytes / GiB:.1f} GB: a GPU's CUDA context and libraries alone "
+            f"hold about {CONTEXT_BYTES / GiB:.0f} GB",
+        }
+    model, est = estimate_run(spec, longest)
+    cap = budget_bytes - CONTEXT_BYTES
+    fit = plan_micro_batch(est.probe, spec.train.batch_size, spec.train.gradient_checkpointing, cap)
+    row.update(fit.as_dict())
+    row.update(
+        status="planned" if fit.fits else "does not fit",
+        budget_mb=budget_bytes / 2**20,
+        allocator_cap_mb=cap / 2**20,
+        length=longest,
+        estimate={
+            "state_mb": est.state / 2**20,
+            "saved_mb_per_sequence": est.saved / 2**20,
+            "saved_mb_once": est.saved_once / 2**20,
+        },
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+    if not fit.fits:
+        ckpt = " with gradient checkpointing" if fit.tried[-1]["gradient_checkpointing"] else ""
+        row["error"] = (
+            f"does not fit in {budget_bytes / GiB:.1f} GB at micro-batch 1{ckpt}: needs an estimated "
+            f"{fit.needed()}" + bf16_weights_hint(spec.train.optimizer, row["trainable_params"])
+        )
+    return row
+
+
+def estimate_run(spec: RunSpec, length: int):
+    """The meta model of `spec` as a CUDA run builds it (autocast `auto` is bf16, as on a GPU that has it),
+    and its Estimate at sequences of `length` tokens."""
+    amp = {"fp32": None, "fp16": torch.float16}.get(spec.train.precision, torch.bfloat16)
+    model, _ = meta_model(spec, spec.label_names, amp)
+    quantized = four_bit_weights(model) if registry.get(spec.method).quantize else set()
+    return model, estimate(model, spec.train.optimizer, amp, length, quantized.__contains__)
+
+
+def four_bit_weights(model) -> set[str]:
+    """The weights QLoRA holds in 4 bits: every frozen linear layer's outside the head
+    (`models.QUANT_SKIP`)."""
+    return {
+        f"{name}.weight"
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        and not m.weight.requires_grad  # an adapter's own layers are not
+        and not set(name.split(".")) & set(registry.HEAD_MODULES)
+    }
+
+
+def estimate(model, optimizer: str, amp, length: int, quantized: Callable[[str], bool]) -> Estimate:
+    """The Estimate of `model` (on the meta device) trained under `amp` autocast (None: fp32) on sequences
+    of `length` tokens; `quantized(name)` tells the frozen weights held in 4 bits."""
+    config = model.config.get_text_config()
+    one, two = (saved_bytes(model, n, length, amp) for n in (1, 2))
+    return Estimate(
+        state=state_bytes(model, optimizer, quantized),
+        saved=two - one,
+        saved_once=2 * one - two,
+        block_input=length * config.hidden_size * (torch.finfo(amp).bits // 8 if amp else 4),
+        blocks=config.num_hidden_layers,
+    )
+
+
+def state_bytes(model, optimizer: str, quantized: Callable[[str], bool]) -> int:
+    """Weights, and for trained ones their gradient and optimizer state. Gradients are counted as held
+    throughout, as under gradient accumulation and CUDA graphs."""
+    total = 0.0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            total += p.numel() * (2 * p.element_size() + STATE_BYTES[optimizer])
+        else:
+            total += p.numel() * (NF4_BYTES if quantized(name) else p.element_size())
+    return int(total)
+
+
+def saved_bytes(model, sequences: int, length: int, amp) -> int:
+    """Bytes autograd keeps for the backward pass over a batch of `sequences` of `length` tokens, each
+    storage once and weights not at all (`state_bytes` has them)."""
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        key = t.untyped_storage()._cdata
+        if key not in weights:
+            kept.setdefault(key, t.untyped_storage().nbytes())
+        return t
+
+    ids = torch.zeros(sequences, length, dtype=torch.long, device=next(model.parameters()).device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), MetaAutocast(amp):
+        model(input_ids=ids)
+    return sum(kept.values())
+
+
+class FusedAttention(torch.autograd.Function):
+    """Attention as the fused CUDA kernels keep it for the backward pass (flash and memory-efficient: the
+    inputs, the output and one fp32 log-sum-exp per row), where the meta device would run the unfused
+    math, which keeps the attention matrix."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        # (batch, heads, length, dim) laid out as (batch, length, heads, dim), as the kernels write it: the
+        # model's reshape back to (batch, length, width) is then a view, not a copy the next layer keeps
+        b, h, n, _ = q.shape
+        out = q.new_empty(b, n, h, v.shape[-1]).transpose(1, 2)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v = ctx.saved_tensors[:3]
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# torch.autocast casts CUDA (and CPU) tensors only: on the meta device its casts are made here, for the
+# operators that make up what a transformer keeps (matrix products in the autocast dtype; norms, softmax and
+# the loss in fp32)
+LOW_PRECISION = {
+    F.linear,
+    torch.matmul,
+    torch.mm,
+    torch.bmm,
+    torch.addmm,
+    torch.baddbmm,
+    torch.einsum,
+    torch.Tensor.matmul,
+    torch.Tensor.__matmul__,
+}
+FP32 = {F.layer_norm, F.group_norm, F.softmax, F.log_softmax, F.cross_entropy, torch.Tensor.softmax}
+
+
+def _cast(args, dtype):
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+class MetaAutocast(TorchFunctionMode):
+    """CUDA's autocast to `amp` (None: none), and fused attention, for a forward pass on the meta device."""
+
+    def __init__(self, amp):
+        super().__init__()
+        self.amp = amp
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return FusedAttention.apply(*(_cast(args[:3], self.amp) if self.amp else args[:3]))
+        if self.amp is not None and func in LOW_PRECISION:
+            args = _cast(args, self.amp)
+        elif self.amp is not None and func in FP32:
+            args = _cast(args, torch.float32)
+        return func(*args, **kwargs)
