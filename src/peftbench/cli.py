@@ -536,7 +536,8 @@ def parser() -> argparse.ArgumentParser:
     pl = sub.add_parser(
         "plan",
         help="the GPU memory plan alone: does each method fit, at what micro-batch, "
-        "how long; no training (e.g. peftbench plan study.yaml --gpu-memory 24GB)",
+        "how long; no training; without a GPU, memory estimated from the model's config (e.g. peftbench "
+        "plan study.yaml --gpu-memory 24GB)",
     )
     _study_arguments(pl)
     pl.set_defaults(func=cmd_plan)
