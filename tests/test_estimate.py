@@ -154,3 +154,19 @@ def test_the_estimated_plans_choose_as_the_h200_did(tmp_path):
     rows = _benchmark().plan_rows(Path(models.resolve("minilm")), tmp_path)
     assert len(rows) == 9 and all(r["estimate"] == r["gpu"] for r in rows if r["label"] != "ia3")
     assert sorted(r["estimate"] for r in rows if r["label"] == "ia3") == [(2, False), (2, False)]
+
+
+@pytest.mark.parametrize("arch", ["encoder", "decoder"])
+def test_every_method_is_estimated(arch, request, tiny_data, tmp_path):
+    """Every method builds and runs on the meta device: PiSSA's decomposition is skipped there (the shapes
+    are LoRA's), AdaLoRA gets the run's steps, prefix tuning runs through peftbench's own forward."""
+    from peftbench.methods import describe
+
+    names = [r["name"] for r in describe() if r["kind"] != "tfidf"]
+    model_dir = request.getfixturevalue("tiny_encoder" if arch == "encoder" else "tiny_decoder")
+    raw = study(model_dir, tiny_data, names, gpu_memory="24GB")
+    rows = Study(config.validate(raw), tmp_path / "s").plan()
+    assert [r["label"] for r in rows] == names
+    assert all(r["status"] == "planned" and r["estimated"] for r in rows), [r.get("error") for r in rows]
+    sizes = {r["label"]: r["estimate"]["saved_mb_per_sequence"] for r in rows}
+    assert sizes["prefix_tuning"] > sizes["head"] and sizes["full"] > sizes["head"]

@@ -74,7 +74,7 @@ def prefix_length(model) -> int:
 
 
 def model_forward(model, ids, mask, mask_mode: str = "2d", labels=None):
-    """One forward pass of the classifier on (ids, 2D padding mask).
+    """One forward pass of the classifier on (ids, 2D padding mask; None: no padding).
 
     Prefix tuning is run here, as PEFT runs it (prefixes from `get_prompt` as the key/value cache, the mask
     extended over them), because PEFT's own forward looks for a `past_key_values` parameter that
@@ -89,7 +89,8 @@ def model_forward(model, ids, mask, mask_mode: str = "2d", labels=None):
     base = model.base_model
     cache_arg = _cache_argument(type(base.get_submodule(model.transformer_backbone_name)))
     cache = model.get_prompt(batch_size=ids.shape[0])
-    mask = torch.cat([mask.new_ones(ids.shape[0], n_prefix), mask], dim=1)
+    if mask is not None:
+        mask = torch.cat([mask.new_ones(ids.shape[0], n_prefix), mask], dim=1)
     return base(input_ids=ids, attention_mask=mask, **{cache_arg: cache}, **kw)
 
 

@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 from .memory import GiB, bf16_weights_hint, plan_micro_batch
 from . import methods as registry
+from .batches import model_forward
 from .models import meta_model
 from .spec import RunSpec
 
@@ -64,9 +65,10 @@ class Estimate:
         return self.reserved(micro, checkpointing), None
 
 
-def plan_row(spec: RunSpec, longest: int, budget_bytes: int) -> dict:
+def plan_row(spec: RunSpec, longest: int, budget_bytes: int, total_steps: int) -> dict:
     """`peftbench plan`'s row for `spec` where no GPU can be probed: the micro-batch search over the
-    Estimate at the probe's shape (the micro-batch's longest sequences, padded as on CUDA to `longest`)."""
+    Estimate at the probe's shape (the micro-batch's longest sequences, padded as on CUDA to `longest`);
+    `total_steps`: the run's optimizer steps (AdaLoRA's schedule is built from them)."""
     row = {"run_id": spec.runtime.run_id, "label": spec.label, "method": spec.method, "estimated": True}
     if budget_bytes <= CONTEXT_BYTES:
         return {
@@ -75,7 +77,7 @@ def plan_row(spec: RunSpec, longest: int, budget_bytes: int) -> dict:
             "error": f"does not fit in {budget_bytes / GiB:.1f} GB: a GPU's CUDA context and libraries alone "
             f"hold about {CONTEXT_BYTES / GiB:.0f} GB",
         }
-    model, est = estimate_run(spec, longest)
+    model, est = estimate_run(spec, longest, total_steps)
     cap = budget_bytes - CONTEXT_BYTES
     fit = plan_micro_batch(est.probe, spec.train.batch_size, spec.train.gradient_checkpointing, cap)
     row.update(fit.as_dict())
@@ -100,11 +102,11 @@ def plan_row(spec: RunSpec, longest: int, budget_bytes: int) -> dict:
     return row
 
 
-def estimate_run(spec: RunSpec, length: int):
-    """The meta model of `spec` as a CUDA run builds it (autocast `auto` is bf16, as on a GPU that has it),
-    and its Estimate at sequences of `length` tokens."""
+def estimate_run(spec: RunSpec, length: int, total_steps: int = 1000):
+    """The meta model of `spec` as a CUDA run of `total_steps` builds it (autocast `auto` is bf16, as on a
+    GPU that has it), and its Estimate at sequences of `length` tokens."""
     amp = {"fp32": None, "fp16": torch.float16}.get(spec.train.precision, torch.bfloat16)
-    model, _ = meta_model(spec, spec.label_names, amp)
+    model, _ = meta_model(spec, spec.label_names, amp, total_steps)
     quantized = four_bit_weights(model) if registry.get(spec.method).quantize else set()
     return model, estimate(model, spec.train.optimizer, amp, length, quantized.__contains__)
 
@@ -161,7 +163,7 @@ def saved_bytes(model, sequences: int, length: int, amp) -> int:
 
     ids = torch.zeros(sequences, length, dtype=torch.long, device=next(model.parameters()).device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), MetaAutocast(amp):
-        model(input_ids=ids)
+        model_forward(model, ids, None)  # as a run calls it: prefix tuning's prefixes too
     return sum(kept.values())
 
 

@@ -309,7 +309,7 @@ def build_model(spec: RunSpec, label_names: list[str], device: str, total_steps:
     return make_trainable(model, new, spec, total_steps)
 
 
-def meta_model(spec: RunSpec, label_names: list[str], amp):
+def meta_model(spec: RunSpec, label_names: list[str], amp, total_steps: int = 1000):
     """The model `build_model` makes for a CUDA run, on the meta device: its config alone (no weights read),
     every weight's shape and dtype, the method applied; a QLoRA base left unquantized
     (`estimate.state_bytes` counts its 4-bit weights). Returns it and its head's module names."""
@@ -330,7 +330,7 @@ def meta_model(spec: RunSpec, label_names: list[str], amp):
         model = AutoModelForSequenceClassification.from_config(
             config, dtype=frozen_dtype(spec, "cuda", amp), trust_remote_code=spec.trust_remote_code
         )
-    return make_trainable(model, [], spec, total_steps=1, quantized=False)
+    return make_trainable(model, [], spec, total_steps, quantized=False)
 
 
 def make_trainable(model, new: list[str], spec: RunSpec, total_steps: int, quantized: bool | None = None):
@@ -367,6 +367,10 @@ def _set_trainable_dtype(model, dtype) -> None:
                     p.data = p.data.to(dtype)
 
 
+def _on_meta(model) -> bool:
+    return next(model.parameters()).device.type == "meta"
+
+
 def _apply_peft(model, method, spec: RunSpec, total_steps: int, head: list[str], quantized: bool):
     """The PEFT model of `method` over `model`. A QLoRA base is frozen as it loads: peft's
     prepare_model_for_kbit_training would also cast every non-4-bit weight to fp32 (embeddings and norms:
@@ -375,6 +379,8 @@ def _apply_peft(model, method, spec: RunSpec, total_steps: int, head: list[str],
     from peft import get_peft_model  # noqa: I001
 
     cfg = registry.build_peft_config(method, spec.method_options, model.config.model_type, total_steps)
+    if isinstance(getattr(cfg, "init_lora_weights", None), str) and _on_meta(model):
+        cfg.init_lora_weights = True  # PiSSA & co decompose the weights, which the meta device has not
     if hasattr(cfg, "modules_to_save"):
         # The head (and anything the checkpoint lacked) must train and be saved with the adapter.
         cfg.modules_to_save = sorted(set(cfg.modules_to_save or []) | set(head))

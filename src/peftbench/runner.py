@@ -785,12 +785,27 @@ class Study:
     def _estimated_plan(self, spec: RunSpec) -> dict:
         """A plan row from `estimate` (no GPU here): the probe's shape is the longest training sequences,
         padded to a multiple of 64 as on CUDA."""
+        from .batches import steps_per_epoch
         from .estimate import plan_row
         from .memory import parse_size
 
-        longest = int(self._cached_tokens().lengths("train").max())
-        width = min(-(-longest // 64) * 64, spec.effective_max_length or longest)
-        return plan_row(spec, width, parse_size(self.cfg["gpu_memory"], "gpu_memory"))
+        lengths = self._cached_tokens().lengths("train")
+        width = min(-(-int(lengths.max()) // 64) * 64, spec.effective_max_length or int(lengths.max()))
+        steps = (
+            steps_per_epoch(len(lengths), spec.train.batch_size, spec.train.group_by_length)
+            * spec.train.epochs
+        )
+        try:
+            return plan_row(spec, width, parse_size(self.cfg["gpu_memory"], "gpu_memory"), steps)
+        except Exception as e:  # one method the meta device cannot build or run: the others still plan
+            return {
+                "run_id": spec.runtime.run_id,
+                "label": spec.label,
+                "method": spec.method,
+                "status": "failed",
+                "estimated": True,
+                "error": f"could not be estimated without a GPU: {type(e).__name__}: {str(e)[:200]}",
+            }
 
     def study_seconds(self, label: str, run_seconds: float | None) -> float | None:
         """Training time of every run of a method in the study (trials and finals), from one run's
