@@ -170,3 +170,10 @@ def test_every_method_is_estimated(arch, request, tiny_data, tmp_path):
     assert all(r["status"] == "planned" and r["estimated"] for r in rows), [r.get("error") for r in rows]
     sizes = {r["label"]: r["estimate"]["saved_mb_per_sequence"] for r in rows}
     assert sizes["prefix_tuning"] > sizes["head"] and sizes["full"] > sizes["head"]
+
+
+def test_a_sharded_run_is_not_planned_with_or_without_a_gpu(tiny_encoder, tiny_data, tmp_path):
+    raw = study(tiny_encoder, tiny_data, ["full"], gpu_memory="24GB", gpus_per_run=2, isolation="process")
+    raw["train"]["sharding"] = "fsdp"
+    (row,) = Study(config.validate(raw), tmp_path / "s").plan()
+    assert row["status"] == "not planned" and "fsdp" in row["error"]

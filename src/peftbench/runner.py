@@ -736,40 +736,9 @@ class Study:
             self.prepare()
             specs = [s for s in self.final_specs({}) if s.seed == self.cfg["seeds"][0]]
             estimated = self.cfg["gpu_memory"] is not None and not self.device.startswith("cuda")
-            rows = []
-            for spec in specs:
-                if registry.get(spec.method).kind == "tfidf":
-                    continue
-                if estimated:  # no GPU to probe: the same search over an estimate
-                    rows.append(self._estimated_plan(spec))
-                    continue
-                if spec.train.sharding == "fsdp":  # the probe runs in one process: it cannot see a shard
-                    rows.append(
-                        {
-                            "label": spec.label,
-                            "method": spec.method,
-                            "status": "not planned",
-                            "error": "sharded runs (train.sharding: fsdp) are not probed yet; run the study",
-                        }
-                    )
-                    continue
-                spec = spec.with_runtime(
-                    run_id=f"plan-{spec.runtime.run_id}", plan_only=True, checkpoint=False, warm=False
-                )
-                rdir = self._prepare_run_dir(spec)
-                if self.cfg["isolation"] == "inline":
-                    from .worker import execute_run
-
-                    execute_run(rdir, progress=False)
-                else:
-                    launch_worker(str(rdir), False, {})
-                plan = store.read_json(rdir / "plan.json") or {
-                    "label": spec.label,
-                    "status": "failed",
-                    "error": "the planning process wrote no plan",
-                }
-                plan["study_seconds"] = self.study_seconds(spec.label, plan.get("run_seconds"))
-                rows.append(plan)
+            rows = [
+                self._plan_run(spec, estimated) for spec in specs if registry.get(spec.method).kind != "tfidf"
+            ]
             store.atomic_write_json(
                 self.out / "plan.json",
                 {
@@ -781,6 +750,36 @@ class Study:
                 },
             )
             return rows
+
+    def _plan_run(self, spec: RunSpec, estimated: bool) -> dict:
+        """One method's plan row: its probe in a process like a run's, or without a GPU (`estimated`) the
+        same search over an estimate."""
+        if spec.train.sharding == "fsdp":  # the probe runs in one process: it cannot see a shard
+            return {
+                "label": spec.label,
+                "method": spec.method,
+                "status": "not planned",
+                "error": "sharded runs (train.sharding: fsdp) are not probed yet; run the study",
+            }
+        if estimated:
+            return self._estimated_plan(spec)
+        spec = spec.with_runtime(
+            run_id=f"plan-{spec.runtime.run_id}", plan_only=True, checkpoint=False, warm=False
+        )
+        rdir = self._prepare_run_dir(spec)
+        if self.cfg["isolation"] == "inline":
+            from .worker import execute_run
+
+            execute_run(rdir, progress=False)
+        else:
+            launch_worker(str(rdir), False, {})
+        plan = store.read_json(rdir / "plan.json") or {
+            "label": spec.label,
+            "status": "failed",
+            "error": "the planning process wrote no plan",
+        }
+        plan["study_seconds"] = self.study_seconds(spec.label, plan.get("run_seconds"))
+        return plan
 
     def _estimated_plan(self, spec: RunSpec) -> dict:
         """A plan row from `estimate` (no GPU here): the probe's shape is the longest training sequences,
