@@ -52,8 +52,8 @@ class Estimate:
     def allocated(self, micro: int, checkpointing: bool) -> float:
         """The estimated peak of allocated bytes at `micro` sequences a micro-step."""
         saved = self.saved * micro
-        if checkpointing:  # every block's input, and one block's activations while it is recomputed
-            saved = self.blocks * self.block_input * micro + saved / self.blocks
+        if checkpointing:  # every block's input; one block's activations recomputed, and their gradients
+            saved = self.blocks * self.block_input * micro + 2 * saved / self.blocks
         return self.state + (self.saved_once + saved) * (1 + BACKWARD_SHARE)
 
     def reserved(self, micro: int, checkpointing: bool) -> float:
@@ -139,14 +139,16 @@ def estimate(model, optimizer: str, amp, length: int, quantized: Callable[[str],
 
 def state_bytes(model, optimizer: str, quantized: Callable[[str], bool]) -> int:
     """Weights, and for trained ones their gradient and optimizer state. Gradients are counted as held
-    throughout, as under gradient accumulation and CUDA graphs."""
-    total = 0.0
+    throughout, as under gradient accumulation and CUDA graphs, where each fresh gradient is made before it
+    is added in: the largest trained tensor's is counted once more."""
+    total, largest = 0.0, 0
     for name, p in model.named_parameters():
         if p.requires_grad:
             total += p.numel() * (2 * p.element_size() + STATE_BYTES[optimizer])
+            largest = max(largest, p.numel() * p.element_size())
         else:
             total += p.numel() * (NF4_BYTES if quantized(name) else p.element_size())
-    return int(total)
+    return int(total) + largest
 
 
 def saved_bytes(model, sequences: int, length: int, amp) -> int:
