@@ -190,3 +190,32 @@ def test_real_cpu_steps_with_and_without_checkpointing_are_near_the_estimate(tmp
     by = {(r["method"], r["micro_batch_size"], r["gradient_checkpointing"]): r for r in rows}
     assert by["lora", 16, True]["measured_mb"] < 0.6 * by["lora", 16, False]["measured_mb"]
     assert by["lora", 16, True]["estimate_mb"] < 0.6 * by["lora", 16, False]["estimate_mb"]
+
+
+@pytest.mark.parametrize(
+    "kind, sizes",
+    [
+        ("distilbert", dict(dim=64, n_layers=2, n_heads=2, hidden_dim=128)),
+        (
+            "deberta-v2",
+            dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
+        ),
+        (
+            "modernbert",
+            dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
+        ),
+        ("gpt2", dict(n_embd=64, n_layer=2, n_head=2)),
+        ("qwen2", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)),
+        ("gemma2", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)),
+    ],
+)
+def test_other_architectures_run_on_the_meta_device(kind, sizes, tmp_path):
+    """Models whose forward passes look at values (GPT-2 and DeBERTa check the ids for padding) still
+    estimate; DeBERTa's own attention keeps its attention matrices, as it does on a GPU."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model(kind, vocab_size=500, num_labels=2, pad_token_id=0, **sizes)
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16)
+    one, two = (estimate.saved_bytes(model, n, 64, torch.bfloat16) for n in (1, 2))
+    assert 0 < one < two <= 2 * one

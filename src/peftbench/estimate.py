@@ -8,12 +8,14 @@ against the peaks measured on an H200 (README, "Memory: what fits on which card"
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from transformers import PreTrainedModel
 
 from .memory import GiB, bf16_weights_hint, plan_micro_batch
 from . import methods as registry
@@ -164,9 +166,21 @@ def saved_bytes(model, sequences: int, length: int, amp) -> int:
         return t
 
     ids = torch.zeros(sequences, length, dtype=torch.long, device=next(model.parameters()).device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), MetaAutocast(amp):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), MetaAutocast(amp), _no_padding_check():
         model_forward(model, ids, None)  # as a run calls it: prefix tuning's prefixes too
     return sum(kept.values())
+
+
+@contextlib.contextmanager
+def _no_padding_check():
+    """Without a padding mask, some models (GPT-2, DeBERTa) look for padding in the ids to warn of it: a
+    value the meta device has not. Their check is skipped while the estimate runs."""
+    check = PreTrainedModel.warn_if_padding_and_no_attention_mask
+    PreTrainedModel.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        PreTrainedModel.warn_if_padding_and_no_attention_mask = check
 
 
 class FusedAttention(torch.autograd.Function):
