@@ -234,6 +234,8 @@ def plan_table(rows: list[dict], budget) -> str:
     table = []
     for r in rows:
         fits = {"planned": "yes", "does not fit": "no"}.get(r.get("status"), r.get("status"))
+        note = r.get("error") or ""
+        note = note if fits == "no" else note[:90]  # "no": peftbench's own words, whole
         fits += " (est.)" if r.get("estimated") else ""
         peak = r.get("peak_reserved_mb")
         table.append(
@@ -245,9 +247,7 @@ def plan_table(rows: list[dict], budget) -> str:
                 num(peak / 1024 if peak is not None else None, ".1f"),
                 num(r.get("epoch_seconds"), ".1f"),
                 num(r.get("study_seconds"), ".0f"),
-                (r.get("error") or "")[
-                    : None if fits.startswith("no") else 90
-                ],  # "no": peftbench's own words
+                note,
             ]
         )
     return markdown_table(header, table)

@@ -17,15 +17,16 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from transformers import PreTrainedModel
 
-from .memory import GiB, bf16_weights_hint, plan_micro_batch
 from . import methods as registry
 from .batches import model_forward
+from .memory import GiB, bf16_weights_hint, plan_micro_batch
 from .models import meta_model
 from .spec import RunSpec
 
 CONTEXT_BYTES = GiB  # the CUDA context and libraries, outside the allocator (0.61 GB on an H200, torch 2.11)
 # The backward pass's activation gradients and temporaries, as a share of the saved activations: what the
-# measured peaks held beyond weights, optimizer state and saved activations (8-22%: README)
+# plain loop's LoRA, QLoRA and IA3 peaks on an H200 held beyond weights, optimizer state and saved
+# activations, 8-22% at micro-batches 2 and 16 (the 8B and 1.4B shapes of benchmarks/scale.py)
 BACKWARD_SHARE = 0.10
 # What the caching allocator reserves beyond the allocated peak: 2-7% in the same runs (more where CUDA
 # graphs' memory pools are added at small micro-batches: not estimated)
@@ -192,8 +193,11 @@ class FusedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v):
         # (batch, heads, length, dim) laid out as (batch, length, heads, dim), as the kernels write it: the
         # model's reshape back to (batch, length, width) is then a view, not a copy the next layer keeps
-        b, h, n, _ = q.shape
-        out = q.new_empty(b, n, h, v.shape[-1]).transpose(1, 2)
+        if q.dim() == 4:
+            b, h, n, _ = q.shape
+            out = q.new_empty(b, n, h, v.shape[-1]).transpose(1, 2)
+        else:
+            out = q.new_empty(*q.shape[:-1], v.shape[-1])
         ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
         return out
 
