@@ -44,16 +44,30 @@ def steps_per_epoch(n: int, batch_size: int, group_by_length: bool) -> int:
     return sum(math.ceil(min(window, n - i) / batch_size) for i in range(0, n, window))
 
 
+def pad_multiple(train, cuda: bool) -> int:
+    """The padding granularity of a run's training batches (`train`: its TrainSettings). On the H200
+    (benchmarks/results/h200-padding.json) eager multiples of 8 - many distinct shapes - ran 2.6-2.8x slower
+    than multiples of 64 or fixed padding: there, each new shape costs more than the padding saves. With
+    CUDA graphs too (h200-graphs-roberta-padding.json): each new shape costs a recording, and later epochs
+    were as fast with multiples of 64 as of 16. On the CPU, compute-bound, fine buckets pay. max_length means
+    fixed padding."""
+    return train.pad_to_multiple_of or (64 if train.compile or cuda else 8)
+
+
+def pad_width(longest: int, multiple: int, max_len: int | None = None) -> int:
+    """The width a batch is padded to: its longest item's length rounded up to `multiple`, and not past
+    `max_len` (unless an item is longer)."""
+    width = int(math.ceil(longest / multiple) * multiple)
+    return width if max_len is None else min(width, max(max_len, longest))
+
+
 def collate(seqs: list[np.ndarray], pad_id: int, multiple: int = 8, max_len: int | None = None):
     """(input_ids, attention_mask) as int64 tensors padded to the longest item (rounded up to `multiple`)."""
     import torch
 
     if max_len is not None:
         seqs = [s[:max_len] for s in seqs]
-    longest = max(len(s) for s in seqs)
-    width = int(math.ceil(longest / multiple) * multiple)
-    if max_len is not None:
-        width = min(width, max(max_len, longest))
+    width = pad_width(max(len(s) for s in seqs), multiple, max_len)
     ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), width), dtype=np.int64)
     for i, s in enumerate(seqs):

@@ -263,6 +263,10 @@ class Study:
         _, overrides = registry.split_options(registry.get(entry["name"]), entry["options"])
         return {**self.cfg["train"], **overrides}
 
+    def gpu_budget_unapplied(self) -> bool:
+        """A GPU memory budget on a study without a GPU: runs do not apply it, `plan` estimates it."""
+        return self.cfg["gpu_memory"] is not None and not self.device.startswith("cuda")
+
     def gpu_memory_bytes(self) -> int | None:
         """The study's GPU memory budget in bytes; None without one (and on the CPU, where it means
         nothing)."""
@@ -538,7 +542,7 @@ class Study:
             self.claim_folder(force)
             t0 = time.perf_counter()
             self.prepare()
-            if self.cfg["gpu_memory"] is not None and not self.device.startswith("cuda"):
+            if self.gpu_budget_unapplied():
                 print(
                     f"peftbench: note: gpu_memory {self.cfg['gpu_memory']} is a GPU budget and this study "
                     f"runs on {self.device}: it is not applied (`peftbench plan` estimates what fits in it)",
@@ -735,9 +739,10 @@ class Study:
             t0 = time.perf_counter()
             self.prepare()
             specs = [s for s in self.final_specs({}) if s.seed == self.cfg["seeds"][0]]
-            estimated = self.cfg["gpu_memory"] is not None and not self.device.startswith("cuda")
+            estimated = self.gpu_budget_unapplied()
+            lengths = self._cached_tokens().lengths("train") if estimated else None
             rows = [
-                self._plan_run(spec, estimated) for spec in specs if registry.get(spec.method).kind != "tfidf"
+                self._plan_run(spec, lengths) for spec in specs if registry.get(spec.method).kind != "tfidf"
             ]
             store.atomic_write_json(
                 self.out / "plan.json",
@@ -751,9 +756,9 @@ class Study:
             )
             return rows
 
-    def _plan_run(self, spec: RunSpec, estimated: bool) -> dict:
-        """One method's plan row: its probe in a process like a run's, or without a GPU (`estimated`) the
-        same search over an estimate."""
+    def _plan_run(self, spec: RunSpec, lengths: np.ndarray | None) -> dict:
+        """One method's plan row: its probe in a process like a run's, or, without a GPU, the same search over
+        an estimate at the training texts' token counts (`lengths`, given only then)."""
         if spec.train.sharding == "fsdp":  # the probe runs in one process: it cannot see a shard
             return {
                 "label": spec.label,
@@ -761,8 +766,8 @@ class Study:
                 "status": "not planned",
                 "error": "sharded runs (train.sharding: fsdp) are not probed yet; run the study",
             }
-        if estimated:
-            return self._estimated_plan(spec)
+        if lengths is not None:
+            return self._estimated_plan(spec, lengths)
         spec = spec.with_runtime(
             run_id=f"plan-{spec.runtime.run_id}", plan_only=True, checkpoint=False, warm=False
         )
@@ -781,15 +786,15 @@ class Study:
         plan["study_seconds"] = self.study_seconds(spec.label, plan.get("run_seconds"))
         return plan
 
-    def _estimated_plan(self, spec: RunSpec) -> dict:
+    def _estimated_plan(self, spec: RunSpec, lengths: np.ndarray) -> dict:
         """A plan row from `estimate` (no GPU here): the probe's shape is the longest training sequences,
-        padded to a multiple of 64 as on CUDA."""
-        from .batches import steps_per_epoch
+        padded as a CUDA run pads them."""
+        from .batches import pad_multiple, pad_width, steps_per_epoch
         from .estimate import plan_row
         from .memory import parse_size
 
-        lengths = self._cached_tokens().lengths("train")
-        width = min(-(-int(lengths.max()) // 64) * 64, spec.effective_max_length or int(lengths.max()))
+        cap = spec.effective_max_length or int(lengths.max())
+        width = pad_width(min(int(lengths.max()), cap), pad_multiple(spec.train, cuda=True), cap)
         steps = (
             steps_per_epoch(len(lengths), spec.train.batch_size, spec.train.group_by_length)
             * spec.train.epochs

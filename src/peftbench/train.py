@@ -38,6 +38,7 @@ from .batches import (
     eval_batches,
     make_batches,
     model_forward,
+    pad_multiple,
     predict_logits,
     prefix_length,
 )
@@ -502,15 +503,7 @@ class Recipe:
         self.compiled = False
         if self.train.compile and not self.prefixed:
             self._compile()
-        # Padding granularity. On the H200 (benchmarks/results/h200-padding.json) eager multiples of 8 - many
-        # distinct shapes - ran 2.6-2.8x slower than multiples of 64 or fixed padding: there, each new shape
-        # costs
-        # more than the padding saves. With CUDA graphs too (h200-graphs-roberta-padding.json): each new shape
-        # costs a recording, and later epochs were as fast with multiples of 64 as of 16.
-        # On the CPU, compute-bound, fine buckets pay. max_length means fixed padding.
-        self.pad_multiple = self.train.pad_to_multiple_of or (
-            64 if self.train.compile or self.dev_type == "cuda" else 8
-        )
+        self.pad_multiple = pad_multiple(self.train, self.dev_type == "cuda")
         self._choose_layout()
 
     def _choose_layout(self) -> None:
