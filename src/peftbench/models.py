@@ -236,6 +236,20 @@ def add_token_types(model, spec: RunSpec) -> None:
     backbone.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def _classifier_config(spec: RunSpec, label_names: list[str]) -> dict:
+    """The config settings of `spec`'s classifier: its head's outputs (one per class or label, one for
+    regression), `problem_type` (the task's loss in the model's own forward) and the class names."""
+    from .metrics import PROBLEM_TYPES, num_outputs
+
+    return dict(
+        num_labels=num_outputs(spec.task, label_names),
+        problem_type=PROBLEM_TYPES[spec.task],
+        id2label=dict(enumerate(label_names)),
+        label2id={n: i for i, n in enumerate(label_names)},
+        trust_remote_code=spec.trust_remote_code,
+    )
+
+
 def load_base(spec: RunSpec, label_names: list[str], device: str, amp=None):
     """The base classifier for `run` (quantized for QLoRA), loaded straight onto `device` in its frozen
     dtype (no fp32 copy in host memory on the way); returns (model, newly initialised modules). Its head
@@ -243,15 +257,9 @@ def load_base(spec: RunSpec, label_names: list[str], device: str, amp=None):
     entropy, MSE, BCE) in the model's own forward."""
     from transformers import AutoModelForSequenceClassification
 
-    from .metrics import PROBLEM_TYPES, num_outputs
-
     method = registry.get(spec.method)
     kwargs = dict(
-        num_labels=num_outputs(spec.task, label_names),
-        problem_type=PROBLEM_TYPES[spec.task],
-        id2label=dict(enumerate(label_names)),
-        label2id={n: i for i, n in enumerate(label_names)},
-        trust_remote_code=spec.trust_remote_code,
+        **_classifier_config(spec, label_names),
         use_safetensors=not spec.allow_pickle or None,
         ignore_mismatched_sizes=True,  # a classifier's head for other labels is replaced (`_replaced_head`)
     )
@@ -316,14 +324,7 @@ def meta_model(spec: RunSpec, label_names: list[str], amp, total_steps: int = 10
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from .metrics import PROBLEM_TYPES, num_outputs
-
-    config = AutoConfig.from_pretrained(
-        spec.model_path,
-        num_labels=num_outputs(spec.task, label_names),
-        problem_type=PROBLEM_TYPES[spec.task],
-        trust_remote_code=spec.trust_remote_code,
-    )
+    config = AutoConfig.from_pretrained(spec.model_path, **_classifier_config(spec, label_names))
     if config.pad_token_id is None:
         config.pad_token_id = spec.pad_token_id
     with torch.device("meta"):
