@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 from peftbench import config  # noqa: E402
 from peftbench.estimate import estimate_run  # noqa: E402
 from peftbench.runner import Study  # noqa: E402
-from scale import METHODS, SHAPES  # noqa: E402
+from scale import METHODS, copy_tokenizer, shape_config  # noqa: E402
 from speed import SEED_METHODS, roberta_config  # noqa: E402
 
 MEASURED = {  # shape: the result parts measured at length 512
@@ -63,16 +62,8 @@ def measured(shape: str) -> dict:
 
 def config_folder(shape: str, tokenizer: Path, folder: Path) -> Path:
     """A model folder holding only the shape's config.json and the tokenizer: all the estimate reads."""
-    from transformers import AutoConfig
-
-    if shape == "roberta":
-        roberta_config(pad=0).save_pretrained(folder)
-    else:
-        kind, sizes = SHAPES[shape]
-        AutoConfig.for_model(kind, vocab_size=30522, pad_token_id=0, **sizes).save_pretrained(folder)
-    for f in tokenizer.iterdir():
-        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
-            shutil.copy(f, folder / f.name)
+    (roberta_config(pad=0) if shape == "roberta" else shape_config(shape)).save_pretrained(folder)
+    copy_tokenizer(tokenizer, folder)
     return folder
 
 

@@ -107,21 +107,32 @@ METHODS = {  # the same adapters in both recipes
 }
 
 
-def build_shape(shape: str, tokenizer: Path, folder: Path, device: str) -> Path:
-    """A decoder of `shape` with random weights, saved in bf16 with the tokenizer beside it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def shape_config(shape: str):
+    """The config of `shape`, with MiniLM's vocabulary and special ids."""
+    from transformers import AutoConfig
 
     kind, sizes = SHAPES[shape]
-    cfg = AutoConfig.for_model(
+    return AutoConfig.for_model(
         kind, vocab_size=30522, pad_token_id=0, bos_token_id=101, eos_token_id=102, **sizes
     )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(folder)
+
+
+def copy_tokenizer(tokenizer: Path, folder: Path) -> None:
+    """The tokenizer files of the folder `tokenizer` (MiniLM's) into `folder`."""
     for f in tokenizer.iterdir():
         if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
             shutil.copy(f, folder / f.name)
+
+
+def build_shape(shape: str, tokenizer: Path, folder: Path, device: str) -> Path:
+    """A decoder of `shape` with random weights, saved in bf16 with the tokenizer beside it."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(shape_config(shape), dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    copy_tokenizer(tokenizer, folder)
     del model
     return folder
 
