@@ -1076,6 +1076,26 @@ def test_two_study_files_of_one_name_never_share_the_default_folder(
     assert models == {str(tiny_encoder), str(tiny_decoder)}
 
 
+def test_a_plan_after_a_study_of_its_name_takes_its_own_default_folder(
+    tiny_encoder, tiny_decoder, tiny_data, tmp_path, monkeypatch
+):
+    """As `run` does: a plan without --out, where runs/NAME holds another study, writes beside it."""
+    from peftbench import cli
+
+    monkeypatch.chdir(tmp_path)
+    for sub, model, command in (("exp1", tiny_encoder, "run"), ("exp2", tiny_decoder, "plan")):
+        (tmp_path / sub).mkdir()
+        raw = study(model, tiny_data, ["ia3"], train={"epochs": 1}, gpu_memory="24GB")
+        raw.pop("name", None)
+        (tmp_path / sub / "study.yaml").write_text(json.dumps(raw))
+        with pytest.raises(SystemExit) as e:
+            cli.main([command, f"{sub}/study.yaml", *(["--no-report"] if command == "run" else [])])
+        assert e.value.code == 0
+    (planned,) = (tmp_path / "runs").glob("study-*/plan.json")
+    assert json.loads(planned.read_text())["rows"][0]["status"] == "planned"
+    assert (tmp_path / "runs" / "study" / "study.json").exists()
+
+
 def test_report_names_missing_runs_and_refuses_a_damaged_plan(tiny_encoder, tiny_data, tmp_path):
     import shutil
 

@@ -204,6 +204,8 @@ def cmd_plan(args) -> int:
 
     raw, out = build_study(args)
     study = config.validate(raw, base_dir=Path.cwd())
+    if not args.out:
+        out = _free_default_out(out, study, args.study)
     rows = Study(study, out).plan()
     print(plan_table(rows, study["gpu_memory"]))
     if any(r.get("estimated") for r in rows):
