@@ -1076,6 +1076,28 @@ def test_two_study_files_of_one_name_never_share_the_default_folder(
     assert models == {str(tiny_encoder), str(tiny_decoder)}
 
 
+def test_studies_from_flags_alone_never_share_a_default_folder(
+    tiny_encoder, tiny_decoder, tiny_data, tmp_path, monkeypatch, capsys
+):
+    """Flags-only studies are all named "cli": each other one gets runs/cli-<hash of its model and data>,
+    and a study run again goes back to its own folder."""
+    from peftbench import cli
+
+    monkeypatch.chdir(tmp_path)
+    enc, dec = tiny_encoder, tiny_decoder
+    flags = [(enc, []), (dec, []), (enc, ["--train-size", "40"]), (dec, [])]
+    for model, extra in flags:
+        args = ["run", "--model", str(model), "--data", str(tiny_data), "--methods", "tfidf", *extra]
+        with pytest.raises(SystemExit) as e:
+            cli.main([*args, "--no-report"])
+        assert e.value.code == 0, capsys.readouterr().err[-800:]
+    folders = sorted((tmp_path / "runs").iterdir())
+    assert [f.name for f in folders][0] == "cli" and len(folders) == 3
+    studies = [json.loads((f / "study.json").read_text())["study"] for f in folders]
+    assert len({(s["model"], s["data"]["train_size"]) for s in studies}) == 3
+    assert "already done" in capsys.readouterr().err  # the fourth went back to the second's folder
+
+
 def test_a_plan_after_a_study_of_its_name_takes_its_own_default_folder(
     tiny_encoder, tiny_decoder, tiny_data, tmp_path, monkeypatch
 ):

@@ -172,7 +172,7 @@ def cmd_run(args) -> int:
         start_forkserver()
     study = config.validate(raw, base_dir=Path.cwd())
     if not args.out:
-        out = _free_default_out(out, study, args.study)
+        out = _free_default_out(out, study)
     results = Study(study, out).run(force=args.force)
     print_summary(out)
     if study["report"] and not args.no_report:
@@ -182,17 +182,18 @@ def cmd_run(args) -> int:
     return 1 if failed and len(failed) == len(results) else 0
 
 
-def _free_default_out(out: Path, study: dict, study_file: str | None) -> Path:
-    """The default folder runs/NAME, unless it holds another study: then runs/NAME-<hash of the study file's
-    path>, so that two study files of one name never write into one folder."""
+def _free_default_out(out: Path, study: dict) -> Path:
+    """The default folder runs/NAME, unless it holds another study: then runs/NAME-<hash of the study's
+    name, model and data>, so that two studies (from files of one name, or from flags alone) never write
+    into one folder."""
     from . import store
 
-    if store.folder_owner(out) in (None, store.study_identity(study)):
+    identity = store.study_identity(study)
+    if store.folder_owner(out) in (None, identity):
         return out
-    import hashlib
-
-    tag = hashlib.sha256(str(Path(study_file or "").resolve()).encode()).hexdigest()[:6]
-    alt = out.with_name(f"{out.name}-{tag}")
+    alt = out.with_name(f"{out.name}-{identity[:6]}")
+    if store.folder_owner(alt) not in (None, identity):
+        raise UserError(f"{out} and {alt} hold other studies' files; choose a folder with --out")
     print(f"peftbench: {out} holds another study; writing to {alt} (--out to choose)", file=sys.stderr)
     return alt
 
@@ -205,7 +206,7 @@ def cmd_plan(args) -> int:
     raw, out = build_study(args)
     study = config.validate(raw, base_dir=Path.cwd())
     if not args.out:
-        out = _free_default_out(out, study, args.study)
+        out = _free_default_out(out, study)
     rows = Study(study, out).plan()
     print(plan_table(rows, study["gpu_memory"]))
     if any(r.get("estimated") for r in rows):
