@@ -1096,6 +1096,14 @@ def test_studies_from_flags_alone_never_share_a_default_folder(
     studies = [json.loads((f / "study.json").read_text())["study"] for f in folders]
     assert len({(s["model"], s["data"]["train_size"]) for s in studies}) == 3
     assert "already done" in capsys.readouterr().err  # the fourth went back to the second's folder
+    from peftbench import store
+
+    other = {**studies[0], "data": {**studies[0]["data"], "train_size": 30}}
+    alt = tmp_path / "runs" / f"cli-{store.study_identity(other)[:6]}"
+    alt.mkdir()
+    (alt / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="hold other studies' files; choose a folder with --out"):
+        cli._free_default_out(tmp_path / "runs" / "cli", other)
 
 
 def test_a_plan_after_a_study_of_its_name_takes_its_own_default_folder(
