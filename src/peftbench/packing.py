@@ -11,10 +11,10 @@ elsewhere SDPA with a block-diagonal mask. The loss is transformers' own for seq
 from __future__ import annotations
 
 import contextlib
-import math
 
 import numpy as np
 
+from .batches import pad_width
 from .devices import autocast
 
 ATTENTION = "peftbench_packed"
@@ -60,7 +60,7 @@ def pack(seqs: list[np.ndarray], pad_id: int, multiple: int, max_len: int | None
         seqs = [s[:max_len] for s in seqs]
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     total = int(lengths.sum())
-    width = int(math.ceil((total + 1) / multiple) * multiple)
+    width = pad_width(total + 1, multiple)
     ids = np.full(width, pad_id, dtype=np.int64)
     ids[:total] = np.concatenate(seqs)
     offsets = np.concatenate([[0], np.cumsum(lengths), [width]])
@@ -143,8 +143,8 @@ def batch_tokens(lengths: np.ndarray, multiple: int, packed: bool) -> int:
     """Tokens one (micro-)batch of these lengths computes: one packed row (its padding tail included), or
     every item padded to the longest, each rounded up to `multiple`."""
     if packed:
-        return math.ceil((lengths.sum() + 1) / multiple) * multiple
-    return len(lengths) * math.ceil(lengths.max() / multiple) * multiple
+        return pad_width(int(lengths.sum()) + 1, multiple)
+    return len(lengths) * pad_width(int(lengths.max()), multiple)
 
 
 def token_saving(lengths: np.ndarray, parts: list[np.ndarray], pad_multiple: int, pack_multiple: int):
