@@ -17,8 +17,10 @@ i.e. transformers' per-step `mask.all()` sync), nopack / pack (padded batches / 
 nogroup (batches not grouped by length), peradd (graphed steps add gradients one parameter at a time,
 as autograd does: the code before 2026-12-04), castweights (graphed steps let autocast cast every linear
 weight and gradient, without bf16 weight copies: the code before commit 778e6f7, 2026-12-05), adamw_bf16
-(trained weights in bf16 under optimi's Kahan-summed AdamW, `train.optimizer: adamw_bf16`), profile (a
-torch.profiler step profile into --profile-dir). With --epochs > 1 rows also give the last epoch alone
+(trained weights in bf16 under optimi's Kahan-summed AdamW, `train.optimizer: adamw_bf16`), bf16norms (layer
+norms take and give bf16 under autocast, which computes them in fp32: `Bf16LayerNorm`), liger (the same,
+computed by Liger Kernel's Triton LayerNorm: `pip install liger-kernel`), profile (a torch.profiler step
+profile into --profile-dir). With --epochs > 1 rows also give the last epoch alone
 (after warm-up and compilation). The roberta-base-shaped model is built from
 RobertaConfig with roberta-base's values and random weights (no download): its accuracy means
 nothing, its time and memory are roberta-base's. It is fed the MiniLM tokenizer's ids (all < 30522),
@@ -107,6 +109,54 @@ def spec_for(study: Study, method: str, model_path: str, epochs: int | None, rec
     return spec.with_runtime(checkpoint=False).planned()
 
 
+class Bf16LayerNorm(torch.nn.LayerNorm):
+    """A LayerNorm that under bf16 autocast takes and gives bf16 (fp32 statistics inside the kernel).
+    Autocast computes layer norms in fp32: a BERT-style encoder's residual stream, each norm's output added
+    to the next block's, then stays fp32, and every linear layer reading it casts it to bf16 again
+    (roberta-base: 0.9 ms of casts, 1.2 ms of fp32 norms and 0.8 ms of fp32 gradient adds in a 14.6-ms
+    graphed step on an H200, benchmarks/results/profiles/h200-roberta-full-weight-copies_profile.json).
+    With `liger` the kernel is Liger Kernel's Triton LayerNorm, which reads the fp32 weights as they are;
+    else torch's, with the weights cast to bf16."""
+
+    liger = False
+
+    def forward(self, x):
+        kind = x.device.type
+        if not (torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16):
+            return super().forward(x)
+        x = x.to(torch.bfloat16)
+        if self.liger:
+            from liger_kernel.functional import layer_norm
+
+            return layer_norm(x, self.weight, self.bias, self.eps)
+        bf16 = [None if t is None else t.to(torch.bfloat16) for t in (self.weight, self.bias)]
+        with torch.autocast(kind, enabled=False):
+            return torch.nn.functional.layer_norm(x, self.normalized_shape, *bf16, self.eps)
+
+
+def swap_norms(model, kind: str) -> int:
+    """`model`'s `torch.nn.LayerNorm`s, in place, as `Bf16LayerNorm`s with the same parameters, computed
+    by torch ("bf16norms") or Liger Kernel ("liger"); returns how many."""
+    norms = [m for m in model.modules() if type(m) is torch.nn.LayerNorm]
+    for m in norms:
+        m.__class__, m.liger = Bf16LayerNorm, kind == "liger"
+    return len(norms)
+
+
+def with_norms(kind: str):
+    """`models.build_model` (which `train.train_run` calls), its models' layer norms swapped
+    (`swap_norms`)."""
+    build = models.build_model
+
+    def built(*args, **kwargs):
+        model, head = build(*args, **kwargs)
+        if not swap_norms(model, kind):
+            raise ValueError(f"+{kind}: the model has no torch.nn.LayerNorm")
+        return model, head
+
+    return mock.patch.object(models, "build_model", built)
+
+
 def peak_mb() -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
 
@@ -190,7 +240,9 @@ def run_peftbench(spec: RunSpec, tok: data_mod.Tokenized, recipe: str, profile: 
         adds = mock.patch.object(graphs, "backward_adding_in_few_kernels", lambda loss, _: loss.backward())
     if "+castweights" in recipe:  # autocast casts each weight and gradient, as before bf16 weight copies
         casts = mock.patch.object(graphs, "weight_copies", lambda *_: (None, "off: +castweights"))
-    with tempfile.TemporaryDirectory() as tmp, adds, casts:
+    kinds = [k for k in ("bf16norms", "liger") if f"+{k}" in recipe]
+    norms = with_norms(kinds[0]) if kinds else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory() as tmp, adds, casts, norms:
         res = train.train_run(spec, tok, Path(tmp), progress=False)
         if profile and (Path(tmp) / "profile.json").exists():
             profile.write_text((Path(tmp) / "profile.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_study, study
+from conftest import REPO, run_study, study
 
 from peftbench import cli, config, report, runner, store
 from peftbench.errors import UserError
@@ -956,6 +957,53 @@ def test_a_model_casting_by_its_weights_dtype_trains_without_weight_copies():
     model.lin.requires_grad_(False)
     off = weight_copies(model, torch.bfloat16, "multi-tensor")
     assert off == (None, "off: no trained fp32 linear weights")
+
+
+def test_bf16_layer_norms_keep_an_encoders_residual_stream_in_bf16(tiny_encoder, tiny_data, tmp_path):
+    """`benchmarks/speed.py +bf16norms`: under bf16 autocast its layer norms give bf16 where autocast's give
+    fp32, with the same parameters (fp32, trained); without autocast they compute exactly as before; and a
+    run trained with them follows the same loss trajectory as one without, within bf16's rounding."""
+    import importlib.util
+
+    import torch
+
+    from peftbench import data as data_mod, train
+    from peftbench.runner import Study
+
+    loader = importlib.util.spec_from_file_location("speed", REPO / "benchmarks" / "speed.py")
+    speed = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(speed)
+    models, x, y = _twin_models("bert")
+    assert speed.swap_norms(models[1], "bf16norms") == 5  # the embeddings' and two per layer
+    assert models[0].state_dict().keys() == models[1].state_dict().keys()
+    assert torch.equal(models[0](input_ids=x).logits, models[1](input_ids=x).logits)
+    dtypes: list[list] = [[], []]
+    for m, seen in zip(models, dtypes):
+        for norm in (n for n in m.modules() if isinstance(n, torch.nn.LayerNorm)):
+            norm.register_forward_hook(lambda _m, _i, out, seen=seen: seen.append(out.dtype))
+    losses = []
+    for m in models:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses.append(m(input_ids=x, labels=y).loss)
+        losses[-1].backward()
+    assert set(dtypes[0]) == {torch.float32} and set(dtypes[1]) == {torch.bfloat16}
+    assert torch.allclose(losses[0].float(), losses[1].float(), rtol=2e-2)
+    norm = models[1].bert.encoder.layer[0].output.LayerNorm
+    assert norm.weight.dtype == norm.weight.grad.dtype == torch.float32
+
+    raw = study(tiny_encoder, tiny_data, ["full"], train={"precision": "bf16"})
+    s = Study(config.validate(raw), tmp_path / "s")
+    s.out.mkdir(parents=True)
+    s.prepare()
+    tok, spec = data_mod.Tokenized.load(s.tok_file), s.final_specs({})[0]
+    curves = []
+    for i, norms in enumerate((contextlib.nullcontext(), speed.with_norms("bf16norms"))):
+        (tmp_path / f"run{i}").mkdir()
+        with norms:
+            res = train.train_run(spec, tok, tmp_path / f"run{i}", progress=False)
+        curves.append([h["train_loss"] for h in res["history"]])
+    assert curves[0] != curves[1]  # the run trained with the bf16 norms
+    assert len(curves[1]) == 2 and all(abs(a - b) <= 0.02 * a for a, b in zip(*curves)), curves
 
 
 def _twin_models(arch: str) -> tuple[list, object, object]:
