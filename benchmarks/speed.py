@@ -19,7 +19,8 @@ as autograd does: the code before 2026-12-04), castweights (graphed steps let au
 weight and gradient, without bf16 weight copies: the code before commit 778e6f7, 2026-12-05), adamw_bf16
 (trained weights in bf16 under optimi's Kahan-summed AdamW, `train.optimizer: adamw_bf16`), bf16norms (layer
 norms take and give bf16 under autocast, which computes them in fp32: `Bf16LayerNorm`), liger (the same,
-computed by Liger Kernel's Triton LayerNorm: `pip install liger-kernel`), profile (a torch.profiler step
+computed by Liger Kernel's Triton LayerNorm: `pip install liger-kernel`), regional (each transformer layer
+torch.compile'd in place, CUDA graphs and packing kept: `compile_blocks`), profile (a torch.profiler step
 profile into --profile-dir). With --epochs > 1 rows also give the last epoch alone
 (after warm-up and compilation). The roberta-base-shaped model is built from
 RobertaConfig with roberta-base's values and random weights (no download): its accuracy means
@@ -143,15 +144,41 @@ def swap_norms(model, kind: str) -> int:
     return len(norms)
 
 
-def with_norms(kind: str):
-    """`models.build_model` (which `train.train_run` calls), its models' layer norms swapped
-    (`swap_norms`)."""
+def compile_blocks(model) -> int:
+    """torch.compile, in place, each block of `model`'s repeated ones (its transformer layers): regional
+    compilation (PyTorch's recipe for compile time), one compiled code for every layer, where compiling the
+    whole model took most of a 165-s first epoch (h200-roberta-compile.json). The rest of the model and of
+    the step (CUDA graphs, packing) stay as they are. Returns how many."""
+    import torch._dynamo
+
+    for knob in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
+    repeated = [
+        blocks
+        for blocks in model.modules()
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 1 and len({type(b) for b in blocks}) == 1
+    ]
+    for block in (b for blocks in repeated for b in blocks):
+        block.compile()
+    return sum(len(blocks) for blocks in repeated)
+
+
+def with_model_changes(opts: list[str]):
+    """`models.build_model` (which `train.train_run` calls), its models changed as the recipe's options
+    say: layer norms swapped ("bf16norms", "liger": `swap_norms`), blocks compiled ("regional":
+    `compile_blocks`)."""
+    norms = [k for k in ("bf16norms", "liger") if k in opts]
+    if not norms and "regional" not in opts:
+        return contextlib.nullcontext()
     build = models.build_model
 
     def built(*args, **kwargs):
         model, head = build(*args, **kwargs)
-        if not swap_norms(model, kind):
-            raise ValueError(f"+{kind}: the model has no torch.nn.LayerNorm")
+        if norms and not swap_norms(model, norms[0]):
+            raise ValueError(f"+{norms[0]}: the model has no torch.nn.LayerNorm")
+        if "regional" in opts and not compile_blocks(model):
+            raise ValueError("+regional: the model has no repeated blocks")
         return model, head
 
     return mock.patch.object(models, "build_model", built)
@@ -240,9 +267,8 @@ def run_peftbench(spec: RunSpec, tok: data_mod.Tokenized, recipe: str, profile: 
         adds = mock.patch.object(graphs, "backward_adding_in_few_kernels", lambda loss, _: loss.backward())
     if "+castweights" in recipe:  # autocast casts each weight and gradient, as before bf16 weight copies
         casts = mock.patch.object(graphs, "weight_copies", lambda *_: (None, "off: +castweights"))
-    kinds = [k for k in ("bf16norms", "liger") if f"+{k}" in recipe]
-    norms = with_norms(kinds[0]) if kinds else contextlib.nullcontext()
-    with tempfile.TemporaryDirectory() as tmp, adds, casts, norms:
+    changes = with_model_changes(recipe.split("+")[1:])
+    with tempfile.TemporaryDirectory() as tmp, adds, casts, changes:
         res = train.train_run(spec, tok, Path(tmp), progress=False)
         if profile and (Path(tmp) / "profile.json").exists():
             profile.write_text((Path(tmp) / "profile.json").read_text())
