@@ -149,11 +149,7 @@ def compile_blocks(model) -> int:
     compilation (PyTorch's recipe for compile time), one compiled code for every layer, where compiling the
     whole model took most of a 165-s first epoch (h200-roberta-compile.json). The rest of the model and of
     the step (CUDA graphs, packing) stay as they are. Returns how many."""
-    import torch._dynamo
-
-    for knob in ("cache_size_limit", "recompile_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
+    train.allow_recompiles()
     repeated = [
         blocks
         for blocks in model.modules()

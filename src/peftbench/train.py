@@ -88,6 +88,16 @@ def _set_rng(cpu, cuda, device: str) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
+def allow_recompiles(limit: int = 64) -> None:
+    """torch.compile's per-function recompile limit raised to `limit` (torch's default is 8): a run's bucketed
+    shapes, train and eval modes and dtypes each recompile, and past the limit torch runs eagerly."""
+    import torch._dynamo
+
+    for knob in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), limit))
+
+
 def train_run(spec: RunSpec, tok: Tokenized, run_dir: Path, progress: bool = True) -> dict:
     """Train and evaluate one run; returns the `metrics`, `history` and artefact info for result.json.
 
@@ -594,11 +604,8 @@ class Recipe:
         "cudagraphs" adds CUDA graphs, recorded once per bucketed shape, on one device only (a data-parallel
         run compiles around DDP, without graphs)."""
         import torch
-        import torch._dynamo
 
-        for knob in ("cache_size_limit", "recompile_limit"):
-            if hasattr(torch._dynamo.config, knob):
-                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
+        allow_recompiles()
         graphs = self.train.compile == "cudagraphs" and self.world == 1 and self.dev_type == "cuda"
         self.fwd = torch.compile(self.fwd, mode="reduce-overhead" if graphs else None)
         self.compiled = "cudagraphs" if graphs else True
