@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -26,7 +27,9 @@ def _spec(model: Path, data: Path, method: str, tmp_path: Path, **train):
 
 
 def _kept_by_a_real_forward(model, length: int) -> int:
-    """What autograd keeps for a real CPU forward pass over one sequence, counted as the estimate counts."""
+    """What autograd keeps for a real CPU forward pass over one sequence, counted as the estimate counts,
+    with dropout as on CUDA (`cuda_dropout`: a one-byte mask an element, where the CPU's own dropout keeps
+    a noise tensor in the input's dtype)."""
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
     kept: dict = {}
 
@@ -35,7 +38,8 @@ def _kept_by_a_real_forward(model, length: int) -> int:
             kept.setdefault(t.untyped_storage()._cdata, t.untyped_storage().nbytes())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    dropout = mock.patch.object(torch.nn.functional, "dropout", _benchmark().cuda_dropout)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), dropout:
         model(input_ids=torch.full((1, length), 5))
     return sum(kept.values())
 
@@ -43,8 +47,8 @@ def _kept_by_a_real_forward(model, length: int) -> int:
 @pytest.mark.parametrize("method", ["full", "lora", "ia3"])
 @pytest.mark.parametrize("arch", ["encoder", "decoder"])
 def test_the_meta_count_is_what_a_real_forward_keeps(arch, method, request, tiny_data, tmp_path):
-    """fp32 (no autocast to emulate), no dropout: the CPU's attention is fused too (flash for the CPU), so
-    the meta device's count with its stand-in must be the real count."""
+    """fp32 (no autocast to emulate), no attention dropout: the CPU's attention is fused too (flash for the
+    CPU), so the meta device's count with its stand-in must be the real count."""
     model_dir = request.getfixturevalue("no_dropout_encoder" if arch == "encoder" else "tiny_decoder")
     spec = _spec(model_dir, tiny_data, method, tmp_path, precision="fp32")
     real, _ = models.build_model(spec, spec.label_names, "cpu", 1)
@@ -55,6 +59,26 @@ def test_the_meta_count_is_what_a_real_forward_keeps(arch, method, request, tiny
     ]
     real.train()
     assert estimate.saved_bytes(meta, 1, 32, None) == _kept_by_a_real_forward(real, 32)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_dropout_and_4_bit_layers_are_counted_as_cuda_keeps_them(method, tiny_encoder, tiny_data, tmp_path):
+    """Under the estimate's bf16 autocast, with dropout (the model's and LoRA's) and QLoRA's real 4-bit layers
+    (bitsandbytes on the CPU), the meta count is what a real forward keeps: dropout a one-byte mask an
+    element, as on CUDA; a 4-bit layer nothing, its output in its input's dtype (fp32 here: the frozen base
+    is fp32, as in the seed preset)."""
+    spec = _spec(tiny_encoder, tiny_data, method, tmp_path, base_dtype="fp32")
+    assert spec.method_options.get("lora_dropout", 0) > 0
+    real, _ = models.build_model(spec, spec.label_names, "cpu", 1)
+    assert any("4bit" in type(m).__name__ for m in real.modules()) == (method == "qlora")
+    meta, _ = models.meta_model(spec, spec.label_names, torch.bfloat16)
+    four = estimate.four_bit_weights(meta) if method == "qlora" else set()
+    four_bit = {id(p) for name, p in meta.named_parameters() if name in four}
+    real.train()
+    with estimate.MetaAutocast(torch.bfloat16):  # CUDA's casts and fused attention, on real tensors
+        kept = _kept_by_a_real_forward(real, 32)
+    assert estimate.saved_bytes(meta, 1, 32, torch.bfloat16, four_bit) == kept
+    assert estimate.saved_bytes(meta, 1, 32, torch.bfloat16) != kept or method == "lora"
 
 
 def test_autocast_keeps_bf16_activations_and_the_weights_bf16_copies(no_dropout_encoder, tiny_data, tmp_path):

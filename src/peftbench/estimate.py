@@ -130,7 +130,8 @@ def estimate(model, optimizer: str, amp, length: int, quantized: Callable[[str],
     """The Estimate of `model` (on the meta device) trained under `amp` autocast (None: fp32) on sequences
     of `length` tokens; `quantized(name)` tells the frozen weights held in 4 bits."""
     config = model.config.get_text_config()
-    one, two = (saved_bytes(model, n, length, amp) for n in (1, 2))
+    four_bit = {id(p) for name, p in model.named_parameters() if quantized(name)}
+    one, two = (saved_bytes(model, n, length, amp, four_bit) for n in (1, 2))
     return Estimate(
         state=state_bytes(model, optimizer, quantized),
         saved=two - one,
@@ -154,9 +155,10 @@ def state_bytes(model, optimizer: str, quantized: Callable[[str], bool]) -> int:
     return int(total) + largest
 
 
-def saved_bytes(model, sequences: int, length: int, amp) -> int:
+def saved_bytes(model, sequences: int, length: int, amp, four_bit: frozenset | set = frozenset()) -> int:
     """Bytes autograd keeps for the backward pass over a batch of `sequences` of `length` tokens, each
-    storage once and weights not at all (`state_bytes` has them)."""
+    storage once and weights not at all (`state_bytes` has them); `four_bit`: the ids of the weights
+    QLoRA holds in 4 bits."""
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
     kept: dict[int, int] = {}
 
@@ -167,7 +169,8 @@ def saved_bytes(model, sequences: int, length: int, amp) -> int:
         return t
 
     ids = torch.zeros(sequences, length, dtype=torch.long, device=next(model.parameters()).device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), MetaAutocast(amp), _no_padding_check():
+    autocast = MetaAutocast(amp, four_bit)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast, _no_padding_check():
         model_forward(model, ids, None)  # as a run calls it: prefix tuning's prefixes too
     return sum(kept.values())
 
@@ -207,6 +210,35 @@ class FusedAttention(torch.autograd.Function):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+class FourBitLinear(torch.autograd.Function):
+    """A linear layer as bitsandbytes' 4-bit one computes it: in the compute dtype, its output cast back
+    to the input's dtype, and nothing kept for the backward pass but the 4-bit weight (which
+    `state_bytes` counts). An fp32 input so gives an fp32 output, which the next operator keeps."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.in_features = x.shape[-1]
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.new_empty(*grad.shape[:-1], ctx.in_features), None
+
+
+class FusedDropout(torch.autograd.Function):
+    """Dropout as CUDA keeps it for the backward pass (`native_dropout`: a one-byte mask per element), where
+    the meta device, like the CPU, keeps a noise tensor of the input's dtype (4 bytes an element in fp32)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x.new_empty(x.shape, dtype=torch.bool))
+        return x.new_empty(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.empty_like(grad)
+
+
 # torch.autocast casts CUDA (and CPU) tensors only: on the meta device its casts are made here, for the
 # operators that make up what a transformer keeps (matrix products in the autocast dtype; norms, softmax and
 # the loss in fp32)
@@ -229,18 +261,28 @@ def _cast(args, dtype):
 
 
 class MetaAutocast(TorchFunctionMode):
-    """CUDA's autocast to `amp` (None: none), and fused attention, for a forward pass on the meta device."""
+    """CUDA's autocast to `amp` (None: none), fused attention and dropout, and 4-bit linear layers (the
+    weights in `four_bit`), for a forward pass on the meta device."""
 
-    def __init__(self, amp):
+    def __init__(self, amp, four_bit: frozenset | set = frozenset()):
         super().__init__()
-        self.amp = amp
+        self.amp, self.four_bit = amp, four_bit
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.linear and id(args[1]) in self.four_bit:
+            return FourBitLinear.apply(args[0], args[1])
         if func is F.scaled_dot_product_attention:
             return FusedAttention.apply(*(_cast(args[:3], self.amp) if self.amp else args[:3]))
+        if func is F.dropout and _dropping(*args, **kwargs):
+            return FusedDropout.apply(args[0])
         if self.amp is not None and func in LOW_PRECISION:
             args = _cast(args, self.amp)
         elif self.amp is not None and func in FP32:
             args = _cast(args, torch.float32)
         return func(*args, **kwargs)
+
+
+def _dropping(input, p=0.5, training=True, inplace=False) -> bool:
+    """Whether `F.dropout(input, p, training, inplace)` drops anything (CUDA's fused kernel is used then)."""
+    return training and 0 < p < 1 and input.requires_grad
