@@ -270,7 +270,7 @@ class MetaAutocast(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and id(args[1]) in self.four_bit:
+        if func is F.linear and len(args) > 1 and id(args[1]) in self.four_bit:
             return FourBitLinear.apply(args[0], args[1])
         if func is F.scaled_dot_product_attention:
             return FusedAttention.apply(*(_cast(args[:3], self.amp) if self.amp else args[:3]))
