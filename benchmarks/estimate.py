@@ -157,36 +157,35 @@ def plan_rows(tokenizer: Path, tmp: Path) -> list[dict]:
 
 
 class LiveBytes(TorchDispatchMode):
-    """The peak of the bytes alive at once on the CPU: `base` (what exists before) and every storage an
-    operator makes inside, until it is freed."""
+    """The peak of the bytes alive at once on the CPU: what is `held` before (storage -> bytes) and every
+    other storage an operator makes inside, until it is freed. A view of a held tensor (a weight's
+    transpose, which a linear layer keeps for the backward pass) is the held storage, not a new one."""
 
-    def __init__(self, base: int):
+    def __init__(self, held: dict):
         super().__init__()
-        self.live: dict = {}
-        self.base = self.peak = base
+        self.held, self.live = held, {}
+        self.base = self.peak = sum(held.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self.live:
-                self.live[t.untyped_storage()._cdata] = (
-                    StorageWeakRef(t.untyped_storage()),
-                    t.untyped_storage().nbytes(),
-                )
+            key = t.untyped_storage()._cdata if isinstance(t, torch.Tensor) else None
+            if key is not None and key not in self.live and key not in self.held:
+                self.live[key] = (StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes())
         self.peak = max(self.peak, self.base + sum(n for _, n in self.live.values()))
         return out
 
 
-def held_bytes(model, optimizer) -> int:
-    """Weights, buffers, gradients and optimizer state, each storage once."""
+def held_bytes(model, optimizer) -> dict:
+    """Weights, buffers, gradients and optimizer state: storage -> bytes."""
     tensors = [
         *model.parameters(),
         *model.buffers(),
         *(p.grad for p in model.parameters() if p.grad is not None),
     ]
     tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-    return sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}.values())
+    return {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
 
 
 def cuda_dropout(input, p=0.5, training=True, inplace=False):
