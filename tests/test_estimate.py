@@ -205,12 +205,16 @@ def test_a_sharded_run_is_not_planned_with_or_without_a_gpu(tiny_encoder, tiny_d
 
 @pytest.mark.slow
 def test_real_cpu_steps_with_and_without_checkpointing_are_near_the_estimate(tmp_path):
-    """Real MiniLM training steps on the CPU (fp32, fused attention): the peak of the bytes alive at once
-    against the estimate, gradient checkpointing included (the GPU runs measured none)."""
+    """Real MiniLM training steps on the CPU (fp32, fused attention, dropout as CUDA keeps it): the peak of
+    the bytes alive at once against the estimate, gradient checkpointing included (the GPU runs measured
+    none). LoRA and IA3 without checkpointing within 2% (0.996-1.003 on 2026-12-05); full fine-tuning
+    (gradients counted as held throughout) and checkpointed runs over, never under."""
     rows = _benchmark().cpu_step_rows(tmp_path, length=128)
     assert len(rows) == 12
     for r in rows:
-        assert 0.75 <= r["ratio"] <= 1.3, r
+        adapters = r["method"] != "full" and not r["gradient_checkpointing"]
+        low, high = (0.98, 1.02) if adapters else (1.0, 1.3)
+        assert low <= r["ratio"] <= high, r
     by = {(r["method"], r["micro_batch_size"], r["gradient_checkpointing"]): r for r in rows}
     assert by["lora", 16, True]["measured_mb"] < 0.6 * by["lora", 16, False]["measured_mb"]
     assert by["lora", 16, True]["estimate_mb"] < 0.6 * by["lora", 16, False]["estimate_mb"]
