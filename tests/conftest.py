@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from pathlib import Path
@@ -156,6 +157,17 @@ def tiny_decoder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("data"))
+
+
+@functools.cache
+def benchmark(name: str):
+    """The script `benchmarks/NAME.py` as a module (loaded once per test process)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def study(model: Path | str, data_dir: Path, methods, **over) -> dict:

@@ -3,19 +3,16 @@ plan's search over the estimate, and the estimate against the peaks measured on 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
-from conftest import study
+from conftest import benchmark, study
 
 from peftbench import cli, config, estimate, memory, models
 from peftbench.runner import Study
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _spec(model: Path, data: Path, method: str, tmp_path: Path, **train):
@@ -38,7 +35,7 @@ def _kept_by_a_real_forward(model, length: int) -> int:
             kept.setdefault(t.untyped_storage()._cdata, t.untyped_storage().nbytes())
         return t
 
-    dropout = mock.patch.object(torch.nn.functional, "dropout", _benchmark().cuda_dropout)
+    dropout = mock.patch.object(torch.nn.functional, "dropout", benchmark("estimate").cuda_dropout)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), dropout:
         model(input_ids=torch.full((1, length), 5))
     return sum(kept.values())
@@ -149,19 +146,12 @@ def test_a_run_on_the_cpu_says_its_gpu_budget_is_not_applied(tiny_encoder, tiny_
     assert "gpu_memory 24GB is a GPU budget" in capsys.readouterr().err
 
 
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("estimate_benchmark", ROOT / "benchmarks" / "estimate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.parametrize("shape", ["1.4b", "8b"])
 def test_the_estimate_is_near_the_peaks_measured_on_an_h200(shape, tmp_path):
     """Decoders of 1.4B and 7.2B parameters (configs only: no weights are made), against peftbench's peak
     allocated memory at length 512 in the committed results: adapters within 5%, full fine-tuning never
     under by more than 2% (its gradients are counted as held throughout)."""
-    rows = _benchmark().estimate_rows(shape, Path(models.resolve("minilm")), tmp_path)
+    rows = benchmark("estimate").estimate_rows(shape, Path(models.resolve("minilm")), tmp_path)
     ours = [r for r in rows if r["recipe"] == "peftbench"]
     assert len(ours) >= 7 and {r["method"] for r in ours} == {"full", "lora", "qlora", "ia3"}
     for r in ours:
@@ -175,7 +165,7 @@ def test_the_estimated_plans_choose_as_the_h200_did(tmp_path):
     """`peftbench plan` over the 8B shape's config without a GPU, against the plans made on the H200: 24 GB
     twice (full does not fit; LoRA at micro-batch 2, QLoRA at 4, IA3 at 2 in one plan and 1 in the other)
     and full fine-tuning with bf16 weights under 80 GB (micro-batch 1)."""
-    rows = _benchmark().plan_rows(Path(models.resolve("minilm")), tmp_path)
+    rows = benchmark("estimate").plan_rows(Path(models.resolve("minilm")), tmp_path)
     assert len(rows) == 9 and all(r["estimate"] == r["gpu"] for r in rows if r["label"] != "ia3")
     assert sorted(r["estimate"] for r in rows if r["label"] == "ia3") == [(2, False), (2, False)]
 
@@ -209,7 +199,7 @@ def test_real_cpu_steps_with_and_without_checkpointing_are_near_the_estimate(tmp
     the bytes alive at once against the estimate, gradient checkpointing included (the GPU runs measured
     none). LoRA and IA3 without checkpointing within 2% (0.996-1.003 on 2026-12-05); full fine-tuning
     (gradients counted as held throughout) and checkpointed runs over, never under."""
-    rows = _benchmark().cpu_step_rows(tmp_path, length=128)
+    rows = benchmark("estimate").cpu_step_rows(tmp_path, length=128)
     assert len(rows) == 12
     for r in rows:
         adapters = r["method"] != "full" and not r["gradient_checkpointing"]

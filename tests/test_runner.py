@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, run_study, study
+from conftest import benchmark, run_study, study
 
 from peftbench import cli, config, report, runner, store
 from peftbench.errors import UserError
@@ -965,7 +965,7 @@ def test_bf16_layer_norms_keep_an_encoders_residual_stream_in_bf16(tiny_encoder,
     run trained with them follows the same loss trajectory as one without, within bf16's rounding."""
     import torch
 
-    speed = _speed_benchmark()
+    speed = benchmark("speed")
     models, x, y = _twin_models("bert")
     assert speed.swap_norms(models[1], "bf16norms") == 5  # the embeddings' and two per layer
     assert models[0].state_dict().keys() == models[1].state_dict().keys()
@@ -1000,7 +1000,7 @@ def test_regionally_compiled_blocks_train_as_the_eager_ones(tiny_encoder, tiny_d
 
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
 
-    speed = _speed_benchmark()
+    speed = benchmark("speed")
     models, x, _ = _twin_models("bert")
     assert speed.compile_blocks(models[1]) == 2
     torch._dynamo.reset()
@@ -1014,15 +1014,6 @@ def test_regionally_compiled_blocks_train_as_the_eager_ones(tiny_encoder, tiny_d
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the second run's layers compiled
     assert curves[0][-1] < curves[0][0] / 2
     assert len(curves[1]) == 2 and all(abs(a - b) <= 1e-4 for a, b in zip(*curves)), curves
-
-
-def _speed_benchmark():
-    import importlib.util
-
-    loader = importlib.util.spec_from_file_location("speed", REPO / "benchmarks" / "speed.py")
-    speed = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(speed)
-    return speed
 
 
 def _loss_curves(model, data, tmp_path, speed, opts: list[str], train_settings: dict) -> list[list]:
