@@ -156,7 +156,7 @@ def compile_blocks(model) -> int:
         if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 1 and len({type(b) for b in blocks}) == 1
     ]
     for block in (b for blocks in repeated for b in blocks):
-        block.compile()
+        block.compile(dynamic=True)  # every batch shape from one code: none recompiles inside a graph capture
     return sum(len(blocks) for blocks in repeated)
 
 
