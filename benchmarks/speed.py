@@ -17,9 +17,9 @@ i.e. transformers' per-step `mask.all()` sync), nopack / pack (padded batches / 
 nogroup (batches not grouped by length), peradd (graphed steps add gradients one parameter at a time,
 as autograd does: the code before 2026-12-04), castweights (graphed steps let autocast cast every linear
 weight and gradient, without bf16 weight copies: the code before commit 778e6f7, 2026-12-05), adamw_bf16
-(trained weights in bf16 under optimi's Kahan-summed AdamW, `train.optimizer: adamw_bf16`), bf16norms (layer
-norms take and give bf16 under autocast, which computes them in fp32: `Bf16LayerNorm`), liger (the same,
-computed by Liger Kernel's Triton LayerNorm: `pip install liger-kernel`), regional (each transformer layer
+(trained weights in bf16 under optimi's Kahan-summed AdamW, `train.optimizer: adamw_bf16`), fp32norms (layer
+norms in fp32 under autocast, as autocast computes them: `train.layer_norms: fp32`, the code before
+2026-12-06), regional (each transformer layer
 torch.compile'd in place, CUDA graphs and packing kept: `compile_blocks`), profile (a torch.profiler step
 profile into --profile-dir). With --epochs > 1 rows also give the last epoch alone
 (after warm-up and compilation). The roberta-base-shaped model is built from
@@ -106,42 +106,9 @@ def spec_for(study: Study, method: str, model_path: str, epochs: int | None, rec
         group_by_length="nogroup" not in opts,
         pad_to_multiple_of=pads[-1] if pads else spec.train.pad_to_multiple_of,
         optimizer="adamw_bf16" if "adamw_bf16" in opts else spec.train.optimizer,
+        layer_norms="fp32" if "fp32norms" in opts else spec.train.layer_norms,
     )
     return spec.with_runtime(checkpoint=False).planned()
-
-
-class Bf16LayerNorm(torch.nn.LayerNorm):
-    """A LayerNorm that under bf16 autocast takes and gives bf16 (fp32 statistics inside the kernel).
-    Autocast computes layer norms in fp32: a BERT-style encoder's residual stream, each norm's output added
-    to the next block's, then stays fp32, and every linear layer reading it casts it to bf16 again
-    (roberta-base: 0.9 ms of casts, 1.2 ms of fp32 norms and 0.8 ms of fp32 gradient adds in a 14.6-ms
-    graphed step on an H200, benchmarks/results/profiles/h200-roberta-full-weight-copies_profile.json).
-    With `liger` the kernel is Liger Kernel's Triton LayerNorm, which reads the fp32 weights as they are;
-    else torch's, with the weights cast to bf16."""
-
-    liger = False
-
-    def forward(self, x):
-        kind = x.device.type
-        if not (torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16):
-            return super().forward(x)
-        x = x.to(torch.bfloat16)
-        if self.liger:
-            from liger_kernel.functional import layer_norm
-
-            return layer_norm(x, self.weight, self.bias, self.eps)
-        bf16 = [None if t is None else t.to(torch.bfloat16) for t in (self.weight, self.bias)]
-        with torch.autocast(kind, enabled=False):
-            return torch.nn.functional.layer_norm(x, self.normalized_shape, *bf16, self.eps)
-
-
-def swap_norms(model, kind: str) -> int:
-    """`model`'s `torch.nn.LayerNorm`s, in place, as `Bf16LayerNorm`s with the same parameters, computed
-    by torch ("bf16norms") or Liger Kernel ("liger"); returns how many."""
-    norms = [m for m in model.modules() if type(m) is torch.nn.LayerNorm]
-    for m in norms:
-        m.__class__, m.liger = Bf16LayerNorm, kind == "liger"
-    return len(norms)
 
 
 def compile_blocks(model) -> int:
@@ -162,18 +129,14 @@ def compile_blocks(model) -> int:
 
 def with_model_changes(opts: list[str]):
     """`models.build_model` (which `train.train_run` calls), its models changed as the recipe's options
-    say: layer norms swapped ("bf16norms", "liger": `swap_norms`), blocks compiled ("regional":
-    `compile_blocks`)."""
-    norms = [k for k in ("bf16norms", "liger") if k in opts]
-    if not norms and "regional" not in opts:
+    say: blocks compiled ("regional": `compile_blocks`)."""
+    if "regional" not in opts:
         return contextlib.nullcontext()
     build = models.build_model
 
     def built(*args, **kwargs):
         model, head = build(*args, **kwargs)
-        if norms and not swap_norms(model, norms[0]):
-            raise ValueError(f"+{norms[0]}: the model has no torch.nn.LayerNorm")
-        if "regional" in opts and not compile_blocks(model):
+        if not compile_blocks(model):
             raise ValueError("+regional: the model has no repeated blocks")
         return model, head
 
@@ -275,6 +238,7 @@ def run_peftbench(spec: RunSpec, tok: data_mod.Tokenized, recipe: str, profile: 
         "validation_accuracy": m["validation_accuracy"],
         "attention_mask": m.get("attention_mask"),
         "packing": m.get("packing"),
+        "layer_norms": m.get("layer_norms"),
         "train_loss": [h["train_loss"] for h in hist],
         "pad_to_multiple_of": m.get("pad_to_multiple_of"),
         "compile": m.get("compile"),

@@ -94,6 +94,22 @@ def test_autocast_keeps_bf16_activations_and_the_weights_bf16_copies(no_dropout_
     assert bf16.state == trained * 16 + largest * 4  # fp32 weight, gradient, two moments; one fresh gradient
 
 
+def test_bf16_layer_norms_are_counted_in_bf16(no_dropout_encoder, tiny_data, tmp_path):
+    """Layer norms that take and give bf16 (`train.layer_norms`, auto by default) keep a bf16 residual
+    stream: the meta count is what a real forward with them keeps, less than with fp32 norms, and
+    `estimate_run` counts them unless the run sets `layer_norms: fp32`."""
+    spec = _spec(no_dropout_encoder, tiny_data, "full", tmp_path)
+    real, _ = models.build_model(spec, spec.label_names, "cpu", 1)
+    meta, _ = models.meta_model(spec, spec.label_names, torch.bfloat16)
+    real.train()
+    with estimate.MetaAutocast(torch.bfloat16, bf16_norms=True):
+        kept = _kept_by_a_real_forward(real, 32)
+    bf16_norms = estimate.saved_bytes(meta, 1, 32, torch.bfloat16, bf16_norms=True)
+    assert bf16_norms == kept < estimate.saved_bytes(meta, 1, 32, torch.bfloat16)
+    fp32_norms = spec.with_train(layer_norms="fp32")
+    assert estimate.estimate_run(spec, 32)[1].saved < estimate.estimate_run(fp32_norms, 32)[1].saved
+
+
 def test_qlora_counts_its_frozen_matrices_at_4_bits(tiny_encoder, tiny_data, tmp_path):
     spec = _spec(tiny_encoder, tiny_data, "qlora", tmp_path)
     model, est = estimate.estimate_run(spec, 32)

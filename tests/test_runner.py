@@ -960,14 +960,15 @@ def test_a_model_casting_by_its_weights_dtype_trains_without_weight_copies():
 
 
 def test_bf16_layer_norms_keep_an_encoders_residual_stream_in_bf16(tiny_encoder, tiny_data, tmp_path):
-    """`benchmarks/speed.py +bf16norms`: under bf16 autocast its layer norms give bf16 where autocast's give
-    fp32, with the same parameters (fp32, trained); without autocast they compute exactly as before; and a
-    run trained with them follows the same loss trajectory as one without, within bf16's rounding."""
+    """`train.layer_norms: auto`, under bf16 autocast: the layer norms give bf16 where autocast's give fp32,
+    with the same parameters (fp32, trained); without autocast they compute exactly as before; and a run
+    trained with them follows the same loss trajectory as one with fp32 norms, within bf16's rounding."""
     import torch
 
-    speed = benchmark("speed")
+    from peftbench import models as model_mod
+
     models, x, y = _twin_models("bert")
-    assert speed.swap_norms(models[1], "bf16norms") == 5  # the embeddings' and two per layer
+    assert model_mod.bf16_layer_norms(models[1]) == 5  # the embeddings' and two per layer
     assert models[0].state_dict().keys() == models[1].state_dict().keys()
     assert torch.equal(models[0](input_ids=x).logits, models[1](input_ids=x).logits)
     dtypes: list[list] = [[], []]
@@ -983,12 +984,65 @@ def test_bf16_layer_norms_keep_an_encoders_residual_stream_in_bf16(tiny_encoder,
     assert torch.allclose(losses[0].float(), losses[1].float(), rtol=2e-2)
     norm = models[1].bert.encoder.layer[0].output.LayerNorm
     assert norm.weight.dtype == norm.weight.grad.dtype == torch.float32
+    model_mod.fp32_layer_norms(models[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        models[1](input_ids=x)
+    assert dtypes[1][-1] == torch.float32
 
     train_settings = {"precision": "bf16", "learning_rate": 1e-2}
-    curves = _loss_curves(tiny_encoder, tiny_data, tmp_path, speed, ["bf16norms"], train_settings)
-    assert curves[0] != curves[1]  # the run trained with the bf16 norms
+    runs = _trained_twice(tiny_encoder, tiny_data, tmp_path, train_settings, {"layer_norms": "fp32"}, {})
+    assert [m["layer_norms"] for _, m in runs] == ["fp32 (layer_norms: fp32)", "bf16: 5 layer norms"]
+    curves = [c for c, _ in runs]
+    assert curves[0] != curves[1]  # the second run trained with the bf16 norms
     assert curves[0][-1] < curves[0][0] / 2  # and learned: 0.59 to 0.04 on the CPU, 2026-12-05
     assert len(curves[1]) == 2 and all(abs(a - b) <= 0.02 for a, b in zip(*curves)), curves
+
+
+def test_layer_norms_that_change_the_logits_stay_fp32(tiny_encoder, tiny_data, tmp_path, monkeypatch):
+    """The probe behind `layer_norms: auto` keeps fp32 norms where bf16 ones would move the logits (here a
+    stand-in that scales each norm's output by 1.5), and says so; `bf16` insists; without bf16 autocast
+    there are none, and `bf16` there is an error that says what to set."""
+    import torch
+
+    from peftbench import models as model_mod
+
+    model, x, _ = _twin_models("bert")
+    seqs = [np.asarray(r) for r in x.tolist()]
+    args = (seqs, 0, "cpu", None)
+    assert model_mod.choose_layer_norms(model[0], *args, "auto", torch.bfloat16) == "bf16: 5 layer norms"
+    model_mod.fp32_layer_norms(model[0])
+    monkeypatch.setattr(model_mod, "_bf16_layer_norm", lambda n, x: 1.5 * torch.nn.LayerNorm.forward(n, x))
+    why = model_mod.choose_layer_norms(model[0], *args, "auto", torch.bfloat16)
+    assert why.startswith("fp32: bf16 layer norms moved the logits by"), why
+    assert all("forward" not in m.__dict__ for m in model[0].modules())  # every norm back to fp32
+    assert model_mod.choose_layer_norms(model[0], *args, "bf16", torch.bfloat16) == "bf16: 5 layer norms"
+    assert model_mod.choose_layer_norms(model[1], *args, "auto", None) == "fp32: no bf16 autocast"
+    with pytest.raises(UserError, match="layer_norms: bf16 needs bf16 autocast"):
+        model_mod.choose_layer_norms(model[1], *args, "bf16", None)
+    with pytest.raises(
+        UserError, match="layer_norms: bf16 layer norms need bf16 autocast, not precision fp32"
+    ):
+        config.validate(
+            study(tiny_encoder, tiny_data, ["full"], train={"precision": "fp32", "layer_norms": "bf16"})
+        )
+
+
+def test_a_run_with_bf16_layer_norms_reloads_with_them(tiny_encoder, tiny_data, tmp_path):
+    """A saved run predicts as trained: `peftbench predict` and the reload check load it with the layer norms
+    its run chose (bf16 here; fp32 for runs from before the choice)."""
+    from peftbench import predict
+
+    (result,) = run_study(
+        study(tiny_encoder, tiny_data, ["full"], train={"precision": "bf16"}), tmp_path / "s"
+    )
+    assert result["metrics"]["layer_norms"] == "bf16: 5 layer norms"
+    assert result["reload_check"]["identical_predictions"], result["reload_check"]
+    run_dir = tmp_path / "s" / "runs" / result["run_id"]
+    bf16 = [m for m in predict.load_trained(run_dir).modules() if "forward" in m.__dict__]
+    assert len(bf16) == 5
+    result["metrics"].pop("layer_norms")
+    (run_dir / "result.json").write_text(json.dumps(result))
+    assert not any("forward" in m.__dict__ for m in predict.load_trained(run_dir).modules())
 
 
 @pytest.mark.slow
@@ -1018,6 +1072,13 @@ def test_regionally_compiled_blocks_train_as_the_eager_ones(tiny_encoder, tiny_d
 
 def _loss_curves(model, data, tmp_path, speed, opts: list[str], train_settings: dict) -> list[list]:
     """The per-epoch training losses of a full fine-tuning run without, then with, `speed.py`'s `opts`."""
+    changes = (contextlib.nullcontext(), speed.with_model_changes(opts))
+    return [c for c, _ in _trained_twice(model, data, tmp_path, train_settings, {}, {}, changes)]
+
+
+def _trained_twice(model, data, tmp_path, train_settings: dict, first: dict, second: dict, contexts=None):
+    """(per-epoch training losses, metrics) of a full fine-tuning run with the `first` train settings, then
+    of one with the `second` (each within its context of `contexts`, if given)."""
     from peftbench import data as data_mod, train
     from peftbench.runner import Study
 
@@ -1025,13 +1086,13 @@ def _loss_curves(model, data, tmp_path, speed, opts: list[str], train_settings: 
     s.out.mkdir(parents=True)
     s.prepare()
     tok, spec = data_mod.Tokenized.load(s.tok_file), s.final_specs({})[0]
-    curves = []
-    for i, changes in enumerate((contextlib.nullcontext(), speed.with_model_changes(opts))):
+    runs = []
+    for i, (changes, context) in enumerate(zip((first, second), contexts or [contextlib.nullcontext()] * 2)):
         (tmp_path / f"run{i}").mkdir()
-        with changes:
-            res = train.train_run(spec, tok, tmp_path / f"run{i}", progress=False)
-        curves.append([h["train_loss"] for h in res["history"]])
-    return curves
+        with context:
+            res = train.train_run(spec.with_train(**changes), tok, tmp_path / f"run{i}", progress=False)
+        runs.append(([h["train_loss"] for h in res["history"]], res["metrics"]))
+    return runs
 
 
 def _twin_models(arch: str) -> tuple[list, object, object]:

@@ -287,7 +287,8 @@ def test_report_for_a_single_method(tiny_encoder, tiny_data, tmp_path):
     assert "Best accuracy" in md
     # how it ran, with the reasons the speed-ups were off on this CPU
     assert "## How each method ran (its first seed)" in md
-    row = "| lora | fp32 | float32 | 16 | off | adamw | 2d | auto packs on CUDA only | not a CUDA device |"
+    row = "| lora | fp32 | float32 | 16 | off | adamw | fp32: no bf16 autocast | 2d |"
+    row += " auto packs on CUDA only | not a CUDA device |"
     assert row in md
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["rows"][0]["label"] == "lora" and summary["rows"][0]["best"]

@@ -150,6 +150,12 @@ def _check_train(section: str, train: dict, problems: list[str]) -> None:
     need("base_dtype", lambda v: v in ("auto", "fp32", "bf16", "fp16"), "one of auto, fp32, bf16, fp16")
     need("gradient_checkpointing", lambda v: v in (True, False, "auto"), "true, false or auto")
     need("packing", lambda v: v in (True, False, "auto"), "true, false or auto")
+    need("layer_norms", lambda v: v in ("auto", "bf16", "fp32"), "one of auto, bf16, fp32")
+    if train.get("layer_norms") == "bf16" and train.get("precision") in ("fp32", "fp16"):
+        problems.append(
+            f"{section}.layer_norms: bf16 layer norms need bf16 autocast, not precision "
+            f"{train['precision']}; set precision: bf16 (or auto), or layer_norms: auto"
+        )
     need("optimizer", lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
     if train.get("optimizer") == "adamw_bf16" and train.get("precision") in ("fp32", "fp16"):
         problems.append(

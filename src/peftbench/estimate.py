@@ -111,7 +111,8 @@ def estimate_run(spec: RunSpec, length: int, total_steps: int = 1000):
     amp = {"fp32": None, "fp16": torch.float16}.get(spec.train.precision, torch.bfloat16)
     model, _ = meta_model(spec, spec.label_names, amp, total_steps)
     quantized = four_bit_weights(model) if registry.get(spec.method).quantize else set()
-    return model, estimate(model, spec.train.optimizer, amp, length, quantized.__contains__)
+    norms = spec.train.layer_norms != "fp32" and amp == torch.bfloat16  # as `models.choose_layer_norms`
+    return model, estimate(model, spec.train.optimizer, amp, length, quantized.__contains__, norms)
 
 
 def four_bit_weights(model) -> set[str]:
@@ -126,12 +127,15 @@ def four_bit_weights(model) -> set[str]:
     }
 
 
-def estimate(model, optimizer: str, amp, length: int, quantized: Callable[[str], bool]) -> Estimate:
+def estimate(
+    model, optimizer: str, amp, length: int, quantized: Callable[[str], bool], bf16_norms: bool = False
+) -> Estimate:
     """The Estimate of `model` (on the meta device) trained under `amp` autocast (None: fp32) on sequences
-    of `length` tokens; `quantized(name)` tells the frozen weights held in 4 bits."""
+    of `length` tokens; `quantized(name)` tells the frozen weights held in 4 bits; `bf16_norms`: layer norms
+    in bf16 (`models.bf16_layer_norms`)."""
     config = model.config.get_text_config()
     four_bit = {id(p) for name, p in model.named_parameters() if quantized(name)}
-    one, two = (saved_bytes(model, n, length, amp, four_bit) for n in (1, 2))
+    one, two = (saved_bytes(model, n, length, amp, four_bit, bf16_norms) for n in (1, 2))
     return Estimate(
         state=state_bytes(model, optimizer, quantized),
         saved=two - one,
@@ -155,10 +159,12 @@ def state_bytes(model, optimizer: str, quantized: Callable[[str], bool]) -> int:
     return int(total) + largest
 
 
-def saved_bytes(model, sequences: int, length: int, amp, four_bit: frozenset | set = frozenset()) -> int:
+def saved_bytes(
+    model, sequences: int, length: int, amp, four_bit: frozenset | set = frozenset(), bf16_norms: bool = False
+) -> int:
     """Bytes autograd keeps for the backward pass over a batch of `sequences` of `length` tokens, each
     storage once and weights not at all (`state_bytes` has them); `four_bit`: the ids of the weights
-    QLoRA holds in 4 bits."""
+    QLoRA holds in 4 bits; `bf16_norms`: layer norms in bf16."""
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
     kept: dict[int, int] = {}
 
@@ -169,7 +175,7 @@ def saved_bytes(model, sequences: int, length: int, amp, four_bit: frozenset | s
         return t
 
     ids = torch.zeros(sequences, length, dtype=torch.long, device=next(model.parameters()).device)
-    autocast = MetaAutocast(amp, four_bit)
+    autocast = MetaAutocast(amp, four_bit, bf16_norms)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast, _no_padding_check():
         model_forward(model, ids, None)  # as a run calls it: prefix tuning's prefixes too
     return sum(kept.values())
@@ -261,12 +267,14 @@ def _cast(args, dtype):
 
 
 class MetaAutocast(TorchFunctionMode):
-    """CUDA's autocast to `amp` (None: none), fused attention and dropout, and 4-bit linear layers (the
-    weights in `four_bit`), for a forward pass on the meta device."""
+    """CUDA's autocast to `amp` (None: none), fused attention and dropout, 4-bit linear layers (the
+    weights in `four_bit`) and, with `bf16_norms`, layer norms in `amp` (`models.bf16_layer_norms`), for a
+    forward pass on the meta device."""
 
-    def __init__(self, amp, four_bit: frozenset | set = frozenset()):
+    def __init__(self, amp, four_bit: frozenset | set = frozenset(), bf16_norms: bool = False):
         super().__init__()
         self.amp, self.four_bit = amp, four_bit
+        self.low = LOW_PRECISION | {F.layer_norm} if bf16_norms else LOW_PRECISION
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -276,7 +284,7 @@ class MetaAutocast(TorchFunctionMode):
             return FusedAttention.apply(*(_cast(args[:3], self.amp) if self.amp else args[:3]))
         if func is F.dropout and _dropping(*args, **kwargs):
             return FusedDropout.apply(args[0])
-        if self.amp is not None and func in LOW_PRECISION:
+        if self.amp is not None and func in self.low:
             args = _cast(args, self.amp)
         elif self.amp is not None and func in FP32:
             args = _cast(args, torch.float32)

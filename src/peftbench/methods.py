@@ -366,6 +366,7 @@ TRAIN_OVERRIDES = {
     "optimizer",
     "gradient_checkpointing",
     "base_dtype",
+    "layer_norms",
 }
 # Option keys every PEFT method accepts besides its config class's own fields.
 EXTRA_PEFT_KEYS = {"targets", "feedforward", "label"}

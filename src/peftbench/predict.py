@@ -37,7 +37,11 @@ def load_trained(run_dir: Path, spec: RunSpec | None = None, device: str = "cpu"
     """The trained classifier of `run_dir`: base + adapter through `peft`, or the saved model."""
     run_dir = Path(run_dir)
     if spec is None:
-        spec = RunSpec.from_dict(_read_run(run_dir)["config"])
+        result = _read_run(run_dir)
+        spec = RunSpec.from_dict(result["config"])
+        if spec.train.layer_norms == "auto":  # as the run chose (runs from before the choice: fp32)
+            chosen = result.get("metrics", {}).get("layer_norms") or "fp32"
+            spec = spec.with_train(layer_norms=chosen.split(":")[0])
     method = registry.get(spec.method)
     try:
         return _load(run_dir, spec, method, device)
@@ -57,7 +61,10 @@ def _load(run_dir: Path, spec: RunSpec, method, device: str):
         import joblib
 
         return joblib.load(run_dir / "model" / "tfidf_logreg.joblib")
+    import torch
+
     from .devices import autocast_dtype
+    from .models import bf16_layer_norms
 
     amp = autocast_dtype(spec.train.precision, device)  # the base in the dtype it was trained over
     if method.kind == "peft":
@@ -83,6 +90,8 @@ def _load(run_dir: Path, spec: RunSpec, method, device: str):
         ).to(device)
         _widen_as_saved(model, run_dir / "model", device)
         add_token_types(model, spec)
+    if spec.train.layer_norms == "bf16" or (spec.train.layer_norms == "auto" and amp == torch.bfloat16):
+        bf16_layer_norms(model)  # as trained (`models.choose_layer_norms`)
     model.eval()
     return model
 

@@ -1002,7 +1002,7 @@ def execution_table(study: dict) -> tuple[list[str], list[list[str]]]:
     """How each method's first successful final run trained: precision, frozen weights, micro-batch, the
     memory levers, and the forward path chosen for it, with the reason where a speed-up was off."""
     header = ["method", "precision", "frozen weights", "micro-batch", "checkpointing", "optimizer"]
-    header += ["attention mask", "packed batches", "CUDA graphs"]
+    header += ["layer norms", "attention mask", "packed batches", "CUDA graphs"]
     rows, seen = [], set()
     for r in study["finals"]:
         m = r.get("metrics") or {}
@@ -1015,7 +1015,7 @@ def execution_table(study: dict) -> tuple[list[str], list[list[str]]]:
             frozen = f"4-bit in {m['layers_4bit']} layers, else {frozen}"
         cells = [m["precision"], frozen, m.get("micro_batch_size")]
         cells += ["on" if m.get("gradient_checkpointing") else "off", m.get("optimizer")]
-        cells += [m.get("attention_mask"), m.get("packing")]
+        cells += [m.get("layer_norms"), m.get("attention_mask"), m.get("packing")]
         cells += [f"{graphs['graphs']} recorded" if isinstance(graphs, dict) else graphs]
         rows.append([r["label"]] + ["-" if c is None else str(c) for c in cells])
     return header, rows

@@ -41,6 +41,8 @@ class TrainSettings:
     # bf16, optimi's AdamW with Kahan summation), adamw_8bit or paged_adamw_8bit (bitsandbytes)
     attention_mask: str = "auto"  # auto: a ready 4D mask where a probe shows equal logits; 2d, 4d-...
     packing: bool | str = "auto"  # padding-free batches; auto: on CUDA where a probe shows equal logits
+    layer_norms: str = "auto"  # auto: bf16 in and out under bf16 autocast where a probe shows the same
+    # logits (autocast's own: fp32); bf16, fp32
     sharding: str = "none"  # fsdp: weights, gradients, optimizer state sharded over gpus_per_run (FSDP2)
 
     @classmethod
@@ -110,8 +112,9 @@ class RunSpec:
         for key, default in (("task", "classification"), ("metric", "accuracy")):
             if d[key] == default:  # hashes from before these keys stay, and so do their finished runs
                 del d[key]
-        if d["train"]["packing"] == "auto":
-            del d["train"]["packing"]
+        for key in ("packing", "layer_norms"):  # as before these keys: the hashes of finished runs stay
+            if d["train"][key] == "auto":
+                del d["train"][key]
         return d
 
     def planned(self) -> RunSpec:

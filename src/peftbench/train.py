@@ -63,7 +63,7 @@ _WARM: dict = {}
 WARM_SHARED = (
     "model", "head", "trainable", "total", "prefixed", "fwd", "compiled", "pad_multiple", "mask_mode",
     "arch", "packing_off", "packing_saving", "pack_multiple", "max_seqlen", "memory_plan", "micro",
-    "checkpointing", "graphs_off", "graphs", "loss_sum", "score_scale", "loss_unit",
+    "checkpointing", "graphs_off", "graphs", "loss_sum", "score_scale", "loss_unit", "layer_norms",
 )  # fmt: skip
 
 
@@ -284,6 +284,7 @@ class Recipe:
         self._setup_data()
         if not self._adopt_warm():
             self._setup_model()
+            self._setup_norms()
             self._setup_optimizer()
             self._setup_forward()
             if self._plan_memory():  # a smaller micro-step may take the graphs a larger one was refused;
@@ -473,6 +474,16 @@ class Recipe:
                     "set train.precision: fp32 (or bf16 on a GPU that has it)"
                 )
             shard(self.model, self.amp)
+
+    def _setup_norms(self) -> None:
+        """Layer norms that take and give bf16 under bf16 autocast, where `train.layer_norms` and its probe
+        allow (`models.choose_layer_norms`)."""
+        from .models import choose_layer_norms
+
+        t = time.perf_counter()
+        args = (self.ids_train, self.pad_id, self.device, self.max_len, self.train.layer_norms, self.amp)
+        self.layer_norms = choose_layer_norms(self.model, *args)
+        self.phases["norms_probe"] = time.perf_counter() - t
 
     def _setup_optimizer(self) -> None:
         import torch
@@ -1080,6 +1091,7 @@ class Recipe:
             "memory_plan": self.memory_plan,
             "attention_mask": self.mask_mode,
             "packing": "on" if self.arch is not None else self.packing_off,
+            "layer_norms": self.layer_norms,
             "score_scale": self.score_scale,
             "packing_token_saving": self.packing_saving,
             "pad_to_multiple_of": self.pad_multiple,
@@ -1138,7 +1150,7 @@ class Recipe:
         which scores the test split, saves a normal Hugging Face / PEFT folder and reload-checks it."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        from .models import build_model
+        from .models import bf16_layer_norms, build_model
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(self.model, options=opts)
@@ -1147,6 +1159,8 @@ class Recipe:
         names = self.tok.label_names
         model, _ = build_model(self.spec, names, self.device, self.total_steps, self.amp)
         model.load_state_dict(full)
+        if self.layer_norms.startswith("bf16"):
+            bf16_layer_norms(model)
         self.model = model
 
     def _gather_memory(self, metrics: dict) -> None:
@@ -1181,9 +1195,13 @@ class Recipe:
             return artefact, None
         t = time.perf_counter()
         self._release_training()  # the reloaded copy needs the room (two 8B bases exceed a 24 GB budget)
-        reload = verify_reload(self.spec, self.run_dir, self.device, test["logits"], self.rescore)
+        reload = verify_reload(self.as_trained(), self.run_dir, self.device, test["logits"], self.rescore)
         self.phases["reload_check"] = time.perf_counter() - t
         return artefact, reload
+
+    def as_trained(self) -> RunSpec:
+        """The run's spec with its `auto` choices that a reloaded model must repeat made: the layer norms."""
+        return self.spec.with_train(layer_norms=self.layer_norms.split(":")[0])
 
     def _release_training(self) -> None:
         """Free the trained model and what only training needed (optimizer state, gradients, the best epoch's
