@@ -87,8 +87,9 @@ def estimate_rows(shape: str, tokenizer: Path, tmp: Path) -> list[dict]:
     for (method, micro), peaks in sorted(measured(shape).items()):
         spec = study.run_spec(methods[method], 1e-4, 42, "final")
         for recipe, (allocated, reserved) in peaks.items():
-            # the Trainer recipe trains in fp32, without autocast; the others under bf16 autocast
-            run = spec.with_train(precision="fp32") if recipe == "trainer" else spec
+            # the Trainer recipe trains in fp32, without autocast; the others under bf16 autocast, measured
+            # before bf16 layer norms (`train.layer_norms`, 2026-12-06) with autocast's fp32 ones
+            run = spec.with_train(precision="fp32" if recipe == "trainer" else "auto", layer_norms="fp32")
             est = estimate_run(run, 512)[1]
             row = {"shape": shape, "method": method, "micro_batch_size": micro, "recipe": recipe}
             row.update(precision=run.train.precision, estimate_mb=est.allocated(micro, False) / 2**20)
