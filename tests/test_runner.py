@@ -965,10 +965,10 @@ def test_bf16_layer_norms_keep_an_encoders_residual_stream_in_bf16(tiny_encoder,
     trained with them follows the same loss trajectory as one with fp32 norms, within bf16's rounding."""
     import torch
 
-    from peftbench import models as model_mod
+    from peftbench import norms
 
     models, x, y = _twin_models("bert")
-    assert model_mod.bf16_layer_norms(models[1]) == 5  # the embeddings' and two per layer
+    assert norms.bf16_layer_norms(models[1]) == 5  # the embeddings' and two per layer
     assert models[0].state_dict().keys() == models[1].state_dict().keys()
     assert torch.equal(models[0](input_ids=x).logits, models[1](input_ids=x).logits)
     dtypes: list[list] = [[], []]
@@ -984,7 +984,7 @@ def test_bf16_layer_norms_keep_an_encoders_residual_stream_in_bf16(tiny_encoder,
     assert torch.allclose(losses[0].float(), losses[1].float(), rtol=2e-2)
     norm = models[1].bert.encoder.layer[0].output.LayerNorm
     assert norm.weight.dtype == norm.weight.grad.dtype == torch.float32
-    model_mod.fp32_layer_norms(models[1])
+    norms.fp32_layer_norms(models[1])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         models[1](input_ids=x)
     assert dtypes[1][-1] == torch.float32
@@ -1004,21 +1004,21 @@ def test_layer_norms_that_change_the_logits_stay_fp32(tiny_encoder, tiny_data, t
     there are none, and `bf16` there is an error that says what to set."""
     import torch
 
-    from peftbench import models as model_mod
+    from peftbench import norms
 
     model, x, _ = _twin_models("bert")
     seqs = [np.asarray(r) for r in x.tolist()]
     args = (seqs, 0, "cpu", None)
-    assert model_mod.choose_layer_norms(model[0], *args, "auto", torch.bfloat16) == "bf16: 5 layer norms"
-    model_mod.fp32_layer_norms(model[0])
-    monkeypatch.setattr(model_mod, "_bf16_layer_norm", lambda n, x: 1.5 * torch.nn.LayerNorm.forward(n, x))
-    why = model_mod.choose_layer_norms(model[0], *args, "auto", torch.bfloat16)
+    assert norms.choose_layer_norms(model[0], *args, "auto", torch.bfloat16) == "bf16: 5 layer norms"
+    norms.fp32_layer_norms(model[0])
+    monkeypatch.setattr(norms.Bf16LayerNorm, "forward", lambda n, x: 1.5 * torch.nn.LayerNorm.forward(n, x))
+    why = norms.choose_layer_norms(model[0], *args, "auto", torch.bfloat16)
     assert why.startswith("fp32: bf16 layer norms moved the logits by"), why
-    assert all("forward" not in m.__dict__ for m in model[0].modules())  # every norm back to fp32
-    assert model_mod.choose_layer_norms(model[0], *args, "bf16", torch.bfloat16) == "bf16: 5 layer norms"
-    assert model_mod.choose_layer_norms(model[1], *args, "auto", None) == "fp32: no bf16 autocast"
+    assert not any(isinstance(m, norms.Bf16LayerNorm) for m in model[0].modules())  # every norm back
+    assert norms.choose_layer_norms(model[0], *args, "bf16", torch.bfloat16) == "bf16: 5 layer norms"
+    assert norms.choose_layer_norms(model[1], *args, "auto", None) == "fp32: no bf16 autocast"
     with pytest.raises(UserError, match="layer_norms: bf16 needs bf16 autocast"):
-        model_mod.choose_layer_norms(model[1], *args, "bf16", None)
+        norms.choose_layer_norms(model[1], *args, "bf16", None)
     with pytest.raises(
         UserError, match="layer_norms: bf16 layer norms need bf16 autocast, not precision fp32"
     ):
@@ -1030,7 +1030,7 @@ def test_layer_norms_that_change_the_logits_stay_fp32(tiny_encoder, tiny_data, t
 def test_a_run_with_bf16_layer_norms_reloads_with_them(tiny_encoder, tiny_data, tmp_path):
     """A saved run predicts as trained: `peftbench predict` and the reload check load it with the layer norms
     its run chose (bf16 here; fp32 for runs from before the choice)."""
-    from peftbench import predict
+    from peftbench import norms, predict
 
     (result,) = run_study(
         study(tiny_encoder, tiny_data, ["full"], train={"precision": "bf16"}), tmp_path / "s"
@@ -1038,11 +1038,11 @@ def test_a_run_with_bf16_layer_norms_reloads_with_them(tiny_encoder, tiny_data, 
     assert result["metrics"]["layer_norms"] == "bf16: 5 layer norms"
     assert result["reload_check"]["identical_predictions"], result["reload_check"]
     run_dir = tmp_path / "s" / "runs" / result["run_id"]
-    bf16 = [m for m in predict.load_trained(run_dir).modules() if "forward" in m.__dict__]
+    bf16 = [m for m in predict.load_trained(run_dir).modules() if isinstance(m, norms.Bf16LayerNorm)]
     assert len(bf16) == 5
     result["metrics"].pop("layer_norms")
     (run_dir / "result.json").write_text(json.dumps(result))
-    assert not any("forward" in m.__dict__ for m in predict.load_trained(run_dir).modules())
+    assert not any(isinstance(m, norms.Bf16LayerNorm) for m in predict.load_trained(run_dir).modules())
 
 
 @pytest.mark.slow
@@ -1051,6 +1051,8 @@ def test_regionally_compiled_blocks_train_as_the_eager_ones(tiny_encoder, tiny_d
     all); a run trained so follows the eager run's loss trajectory (with dropout drawn as eagerly)."""
     import torch._dynamo
     import torch._inductor.config
+
+    from peftbench import norms
 
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
 
@@ -1061,6 +1063,12 @@ def test_regionally_compiled_blocks_train_as_the_eager_ones(tiny_encoder, tiny_d
     torch._dynamo.utils.counters.clear()
     assert torch.allclose(models[0](input_ids=x).logits, models[1](input_ids=x).logits, atol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # the second layer reused the first's
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    norms.bf16_layer_norms(models[1])  # one class for every norm: the layers still share their code
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        models[1](input_ids=x)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
     torch._dynamo.utils.counters.clear()
     train_settings = {"precision": "fp32", "learning_rate": 1e-2}

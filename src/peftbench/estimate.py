@@ -111,7 +111,7 @@ def estimate_run(spec: RunSpec, length: int, total_steps: int = 1000):
     amp = {"fp32": None, "fp16": torch.float16}.get(spec.train.precision, torch.bfloat16)
     model, _ = meta_model(spec, spec.label_names, amp, total_steps)
     quantized = four_bit_weights(model) if registry.get(spec.method).quantize else set()
-    norms = spec.train.layer_norms != "fp32" and amp == torch.bfloat16  # as `models.choose_layer_norms`
+    norms = spec.train.layer_norms != "fp32" and amp == torch.bfloat16  # as `norms.choose_layer_norms`
     return model, estimate(model, spec.train.optimizer, amp, length, quantized.__contains__, norms)
 
 
@@ -132,7 +132,7 @@ def estimate(
 ) -> Estimate:
     """The Estimate of `model` (on the meta device) trained under `amp` autocast (None: fp32) on sequences
     of `length` tokens; `quantized(name)` tells the frozen weights held in 4 bits; `bf16_norms`: layer norms
-    in bf16 (`models.bf16_layer_norms`)."""
+    in bf16 (`norms.bf16_layer_norms`)."""
     config = model.config.get_text_config()
     four_bit = {id(p) for name, p in model.named_parameters() if quantized(name)}
     one, two = (saved_bytes(model, n, length, amp, four_bit, bf16_norms) for n in (1, 2))
@@ -268,7 +268,7 @@ def _cast(args, dtype):
 
 class MetaAutocast(TorchFunctionMode):
     """CUDA's autocast to `amp` (None: none), fused attention and dropout, 4-bit linear layers (the
-    weights in `four_bit`) and, with `bf16_norms`, layer norms in `amp` (`models.bf16_layer_norms`), for a
+    weights in `four_bit`) and, with `bf16_norms`, layer norms in `amp` (`norms.bf16_layer_norms`), for a
     forward pass on the meta device."""
 
     def __init__(self, amp, four_bit: frozenset | set = frozenset(), bf16_norms: bool = False):

@@ -7,7 +7,6 @@ unless the study sets `allow_pickle: true`; remote code runs only with `trust_re
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from pathlib import Path
@@ -333,100 +332,6 @@ def meta_model(spec: RunSpec, label_names: list[str], amp, total_steps: int = 10
             config, dtype=frozen_dtype(spec, "cuda", amp), trust_remote_code=spec.trust_remote_code
         )
     return make_trainable(model, [], spec, total_steps, quantized=False)
-
-
-def choose_layer_norms(model, seqs, pad_id: int, device: str, max_len, setting: str, amp) -> str:
-    """`model`'s layer norms for training (`train.layer_norms`), applied in place: "bf16: N layer norms"
-    (`bf16_layer_norms`) or "fp32: why not". `auto` keeps bf16 ones under bf16 autocast where a probe
-    shows they change the logits of three real items (the shortest, the median and the longest) by no more
-    than 2% of the largest logit, or than twice autocast's own disagreement with itself, the items padded
-    together against each alone; `bf16` insists; `fp32` never."""
-    import torch
-
-    if setting == "fp32":
-        return "fp32 (layer_norms: fp32)"
-    if amp is not torch.bfloat16:
-        if setting == "bf16":
-            raise UserError(
-                "train.layer_norms: bf16 needs bf16 autocast, which this run does not use; set "
-                "precision: bf16, or layer_norms: auto"
-            )
-        return "fp32: no bf16 autocast"
-    n = bf16_layer_norms(model)
-    if not n:
-        return "fp32: the model has no torch.nn.LayerNorm"
-    gap = _layer_norms_gap(model, seqs, pad_id, device, max_len, amp) if setting == "auto" else None
-    if gap:
-        fp32_layer_norms(model)
-        return f"fp32: {gap}"
-    return f"bf16: {n} layer norms"
-
-
-def _layer_norms_gap(model, seqs, pad_id: int, device: str, max_len, amp) -> str | None:
-    """None where `model`'s logits with bf16 layer norms agree with its logits with fp32 ones (see
-    `choose_layer_norms`), else how they differ."""
-    import torch
-
-    from .batches import collate, model_forward, probe_items
-    from .devices import autocast
-
-    def logits(items):
-        ids, mask = collate(items, pad_id, multiple=8, max_len=max_len)
-        return model_forward(model, ids.to(device), mask.to(device)).logits.float()
-
-    pick = probe_items(seqs)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), autocast(device, amp):
-            bf16 = logits(pick)
-            fp32_layer_norms(model)
-            ref, alone = logits(pick), torch.cat([logits([s]) for s in pick])
-            bf16_layer_norms(model)
-    finally:
-        model.train(was_training)
-    diff, noise = float((bf16 - ref).abs().max()), float((alone - ref).abs().max())
-    if diff <= max(2e-2 * float(ref.abs().max()), 2 * noise):
-        return None
-    return f"bf16 layer norms moved the logits by {diff:.3g} (padded alone vs together: {noise:.3g})"
-
-
-def bf16_layer_norms(model) -> int:
-    """`model`'s layer norms (`torch.nn.LayerNorm`), in place, made to take and give bf16 under bf16
-    autocast (`_bf16_layer_norm`); returns how many. `fp32_layer_norms` undoes it."""
-    import torch
-
-    norms = [m for m in model.modules() if type(m) is torch.nn.LayerNorm]
-    for m in norms:
-        m.forward = functools.partial(_bf16_layer_norm, m)
-    return len(norms)
-
-
-def fp32_layer_norms(model) -> None:
-    """`model`'s layer norms as autocast computes them (fp32 in and out), where `bf16_layer_norms` changed
-    them."""
-    for m in model.modules():
-        if getattr(m.__dict__.get("forward"), "func", None) is _bf16_layer_norm:
-            del m.forward
-
-
-def _bf16_layer_norm(norm, x):
-    """`norm(x)`, under bf16 autocast in bf16: statistics in fp32 inside the kernel, bf16 in and out.
-    Autocast computes layer norms in fp32, so a BERT-style encoder's residual stream (each norm's output,
-    added to the next block's) stays fp32: every linear layer that reads it casts it to bf16 again, and its
-    gradients are added in fp32 (roberta-base: 0.9 ms of casts, 1.2 ms of fp32 norms and 0.8 ms of fp32
-    gradient adds in a 14.6-ms graphed step on an H200, benchmarks/results/profiles/
-    h200-roberta-full-weight-copies_profile.json). Without bf16 autocast: `norm`'s own forward."""
-    import torch
-
-    kind = x.device.type
-    if not (torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16):
-        return torch.nn.LayerNorm.forward(norm, x)
-    weight, bias = (None if t is None else t.to(torch.bfloat16) for t in (norm.weight, norm.bias))
-    with torch.autocast(kind, enabled=False):
-        return torch.nn.functional.layer_norm(
-            x.to(torch.bfloat16), norm.normalized_shape, weight, bias, norm.eps
-        )
 
 
 def make_trainable(model, new: list[str], spec: RunSpec, total_steps: int, quantized: bool | None = None):

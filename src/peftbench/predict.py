@@ -64,7 +64,7 @@ def _load(run_dir: Path, spec: RunSpec, method, device: str):
     import torch
 
     from .devices import autocast_dtype
-    from .models import bf16_layer_norms
+    from .norms import bf16_layer_norms
 
     amp = autocast_dtype(spec.train.precision, device)  # the base in the dtype it was trained over
     if method.kind == "peft":
@@ -91,7 +91,7 @@ def _load(run_dir: Path, spec: RunSpec, method, device: str):
         _widen_as_saved(model, run_dir / "model", device)
         add_token_types(model, spec)
     if spec.train.layer_norms == "bf16" or (spec.train.layer_norms == "auto" and amp == torch.bfloat16):
-        bf16_layer_norms(model)  # as trained (`models.choose_layer_norms`)
+        bf16_layer_norms(model)  # as trained (`norms.choose_layer_norms`)
     model.eval()
     return model
 

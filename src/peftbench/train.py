@@ -477,8 +477,8 @@ class Recipe:
 
     def _setup_norms(self) -> None:
         """Layer norms that take and give bf16 under bf16 autocast, where `train.layer_norms` and its probe
-        allow (`models.choose_layer_norms`)."""
-        from .models import choose_layer_norms
+        allow (`norms.choose_layer_norms`)."""
+        from .norms import choose_layer_norms
 
         t = time.perf_counter()
         args = (self.ids_train, self.pad_id, self.device, self.max_len, self.train.layer_norms, self.amp)
@@ -1150,7 +1150,8 @@ class Recipe:
         which scores the test split, saves a normal Hugging Face / PEFT folder and reload-checks it."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        from .models import bf16_layer_norms, build_model
+        from .models import build_model
+        from .norms import bf16_layer_norms
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(self.model, options=opts)
