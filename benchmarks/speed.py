@@ -7,8 +7,8 @@
 For each model and method, both recipes train the same model (built by peftbench, so the method is
 identical) on the same tokenized IMDb subset with batch 16, lr 2e-5, weight decay 0.01, linear
 schedule. (a) "trainer" is the starting study's recipe: transformers' Trainer, fp32, every review
-padded to max length (512 unless --max-length). (b) "peftbench" is `train.train_run`: bf16 autocast,
-length-bucketed
+padded to max length (512 unless --max-length). (b) "peftbench" is `train.train_run`: bf16 autocast with
+bf16 layer norms, length-bucketed
 batches padded to their longest item (rounded to 64 on GPU), fused AdamW, a ready 4D attention mask
 where it gives identical logits, and (CUDA) each step's forward and backward replayed from a CUDA graph per
 batch shape. Recipe options, joined with "+": eager (no CUDA graphs), compile (torch.compile per bucket
