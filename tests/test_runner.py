@@ -960,9 +960,10 @@ def test_a_model_casting_by_its_weights_dtype_trains_without_weight_copies():
 
 
 def test_bf16_layer_norms_keep_an_encoders_residual_stream_in_bf16(tiny_encoder, tiny_data, tmp_path):
-    """`train.layer_norms: auto`, under bf16 autocast: the layer norms give bf16 where autocast's give fp32,
-    with the same parameters (fp32, trained); without autocast they compute exactly as before; and a run
-    trained with them follows the same loss trajectory as one with fp32 norms, within bf16's rounding."""
+    """`train.layer_norms: bf16` (auto's choice on CUDA): under bf16 autocast the norms give bf16 where
+    autocast's give fp32, with the same parameters (fp32, trained); without autocast they compute exactly as
+    before; and a run trained with them follows the same loss trajectory as one with the CPU's default
+    (fp32 norms), within bf16's rounding."""
     import torch
 
     from peftbench import norms
@@ -990,8 +991,11 @@ def test_bf16_layer_norms_keep_an_encoders_residual_stream_in_bf16(tiny_encoder,
     assert dtypes[1][-1] == torch.float32
 
     train_settings = {"precision": "bf16", "learning_rate": 1e-2}
-    runs = _trained_twice(tiny_encoder, tiny_data, tmp_path, train_settings, {"layer_norms": "fp32"}, {})
-    assert [m["layer_norms"] for _, m in runs] == ["fp32 (layer_norms: fp32)", "bf16: 5 layer norms"]
+    runs = _trained_twice(tiny_encoder, tiny_data, tmp_path, train_settings, {}, {"layer_norms": "bf16"})
+    assert [m["layer_norms"] for _, m in runs] == [
+        "fp32: auto uses bf16 layer norms on CUDA only",
+        "bf16: 5 layer norms",
+    ]
     curves = [c for c, _ in runs]
     assert curves[0] != curves[1]  # the second run trained with the bf16 norms
     assert curves[0][-1] < curves[0][0] / 2  # and learned: 0.59 to 0.04 on the CPU, 2026-12-05
@@ -999,9 +1003,9 @@ def test_bf16_layer_norms_keep_an_encoders_residual_stream_in_bf16(tiny_encoder,
 
 
 def test_layer_norms_that_change_the_logits_stay_fp32(tiny_encoder, tiny_data, tmp_path, monkeypatch):
-    """The probe behind `layer_norms: auto` keeps fp32 norms where bf16 ones would move the logits (here a
-    stand-in that scales each norm's output by 1.5), and says so; `bf16` insists; without bf16 autocast
-    there are none, and `bf16` there is an error that says what to set."""
+    """The probe behind `layer_norms: auto` (on CUDA; here on the CPU as there) keeps fp32 norms where bf16
+    ones would move the logits (here a stand-in that scales each norm's output by 1.5), and says so; `bf16`
+    insists; without bf16 autocast there are none, and `bf16` there is an error that says what to set."""
     import torch
 
     from peftbench import norms
@@ -1009,10 +1013,13 @@ def test_layer_norms_that_change_the_logits_stay_fp32(tiny_encoder, tiny_data, t
     model, x, _ = _twin_models("bert")
     seqs = [np.asarray(r) for r in x.tolist()]
     args = (seqs, 0, "cpu", None)
-    assert norms.choose_layer_norms(model[0], *args, "auto", torch.bfloat16) == "bf16: 5 layer norms"
+    probed = dict(probe_on_cpu=True)
+    assert (
+        norms.choose_layer_norms(model[0], *args, "auto", torch.bfloat16, **probed) == "bf16: 5 layer norms"
+    )
     norms.fp32_layer_norms(model[0])
     monkeypatch.setattr(norms.Bf16LayerNorm, "forward", lambda n, x: 1.5 * torch.nn.LayerNorm.forward(n, x))
-    why = norms.choose_layer_norms(model[0], *args, "auto", torch.bfloat16)
+    why = norms.choose_layer_norms(model[0], *args, "auto", torch.bfloat16, **probed)
     assert why.startswith("fp32: bf16 layer norms moved the logits by"), why
     assert not any(isinstance(m, norms.Bf16LayerNorm) for m in model[0].modules())  # every norm back
     assert norms.choose_layer_norms(model[0], *args, "bf16", torch.bfloat16) == "bf16: 5 layer norms"
@@ -1029,20 +1036,26 @@ def test_layer_norms_that_change_the_logits_stay_fp32(tiny_encoder, tiny_data, t
 
 def test_a_run_with_bf16_layer_norms_reloads_with_them(tiny_encoder, tiny_data, tmp_path):
     """A saved run predicts as trained: `peftbench predict` and the reload check load it with the layer norms
-    its run chose (bf16 here; fp32 for runs from before the choice)."""
+    its run used: those `layer_norms: bf16` asked for, those `auto` chose (its `layer_norms` metric), and
+    fp32 ones for runs from before the choice."""
     from peftbench import norms, predict
 
-    (result,) = run_study(
-        study(tiny_encoder, tiny_data, ["full"], train={"precision": "bf16"}), tmp_path / "s"
-    )
+    train = {"precision": "bf16", "layer_norms": "bf16"}
+    (result,) = run_study(study(tiny_encoder, tiny_data, ["full"], train=train), tmp_path / "s")
     assert result["metrics"]["layer_norms"] == "bf16: 5 layer norms"
     assert result["reload_check"]["identical_predictions"], result["reload_check"]
     run_dir = tmp_path / "s" / "runs" / result["run_id"]
-    bf16 = [m for m in predict.load_trained(run_dir).modules() if isinstance(m, norms.Bf16LayerNorm)]
-    assert len(bf16) == 5
-    result["metrics"].pop("layer_norms")
+
+    def bf16_norms() -> int:
+        return sum(isinstance(m, norms.Bf16LayerNorm) for m in predict.load_trained(run_dir).modules())
+
+    assert bf16_norms() == 5
+    result["config"]["train"].pop("layer_norms")  # auto, as a GPU run that chose bf16 norms
     (run_dir / "result.json").write_text(json.dumps(result))
-    assert not any(isinstance(m, norms.Bf16LayerNorm) for m in predict.load_trained(run_dir).modules())
+    assert bf16_norms() == 5
+    result["metrics"].pop("layer_norms")  # a run from before the choice
+    (run_dir / "result.json").write_text(json.dumps(result))
+    assert bf16_norms() == 0
 
 
 @pytest.mark.slow

@@ -47,12 +47,17 @@ def fp32_layer_norms(model) -> None:
             m.__class__ = torch.nn.LayerNorm
 
 
-def choose_layer_norms(model, seqs, pad_id: int, device: str, max_len, setting: str, amp) -> str:
+def choose_layer_norms(
+    model, seqs, pad_id: int, device: str, max_len, setting: str, amp, probe_on_cpu: bool = False
+) -> str:
     """`model`'s layer norms for training (`train.layer_norms`), applied in place: "bf16: N layer norms"
-    (`bf16_layer_norms`) or "fp32: why not". `auto` keeps bf16 ones under bf16 autocast where a probe
-    shows they change the logits of three real items (the shortest, the median and the longest) by no more
-    than 2% of the largest logit, or than twice autocast's own disagreement with itself, the items padded
-    together against each alone; `bf16` insists; `fp32` never."""
+    (`bf16_layer_norms`) or "fp32: why not". `auto` keeps bf16 ones under bf16 autocast on CUDA where a
+    probe shows they change the logits of three real items (the shortest, the median and the longest) by no
+    more than 2% of the largest logit, or than twice autocast's own disagreement with itself, the items
+    padded together against each alone; `bf16` insists; `fp32` never. On the CPU `auto` keeps fp32 ones
+    (`probe_on_cpu`: as on CUDA): their speed there is unmeasured, and bf16 ones make a CPU run's gradients
+    depend on its thread count (5e-5 against 3e-9 with fp32 ones, tiny BERT, 1 thread against 2), and runs
+    on Ray's actors no longer repeated the local executor's losses exactly."""
     if setting == "fp32":
         return "fp32 (layer_norms: fp32)"
     if amp is not torch.bfloat16:
@@ -62,6 +67,8 @@ def choose_layer_norms(model, seqs, pad_id: int, device: str, max_len, setting: 
                 "precision: bf16, or layer_norms: auto"
             )
         return "fp32: no bf16 autocast"
+    if setting == "auto" and not (device.startswith("cuda") or probe_on_cpu):
+        return "fp32: auto uses bf16 layer norms on CUDA only"
     n = bf16_layer_norms(model)
     if not n:
         return "fp32: the model has no torch.nn.LayerNorm"

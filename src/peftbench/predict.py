@@ -61,8 +61,6 @@ def _load(run_dir: Path, spec: RunSpec, method, device: str):
         import joblib
 
         return joblib.load(run_dir / "model" / "tfidf_logreg.joblib")
-    import torch
-
     from .devices import autocast_dtype
     from .norms import bf16_layer_norms
 
@@ -90,8 +88,8 @@ def _load(run_dir: Path, spec: RunSpec, method, device: str):
         ).to(device)
         _widen_as_saved(model, run_dir / "model", device)
         add_token_types(model, spec)
-    if spec.train.layer_norms == "bf16" or (spec.train.layer_norms == "auto" and amp == torch.bfloat16):
-        bf16_layer_norms(model)  # as trained (`norms.choose_layer_norms`)
+    if spec.train.layer_norms == "bf16":  # as trained (`load_trained` and `Recipe.as_trained` resolve auto)
+        bf16_layer_norms(model)
     model.eval()
     return model
 

@@ -41,8 +41,8 @@ class TrainSettings:
     # bf16, optimi's AdamW with Kahan summation), adamw_8bit or paged_adamw_8bit (bitsandbytes)
     attention_mask: str = "auto"  # auto: a ready 4D mask where a probe shows equal logits; 2d, 4d-...
     packing: bool | str = "auto"  # padding-free batches; auto: on CUDA where a probe shows equal logits
-    layer_norms: str = "auto"  # auto: bf16 in and out under bf16 autocast where a probe shows the same
-    # logits (autocast's own: fp32); bf16, fp32
+    layer_norms: str = "auto"  # auto: bf16 in and out under bf16 autocast on CUDA where a probe shows the
+    # same logits (autocast's own: fp32); bf16, fp32
     sharding: str = "none"  # fsdp: weights, gradients, optimizer state sharded over gpus_per_run (FSDP2)
 
     @classmethod
