@@ -233,3 +233,18 @@ def test_a_checkpointed_probe_or_run_uses_padded_batches(tiny_encoder, tiny_data
     raw["train"]["gradient_checkpointing"] = True
     (r,) = run_study(raw, tmp_path / "both")
     assert r["status"] == "failed" and r["error"].startswith("packing: true, but not built for gradient")
+
+
+def test_the_probes_agree_within_autocasts_rounding_or_the_padded_paths_own_noise():
+    """`batches.logits_gap`, which the packing and layer-norm probes share: 2% of the largest logit under
+    autocast, 0.1% in fp32, or twice what the padded path disagrees with itself."""
+    import torch
+
+    from peftbench.batches import logits_gap
+
+    ref = torch.tensor([[1.0, -1.0], [0.5, 0.0]])
+    alone = ref + 1e-4
+    assert logits_gap(ref + 0.01, ref, alone, torch.bfloat16) is None
+    diff, noise = logits_gap(ref + 0.01, ref, alone, None)
+    assert abs(diff - 0.01) < 1e-6 and abs(noise - 1e-4) < 1e-6
+    assert logits_gap(ref + 0.01, ref, ref + 0.006, None) is None  # within twice the path's own noise

@@ -179,6 +179,25 @@ def probe_items(seqs: list[np.ndarray]) -> list[np.ndarray]:
     return [seqs[order[0]], seqs[order[len(order) // 2]], seqs[order[-1]]]
 
 
+def padded_logits(model, items: list[np.ndarray], pad_id: int, device: str, max_len=None):
+    """The fp32 logits of `items` padded together (2D mask): the reference the forward-path probes compare
+    a changed forward with."""
+    ids, mask = collate(items, pad_id, multiple=8, max_len=max_len)
+    return model_forward(model, ids.to(device), mask.to(device)).logits.float()
+
+
+def logits_gap(out, ref, alone, amp) -> tuple[float, float] | None:
+    """None where logits `out` agree with the padded `ref`, else (how far they differ, the padded path's own
+    disagreement). "Agree": within a relative tolerance (1e-3 in fp32, 2e-2 under autocast, of the largest
+    logit), or within twice the padded path's own disagreement with itself, `alone` (each item padded alone)
+    against `ref` (a deep bf16 model's kernels differ by more than any fixed tolerance; a changed forward
+    that is wrong differs by far more)."""
+    tol = (2e-2 if amp is not None else 1e-3) * float(ref.abs().max())
+    noise = float((alone - ref).abs().max())
+    diff = float((out.float() - ref).abs().max())
+    return None if diff <= max(tol, 2 * noise) else (diff, noise)
+
+
 def _first_equal_mask_mode(model, ids, mask) -> str:
     import torch
 

@@ -80,27 +80,24 @@ def choose_layer_norms(
 
 
 def _gap(model, seqs, pad_id: int, device: str, max_len, amp) -> str | None:
-    """None where `model`'s logits with bf16 layer norms agree with its logits with fp32 ones (see
-    `choose_layer_norms`), else how they differ."""
-    from .batches import collate, model_forward, probe_items
+    """None where `model`'s logits with bf16 layer norms agree with its logits with fp32 ones
+    (`batches.logits_gap`, as `choose_layer_norms` says), else how they differ."""
+    from .batches import logits_gap, padded_logits, probe_items
     from .devices import autocast
-
-    def logits(items):
-        ids, mask = collate(items, pad_id, multiple=8, max_len=max_len)
-        return model_forward(model, ids.to(device), mask.to(device)).logits.float()
 
     pick = probe_items(seqs)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(), autocast(device, amp):
-            bf16 = logits(pick)
+            bf16 = padded_logits(model, pick, pad_id, device, max_len)
             fp32_layer_norms(model)
-            ref, alone = logits(pick), torch.cat([logits([s]) for s in pick])
+            ref = padded_logits(model, pick, pad_id, device, max_len)
+            alone = torch.cat([padded_logits(model, [s], pad_id, device, max_len) for s in pick])
             bf16_layer_norms(model)
     finally:
         model.train(was_training)
-    diff, noise = float((bf16 - ref).abs().max()), float((alone - ref).abs().max())
-    if diff <= max(2e-2 * float(ref.abs().max()), 2 * noise):
+    gap = logits_gap(bf16, ref, alone, amp)
+    if gap is None:
         return None
-    return f"bf16 layer norms moved the logits by {diff:.3g} (padded alone vs together: {noise:.3g})"
+    return f"bf16 layer norms moved the logits by {gap[0]:.3g} (padded alone vs together: {gap[1]:.3g})"

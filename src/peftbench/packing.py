@@ -193,15 +193,11 @@ def choose(model, seqs, pad_id: int, device: str, max_len, setting, amp, blocker
 
 
 def _probe(model, arch, seqs, pad_id, device, max_len, amp) -> str | None:
-    """None when packed logits agree with padded ones on three real items, else how they differ.
-
-    "Agree": within a relative tolerance (1e-3 in fp32, 2e-2 under autocast, of the largest logit), or
-    within twice the padded path's own disagreement with itself, the items padded together against each
-    alone (a deep bf16 model's kernels differ by more than any fixed tolerance; a packing error - wrong
-    positions, attention across sequences - differs by far more)."""
+    """None when packed logits agree with padded ones on three real items (`batches.logits_gap`), else how
+    they differ."""
     import torch
 
-    from .batches import collate, model_forward, probe_items
+    from .batches import logits_gap, padded_logits, probe_items
 
     pick = probe_items(seqs)
     was_training = model.training
@@ -211,13 +207,8 @@ def _probe(model, arch, seqs, pad_id, device, max_len, amp) -> str | None:
             torch.inference_mode(),
             autocast(device, amp),
         ):
-
-            def padded(items):
-                ids, mask = collate(items, pad_id, multiple=8, max_len=max_len)
-                return model_forward(model, ids.to(device), mask.to(device)).logits.float()
-
-            ref = padded(pick)
-            alone = torch.cat([padded([s]) for s in pick])
+            ref = padded_logits(model, pick, pad_id, device, max_len)
+            alone = torch.cat([padded_logits(model, [s], pad_id, device, max_len) for s in pick])
             packed = pack(pick, pad_id, 64, max_len, last=arch[2])
             longest = max(len(s) for s in pick)
             out = packed_forward(model, arch, *(x.to(device) for x in packed), max_seqlen=max(longest, 64))
@@ -225,9 +216,7 @@ def _probe(model, arch, seqs, pad_id, device, max_len, amp) -> str | None:
         return f"packed forward failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
     finally:
         model.train(was_training)
-    tol = (2e-2 if amp is not None else 1e-3) * float(ref.abs().max())
-    noise = float((alone - ref).abs().max())
-    diff = float((out[1].float() - ref).abs().max())
-    if diff <= max(tol, 2 * noise):
+    gap = logits_gap(out[1], ref, alone, amp)
+    if gap is None:
         return None
-    return f"packed logits differ from padded ones by {diff:.3g} (padded alone vs together: {noise:.3g})"
+    return f"packed logits differ from padded ones by {gap[0]:.3g} (padded alone vs together: {gap[1]:.3g})"
