@@ -1024,6 +1024,8 @@ def test_layer_norms_that_change_the_logits_stay_fp32(tiny_encoder, tiny_data, t
     assert not any(isinstance(m, norms.Bf16LayerNorm) for m in model[0].modules())  # every norm back
     assert norms.choose_layer_norms(model[0], *args, "bf16", torch.bfloat16) == "bf16: 5 layer norms"
     assert norms.choose_layer_norms(model[1], *args, "auto", None) == "fp32: no bf16 autocast"
+    answers = ["bf16: 5 layer norms", "fp32 (layer_norms: fp32)", why, None]  # None: a run from before
+    assert [norms.chosen(a) for a in answers] == ["bf16", "fp32", "fp32", "fp32"]
     with pytest.raises(UserError, match="layer_norms: bf16 needs bf16 autocast"):
         norms.choose_layer_norms(model[1], *args, "bf16", None)
     with pytest.raises(

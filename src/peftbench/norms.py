@@ -47,6 +47,12 @@ def fp32_layer_norms(model) -> None:
             m.__class__ = torch.nn.LayerNorm
 
 
+def chosen(choice: str | None) -> str:
+    """The setting ("bf16" or "fp32") a run's `layer_norms` metric records (`choose_layer_norms`'s answer);
+    None, a run from before the choice: "fp32"."""
+    return "bf16" if choice and choice.startswith("bf16") else "fp32"
+
+
 def choose_layer_norms(
     model, seqs, pad_id: int, device: str, max_len, setting: str, amp, probe_on_cpu: bool = False
 ) -> str:

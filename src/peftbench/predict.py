@@ -39,9 +39,10 @@ def load_trained(run_dir: Path, spec: RunSpec | None = None, device: str = "cpu"
     if spec is None:
         result = _read_run(run_dir)
         spec = RunSpec.from_dict(result["config"])
-        if spec.train.layer_norms == "auto":  # as the run chose (runs from before the choice: fp32)
-            chosen = result.get("metrics", {}).get("layer_norms") or "fp32"
-            spec = spec.with_train(layer_norms=chosen.split(":")[0])
+        if spec.train.layer_norms == "auto":  # as the run chose
+            from .norms import chosen
+
+            spec = spec.with_train(layer_norms=chosen(result.get("metrics", {}).get("layer_norms")))
     method = registry.get(spec.method)
     try:
         return _load(run_dir, spec, method, device)

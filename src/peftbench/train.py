@@ -1151,7 +1151,7 @@ class Recipe:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         from .models import build_model
-        from .norms import bf16_layer_norms
+        from .norms import bf16_layer_norms, chosen
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(self.model, options=opts)
@@ -1160,7 +1160,7 @@ class Recipe:
         names = self.tok.label_names
         model, _ = build_model(self.spec, names, self.device, self.total_steps, self.amp)
         model.load_state_dict(full)
-        if self.layer_norms.startswith("bf16"):
+        if chosen(self.layer_norms) == "bf16":
             bf16_layer_norms(model)
         self.model = model
 
@@ -1202,7 +1202,9 @@ class Recipe:
 
     def as_trained(self) -> RunSpec:
         """The run's spec with its `auto` choices that a reloaded model must repeat made: the layer norms."""
-        return self.spec.with_train(layer_norms=self.layer_norms.split(":")[0])
+        from .norms import chosen
+
+        return self.spec.with_train(layer_norms=chosen(self.layer_norms))
 
     def _release_training(self) -> None:
         """Free the trained model and what only training needed (optimizer state, gradients, the best epoch's
