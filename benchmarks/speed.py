@@ -19,9 +19,9 @@ as autograd does: the code before 2026-12-04), castweights (graphed steps let au
 weight and gradient, without bf16 weight copies: the code before commit 778e6f7, 2026-12-05), adamw_bf16
 (trained weights in bf16 under optimi's Kahan-summed AdamW, `train.optimizer: adamw_bf16`), fp32norms (layer
 norms in fp32 under autocast, as autocast computes them: `train.layer_norms: fp32`, the code before
-2026-12-06), regional (each transformer layer
-torch.compile'd in place, CUDA graphs and packing kept: `compile_blocks`), profile (a torch.profiler step
-profile into --profile-dir). With --epochs > 1 rows also give the last epoch alone
+2026-12-06), blocks (each transformer layer
+torch.compile'd in place, CUDA graphs and packing kept: `train.compile: blocks`), profile (a torch.profiler
+step profile into --profile-dir). With --epochs > 1 rows also give the last epoch alone
 (after warm-up and compilation). The roberta-base-shaped model is built from
 RobertaConfig with roberta-base's values and random weights (no download): its accuracy means
 nothing, its time and memory are roberta-base's. It is fed the MiniLM tokenizer's ids (all < 30522),
@@ -90,8 +90,8 @@ def roberta_shaped(folder: Path, tokenizer_from: Path | None = None) -> Path:
 
 
 def spec_for(study: Study, method: str, model_path: str, epochs: int | None, recipe: str) -> RunSpec:
-    """The run spec of `recipe`: "peftbench" plus options joined by "+": eager, compile, cudagraphs, padN,
-    mask2d, nopack, pack, nogroup, adamw_bf16.
+    """The run spec of `recipe`: "peftbench" plus options joined by "+": eager, compile, cudagraphs, blocks,
+    padN, mask2d, nopack, pack, nogroup, adamw_bf16, fp32norms.
 
     `epochs` None keeps the seed protocol's own (5, 3 for LoRA)."""
     spec = study.run_spec(SEED_METHODS[method], 2e-5, 42, "final")
@@ -99,7 +99,7 @@ def spec_for(study: Study, method: str, model_path: str, epochs: int | None, rec
     pads = [int(o[3:]) for o in opts if o.startswith("pad")]
     spec = dataclasses.replace(spec, model_path=model_path, evaluate_test=False).with_train(
         epochs=epochs or spec.train.epochs,
-        compile="cudagraphs" if "cudagraphs" in opts else ("compile" in opts),
+        compile=next((o for o in ("cudagraphs", "blocks") if o in opts), "compile" in opts),
         learning_rate=2e-5,
         cuda_graphs="eager" not in opts,
         packing=False if "nopack" in opts else ("pack" in opts or "auto"),
@@ -109,38 +109,6 @@ def spec_for(study: Study, method: str, model_path: str, epochs: int | None, rec
         layer_norms="fp32" if "fp32norms" in opts else spec.train.layer_norms,
     )
     return spec.with_runtime(checkpoint=False).planned()
-
-
-def compile_blocks(model) -> int:
-    """torch.compile, in place, each block of `model`'s repeated ones (its transformer layers): regional
-    compilation (PyTorch's recipe for compile time), one compiled code for every layer, where compiling the
-    whole model took most of a 165-s first epoch (h200-roberta-compile.json). The rest of the model and of
-    the step (CUDA graphs, packing) stay as they are. Returns how many."""
-    train.allow_recompiles()
-    repeated = [
-        blocks
-        for blocks in model.modules()
-        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 1 and len({type(b) for b in blocks}) == 1
-    ]
-    for block in (b for blocks in repeated for b in blocks):
-        block.compile(dynamic=True)  # every batch shape from one code: none recompiles inside a graph capture
-    return sum(len(blocks) for blocks in repeated)
-
-
-def with_model_changes(opts: list[str]):
-    """`models.build_model` (which `train.train_run` calls), its models changed as the recipe's options
-    say: blocks compiled ("regional": `compile_blocks`)."""
-    if "regional" not in opts:
-        return contextlib.nullcontext()
-    build = models.build_model
-
-    def built(*args, **kwargs):
-        model, head = build(*args, **kwargs)
-        if not compile_blocks(model):
-            raise ValueError("+regional: the model has no repeated blocks")
-        return model, head
-
-    return mock.patch.object(models, "build_model", built)
 
 
 def peak_mb() -> float:
@@ -226,8 +194,7 @@ def run_peftbench(spec: RunSpec, tok: data_mod.Tokenized, recipe: str, profile: 
         adds = mock.patch.object(graphs, "backward_adding_in_few_kernels", lambda loss, _: loss.backward())
     if "+castweights" in recipe:  # autocast casts each weight and gradient, as before bf16 weight copies
         casts = mock.patch.object(graphs, "weight_copies", lambda *_: (None, "off: +castweights"))
-    changes = with_model_changes(recipe.split("+")[1:])
-    with tempfile.TemporaryDirectory() as tmp, adds, casts, changes:
+    with tempfile.TemporaryDirectory() as tmp, adds, casts:
         res = train.train_run(spec, tok, Path(tmp), progress=False)
         if profile and (Path(tmp) / "profile.json").exists():
             profile.write_text((Path(tmp) / "profile.json").read_text())

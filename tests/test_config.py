@@ -48,6 +48,10 @@ def test_valid_study_gets_defaults():
         ({**GOOD, "train": {"warmup_ratio": 1.5}}, "train.warmup_ratio: must be a number in [0, 1)"),
         ({**GOOD, "train": {"scheduler": "wavy"}}, "train.scheduler: must be one of"),
         ({**GOOD, "train": {"cuda_graphs": "yes"}}, "train.cuda_graphs: must be true or false"),
+        (
+            {**GOOD, "train": {"compile": "layers"}},
+            'train.compile: must be true, false, "cudagraphs" or "blocks"',
+        ),
         ({**GOOD, "methods": ["lorra"]}, "unknown method 'lorra' (did you mean 'lora'?)"),
         ({**GOOD, "methods": [{"name": "lora", "rank": 8}]}, "methods[0].rank: unknown key"),
         ({**GOOD, "methods": [{"name": "lora", "r": 0}]}, "methods[0].r: must be a positive integer"),
@@ -317,6 +321,13 @@ def test_registry_options_are_peft_fields_and_validation_needs_peft_only_for_oth
     with pytest.raises(UserError) as e:
         config.validate(raw)
     assert "rank" in str(e.value) and "use_dora" not in str(e.value)
+
+
+def test_compile_blocks_from_the_study_file_and_the_flag():
+    assert config.validate({**GOOD, "train": {"compile": "blocks"}})["train"]["compile"] == "blocks"
+    for flag, want in (("blocks", "blocks"), ("off", False), ("cudagraphs", "cudagraphs")):
+        raw, _ = cli.build_study(cli.parser().parse_args(["run", "--preset", "quick", "--compile", flag]))
+        assert config.validate(raw)["train"]["compile"] == want
 
 
 def test_cuda_graphs_flag_sets_the_study_option():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import benchmark, run_study, study
+from conftest import run_study, study
 
 from peftbench import cli, config, report, runner, store
 from peftbench.errors import UserError
@@ -1061,19 +1061,15 @@ def test_a_run_with_bf16_layer_norms_reloads_with_them(tiny_encoder, tiny_data, 
 
 
 @pytest.mark.slow
-def test_regionally_compiled_blocks_train_as_the_eager_ones(tiny_encoder, tiny_data, tmp_path, monkeypatch):
-    """`benchmarks/speed.py +regional` compiles each transformer layer in place (one compiled code for
-    all); a run trained so follows the eager run's loss trajectory (with dropout drawn as eagerly)."""
+def test_compiled_blocks_train_as_the_eager_ones(tiny_encoder, no_dropout_encoder, tiny_data, tmp_path):
+    """`train.compile: blocks` compiles each transformer layer in place (one compiled code for all, bf16
+    norms or not); a run trained so follows the eager run's loss trajectory, padded or packed."""
     import torch._dynamo
-    import torch._inductor.config
 
-    from peftbench import norms
+    from peftbench import norms, train
 
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
-
-    speed = benchmark("speed")
     models, x, _ = _twin_models("bert")
-    assert speed.compile_blocks(models[1]) == 2
+    assert train.compile_blocks(models[1]) == 2
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     assert torch.allclose(models[0](input_ids=x).logits, models[1](input_ids=x).logits, atol=1e-5)
@@ -1085,18 +1081,33 @@ def test_regionally_compiled_blocks_train_as_the_eager_ones(tiny_encoder, tiny_d
         models[1](input_ids=x)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
-    torch._dynamo.utils.counters.clear()
-    train_settings = {"precision": "fp32", "learning_rate": 1e-2}
-    curves = _loss_curves(tiny_encoder, tiny_data, tmp_path, speed, ["regional"], train_settings)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the second run's layers compiled
-    assert curves[0][-1] < curves[0][0] / 2
-    assert len(curves[1]) == 2 and all(abs(a - b) <= 1e-4 for a, b in zip(*curves)), curves
+    # with dropout (drawn as eagerly) in padded batches; without it in packed ones, whose compiled
+    # attention draws its dropout otherwise
+    for model, packing in ((tiny_encoder, False), (no_dropout_encoder, True)):
+        torch._dynamo.utils.counters.clear()
+        settings = {"precision": "fp32", "learning_rate": 1e-2, "packing": packing}
+        (eager, m0), (blocks, m) = _trained_twice(
+            model, tiny_data, tmp_path / str(packing), settings, {}, {"compile": "blocks"}
+        )
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the second run's layers compiled
+        print(
+            {
+                k: (m0.get(k), m.get(k))
+                for k in ("attention_mask", "packing", "layer_norms", "compile", "cuda_graphs")
+            }
+        )
+        assert m["compile"] == "blocks" and m["packing"].startswith("on" if packing else "off"), m["packing"]
+        assert packing or eager[-1] < eager[0] / 2  # the padded run learns
+        assert len(blocks) == 2 and all(abs(a - b) <= 1e-4 for a, b in zip(eager, blocks)), (eager, blocks)
 
 
-def _loss_curves(model, data, tmp_path, speed, opts: list[str], train_settings: dict) -> list[list]:
-    """The per-epoch training losses of a full fine-tuning run without, then with, `speed.py`'s `opts`."""
-    changes = (contextlib.nullcontext(), speed.with_model_changes(opts))
-    return [c for c, _ in _trained_twice(model, data, tmp_path, train_settings, {}, {}, changes)]
+def test_compile_blocks_needs_repeated_layers():
+    """A model without a list of like layers has nothing for `compile: blocks` to compile."""
+    import torch
+
+    from peftbench import train
+
+    assert train.compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())) == 0
 
 
 def _trained_twice(model, data, tmp_path, train_settings: dict, first: dict, second: dict, contexts=None):

@@ -151,7 +151,7 @@ def _train_overrides(train: dict, args) -> dict:
         "epochs": args.epochs,
         "learning_rate": args.lr,
         "max_length": args.max_length,
-        "compile": {"off": False, "on": True, "cudagraphs": "cudagraphs"}.get(args.compile),
+        "compile": {"off": False, "on": True}.get(args.compile, args.compile),
         "cuda_graphs": {"on": True, "off": False}.get(args.cuda_graphs),
         "packing": {"on": True, "off": False, "auto": "auto"}.get(args.packing),
     }
@@ -455,9 +455,9 @@ def _study_arguments(r: argparse.ArgumentParser) -> None:
     )
     a(
         "--compile",
-        choices=["off", "on", "cudagraphs"],
-        help="torch.compile the model; cudagraphs adds its CUDA "
-        "graphs per bucketed shape (GPU), e.g. --compile cudagraphs",
+        choices=["off", "on", "cudagraphs", "blocks"],
+        help="torch.compile the model; cudagraphs adds its CUDA graphs per bucketed shape (GPU); blocks "
+        "compiles each transformer layer, keeping peftbench's graphs and packing, e.g. --compile blocks",
     )
     a(
         "--cuda-graphs",

@@ -166,7 +166,11 @@ def _check_train(section: str, train: dict, problems: list[str]) -> None:
     need("sharding", lambda v: v in ("none", "fsdp"), "none or fsdp")
     for key in ("select_best_epoch", "group_by_length", "cuda_graphs"):
         need(key, lambda v: isinstance(v, bool), "true or false")
-    need("compile", lambda v: isinstance(v, bool) or v == "cudagraphs", 'true, false or "cudagraphs"')
+    need(
+        "compile",
+        lambda v: isinstance(v, bool) or v in ("cudagraphs", "blocks"),
+        'true, false, "cudagraphs" or "blocks"',
+    )
 
 
 def _check_size(key: str, v, problems: list[str], fraction_ok: bool = False) -> None:

@@ -50,6 +50,7 @@ class StepGraphs:
         budgeted: bool = False,
         model=None,
         accumulating: bool = False,
+        compiled: bool = False,
     ):
         import torch
 
@@ -62,6 +63,9 @@ class StepGraphs:
         self.graphs: dict[tuple, tuple] = {}
         self.pool = None
         self.eager_steps = 0
+        # Compiled layers (`compile: blocks`) recompile on a new shape: never inside a capture, so each shape
+        # runs once eagerly first (the graphs of compiled code then replay what it compiled).
+        self.warm_first, self.warmed = compiled, set()
         self.failed: str | None = None
         self.capture_seconds = 0.0
         # Starting the graphs: the first eager micro-step and the captures. Paid once per process: a run
@@ -124,6 +128,9 @@ class StepGraphs:
         if self.failed or not self.eager_steps:
             return False
         key = tuple(tuple(x.shape) for x in batch)
+        if self.warm_first and key not in self.graphs and key not in self.warmed:
+            self.warmed.add(key)
+            return False
         entry = self.graphs.get(key) or self._capture(batch, key)
         if entry is None:
             return False

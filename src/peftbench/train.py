@@ -88,6 +88,25 @@ def _set_rng(cpu, cuda, device: str) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
+def compile_blocks(model) -> int:
+    """torch.compile, in place, each block of `model`'s repeated ones (its transformer layers): regional
+    compilation (PyTorch's recipe for compile time), one compiled code for every layer, where compiling the
+    whole model took most of a 165-s first epoch (benchmarks/results/h200-roberta-compile.json). Compiled
+    with dynamic sizes, every batch shape runs one code: none recompiles inside a CUDA graph's capture. The
+    state dict keeps its names. Returns how many blocks."""
+    import torch
+
+    repeated = [
+        blocks
+        for blocks in model.modules()
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 1 and len({type(b) for b in blocks}) == 1
+    ]
+    for block in (b for blocks in repeated for b in blocks):
+        # dropout from torch's own random ops: drawn as an uncompiled run draws it (tests/test_runner.py)
+        block.compile(dynamic=True, options={"fallback_random": True})
+    return sum(len(blocks) for blocks in repeated)
+
+
 def allow_recompiles(limit: int = 64) -> None:
     """torch.compile's per-function recompile limit raised to `limit` (torch's default is 8): a run's bucketed
     shapes, train and eval modes and dtypes each recompile, and past the limit torch runs eagerly."""
@@ -556,7 +575,7 @@ class Recipe:
                 why
                 for bad, why in (
                     (self.world > 1, "not built for data-parallel runs"),
-                    (bool(self.compiled), "not built for torch.compile'd runs"),
+                    (self.compiled_whole, "not built for torch.compile'd runs"),
                     (self._prompt_method(), "not built for prompt methods (PEFT's own forward adds them)"),
                     (self.checkpointing, "not built for gradient checkpointing"),
                 )
@@ -613,13 +632,27 @@ class Recipe:
         """torch's default: the first shape compiles static, the first new shape recompiles with dynamic
         sizes;
         "cudagraphs" adds CUDA graphs, recorded once per bucketed shape, on one device only (a data-parallel
-        run compiles around DDP, without graphs)."""
+        run compiles around DDP, without graphs); "blocks" compiles the repeated layers only
+        (`compile_blocks`), and the rest of the step stays as it is (packing, peftbench's CUDA graphs)."""
         import torch
 
         allow_recompiles()
+        if self.train.compile == "blocks":
+            if not compile_blocks(self.model):
+                raise UserError(
+                    f"train.compile: blocks found no repeated layers in {self.spec.model_path}; "
+                    "set compile: true to compile the whole model"
+                )
+            self.compiled = "blocks"
+            return
         graphs = self.train.compile == "cudagraphs" and self.world == 1 and self.dev_type == "cuda"
         self.fwd = torch.compile(self.fwd, mode="reduce-overhead" if graphs else None)
         self.compiled = "cudagraphs" if graphs else True
+
+    @property
+    def compiled_whole(self) -> bool:
+        """The whole forward is torch.compile'd: peftbench's graphs and packing stay out of its way."""
+        return bool(self.compiled) and self.compiled != "blocks"
 
     def _plan_memory(self) -> bool:
         """Under a GPU memory budget, the largest micro-batch (and checkpointing if needed) that fits;
@@ -730,6 +763,7 @@ class Recipe:
                 budgeted=bool(self.spec.gpu_memory_bytes),
                 model=self.model,
                 accumulating=self.micro < self.batch_size,
+                compiled=self.compiled == "blocks",
             )
 
     def _graphs_blocker(self) -> str | None:
@@ -741,7 +775,7 @@ class Recipe:
             self.micro,
             "packed" if self.arch is not None else self.mask_mode,
             self.prefixed,
-            self.compiled,
+            self.compiled_whole,
             self.checkpointing,
             self.step_work(),
             scaled=self.scaler is not None,
