@@ -92,8 +92,9 @@ def compile_blocks(model) -> int:
     """torch.compile, in place, each block of `model`'s repeated ones (its transformer layers): regional
     compilation (PyTorch's recipe for compile time), one compiled code for every layer, where compiling the
     whole model took most of a 165-s first epoch (benchmarks/results/h200-roberta-compile.json). Compiled
-    with dynamic sizes, every batch shape runs one code: none recompiles inside a CUDA graph's capture. The
-    state dict keeps its names. Returns how many blocks."""
+    with dynamic sizes, batch shapes share one code as long as its guards hold; a shape that breaks one
+    recompiles, so `graphs.StepGraphs` runs each new shape once eagerly before capturing it. The state dict
+    keeps its names. Returns how many blocks."""
     import torch
 
     repeated = [
