@@ -4,6 +4,7 @@ one forward pass of a classifier (prefix tuning included), and evaluation in len
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -162,16 +163,11 @@ def choose_mask_mode(
     # Full length (local-attention windows must show up), within the run's limit (soft prompts take
     # positions).
     ids, mask = collate(pick, pad_id, multiple=8, max_len=max_len)
-    was_training = model.training
-    model.eval()
-
     try:  # any failure here only means: keep the 2D mask
-        with autocast(device, amp):
+        with probing(model, device, amp):
             return _first_equal_mask_mode(model, ids.to(device), mask.to(device))
     except Exception:
         return "2d"
-    finally:
-        model.train(was_training)
 
 
 def probe_items(seqs: list[np.ndarray]) -> list[np.ndarray]:
@@ -181,11 +177,35 @@ def probe_items(seqs: list[np.ndarray]) -> list[np.ndarray]:
     return [seqs[order[0]], seqs[order[len(order) // 2]], seqs[order[-1]]]
 
 
+@contextlib.contextmanager
+def probing(model, device: str, amp):
+    """`model` in eval mode, under the run's autocast (`amp`) and without autograd, for a forward-path
+    probe; its training mode is restored after."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast(device, amp):
+            yield
+    finally:
+        model.train(was_training)
+
+
 def padded_logits(model, items: list[np.ndarray], pad_id: int, device: str, max_len=None):
     """The fp32 logits of `items` padded together (2D mask): the reference the forward-path probes compare
     a changed forward with."""
     ids, mask = collate(items, pad_id, multiple=8, max_len=max_len)
     return model_forward(model, ids.to(device), mask.to(device)).logits.float()
+
+
+def padded_reference(model, items: list[np.ndarray], pad_id: int, device: str, max_len=None):
+    """(`items` padded together, each padded alone): the reference logits and the padded path's own
+    disagreement with itself, as `logits_gap` takes them."""
+    import torch
+
+    together = padded_logits(model, items, pad_id, device, max_len)
+    return together, torch.cat([padded_logits(model, [s], pad_id, device, max_len) for s in items])
 
 
 def logits_gap(out, ref, alone, amp) -> tuple[float, float] | None:

@@ -88,21 +88,14 @@ def choose_layer_norms(
 def _gap(model, seqs, pad_id: int, device: str, max_len, amp) -> str | None:
     """None where `model`'s logits with bf16 layer norms agree with its logits with fp32 ones
     (`batches.logits_gap`, as `choose_layer_norms` says), else how they differ."""
-    from .batches import logits_gap, padded_logits, probe_items
-    from .devices import autocast
+    from .batches import logits_gap, padded_logits, padded_reference, probe_items, probing
 
     pick = probe_items(seqs)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), autocast(device, amp):
-            bf16 = padded_logits(model, pick, pad_id, device, max_len)
-            fp32_layer_norms(model)
-            ref = padded_logits(model, pick, pad_id, device, max_len)
-            alone = torch.cat([padded_logits(model, [s], pad_id, device, max_len) for s in pick])
-            bf16_layer_norms(model)
-    finally:
-        model.train(was_training)
+    with probing(model, device, amp):
+        bf16 = padded_logits(model, pick, pad_id, device, max_len)
+        fp32_layer_norms(model)
+        ref, alone = padded_reference(model, pick, pad_id, device, max_len)
+        bf16_layer_norms(model)
     gap = logits_gap(bf16, ref, alone, amp)
     if gap is None:
         return None

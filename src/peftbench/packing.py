@@ -15,7 +15,6 @@ import contextlib
 import numpy as np
 
 from .batches import pad_width
-from .devices import autocast
 
 ATTENTION = "peftbench_packed"
 
@@ -195,27 +194,17 @@ def choose(model, seqs, pad_id: int, device: str, max_len, setting, amp, blocker
 def _probe(model, arch, seqs, pad_id, device, max_len, amp) -> str | None:
     """None when packed logits agree with padded ones on three real items (`batches.logits_gap`), else how
     they differ."""
-    import torch
-
-    from .batches import logits_gap, padded_logits, probe_items
+    from .batches import logits_gap, padded_reference, probe_items, probing
 
     pick = probe_items(seqs)
-    was_training = model.training
-    model.eval()
     try:
-        with (
-            torch.inference_mode(),
-            autocast(device, amp),
-        ):
-            ref = padded_logits(model, pick, pad_id, device, max_len)
-            alone = torch.cat([padded_logits(model, [s], pad_id, device, max_len) for s in pick])
+        with probing(model, device, amp):
+            ref, alone = padded_reference(model, pick, pad_id, device, max_len)
             packed = pack(pick, pad_id, 64, max_len, last=arch[2])
             longest = max(len(s) for s in pick)
             out = packed_forward(model, arch, *(x.to(device) for x in packed), max_seqlen=max(longest, 64))
     except Exception as e:
         return f"packed forward failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
-    finally:
-        model.train(was_training)
     gap = logits_gap(out[1], ref, alone, amp)
     if gap is None:
         return None
