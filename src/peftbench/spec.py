@@ -34,9 +34,7 @@ class TrainSettings:
     compile: bool | str = False  # torch.compile: true, "cudagraphs" (+ its graphs), "blocks" (each layer)
     cuda_graphs: bool = True  # CUDA: each step's forward and backward replayed from a graph per shape
     micro_batch_size: int | None = None  # None: = batch_size; smaller: gradient accumulation
-    pad_to_multiple_of: int | None = (
-        None  # None: 8 (64 on CUDA or compiling a whole model); max_length: one shape
-    )
+    pad_to_multiple_of: int | None = None  # None: 8 (64 on CUDA or compiled whole); max_length: one shape
     base_dtype: str = "auto"  # frozen weights: auto = bf16 under bf16 autocast on CUDA, else fp32
     gradient_checkpointing: bool | str = "auto"  # auto: on only where the GPU memory budget needs it
     optimizer: str = "adamw"  # adamw (torch, fused; trained weights in fp32), adamw_bf16 (trained weights in
