@@ -15,7 +15,9 @@ batch shape. Recipe options, joined with "+": eager (no CUDA graphs), compile (t
 shape), cudagraphs (compile + its CUDA graphs), padN (pad to multiples of N), mask2d (the plain 2D mask,
 i.e. transformers' per-step `mask.all()` sync), nopack / pack (padded batches / packed ones; default: auto),
 nogroup (batches not grouped by length), peradd (graphed steps add gradients one parameter at a time,
-as autograd does: the code before 2026-12-04), castweights (graphed steps let autocast cast every linear
+as autograd does: the code before 2026-12-04), clipzero (graphed steps zero their gradients in a pass of
+their own and clip them in another, rather than write over them and clip in the fused AdamW: the code before
+2026-12-06 06:00 UTC), castweights (graphed steps let autocast cast every linear
 weight and gradient, without bf16 weight copies: the code before commit 778e6f7, 2026-12-05), adamw_bf16
 (trained weights in bf16 under optimi's Kahan-summed AdamW, `train.optimizer: adamw_bf16`), fp32norms (layer
 norms in fp32 under autocast, as autocast computes them: `train.layer_norms: fp32`, the code before
@@ -183,18 +185,41 @@ def run_trainer(
     return out
 
 
+def zeroing_between_steps():
+    """Graphed steps that add their gradients into zeroed ones rather than write over the last step's."""
+    init = graphs.StepGraphs.__init__
+
+    def patched(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.overwrites = False
+
+    return mock.patch.object(graphs.StepGraphs, "__init__", patched)
+
+
 def run_peftbench(spec: RunSpec, tok: data_mod.Tokenized, recipe: str, profile: Path | None) -> dict:
     """Train with train.train_run. `+mask2d` forces the plain 2D mask; `+profile` writes a step profile."""
     reset()
     spec = spec.with_runtime(profile=bool(profile))
     if "+mask2d" in recipe:
         spec = spec.with_train(attention_mask="2d")
-    adds, casts = contextlib.nullcontext(), contextlib.nullcontext()
+    patches = contextlib.ExitStack()
     if "+peradd" in recipe:  # the graphed step as before 2026-12-04: autograd adds gradients one by one
-        adds = mock.patch.object(graphs, "backward_adding_in_few_kernels", lambda loss, _: loss.backward())
+        patches.enter_context(
+            mock.patch.object(
+                graphs, "backward_adding_in_few_kernels", lambda loss, *_, **__: loss.backward()
+            )
+        )
     if "+castweights" in recipe:  # autocast casts each weight and gradient, as before bf16 weight copies
-        casts = mock.patch.object(graphs, "weight_copies", lambda *_: (None, "off: +castweights"))
-    with tempfile.TemporaryDirectory() as tmp, adds, casts:
+        patches.enter_context(
+            mock.patch.object(graphs, "weight_copies", lambda *_: (None, "off: +castweights"))
+        )
+    if (
+        "+clipzero" in recipe
+    ):  # a pass zeroing the gradients and one clipping them, as before 2026-12-06 06:00
+        patches.enter_context(mock.patch.object(graphs, "folds_clipping", lambda _: False))
+    if "+clipzero" in recipe or "+peradd" in recipe:
+        patches.enter_context(zeroing_between_steps())
+    with tempfile.TemporaryDirectory() as tmp, patches:
         res = train.train_run(spec, tok, Path(tmp), progress=False)
         if profile and (Path(tmp) / "profile.json").exists():
             profile.write_text((Path(tmp) / "profile.json").read_text())

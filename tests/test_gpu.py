@@ -11,11 +11,14 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("method, micro", [("full", None), ("ia3", None), ("full", 4)])
-def test_graphed_steps_train_like_eager_ones(no_dropout_encoder, tiny_data, tmp_path, method, micro):
+@pytest.mark.parametrize(
+    "method, micro, clip", [("full", None, 1.0), ("full", None, 0.01), ("ia3", None, 1.0), ("full", 4, 1.0)]
+)
+def test_graphed_steps_train_like_eager_ones(no_dropout_encoder, tiny_data, tmp_path, method, micro, clip):
     """Graphed steps, and graphed micro-steps whose gradients add up (micro-batch 4 of 16), follow the
-    eager run's losses."""
-    over = {"device": "cuda", "train": {"epochs": 3, "max_length": 48, "micro_batch_size": micro}}
+    eager run's losses; so do steps whose clipping (at 0.01, every step) is folded into the fused AdamW."""
+    train = {"epochs": 3, "max_length": 48, "micro_batch_size": micro, "max_grad_norm": clip}
+    over = {"device": "cuda", "train": train}
     (graphed,) = run_study(study(no_dropout_encoder, tiny_data, [method], **over), tmp_path / "graphs")
     over["train"]["cuda_graphs"] = False
     (eager,) = run_study(study(no_dropout_encoder, tiny_data, [method], **over), tmp_path / "eager")
@@ -25,6 +28,7 @@ def test_graphed_steps_train_like_eager_ones(no_dropout_encoder, tiny_data, tmp_
     # one eager (micro-)step, then graphs: a shape per padded length (micro-batches of 4 pad to one)
     assert g["failed"] is None and g["graphs"] >= (2 if micro is None else 1) and g["eager_steps"] == 1, g
     assert g["gradient_adds"] == "multi-tensor" and g["weight_copies"].startswith("on: "), g
+    assert g["clipping"] == ("separate pass" if micro else "in the optimizer's kernel"), g
     assert eager["metrics"]["cuda_graphs"] == "off (cuda_graphs: false)"
     for hg, he in zip(graphed["history"], eager["history"]):
         assert hg["train_loss"] == pytest.approx(he["train_loss"], rel=2e-3)

@@ -891,6 +891,72 @@ def test_graphed_micro_steps_add_gradients_in_multi_tensor_kernels_not_one_per_w
         assert torch.equal(a.grad, b.grad)  # added once
 
 
+def test_graphed_steps_write_gradients_over_the_last_ones_and_zero_those_left_without():
+    """A step of one micro-step copies its fresh gradients over the last step's (no zeroing pass between
+    steps): the gradients of a zeroed model's backward, bit for bit; a parameter this backward pass left
+    without a gradient gets zero, unless the caller fills it after (the weight copies' fp32 weights)."""
+    import torch
+
+    from peftbench.graphs import WeightCopies, backward_adding_in_few_kernels
+
+    models, x, y = _twin_models("bert")
+    params = list(models[0].parameters())
+    backward_adding_in_few_kernels(models[0](input_ids=x, labels=y).loss, params, overwrite=True)
+    held = [p.grad for p in params]
+    x2, y2 = x.flip(0), 1 - y
+    backward_adding_in_few_kernels(models[0](input_ids=x2, labels=y2).loss, params, overwrite=True)
+    models[1](input_ids=x2, labels=y2).loss.backward()
+    assert all(p.grad is g for p, g in zip(params, held))
+    for a, b in zip(params, models[1].parameters()):
+        assert torch.equal(a.grad, b.grad)
+    head = models[0].classifier.weight
+    before = head.grad.clone()
+    backward_adding_in_few_kernels(
+        models[0].bert.embeddings(x).sum(), params, overwrite=True, filled_after={id(head)}
+    )
+    assert models[0].bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert torch.equal(models[0].classifier.bias.grad, torch.zeros_like(models[0].classifier.bias))
+    assert torch.equal(head.grad, before)  # left for the caller
+    copies = WeightCopies(models[0])
+    for w in copies.weights:
+        w.grad = torch.ones_like(w)
+    for add, expect_zero in ((True, False), (False, True)):  # no copy got a gradient this step
+        copies.gradients_into_weights(add=add)
+        assert all(bool(w.grad.abs().sum() == 0) == expect_zero for w in copies.weights)
+
+
+@pytest.mark.parametrize("max_norm", [0.01, 1e3])
+def test_clipping_folded_into_the_fused_optimizer_updates_as_clip_grad_norm(max_norm):
+    """Gradient clipping's scale handed to torch's fused AdamW as its `grad_scale` (GradScaler's contract)
+    updates the weights as `clip_grad_norm_` then the step do, where clipping bites and where it does not."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from peftbench.graphs import StepGraphs, clipping_scale, folds_clipping
+
+    models, x, y = _twin_models("bert")
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in models]
+    assert folds_clipping(opts[1]) and not folds_clipping(torch.optim.AdamW(models[0].parameters()))
+    scale = torch.ones(())
+    for step in range(3):
+        for m in models:
+            m(input_ids=x.roll(step, 0), labels=y).loss.backward()
+        torch.nn.utils.clip_grad_norm_(models[0].parameters(), max_norm)
+        opts[0].step()
+        clipping_scale([p.grad for p in models[1].parameters()], max_norm, scale)
+        assert (scale > 1) == (max_norm < 1)
+        StepGraphs.optimizer_step(SimpleNamespace(clip_scale=scale), opts[1])
+        assert not hasattr(opts[1], "grad_scale")
+        for o in opts:
+            o.zero_grad()
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=2e-6)  # Adam divides by tiny second moments
+    assert not torch.equal(
+        next(models[0].parameters()), _twin_models("bert")[0][0].bert.embeddings.word_embeddings.weight
+    )
+
+
 @pytest.mark.parametrize("arch", ["bert", "llama-lora"])
 def test_bf16_weight_copies_give_autocasts_losses_and_gradients_bit_for_bit(arch):
     """A graphed step computes with bf16 copies of the trained linear weights in their places, refreshed by

@@ -51,12 +51,19 @@ class StepGraphs:
         model=None,
         accumulating: bool = False,
         compiled: bool = False,
+        optimizer=None,
     ):
         import torch
 
         self.loss_of, self.amp, self.loss_sum = loss_of, amp, loss_sum
         self.params, self.max_grad_norm, self.accumulating = params, max_grad_norm, accumulating
         self.gradient_adds = gradient_adds(sum(p.numel() * p.element_size() for p in params), budgeted)
+        # A step of one micro-step writes its gradients over the last step's (no zeroing pass between steps)
+        self.overwrites = self.gradient_adds == "multi-tensor" and not accumulating
+        # Clipping's scale, applied by the optimizer's own kernel where it divides by a `grad_scale`
+        self.clip_scale = None
+        if max_grad_norm and folds_clipping(optimizer):
+            self.clip_scale = torch.ones((), device=loss_sum.device)
         self.copies, self.weight_copies = weight_copies(model, amp, self.gradient_adds)
         self.weight = torch.ones((), device=loss_sum.device)
         self.stream = torch.cuda.Stream()
@@ -114,14 +121,30 @@ class StepGraphs:
         with self._autocast(), self.copies.in_place() if self.copies else contextlib.nullcontext():
             loss = self.loss_of(*batch) * self.weight
         if self.gradient_adds == "multi-tensor":
-            backward_adding_in_few_kernels(loss, self.params)
+            filled = {id(w) for w in self.copies.weights} if self.copies else set()
+            backward_adding_in_few_kernels(loss, self.params, overwrite=self.overwrites, filled_after=filled)
         else:
             loss.backward()
         if self.copies:
             self.copies.gradients_into_weights(add=self.accumulating)
         self.loss_sum += loss.detach()
-        if self.max_grad_norm:
+        if self.clip_scale is not None:
+            clipping_scale(
+                [p.grad for p in self.params if p.grad is not None], self.max_grad_norm, self.clip_scale
+            )
+        elif self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+
+    def optimizer_step(self, optimizer) -> None:
+        """`optimizer.step()`, dividing the gradients by this step's clipping scale inside its own kernel
+        where it can (the `grad_scale` that torch's GradScaler hands a fused optimizer): the same update as
+        `clip_grad_norm_`'s multiplication, without its pass over every gradient."""
+        if self.clip_scale is not None:
+            optimizer.grad_scale = self.clip_scale
+        try:
+            optimizer.step()
+        finally:
+            vars(optimizer).pop("grad_scale", None)
 
     def step(self, batch: tuple) -> bool:
         """Run the step from its shape's graph (recorded now if new). False: the caller runs it eagerly."""
@@ -206,7 +229,30 @@ class StepGraphs:
             "failed": self.failed,
             "gradient_adds": self.gradient_adds,
             "weight_copies": self.weight_copies,
+            "clipping": "in the optimizer's kernel" if self.clip_scale is not None else "separate pass",
         }
+
+
+def clipping_scale(grads: list, max_norm: float, out) -> None:
+    """What `clip_grad_norm_` divides the gradients by, into the scalar tensor `out`: max(1, (their total
+    norm + 1e-6) / max_norm), with no host synchronisation (it may be captured in a graph)."""
+    import torch
+
+    torch.clamp((torch.nn.utils.get_total_norm(grads) + 1e-6) / max_norm, min=1.0, out=out)
+
+
+def folds_clipping(optimizer) -> bool:
+    """Whether gradient clipping's scaling can go into `optimizer`'s step: torch's fused optimizers divide
+    the gradients by a `grad_scale` tensor set on them (GradScaler's contract), and torch >= 2.6 computes
+    the total norm on its own (`get_total_norm`)."""
+    import torch
+
+    return bool(
+        optimizer is not None
+        and getattr(optimizer, "_step_supports_amp_scaling", False)
+        and optimizer.defaults.get("fused")
+        and hasattr(torch.nn.utils, "get_total_norm")
+    )
 
 
 def gradient_adds(grad_bytes: int, budgeted: bool) -> str:
@@ -222,9 +268,13 @@ def gradient_adds(grad_bytes: int, budgeted: bool) -> str:
     return "multi-tensor"
 
 
-def backward_adding_in_few_kernels(loss, params: list) -> None:
+def backward_adding_in_few_kernels(
+    loss, params: list, overwrite: bool = False, filled_after=frozenset()
+) -> None:
     """`loss.backward()`, its gradients added into the parameters' existing ones by a few multi-tensor
-    kernels rather than one add per parameter.
+    kernels rather than one add per parameter; with `overwrite`, copied over them, and a gradient the
+    backward pass left none for zeroed (unless its parameter's id is in `filled_after`: the caller fills
+    it), so that no pass zeroes the gradients between steps.
 
     Autograd adds a fresh gradient into an existing `.grad` with one kernel per parameter (roberta-base:
     250 a step, 1.0 ms of a 15-ms graphed step on an H200, benchmarks/README.md), but takes the fresh
@@ -246,7 +296,10 @@ def backward_adding_in_few_kernels(loss, params: list) -> None:
                 into.append(g)
                 fresh.append(p.grad)
         for into, fresh in by_dtype.values():
-            torch._foreach_add_(into, fresh)
+            (torch._foreach_copy_ if overwrite else torch._foreach_add_)(into, fresh)
+        unused = [g for p, g in kept if p.grad is None and id(p) not in filled_after]
+        if overwrite and unused:
+            torch._foreach_zero_(unused)
     finally:
         for p, g in kept:
             p.grad = g
@@ -323,7 +376,8 @@ class WeightCopies:
 
     def gradients_into_weights(self, add: bool) -> None:
         """The copies' bf16 gradients into the weights' fp32 ones: added, or (one micro-step a step)
-        copied; the copies are left without gradients, for the next backward pass to leave fresh ones."""
+        copied, a weight whose copy got none zeroed; the copies are left without gradients, for the next
+        backward pass to leave fresh ones."""
         import torch
 
         pairs = [(w, c.grad) for w, c in zip(self.weights, self.copies) if c.grad is not None]
@@ -333,6 +387,9 @@ class WeightCopies:
         if pairs:
             into, fresh = [w.grad for w, _ in pairs], [g for _, g in pairs]
             (torch._foreach_add_ if add else torch._foreach_copy_)(into, fresh)
+        stale = [w.grad for w, c in zip(self.weights, self.copies) if c.grad is None and w.grad is not None]
+        if stale and not add:  # copied over, so a weight this step left no gradient gets zero
+            torch._foreach_zero_(stale)
         for c in self.copies:
             c.grad = None
 

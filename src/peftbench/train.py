@@ -765,6 +765,7 @@ class Recipe:
                 model=self.model,
                 accumulating=self.micro < self.batch_size,
                 compiled=self.compiled == "blocks",
+                optimizer=self.optimizer,
             )
 
     def _graphs_blocker(self) -> str | None:
@@ -916,7 +917,9 @@ class Recipe:
             torch.nn.utils.clip_grad_norm_(self.grad_params, self.train.max_grad_norm)
 
     def optimizer_step(self) -> None:
-        if self.scaler is None:
+        if self.graphs is not None:  # gradient clipping's scale may go into the optimizer's kernel
+            self.graphs.optimizer_step(self.optimizer)
+        elif self.scaler is None:
             self.optimizer.step()
         else:  # skips the step when the scaled gradients overflowed, and adjusts the scale
             self.scaler.step(self.optimizer)
@@ -925,8 +928,9 @@ class Recipe:
         self.global_step += 1
         if self.method.after_step is not None:  # the method's own per-step work (AdaLoRA), before zero_grad
             self.method.after_step(self.model, self.global_step)
-        # The graphs write into the same gradient tensors: keep them, zeroed.
-        self.optimizer.zero_grad(set_to_none=self.graphs is None)
+        # The graphs write into the same gradient tensors: keep them, zeroed, or written over by each step.
+        if self.graphs is None or not self.graphs.overwrites:
+            self.optimizer.zero_grad(set_to_none=self.graphs is None)
 
     def validate(self, epoch: int) -> None:
         """The task's validation metrics after the epoch; a non-finite training loss ends the run as
