@@ -49,6 +49,35 @@ def test_qlora_and_dropout_runs_use_graphs(tiny_encoder, tiny_data, tmp_path):
         assert all(x == x and 0 < x < 10 for x in losses), losses  # finite: the graphs computed a loss
 
 
+def test_a_failed_capture_leaves_its_run_and_the_next_one_training(
+    tiny_encoder, tiny_data, tmp_path, monkeypatch
+):
+    """A capture that fails (here: a host sync inside it) leaves its run training eagerly, dropout
+    included, and the next run in the process graphed: the CUDA generator is freed from the failed capture."""
+    from peftbench import graphs
+
+    real = graphs.StepGraphs.forward_backward
+
+    def syncing_under_capture(self, *batch):
+        real(self, *batch)
+        if torch.cuda.is_current_stream_capturing():
+            self.loss_sum.item()  # not allowed in a capture
+
+    monkeypatch.setattr(graphs.StepGraphs, "forward_backward", syncing_under_capture)
+    (first,) = run_study(study(tiny_encoder, tiny_data, ["full"], device="cuda"), tmp_path / "a")
+    monkeypatch.undo()
+    (second,) = run_study(study(tiny_encoder, tiny_data, ["full"], device="cuda"), tmp_path / "b")
+    for res in (first, second):
+        assert res["status"] == "success", res.get("error")
+        losses = [h["train_loss"] for h in res["history"]]
+        assert all(x == x and 0 < x < 10 for x in losses), losses
+    assert first["metrics"]["cuda_graphs"]["failed"].startswith("capture failed: "), first["metrics"]
+    assert first["metrics"]["cuda_graphs"]["graphs"] == 0
+    assert (
+        second["metrics"]["cuda_graphs"]["failed"] is None and second["metrics"]["cuda_graphs"]["graphs"] >= 1
+    )
+
+
 @pytest.fixture
 def uncapped():
     yield

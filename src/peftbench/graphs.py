@@ -212,6 +212,7 @@ class StepGraphs:
                 f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             )
             torch.cuda.synchronize()
+            release_generator()
             return None
         torch.cuda.current_stream().wait_stream(self.stream)
         self.pool = graph.pool() if self.pool is None else self.pool
@@ -231,6 +232,21 @@ class StepGraphs:
             "weight_copies": self.weight_copies,
             "clipping": "in the optimizer's kernel" if self.clip_scale is not None else "separate pass",
         }
+
+
+def release_generator() -> None:
+    """Free the CUDA random generator from a capture that failed before its end, with an empty capture that
+    ends cleanly. Left as it is, the generator goes on counting offsets for that graph, and the next eager
+    random op (dropout) in the process raises "Offset increment outside graph capture encountered
+    unexpectedly" (torch 2.11 on an H100, 2026-12-06): the run, and every later run in its process, fails."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The CUDA Graph is empty")
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pass
 
 
 def clipping_scale(grads: list, max_norm: float, out) -> None:
