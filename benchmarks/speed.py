@@ -17,7 +17,7 @@ i.e. transformers' per-step `mask.all()` sync), nopack / pack (padded batches / 
 nogroup (batches not grouped by length), peradd (graphed steps add gradients one parameter at a time,
 as autograd does: the code before 2026-12-04), clipzero (graphed steps zero their gradients in a pass of
 their own and clip them in another, rather than write over them and clip in the fused AdamW: the code before
-2026-12-06 06:00 UTC), castweights (graphed steps let autocast cast every linear
+commit a29ed6a), castweights (graphed steps let autocast cast every linear
 weight and gradient, without bf16 weight copies: the code before commit 778e6f7, 2026-12-05), adamw_bf16
 (trained weights in bf16 under optimi's Kahan-summed AdamW, `train.optimizer: adamw_bf16`), fp32norms (layer
 norms in fp32 under autocast, as autocast computes them: `train.layer_norms: fp32`, the code before
@@ -213,9 +213,7 @@ def run_peftbench(spec: RunSpec, tok: data_mod.Tokenized, recipe: str, profile: 
         patches.enter_context(
             mock.patch.object(graphs, "weight_copies", lambda *_: (None, "off: +castweights"))
         )
-    if (
-        "+clipzero" in recipe
-    ):  # a pass zeroing the gradients and one clipping them, as before 2026-12-06 06:00
+    if "+clipzero" in recipe:  # a pass zeroing the gradients and one clipping them: before commit a29ed6a
         patches.enter_context(mock.patch.object(graphs, "folds_clipping", lambda _: False))
     if "+clipzero" in recipe or "+peradd" in recipe:
         patches.enter_context(zeroing_between_steps())
