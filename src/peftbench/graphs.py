@@ -135,6 +135,17 @@ class StepGraphs:
         elif self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
 
+    @property
+    def clipping(self) -> str:
+        """Where a graphed step's gradient clipping happens."""
+        if self.clip_scale is not None:
+            return "in the optimizer's kernel"
+        return (
+            "a pass of its own"
+            if self.max_grad_norm
+            else "not in the graphs (none, or after the micro-steps)"
+        )
+
     def optimizer_step(self, optimizer) -> None:
         """`optimizer.step()`, dividing the gradients by this step's clipping scale inside its own kernel
         where it can (the `grad_scale` that torch's GradScaler hands a fused optimizer): the same update as
@@ -230,7 +241,7 @@ class StepGraphs:
             "failed": self.failed,
             "gradient_adds": self.gradient_adds,
             "weight_copies": self.weight_copies,
-            "clipping": "in the optimizer's kernel" if self.clip_scale is not None else "separate pass",
+            "clipping": self.clipping,
         }
 
 
