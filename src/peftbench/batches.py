@@ -53,8 +53,7 @@ def pad_multiple(train, cuda: bool) -> int:
     were as fast with multiples of 64 as of 16. On the CPU, compute-bound, fine buckets pay. max_length means
     fixed padding. A whole compiled model recompiles per shape: multiples of 64 there too (compiled blocks
     take every shape with one code)."""
-    whole = train.compile not in (False, "blocks")
-    return train.pad_to_multiple_of or (64 if whole or cuda else 8)
+    return train.pad_to_multiple_of or (64 if train.compiles_whole or cuda else 8)
 
 
 def pad_width(longest: int, multiple: int, max_len: int | None = None) -> int:

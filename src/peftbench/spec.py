@@ -49,6 +49,11 @@ class TrainSettings:
     def defaults(cls) -> dict[str, Any]:
         return {f.name: f.default for f in fields(cls)}
 
+    @property
+    def compiles_whole(self) -> bool:
+        """torch.compile of the whole forward (true or "cudagraphs"), not of its repeated layers (blocks)."""
+        return bool(self.compile) and self.compile != "blocks"
+
 
 @dataclass(kw_only=True)
 class Runtime:

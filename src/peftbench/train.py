@@ -653,7 +653,7 @@ class Recipe:
     @property
     def compiled_whole(self) -> bool:
         """The whole forward is torch.compile'd: peftbench's graphs and packing stay out of its way."""
-        return bool(self.compiled) and self.compiled != "blocks"
+        return bool(self.compiled) and self.train.compiles_whole
 
     def _plan_memory(self) -> bool:
         """Under a GPU memory budget, the largest micro-batch (and checkpointing if needed) that fits;
