@@ -643,6 +643,19 @@ def test_measured_runs_survive_a_bad_rerun(model, tmp_path):
     assert (tmp_path / "s" / "runs" / res["run_id"] / "result.json").read_text() == before
 
 
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_a_study_that_fails_before_measuring_leaves_no_folder_it_made(command, model, tmp_path):
+    """The folders a failed command created are removed; a folder the user made is kept."""
+    study = _write(
+        tmp_path, {**_study(tmp_path, model, _data(tmp_path)), "model": "no-such-org/no-such-model"}
+    )
+    code, _ = run_cli([command, str(study), "--out", str(tmp_path / "new" / "study")])
+    assert code == 2 and not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    code, _ = run_cli([command, str(study), "--out", str(tmp_path / "mine")])
+    assert code == 2 and (tmp_path / "mine").is_dir()
+
+
 def test_long_texts_are_truncated_and_counted(model, tmp_path):
     from conftest import run_study
     from conftest import study as mk

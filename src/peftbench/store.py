@@ -7,6 +7,7 @@ config hash; a run made under another config hash moves to STUDY/archive-TIME/ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -97,15 +98,21 @@ def results(study_dir: Path, run_ids: list[str] | None = None) -> list[dict]:
 
 
 class StudyLock:
-    """An exclusive lock on a study folder, so two studies never write to the same one at once."""
+    """An exclusive lock on a study folder, so two studies never write to the same one at once. Entering
+    creates the folder (refused in one line where it cannot be written); a folder it created that holds
+    nothing but the lock when the study exits (a model that would not load) is removed again."""
 
     def __init__(self, study_dir: Path):
         self.path = Path(study_dir) / ".peftbench.lock"
         self.fd = None
+        self.created: list[Path] = []  # the folders entering made, innermost first
 
     def __enter__(self):
         import fcntl
 
+        folder = self.path.parent.absolute()
+        self.created = [p for p in [folder, *folder.parents] if not p.exists()]
+        check_writable(self.path.parent)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -123,6 +130,11 @@ class StudyLock:
     def __exit__(self, *exc):
         import fcntl
 
+        if self.created and [p.name for p in self.path.parent.iterdir()] == [self.path.name]:
+            self.path.unlink()  # still locked: a peftbench waiting on it is refused, not left writing
+            for folder in self.created:
+                with contextlib.suppress(OSError):  # not empty: another study writes there now
+                    folder.rmdir()
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
 
