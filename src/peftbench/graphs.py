@@ -163,8 +163,7 @@ class StepGraphs:
             return False
         key = tuple(tuple(x.shape) for x in batch)
         if self.warm_first and key not in self.graphs and key not in self.warmed:
-            self.warmed.add(key)
-            return False
+            return False  # run eagerly first (`run`), outside any capture
         entry = self.graphs.get(key) or self._capture(batch, key)
         if entry is None:
             return False
@@ -188,6 +187,8 @@ class StepGraphs:
             self.copies, self.weight_copies = None, COPIES_CHANGE_LOSS
         self.forward_backward(*batch)
         self.eager_steps += 1
+        if self.warm_first:  # its compiled layers have seen this shape: it may be captured next time
+            self.warmed.add(tuple(tuple(x.shape) for x in batch))
         if first:
             import torch
 
