@@ -164,6 +164,11 @@ CASES = [
         "train.learning_rate: must be a positive number",
     ),
     (
+        "negative checkpoint interval",
+        lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "checkpoint_every_seconds": -1}),
+        "checkpoint_every_seconds: must be a number of seconds >= 0",
+    ),
+    (
         "zero epochs",
         lambda t, m: _run(t, m, _study(t, m, _data(t), train={"epochs": 0})),
         "train.epochs: must be a positive integer",

@@ -303,7 +303,8 @@ def test_a_halving_search_resumes_and_skips_what_is_done(
     assert [len(r["rates"]) for r in search["rungs"]] == [4, 2]
     assert not list((out / "runs").glob("*/checkpoint.pt"))  # decided: no trial keeps its checkpoint
     # trials checkpoint at rung 1's pause; rung 2 ends their schedule (the final: every epoch but its last)
-    assert saved == [("trial", 1)] * 4 + [("final", 1), ("final", 2), ("final", 3)]
+    # every trial's pause is checkpointed; the finals' seconds-long epochs are not (checkpoint_every_seconds)
+    assert saved == [("trial", 1)] * 4
     final = next(r for r in results if r["role"] == "final")
     assert final["status"] == "success" and final["learning_rate"] == search["rungs"][-1]["kept"][0]
     assert final["config"]["train"]["epochs"] == 4 and len(final["history"]) == 4
@@ -617,12 +618,35 @@ def test_run_that_dies_after_writing_its_result_keeps_it(tiny_encoder, tiny_data
     assert lora["status"] == "success" and "worker_exit_status" not in lora
 
 
+@pytest.mark.parametrize("every, written", [(0, [1, 2]), (3600, [])])
+def test_epoch_checkpoints_wait_for_checkpoint_every_seconds_of_training(
+    tiny_encoder, tiny_data, tmp_path, monkeypatch, every, written
+):
+    """0: a checkpoint after every epoch but the last; an hour: none in a run of seconds."""
+    from peftbench import train
+
+    saved, save = [], train.save_checkpoint
+    monkeypatch.setattr(
+        train, "save_checkpoint", lambda path, state: (saved.append(state["epoch"] + 1), save(path, state))
+    )
+    raw = study(tiny_encoder, tiny_data, ["ia3"], train={"epochs": 3}, checkpoint_every_seconds=every)
+    (res,) = run_study(raw, tmp_path / "s")
+    assert res["status"] == "success" and saved == written
+
+
 @pytest.mark.parametrize(
     "train", [{}, {"optimizer": "adamw_bf16", "precision": "bf16"}], ids=["adamw", "bf16"]
 )
 def test_killed_run_resumes_from_its_last_epoch(tiny_encoder, tiny_data, tmp_path, monkeypatch, train):
     """The checkpoint holds the weights and optimizer state (optimi's Kahan buffers and step counts too)."""
-    raw = study(tiny_encoder, tiny_data, ["full"], isolation="process", train={"epochs": 3, **train})
+    raw = study(
+        tiny_encoder,
+        tiny_data,
+        ["full"],
+        isolation="process",
+        train={"epochs": 3, **train},
+        checkpoint_every_seconds=0,
+    )
     (clean,) = run_study(raw, tmp_path / "clean")
     monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "full:exit_after_epoch=2")
     (killed,) = run_study(raw, tmp_path / "s")
@@ -646,7 +670,9 @@ def test_a_run_killed_at_its_best_epoch_resumes_to_the_same_choice(
     import torch
 
     train = {"epochs": 3, "select_best_epoch": True, "learning_rate": 1e-6}
-    raw = study(tiny_encoder, tiny_data, ["full"], isolation="process", train=train)
+    raw = study(
+        tiny_encoder, tiny_data, ["full"], isolation="process", train=train, checkpoint_every_seconds=0
+    )
     (clean,) = run_study(raw, tmp_path / "clean")
     monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "full:exit_after_epoch=1")
     (killed,) = run_study(raw, tmp_path / "s")

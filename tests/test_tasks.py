@@ -317,7 +317,15 @@ def test_a_regression_checkpoint_from_before_scaling_is_not_resumed(tiny_encoder
     import torch
 
     folder = _write(tmp_path / "d", "regression")
-    raw = study(tiny_encoder, folder, ["full"], task="regression", isolation="process", train={"epochs": 2})
+    raw = study(
+        tiny_encoder,
+        folder,
+        ["full"],
+        task="regression",
+        isolation="process",
+        train={"epochs": 2},
+        checkpoint_every_seconds=0,
+    )
     monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "full:exit_after_epoch=1")
     (killed,) = run_study(raw, tmp_path / "s")
     path = tmp_path / "s" / "runs" / killed["run_id"] / "checkpoint.pt"

@@ -28,6 +28,7 @@ data: {{path: {data}, train_size: 160, validation_size: 40, test_size: 100}}
 methods: [full, lora, ia3]
 train: {{epochs: 3, max_length: 64}}
 report: false
+checkpoint_every_seconds: 0  # a checkpoint after every epoch, for the kills to land between them
 """
 
 

@@ -73,6 +73,8 @@ TOP_DEFAULTS: dict[str, Any] = {
     "allow_pickle": False,
     "report": True,
     "max_oom_retries": 3,
+    # seconds of training between epoch checkpoints (what a killed run resumes from); 0: after every epoch
+    "checkpoint_every_seconds": 60,
     "tracking": None,  # None, tensorboard or mlflow: per-step loss, lr, throughput, memory (extra: tracking)
     "tracking_every": 10,  # steps between logged points (each costs one host synchronisation)
     "gpu_memory": None,  # a budget such as 24GB: each run is capped to it and picks its micro-batch to fit
@@ -529,6 +531,11 @@ def _validate_execution(study: dict, problems: list[str]) -> None:
     need("tracking", lambda v: v in (None, "tensorboard", "mlflow"), "null, tensorboard or mlflow")
     need("tracking_every", lambda v: _is_int(v) and v > 0, "a positive integer")
     need("max_oom_retries", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+    need(
+        "checkpoint_every_seconds",
+        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < math.inf,
+        "a number of seconds >= 0",
+    )
     for key in ("trust_remote_code", "allow_pickle", "report", "exclusive_finals", "warm_trials", "profile"):
         need(key, lambda v: isinstance(v, bool), "true or false")
     if study["gpu_memory"] is not None:

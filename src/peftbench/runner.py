@@ -248,6 +248,7 @@ class Study:
                 texts_file=str(self._texts_file()) if method.kind == "tfidf" else None,
                 test_rows_file=str(self._test_rows_file()),
                 max_oom_retries=cfg["max_oom_retries"],
+                checkpoint_every_seconds=cfg["checkpoint_every_seconds"],
                 isolation=cfg["isolation"],
                 executor=cfg["executor"],
                 tracking=cfg["tracking"],

@@ -65,7 +65,8 @@ class Runtime:
     texts_file: str | None = None  # TF-IDF runs read raw texts
     test_rows_file: str | None = None
     max_oom_retries: int = 2
-    checkpoint: bool = True  # a resumable checkpoint after every epoch but the last
+    checkpoint: bool = True  # a resumable checkpoint after an epoch (not the last)
+    checkpoint_every_seconds: float = 0.0  # ... once this much training has passed since the last one
     verify_reload: bool = True  # reload the saved model and compare its test predictions
     isolation: str = "process"
     executor: str = "local"

@@ -291,6 +291,7 @@ class Recipe:
         self.checkpointing = self.train.gradient_checkpointing is True
         self.sharded = self.train.sharding == "fsdp" and self.world > 1
         self.ckpt_path = self.run_dir / "checkpoint.pt"
+        self.checkpointed_seconds = 0.0  # the training time the last epoch checkpoint holds
         self.warm = False  # set up by taking over an earlier trial's model (`_adopt_warm`)
 
     # ------------------------------------------------------------------------------------------ setup
@@ -813,6 +814,7 @@ class Recipe:
             ck["val_seconds"],
         )
         self.start_epoch = ck["epoch"] + 1
+        self.checkpointed_seconds = self.train_seconds
         best = ck.get("best_state")
         if best is None and ck.get("best_epoch") == self.start_epoch:  # the checkpointed epoch was the best
             best = trainable_state(self.model, on_device=self.sharded)
@@ -995,12 +997,16 @@ class Recipe:
         return self.train.eval_batch_size
 
     def checkpoint(self, epoch: int) -> None:
-        """After every epoch but the last: what a killed run resumes from (and a paused trial goes on from,
-        but for the pause at the rung that decides its search)."""
+        """After an epoch but the last, once `checkpoint_every_seconds` of training have passed since the
+        last checkpoint (a full fine-tuning's write can take longer than a short epoch): what a killed run
+        resumes from. Always at a pause: what a paused trial goes on from, but for the pause at the rung that
+        decides its search."""
         rt = self.spec.runtime
         resumable = rt.checkpoint and not self.sharded  # a sharded run keeps no checkpoint
-        decided = rt.deciding_rung and epoch + 1 == rt.stop_after_epoch
-        if resumable and epoch + 1 < self.train.epochs and not decided and self.rank == 0:
+        pausing = epoch + 1 == rt.stop_after_epoch
+        decided = rt.deciding_rung and pausing
+        due = pausing or self.train_seconds - self.checkpointed_seconds >= rt.checkpoint_every_seconds
+        if resumable and epoch + 1 < self.train.epochs and due and not decided and self.rank == 0:
             import torch
 
             t = time.perf_counter()
@@ -1025,6 +1031,7 @@ class Recipe:
                 },
             )
             self.phases["checkpoint"] = self.phases.get("checkpoint", 0.0) + time.perf_counter() - t
+            self.checkpointed_seconds = self.train_seconds
         faults.after_epoch(self.spec.runtime.run_id, epoch + 1)
 
     # ------------------------------------------------------------------------------------------ finish
