@@ -3,7 +3,8 @@
 PEFTBENCH_INJECT_FAULT="<text in run id>:<fault>", faults:
   segv                  the worker dies with a segmentation fault as the run starts
   hang                  the worker sleeps for ten minutes as the run starts (for the orphan test)
-  exit_after_epoch=N    the worker is killed (os._exit) right after epoch N's checkpoint is written
+  exit_after_epoch=N    the worker is killed (os._exit) right after epoch N, and its checkpoint where one is
+                        due (`checkpoint_every_seconds: 0`: after every epoch)
   exit_at_end           the worker exits with status 255 after writing its result (a failing shutdown)
   oom_above=N           every training step with a micro-batch above N raises torch.OutOfMemoryError
   ray_task_dies_once    the Ray actor's process exits before starting the run's worker, the first time only
