@@ -121,7 +121,8 @@ def allow_recompiles(limit: int = 64) -> None:
 def train_run(spec: RunSpec, tok: Tokenized, run_dir: Path, progress: bool = True) -> dict:
     """Train and evaluate one run; returns the `metrics`, `history` and artefact info for result.json.
 
-    A checkpoint after each epoch (`checkpoint.pt`) lets a killed run resume where it stopped.
+    An epoch checkpoint (`checkpoint.pt`, once `checkpoint_every_seconds` of training have passed since the
+    last) lets a killed run resume from that epoch.
     """
     recipe = Recipe(spec, tok, run_dir, progress)
     try:
