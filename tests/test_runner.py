@@ -302,8 +302,8 @@ def test_a_halving_search_resumes_and_skips_what_is_done(
     assert search["graph_start_seconds"] == 0 and search["grid_run_seconds"] > search["run_seconds"]
     assert [len(r["rates"]) for r in search["rungs"]] == [4, 2]
     assert not list((out / "runs").glob("*/checkpoint.pt"))  # decided: no trial keeps its checkpoint
-    # trials checkpoint at rung 1's pause; rung 2 ends their schedule (the final: every epoch but its last)
-    # every trial's pause is checkpointed; the finals' seconds-long epochs are not (checkpoint_every_seconds)
+    # trials checkpoint at rung 1's pause (rung 2 ends their schedule); the final's seconds-long epochs write
+    # none (checkpoint_every_seconds)
     assert saved == [("trial", 1)] * 4
     final = next(r for r in results if r["role"] == "final")
     assert final["status"] == "success" and final["learning_rate"] == search["rungs"][-1]["kept"][0]

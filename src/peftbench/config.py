@@ -531,11 +531,7 @@ def _validate_execution(study: dict, problems: list[str]) -> None:
     need("tracking", lambda v: v in (None, "tensorboard", "mlflow"), "null, tensorboard or mlflow")
     need("tracking_every", lambda v: _is_int(v) and v > 0, "a positive integer")
     need("max_oom_retries", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
-    need(
-        "checkpoint_every_seconds",
-        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < math.inf,
-        "a number of seconds >= 0",
-    )
+    need("checkpoint_every_seconds", lambda v: _is_num(v) and v >= 0, "a number of seconds >= 0")
     for key in ("trust_remote_code", "allow_pickle", "report", "exclusive_finals", "warm_trials", "profile"):
         need(key, lambda v: isinstance(v, bool), "true or false")
     if study["gpu_memory"] is not None:

@@ -161,7 +161,7 @@ class StepGraphs:
         """Run the step from its shape's graph (recorded now if new). False: the caller runs it eagerly."""
         if self.failed or not self.eager_steps:
             return False
-        key = tuple(tuple(x.shape) for x in batch)
+        key = shape_key(batch)
         if self.warm_first and key not in self.graphs and key not in self.warmed:
             return False  # run eagerly first (`run`), outside any capture
         entry = self.graphs.get(key) or self._capture(batch, key)
@@ -188,7 +188,7 @@ class StepGraphs:
         self.forward_backward(*batch)
         self.eager_steps += 1
         if self.warm_first:  # its compiled layers have seen this shape: it may be captured next time
-            self.warmed.add(tuple(tuple(x.shape) for x in batch))
+            self.warmed.add(shape_key(batch))
         if first:
             import torch
 
@@ -259,6 +259,11 @@ def release_generator() -> None:
         warnings.filterwarnings("ignore", "The CUDA Graph is empty")
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             pass
+
+
+def shape_key(batch: tuple) -> tuple:
+    """What a step's graph is recorded and looked up by: its batch tensors' shapes."""
+    return tuple(tuple(x.shape) for x in batch)
 
 
 def clipping_scale(grads: list, max_norm: float, out) -> None:
