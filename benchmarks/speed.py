@@ -246,6 +246,8 @@ def run_peftbench(spec: RunSpec, tok: data_mod.Tokenized, recipe: str, profile: 
                 "gpu_kernel_ms_per_step",
                 "gpu_busy_fraction",
                 "host_sync_like_calls_per_step",
+                "gpu_kernels_per_step",
+                "gpu_kernel_ms_per_step_by_kind",
             )
         }
     return out

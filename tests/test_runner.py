@@ -634,6 +634,57 @@ def test_epoch_checkpoints_wait_for_checkpoint_every_seconds_of_training(
     assert res["status"] == "success" and saved == written
 
 
+def test_a_profiled_run_writes_where_its_steps_time_goes(tiny_encoder, tiny_data, tmp_path):
+    """`profile: true`: RUN_DIR/profile.json with the step's wall time and its busiest host operators; on
+    the CPU no GPU kernels, so nothing by kind."""
+    (res,) = run_study(study(tiny_encoder, tiny_data, ["lora"], profile=True), tmp_path / "s")
+    (path,) = (tmp_path / "s").rglob("profile.json")
+    prof = json.loads(path.read_text())
+    assert res["status"] == "success" and prof["steps"] >= 1 and prof["wall_ms_per_step"] > 0
+    assert any(r["op"].startswith("aten::") for r in prof["top_host"])
+    assert prof["gpu_kernel_ms_per_step"] == 0 and prof["gpu_kernel_ms_per_step_by_kind"] == {}
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [  # kernels from the H100 profiles in benchmarks/results/profiles
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64", "attention"),
+        ("void cudnn::fusion::compute_dot_do_o<true>", "attention"),
+        ("nvjet_sm90_tst_96x64_64x8_2x4_h_bz_NTN", "matrix products"),
+        ("void cublasLt::splitKreduce_kernel<32, 16, int, float>", "matrix products"),
+        ("multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>, FusedAdamMath>", "optimizer step"),
+        ("multi_tensor_apply_kernel<TensorListMetadata<1>, LpNormFunctor<float>>", "gradient norm"),
+        ("triton_per_fused__to_copy_add_native_layer_norm_1", "normalization"),
+        ("triton_red_fused_native_dropout_backward_sum_view_3", "dropout"),
+        ("triton_poi_fused_gelu_gelu_backward_view_5", "activation"),
+        ("multi_tensor_apply_kernel<TensorListMetadata<2>, CopyFunctor>", "multi-tensor copies and adds"),
+        ("vectorized_elementwise_kernel<8, bfloat16_copy_kernel_cuda>", "copies and casts"),
+        ("cub::detail::radix_sort::DeviceRadixSortOnesweepKernel", "embeddings"),
+        ("reduce_kernel<128, 4, ReduceOp<c10::BFloat16, func_wrapper_t<float, sum_functor>>>", "reductions"),
+        ("vectorized_elementwise_kernel<8, addcdiv_cuda_kernel>", "other elementwise"),
+        ("cudaGraphLaunch", "other"),
+    ],
+)
+def test_a_profile_sorts_gpu_kernels_by_the_work_their_names_say(name, kind):
+    from peftbench.tracking import kernel_kind
+
+    assert kernel_kind(name) == kind
+
+
+def test_a_profile_counts_kernels_only_once_and_no_annotation_or_marker_as_one():
+    """On the GPU's timeline torch.profiler also records the optimizer's annotation, spanning the kernels it
+    launched (an H100 profile counted fused AdamW's 1.6 ms twice), and CUPTI's launch-queue markers."""
+    from types import SimpleNamespace as Event
+
+    from peftbench.tracking import is_kernel
+
+    cuda, cpu = "DeviceType.CUDA", "DeviceType.CPU"
+    assert is_kernel(Event(key="nvjet_sm90_tst_96x64", device_type=cuda, is_user_annotation=False))
+    assert not is_kernel(Event(key="Optimizer.step#AdamW.step", device_type=cuda, is_user_annotation=True))
+    assert not is_kernel(Event(key="Command Buffer Full", device_type=cuda, is_user_annotation=False))
+    assert not is_kernel(Event(key="aten::_fused_adamw_", device_type=cpu, is_user_annotation=False))
+
+
 @pytest.mark.parametrize(
     "train", [{}, {"optimizer": "adamw_bf16", "precision": "bf16"}], ids=["adamw", "bf16"]
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -132,8 +133,9 @@ class StepProfiler:
     """Where a training step's time goes (`profile: true` in the study, or `--profile`: RUN_DIR/profile.json).
 
     Profiles steps [20, 50) of the first epoch (fewer in short epochs) with torch.profiler and writes the file
-    (JSON): wall time per step, GPU kernel time per step (busy fraction = how far the GPU is kept fed), host
-    synchronisations, and the top operators by host time and by device time.
+    (JSON): wall time per step, GPU kernel time and kernels per step (busy fraction = how far the GPU is kept
+    fed), host synchronisations, the GPU kernel time by kind of work (`kernel_kind`), and the top operators
+    by host time and by device time.
     """
 
     def __init__(self, device: str, n_steps: int, path: Path | None):
@@ -191,16 +193,61 @@ class StepProfiler:
                 "aten::_local_scalar_dense",
             )
         )
-        kernels = (
-            sum(dev_us(e) for e in ev if e.device_type is not None and "CUDA" in str(e.device_type)) / 1e3 / n
-        )
+        on_gpu = [e for e in ev if is_kernel(e)]
+        kernels = sum(dev_us(e) for e in on_gpu) / 1e3 / n
+        by_kind: dict[str, float] = {}
+        for e in on_gpu:
+            by_kind[kernel_kind(e.key)] = by_kind.get(kernel_kind(e.key), 0.0) + dev_us(e) / 1e3 / n
         out = {
             "steps": n,
             "wall_ms_per_step": 1e3 * wall / n,
             "gpu_kernel_ms_per_step": kernels,
+            "gpu_kernels_per_step": sum(e.count for e in on_gpu) / n,
             "gpu_busy_fraction": kernels / (1e3 * wall / n) if wall else None,
             "host_sync_like_calls_per_step": syncs / n,
+            "gpu_kernel_ms_per_step_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
             "top_host": sorted(rows, key=lambda r: -r["host_ms"])[:25],
             "top_device": sorted(rows, key=lambda r: -r["device_ms"])[:25],
         }
         Path(self.path).write_text(json.dumps(out, indent=1))
+
+
+# What CUPTI records on the GPU's timeline that is no kernel: the host waiting for room in the launch queue,
+# and the profiler's own buffers.
+NOT_KERNELS = ("Command Buffer Full", "Activity Buffer Request", "Buffer Flush")
+
+
+def is_kernel(event) -> bool:
+    """Whether a profiler event (of `key_averages`) is GPU kernel time: on a CUDA device, neither a user
+    annotation's range on the GPU's timeline (the optimizer's `Optimizer.step#...`, which spans the kernels it
+    launches, so counting it counts them twice) nor one of CUPTI's markers."""
+    return (
+        "CUDA" in str(event.device_type)
+        and not getattr(event, "is_user_annotation", False)
+        and event.key not in NOT_KERNELS
+    )
+
+
+# What a GPU kernel does, read from its name (cuBLAS, cuDNN, torch's own and Inductor's Triton kernels): the
+# first pattern that matches, so fused kernels count where their first-listed part is (Inductor's
+# "dropout_backward_sum" as dropout).
+KERNEL_KINDS = [
+    ("attention", r"sdpa|flash|fmha|attention|cudnn::fusion|unpack_cudnn"),
+    ("matrix products", r"gemm|nvjet|cutlass|xmma|cublas|wgmma|splitk|triton_tem"),
+    ("optimizer step", r"adam|FusedOptimizer"),
+    ("gradient norm", r"LpNorm"),
+    ("normalization", r"layer_norm|rms_norm|GammaBeta|layernorm|rmsnorm"),
+    ("dropout", r"dropout"),
+    ("activation", r"gelu|silu|swiglu|tanh|relu"),
+    ("multi-tensor copies and adds", r"multi_tensor_apply"),
+    ("copies and casts", r"copy|convert|cast"),
+    ("fills", r"fill|memset|zero"),
+    ("embeddings", r"embedding|segment|index|sort"),
+    ("reductions", r"reduce|red_fused|sum"),
+    ("other elementwise", r"elementwise|poi_fused|triton_"),
+]
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of work (KERNEL_KINDS) a GPU kernel of this name does; "other" where no pattern matches."""
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name, re.I)), "other")
