@@ -286,10 +286,8 @@ def load_base(spec: RunSpec, label_names: list[str], device: str, amp=None):
         model.to(device)
     elif device == "cpu":
         # bitsandbytes (0.50) repacks 4-bit weights into a CPU inference layout the first time a Linear4bit
-        # runs
-        # in eval mode, after which training on them fails ("a view of a leaf Variable ... in-place").
-        # Training
-        # evaluates between epochs, so keep the one layout that serves both.
+        # runs in eval mode, after which training on them fails ("a view of a leaf Variable ... in-place").
+        # Training evaluates between epochs, so keep the one layout that serves both.
         for m in model.modules():
             if hasattr(m, "support_avx512bf16_for_cpu"):
                 m.support_avx512bf16_for_cpu = False

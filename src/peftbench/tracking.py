@@ -197,7 +197,8 @@ class StepProfiler:
         kernels = sum(dev_us(e) for e in on_gpu) / 1e3 / n
         by_kind: dict[str, float] = {}
         for e in on_gpu:
-            by_kind[kernel_kind(e.key)] = by_kind.get(kernel_kind(e.key), 0.0) + dev_us(e) / 1e3 / n
+            kind = kernel_kind(e.key)
+            by_kind[kind] = by_kind.get(kind, 0.0) + dev_us(e) / 1e3 / n
         out = {
             "steps": n,
             "wall_ms_per_step": 1e3 * wall / n,
