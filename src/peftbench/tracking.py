@@ -194,11 +194,11 @@ class StepProfiler:
             )
         )
         on_gpu = [e for e in ev if is_kernel(e)]
-        kernels = sum(dev_us(e) for e in on_gpu) / 1e3 / n
         by_kind: dict[str, float] = {}
         for e in on_gpu:
             kind = kernel_kind(e.key)
             by_kind[kind] = by_kind.get(kind, 0.0) + dev_us(e) / 1e3 / n
+        kernels = sum(by_kind.values())
         out = {
             "steps": n,
             "wall_ms_per_step": 1e3 * wall / n,
