@@ -31,6 +31,19 @@ def test_valid_study_gets_defaults():
     assert s["methods"][1]["label"] == "lora(epochs=1,r=4)"
 
 
+def test_a_run_built_outside_a_study_gets_the_study_defaults():
+    """A run spec made in code (the benchmarks, a notebook) behaves as a study's run unless told otherwise:
+    the settings a study and `spec.Runtime` share have one default (the device aside: a study's "auto" is
+    resolved before a run gets it)."""
+    import dataclasses
+
+    from peftbench.spec import Runtime
+
+    shared = {f.name: f.default for f in dataclasses.fields(Runtime) if f.name in config.TOP_DEFAULTS}
+    assert {"max_oom_retries", "checkpoint_every_seconds", "isolation", "tracking"} <= set(shared)
+    assert {k: v for k, v in shared.items() if config.TOP_DEFAULTS[k] != v} == {"device": "cpu"}
+
+
 @pytest.mark.parametrize(
     "raw, expected",
     [

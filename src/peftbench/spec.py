@@ -64,9 +64,9 @@ class Runtime:
     tokens_file: str | None = None
     texts_file: str | None = None  # TF-IDF runs read raw texts
     test_rows_file: str | None = None
-    max_oom_retries: int = 2
+    max_oom_retries: int = 3
     checkpoint: bool = True  # a resumable checkpoint after an epoch (not the last)
-    checkpoint_every_seconds: float = 0.0  # ... once this much training has passed since the last one
+    checkpoint_every_seconds: float = 60.0  # ... once this much training has passed since the last one
     verify_reload: bool = True  # reload the saved model and compare its test predictions
     isolation: str = "process"
     executor: str = "local"
