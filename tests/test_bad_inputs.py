@@ -629,6 +629,39 @@ def test_bad_input(case, setup, expected, model, tmp_path):
     assert len(lines) == 1 and expected in lines[0], err[-1500:]
 
 
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (
+            "GatedRepoError",
+            "is gated on the Hugging Face Hub: ask for access at https://huggingface.co/meta-llama",
+        ),
+        ("RepositoryNotFoundError", "not a model on the Hugging Face Hub: check the id"),
+    ],
+)
+def test_a_hub_model_that_will_not_load_says_why(error, expected, model, tmp_path, monkeypatch):
+    """The README's `plan` example names a gated model: without access, the Hub answers 401 for its files, and
+    the user is told to ask for access and log in, not that the Hub was unreachable."""
+    import importlib
+
+    import huggingface_hub.errors as hub_errors
+    import transformers.utils.hub
+
+    http = importlib.import_module(hub_errors.Response.__module__.split(".")[0])  # huggingface_hub's client
+    url = "https://huggingface.co/meta-llama/Llama-3.1-8B/resolve/main/config.json"
+    response = http.Response(401, request=http.Request("GET", url))
+
+    def refused(*args, **kwargs):  # what huggingface_hub raises for the config file
+        raise getattr(hub_errors, error)("401 Client Error", response=response)
+
+    monkeypatch.setattr(transformers.utils.hub, "hf_hub_download", refused)
+    study = {**_study(tmp_path, model, _data(tmp_path)), "model": "meta-llama/Llama-3.1-8B"}
+    code, err = run_cli(_run(tmp_path, model, study))
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("peftbench: error: ")]
+    assert code == 2 and len(lines) == 1 and expected in lines[0], err[-1500:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_catalogue_has_at_least_30_cases():
     assert len(CASES) >= 30
 

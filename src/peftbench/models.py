@@ -72,14 +72,32 @@ def load_config(name: str, trust_remote_code: bool = False):
             ) from None
         raise UserError(f"model '{name}': {str(e).splitlines()[0][:160]}") from None
     except (OSError, Exception) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise UserError(
-            f"model '{name}' could not be loaded: not a local folder and not reachable on the Hugging Face "
-            f"Hub"
-            f"{' (HF_HUB_OFFLINE=1)' if offline else ''} ({type(e).__name__}); pass a local folder with "
-            f"--model, "
-            f"or --model minilm"
-        ) from None
+        raise UserError(hub_error(name, e)) from None
+
+
+def hub_error(name: str, e: Exception) -> str:
+    """One line for a model that did not load: gated on the Hub (the user must ask for access and log in),
+    not on the Hub (a wrong id, or private), or the Hub not reached. transformers raises an OSError for each,
+    from huggingface_hub's own error."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    cause = e.__cause__ or e
+    if isinstance(cause, GatedRepoError):
+        return (
+            f"model '{name}' is gated on the Hugging Face Hub: ask for access at "
+            f"https://huggingface.co/{name}, then log in (`hf auth login`) or set HF_TOKEN; or pass a local "
+            f"folder with --model"
+        )
+    if isinstance(cause, RepositoryNotFoundError):
+        return (
+            f"model '{name}' is not a local folder and not a model on the Hugging Face Hub: check the id (a "
+            f"private model needs `hf auth login` or HF_TOKEN), or pass a local folder with --model"
+        )
+    offline = " (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    return (
+        f"model '{name}' could not be loaded: not a local folder and not reachable on the Hugging Face Hub"
+        f"{offline} ({type(e).__name__}); pass a local folder with --model, or --model minilm"
+    )
 
 
 def check_weights_format(path: str, allow_pickle: bool) -> None:
