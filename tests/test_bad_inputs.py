@@ -20,7 +20,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny_encoder, write_dataset  # noqa: E402
 
-from peftbench import cli  # noqa: E402
+from peftbench import cli, models  # noqa: E402
 
 
 def _study(tmp: Path, model: Path, data_dir: Path, **over) -> dict:
@@ -660,6 +660,12 @@ def test_a_hub_model_that_will_not_load_says_why(error, expected, model, tmp_pat
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("peftbench: error: ")]
     assert code == 2 and len(lines) == 1 and expected in lines[0], err[-1500:]
     assert not (tmp_path / "out").exists()
+    with pytest.raises(OSError) as wrapped:  # wrapped once more, as another transformers version may
+        try:
+            transformers.utils.hub.cached_file("meta-llama/Llama-3.1-8B", "config.json")
+        except OSError as e:
+            raise OSError("Can't load the configuration") from e
+    assert expected in models.hub_error("meta-llama/Llama-3.1-8B", wrapped.value)
 
 
 def test_catalogue_has_at_least_30_cases():

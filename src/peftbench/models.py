@@ -78,10 +78,13 @@ def load_config(name: str, trust_remote_code: bool = False):
 def hub_error(name: str, e: Exception) -> str:
     """One line for a model that did not load: gated on the Hub (the user must ask for access and log in),
     not on the Hub (a wrong id, or private), or the Hub not reached. transformers raises an OSError for each,
-    from huggingface_hub's own error."""
+    from huggingface_hub's own error (looked for along the chain of causes)."""
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    cause = e.__cause__ or e
+    causes = [e]
+    while (nxt := causes[-1].__cause__ or causes[-1].__context__) is not None and nxt not in causes:
+        causes.append(nxt)
+    cause = next((c for c in causes if isinstance(c, RepositoryNotFoundError)), e)  # gated: a subclass
     if isinstance(cause, GatedRepoError):
         return (
             f"model '{name}' is gated on the Hugging Face Hub: ask for access at "
