@@ -620,13 +620,18 @@ def model(tmp_path_factory) -> Path:
     return make_tiny_encoder(tmp_path_factory.mktemp("enc"))
 
 
+def assert_one_error_line(code: int, err: str, expected: str) -> None:
+    """Exit status 2, no traceback, and one `peftbench: error:` line that holds `expected`."""
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("peftbench: error: ")]
+    assert code == 2, err[-1500:]
+    assert "Traceback" not in err
+    assert len(lines) == 1 and expected in lines[0], err[-1500:]
+
+
 @pytest.mark.parametrize("case, setup, expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(case, setup, expected, model, tmp_path):
     code, err = run_cli(setup(tmp_path, model))
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("peftbench: error: ")]
-    assert code == 2, (case, err[-1500:])
-    assert "Traceback" not in err
-    assert len(lines) == 1 and expected in lines[0], err[-1500:]
+    assert_one_error_line(code, err, expected)
 
 
 @pytest.mark.parametrize(
@@ -657,8 +662,7 @@ def test_a_hub_model_that_will_not_load_says_why(error, expected, model, tmp_pat
     monkeypatch.setattr(transformers.utils.hub, "hf_hub_download", refused)
     study = {**_study(tmp_path, model, _data(tmp_path)), "model": "meta-llama/Llama-3.1-8B"}
     code, err = run_cli(_run(tmp_path, model, study))
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("peftbench: error: ")]
-    assert code == 2 and len(lines) == 1 and expected in lines[0], err[-1500:]
+    assert_one_error_line(code, err, expected)
     assert not (tmp_path / "out").exists()
     with pytest.raises(OSError) as wrapped:  # wrapped once more, as another transformers version may
         try:
