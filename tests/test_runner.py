@@ -1413,7 +1413,18 @@ def test_studies_from_flags_alone_never_share_a_default_folder(
     assert [f.name for f in folders][0] == "cli" and len(folders) == 3
     studies = [json.loads((f / "study.json").read_text())["study"] for f in folders]
     assert len({(s["model"], s["data"]["train_size"]) for s in studies}) == 3
-    assert "already done" in capsys.readouterr().err  # the fourth went back to the second's folder
+    err = capsys.readouterr().err
+    assert "already done" in err  # the fourth went back to the second's folder
+    assert err.count("holds another study; writing to") == 3
+    # a study that fails its checks says its one-line error alone, not where it would have written
+    for command in ("run", "plan"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(
+                [command, "--model", str(tmp_path / "no-model"), "--data", str(tiny_data), "--methods", "ia3"]
+            )
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert len(list((tmp_path / "runs").iterdir())) == 3
     from peftbench import store
 
     other = {**studies[0], "data": {**studies[0]["data"], "train_size": 30}}

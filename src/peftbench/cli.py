@@ -171,9 +171,8 @@ def cmd_run(args) -> int:
         # it imports torch, transformers and peft while this process validates and tokenizes
         start_forkserver()
     study = config.validate(raw, base_dir=Path.cwd())
-    if not args.out:
-        out = _free_default_out(out, study)
-    results = Study(study, out).run(force=args.force)
+    out, note = (out, None) if args.out else _free_default_out(out, study)
+    results = Study(study, out, folder_note=note).run(force=args.force)
     print_summary(out)
     if study["report"] and not args.no_report:
         paths = write_report(out)
@@ -182,20 +181,20 @@ def cmd_run(args) -> int:
     return 1 if failed and len(failed) == len(results) else 0
 
 
-def _free_default_out(out: Path, study: dict) -> Path:
+def _free_default_out(out: Path, study: dict) -> tuple[Path, str | None]:
     """The default folder runs/NAME, unless it holds another study: then runs/NAME-<hash of the study's
     name, model and data>, so that two studies (from files of one name, or from flags alone) never write
-    into one folder."""
+    into one folder. Also the note that says so, which the study prints once its model and data check out
+    (a study that fails its checks writes nowhere, and its error stays the one line it prints)."""
     from . import store
 
     identity = store.study_identity(study)
     if store.folder_owner(out) in (None, identity):
-        return out
+        return out, None
     alt = out.with_name(f"{out.name}-{identity[:6]}")
     if store.folder_owner(alt) not in (None, identity):
         raise UserError(f"{out} and {alt} hold other studies' files; choose a folder with --out")
-    print(f"peftbench: {out} holds another study; writing to {alt} (--out to choose)", file=sys.stderr)
-    return alt
+    return alt, f"{out} holds another study; writing to {alt} (--out to choose)"
 
 
 def cmd_plan(args) -> int:
@@ -205,9 +204,8 @@ def cmd_plan(args) -> int:
 
     raw, out = build_study(args)
     study = config.validate(raw, base_dir=Path.cwd())
-    if not args.out:
-        out = _free_default_out(out, study)
-    rows = Study(study, out).plan()
+    out, note = (out, None) if args.out else _free_default_out(out, study)
+    rows = Study(study, out, folder_note=note).plan()
     print(plan_table(rows, study["gpu_memory"]))
     if any(r.get("estimated") for r in rows):
         print(

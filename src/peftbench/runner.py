@@ -52,9 +52,10 @@ def run_id(label: str, role: str, lr: float | None, seed: int) -> str:
 class Study:
     """A validated study bound to an output folder."""
 
-    def __init__(self, study: dict, out_dir: Path):
+    def __init__(self, study: dict, out_dir: Path, folder_note: str | None = None):
         self.cfg = study
         self.out = Path(out_dir)
+        self.folder_note = folder_note  # why the CLI chose this folder; said once the checks pass
         self.device = None
         self.tok_file = None
         self.data = None
@@ -69,7 +70,13 @@ class Study:
 
     # ---------------------------------------------------------------- preparation (no model loaded)
     def prepare(self) -> None:
-        """Check the model config and data, then tokenize every split once for the whole study."""
+        """Check the model config and data, then tokenize every split once for the whole study; then say
+        `folder_note`."""
+        self._check_and_tokenize()
+        if self.folder_note:
+            print(f"peftbench: {self.folder_note}", file=sys.stderr)
+
+    def _check_and_tokenize(self) -> None:
         from . import data as data_mod
         from . import models
         from .devices import resolve_device
