@@ -65,6 +65,7 @@ def _file_data(tmp, name, content: bytes) -> Path:
 
 # (case, setup(tmp, model) -> argv, expected text in the message)
 CASES = [
+    ("an unknown command", lambda t, m: ["trian"], "error: argument command: invalid choice: 'trian'"),
     ("data folder missing", lambda t, m: _run(t, m, _study(t, m, t / "nowhere")), "not found; pass --data"),
     (
         "data path is a file that is not data",

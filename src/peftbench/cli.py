@@ -503,9 +503,10 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line and exit status 2, like every other bad input."""
 
     def error(self, message: str):
+        command = self.prog.removeprefix("peftbench").strip()
         print(
-            f"peftbench: error: {self.prog.removeprefix('peftbench').strip() or 'peftbench'}: "
-            f"{UserError(message).problems[0]}; see `{self.prog} --help`",
+            f"peftbench: error: {command + ': ' if command else ''}{UserError(message).problems[0]}; "
+            f"see `{self.prog} --help`",
             file=sys.stderr,
         )
         sys.exit(2)
