@@ -35,6 +35,8 @@ def test_two_processes_follow_the_single_process_trajectory(method, no_dropout_e
 
 def test_a_failing_data_parallel_run_is_recorded(tiny_encoder, tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("PEFTBENCH_INJECT_FAULT", "lora:oom_above=1")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # torchrun's logs go to the run folder, not here
     (res,) = run_study(
         study(
             tiny_encoder,
@@ -48,6 +50,7 @@ def test_a_failing_data_parallel_run_is_recorded(tiny_encoder, tiny_data, tmp_pa
         tmp_path / "s",
     )
     assert res["status"] == "oom" and "out of memory" in res["error"]
+    assert not list((tmp_path / "tmp").iterdir()) and not list((tmp_path / "s").rglob("torchrun"))
 
 
 @pytest.mark.parametrize("method", ["full", {"name": "lora", "label": "lora", "lora_dropout": 0.0}])
