@@ -1494,7 +1494,10 @@ def test_a_killed_cli_leaves_no_worker_behind(how, tiny_encoder, tiny_data, tmp_
     if "two at a time" in how:  # warm trial workers, run from threads: none may keep the CLI waiting
         raw.update(lr_search={"points": 4, "decades": 1}, parallel=2)
     f.write_text(json.dumps(raw))
-    env = dict(os.environ, PEFTBENCH_INJECT_FAULT="ia3:hang", PEFTBENCH_PROGRESS="0")
+    (tmp_path / "tmp").mkdir()
+    env = dict(
+        os.environ, PEFTBENCH_INJECT_FAULT="ia3:hang", PEFTBENCH_PROGRESS="0", TMPDIR=str(tmp_path / "tmp")
+    )
     err = open(tmp_path / "stderr.txt", "w")
     cli = subprocess.Popen(
         [sys.executable, "-m", "peftbench", "run", str(f), "--out", str(tmp_path / "out")],
@@ -1524,6 +1527,7 @@ def test_a_killed_cli_leaves_no_worker_behind(how, tiny_encoder, tiny_data, tmp_
         assert "Traceback" not in text, text[-2000:]
         if sig != signal.SIGKILL:
             assert cli.returncode == 130 and "interrupted" in text, text[-1000:]
+            assert not list((tmp_path / "tmp").iterdir())  # nothing left behind in the temporary folder
     finally:
         err.close()
         if cli.poll() is None:

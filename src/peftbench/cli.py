@@ -604,11 +604,15 @@ def _interrupt(signum, frame) -> None:
 
 
 def _stop_workers() -> None:
-    """Kill the run processes this CLI started (Python would otherwise wait for them as it exits)."""
+    """Kill the run processes this CLI started (Python would otherwise wait for them as it exits), and remove
+    the folder in /tmp that holds the forkserver's socket (the exit that follows skips Python's clean-up)."""
     import multiprocessing
+    import shutil
+    from multiprocessing import util
 
     for child in multiprocessing.active_children():
         child.kill()
+    shutil.rmtree(util.get_temp_dir(), ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:
