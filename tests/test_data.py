@@ -202,6 +202,34 @@ def test_tokenize_once_roundtrip(tmp_path, tiny_encoder):
         assert max(len(x) for x in back.ids[s]) <= 16
 
 
+def test_tokenizing_on_the_tokenizers_threads_gives_the_same_ids_and_then_turns_them_off(
+    tmp_path, tiny_encoder, monkeypatch
+):
+    """Unset, TOKENIZERS_PARALLELISM is "true" while the study tokenizes and "false" after it (a process
+    forked later tokenizes on one thread, without the tokenizers library's warning); a value the user set
+    is theirs."""
+    from transformers import AutoTokenizer
+
+    d = data_mod.load(spec(write_dataset(tmp_path / "d")))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    seen = []
+    encode = data_mod.encode
+    monkeypatch.setattr(
+        data_mod,
+        "encode",
+        lambda *a: seen.append(data_mod.os.environ["TOKENIZERS_PARALLELISM"]) or encode(*a),
+    )
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM")
+    threaded = data_mod.tokenize(d, tokenizer, 16)
+    assert seen == ["true"] * 3 and data_mod.os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    for value in ("false", "true"):
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", value)
+        again = data_mod.tokenize(d, tokenizer, 16)
+        assert seen[-3:] == [value] * 3 and data_mod.os.environ["TOKENIZERS_PARALLELISM"] == value
+        for s in data_mod.SPLITS:
+            assert all((a == b).all() for a, b in zip(again.ids[s], threaded.ids[s]))
+
+
 def test_the_shipped_imdb_sample_is_the_fallback_and_balanced(tmp_path, monkeypatch):
     monkeypatch.delenv(config.DATA_ENV, raising=False)
     monkeypatch.chdir(tmp_path)  # no ../shared/data/imdb beside it, as on a fresh clone

@@ -616,7 +616,6 @@ def _stop_workers() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # no line per retry before our one-line error
     args = parser().parse_args(argv)

@@ -811,12 +811,23 @@ class Tokenized:
 
 
 def tokenize(data: StudyData, tokenizer, max_length: int, pair: bool = False) -> Tokenized:
-    """Tokenize every split once (no padding: batches are padded to their own longest item)."""
+    """Tokenize every split once (no padding: batches are padded to their own longest item), on the fast
+    tokenizer's threads unless TOKENIZERS_PARALLELISM says otherwise. The starting study's 5,300 texts took
+    1.3-1.6 s instead of 2.4-2.6 s on a 2-core CPU (2026-12-06). Afterwards TOKENIZERS_PARALLELISM is
+    "false": the runs' processes are forked from a forkserver that never tokenized, and a process forked
+    from this one later tokenizes on one thread without the tokenizers library's warning."""
     ids, trunc = {}, {}
-    for s in SPLITS:
-        enc = encode(tokenizer, data.texts[s], max_length, pair)
-        ids[s] = [np.asarray(x, dtype=np.int32) for x in enc]
-        trunc[s] = int(sum(len(x) >= max_length for x in enc))
+    threads = "TOKENIZERS_PARALLELISM" not in os.environ
+    if threads:
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        for s in SPLITS:
+            enc = encode(tokenizer, data.texts[s], max_length, pair)
+            ids[s] = [np.asarray(x, dtype=np.int32) for x in enc]
+            trunc[s] = int(sum(len(x) >= max_length for x in enc))
+    finally:
+        if threads:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
     return Tokenized(ids, {s: data.labels[s] for s in SPLITS}, list(data.label_names), trunc)
 
 
