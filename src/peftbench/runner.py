@@ -983,20 +983,21 @@ def launch_worker(run_dir: str, progress: bool, extra_env: dict) -> int:
         if proc.exitcode != BAD_FORK_EXIT:
             return proc.exitcode
         _FORK["usable"] = False
-    cmd = [sys.executable, "-m", "peftbench.worker", run_dir]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "peftbench.worker", run_dir]
+        return subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL).returncode
     logs = Path(run_dir) / "torchrun"  # torchrun's folders for its processes' logs, else made in /tmp
-    if nproc > 1:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            f"--log-dir={logs}",
-            "-m",
-            "peftbench.worker",
-            run_dir,
-        ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        f"--log-dir={logs}",
+        "-m",
+        "peftbench.worker",
+        run_dir,
+    ]
     proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL)
     for folder in sorted(logs.glob("**/"), key=lambda p: -len(p.parts)):  # the deepest first
         if not any(folder.iterdir()):
