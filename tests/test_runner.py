@@ -781,11 +781,16 @@ def test_qlora_runs_on_cpu(tiny_encoder, tiny_data, tmp_path):
     assert "Linear4bit" in kinds
 
 
-def test_concurrent_runs_are_flagged_in_the_report(tiny_encoder, tiny_data, tmp_path):
-    """Two runs sharing the device (forked workers started from two threads): both succeed, and the report
-    says
-    that their timings were taken under contention; finals run alone by default and are not flagged."""
+def test_concurrent_runs_are_flagged_in_the_report(tiny_encoder, tiny_data, tmp_path, monkeypatch):
+    """Two runs sharing the device (forked workers started from two threads): both succeed, each with half
+    the CPU's cores as torch threads, and the report says that their timings were taken under contention;
+    finals run alone by default, with every core, and are not flagged."""
+    import torch
+
     from peftbench import report
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
 
     raw = study(
         tiny_encoder,
@@ -799,11 +804,27 @@ def test_concurrent_runs_are_flagged_in_the_report(tiny_encoder, tiny_data, tmp_
     results = run_study(raw, tmp_path / "shared")
     assert [r["status"] for r in results] == ["success", "success"]
     assert {r["config"]["concurrent_runs"] for r in results} == {2}
+    assert {r["environment"]["torch_threads"] for r in results} == {max(1, cores // 2)}
     assert "measured under contention" in report.write_report(tmp_path / "shared")["markdown"].read_text()
     alone = run_study({**raw, "exclusive_finals": True}, tmp_path / "alone")
     assert {r["config"]["concurrent_runs"] for r in alone} == {1}
+    assert {r["environment"]["torch_threads"] for r in alone} == {torch.get_num_threads()}
     assert report.load_study(tmp_path / "alone")["concurrent_runs"] == 1
     assert "contention" not in report.write_report(tmp_path / "alone")["markdown"].read_text()
+
+
+def test_runs_sharing_a_cpu_share_its_cores_unless_the_user_says_how_many_threads(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    share = runner.Study.thread_env
+    assert share(SimpleNamespace(device="cpu"), 3) == {"OMP_NUM_THREADS": "2"}
+    assert share(SimpleNamespace(device="cpu"), 16) == {"OMP_NUM_THREADS": "1"}
+    assert share(SimpleNamespace(device="cpu"), 1) == {}  # one run at a time: torch's own default
+    assert share(SimpleNamespace(device="cuda"), 4) == {}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert share(SimpleNamespace(device="cpu"), 4) == {}  # the user's, as it is
 
 
 def test_runs_are_forked_from_the_preloaded_server_unless_turned_off(
