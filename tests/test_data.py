@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -324,6 +326,56 @@ def test_a_label_written_into_the_texts_is_warned_of(tmp_path, capsys):
     run_study(raw, tmp_path / "s")  # at the start, and in the report
     assert f"peftbench: warning: {note}" in capsys.readouterr().err
     assert f"**Note: {note}.**" in report.write_report(tmp_path / "s")["markdown"].read_text()
+
+
+def test_label_words_are_the_words_scikit_learns_count_vectorizer_finds():
+    """`label_words` splits texts as CountVectorizer does by default, without importing scikit-learn: the
+    same words, classes, shares and order on real reviews with words that give the label away, accented and
+    non-Latin words, digits, underscores, apostrophes and one-letter words among them."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    df = pd.read_parquet(Path(data_mod.__file__).parent / "sample_data" / "imdb" / "train.parquet")[:300]
+    tags = {0: "Naïve_VERDICT: 1/10 Ω-pan l'avis ", 1: "ÉLOGE straße 10/10 x "}
+    texts = [tags[y] * (i % 7 > 0) + t for i, (t, y) in enumerate(zip(df["text"], df["label"]))]
+    labels = df["label"].to_numpy()
+
+    vectorizer = CountVectorizer(binary=True, dtype=np.int32)
+    counts = vectorizer.fit_transform(texts).tocsc()
+    vocabulary, expected = vectorizer.get_feature_names_out(), []
+    for c in (0, 1):
+        inside = labels == c
+        share = np.asarray(counts[inside].sum(0)).ravel() / inside.sum()
+        elsewhere = np.asarray(counts[~inside].sum(0)).ravel() / (~inside).sum()
+        hits = np.flatnonzero(
+            (share >= data_mod.LABEL_WORD_SHARE) & (elsewhere <= data_mod.LABEL_WORD_ELSEWHERE)
+        )
+        expected += [
+            (str(vocabulary[i]), c, share[i], elsewhere[i])
+            for i in hits[np.argsort(-share[hits], kind="stable")][:3]
+        ]
+    found = data_mod.label_words(texts, labels, "classification", [0, 1])
+    # 'avis', 'naïve_verdict', 'pan'; 'straße', 'éloge': not 'l', 'x' or 'Ω' (one letter), nor '10' (both)
+    assert len(expected) == 5
+    assert [(w["word"], w["label"], w["share"], w["elsewhere"]) for w in found] == expected
+
+
+def test_loading_data_leaves_scikit_learn_unimported(tmp_path):
+    """A study's main process loads and checks its data before its runs start; scikit-learn, which only the
+    runs need, would add its import to that wait (`data.label_words`)."""
+    import subprocess
+    import sys
+
+    folder = write_dataset(tmp_path / "d", n_train=200, n_test=100)
+    code = (
+        "import sys\nfrom peftbench import data\n"
+        f"d = data.load({{'path': {str(folder)!r}, 'text_column': 'text', 'label_column': 'label', "
+        "'train_size': None, 'validation_size': 0.1, 'test_size': None, 'seed': 0, 'separator': ' ', "
+        "'train_split': 'train', 'test_split': 'test', 'name': None, 'config': None}, 'classification')\n"
+        "print(len(d.texts['train']), 'sklearn' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-800:]
+    assert out.stdout.split() == ["180", "False"]
 
 
 def test_class_names_alike_but_for_case_or_spacing_are_warned_of():
