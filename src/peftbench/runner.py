@@ -66,7 +66,6 @@ class Study:
         self.model_fingerprint = None
         self.search_wall_seconds = None
         self.warm_workers: dict[str, WarmWorker] = {}  # by chain name: they live on from rung to rung
-        self.worker_extra_env: dict[str, str] = {}  # what the runs launched now add to the environment
         self.stopping = threading.Event()  # set when the study is interrupted: no run starts after it
 
     # ---------------------------------------------------------------- preparation (no model loaded)
@@ -358,6 +357,8 @@ class Study:
             disable=not todo or not sys.stderr.isatty(),
         )
         parallel = self.concurrency(specs)
+        chains = self.chains(todo, parallel)
+        extra_env = self.thread_env(min(parallel, len(chains)))
 
         def finished(res):
             bar.update(1)
@@ -367,21 +368,18 @@ class Study:
         def chain(named):
             key, specs = named
             if key is not None:
-                return self._execute_chain(key, specs, parallel == 1, finished)
+                return self._execute_chain(key, specs, parallel == 1, finished, extra_env)
             if self.stopping.is_set():
                 return []
-            return [finished(self._execute_one(specs[0], progress=parallel == 1))]
+            return [finished(self._execute_one(specs[0], parallel == 1, extra_env))]
 
         try:  # the bar is closed (its line ended) before any error is printed
             if self.cfg["executor"] == "ray" and todo:
                 new = self._execute_ray(todo, finished)
+            elif parallel > 1 and len(chains) > 1:
+                new = self._in_threads(chain, chains, parallel)
             else:
-                chains = self.chains(todo, parallel)
-                self.worker_extra_env = self.thread_env(min(parallel, len(chains)))
-                if parallel > 1 and len(chains) > 1:
-                    new = self._in_threads(chain, chains, parallel)
-                else:
-                    new = [r for c in chains for r in chain(c)]
+                new = [r for c in chains for r in chain(c)]
         finally:
             bar.close()
         done.update({r["run_id"]: r for r in new})
@@ -440,10 +438,13 @@ class Study:
             named.append((f"{key}-{count[key]}", chain))
         return named + alone
 
-    def _execute_chain(self, key: str, chain: list[RunSpec], progress: bool, on_done) -> list[dict]:
-        """Warm trials, one after another in the warm worker process of `key` (kept for the next rung)."""
+    def _execute_chain(
+        self, key: str, chain: list[RunSpec], progress: bool, on_done, extra_env: dict
+    ) -> list[dict]:
+        """Warm trials, one after another in the warm worker process of `key` (kept for the next rung),
+        which `extra_env` adds to the environment when it starts."""
         if key not in self.warm_workers:
-            self.warm_workers[key] = WarmWorker(progress, self.worker_extra_env)
+            self.warm_workers[key] = WarmWorker(progress, extra_env)
         worker = self.warm_workers[key]
         results = []
         for spec in chain:
@@ -460,14 +461,14 @@ class Study:
             worker.close(wait)
         self.warm_workers.clear()
 
-    def _execute_one(self, spec: RunSpec, progress: bool) -> dict:
+    def _execute_one(self, spec: RunSpec, progress: bool, extra_env: dict) -> dict:
         rdir = self._prepare_run_dir(spec)
         if self.cfg["isolation"] == "inline":
             from .worker import execute_run
 
             return execute_run(rdir, progress=progress)
         launched = time.time()
-        return collect(spec, rdir, launch_worker(str(rdir), progress, self.worker_extra_env), launched)
+        return collect(spec, rdir, launch_worker(str(rdir), progress, extra_env), launched)
 
     def _prepare_run_dir(self, spec: RunSpec) -> Path:
         rdir = self.out / "runs" / spec.runtime.run_id
@@ -895,11 +896,15 @@ def start_forkserver() -> None:
 
 
 def _enter_worker(env: dict, cuda: bool, kind: str) -> None:
-    """A forked or spawned worker's first step: the run's environment, and out if CUDA cannot be used."""
+    """A forked or spawned worker's first step: the run's environment, and out if CUDA cannot be used.
+    A forked worker's torch was imported in the server, before this environment: it has not read
+    OMP_NUM_THREADS (`Study.thread_env`, or the user's), so the thread count is set here."""
     os.environ.clear()
     os.environ.update(env, PEFTBENCH_WORKER=kind)
     import torch
 
+    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     if cuda and torch.cuda._is_in_bad_fork():
         os._exit(BAD_FORK_EXIT)
 

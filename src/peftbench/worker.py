@@ -270,21 +270,10 @@ def _quiet() -> None:
         pass
 
 
-def _threads() -> None:
-    """torch's CPU threads as OMP_NUM_THREADS says, where it is set: a worker forked from the preloaded server
-    imported torch before its environment was set, so torch has not read it."""
-    n = os.environ.get("OMP_NUM_THREADS", "")
-    if n.isdigit() and int(n) > 0:
-        import torch
-
-        torch.set_num_threads(int(n))
-
-
 def main() -> None:
     die_with_parent()
     rank, world = rank_world()
     _quiet()
-    _threads()
     if world > 1:  # launched by torchrun for `gpus_per_run` > 1
         import torch
         import torch.distributed as dist
@@ -304,7 +293,6 @@ def serve(conn) -> None:
     once its result is written; None ends it."""
     die_with_parent()
     _quiet()
-    _threads()
     while (run_dir := conn.recv()) is not None:
         _execute_logged(Path(run_dir), 0)
         conn.send(run_dir)
