@@ -727,14 +727,14 @@ def label_words(texts: list[str], labels, task: str, names: list[str]) -> list[d
     of_class = np.repeat(y, [len(d) for d in docs])
     width = len(vocabulary)
     counts = np.bincount(of_class * width + words, minlength=(int(y.max()) + 1) * width).reshape(-1, width)
-    found = []
+    total, found = counts.sum(0), []
     for c in np.unique(y):
         inside = y == c
         n_in, n_out = int(inside.sum()), int((~inside).sum())
         if n_in < LABEL_WORD_MIN_TEXTS:
             continue
         share = counts[c] / n_in
-        elsewhere = (counts.sum(0) - counts[c]) / n_out
+        elsewhere = (total - counts[c]) / n_out
         hits = np.flatnonzero((share >= LABEL_WORD_SHARE) & (elsewhere <= LABEL_WORD_ELSEWHERE))
         for i in hits[np.argsort(-share[hits], kind="stable")][:3]:
             found.append(
