@@ -294,6 +294,44 @@ def test_report_for_a_single_method(tiny_encoder, tiny_data, tmp_path):
     assert summary["rows"][0]["label"] == "lora" and summary["rows"][0]["best"]
 
 
+def test_run_imports_what_its_report_will_while_its_runs_train(
+    tiny_encoder, tiny_data, tmp_path, monkeypatch
+):
+    """`peftbench run` imports the report's dependencies in a background thread once its runs start, when its
+    process only waits on them (`report.import_dependencies`); with --no-report it does not. After them,
+    writing the report imports none of matplotlib, scipy or scikit-learn: the list is complete."""
+    import threading
+
+    from peftbench import cli
+
+    started = []  # (thread, results written by then)
+    monkeypatch.setattr(
+        report,
+        "import_dependencies",
+        lambda: started.append(
+            (threading.current_thread().name, len(list(tmp_path.glob("*/runs/*/result.json"))))
+        ),
+    )
+    f = tmp_path / "study.json"
+    f.write_text(json.dumps(study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1}, report=True)))
+    for out, extra in (("quiet", ["--no-report"]), ("s", [])):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["run", str(f), "--out", str(tmp_path / out), *extra])
+        assert e.value.code == 0
+        for t in threading.enumerate():
+            if t.name == "peftbench-while-training":
+                t.join(10)
+        assert started == ([("peftbench-while-training", 1)] if not extra else [])  # the quiet one's
+    code = (
+        "import sys; from peftbench import report; report.import_dependencies(); before = set(sys.modules); "
+        "report.write_report(sys.argv[1]); print(sorted(set(sys.modules) - before))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    late = [m for m in eval(done.stdout) if m.split(".")[0] in ("matplotlib", "scipy", "sklearn")]
+    assert late == [], f"the report imported these after report.import_dependencies: {late}"
+
+
 def test_budget_view_on_constructed_histories():
     def run(label, seed, accs, secs):
         hist = [

@@ -160,7 +160,7 @@ def _train_overrides(train: dict, args) -> dict:
 
 def cmd_run(args) -> int:
     from . import config
-    from .report import print_summary, write_report
+    from .report import import_dependencies, print_summary, write_report
     from .runner import Study
 
     raw, out = build_study(args)
@@ -172,9 +172,10 @@ def cmd_run(args) -> int:
         start_forkserver()
     study = config.validate(raw, base_dir=Path.cwd())
     out, note = (out, None) if args.out else _free_default_out(out, study)
-    results = Study(study, out, folder_note=note).run(force=args.force)
+    report = study["report"] and not args.no_report
+    results = Study(study, out, folder_note=note).run(args.force, import_dependencies if report else None)
     print_summary(out)
-    if study["report"] and not args.no_report:
+    if report:
         paths = write_report(out)
         print(f"report: {paths['html']}")
     failed = [r for r in results if r["status"] in ("failed",)]

@@ -556,9 +556,10 @@ class Study:
         return [out[s.runtime.run_id] for s in todo]
 
     # ---------------------------------------------------------------- the whole study
-    def run(self, force: bool = False) -> list[dict]:
+    def run(self, force: bool = False, while_training=None) -> list[dict]:
         """The whole study. study.json is written before any run and again as the plan grows, so a report of
-        an interrupted study shows this study's runs and lists the ones still missing."""
+        an interrupted study shows this study's runs and lists the ones still missing. `while_training`, a
+        function, runs in a background thread once the runs start, when this process only waits on them."""
         with store.StudyLock(self.out):
             self.claim_folder(force)
             t0 = time.perf_counter()
@@ -572,6 +573,8 @@ class Study:
             trials = self.trial_specs()
             self.write_plan(trials, self.final_specs({}) if not trials else [], {}, complete=False)
             print(f"peftbench: {self.workload(len(trials))}", file=sys.stderr)
+            if while_training is not None:
+                threading.Thread(target=while_training, name="peftbench-while-training", daemon=True).start()
             chosen: dict[str, float | None] = {}
             trial_results, search = [], {}
             if trials:
