@@ -323,12 +323,13 @@ def test_run_imports_what_its_report_will_while_its_runs_train(
                 t.join(10)
         assert started == ([("peftbench-while-training", 1)] if not extra else [])  # the quiet one's
     code = (
-        "import sys; from peftbench import report; report.import_dependencies(); before = set(sys.modules); "
-        "report.write_report(sys.argv[1]); print(sorted(set(sys.modules) - before))"
+        "import json, sys; from peftbench import report; report.import_dependencies(); "
+        "before = set(sys.modules); report.write_report(sys.argv[1]); "
+        "print(json.dumps(sorted(set(sys.modules) - before)))"
     )
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    late = [m for m in eval(done.stdout) if m.split(".")[0] in ("matplotlib", "scipy", "sklearn")]
+    late = [m for m in json.loads(done.stdout) if m.split(".")[0] in ("matplotlib", "scipy", "sklearn")]
     assert late == [], f"the report imported these after report.import_dependencies: {late}"
 
 
