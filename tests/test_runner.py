@@ -1713,3 +1713,22 @@ def test_the_trained_model_is_freed_before_the_reload_check_loads_a_second_copy(
     (r,) = run_study(study(tiny_encoder, tiny_data, ["lora"], train={"epochs": 1}), tmp_path / "s")
     assert r["status"] == "success" and r["reload_check"]["identical_predictions"], r.get("error")
     assert seen == [True]
+
+
+def test_a_machine_that_compiles_every_import_from_source_is_told_how_to_stop_it(tmp_path, monkeypatch):
+    """Where Python writes no bytecode and a package came without any (uv's default), every process of a
+    study compiles it again: `bytecode_note` says so, with the command that compiles it once; not where
+    Python writes bytecode, nor once the package has it."""
+    import compileall
+
+    from peftbench.runner import bytecode_note
+
+    (tmp_path / "bigpkg").mkdir()
+    (tmp_path / "bigpkg" / "__init__.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    note = bytecode_note(dont_write=True, packages=("bigpkg", "not_installed_anywhere"))
+    assert "PYTHONDONTWRITEBYTECODE) and bigpkg came without any" in note
+    assert note.endswith(f"`python -m compileall -q -j 0 {tmp_path / 'bigpkg'}` compiles them once")
+    assert bytecode_note(dont_write=False, packages=("bigpkg",)) is None
+    assert compileall.compile_dir(str(tmp_path / "bigpkg"), quiet=1)
+    assert bytecode_note(dont_write=True, packages=("bigpkg",)) is None

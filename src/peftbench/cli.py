@@ -161,7 +161,7 @@ def _train_overrides(train: dict, args) -> dict:
 def cmd_run(args) -> int:
     from . import config
     from .report import import_dependencies, print_summary, write_report
-    from .runner import Study
+    from .runner import Study, bytecode_note
 
     raw, out = build_study(args)
     settings = {**config.TOP_DEFAULTS, **raw}
@@ -170,6 +170,8 @@ def cmd_run(args) -> int:
 
         # it imports torch, transformers and peft while this process validates and tokenizes
         start_forkserver()
+    if slow := bytecode_note():
+        print(f"peftbench: note: {slow}", file=sys.stderr)
     study = config.validate(raw, base_dir=Path.cwd())
     out, note = (out, None) if args.out else _free_default_out(out, study)
     report = study["report"] and not args.no_report
