@@ -32,8 +32,8 @@ def with_bytecode_cached(argv: list[str]) -> None:
     """Where this Python writes no bytecode (PYTHONDONTWRITEBYTECODE), each process compiles from source every
     module whose package shipped none. The rented H100 machines are such (their torch ships none): there the
     starting study's command took 37.1 s, and 26.1-27.3 s with bytecode cached (2026-12-07,
-    `results/h100-bytecode-54fef75.json`). A pip install writes bytecode, so users do not pay that. Here this
-    script then first runs itself on 64 texts, untimed, with bytecode cached in a temporary folder, and then
+    `results/h100-bytecode-54fef75.json`). A pip install writes bytecode, so users do not pay that. So there
+    this script first runs itself on 64 texts, untimed, with bytecode cached in a temporary folder, and then
     again, timed, with that cache: both sides alike."""
     if not sys.flags.dont_write_bytecode:
         return
