@@ -28,7 +28,7 @@ import yaml
 
 from . import methods as registry
 from .errors import UserError
-from .spec import TrainSettings
+from .spec import Runtime, TrainSettings
 
 DATA_ENV = "PEFTBENCH_DATA"
 
@@ -51,6 +51,7 @@ DATA_DEFAULTS: dict[str, Any] = {
     "columns": None,  # names for the columns of a CSV/TSV without a header row
     "label_names": None,  # class names for reports and predict: a list in label order, or {label: name}
 }
+# The keys a run's Runtime also has take its defaults, so that the two cannot drift apart.
 TOP_DEFAULTS: dict[str, Any] = {
     "name": None,
     "description": None,
@@ -61,24 +62,26 @@ TOP_DEFAULTS: dict[str, Any] = {
     "seeds": [42],
     "lr_search": False,
     "device": "auto",
-    "isolation": "process",
+    "isolation": Runtime.isolation,
     "parallel": 1,
     "exclusive_finals": True,
     "warm_trials": True,  # lr-search trials of one method share a worker process, model and CUDA graphs
-    "executor": "local",
+    "executor": Runtime.executor,
     "ray_address": None,
     "ray_cpus_per_run": 1,
     "gpus_per_run": 1,  # > 1: data-parallel over that many GPUs via torchrun (gloo processes on CPU)
     "trust_remote_code": False,
     "allow_pickle": False,
     "report": True,
-    "max_oom_retries": 3,
+    "max_oom_retries": Runtime.max_oom_retries,
     # seconds of training between epoch checkpoints (what a killed run resumes from); 0: after every epoch
-    "checkpoint_every_seconds": 60,
-    "tracking": None,  # None, tensorboard or mlflow: per-step loss, lr, throughput, memory (extra: tracking)
-    "tracking_every": 10,  # steps between logged points (each costs one host synchronisation)
+    "checkpoint_every_seconds": Runtime.checkpoint_every_seconds,
+    # None, tensorboard or mlflow: per-step loss, lr, throughput, memory (extra: tracking), every
+    # `tracking_every` steps (each logged point costs one host synchronisation)
+    "tracking": Runtime.tracking,
+    "tracking_every": Runtime.tracking_every,
     "gpu_memory": None,  # a budget such as 24GB: each run is capped to it and picks its micro-batch to fit
-    "profile": False,  # true: a torch.profiler step profile in each run's profile.json
+    "profile": Runtime.profile,  # true: a torch.profiler step profile in each run's profile.json
 }
 # seed: the trials' seed (default the study's first); seeds: how many seeds each trial rate runs (selection on
 # their mean validation accuracy, so that one seed's luck does not pick the rate).
