@@ -209,8 +209,7 @@ def _headerless_hint(df) -> str:
     if any(len(n) > 40 or " " in n.strip() or re.fullmatch(r"-?[0-9.]+", n) for n in names):
         return (
             f"; the file seems to have no header row (its first row reads {names[:3]}): name the columns "
-            f"with "
-            f"data.columns: [...], e.g. [label, title, description]"
+            "with data.columns: [...], e.g. [label, title, description]"
         )
     return ""
 

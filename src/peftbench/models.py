@@ -68,7 +68,7 @@ def load_config(name: str, trust_remote_code: bool = False):
         if "trust_remote_code" in str(e):
             raise UserError(
                 f"model '{name}' needs custom code; set `trust_remote_code: true` in the study if you "
-                f"trust it"
+                "trust it"
             ) from None
         raise UserError(f"model '{name}': {str(e).splitlines()[0][:160]}") from None
     except (OSError, Exception) as e:

@@ -302,8 +302,7 @@ def _fastest(best: dict, near: list[dict], pts: str, loaded) -> dict:
     if fastest is best:
         why = (
             f"{best['label']} is also the fastest to train ({t_best:.1f} s) of the methods within {pts} of "
-            f"it "
-            f"({others})."
+            f"it ({others})."
         )
     elif t_best < TIME_NOISE * t_fast:
         why = (
@@ -332,8 +331,7 @@ def _fewest(best: dict, near: list[dict], pts: str) -> dict:
     if fewest is best:
         why = (
             f"{best['label']} also trains the fewest parameters ({_fmt_params(n_best)}) of the methods "
-            f"within "
-            f"{pts} of it ({others})."
+            f"within {pts} of it ({others})."
         )
     else:
         why = (
@@ -444,8 +442,7 @@ def recommend(
                 "method": r["label"],
                 "place": place,
                 "reason": (
-                    f"{_named(r)}, {r['train_seconds']['mean']:.1f} s "
-                    f"training, "
+                    f"{_named(r)}, {r['train_seconds']['mean']:.1f} s training, "
                     f"{_fmt_num(memory_of(r, gpu), 0)} MB peak {'GPU' if gpu else 'host'} memory, "
                     f"{_fmt_params(r['trainable_params']['mean'])} trainable"
                 ),
@@ -1063,10 +1060,9 @@ def _intro(study: dict) -> str:
         f"Study **{study['name']}** on {device}: model `{cfg.get('model')}` on `{where}`, with "
         f"{sizes.get('train', '?'):,} training, {sizes.get('validation', '?'):,} validation and "
         f"{sizes.get('test', '?'):,} test texts ({data.get('origin', '')}); {len(study['finals'])} final "
-        f"runs and "
-        f"{len(study['trials'])} learning-rate trials. The task is {study['task']}; test scores are on the "
-        f"test split, scored once per final run; learning rates and epochs were chosen on the validation "
-        f"split by {NAMES[study['metric']]}."
+        f"runs and {len(study['trials'])} learning-rate trials. The task is {study['task']}; test scores "
+        f"are on the test split, scored once per final run; learning rates and epochs were chosen on the "
+        f"validation split by {NAMES[study['metric']]}."
     )
     cut = (data.get("truncated") or {}).get("train")
     if cut and sizes.get("train"):
