@@ -10,14 +10,18 @@ model load to the test predictions, after tokenizing once. (b) "peftbench": the 
 command in a fresh process: reading and tokenizing the data, one process per run, training, the test
 set, saving and the reload check of every artefact, and the report. With --parallel N, (c) the same
 command with N runs sharing the GPU (`--parallel N --concurrent-finals`). With --seeds, every run of both
-sides once per training seed (the accuracy check across seeds).
+sides once per training seed (the accuracy check across seeds). With --mps, (d) the command of (c) once more
+with NVIDIA's Multi-Process Service running (`mps_daemon`), so that the runs' kernels can overlap on the GPU
+instead of taking turns.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,6 +66,28 @@ IMPORTS = {
 }
 
 
+@contextlib.contextmanager
+def mps_daemon():
+    """NVIDIA's Multi-Process Service while the block runs: its control daemon started with its pipes and log
+    in a temporary folder, and this process's environment pointed there, so the commands started meanwhile
+    (and their runs) are its clients; quit afterwards. Without it, processes sharing a GPU take turns on
+    it. Yields a dict that receives the daemon's log (its clients' connections) when the block ends."""
+    folder = tempfile.mkdtemp(prefix="mps-")
+    names = {"CUDA_MPS_PIPE_DIRECTORY": folder, "CUDA_MPS_LOG_DIRECTORY": folder}
+    env, log = {**os.environ, **names}, {}
+    subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, check=True)
+    os.environ.update(names)
+    try:
+        yield log
+    finally:
+        for name in names:
+            del os.environ[name]
+        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, env=env, check=False)
+        time.sleep(1)  # the daemon writes its last lines as it quits
+        log.update({f.name: f.read_text()[-3000:] for f in Path(folder).glob("*.log")})
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def import_seconds(code: str) -> float:
     """Wall seconds of `python -c CODE` in a fresh process (the interpreter's own start included)."""
     t0 = time.perf_counter()
@@ -100,7 +126,7 @@ def summary(rows: dict) -> dict:
     """Speed-ups against the Trainer recipe, and the floor under the sequential peftbench command."""
     trainer, imports = rows.get("trainer", {}).get("total_seconds"), rows.get("imports", {})
     out = {}
-    for side in ("peftbench", "peftbench_parallel"):
+    for side in ("peftbench", "peftbench_parallel", "peftbench_parallel_mps"):
         if trainer and side in rows:
             secs = rows[side]["total_seconds"]
             out[side] = {
@@ -209,6 +235,7 @@ def main() -> None:
     ap.add_argument(
         "--imports", action="store_true", help="time both sides' imports in fresh processes first"
     )
+    ap.add_argument("--mps", action="store_true", help="with --parallel: once more with NVIDIA MPS running")
     a = ap.parse_args()
     seeds = [int(x) for x in a.seeds.split(",")]
     os.environ.setdefault("PEFTBENCH_PROGRESS", "0")
@@ -287,15 +314,18 @@ def main() -> None:
         )
         print(json.dumps({"peftbench": rows["peftbench"]["total_seconds"]}), flush=True)
         save()
-    if a.parallel:
-        rows["peftbench_parallel"] = peftbench_cli(
-            a.model,
-            a.data,
-            work / "pbp",
-            ["--methods", a.methods, *sizes, "--parallel", str(a.parallel), "--concurrent-finals"],
-            a.cli_timeout,
-        )
-        print(json.dumps({"peftbench_parallel": rows["peftbench_parallel"]["total_seconds"]}), flush=True)
+    parallel = ["--methods", a.methods, *sizes, "--parallel", str(a.parallel), "--concurrent-finals"]
+    for side, folder, wanted, around in (
+        ("peftbench_parallel", "pbp", a.parallel, contextlib.nullcontext),
+        ("peftbench_parallel_mps", "pbp-mps", a.parallel and a.mps, mps_daemon),
+    ):
+        if wanted:
+            with around() as log:
+                rows[side] = peftbench_cli(a.model, a.data, work / folder, parallel, a.cli_timeout)
+            if log is not None:
+                rows[side]["mps_log"] = log
+            print(json.dumps({side: rows[side]["total_seconds"]}), flush=True)
+            save()
     save()
     print(
         json.dumps(
