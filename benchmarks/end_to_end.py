@@ -38,16 +38,17 @@ def with_bytecode_cached(argv: list[str]) -> None:
     starting study's command took 37.1 s, and 26.1-27.3 s with bytecode cached (2026-12-07,
     `results/h100-bytecode-54fef75.json`). A pip install writes bytecode, so users do not pay that. So there
     this script first runs itself on 64 texts, untimed, with bytecode cached in a temporary folder, and then
-    again, timed, with that cache: both sides alike."""
+    again, timed, with that cache: both sides alike. The folder is removed afterwards."""
     if not sys.flags.dont_write_bytecode:
         return
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = cache = tempfile.mkdtemp(prefix="bytecode-")
     warm = [*argv, "--train-size", "64", "--test-size", "64", "--out", f"{cache}/warm.json", "--keep", cache]
     done = subprocess.run([sys.executable, __file__, *warm], env=env, stdout=subprocess.DEVNULL)
-    if done.returncode:
-        sys.exit(done.returncode)
-    os.execve(sys.executable, [sys.executable, __file__, *argv], env)
+    if done.returncode == 0:
+        done = subprocess.run([sys.executable, __file__, *argv], env=env)
+    shutil.rmtree(cache, ignore_errors=True)
+    sys.exit(done.returncode)
 
 
 if __name__ == "__main__":
@@ -240,7 +241,7 @@ def main() -> None:
     seeds = [int(x) for x in a.seeds.split(",")]
     os.environ.setdefault("PEFTBENCH_PROGRESS", "0")
     methods = a.methods.split(",")
-    work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp())
+    work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="end-to-end-"))
     work.mkdir(parents=True, exist_ok=True)
     rows: dict = {"argv": sys.argv[1:], "torch": speed.torch.__version__}
     if os.environ.get("PYTHONPYCACHEPREFIX"):
@@ -327,6 +328,8 @@ def main() -> None:
             print(json.dumps({side: rows[side]["total_seconds"]}), flush=True)
             save()
     save()
+    if not a.keep:
+        shutil.rmtree(work, ignore_errors=True)
     print(
         json.dumps(
             {
