@@ -170,9 +170,9 @@ def cmd_run(args) -> int:
 
         # it imports torch, transformers and peft while this process validates and tokenizes
         start_forkserver()
-    if slow := bytecode_note():
-        print(f"peftbench: note: {slow}", file=sys.stderr)
     study = config.validate(raw, base_dir=Path.cwd())
+    if slow := bytecode_note():  # after the checks: a bad input gets its one line alone
+        print(f"peftbench: note: {slow}", file=sys.stderr)
     out, note = (out, None) if args.out else _free_default_out(out, study)
     report = study["report"] and not args.no_report
     results = Study(study, out, folder_note=note).run(args.force, import_dependencies if report else None)
