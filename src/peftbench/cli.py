@@ -622,8 +622,14 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # no line per retry before our one-line error
     args = parser().parse_args(argv)
+    import atexit
+    import gc
     import signal
     import threading
+
+    # As the process ends, nothing is left to collect: the garbage collector's last passes over every
+    # object that torch, transformers and matplotlib made took 0.9 s of a study command's exit (2-core CPU).
+    atexit.register(gc.freeze)
 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGHUP):  # end like Ctrl-C: the workers die with this process
