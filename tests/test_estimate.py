@@ -153,13 +153,15 @@ def test_plan_without_a_gpu_searches_the_estimate(tiny_decoder, tiny_data, tmp_p
     assert "| lora | no (est.) |" in capsys.readouterr().out
 
 
-def test_a_run_on_the_cpu_says_its_gpu_budget_is_not_applied(tiny_encoder, tiny_data, tmp_path, capsys):
+def test_a_run_on_the_cpu_says_its_gpu_budget_and_mps_are_not_applied(
+    tiny_encoder, tiny_data, tmp_path, capsys
+):
     from conftest import run_study
 
-    run_study(
-        study(tiny_encoder, tiny_data, ["head"], gpu_memory="24GB", train={"epochs": 1}), tmp_path / "o"
-    )
-    assert "gpu_memory 24GB is a GPU budget" in capsys.readouterr().err
+    raw = study(tiny_encoder, tiny_data, ["head"], gpu_memory="24GB", mps=True, train={"epochs": 1})
+    run_study(raw, tmp_path / "o")
+    err = capsys.readouterr().err
+    assert "gpu_memory 24GB is a GPU budget" in err and "mps is not started: the runs are on the CPU" in err
 
 
 @pytest.mark.parametrize("shape", ["1.4b", "8b"])

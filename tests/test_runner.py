@@ -781,16 +781,40 @@ def test_qlora_runs_on_cpu(tiny_encoder, tiny_data, tmp_path):
     assert "Linear4bit" in kinds
 
 
+def fake_mps_control(folder: Path, monkeypatch) -> Path:
+    """A stand-in for NVIDIA's MPS control program first on PATH, with no daemon serving yet: it logs each
+    call (its arguments, what it reads and its pipe folder) and makes or removes the daemon's `control`
+    pipe as `-d` or `quit` asks. Returns its log."""
+    from peftbench import devices
+
+    log = folder / "mps-calls.log"
+    script = folder / devices.MPS_CONTROL
+    script.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "-d" ]; then touch "$CUDA_MPS_PIPE_DIRECTORY/control"; cmd=-d;\n'
+        'else cmd=$(cat); rm -f "$CUDA_MPS_PIPE_DIRECTORY/control"; fi\n'
+        f'echo "$cmd $CUDA_MPS_PIPE_DIRECTORY" >> {log}\n'
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    monkeypatch.setattr(devices, "MPS_DEFAULT_PIPES", folder / "no-daemon-here")
+    return log
+
+
 def test_concurrent_runs_are_flagged_in_the_report(tiny_encoder, tiny_data, tmp_path, monkeypatch):
     """Two runs sharing the device (forked workers started from two threads): both succeed, each with half
     the CPU's cores as torch threads, and the report says that their timings were taken under contention;
-    finals run alone by default, with every core, and are not flagged."""
+    finals run alone by default, with every core, and are not flagged. With `mps` (its daemon a stand-in,
+    the device taken for a GPU) both runs are clients of the one daemon the study started and quit."""
     import torch
 
     from peftbench import report
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cores = len(os.sched_getaffinity(0))
+    calls = fake_mps_control(tmp_path, monkeypatch)
+    monkeypatch.setattr(runner.Study, "mps_unapplied", lambda self: None)
 
     raw = study(
         tiny_encoder,
@@ -800,17 +824,61 @@ def test_concurrent_runs_are_flagged_in_the_report(tiny_encoder, tiny_data, tmp_
         isolation="process",
         parallel=2,
         exclusive_finals=False,
+        mps=True,
     )
     results = run_study(raw, tmp_path / "shared")
     assert [r["status"] for r in results] == ["success", "success"]
     assert {r["config"]["concurrent_runs"] for r in results} == {2}
     assert {r["environment"]["torch_threads"] for r in results} == {max(1, cores // 2)}
-    assert "measured under contention" in report.write_report(tmp_path / "shared")["markdown"].read_text()
-    alone = run_study({**raw, "exclusive_finals": True}, tmp_path / "alone")
+    (pipes,) = {r["environment"]["cuda_mps_pipe_directory"] for r in results}
+    assert calls.read_text().splitlines() == [f"-d {pipes}", f"quit {pipes}"] and not Path(pipes).exists()
+    text = report.write_report(tmp_path / "shared")["markdown"].read_text()
+    assert "measured under contention" in text and "under NVIDIA MPS" in text
+    alone = run_study({**raw, "exclusive_finals": True, "mps": False}, tmp_path / "alone")
     assert {r["config"]["concurrent_runs"] for r in alone} == {1}
     assert {r["environment"]["torch_threads"] for r in alone} == {torch.get_num_threads()}
+    assert {r["environment"]["cuda_mps_pipe_directory"] for r in alone} == {None}
     assert report.load_study(tmp_path / "alone")["concurrent_runs"] == 1
     assert "contention" not in report.write_report(tmp_path / "alone")["markdown"].read_text()
+
+
+def test_mps_is_started_only_where_runs_share_a_gpu_and_not_twice(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from peftbench import devices
+
+    cfg = {"executor": "local", "isolation": "process", "parallel": 4, "exclusive_finals": False}
+    why = runner.Study.mps_unapplied
+    assert why(SimpleNamespace(device="cuda", cfg={**cfg, "lr_search": False})) is None
+    assert "on the CPU" in why(SimpleNamespace(device="cpu", cfg={**cfg, "lr_search": False}))
+    assert "one at a time" in why(
+        SimpleNamespace(device="cuda", cfg={**cfg, "parallel": 1, "lr_search": True})
+    )
+    finals_alone = {**cfg, "exclusive_finals": True}
+    assert "one at a time" in why(SimpleNamespace(device="cuda", cfg={**finals_alone, "lr_search": False}))
+    assert (
+        why(SimpleNamespace(device="cuda", cfg={**finals_alone, "lr_search": True})) is None
+    )  # trials share
+    assert "executor" in why(
+        SimpleNamespace(device="cuda", cfg={**cfg, "executor": "ray", "lr_search": False})
+    )
+
+    calls = fake_mps_control(tmp_path, monkeypatch)
+    with devices.mps_daemon() as env:
+        folder = Path(env["CUDA_MPS_PIPE_DIRECTORY"])
+        assert (folder / "control").exists() and env["CUDA_MPS_LOG_DIRECTORY"] == str(folder)
+    assert not folder.exists() and len(calls.read_text().splitlines()) == 2
+    with pytest.raises(KeyboardInterrupt), devices.mps_daemon() as env:  # quit however the block ends
+        raise KeyboardInterrupt
+    assert not Path(env["CUDA_MPS_PIPE_DIRECTORY"]).exists() and len(calls.read_text().splitlines()) == 4
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))  # the user's own daemon: used, not doubled
+    with devices.mps_daemon() as env:
+        assert env == {}
+    assert len(calls.read_text().splitlines()) == 4
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="nvidia-cuda-mps-control is not on PATH"), devices.mps_daemon():
+        pass
 
 
 def test_runs_sharing_a_cpu_share_its_cores_unless_the_user_says_how_many_threads(monkeypatch):

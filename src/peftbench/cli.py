@@ -83,6 +83,8 @@ def build_study(args) -> tuple[dict, Path]:
         raw["profile"] = True
     if args.concurrent_finals:
         raw["exclusive_finals"] = False
+    if getattr(args, "mps", False):
+        raw["mps"] = True
     name = raw.get("name") or (args.preset or (Path(args.study).stem if args.study else "study"))
     from .methods import safe_label  # a study name never becomes a path unsanitised ("../../x" -> "x")
 
@@ -528,6 +530,12 @@ def parser() -> argparse.ArgumentParser:
         "--profile",
         action="store_true",
         help="a torch.profiler profile of steps 20-50 in each run's profile.json, e.g. --profile",
+    )
+    r.add_argument(
+        "--mps",
+        action="store_true",
+        help="runs sharing a GPU run their kernels side by side under NVIDIA's Multi-Process Service, "
+        "started for the study (instead of taking turns on the GPU), e.g. --parallel 4 --mps",
     )
     r.add_argument("--no-report", action="store_true", help="skip the HTML/Markdown report, e.g. --no-report")
     r.add_argument(

@@ -66,6 +66,7 @@ TOP_DEFAULTS: dict[str, Any] = {
     "parallel": 1,
     "exclusive_finals": True,
     "warm_trials": True,  # lr-search trials of one method share a worker process, model and CUDA graphs
+    "mps": False,  # true: runs sharing a GPU run their kernels side by side under NVIDIA MPS (devices.py)
     "executor": Runtime.executor,
     "ray_address": None,
     "ray_cpus_per_run": 1,
@@ -535,7 +536,16 @@ def _validate_execution(study: dict, problems: list[str]) -> None:
     need("tracking_every", lambda v: _is_int(v) and v > 0, "a positive integer")
     need("max_oom_retries", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
     need("checkpoint_every_seconds", lambda v: _is_num(v) and v >= 0, "a number of seconds >= 0")
-    for key in ("trust_remote_code", "allow_pickle", "report", "exclusive_finals", "warm_trials", "profile"):
+    flags = (
+        "trust_remote_code",
+        "allow_pickle",
+        "report",
+        "exclusive_finals",
+        "warm_trials",
+        "mps",
+        "profile",
+    )
+    for key in flags:
         need(key, lambda v: isinstance(v, bool), "true or false")
     if study["gpu_memory"] is not None:
         from .memory import parse_size

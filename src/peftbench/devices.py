@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 from .errors import UserError
 
@@ -21,6 +26,42 @@ def resolve_device(requested: str) -> str:
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("device: cuda was asked for but no CUDA GPU is visible; use device: auto or cpu")
     return requested
+
+
+MPS_CONTROL = "nvidia-cuda-mps-control"
+MPS_DEFAULT_PIPES = Path("/tmp/nvidia-mps")  # where clients look for a daemon without CUDA_MPS_PIPE_DIRECTORY
+
+
+@contextlib.contextmanager
+def mps_daemon():
+    """NVIDIA's Multi-Process Service while the block runs, so that processes sharing a GPU run their kernels
+    side by side instead of taking turns on it. Yields what the environment of a process needs to be its
+    client: {} where a daemon already serves this user (CUDA_MPS_PIPE_DIRECTORY set, or NVIDIA's default
+    folder in use). Otherwise the daemon is started with its pipes and log in a temporary folder, and quit
+    and its folder removed when the block ends. A CUDA process that cannot reach a daemon runs without it."""
+    if os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or (MPS_DEFAULT_PIPES / "control").exists():
+        yield {}
+        return
+    if shutil.which(MPS_CONTROL) is None:
+        raise UserError(
+            f"mps: {MPS_CONTROL} is not on PATH (it comes with NVIDIA's driver utilities); install them, "
+            f"or leave out --mps"
+        )
+    folder = tempfile.mkdtemp(prefix="peftbench-mps-")
+    pipes = {"CUDA_MPS_PIPE_DIRECTORY": folder, "CUDA_MPS_LOG_DIRECTORY": folder}
+    env = {**os.environ, **pipes}
+    started = subprocess.run(
+        [MPS_CONTROL, "-d"], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True
+    )
+    if started.returncode:
+        shutil.rmtree(folder, ignore_errors=True)
+        why = (started.stderr or started.stdout).strip().splitlines() or [f"exit status {started.returncode}"]
+        raise UserError(f"mps: `{MPS_CONTROL} -d` failed: {why[0]}; leave out --mps")
+    try:
+        yield pipes
+    finally:  # the daemon quits its server once the last client has gone
+        subprocess.run([MPS_CONTROL], input="quit\n", env=env, capture_output=True, text=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def autocast_dtype(precision: str, device: str):

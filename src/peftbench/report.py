@@ -1135,9 +1135,10 @@ def _write_report(study_dir: Path, tie_margin: float | None = None) -> dict[str,
     problems = _problems(study)
     intro = _intro(study)
     if study.get("concurrent_runs", 1) > 1:
+        mps = " (their kernels side by side, under NVIDIA MPS)" if (study["plan"] or {}).get("mps") else ""
         intro += (
             f" **Timings were measured under contention**: up to {study['concurrent_runs']} runs shared the "
-            f"device, so times, throughput and memory headroom are comparable only roughly, within this "
+            f"device{mps}, so times, throughput and memory headroom are comparable only roughly, within this "
             f"study; rerun without --parallel/--concurrent-finals for clean timings."
         )
     sections = _sections(study, recs, problems)

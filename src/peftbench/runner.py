@@ -10,6 +10,7 @@ method's trials share one process that keeps its model and CUDA graphs (`warm_tr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -66,6 +67,8 @@ class Study:
         self.model_fingerprint = None
         self.search_wall_seconds = None
         self.warm_workers: dict[str, WarmWorker] = {}  # by chain name: they live on from rung to rung
+        self.mps_env: dict[str, str] = {}  # what makes a run a client of the study's MPS daemon
+        self.mps: str | None = None  # "started" or "already running" where the runs were MPS clients
         self.stopping = threading.Event()  # set when the study is interrupted: no run starts after it
 
     # ---------------------------------------------------------------- preparation (no model loaded)
@@ -358,7 +361,7 @@ class Study:
         )
         parallel = self.concurrency(specs)
         chains = self.chains(todo, parallel)
-        extra_env = self.thread_env(min(parallel, len(chains)))
+        extra_env = {**self.thread_env(min(parallel, len(chains))), **self.mps_env}
 
         def finished(res):
             bar.update(1)
@@ -570,24 +573,57 @@ class Study:
                     f"runs on {self.device}: it is not applied (`peftbench plan` estimates what fits in it)",
                     file=sys.stderr,
                 )
-            trials = self.trial_specs()
-            self.write_plan(trials, self.final_specs({}) if not trials else [], {}, complete=False)
-            print(f"peftbench: {self.workload(len(trials))}", file=sys.stderr)
-            if while_training is not None:
-                threading.Thread(target=while_training, name="peftbench-while-training", daemon=True).start()
-            chosen: dict[str, float | None] = {}
-            trial_results, search = [], {}
-            if trials:
-                t = time.perf_counter()
-                trial_results, chosen, search = self.search(trials)
-                self.search_wall_seconds = time.perf_counter() - t
-            finals = self.final_specs(chosen)
-            self.write_plan(trials, finals, chosen, complete=False, search=search)
-            final_results = self.execute(finals, "study")
-            self.write_plan(
-                trials, finals, chosen, complete=True, wall_seconds=time.perf_counter() - t0, search=search
-            )
-            return trial_results + final_results
+            with self.mps_for_runs():
+                return self._run_runs(t0, while_training)
+
+    def _run_runs(self, t0: float, while_training) -> list[dict]:
+        trials = self.trial_specs()
+        self.write_plan(trials, self.final_specs({}) if not trials else [], {}, complete=False)
+        print(f"peftbench: {self.workload(len(trials))}", file=sys.stderr)
+        if while_training is not None:
+            threading.Thread(target=while_training, name="peftbench-while-training", daemon=True).start()
+        chosen: dict[str, float | None] = {}
+        trial_results, search = [], {}
+        if trials:
+            t = time.perf_counter()
+            trial_results, chosen, search = self.search(trials)
+            self.search_wall_seconds = time.perf_counter() - t
+        finals = self.final_specs(chosen)
+        self.write_plan(trials, finals, chosen, complete=False, search=search)
+        final_results = self.execute(finals, "study")
+        self.write_plan(
+            trials, finals, chosen, complete=True, wall_seconds=time.perf_counter() - t0, search=search
+        )
+        return trial_results + final_results
+
+    @contextlib.contextmanager
+    def mps_for_runs(self):
+        """NVIDIA MPS for the study's runs (`devices.mps_daemon`) where `mps` asks for it and runs share a
+        GPU; where it asks and they do not, a note that says why it is not started."""
+        why_not = self.mps_unapplied() if self.cfg["mps"] else None
+        if why_not:
+            print(f"peftbench: note: mps is not started: {why_not}", file=sys.stderr)
+        if not self.cfg["mps"] or why_not:
+            yield
+            return
+        from .devices import mps_daemon
+
+        with mps_daemon() as env:
+            self.mps_env, self.mps = env, "started" if env else "already running"
+            try:
+                yield
+            finally:
+                self.mps_env = {}
+
+    def mps_unapplied(self) -> str | None:
+        """Why MPS would change nothing for this study's runs, or None where runs share a GPU."""
+        if not self.device.startswith("cuda"):
+            return f"the runs are on the {self.device.upper()}"
+        if self.cfg["executor"] != "local" or self.cfg["isolation"] != "process":
+            return "it serves runs in processes of their own here (isolation: process, executor: local)"
+        if self.cfg["parallel"] < 2 or (self.cfg["exclusive_finals"] and not self.cfg["lr_search"]):
+            return "the runs go one at a time (--parallel N; --concurrent-finals for final runs)"
+        return None
 
     def workload(self, n_trials: int) -> str:
         """What the study is about to train, in one line, before it starts: runs, texts, epochs, device; on
@@ -746,6 +782,7 @@ class Study:
                 "tokenizer_note": self.tokenizer_note,
             },
             "device": self.device,
+            "mps": self.mps,
             "wall_seconds": wall_seconds,
             # the lr search from its first trial to its choice, all methods (with `parallel: 1` and one
             # device, the device time it held)

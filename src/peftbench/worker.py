@@ -58,6 +58,7 @@ def _environment(device: str) -> dict:
         "host": socket.gethostname(),
         "worker": os.environ.get("PEFTBENCH_WORKER", "process"),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "cuda_mps_pipe_directory": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"),  # a client of that MPS daemon
         "packages": {},
     }
     for p in PACKAGES:
