@@ -11,14 +11,13 @@ command in a fresh process: reading and tokenizing the data, one process per run
 set, saving and the reload check of every artefact, and the report. With --parallel N, (c) the same
 command with N runs sharing the GPU (`--parallel N --concurrent-finals`). With --seeds, every run of both
 sides once per training seed (the accuracy check across seeds). With --mps, (d) the command of (c) once more
-with NVIDIA's Multi-Process Service running (`mps_daemon`), so that the runs' kernels can overlap on the GPU
-instead of taking turns.
+with its --mps: NVIDIA's Multi-Process Service runs for the study, so that the runs' kernels can overlap on
+the GPU instead of taking turns.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -65,28 +64,6 @@ IMPORTS = {
     "from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments",
     "peftbench": f"import importlib; [importlib.import_module(m) for m in {PRELOAD!r}]",
 }
-
-
-@contextlib.contextmanager
-def mps_daemon():
-    """NVIDIA's Multi-Process Service while the block runs: its control daemon started with its pipes and log
-    in a temporary folder, and this process's environment pointed there, so the commands started meanwhile
-    (and their runs) are its clients; quit afterwards. Without it, processes sharing a GPU take turns on
-    it. Yields a dict that receives the daemon's log (its clients' connections) when the block ends."""
-    folder = tempfile.mkdtemp(prefix="mps-")
-    names = {"CUDA_MPS_PIPE_DIRECTORY": folder, "CUDA_MPS_LOG_DIRECTORY": folder}
-    env, log = {**os.environ, **names}, {}
-    subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, check=True)
-    os.environ.update(names)
-    try:
-        yield log
-    finally:
-        for name in names:
-            del os.environ[name]
-        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, env=env, check=False)
-        time.sleep(1)  # the daemon writes its last lines as it quits
-        log.update({f.name: f.read_text()[-3000:] for f in Path(folder).glob("*.log")})
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def import_seconds(code: str) -> float:
@@ -199,6 +176,7 @@ def study_details(out: Path, started: float, ended: float) -> dict:
         runs[f"{r['label']}/s{r['seed']}" if several else r["label"]] = {
             "test_accuracy": m.get("test_accuracy"),
             "worker": (r.get("environment") or {}).get("worker"),
+            "mps_client": bool((r.get("environment") or {}).get("cuda_mps_pipe_directory")),
             "run_seconds": (r.get("finished_at") or 0) - r["started_at"],
             "phase_seconds": m.get("phase_seconds"),
             "epoch_seconds": [h["epoch_seconds"] for h in r.get("history") or []],
@@ -236,7 +214,7 @@ def main() -> None:
     ap.add_argument(
         "--imports", action="store_true", help="time both sides' imports in fresh processes first"
     )
-    ap.add_argument("--mps", action="store_true", help="with --parallel: once more with NVIDIA MPS running")
+    ap.add_argument("--mps", action="store_true", help="with --parallel: once more, with its --mps")
     a = ap.parse_args()
     seeds = [int(x) for x in a.seeds.split(",")]
     os.environ.setdefault("PEFTBENCH_PROGRESS", "0")
@@ -316,15 +294,12 @@ def main() -> None:
         print(json.dumps({"peftbench": rows["peftbench"]["total_seconds"]}), flush=True)
         save()
     parallel = ["--methods", a.methods, *sizes, "--parallel", str(a.parallel), "--concurrent-finals"]
-    for side, folder, wanted, around in (
-        ("peftbench_parallel", "pbp", a.parallel, contextlib.nullcontext),
-        ("peftbench_parallel_mps", "pbp-mps", a.parallel and a.mps, mps_daemon),
+    for side, folder, wanted, mps in (
+        ("peftbench_parallel", "pbp", a.parallel, []),
+        ("peftbench_parallel_mps", "pbp-mps", a.parallel and a.mps, ["--mps"]),
     ):
         if wanted:
-            with around() as log:
-                rows[side] = peftbench_cli(a.model, a.data, work / folder, parallel, a.cli_timeout)
-            if log is not None:
-                rows[side]["mps_log"] = log
+            rows[side] = peftbench_cli(a.model, a.data, work / folder, parallel + mps, a.cli_timeout)
             print(json.dumps({side: rows[side]["total_seconds"]}), flush=True)
             save()
     save()
