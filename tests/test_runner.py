@@ -434,6 +434,56 @@ def test_warm_trials_share_a_process_and_a_crash_costs_only_its_run(
     assert [r["metrics"].get("warm_start") for r in res] == [False, None, False, True, True, True]
 
 
+def test_a_warm_worker_runs_each_run_with_the_thread_share_of_its_rung(monkeypatch):
+    """The runs at once change from rung to rung, and with them each run's share of the CPU's cores: a warm
+    worker is told the share with each run, None for torch's own count, and records what the run had."""
+    import threading
+    from types import SimpleNamespace
+
+    import torch
+
+    from peftbench import worker
+
+    sent = []
+
+    class Worker:
+        def __init__(self, progress, extra_env):
+            pass
+
+        def run(self, rdir, cuda, threads=None):
+            sent.append(threads)
+            return 0
+
+    monkeypatch.setattr(runner, "WarmWorker", Worker)
+    monkeypatch.setattr(runner, "collect", lambda spec, rdir, code, launched: code)
+    me = SimpleNamespace(warm_workers={}, stopping=threading.Event(), _prepare_run_dir=lambda spec: Path("r"))
+    cpu = [SimpleNamespace(runtime=SimpleNamespace(device="cpu"))] * 2
+    runner.Study._execute_chain(me, "a", cpu, False, lambda r: r, {"OMP_NUM_THREADS": "3"})
+    runner.Study._execute_chain(me, "a", cpu[:1], False, lambda r: r, {})
+    assert sent == [3, 3, None]
+
+    ran = []
+
+    class Conn:
+        messages = [("/runs/a", 1), ("/runs/b", None), ("/runs/c", 2), None]
+
+        def recv(self):
+            return self.messages.pop(0)
+
+        def send(self, answer):
+            ran.append(answer)
+
+    monkeypatch.setattr(worker, "die_with_parent", lambda: None)
+    monkeypatch.setattr(worker, "_quiet", lambda: None)
+    monkeypatch.setattr(worker, "_execute_logged", lambda rdir, rank: ran.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        worker.serve(Conn(), default_threads=3)
+    finally:
+        torch.set_num_threads(before)
+    assert ran == [1, "/runs/a", 3, "/runs/b", 2, "/runs/c"]
+
+
 def test_a_warm_worker_that_died_between_runs_is_replaced(tiny_encoder, tiny_data, tmp_path):
     import signal
 

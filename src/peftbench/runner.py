@@ -445,17 +445,18 @@ class Study:
         self, key: str, chain: list[RunSpec], progress: bool, on_done, extra_env: dict
     ) -> list[dict]:
         """Warm trials, one after another in the warm worker process of `key` (kept for the next rung),
-        which `extra_env` adds to the environment when it starts."""
+        which `extra_env` adds to the environment when it starts; each with this rung's thread share."""
         if key not in self.warm_workers:
             self.warm_workers[key] = WarmWorker(progress, extra_env)
         worker = self.warm_workers[key]
+        threads = int(extra_env["OMP_NUM_THREADS"]) if "OMP_NUM_THREADS" in extra_env else None
         results = []
         for spec in chain:
             if self.stopping.is_set():
                 break
             rdir = self._prepare_run_dir(spec)
             launched = time.time()
-            code = worker.run(rdir, spec.runtime.device.startswith("cuda"))
+            code = worker.run(rdir, spec.runtime.device.startswith("cuda"), threads)
             results.append(on_done(collect(spec, rdir, code, launched)))
         return results
 
@@ -983,10 +984,13 @@ def _forked_worker(run_dir: str, env: dict, cuda: bool) -> None:
 
 def _warm_worker(conn, env: dict, cuda: bool) -> None:
     with silent_interrupt():  # while it starts or waits between runs too
+        import torch
+
+        default_threads = torch.get_num_threads()  # torch's own, before the run's environment sets any
         _enter_worker(env, cuda, "warm")
         from .worker import serve
 
-        serve(conn)
+        serve(conn, default_threads)
 
 
 class WarmWorker:
@@ -998,14 +1002,15 @@ class WarmWorker:
         self.env = worker_env(progress, extra_env or {})
         self.proc = self.conn = None
 
-    def run(self, rdir: Path, cuda: bool) -> int:
-        """One run: 0 once its result is written, else the exit status of the process, which died in it."""
+    def run(self, rdir: Path, cuda: bool, threads: int | None = None) -> int:
+        """One run with `threads` torch threads (None: torch's own count): 0 once its result is written, else
+        the exit status of the process, which died in it."""
         if self.proc is not None and not self.proc.is_alive():  # it died between runs: a new one takes over
             self.proc.join()
             self.proc = self.conn = None
         if self.proc is None:
             self._start(cuda)
-        self.conn.send(str(rdir))
+        self.conn.send((str(rdir), threads))
         while not self.conn.poll(0.2):
             if not self.proc.is_alive():
                 break
@@ -1018,7 +1023,7 @@ class WarmWorker:
         code, self.proc, self.conn = self.proc.exitcode, None, None
         if code == BAD_FORK_EXIT and _FORK["usable"]:
             _FORK["usable"] = False
-            return self.run(rdir, cuda)
+            return self.run(rdir, cuda, threads)
         return code
 
     def _start(self, cuda: bool) -> None:

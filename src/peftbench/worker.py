@@ -73,7 +73,6 @@ def _environment(device: str) -> dict:
             torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
         )
         env["cuda"] = torch.version.cuda
-        env["torch_threads"] = torch.get_num_threads()
     except Exception:
         env["device"] = device
     src = Path(__file__).resolve().parent
@@ -230,7 +229,10 @@ def execute_run(run_dir: Path, progress: bool = True) -> dict:
         )
         (run_dir / "error.log").write_text(traceback.format_exc())
     result["config"]["micro_batch_size_used"] = (attempts or [{}])[-1].get("micro_batch_size")
+    import torch
+
     result["environment"] = environment(spec.runtime.device)
+    result["environment"]["torch_threads"] = torch.get_num_threads()  # per run: a warm worker's change
     result["finished_at"] = time.time()
     result["load"]["end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if rank == 0:
@@ -289,12 +291,17 @@ def main() -> None:
         dist.destroy_process_group()
 
 
-def serve(conn) -> None:
-    """A warm-trial worker (runner.WarmWorker): each run folder received on `conn`, run in turn and answered
-    once its result is written; None ends it."""
+def serve(conn, default_threads: int) -> None:
+    """A warm-trial worker (runner.WarmWorker): each (run folder, torch threads) received on `conn`, run in
+    turn with that many threads (None: `default_threads`, torch's own) and answered once its result is
+    written; None ends it. The threads follow the runs at once, which change from rung to rung."""
+    import torch
+
     die_with_parent()
     _quiet()
-    while (run_dir := conn.recv()) is not None:
+    while (message := conn.recv()) is not None:
+        run_dir, threads = message
+        torch.set_num_threads(threads or default_threads)
         _execute_logged(Path(run_dir), 0)
         conn.send(run_dir)
 
