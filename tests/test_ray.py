@@ -13,9 +13,17 @@ COMPARED = ("test_accuracy", "test_macro_f1", "validation_accuracy", "trainable_
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    yield
+def local_ray(tmp_path_factory):
+    """A local Ray instance whose workers' temporary folder (TMPDIR) is the fixture's: it yields it."""
+    tmp = tmp_path_factory.mktemp("ray-workers-tmp")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        ignore_reinit_error=True,
+        runtime_env={"env_vars": {"TMPDIR": str(tmp)}},
+    )
+    yield tmp
     ray.shutdown()
 
 
@@ -34,6 +42,7 @@ def test_ray_results_match_the_local_executor(local_ray, tiny_encoder, tiny_data
         assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     again = run_study({**raw, "executor": "ray"}, tmp_path / "ray")  # skip-if-done works the same
     assert [r["started_at"] for r in again] == [r["started_at"] for r in remote]
+    assert not list(local_ray.iterdir())  # the actors' forkservers left no folder behind
 
 
 def test_ray_records_a_crashed_run_and_finishes_the_rest(

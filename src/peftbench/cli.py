@@ -614,18 +614,6 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _stop_workers() -> None:
-    """Kill the run processes this CLI started (Python would otherwise wait for them as it exits), and remove
-    the folder in /tmp that holds the forkserver's socket (the exit that follows skips Python's clean-up)."""
-    import multiprocessing
-    import shutil
-    from multiprocessing import util
-
-    for child in multiprocessing.active_children():
-        child.kill()
-    shutil.rmtree(util.get_temp_dir(), ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # no line per retry before our one-line error
@@ -652,7 +640,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.close()
         sys.exit(0)
     except KeyboardInterrupt:
-        _stop_workers()
+        from .runner import stop_workers
+
+        stop_workers()
         print(
             "peftbench: interrupted; finished runs are kept, rerun the same command to continue",
             file=sys.stderr,

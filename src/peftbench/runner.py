@@ -555,6 +555,8 @@ class Study:
                 result = record_failure(spec, rdir, f"{why}: {type(e).__name__}: {first}")
             out[spec.runtime.run_id] = result
             on_done(result)
+        with contextlib.suppress(Exception):  # an actor that died has nothing left to remove
+            ray.get([a.close.remote() for a in actors], timeout=30)
         for a in actors:
             ray.kill(a)
         return [out[s.runtime.run_id] for s in todo]
@@ -1113,8 +1115,25 @@ def _check_reachable(address: str | None) -> None:
         ) from None
 
 
+def stop_workers() -> None:
+    """Kill the run processes this process started (Python would otherwise wait for them as it exits), and
+    remove the folder in /tmp that holds its forkserver's socket (the exit that follows, a kill or
+    `os._exit`, skips Python's clean-up)."""
+    import multiprocessing
+    import shutil
+    from multiprocessing import util
+
+    for child in multiprocessing.active_children():
+        child.kill()
+    shutil.rmtree(util.get_temp_dir(), ignore_errors=True)
+
+
 class RunSlot:
     """A Ray actor holding one run's GPUs or CPUs for the study (see `Study._execute_ray`)."""
+
+    def close(self) -> None:
+        """Before Ray kills the actor: its forkserver's folder in /tmp would be left behind."""
+        stop_workers()
 
     def run(self, run_dir: str, env: dict) -> tuple[int, dict | None]:
         """The same worker process as the local executor; its exit status and result."""
