@@ -893,25 +893,22 @@ def test_concurrent_runs_are_flagged_in_the_report(tiny_encoder, tiny_data, tmp_
 
 
 def test_mps_is_started_only_where_runs_share_a_gpu_and_not_twice(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
     from peftbench import devices
+
+    def study_on(device: str, cfg: dict) -> runner.Study:  # what `mps_unapplied` reads, nothing prepared
+        me = runner.Study.__new__(runner.Study)
+        me.device, me.cfg = device, cfg
+        return me
 
     cfg = {"executor": "local", "isolation": "process", "parallel": 4, "exclusive_finals": False}
     why = runner.Study.mps_unapplied
-    assert why(SimpleNamespace(device="cuda", cfg={**cfg, "lr_search": False})) is None
-    assert "on the CPU" in why(SimpleNamespace(device="cpu", cfg={**cfg, "lr_search": False}))
-    assert "one at a time" in why(
-        SimpleNamespace(device="cuda", cfg={**cfg, "parallel": 1, "lr_search": True})
-    )
+    assert why(study_on("cuda", {**cfg, "lr_search": False})) is None
+    assert "on the CPU" in why(study_on("cpu", {**cfg, "lr_search": False}))
+    assert "one at a time" in why(study_on("cuda", {**cfg, "parallel": 1, "lr_search": True}))
     finals_alone = {**cfg, "exclusive_finals": True}
-    assert "one at a time" in why(SimpleNamespace(device="cuda", cfg={**finals_alone, "lr_search": False}))
-    assert (
-        why(SimpleNamespace(device="cuda", cfg={**finals_alone, "lr_search": True})) is None
-    )  # trials share
-    assert "executor" in why(
-        SimpleNamespace(device="cuda", cfg={**cfg, "executor": "ray", "lr_search": False})
-    )
+    assert "one at a time" in why(study_on("cuda", {**finals_alone, "lr_search": False}))
+    assert why(study_on("cuda", {**finals_alone, "lr_search": True})) is None  # trials share
+    assert "executor" in why(study_on("cuda", {**cfg, "executor": "ray", "lr_search": False}))
 
     calls = fake_mps_control(tmp_path, monkeypatch)
     with devices.mps_daemon() as env:

@@ -264,7 +264,7 @@ class Study:
                 tracking=cfg["tracking"],
                 tracking_every=cfg["tracking_every"],
                 profile=cfg["profile"],
-                concurrent_runs=1 if role == "final" and cfg["exclusive_finals"] else cfg["parallel"],
+                concurrent_runs=self.at_once(role),
                 warm=role == "trial" and cfg["warm_trials"] and cfg["executor"] == "local" and world == 1,
             ),
         ).planned()
@@ -414,9 +414,13 @@ class Study:
         return {"OMP_NUM_THREADS": str(max(1, cores // at_once))}
 
     def concurrency(self, specs: list[RunSpec]) -> int:
-        """Runs at once: `parallel`, except final runs when `exclusive_finals` asks for clean timings."""
-        finals = any(s.role == "final" for s in specs)
-        return 1 if finals and self.cfg["exclusive_finals"] else self.cfg["parallel"]
+        """Runs at once among `specs` (`at_once`: of finals, if they hold any)."""
+        return self.at_once("final" if any(s.role == "final" for s in specs) else "trial")
+
+    def at_once(self, role: str) -> int:
+        """Runs of `role` at once: `parallel`, except final runs when `exclusive_finals` asks for clean
+        timings."""
+        return 1 if role == "final" and self.cfg["exclusive_finals"] else self.cfg["parallel"]
 
     def chains(self, todo: list[RunSpec], parallel: int) -> list[tuple[str | None, list[RunSpec]]]:
         """The runs each worker process runs, in order, with the name of its warm worker: warm trials of one
@@ -624,7 +628,8 @@ class Study:
             return f"the runs are on the {self.device.upper()}"
         if self.cfg["executor"] != "local" or self.cfg["isolation"] != "process":
             return "it serves runs in processes of their own here (isolation: process, executor: local)"
-        if self.cfg["parallel"] < 2 or (self.cfg["exclusive_finals"] and not self.cfg["lr_search"]):
+        roles = ["final", "trial"] if self.cfg["lr_search"] else ["final"]
+        if max(self.at_once(role) for role in roles) < 2:
             return "the runs go one at a time (--parallel N; --concurrent-finals for final runs)"
         return None
 
