@@ -165,9 +165,9 @@ def peftbench_cli(model: str, data: str, out: Path, extra: list[str], timeout: f
 
 
 def study_details(out: Path, started: float, ended: float) -> dict:
-    """What the study folder says: test accuracies, the study's own wall time, and where each run's time went,
-    with each run's place on the time line of the command that ran from `started` to `ended` (epoch
-    seconds)."""
+    """What the study folder says: test accuracies, the study's own wall time, where its preparation's time
+    went, and where each run's time went, with each run's place on the time line of the command that ran
+    from `started` to `ended` (epoch seconds)."""
     runs = {}
     results = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*/result.json"))]
     several = len({r["seed"] for r in results}) > 1
@@ -189,6 +189,9 @@ def study_details(out: Path, started: float, ended: float) -> dict:
     return {
         "test_accuracy": {k: v["test_accuracy"] for k, v in runs.items()},
         "study_wall_seconds": plan.get("wall_seconds"),
+        # the command's start: its preparation step by step, and when it was over
+        "prepare_seconds": plan.get("prepare_seconds"),
+        "prepared_after_seconds": plan["prepared_at"] - started if plan.get("prepared_at") else None,
         "runs": runs,
     }
 

@@ -98,6 +98,21 @@ def test_seeds_change_training_not_the_test_items(tiny_encoder, tiny_data, tmp_p
     assert res[0]["history"][0]["train_loss"] != res[1]["history"][0]["train_loss"]
 
 
+def test_study_json_says_where_the_start_went(tiny_encoder, tiny_data, tmp_path):
+    """Each step of the preparation is timed, and the runs start after it; a rerun, whose tokens come from
+    the study's cache, times the same steps."""
+    raw = study(tiny_encoder, tiny_data, ["lora"])
+    res = run_study(raw, tmp_path / "s")
+    plan = json.loads((tmp_path / "s" / "study.json").read_text())
+    steps = plan["prepare_seconds"]
+    assert list(steps) == ["device", "data", "model_config", "tokenizer", "tokenize"]
+    assert all(0 <= v for v in steps.values()) and sum(steps.values()) <= plan["wall_seconds"]
+    assert all(r["started_at"] >= plan["prepared_at"] for r in res)
+    run_study(raw, tmp_path / "s")
+    again = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert list(again["prepare_seconds"]) == list(steps) and again["prepared_at"] > plan["prepared_at"]
+
+
 def test_lr_grid():
     grid = runner.lr_grid(1e-3, 5, 1.5)
     assert len(grid) == 5 and grid[2] == pytest.approx(1e-3)

@@ -66,6 +66,9 @@ class Study:
         self.tokenizer_note = None  # a warning about the tokenizer's unknown tokens, for the report too
         self.model_fingerprint = None
         self.search_wall_seconds = None
+        # Where the command's start went, step by step (seconds), and when the runs could begin (epoch s)
+        self.prepare_seconds: dict[str, float] = {}
+        self.prepared_at: float | None = None
         self.warm_workers: dict[str, WarmWorker] = {}  # by chain name: they live on from rung to rung
         self.mps_env: dict[str, str] = {}  # what makes a run a client of the study's MPS daemon
         self.mps: str | None = None  # "started" or "already running" where the runs were MPS clients
@@ -76,6 +79,7 @@ class Study:
         """Check the model config and data, then tokenize every split once for the whole study; then say
         `folder_note`."""
         self._check_and_tokenize()
+        self.prepared_at = time.time()
         if self.folder_note:
             print(f"peftbench: {self.folder_note}", file=sys.stderr)
 
@@ -85,13 +89,13 @@ class Study:
         from .devices import resolve_device
 
         cfg = self.cfg
-        self.device = resolve_device(cfg["device"])
+        self.device = self._timed("device", resolve_device, cfg["device"])
         self.model_path = models.resolve(cfg["model"])
         needs_model = any(registry.get(m["name"]).kind != "tfidf" for m in cfg["methods"])
-        self._load_data()
+        self._timed("data", self._load_data)
         if not needs_model:
             return
-        mconf = models.load_config(self.model_path, cfg["trust_remote_code"])
+        mconf = self._timed("model_config", models.load_config, self.model_path, cfg["trust_remote_code"])
         models.check_weights_format(self.model_path, cfg["allow_pickle"])
         self.max_positions = models.max_positions(mconf)
         max_len = cfg["train"]["max_length"]
@@ -106,7 +110,7 @@ class Study:
                 opts = {**meth.options, **m["options"]}
                 if "target_modules" not in opts:
                     registry.targets_regex(mconf.model_type, opts.get("targets", []))
-        tokenizer = models.load_tokenizer(self.model_path, cfg["trust_remote_code"])
+        tokenizer = self._timed("tokenizer", models.load_tokenizer, self.model_path, cfg["trust_remote_code"])
         self.pad_token_id = tokenizer.pad_token_id
         self.model_fingerprint = models.fingerprint(self.model_path)
         key = config_hash(
@@ -120,10 +124,7 @@ class Study:
             ]
         )
         self.tok_file = self.out / ".cache" / f"tokens-{key}.npz"
-        tok = self._cached_tokens()
-        if tok is None:
-            tok = data_mod.tokenize(self.data, tokenizer, max_len, data_mod.is_pair(cfg["data"]))
-            tok.save(self.tok_file)
+        tok = self._timed("tokenize", self._tokens, tokenizer, max_len)
         self.tokenizer_note = data_mod.check_unknown_tokens(tok, tokenizer, cfg["model"])
         if self.tokenizer_note:
             print(f"peftbench: warning: {self.tokenizer_note}", file=sys.stderr)
@@ -150,6 +151,25 @@ class Study:
         )
         for note in notes:
             print(f"peftbench: warning: {note}", file=sys.stderr)
+
+    def _timed(self, step: str, fn, *args):
+        """`fn(*args)`, its wall seconds recorded as `step` of the preparation (study.json's
+        `prepare_seconds`)."""
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.prepare_seconds[step] = round(time.perf_counter() - t, 3)
+
+    def _tokens(self, tokenizer, max_len: int):
+        """Every split's tokens: from the study's cache, or tokenized now and cached."""
+        from . import data as data_mod
+
+        tok = self._cached_tokens()
+        if tok is None:
+            tok = data_mod.tokenize(self.data, tokenizer, max_len, data_mod.is_pair(self.cfg["data"]))
+            tok.save(self.tok_file)
+        return tok
 
     def _cached_tokens(self):
         """The token cache if it is there and readable; a damaged one is moved aside (and rebuilt)."""
@@ -792,6 +812,8 @@ class Study:
             "device": self.device,
             "mps": self.mps,
             "wall_seconds": wall_seconds,
+            "prepare_seconds": self.prepare_seconds,
+            "prepared_at": self.prepared_at,
             # the lr search from its first trial to its choice, all methods (with `parallel: 1` and one
             # device, the device time it held)
             "lr_search_wall_seconds": self.search_wall_seconds,
