@@ -36,11 +36,13 @@ real tokens (6 x non-embedding params + attention) / time / the GPU's dense bf16
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import gc
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -270,7 +272,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak = devices.peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None
     rows = []
-    work = Path(tempfile.mkdtemp())
+    work = Path(tempfile.mkdtemp(prefix="speed-"))  # studies and the roberta-shaped model (0.5 GB)
+    atexit.register(shutil.rmtree, work, True)
     for model_name in a.models.split(","):
         path = a.minilm if model_name == "minilm" else str(roberta_shaped(work / "roberta"))
         raw = {
