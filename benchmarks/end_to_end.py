@@ -4,21 +4,22 @@
 
 Both sides run the starting study's protocol on the same data: 3,000 train / 2,000 test IMDb reviews, max
 length 512, batch 16, lr 2e-5, weight decay 0.01, 5 epochs (3 for LoRA), full / LoRA r16 q,k,v / QLoRA r8
-q,v / IA3. (a) "trainer": in this process, for each method the model is built, trained with transformers'
-Trainer (fp32, every review padded to 512) and scores the test set with Trainer.predict; timed from the
-model load to the test predictions, after tokenizing once. (b) "peftbench": the wall clock of the CLI
-command in a fresh process: reading and tokenizing the data, one process per run, training, the test
-set, saving and the reload check of every artefact, and the report. With --parallel N, (c) the same
-command with N runs sharing the GPU (`--parallel N --concurrent-finals`). With --seeds, every run of both
-sides once per training seed (the accuracy check across seeds). With --mps, (d) the command of (c) once more
-with its --mps: NVIDIA's Multi-Process Service runs for the study, so that the runs' kernels can overlap on
-the GPU instead of taking turns.
+q,v / IA3. (a) "trainer": in a process of its own, ended before (b) starts, for each method the model is
+built, trained with transformers' Trainer (fp32, every review padded to 512) and scores the test set with
+Trainer.predict; timed from the model load to the test predictions, after tokenizing once. (b) "peftbench":
+the wall clock of the CLI command in a fresh process: reading and tokenizing the data, one process per run,
+training, the test set, saving and the reload check of every artefact, and the report. With --parallel N,
+(c) the same command with N runs sharing the GPU (`--parallel N --concurrent-finals`). With --seeds, every
+run of both sides once per training seed (the accuracy check across seeds). With --mps, (d) the command of
+(c) once more with its --mps: NVIDIA's Multi-Process Service runs for the study, so that the runs' kernels
+can overlap on the GPU instead of taking turns.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -196,6 +198,44 @@ def study_details(out: Path, started: float, ended: float) -> dict:
     }
 
 
+def trainer_side(a: argparse.Namespace, seeds: list[int], methods: list[str], work: Path) -> dict:
+    """The Trainer recipe's runs, seed by seed and method by method, and their total seconds (tokenizing
+    once included)."""
+    seed_preset = config.load_preset("seed")
+    raw = {
+        **seed_preset,
+        "model": a.model,
+        "train": {**seed_preset["train"], "max_length": a.max_length},
+        "data": {
+            **seed_preset["data"],
+            "name": None,
+            "path": a.data,
+            "train_size": a.train_size,
+            "test_size": a.test_size,
+        },
+    }
+    study = Study(config.validate(raw), work / "trainer")
+    study.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    study.prepare()
+    tok = data_mod.Tokenized.load(study.tok_file)
+    prep = time.perf_counter() - t0
+    per = {}
+    for seed in seeds:
+        for m in methods:
+            spec = speed.spec_for(study, m, study.model_path, None, "peftbench")  # the seed protocol's epochs
+            r = speed.run_trainer(spec, tok, study.pad_token_id or 0, a.max_length, evaluate=True, seed=seed)
+            per[m if len(seeds) == 1 else f"{m}/s{seed}"] = r
+            print(
+                json.dumps({"trainer": m, "seed": seed, **{k: round(v, 4) for k, v in r.items()}}), flush=True
+            )
+    return {
+        "prepare_seconds": prep,
+        "per_method": per,
+        "total_seconds": prep + sum(r["total_seconds"] for r in per.values()),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -243,44 +283,11 @@ def main() -> None:
         rows["imports"] = {side: import_seconds(code) for side, code in IMPORTS.items()}
         print(json.dumps({"imports": rows["imports"]}), flush=True)
     if not a.skip_trainer:
-        seed = config.load_preset("seed")
-        raw = {
-            **seed,
-            "model": a.model,
-            "train": {**seed["train"], "max_length": a.max_length},
-            "data": {
-                **seed["data"],
-                "name": None,
-                "path": a.data,
-                "train_size": a.train_size,
-                "test_size": a.test_size,
-            },
-        }
-        study = Study(config.validate(raw), work / "trainer")
-        study.out.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        study.prepare()
-        tok = data_mod.Tokenized.load(study.tok_file)
-        prep = time.perf_counter() - t0
-        per = {}
-        for seed in seeds:
-            for m in methods:
-                # the seed protocol's epochs
-                spec = speed.spec_for(study, m, study.model_path, None, "peftbench")
-                r = speed.run_trainer(
-                    spec, tok, study.pad_token_id or 0, a.max_length, evaluate=True, seed=seed
-                )
-                per[m if len(seeds) == 1 else f"{m}/s{seed}"] = r
-                print(
-                    json.dumps({"trainer": m, "seed": seed, **{k: round(v, 4) for k, v in r.items()}}),
-                    flush=True,
-                )
-                rows["trainer"] = {
-                    "prepare_seconds": prep,
-                    "per_method": per,
-                    "total_seconds": prep + sum(r["total_seconds"] for r in per.values()),
-                }
-                save()
+        # its own process, ended before the peftbench commands start: they then find the GPU as a user
+        # would, with no other process's CUDA context and cached memory on it
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows["trainer"] = pool.submit(trainer_side, a, seeds, methods, work).result()
+        save()
     sizes = [
         "--train-size",
         str(a.train_size),
