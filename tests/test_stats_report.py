@@ -564,6 +564,26 @@ def test_a_study_says_what_it_will_train_before_it_starts(tmp_path):
     ), said
 
 
+def test_verdicts_resample_each_method_once_and_match_each_pair_bootstrapped_alone(monkeypatch):
+    """The report's verdicts resample every method once, shared by all its pairs (as many resamplings as
+    methods, not pairs), and give the same figures as bootstrapping each pair on its own."""
+    rng = np.random.default_rng(3)
+    correct = {m: _correct(rng, [0.70 + 0.03 * i] * 3, n=300) for i, m in enumerate("abcde")}
+    correct["e"] = correct["e"][:2]  # a method with a failed seed: its pairs use the first two seeds
+    rows = [_row(m, c.mean(), 1, 1, 1, c) for m, c in correct.items()]
+    calls = []
+    resample = stats.resample
+    monkeypatch.setattr(stats, "resample", lambda *a, **k: calls.append(a[0].shape) or resample(*a, **k))
+    got = stats.verdicts(rows, n_boot=600)
+    assert len(got) == 10 and len(calls) == 5 + 4, calls  # a-d at 3 seeds, a-e at 2 seeds
+    monkeypatch.setattr(stats, "resample", resample)
+    for v in got:
+        a, b = correct[v["a"]], correct[v["b"]]
+        k = min(len(a), len(b))
+        alone = stats.paired_bootstrap(_acc_stats(a[:k]), _acc_stats(b[:k]), "accuracy", 600)
+        assert (v["se"], v["p_value"], v["diff"]) == (alone["se"], alone["p_value"], alone["diff"]), v
+
+
 def _correct(rng, accs_per_seed, n=400):
     return np.array([rng.random(n) < a for a in accs_per_seed])
 

@@ -75,31 +75,51 @@ def paired_bootstrap(
     `stats_a` and `stats_b` are [seeds, items, k] per-item statistics (`metrics.item_stats`) over the same
     items, seed rows paired: a resample sums each seed's statistics over the drawn items and recomputes the
     metric from the sums, so any metric resamples, not only a mean over items.
+    """
+    a, b = _seeds_items(stats_a), _seeds_items(stats_b)
+    return bootstrap_difference(
+        a, b, resample(a, metric, n_boot, seed), resample(b, metric, n_boot, seed), metric
+    )
+
+
+def _seeds_items(stats: np.ndarray) -> np.ndarray:
+    a = np.asarray(stats, float)
+    return a[None] if a.ndim == 2 else a
+
+
+def resample(stats: np.ndarray, metric: str, n_boot: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`n_boot` bootstrap resamples of [seeds, items, k] statistics: `metric` per resample and seed
+    [n_boot, seeds], and the seeds each resample draws [n_boot, seeds]. The draws depend only on the shape
+    and `seed`, so two methods' resamples pair up (the same items and seeds drawn): a study resamples each
+    method once, not once for every pair it is in (190 pairs for 20 methods)."""
+    a = _seeds_items(stats)
+    rng = np.random.default_rng(seed)
+    n_seeds, n_items = a.shape[:2]
+    per_seed, seeds = np.empty((n_boot, n_seeds)), np.empty((n_boot, n_seeds), dtype=int)
+    for start in range(0, n_boot, 500):
+        m = min(500, n_boot - start)
+        draws = rng.integers(0, n_items, (m, n_items)) + n_items * np.arange(m)[:, None]
+        counts = np.bincount(draws.ravel(), minlength=m * n_items).reshape(m, n_items).astype(float)
+        per_seed[start : start + m] = from_stats(metric, np.tensordot(counts, a, ([1], [1])))
+        seeds[start : start + m] = rng.integers(0, n_seeds, (m, n_seeds))
+    return per_seed, seeds
+
+
+def bootstrap_difference(a: np.ndarray, b: np.ndarray, res_a: tuple, res_b: tuple, metric: str) -> dict:
+    """The paired bootstrap of a - b from both methods' `resample`s (drawn alike).
 
     Resampling n seeds with replacement spreads their mean by (n-1)/n of the variance that n seeds' mean
     has (the plug-in variance, not the sample variance): at 3 seeds the standard error would come out
     sqrt(2/3) of its size where seeds dominate. So each resample's seed mean is moved from the seeds' mean
     by sqrt(n/(n-1)) times its own deviation (the rescaled bootstrap, Rao and Wu 1988).
     """
-    a, b = np.asarray(stats_a, float), np.asarray(stats_b, float)
-    if a.ndim == 2:
-        a, b = a[None], b[None]
-    rng = np.random.default_rng(seed)
-    n_seeds, n_items = a.shape[:2]
+    n_seeds = a.shape[0]
     rescale = math.sqrt(n_seeds / (n_seeds - 1)) if n_seeds > 1 else 0.0
     observed = float(np.mean(from_stats(metric, a.sum(1)) - from_stats(metric, b.sum(1))))
-    diffs = np.empty(n_boot)
-    for start in range(0, n_boot, 500):
-        m = min(500, n_boot - start)
-        draws = rng.integers(0, n_items, (m, n_items)) + n_items * np.arange(m)[:, None]
-        counts = np.bincount(draws.ravel(), minlength=m * n_items).reshape(m, n_items).astype(float)
-        per_seed = from_stats(metric, np.tensordot(counts, a, ([1], [1]))) - from_stats(
-            metric, np.tensordot(counts, b, ([1], [1]))
-        )  # [m, seeds]
-        seeds = rng.integers(0, n_seeds, (m, n_seeds))
-        centre = per_seed.mean(1)
-        drawn = np.take_along_axis(per_seed, seeds, 1).mean(1)
-        diffs[start : start + m] = centre + rescale * (drawn - centre)
+    (per_a, seeds), (per_b, _) = res_a, res_b
+    per_seed = per_a - per_b  # [n_boot, seeds]
+    centre = per_seed.mean(1)
+    diffs = centre + rescale * (np.take_along_axis(per_seed, seeds, 1).mean(1) - centre)
     p = 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0))
     return {
         "diff": observed,
@@ -111,16 +131,24 @@ def paired_bootstrap(
 
 
 def paired_test(
-    stats_a: np.ndarray, stats_b: np.ndarray, metric: str = "accuracy", n_boot: int = 5000
+    stats_a: np.ndarray,
+    stats_b: np.ndarray,
+    metric: str = "accuracy",
+    n_boot: int = 5000,
+    boot: dict | None = None,
 ) -> dict:
-    """McNemar for accuracy with one seed per method, a paired bootstrap otherwise."""
+    """McNemar for accuracy with one seed per method, a paired bootstrap otherwise (`boot` where it is done
+    already)."""
     a, b = np.asarray(stats_a), np.asarray(stats_b)
     a, b = (a[None], b[None]) if a.ndim == 2 else (a, b)
     if a.shape[0] == 1 and b.shape[0] == 1 and metric == "accuracy":
         ca, cb = a[0, :, 1], b[0, :, 1]
         return {"test": "mcnemar", "diff": float(ca.mean() - cb.mean()), "p_value": mcnemar(ca, cb)}
     k = min(a.shape[0], b.shape[0])
-    return {"test": "paired bootstrap (items x seeds)", **paired_bootstrap(a[:k], b[:k], metric, n_boot)}
+    return {
+        "test": "paired bootstrap (items x seeds)",
+        **(boot or paired_bootstrap(a[:k], b[:k], metric, n_boot)),
+    }
 
 
 # Costs and measurements aggregated for every task; each task adds its metrics (test_ and validation_).
@@ -306,21 +334,29 @@ def verdicts(rows: list[dict], margin: float = TIE_MARGIN, n_boot: int = 4000) -
     rerun gives it again (`replication`; None with one seed: not assessed). An unsettled verdict, or one
     below STABLE, is not `stable`."""
     scored = sorted([r for r in rows if r.get("_stats") is not None], key=lambda r: -_rank(r))
+    resamples: dict[tuple[str, int], tuple] = {}
+
+    def resampled(r: dict, k: int) -> tuple:  # a method's first k seeds, resampled once for all its pairs
+        if (r["label"], k) not in resamples:
+            resamples[r["label"], k] = resample(r["_stats"][:k], r["metric"], n_boot)
+        return resamples[r["label"], k]
+
     out = []
     for i, a in enumerate(scored):
         for b in scored[i + 1 :]:
             if a["_stats"].shape[1] != b["_stats"].shape[1]:
                 continue
-            out.append(_pair(a, b, margin, n_boot))
+            k = min(a["_stats"].shape[0], b["_stats"].shape[0])
+            out.append(_pair(a, b, k, margin, resampled(a, k), resampled(b, k)))
     return out
 
 
-def _pair(a: dict, b: dict, margin: float, n_boot: int) -> dict:
+def _pair(a: dict, b: dict, k: int, margin: float, res_a: tuple, res_b: tuple) -> dict:
     metric = a["metric"]
-    k = min(a["_stats"].shape[0], b["_stats"].shape[0])
-    ca, cb = a["_stats"][:k], b["_stats"][:k]
-    test = paired_test(ca, cb, metric, n_boot)
-    se = test["se"] if "se" in test else paired_bootstrap(ca, cb, metric, n_boot)["se"]
+    ca, cb = _seeds_items(a["_stats"][:k]), _seeds_items(b["_stats"][:k])
+    boot = bootstrap_difference(ca, cb, res_a, res_b, metric)
+    test = paired_test(ca, cb, metric, boot=boot)
+    se = boot["se"]
     said = verdict(test["diff"], se, test["p_value"], metric, margin)
     stability = replication(said, test["diff"], se, metric, margin) if k > 1 else None
     return {
