@@ -575,7 +575,7 @@ def test_verdicts_resample_each_method_once_and_match_each_pair_bootstrapped_alo
     resample = stats.resample
     monkeypatch.setattr(stats, "resample", lambda *a, **k: calls.append(a[0].shape) or resample(*a, **k))
     got = stats.verdicts(rows, n_boot=600)
-    assert len(got) == 10 and len(calls) == 5 + 4, calls  # a-d at 3 seeds, a-e at 2 seeds
+    assert len(got) == 10 and len(calls) == 4 + 5, calls  # a-d at 3 seeds, a-e at 2 seeds
     monkeypatch.setattr(stats, "resample", resample)
     for v in got:
         a, b = correct[v["a"]], correct[v["b"]]

@@ -139,8 +139,7 @@ def paired_test(
 ) -> dict:
     """McNemar for accuracy with one seed per method, a paired bootstrap otherwise (`boot` where it is done
     already)."""
-    a, b = np.asarray(stats_a), np.asarray(stats_b)
-    a, b = (a[None], b[None]) if a.ndim == 2 else (a, b)
+    a, b = _seeds_items(stats_a), _seeds_items(stats_b)
     if a.shape[0] == 1 and b.shape[0] == 1 and metric == "accuracy":
         ca, cb = a[0, :, 1], b[0, :, 1]
         return {"test": "mcnemar", "diff": float(ca.mean() - cb.mean()), "p_value": mcnemar(ca, cb)}
