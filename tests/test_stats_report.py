@@ -566,17 +566,20 @@ def test_a_study_says_what_it_will_train_before_it_starts(tmp_path):
 
 def test_verdicts_resample_each_method_once_and_match_each_pair_bootstrapped_alone(monkeypatch):
     """The report's verdicts resample every method once, shared by all its pairs (as many resamplings as
-    methods, not pairs), and give the same figures as bootstrapping each pair on its own."""
+    methods, not pairs), from draws made once per shape, and give the same figures as bootstrapping each
+    pair on its own."""
     rng = np.random.default_rng(3)
     correct = {m: _correct(rng, [0.70 + 0.03 * i] * 3, n=300) for i, m in enumerate("abcde")}
     correct["e"] = correct["e"][:2]  # a method with a failed seed: its pairs use the first two seeds
     rows = [_row(m, c.mean(), 1, 1, 1, c) for m, c in correct.items()]
-    calls = []
-    resample = stats.resample
+    calls, drawn = [], []
+    resample, draws = stats.resample, stats.bootstrap_draws
     monkeypatch.setattr(stats, "resample", lambda *a, **k: calls.append(a[0].shape) or resample(*a, **k))
+    monkeypatch.setattr(stats, "bootstrap_draws", lambda *a, **k: drawn.append(a[:2]) or draws(*a, **k))
     got = stats.verdicts(rows, n_boot=600)
     assert len(got) == 10 and len(calls) == 4 + 5, calls  # a-d at 3 seeds, a-e at 2 seeds
-    monkeypatch.setattr(stats, "resample", resample)
+    assert sorted(drawn) == [(2, 300), (3, 300)], drawn
+    monkeypatch.undo()
     for v in got:
         a, b = correct[v["a"]], correct[v["b"]]
         k = min(len(a), len(b))

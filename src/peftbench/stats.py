@@ -77,9 +77,8 @@ def paired_bootstrap(
     metric from the sums, so any metric resamples, not only a mean over items.
     """
     a, b = _seeds_items(stats_a), _seeds_items(stats_b)
-    return bootstrap_difference(
-        a, b, resample(a, metric, n_boot, seed), resample(b, metric, n_boot, seed), metric
-    )
+    draws = bootstrap_draws(a.shape[0], a.shape[1], n_boot, seed)
+    return bootstrap_difference(a, b, resample(a, metric, draws), resample(b, metric, draws), metric)
 
 
 def _seeds_items(stats: np.ndarray) -> np.ndarray:
@@ -87,22 +86,28 @@ def _seeds_items(stats: np.ndarray) -> np.ndarray:
     return a[None] if a.ndim == 2 else a
 
 
-def resample(stats: np.ndarray, metric: str, n_boot: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """`n_boot` bootstrap resamples of [seeds, items, k] statistics: `metric` per resample and seed
-    [n_boot, seeds], and the seeds each resample draws [n_boot, seeds]. The draws depend only on the shape
-    and `seed`, so two methods' resamples pair up (the same items and seeds drawn): a study resamples each
-    method once, not once for every pair it is in (190 pairs for 20 methods)."""
-    a = _seeds_items(stats)
+def bootstrap_draws(n_seeds: int, n_items: int, n_boot: int, seed: int = 0) -> list[tuple]:
+    """What `n_boot` bootstrap resamples draw, in chunks of up to 500: how often each item is drawn
+    [m, items] and which seeds [m, seeds]. They depend only on the shape and `seed`, so every method
+    resampled on the same items and seeds shares them (drawing them is most of a resample's time)."""
     rng = np.random.default_rng(seed)
-    n_seeds, n_items = a.shape[:2]
-    per_seed, seeds = np.empty((n_boot, n_seeds)), np.empty((n_boot, n_seeds), dtype=int)
+    chunks = []
     for start in range(0, n_boot, 500):
         m = min(500, n_boot - start)
         draws = rng.integers(0, n_items, (m, n_items)) + n_items * np.arange(m)[:, None]
         counts = np.bincount(draws.ravel(), minlength=m * n_items).reshape(m, n_items).astype(float)
-        per_seed[start : start + m] = from_stats(metric, np.tensordot(counts, a, ([1], [1])))
-        seeds[start : start + m] = rng.integers(0, n_seeds, (m, n_seeds))
-    return per_seed, seeds
+        chunks.append((counts, rng.integers(0, n_seeds, (m, n_seeds))))
+    return chunks
+
+
+def resample(stats: np.ndarray, metric: str, draws: list) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap resamples of [seeds, items, k] statistics, as `draws` (`bootstrap_draws` of this shape)
+    make them: `metric` per resample and seed [n_boot, seeds], and the seeds each resample draws [n_boot,
+    seeds]. Two methods' resamples from the same draws pair up: a study resamples each method once, not
+    once for every pair it is in (190 pairs for 20 methods)."""
+    a = _seeds_items(stats)
+    per_seed = [from_stats(metric, np.tensordot(counts, a, ([1], [1]))) for counts, _ in draws]
+    return np.concatenate(per_seed), np.concatenate([seeds for _, seeds in draws])
 
 
 def bootstrap_difference(a: np.ndarray, b: np.ndarray, res_a: tuple, res_b: tuple, metric: str) -> dict:
@@ -334,10 +339,14 @@ def verdicts(rows: list[dict], margin: float = TIE_MARGIN, n_boot: int = 4000) -
     below STABLE, is not `stable`."""
     scored = sorted([r for r in rows if r.get("_stats") is not None], key=lambda r: -_rank(r))
     resamples: dict[tuple[str, int], tuple] = {}
+    draws: dict[tuple[int, int], list] = {}  # by seeds and items: shared by every method of that shape
 
     def resampled(r: dict, k: int) -> tuple:  # a method's first k seeds, resampled once for all its pairs
         if (r["label"], k) not in resamples:
-            resamples[r["label"], k] = resample(r["_stats"][:k], r["metric"], n_boot)
+            shape = (k, r["_stats"].shape[1])
+            if shape not in draws:
+                draws[shape] = bootstrap_draws(*shape, n_boot)
+            resamples[r["label"], k] = resample(r["_stats"][:k], r["metric"], draws[shape])
         return resamples[r["label"], k]
 
     out = []
