@@ -990,6 +990,25 @@ def test_preload_imports_peft_but_not_bitsandbytes():
     assert out.stdout.strip().splitlines()[-2:] == ["['peft']", "True"]
 
 
+def test_workers_import_the_scoring_libraries_in_a_thread_not_the_forkserver():
+    """scikit-learn and scipy.stats (1.0-1.3 s) are needed at a run's first validation only: the forkserver
+    leaves them out, so that runs start sooner, and each worker imports them in a thread as it starts."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys, threading\nfrom peftbench import runner\n"
+        "print(sorted(m for m in runner.PRELOAD if m.split('.')[0] in ('sklearn', 'scipy')))\n"
+        "before = 'sklearn.metrics' in sys.modules\n"
+        "runner._enter_worker(dict(os.environ), False, 'forked')\n"
+        "[t.join() for t in threading.enumerate() if t.name == 'metrics-imports']\n"
+        "print(before, 'sklearn.metrics' in sys.modules, 'scipy.stats' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.strip().splitlines()[-2:] == ["[]", "False True True"]
+
+
 def test_lora_run_leaves_bitsandbytes_unimported_and_qlora_still_finds_it(tiny_encoder, tiny_data, tmp_path):
     """peft's LoRA/IA3 layer dispatch imports bitsandbytes when it is installed (4 s per run on the H200
     machine); runs that quantize nothing build their model without it, and a QLoRA run in the same process

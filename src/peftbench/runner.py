@@ -938,9 +938,6 @@ PRELOAD = [
     "peftbench.train",
     "peftbench.models",
     "peftbench._forkserver_guard",
-    # imported at a run's first validation (peftbench.metrics): 1.1-1.9 s on the 2-core CI machine, each run
-    "sklearn.metrics",
-    "scipy.stats",
 ]
 
 
@@ -1000,6 +997,11 @@ def _enter_worker(env: dict, cuda: bool, kind: str) -> None:
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     if cuda and torch.cuda._is_in_bad_fork():
         os._exit(BAD_FORK_EXIT)
+    from .metrics import import_dependencies
+
+    # scikit-learn and scipy.stats, needed at the first validation: imported while the model loads, rather
+    # than by the forkserver before any run can start
+    threading.Thread(target=import_dependencies, name="metrics-imports", daemon=True).start()
 
 
 def _forked_worker(run_dir: str, env: dict, cuda: bool) -> None:
