@@ -990,23 +990,33 @@ def test_preload_imports_peft_but_not_bitsandbytes():
     assert out.stdout.strip().splitlines()[-2:] == ["['peft']", "True"]
 
 
-def test_workers_import_the_scoring_libraries_in_a_thread_not_the_forkserver():
+def test_runs_import_the_scoring_libraries_in_a_thread_once_the_model_is_loaded(
+    tiny_encoder, tiny_data, tmp_path
+):
     """scikit-learn and scipy.stats (1.0-1.3 s) are needed at a run's first validation only: the forkserver
-    leaves them out, so that runs start sooner, and each worker imports them in a thread as it starts."""
+    leaves them out, so that runs start sooner, and a run's setup starts importing them in a thread once its
+    model is loaded (beside a model load they slowed it)."""
     import subprocess
     import sys
 
     code = (
-        "import os, sys, threading\nfrom peftbench import runner\n"
+        "import sys, threading\nfrom pathlib import Path\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from conftest import study\nfrom peftbench import config, data, runner, train\n"
         "print(sorted(m for m in runner.PRELOAD if m.split('.')[0] in ('sklearn', 'scipy')))\n"
+        f"out = Path({str(tmp_path)!r})\n"
+        f"raw = study({str(tiny_encoder)!r}, {str(tiny_data)!r}, ['lora'])\n"
+        "s = runner.Study(config.validate(raw), out / 's')\n"
+        "s.out.mkdir(parents=True)\ns.prepare()\n(out / 'run').mkdir()\n"
         "before = 'sklearn.metrics' in sys.modules\n"
-        "runner._enter_worker(dict(os.environ), False, 'forked')\n"
-        "[t.join() for t in threading.enumerate() if t.name == 'metrics-imports']\n"
-        "print(before, 'sklearn.metrics' in sys.modules, 'scipy.stats' in sys.modules)"
+        "train.plan_run(s.final_specs({})[0], data.Tokenized.load(s.tok_file), out / 'run')\n"
+        "started = [t for t in threading.enumerate() if t.name == 'metrics-imports']\n"
+        "[t.join() for t in started]\n"
+        "print(before, len(started), 'sklearn.metrics' in sys.modules, 'scipy.stats' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-500:]
-    assert out.stdout.strip().splitlines()[-2:] == ["[]", "False True True"]
+    assert out.returncode == 0, out.stderr[-800:]
+    assert out.stdout.strip().splitlines()[-2:] == ["[]", "False 1 True True"], out.stdout[-500:]
 
 
 def test_lora_run_leaves_bitsandbytes_unimported_and_qlora_still_finds_it(tiny_encoder, tiny_data, tmp_path):

@@ -37,6 +37,16 @@ def import_dependencies() -> None:
         pass
 
 
+def import_dependencies_soon() -> None:
+    """`import_dependencies` in a thread, unless done already. A run starts it once its model is loaded: the
+    forkserver would import them before any run could start, and beside a model load they slow it."""
+    import sys
+    import threading
+
+    if "sklearn.metrics" not in sys.modules:
+        threading.Thread(target=import_dependencies, name="metrics-imports", daemon=True).start()
+
+
 def default_metric(task: str) -> str:
     """The primary metric when a study names none: accuracy, Pearson, micro-F1."""
     return TASK_METRICS[task][0]

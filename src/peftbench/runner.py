@@ -997,11 +997,6 @@ def _enter_worker(env: dict, cuda: bool, kind: str) -> None:
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     if cuda and torch.cuda._is_in_bad_fork():
         os._exit(BAD_FORK_EXIT)
-    from .metrics import import_dependencies
-
-    # scikit-learn and scipy.stats, needed at the first validation: imported while the model loads, rather
-    # than by the forkserver before any run can start
-    threading.Thread(target=import_dependencies, name="metrics-imports", daemon=True).start()
 
 
 def _forked_worker(run_dir: str, env: dict, cuda: bool) -> None:

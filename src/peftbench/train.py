@@ -48,7 +48,7 @@ from .devices import MemoryMeter, autocast, autocast_dtype, cuda_index, dist_inf
 from .errors import Diverged, SkipRun, UserError
 from .graphs import GRAPHS_MAX_WORK, StepGraphs
 from .metrics import loss as task_loss
-from .metrics import model_flops_per_token, oriented, predict, score, validation_at
+from .metrics import import_dependencies_soon, model_flops_per_token, oriented, predict, score, validation_at
 from .spec import RunSpec
 from .tracking import StepProfiler, Tracker
 
@@ -306,6 +306,7 @@ class Recipe:
         self._setup_data()
         if not self._adopt_warm():
             self._setup_model()
+            import_dependencies_soon()  # for the first validation: beside the steps before it
             self._setup_norms()
             self._setup_optimizer()
             self._setup_forward()
