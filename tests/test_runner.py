@@ -993,9 +993,9 @@ def test_preload_imports_peft_but_not_bitsandbytes():
 def test_runs_import_the_scoring_libraries_in_a_thread_once_the_model_is_loaded(
     tiny_encoder, tiny_data, tmp_path
 ):
-    """scikit-learn and scipy.stats (1.0-1.3 s) are needed at a run's first validation only: the forkserver
-    leaves them out, so that runs start sooner, and a run's setup starts importing them in a thread once its
-    model is loaded (beside a model load they slowed it)."""
+    """scikit-learn and scipy.stats (about a second to import on a 2-core CPU) are needed at a run's first
+    validation only: the forkserver leaves them out, so that runs start sooner, and a run's setup starts
+    importing them in a thread once its model is loaded (beside a model load they slowed it)."""
     import subprocess
     import sys
 

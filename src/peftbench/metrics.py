@@ -26,8 +26,8 @@ PROBLEM_TYPES = {
 
 
 def import_dependencies() -> None:
-    """Import what scoring will (scikit-learn's metrics, scipy.stats: 1.0-1.3 s on a 2-core CPU), ahead of
-    the first validation. A failure is left for scoring to raise."""
+    """Import what scoring will (scikit-learn's metrics, scipy.stats: about a second on a 2-core CPU), ahead
+    of the first validation. A failure is left for scoring to raise."""
     import importlib
 
     try:
