@@ -189,6 +189,18 @@ def study(model: Path | str, data_dir: Path, methods, **over) -> dict:
     return s
 
 
+def fresh_python(code: str, timeout: float = 300) -> str:
+    """The stdout of `code` run by a fresh interpreter, with this folder on its path (for these helpers); the
+    test fails if it exits non-zero. For what a process imports, which this one has imported already."""
+    import subprocess
+    import sys
+
+    path = f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+    out = subprocess.run([sys.executable, "-c", path + code], capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-800:]
+    return out.stdout
+
+
 def run_study(raw: dict, out: Path) -> list[dict]:
     from peftbench import config
     from peftbench.runner import Study

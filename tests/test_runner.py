@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_study, study
+from conftest import fresh_python, run_study, study
 
 from peftbench import cli, config, report, runner, store
 from peftbench.errors import UserError
@@ -976,18 +976,13 @@ def test_preload_imports_peft_but_not_bitsandbytes():
     """bitsandbytes queries the GPU when imported (cuda_specs -> torch.cuda.get_device_capability), which
     initialises CUDA in the forkserver and makes every forked GPU worker unusable, and its import takes 8.7 s
     on the H200 machine; the preload imports peft without it and leaves it importable for QLoRA runs."""
-    import subprocess
-    import sys
-
-    code = (
-        "import importlib, sys\nfrom peftbench import runner\n"
+    out = fresh_python(
+        "import importlib\nfrom peftbench import runner\n"
         "[importlib.import_module(m) for m in runner.PRELOAD]\n"
         "print(sorted(m for m in ('bitsandbytes', 'peft') if m in sys.modules))\n"
         "from peft.import_utils import is_bnb_4bit_available\nprint(is_bnb_4bit_available())"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-500:]
-    assert out.stdout.strip().splitlines()[-2:] == ["['peft']", "True"]
+    assert out.strip().splitlines()[-2:] == ["['peft']", "True"]
 
 
 def test_runs_import_the_scoring_libraries_in_a_thread_once_the_model_is_loaded(
@@ -996,39 +991,26 @@ def test_runs_import_the_scoring_libraries_in_a_thread_once_the_model_is_loaded(
     """scikit-learn and scipy.stats (about a second to import on a 2-core CPU) are needed at a run's first
     validation only: the forkserver leaves them out, so that runs start sooner, and a run's setup starts
     importing them in a thread once its model is loaded (beside a model load they slowed it)."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, threading\nfrom pathlib import Path\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from conftest import study\nfrom peftbench import config, data, runner, train\n"
+    out = fresh_python(
+        "import threading\nfrom pathlib import Path\n"
+        "from conftest import set_up_recipe, study\nfrom peftbench import runner\n"
         "print(sorted(m for m in runner.PRELOAD if m.split('.')[0] in ('sklearn', 'scipy')))\n"
-        f"out = Path({str(tmp_path)!r})\n"
-        f"raw = study({str(tiny_encoder)!r}, {str(tiny_data)!r}, ['lora'])\n"
-        "s = runner.Study(config.validate(raw), out / 's')\n"
-        "s.out.mkdir(parents=True)\ns.prepare()\n(out / 'run').mkdir()\n"
         "before = 'sklearn.metrics' in sys.modules\n"
-        "train.plan_run(s.final_specs({})[0], data.Tokenized.load(s.tok_file), out / 'run')\n"
+        f"raw = study({str(tiny_encoder)!r}, {str(tiny_data)!r}, ['lora'])\n"
+        f"set_up_recipe(raw, Path({str(tmp_path)!r}))\n"
         "started = [t for t in threading.enumerate() if t.name == 'metrics-imports']\n"
         "[t.join() for t in started]\n"
         "print(before, len(started), 'sklearn.metrics' in sys.modules, 'scipy.stats' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-800:]
-    assert out.stdout.strip().splitlines()[-2:] == ["[]", "False 1 True True"], out.stdout[-500:]
+    assert out.strip().splitlines()[-2:] == ["[]", "False 1 True True"], out[-500:]
 
 
 def test_lora_run_leaves_bitsandbytes_unimported_and_qlora_still_finds_it(tiny_encoder, tiny_data, tmp_path):
     """peft's LoRA/IA3 layer dispatch imports bitsandbytes when it is installed (4 s per run on the H200
     machine); runs that quantize nothing build their model without it, and a QLoRA run in the same process
     still quantizes (peft's cached `is_bnb_available` is cleared)."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys; from pathlib import Path\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+    out = fresh_python(
+        "from pathlib import Path\n"
         "from conftest import run_study, study\n"
         f"enc, data, out = {str(tiny_encoder)!r}, {str(tiny_data)!r}, Path({str(tmp_path)!r})\n"
         "(r, i) = run_study(study(enc, data, ['lora', 'ia3'], train={'epochs': 1}), out / 'lora')\n"
@@ -1036,10 +1018,8 @@ def test_lora_run_leaves_bitsandbytes_unimported_and_qlora_still_finds_it(tiny_e
         "(q,) = run_study(study(enc, data, ['qlora'], train={'epochs': 1}), out / 'qlora')\n"
         "print('QLORA', q['status'], q['metrics']['layers_4bit'] > 0, 'bitsandbytes' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-800:]
-    said = [line for line in out.stdout.splitlines() if line.startswith(("LORA", "QLORA"))]
-    assert said == ["LORA success success False", "QLORA success True True"], out.stdout
+    said = [line for line in out.splitlines() if line.startswith(("LORA", "QLORA"))]
+    assert said == ["LORA success success False", "QLORA success True True"], out
 
 
 @pytest.mark.slow
