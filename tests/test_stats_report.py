@@ -587,6 +587,28 @@ def test_verdicts_resample_each_method_once_and_match_each_pair_bootstrapped_alo
         assert (v["se"], v["p_value"], v["diff"]) == (alone["se"], alone["p_value"], alone["diff"]), v
 
 
+def test_best_is_resampled_once_for_all_its_pairs_with_the_figures_of_each_pair_alone(monkeypatch):
+    """Marking the best over several seeds resamples the best row once and every other row once, from draws
+    made once per shape, and gives each row the paired bootstrap it would get on its own."""
+    rng = np.random.default_rng(4)
+    correct = {m: _correct(rng, [0.70 + 0.03 * i] * 3, n=300) for i, m in enumerate("abcde")}
+    correct["a"] = correct["a"][:2]  # a failed seed: its test against the best uses the first two seeds
+    rows = [_row(m, c.mean(), 1, 1, 1, c) for m, c in correct.items()]
+    calls, drawn = [], []
+    resample, draws = stats.resample, stats.bootstrap_draws
+    monkeypatch.setattr(stats, "resample", lambda *a, **k: calls.append(a[0].shape) or resample(*a, **k))
+    monkeypatch.setattr(stats, "bootstrap_draws", lambda *a, **k: drawn.append(a[:2]) or draws(*a, **k))
+    stats.mark_best(rows)
+    assert len(calls) == 4 + 2, calls  # e at 3 and at 2 seeds, b-d at 3, a at 2
+    assert sorted(drawn) == [(2, 300), (3, 300)], drawn
+    monkeypatch.undo()
+    assert rows[-1]["best"]
+    for r in rows[:-1]:
+        k = min(len(correct[r["label"]]), 3)
+        alone = stats.paired_bootstrap(_acc_stats(correct["e"][:k]), _acc_stats(correct[r["label"]][:k]))
+        assert {x: r["vs_best"][x] for x in alone} == alone, r["label"]
+
+
 def _correct(rng, accs_per_seed, n=400):
     return np.array([rng.random(n) < a for a in accs_per_seed])
 

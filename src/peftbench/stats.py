@@ -9,6 +9,8 @@ tie margin, or unsettled) comes with the probability that a rerun repeats it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -110,6 +112,29 @@ def resample(stats: np.ndarray, metric: str, draws: list) -> tuple[np.ndarray, n
     return np.concatenate(per_seed), np.concatenate([seeds for _, seeds in draws])
 
 
+class Resamples:
+    """Summary rows' bootstrap resamples, for many pairs of methods: the draws made once per shape of the
+    statistics (seeds, items), and each method resampled once per seed count, shared by every pair it is in.
+    `difference(a, b, k)` is `paired_bootstrap` of the two rows' first k seeds, the same figures."""
+
+    def __init__(self, n_boot: int):
+        self.n_boot = n_boot
+        self.draws: dict[tuple[int, int], list] = {}
+        self.resampled: dict[tuple[str, int], tuple] = {}
+
+    def of(self, r: dict, k: int) -> tuple:
+        if (r["label"], k) not in self.resampled:
+            shape = (k, r["_stats"].shape[1])
+            if shape not in self.draws:
+                self.draws[shape] = bootstrap_draws(*shape, self.n_boot)
+            self.resampled[r["label"], k] = resample(r["_stats"][:k], r["metric"], self.draws[shape])
+        return self.resampled[r["label"], k]
+
+    def difference(self, a: dict, b: dict, k: int) -> dict:
+        ca, cb = _seeds_items(a["_stats"][:k]), _seeds_items(b["_stats"][:k])
+        return bootstrap_difference(ca, cb, self.of(a, k), self.of(b, k), a["metric"])
+
+
 def bootstrap_difference(a: np.ndarray, b: np.ndarray, res_a: tuple, res_b: tuple, metric: str) -> dict:
     """The paired bootstrap of a - b from both methods' `resample`s (drawn alike).
 
@@ -140,10 +165,10 @@ def paired_test(
     stats_b: np.ndarray,
     metric: str = "accuracy",
     n_boot: int = 5000,
-    boot: dict | None = None,
+    boot: dict | Callable[[], dict] | None = None,
 ) -> dict:
-    """McNemar for accuracy with one seed per method, a paired bootstrap otherwise (`boot` where it is done
-    already)."""
+    """McNemar for accuracy with one seed per method, a paired bootstrap otherwise: `boot`, where it is done
+    already or a function gives it, else drawn here."""
     a, b = _seeds_items(stats_a), _seeds_items(stats_b)
     if a.shape[0] == 1 and b.shape[0] == 1 and metric == "accuracy":
         ca, cb = a[0, :, 1], b[0, :, 1]
@@ -151,7 +176,7 @@ def paired_test(
     k = min(a.shape[0], b.shape[0])
     return {
         "test": "paired bootstrap (items x seeds)",
-        **(boot or paired_bootstrap(a[:k], b[:k], metric, n_boot)),
+        **((boot() if callable(boot) else boot) or paired_bootstrap(a[:k], b[:k], metric, n_boot)),
     }
 
 
@@ -239,6 +264,7 @@ def mark_best(rows: list[dict]) -> None:
     if not scored:
         return
     best = max(scored, key=_rank)
+    boots = Resamples(n_boot=5000)  # the best row resampled once for all its pairs
     for r in rows:
         r["best"] = r is best
         r["vs_best"] = None
@@ -247,7 +273,9 @@ def mark_best(rows: list[dict]) -> None:
             continue
         if r["_stats"].shape[1] != best["_stats"].shape[1]:
             continue
-        test = paired_test(best["_stats"], r["_stats"], r["metric"])
+        k = min(r["_stats"].shape[0], best["_stats"].shape[0])
+        boot = partial(boots.difference, best, r, k)  # drawn only where the test is a bootstrap
+        test = paired_test(best["_stats"], r["_stats"], r["metric"], boot=boot)
         r["vs_best"] = test
         r["indistinct_from_best"] = test["p_value"] >= ALPHA
 
@@ -338,32 +366,20 @@ def verdicts(rows: list[dict], margin: float = TIE_MARGIN, n_boot: int = 4000) -
     rerun gives it again (`replication`; None with one seed: not assessed). An unsettled verdict, or one
     below STABLE, is not `stable`."""
     scored = sorted([r for r in rows if r.get("_stats") is not None], key=lambda r: -_rank(r))
-    resamples: dict[tuple[str, int], tuple] = {}
-    draws: dict[tuple[int, int], list] = {}  # by seeds and items: shared by every method of that shape
-
-    def resampled(r: dict, k: int) -> tuple:  # a method's first k seeds, resampled once for all its pairs
-        if (r["label"], k) not in resamples:
-            shape = (k, r["_stats"].shape[1])
-            if shape not in draws:
-                draws[shape] = bootstrap_draws(*shape, n_boot)
-            resamples[r["label"], k] = resample(r["_stats"][:k], r["metric"], draws[shape])
-        return resamples[r["label"], k]
-
+    boots = Resamples(n_boot)
     out = []
     for i, a in enumerate(scored):
         for b in scored[i + 1 :]:
             if a["_stats"].shape[1] != b["_stats"].shape[1]:
                 continue
             k = min(a["_stats"].shape[0], b["_stats"].shape[0])
-            out.append(_pair(a, b, k, margin, resampled(a, k), resampled(b, k)))
+            out.append(_pair(a, b, k, margin, boots.difference(a, b, k)))
     return out
 
 
-def _pair(a: dict, b: dict, k: int, margin: float, res_a: tuple, res_b: tuple) -> dict:
+def _pair(a: dict, b: dict, k: int, margin: float, boot: dict) -> dict:
     metric = a["metric"]
-    ca, cb = _seeds_items(a["_stats"][:k]), _seeds_items(b["_stats"][:k])
-    boot = bootstrap_difference(ca, cb, res_a, res_b, metric)
-    test = paired_test(ca, cb, metric, boot=boot)
+    test = paired_test(a["_stats"][:k], b["_stats"][:k], metric, boot=boot)
     se = boot["se"]
     said = verdict(test["diff"], se, test["p_value"], metric, margin)
     stability = replication(said, test["diff"], se, metric, margin) if k > 1 else None
