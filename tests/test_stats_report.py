@@ -131,6 +131,24 @@ def test_best_marks_on_constructed_predictions():
     del labels
 
 
+def test_a_plot_is_drawn_once_as_it_is_saved(tmp_path, monkeypatch):
+    """A report's plot is laid out by tight_layout and then drawn once, into its PNG file: savefig does not
+    lay it out again in a draw of its own."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    draws, draw = [], Figure.draw
+    monkeypatch.setattr(Figure, "draw", lambda self, renderer: draws.append(1) or draw(self, renderer))
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [3, 4])
+    ax.set(xlabel="a long label for the layout to make room for", ylabel="accuracy")
+    assert report._save(fig, tmp_path / "p.png").stat().st_size > 0
+    assert len(draws) == 1, draws
+
+
 def test_pareto_front():
     pts = [("a", 10, 0.90), ("b", 5, 0.85), ("c", 6, 0.80), ("d", 20, 0.90), ("e", 1, 0.50)]
     assert report.pareto_front(pts) == ["a", "b", "e"]
