@@ -105,7 +105,7 @@ def test_study_json_says_where_the_start_went(tiny_encoder, tiny_data, tmp_path)
     res = run_study(raw, tmp_path / "s")
     plan = json.loads((tmp_path / "s" / "study.json").read_text())
     steps = plan["prepare_seconds"]
-    assert list(steps) == ["device", "data", "model_config", "tokenizer", "tokenize"]
+    assert list(steps) == ["data", "device", "model_config", "tokenizer", "tokenize"]
     assert all(0 <= v for v in steps.values()) and sum(steps.values()) <= plan["wall_seconds"]
     assert all(r["started_at"] >= plan["prepared_at"] for r in res)
     run_study(raw, tmp_path / "s")
@@ -970,6 +970,18 @@ def test_runs_are_forked_from_the_preloaded_server_unless_turned_off(
     monkeypatch.setitem(runner._FORK, "usable", False)  # as PEFTBENCH_FORKSERVER=0 does
     (res,) = run_study(raw, tmp_path / "plain")
     assert res["status"] == "success" and res["environment"]["worker"] == "process"
+
+
+def test_a_wrong_data_path_is_said_before_torch_is_imported(tmp_path):
+    """The data are read before the device is resolved: a wrong path, the commonest first mistake, is said
+    without the second or two that importing torch takes."""
+    argv = ["run", "--model", "minilm", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]
+    code = (
+        f"from peftbench import cli\ntry:\n    cli.main({argv!r})\n"
+        "except SystemExit as e:\n    print(e.code)\nprint('torch' in sys.modules)"
+    )
+    out = fresh_python(code).split()
+    assert out == ["2", "False"], out
 
 
 def test_preload_imports_peft_but_not_bitsandbytes():

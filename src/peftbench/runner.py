@@ -89,10 +89,10 @@ class Study:
         from .devices import resolve_device
 
         cfg = self.cfg
-        self.device = self._timed("device", resolve_device, cfg["device"])
         self.model_path = models.resolve(cfg["model"])
+        self._timed("data", self._load_data)  # before torch's import: a wrong path is said at once
+        self.device = self._timed("device", resolve_device, cfg["device"])
         needs_model = any(registry.get(m["name"]).kind != "tfidf" for m in cfg["methods"])
-        self._timed("data", self._load_data)
         if not needs_model:
             return
         mconf = self._timed("model_config", models.load_config, self.model_path, cfg["trust_remote_code"])
