@@ -972,6 +972,25 @@ def test_runs_are_forked_from_the_preloaded_server_unless_turned_off(
     assert res["status"] == "success" and res["environment"]["worker"] == "process"
 
 
+def test_a_one_line_error_ends_the_command_output_and_all(tmp_path):
+    """A bad input's error ends the command's output at once. The forkserver, started to import torch and
+    transformers while the input is checked, would hold stdout and stderr open until those imports are done,
+    and a pipe (`peftbench run ... | tee log`) would wait for it: here, longer than a fresh interpreter takes
+    to import torch and transformers."""
+    import subprocess
+
+    def seconds(argv: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+        t = time.perf_counter()
+        done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300)
+        return time.perf_counter() - t, done
+
+    imports, _ = seconds(["-c", "import torch, transformers"])
+    argv = ["-m", "peftbench", "run", "--model", "minilm", "--data", str(tmp_path / "nowhere")]
+    took, done = seconds([*argv, "--out", str(tmp_path / "out")])
+    assert done.returncode == 2 and "not found; pass --data" in done.stderr, done.stderr
+    assert took < imports, (took, imports)
+
+
 def test_a_wrong_data_path_is_said_before_torch_is_imported(tmp_path):
     """The data are read before the device is resolved: a wrong path, the commonest first mistake, is said
     without the second or two that importing torch takes."""

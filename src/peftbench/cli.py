@@ -635,6 +635,8 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         for line in e.problems:
             print(f"peftbench: error: {line}", file=sys.stderr)
+        if "peftbench.runner" in sys.modules:
+            sys.modules["peftbench.runner"].stop_idle_forkserver()
         sys.exit(2)
     except BrokenPipeError:  # output piped into `head` and the like: not an error of ours
         sys.stderr.close()

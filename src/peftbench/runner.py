@@ -985,6 +985,19 @@ def start_forkserver() -> None:
         forkserver.ensure_running()
 
 
+def stop_idle_forkserver() -> None:
+    """Kill the forkserver this process started, where no run it forked is alive: the command is ending on a
+    one-line error. Until its imports are done (seconds) the forkserver holds the command's stdout and
+    stderr open, and a pipe (`peftbench run ... | tee log`) would wait for it."""
+    import multiprocessing
+    import signal
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)  # CPython's; None where none was started
+    if pid and not multiprocessing.active_children():
+        os.kill(pid, signal.SIGKILL)
+
+
 def _enter_worker(env: dict, cuda: bool, kind: str) -> None:
     """A forked or spawned worker's first step: the run's environment, and out if CUDA cannot be used.
     A forked worker's torch was imported in the server, before this environment: it has not read
