@@ -204,6 +204,11 @@ CASES = [
         "has no config.json",
     ),
     (
+        "model folder that does not exist",
+        lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "model": str(t / "no-such-folder")}),
+        "no such folder, and not a Hugging Face Hub id",
+    ),
+    (
         "model id unreachable offline",
         lambda t, m: _run(t, m, {**_study(t, m, _data(t)), "model": "no-such-org/no-such-model"}),
         "could not be loaded: not a local folder and not reachable",

@@ -38,6 +38,15 @@ def resolve(name: str) -> str:
         if not (p / "config.json").exists():
             raise UserError(f"model folder {p} has no config.json; give a Hugging Face model folder")
         return str(p.resolve())
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:  # where it cannot be a Hub id either, say so now, not after importing torch and transformers
+        validate_repo_id(name)
+    except HFValidationError:
+        raise UserError(
+            f"model '{name}': no such folder, and not a Hugging Face Hub id (name or org/name); pass a "
+            "model folder (with config.json), a Hub id, or --model minilm"
+        ) from None
     return name
 
 
