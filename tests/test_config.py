@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import fresh_python
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -317,17 +317,12 @@ def test_every_shipped_study_file_is_valid(name):
 
 def test_registry_options_are_peft_fields_and_validation_needs_peft_only_for_others():
     """Option keys the registry itself uses pass without importing peft (5-18 s in the CLI's process); any
-    other
-    key is checked against the PEFT config class's real fields."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys\nfrom peftbench import config\n"
-        "config.validate(config.load_preset('seed'))\nprint('peft' in sys.modules)\n"
+    other key is checked against the PEFT config class's real fields."""
+    out = fresh_python(
+        "from peftbench import config\nconfig.validate(config.load_preset('seed'))\n"
+        "print('peft' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.split()[-1] == "False", (out.stdout, out.stderr[-500:])
+    assert out.split()[-1] == "False", out
     for m in registry.METHODS.values():
         if m.kind == "peft":
             assert set(m.options) - registry.EXTRA_PEFT_KEYS <= registry.peft_config_fields(m), m.name
@@ -372,13 +367,12 @@ def test_a_command_ends_without_the_collectors_last_passes():
     """Objects are frozen out of the garbage collector as the process ends (a study's command spent 0.9 s of
     its exit in the collector's last passes), and only then: the calling process keeps collecting."""
     import gc
-    import subprocess
 
     code = (
         "import atexit, gc; atexit.register(lambda: print('frozen at the end:', gc.get_freeze_count() > 0)); "
         "from peftbench import cli; cli.main(['methods']); print('not reached')"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    out = fresh_python(code, timeout=120)
     assert out.splitlines()[-1] == "frozen at the end: True"
     with pytest.raises(SystemExit):
         cli.main(["methods"])

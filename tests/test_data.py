@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_rows, run_study, write_dataset
+from conftest import fresh_python, make_rows, run_study, write_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -362,20 +362,15 @@ def test_label_words_are_the_words_scikit_learns_count_vectorizer_finds():
 def test_loading_data_leaves_scikit_learn_unimported(tmp_path):
     """A study's main process loads and checks its data before its runs start; scikit-learn, which only the
     runs need, would add its import to that wait (`data.label_words`)."""
-    import subprocess
-    import sys
-
     folder = write_dataset(tmp_path / "d", n_train=200, n_test=100)
     code = (
-        "import sys\nfrom peftbench import data\n"
+        "from peftbench import data\n"
         f"d = data.load({{'path': {str(folder)!r}, 'text_column': 'text', 'label_column': 'label', "
         "'train_size': None, 'validation_size': 0.1, 'test_size': None, 'seed': 0, 'separator': ' ', "
         "'train_split': 'train', 'test_split': 'test', 'name': None, 'config': None}, 'classification')\n"
         "print(len(d.texts['train']), 'sklearn' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-800:]
-    assert out.stdout.split() == ["180", "False"]
+    assert fresh_python(code).split() == ["180", "False"]
 
 
 def test_class_names_alike_but_for_case_or_spacing_are_warned_of():
