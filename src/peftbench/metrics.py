@@ -25,13 +25,17 @@ PROBLEM_TYPES = {
 }
 
 
-def import_dependencies() -> None:
-    """Import what scoring will (scikit-learn's metrics, scipy.stats: about a second on a 2-core CPU), ahead
-    of the first validation. A failure is left for scoring to raise."""
+# What scoring imports, beyond this module: about a second on a 2-core CPU.
+DEPENDENCIES = ("scipy.special", "scipy.stats", "sklearn.metrics")
+
+
+def import_dependencies(names=DEPENDENCIES) -> None:
+    """Import `names` (by default what scoring will) ahead of their first use, the first validation's. A
+    failure is left for that use to raise and explain."""
     import importlib
 
     try:
-        for name in ("scipy.special", "scipy.stats", "sklearn.metrics"):
+        for name in names:
             importlib.import_module(name)
     except Exception:
         pass

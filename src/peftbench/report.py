@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import stats, store
+from . import metrics, stats, store
 from .artefacts import reload_warning
 from .data import data_notes
 from .errors import UserError
@@ -1027,18 +1027,15 @@ DEPENDENCIES = ("matplotlib.pyplot", "matplotlib.backends.backend_agg", "scipy.s
 
 
 def import_dependencies() -> None:
-    """Import what writing a report will (`DEPENDENCIES`), ahead of it. A failure is left for the report to
-    raise and explain."""
-    import importlib
-
+    """Import what writing a report will (`DEPENDENCIES`), ahead of it (`metrics.import_dependencies`). A
+    failure is left for the report to raise and explain."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")  # as `_plots` does, before pyplot chooses a backend
-        for name in DEPENDENCIES:
-            importlib.import_module(name)
     except Exception:
-        pass
+        return
+    metrics.import_dependencies(DEPENDENCIES)
 
 
 def write_report(study_dir: Path, tie_margin: float | None = None) -> dict[str, Path]:
