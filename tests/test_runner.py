@@ -1662,6 +1662,44 @@ def test_report_names_missing_runs_and_refuses_a_damaged_plan(tiny_encoder, tiny
         report.load_study(tmp_path / "s")
 
 
+def test_a_study_writes_nothing_outside_its_folder(tiny_encoder, tiny_data, tmp_path):
+    """Not even in the temporary folder: importing torch._dynamo (the forkserver's transformers does, and so
+    does bitsandbytes in a 4-bit run) makes Inductor's cache folder, $TMPDIR/torchinductor_USER. The study's
+    processes keep it in the study's .cache."""
+    import subprocess
+
+    f = tmp_path / "s.yaml"
+    raw = study(tiny_encoder, tiny_data, ["ia3"], train={"epochs": 1})
+    f.write_text(json.dumps({**raw, "isolation": "process"}))
+    (tmp_path / "tmp").mkdir()
+    caches = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")  # this process's torch may have set the first
+    env = {k: v for k, v in os.environ.items() if k not in caches}
+    proc = subprocess.run(
+        [sys.executable, "-m", "peftbench", "run", str(f), "--out", str(tmp_path / "out"), "--no-report"],
+        env=dict(env, TMPDIR=str(tmp_path / "tmp"), PEFTBENCH_PROGRESS="0"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert not list((tmp_path / "tmp").iterdir())
+    assert (tmp_path / "out" / ".cache" / "torchinductor").is_dir()
+
+
+def test_compiler_caches_go_in_the_study_folder_unless_the_user_chose_them(tmp_path, monkeypatch):
+    from peftbench.runner import compiler_caches, environ
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
+    caches = compiler_caches(tmp_path / "study")
+    inductor = str(tmp_path.resolve() / "study" / ".cache" / "torchinductor")
+    assert caches == {"TORCHINDUCTOR_CACHE_DIR": inductor}  # Triton's is the user's
+    with environ(caches):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == inductor
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 @pytest.mark.parametrize(
     "how",

@@ -72,6 +72,7 @@ class Study:
         self.warm_workers: dict[str, WarmWorker] = {}  # by chain name: they live on from rung to rung
         self.mps_env: dict[str, str] = {}  # what makes a run a client of the study's MPS daemon
         self.mps: str | None = None  # "started" or "already running" where the runs were MPS clients
+        self.cache_env = compiler_caches(self.out)
         self.stopping = threading.Event()  # set when the study is interrupted: no run starts after it
 
     # ---------------------------------------------------------------- preparation (no model loaded)
@@ -545,6 +546,7 @@ class Study:
         slot = ray.remote(max_restarts=0)(RunSlot).options(**opts)
         env = {k: v for k, v in os.environ.items() if k.startswith(("PEFTBENCH_", "HF_", "TRANSFORMERS_"))}
         env.setdefault("OMP_NUM_THREADS", str(cpus))
+        env.update(self.cache_env)
         launched = time.time()
         idle = [slot.remote() for _ in range(min(room, len(todo)))]
         actors = list(idle)
@@ -590,7 +592,7 @@ class Study:
         """The whole study. study.json is written before any run and again as the plan grows, so a report of
         an interrupted study shows this study's runs and lists the ones still missing. `while_training`, a
         function, runs in a background thread once the runs start, when this process only waits on them."""
-        with store.StudyLock(self.out):
+        with store.StudyLock(self.out), environ(self.cache_env):
             self.claim_folder(force)
             t0 = time.perf_counter()
             self.prepare()
@@ -824,7 +826,7 @@ class Study:
     def plan(self) -> list[dict]:
         """`peftbench plan`: per method, the probe of its first final run (no training), each in its own
         process like a run; the rows are also written to STUDY/plan.json."""
-        with store.StudyLock(self.out):
+        with store.StudyLock(self.out), environ(self.cache_env):
             self.claim_folder(force=False)
             t0 = time.perf_counter()
             self.prepare()
@@ -910,6 +912,34 @@ class Study:
         return run_seconds * n
 
 
+COMPILER_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor", "TRITON_CACHE_DIR": "triton"}
+
+
+def compiler_caches(out: Path) -> dict[str, str]:
+    """Where torch's compiler keeps what it compiles, Inductor's cache and Triton's: in the study's .cache, so
+    that a study writes nothing outside its folder (importing bitsandbytes, for a 4-bit run, makes Inductor's
+    folder in $TMPDIR; `train.compile` fills it, and Triton's in the home folder). A cache the user chose
+    (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR), which studies can share, stays theirs."""
+    folder = out.resolve() / ".cache"
+    return {key: str(folder / name) for key, name in COMPILER_CACHES.items() if key not in os.environ}
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]):
+    """`values` in os.environ while the block runs, for this process and those it starts; as they were
+    after."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def worker_env(progress: bool, extra: dict) -> dict:
     return {
         **os.environ,
@@ -975,14 +1005,16 @@ def _fork_context():
         return _FORK["ctx"]
 
 
-def start_forkserver() -> None:
+def start_forkserver(env: dict[str, str]) -> None:
     """Start the forkserver now, so that its imports overlap whatever this process does before the first
-    run."""
+    run; with `env` in its environment (the study's `compiler_caches`: importing torch._dynamo makes
+    Inductor's cache folder)."""
     if _FORK["usable"]:
         from multiprocessing import forkserver
 
         _fork_context()
-        forkserver.ensure_running()
+        with environ(env):
+            forkserver.ensure_running()
 
 
 def stop_idle_forkserver() -> None:
@@ -1177,7 +1209,8 @@ class RunSlot:
         from . import faults
 
         faults.in_ray_task(run_dir, env.get("PEFTBENCH_INJECT_FAULT"))
-        code = launch_worker(run_dir, False, env)
+        with environ({key: env[key] for key in COMPILER_CACHES if key in env}):  # for its forkserver too
+            code = launch_worker(run_dir, False, env)
         return code, store.read_result(Path(run_dir) / "result.json")
 
 
