@@ -764,16 +764,19 @@ class Study:
             (self.out / "runs" / t.runtime.run_id / "checkpoint.pt").unlink(missing_ok=True)
         return [latest[t.runtime.run_id] for t in trials], chosen, rungs
 
+    def owns_folder(self) -> bool:
+        """Whether the study folder is free or this study's own (`claim_folder` refuses it otherwise)."""
+        return store.folder_owner(self.out) in (None, store.study_identity(self.cfg))
+
     def claim_folder(self, force: bool) -> None:
         """A study folder belongs to one study: another study's folder, or one holding files peftbench did not
         write, is refused unless `force` moves what is there into an archive- subfolder."""
-        owner = store.folder_owner(self.out)
-        if owner in (None, store.study_identity(self.cfg)):
+        if self.owns_folder():
             return
         if not force:
             what = (
                 "holds another study (other model, data or name)"
-                if owner != "other"
+                if store.folder_owner(self.out) != "other"
                 else "holds files that are not a peftbench study's (or a damaged study.json)"
             )
             raise UserError(
