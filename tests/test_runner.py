@@ -1686,6 +1686,47 @@ def test_a_study_writes_nothing_outside_its_folder(tiny_encoder, tiny_data, tmp_
     assert (tmp_path / "out" / ".cache" / "torchinductor").is_dir()
 
 
+FAIL_LATE = """
+import pathlib, sys, time
+from peftbench import cli, runner
+from peftbench.errors import UserError
+
+out = pathlib.Path(sys.argv[2])
+def prepare(self):  # the study's checks fail once the forkserver's imports have made Inductor's folder
+    deadline = time.time() + 240
+    while not (out / ".cache" / "torchinductor").is_dir() and time.time() < deadline:
+        time.sleep(0.05)
+    raise UserError(f"data: failed late ({(out / '.cache').is_dir()})")
+runner.Study.prepare = prepare
+sys.argv = ["peftbench", "run", sys.argv[1], "--out", str(out)]
+cli.main()
+"""
+
+
+def test_a_study_that_fails_after_the_forkserver_made_its_caches_leaves_no_folder(
+    tiny_encoder, tiny_data, tmp_path
+):
+    """The forkserver's imports make the compiler caches' folders in STUDY/.cache while the study is checked;
+    a study that then fails leaves no folder behind, and nothing in the temporary folder."""
+    import subprocess
+
+    f = tmp_path / "s.yaml"
+    f.write_text(json.dumps({**study(tiny_encoder, tiny_data, ["ia3"]), "isolation": "process"}))
+    (tmp_path / "tmp").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    out = tmp_path / "new" / "study"
+    proc = subprocess.run(
+        [sys.executable, "-c", FAIL_LATE, str(f), str(out)],
+        env=dict(env, TMPDIR=str(tmp_path / "tmp")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and proc.stderr == "peftbench: error: data: failed late (True)\n", proc.stderr
+    assert not (tmp_path / "new").exists()
+    assert not list((tmp_path / "tmp").iterdir())
+
+
 def test_compiler_caches_go_in_the_study_folder_unless_the_user_chose_them(tmp_path, monkeypatch):
     from peftbench.runner import compiler_caches, environ
 

@@ -169,13 +169,6 @@ def cmd_run(args) -> int:
     study = config.validate(raw, base_dir=Path.cwd())
     out, note = (out, None) if args.out else _free_default_out(out, study)
     runs = Study(study, out, folder_note=note)
-    local = (study["executor"], study["isolation"], study["gpus_per_run"]) == ("local", "process", 1)
-    if local and (args.force or runs.owns_folder()):
-        from .runner import start_forkserver
-
-        # It imports torch, transformers and peft while this process reads and tokenizes the data. Importing
-        # torch._dynamo makes Inductor's cache folder: in the study's folder, once the study may write there.
-        start_forkserver(runs.cache_env)
     if slow := bytecode_note():  # after the checks: a bad input gets its one line alone
         print(f"peftbench: note: {slow}", file=sys.stderr)
     report = study["report"] and not args.no_report

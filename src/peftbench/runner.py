@@ -592,8 +592,7 @@ class Study:
         """The whole study. study.json is written before any run and again as the plan grows, so a report of
         an interrupted study shows this study's runs and lists the ones still missing. `while_training`, a
         function, runs in a background thread once the runs start, when this process only waits on them."""
-        with store.StudyLock(self.out), environ(self.cache_env):
-            self.claim_folder(force)
+        with self.in_folder(force, start_forks=True):
             t0 = time.perf_counter()
             self.prepare()
             if self.gpu_budget_unapplied():
@@ -764,6 +763,25 @@ class Study:
             (self.out / "runs" / t.runtime.run_id / "checkpoint.pt").unlink(missing_ok=True)
         return [latest[t.runtime.run_id] for t in trials], chosen, rungs
 
+    @contextlib.contextmanager
+    def in_folder(self, force: bool, start_forks: bool):
+        """The study's folder locked and claimed (`claim_folder`), with the study's compiler caches; with
+        `start_forks`, the forkserver started where it will fork the runs, so that its imports overlap the
+        study's preparation. A command that fails stops the forkserver, where no run of it is alive, before
+        the lock is let go: its imports make the caches' folders, and the lock removes a folder it made that
+        holds nothing else."""
+        cfg = self.cfg
+        forks = (cfg["executor"], cfg["isolation"], cfg["gpus_per_run"]) == ("local", "process", 1)
+        with store.StudyLock(self.out), environ(self.cache_env):
+            self.claim_folder(force)
+            try:
+                if start_forks and forks:
+                    start_forkserver()
+                yield
+            except BaseException:
+                stop_idle_forkserver()
+                raise
+
     def owns_folder(self) -> bool:
         """Whether the study folder is free or this study's own (`claim_folder` refuses it otherwise)."""
         return store.folder_owner(self.out) in (None, store.study_identity(self.cfg))
@@ -829,8 +847,7 @@ class Study:
     def plan(self) -> list[dict]:
         """`peftbench plan`: per method, the probe of its first final run (no training), each in its own
         process like a run; the rows are also written to STUDY/plan.json."""
-        with store.StudyLock(self.out), environ(self.cache_env):
-            self.claim_folder(force=False)
+        with self.in_folder(force=False, start_forks=False):
             t0 = time.perf_counter()
             self.prepare()
             specs = [s for s in self.final_specs({}) if s.seed == self.cfg["seeds"][0]]
@@ -1009,29 +1026,33 @@ def _fork_context():
         return _FORK["ctx"]
 
 
-def start_forkserver(env: dict[str, str]) -> None:
+def start_forkserver() -> None:
     """Start the forkserver now, so that its imports overlap whatever this process does before the first
-    run; with `env` in its environment (the study's `compiler_caches`: importing torch._dynamo makes
-    Inductor's cache folder)."""
+    run. It inherits this process's environment: start it within the study's `compiler_caches`, since
+    importing torch._dynamo makes Inductor's cache folder."""
     if _FORK["usable"]:
         from multiprocessing import forkserver
 
         _fork_context()
-        with environ(env):
-            forkserver.ensure_running()
+        forkserver.ensure_running()
 
 
 def stop_idle_forkserver() -> None:
-    """Kill the forkserver this process started, where no run it forked is alive: the command is ending on a
-    one-line error. Until its imports are done (seconds) the forkserver holds the command's stdout and
-    stderr open, and a pipe (`peftbench run ... | tee log`) would wait for it."""
+    """Kill the forkserver this process started, where no run it forked is alive, and wait until it is gone:
+    the study is ending on an error. Until its imports are done (seconds) the forkserver holds the command's
+    stdout and stderr open, and a pipe (`peftbench run ... | tee log`) would wait for it; and its imports
+    make folders in the study's .cache. It is left for multiprocessing to reap, which starts a new one if
+    this process runs another study."""
     import multiprocessing
     import signal
     from multiprocessing import forkserver
 
     pid = getattr(forkserver._forkserver, "_forkserver_pid", None)  # CPython's; None where none was started
     if pid and not multiprocessing.active_children():
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            if hasattr(os, "waitid"):  # Linux; WNOWAIT leaves it to be reaped
+                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
 
 
 def _enter_worker(env: dict, cuda: bool, kind: str) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -100,7 +101,8 @@ def results(study_dir: Path, run_ids: list[str] | None = None) -> list[dict]:
 class StudyLock:
     """An exclusive lock on a study folder, so two studies never write to the same one at once. Entering
     creates the folder (refused in one line where it cannot be written); a folder it created that holds
-    nothing but the lock when the study exits (a model that would not load) is removed again."""
+    nothing but the lock and empty cache folders when the study exits (a model that would not load) is
+    removed again."""
 
     def __init__(self, study_dir: Path):
         self.path = Path(study_dir) / ".peftbench.lock"
@@ -130,13 +132,22 @@ class StudyLock:
     def __exit__(self, *exc):
         import fcntl
 
-        if self.created and [p.name for p in self.path.parent.iterdir()] == [self.path.name]:
+        if self.created and self._holds_nothing_else():
+            shutil.rmtree(self.path.parent / ".cache", ignore_errors=True)
             self.path.unlink()  # still locked: a peftbench waiting on it is refused, not left writing
             for folder in self.created:
                 with contextlib.suppress(OSError):  # not empty: another study writes there now
                     folder.rmdir()
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
+
+    def _holds_nothing_else(self) -> bool:
+        """The folder holds the lock, and at most a .cache of folders without a file (the compiler caches'
+        folders, which importing torch's compiler makes)."""
+        folder = self.path.parent
+        if {p.name for p in folder.iterdir()} - {".cache"} != {self.path.name}:
+            return False
+        return not any(files for _, _, files in os.walk(folder / ".cache"))
 
 
 def check_writable(study_dir: Path) -> None:
