@@ -678,6 +678,21 @@ def test_a_hub_model_that_will_not_load_says_why(error, expected, model, tmp_pat
     assert expected in models.hub_error("meta-llama/Llama-3.1-8B", wrapped.value)
 
 
+def test_an_unreachable_hub_names_hf_hub_offline_unless_it_is_set(monkeypatch):
+    """Without a network huggingface_hub retries each request for 23 s before a Hub id fails; the error says
+    that HF_HUB_OFFLINE=1 fails at once, and says nothing of it where it is set."""
+    from peftbench import models
+
+    unreachable = OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert models.hub_error("roberta-base", unreachable).endswith(
+        "--model minilm (without a network, HF_HUB_OFFLINE=1 says so at once, skipping the Hub's retries)"
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = models.hub_error("roberta-base", unreachable)
+    assert "(HF_HUB_OFFLINE=1)" in line and line.endswith("--model minilm")
+
+
 def test_catalogue_has_at_least_30_cases():
     assert len(CASES) >= 30
 

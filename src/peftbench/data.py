@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, offline_hint
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json"}
 # The share of a single data file carved out as the test split when data.test_size is not given.
@@ -158,7 +158,7 @@ def _load_hub(spec: dict) -> tuple[dict, list[str] | None]:
         raise UserError(
             f"data.name '{spec['name']}' could not be loaded ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:120] if str(e) else ''}); offline, use data.path with a local "
-            f"copy (--data DIR)"
+            f"copy (--data DIR){offline_hint()}"
         ) from None
     names = None
     feat = ds["train"].features.get(spec["label_column"])
