@@ -1053,6 +1053,24 @@ def test_lora_run_leaves_bitsandbytes_unimported_and_qlora_still_finds_it(tiny_e
     assert said == ["LORA success success False", "QLORA success True True"], out
 
 
+def test_a_qlora_run_imports_bitsandbytes_without_torchs_compiler(tiny_encoder, tiny_data, tmp_path):
+    """bitsandbytes 0.50 wraps generic kernels in torch.compile as it is imported, which imports Inductor (1 s
+    of its 1.07-s import on a 2-core CPU); a QLoRA run imports it with compiling off for the import only, and
+    torch.compile goes on compiling after it."""
+    out = fresh_python(
+        "import os\nfrom pathlib import Path\nimport torch\n"
+        "from conftest import run_study, study\n"
+        f"enc, data, out = {str(tiny_encoder)!r}, {str(tiny_data)!r}, Path({str(tmp_path)!r})\n"
+        "(q,) = run_study(study(enc, data, ['qlora'], train={'epochs': 1}), out / 'qlora')\n"
+        "print('QLORA', q['status'], q['metrics']['layers_4bit'] > 0, 'bitsandbytes' in sys.modules,\n"
+        "      'torch._inductor.compile_fx' in sys.modules, 'TORCHDYNAMO_DISABLE' in os.environ)\n"
+        "torch.compile(lambda x: x + 1)\n"
+        "print('AFTER', 'torch._inductor.compile_fx' in sys.modules)\n"
+    )
+    said = [line for line in out.splitlines() if line.startswith(("QLORA", "AFTER"))]
+    assert said == ["QLORA success True True False False", "AFTER True"], out[-800:]
+
+
 @pytest.mark.slow
 def test_compiled_run_trains_and_says_how_it_was_compiled(tiny_encoder, tiny_data, tmp_path):
     """`compile: cudagraphs` on the CPU compiles without CUDA graphs (they exist on CUDA only) and says so."""

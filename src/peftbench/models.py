@@ -8,6 +8,7 @@ unless the study sets `allow_pickle: true`; remote code runs only with `trust_re
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -153,12 +154,29 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def quantization_supported(device: str) -> str | None:
-    """None if bitsandbytes can run 4-bit here, else the reason it cannot."""
+    """None if bitsandbytes can run 4-bit here, else the reason it cannot. It imports bitsandbytes, as every
+    run that uses it does first."""
     try:
-        import bitsandbytes  # noqa: F401
+        _import_bitsandbytes()
     except Exception as e:  # ImportError, or a broken native library
         return f"bitsandbytes is not usable here ({type(e).__name__}: {str(e)[:100]})"
     return None
+
+
+def _import_bitsandbytes() -> None:
+    """Import bitsandbytes with torch.compile off while it is imported. bitsandbytes 0.50 wraps four of its
+    generic kernels (its "default" backend, which CUDA's and the CPU's own kernels stand in for) in
+    torch.compile as it is imported, and that imports torch's Inductor: 1.01 of the import's 1.07 s on a
+    2-core CPU (2026-12-08), in every QLoRA run. With compiling off, torch.compile leaves those functions as
+    they are, and they run eagerly where they run at all (on the CPU, for a 4-bit row of odd length)."""
+    if sys.modules.get("bitsandbytes") is not None:  # None: hidden (`_peft.without_bitsandbytes`)
+        return
+    import torch._dynamo  # noqa: F401  (imported, and so configured, before the variable is set)
+
+    from .runner import environ
+
+    with environ({"TORCHDYNAMO_DISABLE": "1"}):
+        import bitsandbytes  # noqa: F401
 
 
 def _new_modules(missing_keys: list[str]) -> list[str]:

@@ -937,10 +937,11 @@ COMPILER_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor", "TRITON_CACHE_DIR
 
 def compiler_caches(out: Path) -> dict[str, str]:
     """Where torch's compiler keeps what it compiles, Inductor's cache and Triton's: in the study's .cache, so
-    that a study writes nothing outside its folder (importing bitsandbytes, for a 4-bit run, makes Inductor's
-    folder in $TMPDIR; `train.compile` fills it, and Triton's in the home folder). A cache the user chose
-    (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR), which studies can share, stays theirs. Inductor's precompiled
-    C++ headers (`train.compile` on the CPU) stay in $TMPDIR: torch 2.13 places them by its default alone."""
+    that a study writes nothing outside its folder (importing torch._dynamo, as transformers' modeling code
+    does, makes Inductor's folder in $TMPDIR; `train.compile` fills it, and Triton's in the home folder). A
+    cache the user chose (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR), which studies can share, stays theirs.
+    Inductor's precompiled C++ headers (`train.compile` on the CPU) stay in $TMPDIR: torch 2.13 places them
+    by its default alone."""
     folder = out.resolve() / ".cache"
     return {key: str(folder / name) for key, name in COMPILER_CACHES.items() if key not in os.environ}
 
