@@ -688,9 +688,10 @@ def test_an_unreachable_hub_names_hf_hub_offline_unless_it_is_set(monkeypatch):
     assert models.hub_error("roberta-base", unreachable).endswith(
         "--model minilm (without a network, HF_HUB_OFFLINE=1 says so at once, skipping the Hub's retries)"
     )
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    line = models.hub_error("roberta-base", unreachable)
-    assert "(HF_HUB_OFFLINE=1)" in line and line.endswith("--model minilm")
+    for value in ("1", "true"):  # as huggingface_hub reads it
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        line = models.hub_error("roberta-base", unreachable)
+        assert "(HF_HUB_OFFLINE=1)" in line and line.endswith("--model minilm")
 
 
 def test_catalogue_has_at_least_30_cases():

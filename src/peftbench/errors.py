@@ -7,10 +7,15 @@ import re
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE is set, as huggingface_hub reads it."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
 def offline_hint() -> str:
     """What a Hub error adds where HF_HUB_OFFLINE is not set: without a network, huggingface_hub retries
     each request five times, 23 s in all (version 2.5), before a Hub id fails."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         return ""
     return " (without a network, HF_HUB_OFFLINE=1 says so at once, skipping the Hub's retries)"
 

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from . import methods as registry
-from .errors import SkipRun, UserError, offline_hint
+from .errors import SkipRun, UserError, hub_offline, offline_hint
 from .spec import RunSpec
 
 # The head stays out of 4-bit (a 4-bit head crashes bitsandbytes). transformers matches these names from the
@@ -106,7 +106,7 @@ def hub_error(name: str, e: Exception) -> str:
             f"model '{name}' is not a local folder and not a model on the Hugging Face Hub: check the id (a "
             f"private model needs `hf auth login` or HF_TOKEN), or pass a local folder with --model"
         )
-    offline = " (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    offline = " (HF_HUB_OFFLINE=1)" if hub_offline() else ""
     return (
         f"model '{name}' could not be loaded: not a local folder and not reachable on the Hugging Face Hub"
         f"{offline} ({type(e).__name__}); pass a local folder with --model, or --model minilm{offline_hint()}"
