@@ -168,11 +168,10 @@ def cmd_run(args) -> int:
     raw, out = build_study(args)
     study = config.validate(raw, base_dir=Path.cwd())
     out, note = (out, None) if args.out else _free_default_out(out, study)
-    runs = Study(study, out, folder_note=note)
     if slow := bytecode_note():  # after the checks: a bad input gets its one line alone
         print(f"peftbench: note: {slow}", file=sys.stderr)
     report = study["report"] and not args.no_report
-    results = runs.run(args.force, import_dependencies if report else None)
+    results = Study(study, out, folder_note=note).run(args.force, import_dependencies if report else None)
     print_summary(out)
     if report:
         paths = write_report(out)

@@ -782,19 +782,16 @@ class Study:
                 stop_idle_forkserver()
                 raise
 
-    def owns_folder(self) -> bool:
-        """Whether the study folder is free or this study's own (`claim_folder` refuses it otherwise)."""
-        return store.folder_owner(self.out) in (None, store.study_identity(self.cfg))
-
     def claim_folder(self, force: bool) -> None:
         """A study folder belongs to one study: another study's folder, or one holding files peftbench did not
         write, is refused unless `force` moves what is there into an archive- subfolder."""
-        if self.owns_folder():
+        owner = store.folder_owner(self.out)
+        if owner in (None, store.study_identity(self.cfg)):
             return
         if not force:
             what = (
                 "holds another study (other model, data or name)"
-                if store.folder_owner(self.out) != "other"
+                if owner != "other"
                 else "holds files that are not a peftbench study's (or a damaged study.json)"
             )
             raise UserError(
